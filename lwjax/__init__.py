@@ -1,0 +1,1 @@
+"""lwjax: JAX/Flax NNX re-implementations of eight ML papers of the week of 25-31 Aug 2024."""

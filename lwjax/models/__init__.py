@@ -1,0 +1,1 @@
+"""Flax NNX models. No training logic and no mesh axis names here: logical axes only."""

@@ -1,0 +1,287 @@
+"""Llama-3-style decoder-only transformer (RMSNorm, RoPE, SwiGLU, grouped-query attention) in Flax NNX.
+
+Training forward over packed sequences (causal mask + segment ids) and an inference API over a KV cache:
+`prefill` (also chunked: it appends a chunk to an existing cache) and `decode_step`. Every parameter
+carries `logical_axes` metadata and activations are constrained by logical names (`lwjax.models.logical`).
+Attention goes through `lwjax.kernels.attention`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lwjax import kernels
+from lwjax.models.logical import constrain
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3.1 frequency scaling for long contexts (HF `rope_scaling` with rope_type "llama3")."""
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  """Shape and numerics of a GPT. `dtype` is the compute dtype, `param_dtype` the stored one."""
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  d_ff: int
+  max_seq_len: int = 2048
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  attention_impl: str = "auto"
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+    d = dict(d)
+    if d.get("rope_scaling"):
+      d["rope_scaling"] = RopeScaling(**dict(d["rope_scaling"]))
+    else:
+      d["rope_scaling"] = None
+    return cls(**d)
+
+  def num_params(self, include_embedding: bool = True) -> int:
+    attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+    layer = attn + 3 * self.d_model * self.d_ff + 2 * self.d_model
+    embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+    return self.n_layers * layer + self.d_model + (embed if include_embedding else 0)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward): 6 N plus the attention scores."""
+    dense = self.num_params(include_embedding=False) + self.d_model * self.vocab_size
+    attention = 2 * self.n_layers * self.n_heads * self.head_dim * seq_len  # QK^T and PV, causal half
+    return 6.0 * dense + 6.0 * attention
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int | None = None, init: str = "normal"):
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    std = 1.0 if fan_in is None else fan_in ** -0.5
+    value = (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape)).astype(dtype)
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = _param(rngs, (dim,), ("norm",), cfg.param_dtype, init="ones")
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(cfg: GPTConfig) -> jax.Array:
+  """Inverse frequencies [head_dim // 2], with Llama-3.1 scaling when configured."""
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+  s = cfg.rope_scaling
+  if s is None:
+    return inv_freq
+  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+  return jnp.where(wavelen > low_wavelen, inv_freq / s.factor,
+                   jnp.where(wavelen < high_wavelen, inv_freq, smoothed))
+
+
+def apply_rope(x, positions, inv_freq):
+  """Rotary embedding in the half-split layout (HF Llama's `rotate_half`). x: [b, t, h, d]; positions [b, t]."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, d/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, kvh, hd, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
+    self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd, fan_in=d)
+    self.wk = _param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), pd, fan_in=d)
+    self.wv = _param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), pd, fan_in=d)
+    self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd, fan_in=h * hd)
+
+  def __call__(self, x_btd, positions_bt, inv_freq, *, segment_ids=None, cache_kv=None, q_offset=0):
+    """Returns (output [b, t, d], (k, v)): the new keys/values, or the updated cache when given one.
+
+    With `cache_kv = (k_cache, v_cache)` ([b, max_len, kv_heads, hd]), the new keys/values are written
+    at `q_offset` (per sequence) and the queries attend to the whole cache causally.
+    """
+    dt = self.cfg.dtype
+    q = jnp.einsum("btd,dhk->bthk", x_btd, self.wq[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x_btd, self.wk[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x_btd, self.wv[...].astype(dt))
+    q = constrain(apply_rope(q, positions_bt, inv_freq), ("batch", "length", "heads", "head_dim"))
+    k = constrain(apply_rope(k, positions_bt, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    if cache_kv is not None:
+      write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, 0))
+      offsets = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (x_btd.shape[0],))
+      k = write(cache_kv[0], k.astype(cache_kv[0].dtype), offsets)
+      v = write(cache_kv[1], v.astype(cache_kv[1].dtype), offsets)
+    out = kernels.attention(q, k.astype(dt), v.astype(dt), causal=True, segment_ids=segment_ids,
+                            q_offset=q_offset, impl=self.cfg.attention_impl)
+    out = constrain(out, ("batch", "length", "heads", "head_dim"))
+    return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt)), (k, v)
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    self.dtype = cfg.dtype
+    d, f, pd = cfg.d_model, cfg.d_ff, cfg.param_dtype
+    self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), pd, fan_in=d)
+    self.w_up = _param(rngs, (d, f), ("embed", "mlp"), pd, fan_in=d)
+    self.w_down = _param(rngs, (f, d), ("mlp", "embed"), pd, fan_in=f)
+
+  def __call__(self, x_btd):
+    dt = self.dtype
+    gate = jnp.einsum("btd,df->btf", x_btd, self.w_gate[...].astype(dt))
+    up = jnp.einsum("btd,df->btf", x_btd, self.w_up[...].astype(dt))
+    h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return jnp.einsum("btf,fd->btd", h, self.w_down[...].astype(dt))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, inv_freq, segment_ids=None, cache_kv=None, q_offset=0):
+    h, kv = self.attn(self.attn_norm(x), positions, inv_freq, segment_ids=segment_ids,
+                      cache_kv=cache_kv, q_offset=q_offset)
+    x = constrain(x + h, ("batch", "length", "embed"))
+    x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "embed"))
+    return x, kv
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Per-layer keys/values `[layers, batch, max_len, kv_heads, head_dim]` and fill `lengths [batch]`."""
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+class GPT(nnx.Module):
+  """The decoder. `__call__` is the training forward; `prefill`/`decode_step` use a `KVCache`."""
+
+  def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype)
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype,
+                            fan_in=cfg.d_model)
+
+  def _logits(self, x_btd):
+    x = self.final_norm(x_btd)
+    dt = self.cfg.dtype
+    if self.cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt))
+    else:
+      logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dt))
+    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def _embed(self, tokens_bt):
+    x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.dtype)
+    return constrain(x, ("batch", "length", "embed"))
+
+  def _block_fn(self):
+    """The per-layer function, rematerialised in the backward pass as configured."""
+    def run(block, x, positions, inv_freq, segment_ids):
+      return block(x, positions, inv_freq, segment_ids)[0]
+    if self.cfg.remat == "full":
+      return nnx.remat(run)
+    if self.cfg.remat == "dots":
+      return nnx.remat(run, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return run
+
+  def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None):
+    """Training forward: logits [b, t, vocab] (float32). Packed sequences pass positions and segment ids."""
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+    inv_freq = rope_frequencies(self.cfg)
+    x = self._embed(tokens_bt)
+    run = self._block_fn()
+    for block in self.layers:
+      x = run(block, x, positions_bt, inv_freq, segment_ids_bt)
+    return self._logits(x)
+
+  def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
+    cfg = self.cfg
+    max_len = max_len or cfg.max_seq_len
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+  def prefill(self, tokens_bt, cache: KVCache, num_new=None):
+    """Appends `tokens_bt` to the cache at each sequence's current length; returns (logits, cache).
+
+    Calling it on successive chunks is chunked prefill. `num_new [b]` (default: all t) lets sequences of
+    a ragged batch advance by fewer tokens; their right padding is written past the new length, where
+    causal masking hides it until later tokens overwrite it.
+    """
+    batch, t = tokens_bt.shape
+    start = cache.lengths
+    positions = start[:, None] + jnp.arange(t)[None, :]
+    inv_freq = rope_frequencies(self.cfg)
+    x = self._embed(tokens_bt)
+    new_k, new_v = [], []
+    for i, block in enumerate(self.layers):
+      x, (k, v) = block(x, positions, inv_freq, cache_kv=(cache.k[i], cache.v[i]), q_offset=start)
+      new_k.append(k)
+      new_v.append(v)
+    advance = jnp.full((batch,), t, jnp.int32) if num_new is None else jnp.asarray(num_new, jnp.int32)
+    return self._logits(x), KVCache(jnp.stack(new_k), jnp.stack(new_v), start + advance)
+
+  def decode_step(self, tokens_b, cache: KVCache):
+    """One token per sequence: returns (logits [b, vocab], cache)."""
+    logits, cache = self.prefill(tokens_b[:, None], cache)
+    return logits[:, 0], cache
+
+
+def load_hf_checkpoint(path, **overrides):
+  """Reads a Hugging Face Llama checkpoint directory (config.json + *.safetensors) into a `GPT`."""
+  from lwjax.models import hf_llama
+  return hf_llama.load(path, **overrides)
