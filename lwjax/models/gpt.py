@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lwjax import kernels
+from lwjax.config import Field, positive_int
 from lwjax.models.logical import constrain
 
 REMAT_POLICIES = ("none", "full", "dots")
@@ -61,12 +62,16 @@ class GPTConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+    """From a (Config)dict; a `rope_scaling` group with factor 1.0 (or none) means no scaling."""
     d = dict(d)
-    if d.get("rope_scaling"):
-      d["rope_scaling"] = RopeScaling(**dict(d["rope_scaling"]))
-    else:
-      d["rope_scaling"] = None
+    scaling = dict(d.get("rope_scaling") or {})
+    d["rope_scaling"] = RopeScaling(**scaling) if scaling and scaling.get("factor", 1.0) != 1.0 else None
     return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["rope_scaling"] = dataclasses.asdict(self.rope_scaling or RopeScaling(factor=1.0))
+    return d
 
   def num_params(self, include_embedding: bool = True) -> int:
     attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
@@ -79,6 +84,22 @@ class GPTConfig:
     dense = self.num_params(include_embedding=False) + self.d_model * self.vocab_size
     attention = 2 * self.n_layers * self.n_heads * self.head_dim * seq_len  # QK^T and PV, causal half
     return 6.0 * dense + 6.0 * attention
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+CONFIG_SCHEMA = {
+    "vocab_size": positive_int(), "d_model": positive_int(), "n_layers": positive_int(),
+    "n_heads": positive_int(), "n_kv_heads": positive_int("divides n_heads"),
+    "head_dim": Field(int, min=2, check=lambda v: "must be even for RoPE" if v % 2 else None),
+    "d_ff": positive_int(), "max_seq_len": positive_int(), "rope_theta": Field(float, min=1.0),
+    "rope_scaling": {
+        "factor": Field(float, min=1.0), "low_freq_factor": Field(float, min=0.0),
+        "high_freq_factor": Field(float, min=0.0), "original_max_position_embeddings": positive_int(),
+    },
+    "norm_eps": Field(float, min=0.0), "tie_embeddings": Field(bool),
+    "dtype": Field(str, choices=DTYPES), "param_dtype": Field(str, choices=DTYPES),
+    "remat": Field(str, choices=REMAT_POLICIES), "attention_impl": Field(str, choices=kernels.IMPLS),
+}
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int | None = None, init: str = "normal"):

@@ -1,0 +1,1 @@
+"""Shared config building blocks the experiments import: model presets, mesh presets, sharding rules."""

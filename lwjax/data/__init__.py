@@ -1,0 +1,1 @@
+"""Data shared by several papers: generated corpora, tokenizers, Grain pipelines."""

@@ -1,0 +1,205 @@
+"""Grain pipelines for language-model pretraining: text sources -> tokens -> packed [seq_len] rows -> batches.
+
+Sources are random-access collections of documents: lines of local text files (`TextLineSource`), a TFDS
+data set read through `tfds.data_source` (`tfds_text`, no TensorFlow needed), or an in-memory list of str.
+
+Packing is concat-then-split (`grain.experimental.ConcatThenSplitIterDataset`): documents `[bos] + doc +
+[eos]` are laid end to end and cut every `seq_len` tokens, so rows carry no padding except at the very end
+of a finite run and no token is dropped, whatever a document's length. A document cut at a row end goes
+on at the start of the next row as a new segment; its positions there restart at 0 (every position stays
+below `seq_len`), and the one prediction across the cut is masked. First-fit packing would keep
+documents whole but pads rows and truncates documents longer than `seq_len`.
+
+Each process reads a disjoint shard of the documents (`dataset[process_index::process_count]`) and
+yields its local share of the global batch. The iterator of `make_lm_dataset` is checkpointable:
+`it.get_state()` / `it.set_state(state)` resume exactly; with Orbax, save it as the item
+`grain.checkpoint.CheckpointSave(it)` and restore with `grain.checkpoint.CheckpointRestore(it)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+# Fields of a batch: [local_batch, seq_len] each.
+BATCH_FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+class TextLineSource:
+  """Random access to the non-empty lines of local text files, one document a line.
+
+  Only byte offsets are kept in memory (two int64 per line); a document is read from disk when asked
+  for, so the source serves corpora larger than memory and pickles cheaply into Grain workers.
+  """
+
+  def __init__(self, paths: str | Sequence[str]):
+    if isinstance(paths, str):
+      paths = sorted(glob.glob(paths)) or [paths]
+    self.paths = list(paths)
+    if not self.paths:
+      raise ValueError("TextLineSource needs at least one path")
+    file_ids, starts, ends = [], [], []
+    for file_id, path in enumerate(self.paths):
+      file_starts, file_ends = _line_offsets(path)
+      starts.append(file_starts)
+      ends.append(file_ends)
+      file_ids.append(np.full(len(file_starts), file_id, np.int32))
+    self._file_ids, self._starts, self._ends = (np.concatenate(a) for a in (file_ids, starts, ends))
+
+  def __len__(self) -> int:
+    return len(self._starts)
+
+  def __getitem__(self, index: int) -> str:
+    start, end = int(self._starts[index]), int(self._ends[index])
+    with open(self.paths[self._file_ids[index]], "rb") as f:
+      f.seek(start)
+      return f.read(end - start).decode("utf-8")
+
+  def __repr__(self) -> str:
+    return f"TextLineSource({len(self)} lines in {len(self.paths)} files)"
+
+
+def _line_offsets(path: str, chunk_bytes: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
+  """Byte [start, end) of each non-empty line of `path`, read in chunks to bound memory."""
+  newlines, size = [np.zeros(0, np.int64)], 0
+  with open(path, "rb") as f:
+    while chunk := f.read(chunk_bytes):
+      newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n")) + size)
+      size += len(chunk)
+  newlines = np.concatenate(newlines)
+  starts, ends = np.concatenate([[0], newlines + 1]), np.concatenate([newlines, [size]])
+  non_empty = ends > starts
+  return starts[non_empty], ends[non_empty]
+
+
+class SelectText(grain.transforms.Map):
+  """A TFDS example dict -> its text feature as str."""
+
+  def __init__(self, text_key: str):
+    self.text_key = text_key
+
+  def map(self, example: dict[str, Any]) -> str:
+    text = example[self.text_key]
+    return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+def tfds_text(name: str, *, split: str, text_key: str = "text", data_dir: str | None = None) -> grain.MapDataset:
+  """The `text_key` field of a prepared TFDS data set, random access through `tfds.data_source`.
+
+  Import the builder module first (e.g. `tensorflow_datasets.text.lm1b`) so that `name` is registered.
+  """
+  source = tfds.data_source(name, split=split, data_dir=data_dir)
+  return grain.MapDataset.source(source).map(SelectText(text_key))
+
+
+class Tokenize(grain.transforms.Map):
+  """Document str -> {"tokens": [bos] + ids + [eos]} as int32 [doc_len + 2]."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+
+  def map(self, text: str) -> dict[str, np.ndarray]:
+    t = self.tokenizer
+    return {"tokens": np.asarray([t.bos_id, *t.encode(text), t.eos_id], np.int32)}
+
+
+class PackedToExample(grain.transforms.Map):
+  """A packed row (`tokens`, `tokens_segment_ids`, `tokens_positions`, each [L]) -> the LM example fields.
+
+  The target of position i is token i + 1 of the same segment; where i is the last token of its
+  segment (or padding) the target is `pad_id` and `loss_mask` is 0, so no target crosses documents.
+  """
+
+  def __init__(self, pad_id: int):
+    self.pad_id = pad_id
+
+  def map(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segment_ids = packed["tokens_segment_ids"].astype(np.int32)  # [L], 0 = padding
+    inputs = np.where(segment_ids > 0, packed["tokens"], self.pad_id).astype(np.int32)
+    has_next = np.zeros(len(inputs), bool)
+    has_next[:-1] = (segment_ids[:-1] > 0) & (segment_ids[1:] == segment_ids[:-1])
+    targets = np.where(has_next, np.roll(inputs, -1), self.pad_id).astype(np.int32)
+    return {
+        "inputs": inputs,
+        "targets": targets,
+        "segment_ids": segment_ids,
+        "positions": np.where(segment_ids > 0, packed["tokens_positions"], 0).astype(np.int32),
+        "loss_mask": has_next.astype(np.float32),
+    }
+
+
+def make_lm_dataset(source: Sequence[str] | grain.MapDataset, tokenizer, *, seq_len: int, global_batch_size: int,
+                    shuffle_seed: int | None, num_epochs: int | None = None, process_index: int | None = None,
+                    process_count: int | None = None,
+                    read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+  """Batches of packed LM examples for this process: dicts of `BATCH_FIELDS`, each [local_batch, seq_len].
+
+  Args:
+    source: the documents: a `TextLineSource`, a list of str, or a `grain.MapDataset` of str (several
+      sources: `grain.MapDataset.concatenate` or `grain.MapDataset.mix` them first).
+    tokenizer: `lwjax.data.tokenizer` interface (`encode`, `bos_id`, `eos_id`, `pad_id`).
+    seq_len: length L of a packed row.
+    global_batch_size: rows per step over all processes; each process yields
+      `global_batch_size // process_count` of them.
+    shuffle_seed: seed of the document shuffle (reshuffled each epoch); None keeps the source order.
+    num_epochs: passes over the documents; None repeats forever (training). A finite run ends with a
+      batch filled up by padding rows (`loss_mask` 0), so no document is lost (evaluation).
+    process_index, process_count: this process's shard; default `jax.process_index()/process_count()`.
+    read_options: Grain threads and prefetch for reading and tokenizing documents.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size ({global_batch_size}) must be divisible by the process count "
+                     f"({process_count})")
+  if seq_len < 2:
+    raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+  local_batch_size = global_batch_size // process_count
+
+  docs = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
+  docs = docs[0::process_count]
+  if not len(docs):
+    raise ValueError(f"process {process_index} of {process_count} got no documents from {source!r}")
+  if shuffle_seed is not None:
+    docs = docs.shuffle(seed=shuffle_seed)
+  docs = docs.repeat(num_epochs).map(Tokenize(tokenizer))
+  rows = grain.experimental.ConcatThenSplitIterDataset(
+      docs.to_iter_dataset(read_options), length_struct={"tokens": seq_len})
+  rows = rows.map(PackedToExample(tokenizer.pad_id))
+  # batch_and_pad fills a short last batch with zeros: segment 0 (padding), loss_mask 0.
+  pad_batch = functools.partial(grain.experimental.batch_and_pad, batch_size=local_batch_size, pad_value=0)
+  return rows.batch(local_batch_size, batch_fn=pad_batch)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """Global [global_batch, seq_len] jax Arrays from each process's [local_batch, seq_len] rows."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def unigram_cross_entropy(train_ids: Iterable[int] | np.ndarray, eval_ids: Iterable[int] | np.ndarray,
+                          vocab_size: int) -> float:
+  """Cross-entropy in nats per token of `eval_ids` under the add-one-smoothed unigram of `train_ids`.
+
+  The baseline a language model's eval loss (also in nats) must beat: p(t) = (count_train(t) + 1) /
+  (n_train + vocab_size). For the same token set as the loss, pass the scored targets of batches,
+  `batch["targets"][batch["loss_mask"] > 0]`.
+  """
+  train_counts = np.bincount(_flat_ids(train_ids), minlength=vocab_size)  # [vocab]
+  eval_ids = _flat_ids(eval_ids)
+  if len(train_counts) > vocab_size or not eval_ids.size:
+    raise ValueError(f"need train ids below vocab_size ({vocab_size}) and at least one eval id")
+  log_probs = np.log(train_counts + 1.0) - np.log(train_counts.sum() + vocab_size)
+  return float(-log_probs[eval_ids].mean())
+
+
+def _flat_ids(ids: Iterable[int] | np.ndarray) -> np.ndarray:
+  return (ids if isinstance(ids, np.ndarray) else np.fromiter(ids, np.int64)).ravel().astype(np.int64)

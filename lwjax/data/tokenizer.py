@@ -1,0 +1,95 @@
+"""Tokenizers: sentencepiece training and loading, and an exact byte tokenizer for synthetic tasks.
+
+Both share one interface: `encode(str) -> list[int]` (no bos/eos; the pipeline adds them),
+`decode(ids) -> str` (special ids dropped), `vocab_size`, `pad_id`, `bos_id`, `eos_id`, with the same
+special ids everywhere: pad 0 (so zero-filled padding is pad), bos 1, eos 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+
+import sentencepiece as spm
+from etils import epath
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+MODEL_FILENAME = "tokenizer.model"
+
+
+class ByteTokenizer:
+  """UTF-8 bytes shifted by 3: id = byte + 3, so every string round-trips exactly."""
+  pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
+  offset = 3
+  vocab_size = 256 + offset
+
+  def encode(self, text: str) -> list[int]:
+    return [b + self.offset for b in text.encode("utf-8")]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset)
+    return data.decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+  """A trained sentencepiece model behind the shared tokenizer interface."""
+
+  def __init__(self, model_proto: bytes):
+    self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.vocab_size = self.processor.vocab_size()
+    self.pad_id, self.bos_id, self.eos_id = self.processor.pad_id(), self.processor.bos_id(), self.processor.eos_id()
+
+  def encode(self, text: str) -> list[int]:
+    return self.processor.encode(text)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self.processor.decode([int(i) for i in ids])
+
+
+def train_sentencepiece(text_iterator: Iterator[str], model_prefix: str, vocab_size: int, *,
+                        model_type: str = "unigram", input_sentence_size: int = 1_000_000,
+                        num_threads: int | None = None) -> str:
+  """Trains a sentencepiece model on `text_iterator`; returns the path `<model_prefix>.model`.
+
+  Byte fallback (no unknown strings), digits split one per token (arithmetic stays learnable), and the
+  identity normalisation without whitespace cleanup, so that decode(encode(s)) == s. Special ids:
+  pad 0, bos 1, eos 2, unk 3. Byte fallback takes 256 ids, so `vocab_size` must exceed 260 plus the
+  number of distinct characters. At most `input_sentence_size` texts are sampled for training.
+  """
+  if model_type not in ("unigram", "bpe"):
+    raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=text_iterator, model_prefix=model_prefix, vocab_size=vocab_size,
+      model_type=model_type, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+      byte_fallback=True, split_digits=True, character_coverage=1.0,
+      normalization_rule_name="identity", remove_extra_whitespaces=False,
+      input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+      num_threads=num_threads or os.cpu_count(), minloglevel=2)
+  return f"{model_prefix}.model"
+
+
+def load(path: str) -> SentencePieceTokenizer:
+  """Loads a sentencepiece model from any path `etils.epath` reads (local or cloud)."""
+  return SentencePieceTokenizer(epath.Path(path).read_bytes())
+
+
+def get_or_train(workdir: str, spec_path: str | None, text_iterator_fn: Callable[[], Iterator[str]],
+                 vocab_size: int, **train_kwargs) -> SentencePieceTokenizer:
+  """The tokenizer of a run: `spec_path` if given, else `<workdir>/tokenizer.model`, trained there if absent.
+
+  A resumed run finds the model of its first start and so reuses the same tokenizer. The model is
+  trained in a local temporary directory and then written to `workdir` in one write.
+  In a multi-process run, call it on process 0 and wait at a barrier before the others load it.
+  """
+  if spec_path:
+    return load(spec_path)
+  path = epath.Path(workdir) / MODEL_FILENAME
+  if not path.exists():
+    with tempfile.TemporaryDirectory() as tmp:
+      model = train_sentencepiece(text_iterator_fn(), os.path.join(tmp, "tokenizer"), vocab_size, **train_kwargs)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp_path = path.parent / f"{MODEL_FILENAME}.tmp-{os.getpid()}"
+      tmp_path.write_bytes(epath.Path(model).read_bytes())
+      tmp_path.rename(path)
+  return load(str(path))

@@ -1,0 +1,25 @@
+"""The jobs `main.py` can run, by the name a config gives in `config.job`.
+
+Each job module defines `validate(config)` (raises ConfigError) and `run(config, workdir)`. Modules are
+imported lazily so that validating a config never pays for another project's imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from lwjax.config import ConfigError
+
+JOBS = {
+    "lm_pretrain": "lwjax.projects.lm.pretrain",
+}
+
+
+def get(config):
+  """The job module named by `config.job`, after validating the whole config against its schema."""
+  name = config.get("job")
+  if name not in JOBS:
+    raise ConfigError("job", f"unknown job {name!r}", ", ".join(sorted(JOBS)))
+  module = importlib.import_module(JOBS[name])
+  module.validate(config)
+  return module

@@ -1,0 +1,134 @@
+"""Pretrains the core GPT on packed text: generated corpus, local text files, or a TFDS data set.
+
+Reports eval loss next to the unigram cross-entropy of the same held-out tokens (the baseline any LM
+must beat), both in nats per token, in the log and in `<workdir>/metrics.json`.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.data import corpus, pipeline, tokenizer as tokenizer_lib
+from lwjax.launch import distributed
+from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
+from lwjax.training import losses, mesh, optim, trainer as trainer_lib
+
+SOURCES = ("generated", "text_files", "tfds")
+TOKENIZERS = ("bytes", "sentencepiece")
+DATA_SCHEMA = {
+    "source": Field(str, choices=SOURCES),
+    "train_files": Field(str, doc="glob of text files, one document per line (source=text_files)"),
+    "eval_files": Field(str, doc="glob of text files (source=text_files)"),
+    "num_train_docs": positive_int("documents generated for training (source=generated)"),
+    "num_eval_docs": positive_int("documents generated for evaluation (source=generated)"),
+    "tfds_name": Field(str, doc="TFDS data set name, e.g. lm1b (source=tfds)"),
+    "tfds_train_split": Field(str), "tfds_eval_split": Field(str),
+    "text_key": Field(str, doc="feature holding the text (source=tfds)"),
+    "tokenizer": Field(str, choices=TOKENIZERS),
+    "tokenizer_path": Field(str, doc="sentencepiece model; empty = train one into the workdir"),
+    "seq_len": Field(int, min=2),
+    "shuffle_seed": Field(int),
+}
+SCHEMA = {
+    "job": Field(str), "seed": Field(int),
+    "model": MODEL_SCHEMA, "data": DATA_SCHEMA, "train": trainer_lib.SCHEMA, "optim": optim.SCHEMA,
+    "mesh": mesh.SCHEMA, "distributed": distributed.SCHEMA,
+}
+
+
+def validate(config) -> None:
+  """Schema plus the cross-field rules; raises ConfigError naming the key."""
+  validate_schema(config, SCHEMA)
+  try:
+    GPTConfig.from_dict(config.model)
+  except ValueError as e:
+    raise ConfigError("model", str(e), "n_kv_heads dividing n_heads, even head_dim") from None
+  if config.data.seq_len > config.model.max_seq_len:
+    raise ConfigError("data.seq_len", f"{config.data.seq_len} exceeds model.max_seq_len",
+                      f"<= {config.model.max_seq_len}")
+  if config.data.tokenizer == "bytes" and config.model.vocab_size < tokenizer_lib.ByteTokenizer.vocab_size:
+    raise ConfigError("model.vocab_size", "too small for the byte tokenizer",
+                      f">= {tokenizer_lib.ByteTokenizer.vocab_size}")
+  if config.train.global_batch_size % config.train.grad_accum_steps:
+    raise ConfigError("train.grad_accum_steps", "must divide train.global_batch_size",
+                      f"a divisor of {config.train.global_batch_size}")
+  if config.data.source == "text_files" and not glob.glob(config.data.train_files):
+    raise ConfigError("data.train_files", f"no file matches {config.data.train_files!r}", "a glob of text files")
+
+
+def _sources(config, workdir):
+  """(train documents, eval documents) as Grain-readable sources."""
+  data = config.data
+  if data.source == "generated":
+    directory = os.path.join(workdir, "corpus")
+    if jax.process_index() == 0:
+      corpus.write_corpus(directory, num_train_docs=data.num_train_docs, num_eval_docs=data.num_eval_docs,
+                          seed=config.seed)
+    multihost_utils.sync_global_devices("corpus written")
+    return (pipeline.TextLineSource(os.path.join(directory, "train.txt")),
+            pipeline.TextLineSource(os.path.join(directory, "eval.txt")))
+  if data.source == "text_files":
+    return pipeline.TextLineSource(data.train_files), pipeline.TextLineSource(data.eval_files)
+  return (pipeline.tfds_text(data.tfds_name, split=data.tfds_train_split, text_key=data.text_key),
+          pipeline.tfds_text(data.tfds_name, split=data.tfds_eval_split, text_key=data.text_key))
+
+
+def _tokenizer(config, workdir, train_docs):
+  data = config.data
+  if data.tokenizer == "bytes":
+    return tokenizer_lib.ByteTokenizer()
+  def texts():
+    return (train_docs[i] for i in range(min(len(train_docs), 20000)))
+  if jax.process_index() == 0:
+    tok = tokenizer_lib.get_or_train(workdir, data.tokenizer_path or None, texts, config.model.vocab_size)
+  multihost_utils.sync_global_devices("tokenizer ready")
+  if jax.process_index() != 0:
+    tok = tokenizer_lib.get_or_train(workdir, data.tokenizer_path or None, texts, config.model.vocab_size)
+  if tok.vocab_size > config.model.vocab_size:
+    raise ConfigError("model.vocab_size", f"smaller than the tokenizer's {tok.vocab_size}",
+                      f">= {tok.vocab_size}")
+  return tok
+
+
+def run(config, workdir: str) -> dict:
+  """Trains, evaluates, and writes `<workdir>/metrics.json`; returns the metrics."""
+  model_cfg = GPTConfig.from_dict(config.model)
+  train_docs, eval_docs = _sources(config, workdir)
+  tok = _tokenizer(config, workdir, train_docs)
+  data, batch = config.data, config.train.global_batch_size
+  train_ds = pipeline.make_lm_dataset(train_docs, tok, seq_len=data.seq_len, global_batch_size=batch,
+                                      shuffle_seed=data.shuffle_seed)
+
+  def eval_batches():
+    ds = pipeline.make_lm_dataset(eval_docs, tok, seq_len=data.seq_len, global_batch_size=batch,
+                                  shuffle_seed=None, num_epochs=1)
+    return itertools.islice(iter(ds), config.train.eval_steps)
+
+  trainer = trainer_lib.Trainer(config, workdir, model_fn=lambda rngs: GPT(model_cfg, rngs=rngs),
+                                loss_fn=losses.lm_loss, flops_per_token=model_cfg.flops_per_token(data.seq_len),
+                                seq_len=data.seq_len)
+  result = trainer.fit(iter(train_ds), eval_batches, seed=config.seed)
+
+  # The baseline: unigram cross-entropy of the very eval targets the model was scored on.
+  train_ids = [t for b in itertools.islice(iter(train_ds), 50) for t in b["targets"][b["loss_mask"] > 0]]
+  eval_ids = [t for b in eval_batches() for t in b["targets"][b["loss_mask"] > 0]]
+  unigram = pipeline.unigram_cross_entropy(np.asarray(train_ids), np.asarray(eval_ids), model_cfg.vocab_size)
+  metrics = {"step": result["step"], "train_loss": result["train"].get("loss"),
+             "eval_loss": result["eval"].get("loss"), "eval_accuracy": result["eval"].get("accuracy"),
+             "unigram_cross_entropy": unigram, "tokens_per_s": result["train"].get("tokens_per_s")}
+  logging.info("eval loss %.4f nats/token vs unigram cross-entropy %.4f nats/token (held-out text)",
+               metrics["eval_loss"] or float("nan"), unigram)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2)
+  return metrics

@@ -1,0 +1,1 @@
+"""The one training loop every project uses: mesh, sharding, optimizer, checkpoints, trainer."""

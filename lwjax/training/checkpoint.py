@@ -1,0 +1,62 @@
+"""Orbax checkpoints of a training run: model + optimizer state + step, data-iterator state, config.
+
+Saves are atomic (Orbax writes to a temporary directory and renames it) and asynchronous; the latest
+complete checkpoint in `<workdir>/checkpoints` is what a restarted run resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints of `{state, data iterator, config}` under `directory`."""
+
+  def __init__(self, directory: str, *, keep: int = 3, save_every: int = 1000, async_save: bool = True):
+    self.save_every = save_every
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    self._manager = ocp.CheckpointManager(directory, options=options,
+                                          item_names=("state", "data", "config"))
+
+  @property
+  def directory(self):
+    return self._manager.directory
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iterator=None, config=None, *, force: bool = False) -> bool:
+    """Saves when `step` is a multiple of `save_every` (or `force`); returns whether a save started."""
+    if step % self.save_every and not force:
+      return False
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if config is not None:
+      items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    if saved:
+      logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def restore(self, abstract_state: Any, data_iterator=None, step: int | None = None) -> tuple[int, Any]:
+    """Restores `step` (default: latest) into the shardings of `abstract_state`; the data iterator in place."""
+    step = self._manager.latest_step() if step is None else step
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    logging.info("checkpoint: restored step %d from %s", step, self.directory)
+    return step, restored["state"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

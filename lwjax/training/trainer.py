@@ -1,0 +1,206 @@
+"""The sharded training loop every project uses.
+
+State is built as `eval_shape -> shardings -> jit(init, out_shardings)` (big_vision); the train step is
+jitted with explicit in/out shardings and donates the old state. Gradient accumulation scans over
+micro-batches and normalises by the total loss weight, so any accumulation or sharding gives the same
+update. SIGTERM/SIGINT checkpoint and exit cleanly; a run restarted in the same workdir resumes exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lwjax.config import Field, non_negative_int, positive_int
+from lwjax.data.pipeline import global_batch
+from lwjax.models.logical import axis_rules
+from lwjax.training import checkpoint, mesh as mesh_lib, optim, sharding
+from lwjax.training.progress import Progress
+
+SCHEMA = {
+    "steps": positive_int(),
+    "global_batch_size": positive_int("examples per step over all devices and micro-batches"),
+    "grad_accum_steps": positive_int("micro-batches per step; divides global_batch_size"),
+    "log_every": positive_int(),
+    "eval_every": non_negative_int("0 disables periodic evaluation"),
+    "eval_steps": positive_int("batches per evaluation"),
+    "checkpoint_every": positive_int(),
+    "keep_checkpoints": positive_int(),
+    "async_checkpointing": Field(bool),
+}
+
+# A loss function maps (model, batch) to (loss sum, weight sum, {metric name: sum}); the trainer
+# divides by the weight summed over the whole global batch.
+LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, jax.Array, dict]]
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag the loop checks after each step (all processes agree)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning("received signal %d: will checkpoint and exit after this step", signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+
+
+class Trainer:
+  """Trains `model_fn(rngs)` on `loss_fn` with `config.{train, optim, mesh}`; checkpoints in `workdir`."""
+
+  def __init__(self, config, workdir: str, *, model_fn: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn,
+               flops_per_token: float | None = None, seq_len: int | None = None, mesh=None):
+    self.config, self.workdir = config, workdir
+    train = config.train
+    if train.global_batch_size % train.grad_accum_steps:
+      raise ValueError(f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
+                       f"train.grad_accum_steps ({train.grad_accum_steps})")
+    self.mesh = mesh or mesh_lib.make_mesh(config.mesh.shape)
+    self.rules = sharding.rules_from_config(config.mesh.rules)
+    self.loss_fn = loss_fn
+    self.tx, self.schedule = optim.make_optimizer(config.optim, train.steps)
+    self.tokens_per_step = train.global_batch_size * (seq_len or 1)
+    self.flops_per_step = flops_per_token * self.tokens_per_step if flops_per_token else None
+
+    abstract_model = nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
+    self.graphdef, abstract_variables = nnx.split(abstract_model)
+    axes = sharding.logical_axes(abstract_variables)
+
+    def init(rng):
+      params = nnx.to_pure_dict(nnx.state(model_fn(nnx.Rngs(rng))))
+      return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+    self._init_fn = init
+
+    abstract_state = jax.eval_shape(init, jax.random.key(0))
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    params_sh = sharding.param_shardings(abstract_state["params"], axes, self.mesh, self.rules)
+    self.state_shardings = {
+        "step": replicated, "params": params_sh,
+        "opt_state": sharding.opt_state_shardings(abstract_state["opt_state"], abstract_state["params"],
+                                                  params_sh, self.mesh),
+    }
+    self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                       abstract_state, self.state_shardings)
+    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    self.init_state = jax.jit(init, out_shardings=self.state_shardings)
+    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                              out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+    self.eval_step = jax.jit(self._eval_step, in_shardings=(params_sh, self.batch_sharding),
+                             out_shardings=replicated)
+    logging.info("trainer: mesh %s, %s parameters", dict(self.mesh.shape),
+                 f"{sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_state['params'])):,}")
+
+  def _loss_and_grad(self, params, batch):
+    def loss(p):
+      loss_sum, weight, metrics = self.loss_fn(nnx.merge(self.graphdef, p), batch)
+      return loss_sum, (weight, metrics)
+    (loss_sum, (weight, metrics)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return grads, loss_sum, weight, metrics
+
+  def _train_step(self, state, batch):
+    with axis_rules(self.mesh, self.rules):
+      accum = self.config.train.grad_accum_steps
+      params = state["params"]
+      if accum == 1:
+        grads, loss_sum, weight, metrics = self._loss_and_grad(params, batch)
+      else:
+        # Micro-batch i takes examples i, i + accum, ...: each stays evenly split over the data axes.
+        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
+                             batch)
+
+        def body(carry, mb):
+          out = self._loss_and_grad(params, mb)
+          return jax.tree.map(jnp.add, carry, out), None
+        zero = jax.eval_shape(self._loss_and_grad, params, jax.tree.map(lambda x: x[0], micro))
+        zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero)
+        (grads, loss_sum, weight, metrics), _ = jax.lax.scan(body, zero, micro)
+      weight = jnp.maximum(weight, 1.0)
+      grads = jax.tree.map(lambda g: g / weight, grads)
+      updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+      new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                   "opt_state": opt_state}
+      out = {"loss": loss_sum / weight, "grad_norm": optax.global_norm(grads),
+             "learning_rate": self.schedule(state["step"]), **{k: v / weight for k, v in metrics.items()}}
+      return new_state, out
+
+  def _eval_step(self, params, batch):
+    with axis_rules(self.mesh, self.rules):
+      loss_sum, weight, metrics = self.loss_fn(nnx.merge(self.graphdef, params), batch)
+      return {"loss_sum": loss_sum, "weight": weight, **metrics}
+
+  def evaluate(self, params, batches: Iterator[dict]) -> dict:
+    """Loss per token (nats) and metrics over `batches` (local numpy batches)."""
+    totals = None
+    for local in batches:
+      out = self.eval_step(params, global_batch(local, self.batch_sharding))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    weight = max(float(totals.pop("weight")), 1.0)
+    result = {"loss": float(totals.pop("loss_sum")) / weight}
+    result.update({k: float(v) / weight for k, v in totals.items()})
+    return result
+
+  def fit(self, train_iter, eval_batches: Callable[[], Iterator[dict]] | None = None, seed: int = 0) -> dict:
+    """Trains to `config.train.steps`, resuming from the latest checkpoint in the workdir if any.
+
+    `train_iter` is a checkpointable (Grain) iterator of local numpy batches; `eval_batches()` returns
+    a fresh iterator over the evaluation batches. Returns the last train and eval metrics.
+    """
+    cfg = self.config.train
+    ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.keep_checkpoints,
+                                   save_every=cfg.checkpoint_every, async_save=cfg.async_checkpointing)
+    if ckpt.latest_step() is not None:
+      step, state = ckpt.restore(self.abstract_state, train_iter)
+    else:
+      step, state = 0, self.init_state(jax.random.key(seed))
+    progress = Progress(self.workdir, total_steps=cfg.steps, start_step=step,
+                        tokens_per_step=self.tokens_per_step, flops_per_step=self.flops_per_step,
+                        log_every=cfg.log_every)
+    last_train, last_eval = {}, {}
+    try:
+      with _StopRequest() as stop:
+        while step < cfg.steps:
+          state, metrics = self.train_step(state, global_batch(next(train_iter), self.batch_sharding))
+          step += 1
+          last_train = progress.train_step(step, metrics) or last_train
+          if eval_batches is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            last_eval = self.evaluate(state["params"], eval_batches())
+            progress.eval(step, last_eval)
+            progress.reset_clock(step)
+          if stop.agreed():
+            ckpt.save(step, state, train_iter, self.config, force=True)
+            logging.warning("stopped at step %d on request; the same --workdir resumes", step)
+            break
+          ckpt.save(step, state, train_iter, self.config, force=step == cfg.steps)
+      ckpt.wait()
+    finally:
+      ckpt.close()
+      progress.close()
+    self.state = state
+    return {"step": step, "train": last_train, "eval": last_eval}

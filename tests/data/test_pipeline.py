@@ -1,0 +1,191 @@
+"""Tests of the LM pipeline: packing invariants, determinism, exact resume, process shards, TFDS, batches."""
+
+import json
+import math
+import random
+
+import grain
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+import tensorflow_datasets.text.lm1b  # noqa: F401  registers "lm1b" for tfds.data_source
+
+from lwjax.data import corpus, pipeline
+from lwjax.data.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+SEQ_LEN = 32
+
+
+def _docs(n=40, seed=0):
+  """Documents of length 1..80 bytes: shorter than, equal to and longer than a row, and non-ASCII."""
+  rng = random.Random(seed)
+  return [f"{i}:" + "".join(rng.choice("abcdé ") for _ in range(rng.randint(0, 78))) for i in range(n)]
+
+
+def _dataset(source, **kwargs):
+  kwargs = {"seq_len": SEQ_LEN, "global_batch_size": 4, "shuffle_seed": 0, "num_epochs": 1, "process_index": 0,
+            "process_count": 1, **kwargs}
+  return pipeline.make_lm_dataset(source, TOK, **kwargs)
+
+
+def _decoded_docs(batches):
+  """The documents of a finite run, in order: the non-padding inputs of all rows, cut at each bos."""
+  tokens = np.concatenate([b["inputs"][b["segment_ids"] > 0] for b in batches])
+  starts = np.flatnonzero(tokens == TOK.bos_id)
+  assert starts[0] == 0
+  docs = []
+  for doc in np.split(tokens, starts[1:]):
+    assert doc[-1] == TOK.eos_id and TOK.bos_id not in doc[1:] and TOK.eos_id not in doc[:-1]
+    docs.append(TOK.decode(doc))
+  return docs
+
+
+def _assert_batches_equal(expected, actual):
+  assert len(expected) == len(actual)
+  for e, a in zip(expected, actual):
+    assert e.keys() == a.keys()
+    for k in e:
+      np.testing.assert_array_equal(e[k], a[k], err_msg=k)
+
+
+def test_batch_format_and_packing_invariants():
+  batches = list(_dataset(_docs()))
+  for batch in batches:
+    assert set(batch) == set(pipeline.BATCH_FIELDS)
+    for k, v in batch.items():
+      assert v.shape == (4, SEQ_LEN) and v.dtype == (np.float32 if k == "loss_mask" else np.int32), k
+    for inputs, targets, seg, pos, mask in zip(*(batch[k] for k in pipeline.BATCH_FIELDS)):
+      is_doc = seg > 0
+      assert np.all(np.diff(is_doc.astype(int)) <= 0), "padding only at the end of a row"
+      ids = seg[is_doc]
+      assert ids.size == 0 or (ids[0] == 1 and set(np.diff(ids)) <= {0, 1}), "segments numbered 1..k"
+      same_next = np.append(is_doc[:-1] & (seg[1:] == seg[:-1]), False)
+      np.testing.assert_array_equal(mask, same_next.astype(np.float32))
+      np.testing.assert_array_equal(targets[:-1][same_next[:-1]], inputs[1:][same_next[:-1]])
+      assert np.all(targets[~same_next] == TOK.pad_id) and np.all(inputs[~is_doc] == TOK.pad_id)
+      assert np.all(pos[~is_doc] == 0)
+      for s in np.unique(ids):
+        np.testing.assert_array_equal(pos[seg == s], np.arange(np.sum(seg == s)))
+      assert TOK.bos_id not in targets[mask > 0], "no target crosses into the next document"
+  # Only the final batch of a finite run holds padding; a lone short document is still one full row.
+  assert all(np.all(b["segment_ids"] > 0) for b in batches[:-1])
+
+
+def test_no_token_lost_and_order_kept_without_shuffle():
+  docs = _docs()
+  assert _decoded_docs(list(_dataset(docs, shuffle_seed=None))) == docs
+  shuffled = _decoded_docs(list(_dataset(docs, shuffle_seed=3)))
+  assert shuffled != docs and sorted(shuffled) == sorted(docs)
+
+
+def test_deterministic_for_a_seed_and_reshuffled_each_epoch():
+  docs = _docs()
+  _assert_batches_equal(list(_dataset(docs, shuffle_seed=5)), list(_dataset(docs, shuffle_seed=5)))
+  assert _decoded_docs(list(_dataset(docs, shuffle_seed=5))) != _decoded_docs(list(_dataset(docs, shuffle_seed=6)))
+  two_epochs = _decoded_docs(list(_dataset(docs, shuffle_seed=5, num_epochs=2)))
+  first, second = two_epochs[:len(docs)], two_epochs[len(docs):]
+  assert sorted(first) == sorted(second) == sorted(docs) and first != second
+
+
+@pytest.mark.parametrize("num_epochs", [None, 1])
+def test_iterator_resumes_exactly_from_its_state(num_epochs):
+  ds = _dataset(_docs(), shuffle_seed=1, num_epochs=num_epochs)
+  it = iter(ds)
+  for _ in range(5):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # what the Orbax handler writes and reads
+  expected = [next(it) for _ in range(3)]
+  resumed = iter(ds)
+  next(resumed)
+  resumed.set_state(state)
+  _assert_batches_equal(expected, [next(resumed) for _ in range(3)])
+
+
+def test_orbax_checkpoint_manager_saves_and_restores_the_iterator(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  ds = _dataset(_docs(), shuffle_seed=2, num_epochs=None)
+  it = iter(ds)
+  for _ in range(5):
+    next(it)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    manager.save(5, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+  expected = [next(it) for _ in range(3)]
+  resumed = iter(ds)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    manager.restore(5, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(resumed)))
+  _assert_batches_equal(expected, [next(resumed) for _ in range(3)])
+
+
+def test_processes_read_disjoint_shards_covering_all_docs():
+  docs = _docs(41)
+  seen = []
+  for index in range(2):
+    batches = list(_dataset(docs, global_batch_size=8, process_index=index, process_count=2))
+    assert batches[0]["inputs"].shape == (4, SEQ_LEN)
+    seen.append(_decoded_docs(batches))
+  assert not set(seen[0]) & set(seen[1])
+  assert sorted(seen[0] + seen[1]) == sorted(docs)
+
+
+def test_bad_arguments_are_named():
+  with pytest.raises(ValueError, match="global_batch_size"):
+    _dataset(_docs(), global_batch_size=6, process_count=4)
+  with pytest.raises(ValueError, match="seq_len"):
+    _dataset(_docs(), seq_len=1)
+
+
+def test_text_files_and_glob(tmp_path):
+  (tmp_path / "a.txt").write_text("first doc\n\nsecond dóc\n", encoding="utf-8")
+  (tmp_path / "b.txt").write_text("third doc", encoding="utf-8")
+  (tmp_path / "empty.txt").write_text("")
+  source = pipeline.TextLineSource(str(tmp_path / "*.txt"))
+  assert [source[i] for i in range(len(source))] == ["first doc", "second dóc", "third doc"]
+  paths = corpus.write_corpus(str(tmp_path / "corpus"), num_train_docs=30, num_eval_docs=0, seed=0)
+  source = pipeline.TextLineSource(paths["train"])
+  assert list(source) == corpus.generate_documents(30, seed=0)
+  assert _decoded_docs(list(_dataset(source, shuffle_seed=None))) == list(source)
+
+
+def test_tfds_data_source_under_mock_data():
+  """`tfds.data_source` on the mocked lm1b builder (no TensorFlow): every text comes through once."""
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = pipeline.tfds_text("lm1b", split="train")
+    texts = [source[i] for i in range(len(source))]
+    batches = list(_dataset(source, shuffle_seed=None))
+  assert len(texts) == 12 and all(isinstance(t, str) and t for t in texts)
+  assert _decoded_docs(batches) == texts
+
+
+def test_global_batch_equals_local_batch_on_one_process():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+  batch_size = 2 * len(jax.devices())
+  local = next(iter(_dataset(_docs(), global_batch_size=batch_size, num_epochs=None)))
+  arrays = pipeline.global_batch(local, sharding)
+  for k, v in local.items():
+    assert isinstance(arrays[k], jax.Array) and arrays[k].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(arrays[k]), v)
+
+
+def test_global_batch_on_a_one_device_mesh():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+  local = next(iter(_dataset(_docs())))
+  arrays = pipeline.global_batch(local, sharding)
+  for k, v in local.items():
+    assert arrays[k].dtype == v.dtype
+    np.testing.assert_array_equal(np.asarray(arrays[k]), v)
+
+
+def test_unigram_cross_entropy_by_hand():
+  # Train counts [2, 1, 0] over vocab 3, add-one: p = [3/6, 2/6, 1/6].
+  expected = -(math.log(3 / 6) + math.log(1 / 6)) / 2
+  assert pipeline.unigram_cross_entropy([0, 0, 1], [0, 2], vocab_size=3) == pytest.approx(expected)
+  assert pipeline.unigram_cross_entropy(np.array([[0, 0], [1, 0]])[np.array([[1, 1], [1, 0]]) > 0],
+                                        iter([0, 2]), vocab_size=3) == pytest.approx(expected)
+  with pytest.raises(ValueError, match="vocab_size"):
+    pipeline.unigram_cross_entropy([5], [0], vocab_size=3)
+
