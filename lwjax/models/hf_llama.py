@@ -20,13 +20,12 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lwjax.models.gpt import GPT, GPTConfig, RopeScaling
+from lwjax.models.gpt import DTYPES, GPT, GPTConfig, RopeScaling
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' `save_pretrained` default ("5GB")
-PARAM_DTYPES = ("float32", "bfloat16", "float16")
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # Non-persistent RoPE buffers that old checkpoints still carry; recomputed from the config.
 _DERIVED_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -78,8 +77,8 @@ def config_from_hf(hf_config: dict[str, Any], **overrides) -> GPTConfig:
     rope_theta = hf.get("rope_theta", 10000.0)
     rope_scaling = _rope_scaling_from_hf(hf.get("rope_scaling"), "rope_scaling")
   param_dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-  if param_dtype not in PARAM_DTYPES:
-    raise ValueError(f"torch_dtype: {param_dtype!r} is not supported; allowed: {PARAM_DTYPES}")
+  if param_dtype not in DTYPES:
+    raise ValueError(f"torch_dtype: {param_dtype!r} is not supported; allowed: {DTYPES}")
 
   heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
   fields = dict(
