@@ -28,7 +28,9 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-# Fields of a batch: [local_batch, seq_len] each.
+# A batch, each field [local_batch, seq_len]: inputs (int32 token ids, pad 0), targets (int32, the next
+# token of the same segment, else pad), segment_ids (int32, 0 = padding, 1..k = the documents or document
+# pieces of a row), positions (int32, within the segment), loss_mask (float32, 1 where targets is real).
 BATCH_FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
@@ -135,6 +137,31 @@ class PackedToExample(grain.transforms.Map):
     }
 
 
+class _JsonSafePackState(grain.IterDataset):
+  """Passes a `ConcatThenSplitIterDataset` through, restoring its state from JSON correctly.
+
+  grain 0.2.18 marks "no remainder" with the tuple (-1, -1); state read back from JSON (as the Orbax
+  `grain.checkpoint` handler does) holds a list there, which the packer takes for a remainder and so
+  drops one document on resume. Turning the slices back into tuples makes the resume exact.
+  """
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _JsonSafePackStateIterator(self._parent.__iter__())
+
+
+class _JsonSafePackStateIterator(grain.DatasetIterator):
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]):
+    slices = {k: tuple(v) for k, v in state["remainder_slices"].items()}
+    self._parent.set_state({**state, "remainder_slices": slices})
+
+
 def make_lm_dataset(source: Sequence[str] | grain.MapDataset, tokenizer, *, seq_len: int, global_batch_size: int,
                     shuffle_seed: int | None, num_epochs: int | None = None, process_index: int | None = None,
                     process_count: int | None = None,
@@ -166,16 +193,17 @@ def make_lm_dataset(source: Sequence[str] | grain.MapDataset, tokenizer, *, seq_
   local_batch_size = global_batch_size // process_count
 
   docs = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
-  docs = docs[0::process_count]
+  docs = docs[process_index::process_count]
   if not len(docs):
-    raise ValueError(f"process {process_index} of {process_count} got no documents from {source!r}")
+    raise ValueError(f"process {process_index} of {process_count} got no documents "
+                     f"(the source has {len(source)})")
   if shuffle_seed is not None:
     docs = docs.shuffle(seed=shuffle_seed)
   docs = docs.repeat(num_epochs).map(Tokenize(tokenizer))
   rows = grain.experimental.ConcatThenSplitIterDataset(
       docs.to_iter_dataset(read_options), length_struct={"tokens": seq_len})
-  rows = rows.map(PackedToExample(tokenizer.pad_id))
-  # batch_and_pad fills a short last batch with zeros: segment 0 (padding), loss_mask 0.
+  rows = _JsonSafePackState(rows).map(PackedToExample(tokenizer.pad_id))
+  # batch_and_pad fills a short last batch with zeros: segment 0 and loss_mask 0, inputs the pad id 0.
   pad_batch = functools.partial(grain.experimental.batch_and_pad, batch_size=local_batch_size, pad_value=0)
   return rows.batch(local_batch_size, batch_fn=pad_batch)
 

@@ -38,7 +38,8 @@ class SentencePieceTokenizer:
   def __init__(self, model_proto: bytes):
     self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = self.processor.vocab_size()
-    self.pad_id, self.bos_id, self.eos_id = self.processor.pad_id(), self.processor.bos_id(), self.processor.eos_id()
+    self.pad_id, self.bos_id, self.eos_id = (self.processor.pad_id(), self.processor.bos_id(),
+                                             self.processor.eos_id())
 
   def encode(self, text: str) -> list[int]:
     return self.processor.encode(text)
