@@ -145,7 +145,7 @@ class Trainer:
       updates, opt_state = self.tx.update(grads, state["opt_state"], params)
       new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                    "opt_state": opt_state}
-      out = {"loss": loss_sum / weight, "grad_norm": optax.global_norm(grads),
+      out = {"loss": loss_sum / weight, "grad_norm": optax.tree.norm(grads),
              "learning_rate": self.schedule(state["step"]), **{k: v / weight for k, v in metrics.items()}}
       return new_state, out
 
