@@ -27,8 +27,23 @@ def _config_error(message: str):
 def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    _config_error(str(e).splitlines()[0])
+  except Exception as e:  # flags.Error, or ml_collections' AttributeError/KeyError for an unknown key
+    _config_error(_describe_flag_error(argv, e))
+
+
+def _describe_flag_error(argv, error: Exception) -> str:
+  """One line for a bad flag; an unknown `--config.a.b` override is named with ml_collections' hint."""
+  text = str(error).replace("\\n", "\n").replace("\\'", "'")
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if isinstance(error, (AttributeError, KeyError)):
+    hint = next((line.strip("'\"") for line in lines if "Did you mean" in line), "")
+    for arg in argv[1:]:
+      key = arg.lstrip("-").split("=")[0]
+      if key.startswith("config.") and any(f"'{part}'" in text for part in key.split(".")[1:]):
+        return f"{key[len('config.'):]}: unknown key" + (f" ({hint})" if hint else "")
+  if any(line.startswith("Traceback") for line in lines):  # raised inside the config file: first + last line
+    lines = [lines[0].split("Traceback")[0], lines[-1]]
+  return " ".join(lines)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -44,17 +59,28 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     _config_error("--config and --workdir are required (valid: --config experiments/<x>.py --workdir DIR)")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  config = _CONFIG.value
   try:
+    config = _CONFIG.value
     job = jobs.get(config)
   except ConfigError as e:
     _config_error(str(e))
+  except OSError as e:  # ml_collections reports a config file that failed to load on first use
+    missing = [line.strip() for line in str(e).splitlines() if "No such file" in line]
+    _config_error(f"config: {missing[0] if missing else str(e).splitlines()[0]} "
+                  "(valid: an existing file, experiments/<x>.py[:k=v,...])")
+  import jax
+
   from lwjax.launch import distributed
+  from lwjax.training import mesh
   if _DISTRIBUTED.value or config.distributed.initialize:
     distributed.initialize(config.distributed)
   distributed.log_topology()
   logging.info("job %s, workdir %s", config.job, _WORKDIR.value)
-  job.run(config, _WORKDIR.value)
+  try:
+    mesh.resolve_shape(config.mesh.shape, jax.device_count())
+    job.run(config, _WORKDIR.value)
+  except ConfigError as e:  # faults only visible once devices or data are known
+    _config_error(str(e))
 
 
 if __name__ == "__main__":
