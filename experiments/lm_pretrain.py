@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "source": "generated", "train_files": "", "eval_files": "", "num_train_docs": 20000,
       "num_eval_docs": 500, "tfds_name": "lm1b", "tfds_train_split": "train", "tfds_eval_split": "test",
       "text_key": "text", "tokenizer": "sentencepiece", "tokenizer_path": "", "seq_len": 128,
-      "shuffle_seed": 0,
+      "shuffle_seed": 0, "num_shards": 0,
   })
   config.train = common.train()
   config.optim = common.optim()
@@ -46,12 +46,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         checkpoint_every=10)
     config.optim.update(learning_rate=3e-3, warmup_steps=5)
   elif scale == "cpu":
-    config.model.update(vocab_size=1024, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
+    config.model.update(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
                         d_ff=384, max_seq_len=256)
     config.data.update(num_train_docs=20000, num_eval_docs=400, seq_len=128)
-    config.train.update(steps=1200, global_batch_size=32, log_every=50, eval_every=400, eval_steps=8,
-                        checkpoint_every=400)
-    config.optim.update(learning_rate=3e-3, warmup_steps=100)
+    config.train.update(steps=400, global_batch_size=32, log_every=25, eval_every=200, eval_steps=8,
+                        checkpoint_every=200)
+    config.optim.update(learning_rate=3e-3, warmup_steps=40)
   elif scale == "gpu":
     config.model.update(dtype="bfloat16", vocab_size=8192)
     config.data.update(num_train_docs=200000, num_eval_docs=2000, seq_len=1024)

@@ -56,7 +56,8 @@ def train_sentencepiece(text_iterator: Iterator[str], model_prefix: str, vocab_s
   Byte fallback (no unknown strings), digits split one per token (arithmetic stays learnable), and the
   identity normalisation without whitespace cleanup, so that decode(encode(s)) == s. Special ids:
   pad 0, bos 1, eos 2, unk 3. Byte fallback takes 256 ids, so `vocab_size` must exceed 260 plus the
-  number of distinct characters. At most `input_sentence_size` texts are sampled for training.
+  number of distinct characters. At most `input_sentence_size` texts are sampled for training. A corpus
+  with fewer distinct pieces than `vocab_size` gives a smaller vocabulary (no hard limit) instead of failing.
   """
   if model_type not in ("unigram", "bpe"):
     raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
@@ -65,7 +66,7 @@ def train_sentencepiece(text_iterator: Iterator[str], model_prefix: str, vocab_s
       model_type=model_type, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
       byte_fallback=True, split_digits=True, character_coverage=1.0,
       normalization_rule_name="identity", remove_extra_whitespaces=False,
-      input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+      input_sentence_size=input_sentence_size, shuffle_input_sentence=True, hard_vocab_limit=False,
       num_threads=num_threads or os.cpu_count(), minloglevel=2)
   return f"{model_prefix}.model"
 
