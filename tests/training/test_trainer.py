@@ -76,8 +76,10 @@ def test_gradient_accumulation_equals_one_big_batch(single_device_run):
                params_1)
 
 
-def test_loss_decreases_on_repeated_batch():
-  config = _config()
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_loss_decreases_on_repeated_batch(optimizer):
+  config = _config((2, 2, 2))
+  config.optim.name = optimizer
   batch = _batches(config, 1) * 15
-  _, _, losses_seen = _train(config, batch, devices=jax.devices()[:1])
-  assert losses_seen[-1] < 0.7 * losses_seen[0]
+  _, _, losses_seen = _train(config, batch)
+  assert losses_seen[-1] < 0.8 * losses_seen[0]
