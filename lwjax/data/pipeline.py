@@ -10,10 +10,13 @@ on at the start of the next row as a new segment; its positions there restart at
 below `seq_len`), and the one prediction across the cut is masked. First-fit packing would keep
 documents whole but pads rows and truncates documents longer than `seq_len`.
 
-Each process reads a disjoint shard of the documents (`dataset[process_index::process_count]`) and
-yields its local share of the global batch. The iterator of `make_lm_dataset` is checkpointable:
-`it.get_state()` / `it.set_state(state)` resume exactly; with Orbax, save it as the item
-`grain.checkpoint.CheckpointSave(it)` and restore with `grain.checkpoint.CheckpointRestore(it)`.
+The documents are split into `num_shards` fixed shards (`docs[s::num_shards]`), each packed and batched
+on its own into `global_batch_size // num_shards` rows; process p owns the contiguous shards
+[p * k, (p + 1) * k), k = num_shards // process_count, and its local batch is theirs concatenated in shard
+order. With `num_shards` fixed, the global batch of a step (process 0's rows first) is the same whatever
+the process count, so a run on 1 process and on 2 see the same data. The iterator of `make_lm_dataset`
+is checkpointable: `it.get_state()` / `it.set_state(state)` resume exactly; with Orbax, save it as the
+item `grain.checkpoint.CheckpointSave(it)` and restore with `grain.checkpoint.CheckpointRestore(it)`.
 """
 
 from __future__ import annotations
@@ -162,9 +165,38 @@ class _JsonSafePackStateIterator(grain.DatasetIterator):
     self._parent.set_state({**state, "remainder_slices": slices})
 
 
+class _ConcatShardBatches(grain.IterDataset):
+  """Zips the batch streams of several shards and concatenates each step's batches along the batch axis.
+
+  A finite shard that ends before the others contributes all-padding rows (zeros: segment 0, loss_mask
+  0), as `batch_and_pad` fills a short batch, until every shard has ended.
+  """
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _ConcatShardBatchesIterator([parent.__iter__() for parent in self.parents])
+
+
+class _ConcatShardBatchesIterator(grain.DatasetIterator):
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batches = [next(shard, None) for shard in self._parents]
+    live = [b for b in batches if b is not None]
+    if not live:
+      raise StopIteration
+    padding = {k: np.zeros_like(v) for k, v in live[0].items()}
+    return {k: np.concatenate([(padding if b is None else b)[k] for b in batches]) for k in padding}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"shards": [shard.get_state() for shard in self._parents]}
+
+  def set_state(self, state: dict[str, Any]):
+    for shard, shard_state in zip(self._parents, state["shards"], strict=True):
+      shard.set_state(shard_state)
+
+
 def make_lm_dataset(source: Sequence[str] | grain.MapDataset, tokenizer, *, seq_len: int, global_batch_size: int,
                     shuffle_seed: int | None, num_epochs: int | None = None, process_index: int | None = None,
-                    process_count: int | None = None,
+                    process_count: int | None = None, num_shards: int | None = None,
                     read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
   """Batches of packed LM examples for this process: dicts of `BATCH_FIELDS`, each [local_batch, seq_len].
 
@@ -174,38 +206,54 @@ def make_lm_dataset(source: Sequence[str] | grain.MapDataset, tokenizer, *, seq_
     tokenizer: `lwjax.data.tokenizer` interface (`encode`, `bos_id`, `eos_id`, `pad_id`).
     seq_len: length L of a packed row.
     global_batch_size: rows per step over all processes; each process yields
-      `global_batch_size // process_count` of them.
+      `global_batch_size // process_count` of them, `global_batch_size // num_shards` from each shard.
     shuffle_seed: seed of the document shuffle (reshuffled each epoch); None keeps the source order.
     num_epochs: passes over the documents; None repeats forever (training). A finite run ends with a
       batch filled up by padding rows (`loss_mask` 0), so no document is lost (evaluation).
-    process_index, process_count: this process's shard; default `jax.process_index()/process_count()`.
+    process_index, process_count: this process's place; default `jax.process_index()/process_count()`.
+    num_shards: fixed document shards, a multiple of `process_count` (its default); keep it fixed to
+      see the same global batches on any number of processes.
     read_options: Grain threads and prefetch for reading and tokenizing documents.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size ({global_batch_size}) must be divisible by the process count "
-                     f"({process_count})")
-  if seq_len < 2:
-    raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+  num_shards = process_count if num_shards is None else num_shards
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
-  local_batch_size = global_batch_size // process_count
-
+  if num_shards < 1 or num_shards % process_count:
+    raise ValueError(f"num_shards ({num_shards}) must be a positive multiple of the process count "
+                     f"({process_count})")
+  if global_batch_size % num_shards:
+    raise ValueError(f"global_batch_size ({global_batch_size}) must be divisible by num_shards ({num_shards}, "
+                     f"by default the process count)")
+  if seq_len < 2:
+    raise ValueError(f"seq_len must be at least 2, got {seq_len}")
   docs = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
-  docs = docs[process_index::process_count]
-  if not len(docs):
-    raise ValueError(f"process {process_index} of {process_count} got no documents "
-                     f"(the source has {len(source)})")
+  shards_per_process = num_shards // process_count
+  first = process_index * shards_per_process
+  shards = [_packed_shard(docs, shard, num_shards, tokenizer, seq_len=seq_len,
+                          batch_size=global_batch_size // num_shards, shuffle_seed=shuffle_seed,
+                          num_epochs=num_epochs, read_options=read_options)
+            for shard in range(first, first + shards_per_process)]
+  return shards[0] if len(shards) == 1 else _ConcatShardBatches(shards)
+
+
+def _packed_shard(docs: grain.MapDataset, shard: int, num_shards: int, tokenizer, *, seq_len: int, batch_size: int,
+                  shuffle_seed: int | None, num_epochs: int | None,
+                  read_options: grain.ReadOptions | None) -> grain.IterDataset:
+  """Batches of `batch_size` packed rows of the documents `docs[shard::num_shards]`."""
+  shard_docs = docs[shard::num_shards]
+  if not len(shard_docs):
+    raise ValueError(f"shard {shard} of {num_shards} got no documents (the source has {len(docs)})")
   if shuffle_seed is not None:
-    docs = docs.shuffle(seed=shuffle_seed)
-  docs = docs.repeat(num_epochs).map(Tokenize(tokenizer))
+    shard_docs = shard_docs.shuffle(seed=shuffle_seed)
+  shard_docs = shard_docs.repeat(num_epochs).map(Tokenize(tokenizer))
   rows = grain.experimental.ConcatThenSplitIterDataset(
-      docs.to_iter_dataset(read_options), length_struct={"tokens": seq_len})
+      shard_docs.to_iter_dataset(read_options), length_struct={"tokens": seq_len})
   rows = _JsonSafePackState(rows).map(PackedToExample(tokenizer.pad_id))
   # batch_and_pad fills a short last batch with zeros: segment 0 and loss_mask 0, inputs the pad id 0.
-  pad_batch = functools.partial(grain.experimental.batch_and_pad, batch_size=local_batch_size, pad_value=0)
-  return rows.batch(local_batch_size, batch_fn=pad_batch)
+  pad_batch = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size, pad_value=0)
+  return rows.batch(batch_size, batch_fn=pad_batch)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:

@@ -1,5 +1,6 @@
-"""Tests of the LM pipeline: packing invariants, determinism, exact resume, process shards, TFDS, batches."""
+"""Tests of the LM pipeline: packing invariants, determinism, exact resume, shards, TFDS, batches."""
 
+import itertools
 import json
 import math
 import random
@@ -96,8 +97,9 @@ EXACT_FIT_DOCS = [f"d{i:0{SEQ_LEN - 3}d}" for i in range(40)]
 
 @pytest.mark.parametrize("docs", [_docs(), EXACT_FIT_DOCS], ids=["ragged", "exact_fit"])
 @pytest.mark.parametrize("num_epochs", [None, 1])
-def test_iterator_resumes_exactly_from_its_state(docs, num_epochs):
-  ds = _dataset(docs, shuffle_seed=1, num_epochs=num_epochs)
+@pytest.mark.parametrize("num_shards", [1, 2], ids=["one_shard", "two_shards"])
+def test_iterator_resumes_exactly_from_its_state(docs, num_epochs, num_shards):
+  ds = _dataset(docs, shuffle_seed=1, num_epochs=num_epochs, num_shards=num_shards)
   it = iter(ds)
   for _ in range(5):
     next(it)
@@ -109,9 +111,10 @@ def test_iterator_resumes_exactly_from_its_state(docs, num_epochs):
   _assert_batches_equal(expected, [next(resumed) for _ in range(3)])
 
 
-def test_orbax_checkpoint_manager_saves_and_restores_the_iterator(tmp_path):
+@pytest.mark.parametrize("num_shards", [1, 2], ids=["one_shard", "two_shards"])
+def test_orbax_checkpoint_manager_saves_and_restores_the_iterator(tmp_path, num_shards):
   ocp = pytest.importorskip("orbax.checkpoint")
-  ds = _dataset(EXACT_FIT_DOCS, shuffle_seed=2, num_epochs=None)
+  ds = _dataset(EXACT_FIT_DOCS, shuffle_seed=2, num_epochs=None, num_shards=num_shards)
   it = iter(ds)
   for _ in range(5):
     next(it)
@@ -136,9 +139,53 @@ def test_processes_read_disjoint_shards_covering_all_docs():
   assert sorted(seen[0] + seen[1]) == sorted(docs)
 
 
+@pytest.mark.parametrize("num_epochs", [None, 1])
+@pytest.mark.parametrize("num_shards, process_count", [(2, 1), (4, 1), (4, 2)])
+def test_fixed_shards_give_the_same_global_batches_on_any_process_count(num_shards, process_count, num_epochs):
+  """Process p's batch is the concatenation of the batches of one process per shard, shards p*k..p*k+k-1."""
+  docs, batch_size = _docs(41), 8
+
+  def batches(**kwargs):
+    ds = _dataset(docs, global_batch_size=batch_size, shuffle_seed=1, num_epochs=num_epochs, **kwargs)
+    return list(itertools.islice(ds, 12) if num_epochs is None else ds)
+
+  per_shard = [batches(process_index=s, process_count=num_shards) for s in range(num_shards)]
+  k = num_shards // process_count
+  for index in range(process_count):
+    local = batches(process_index=index, process_count=process_count, num_shards=num_shards)
+    shards = per_shard[index * k:(index + 1) * k]
+    # A finite shard that has ended contributes padding rows until the last one ends.
+    padding = {f: np.zeros_like(v) for f, v in shards[0][0].items()}
+    expected = [{f: np.concatenate([b[f] for b in step]) for f in padding}
+                for step in itertools.zip_longest(*shards, fillvalue=padding)]
+    _assert_batches_equal(expected, local)
+    assert local[0]["inputs"].shape == (batch_size // process_count, SEQ_LEN)
+
+
+def test_sharded_finite_run_resumes_exactly_from_every_step():
+  """Odd documents are short, so shard 1 ends first: resume before, at and after that point."""
+  docs = [f"{i}:" + ("long " * 12 if i % 2 == 0 else "s") for i in range(24)]
+  ds = _dataset(docs, num_shards=2)
+  full = list(ds)
+  assert np.any(full[-1]["segment_ids"][:2] > 0) and np.all(full[-1]["segment_ids"][2:] == 0)
+  for step in range(len(full) + 1):
+    it = iter(ds)
+    for _ in range(step):
+      next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = iter(ds)
+    resumed.set_state(state)
+    _assert_batches_equal(full[step:], list(resumed))
+
+
 def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match="global_batch_size"):
     _dataset(_docs(), global_batch_size=6, process_count=4)
+  with pytest.raises(ValueError, match="global_batch_size"):
+    _dataset(_docs(), global_batch_size=6, num_shards=4)
+  for num_shards, process_count in [(3, 2), (0, 1)]:
+    with pytest.raises(ValueError, match="num_shards"):
+      _dataset(_docs(), num_shards=num_shards, process_count=process_count)
   with pytest.raises(ValueError, match="seq_len"):
     _dataset(_docs(), seq_len=1)
 

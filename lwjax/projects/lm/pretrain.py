@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.config import ConfigError, Field, non_negative_int, positive_int, validate as validate_schema
 from lwjax.data import corpus, pipeline, tokenizer as tokenizer_lib
 from lwjax.launch import distributed
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
@@ -38,6 +38,8 @@ DATA_SCHEMA = {
     "tokenizer_path": Field(str, doc="sentencepiece model; empty = train one into the workdir"),
     "seq_len": Field(int, min=2),
     "shuffle_seed": Field(int),
+    "num_shards": non_negative_int("fixed document shards, a multiple of the process count; 0 = the process "
+                                   "count. Fixed, it gives the same global batches on any process count"),
 }
 SCHEMA = {
     "job": Field(str), "seed": Field(int),
@@ -62,6 +64,9 @@ def validate(config) -> None:
   if config.train.global_batch_size % config.train.grad_accum_steps:
     raise ConfigError("train.grad_accum_steps", "must divide train.global_batch_size",
                       f"a divisor of {config.train.global_batch_size}")
+  if config.data.num_shards and config.train.global_batch_size % config.data.num_shards:
+    raise ConfigError("data.num_shards", "must divide train.global_batch_size",
+                      f"0 or a divisor of {config.train.global_batch_size}")
   if config.data.source == "text_files" and not glob.glob(config.data.train_files):
     raise ConfigError("data.train_files", f"no file matches {config.data.train_files!r}", "a glob of text files")
 
@@ -106,12 +111,13 @@ def run(config, workdir: str) -> dict:
   train_docs, eval_docs = _sources(config, workdir)
   tok = _tokenizer(config, workdir, train_docs)
   data, batch = config.data, config.train.global_batch_size
+  num_shards = data.num_shards or None
   train_ds = pipeline.make_lm_dataset(train_docs, tok, seq_len=data.seq_len, global_batch_size=batch,
-                                      shuffle_seed=data.shuffle_seed)
+                                      shuffle_seed=data.shuffle_seed, num_shards=num_shards)
 
   def eval_batches():
     ds = pipeline.make_lm_dataset(eval_docs, tok, seq_len=data.seq_len, global_batch_size=batch,
-                                  shuffle_seed=None, num_epochs=1)
+                                  shuffle_seed=None, num_epochs=1, num_shards=num_shards)
     return itertools.islice(iter(ds), config.train.eval_steps)
 
   trainer = trainer_lib.Trainer(config, workdir, model_fn=lambda rngs: GPT(model_cfg, rngs=rngs),
