@@ -20,6 +20,7 @@ demo: env
 	      "view with: $(VENV)/bin/tensorboard --logdir $(DEMO_WORKDIR)/tensorboard (pip install tensorboard)"
 
 test: env
+	$(PY) -m ruff check .
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q --timeout=900
 
 test-slow: env

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import functools
 import glob
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import grain
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 
 # A batch, each field [local_batch, seq_len]: inputs (int32 token ids, pad 0), targets (int32, the next
 # token of the same segment, else pad), segment_ids (int32, 0 = padding, 1..k = the documents or document
@@ -100,6 +99,7 @@ def tfds_text(name: str, *, split: str, text_key: str = "text", data_dir: str | 
 
   Import the builder module first (e.g. `tensorflow_datasets.text.lm1b`) so that `name` is registered.
   """
+  import tensorflow_datasets as tfds  # only TFDS sources pay for (and need) it
   source = tfds.data_source(name, split=split, data_dir=data_dir)
   return grain.MapDataset.source(source).map(SelectText(text_key))
 
@@ -261,21 +261,41 @@ def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Name
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
-def unigram_cross_entropy(train_ids: Iterable[int] | np.ndarray, eval_ids: Iterable[int] | np.ndarray,
-                          vocab_size: int) -> float:
-  """Cross-entropy in nats per token of `eval_ids` under the add-one-smoothed unigram of `train_ids`.
+def take_padded(batches: Iterator[dict[str, np.ndarray]], num_batches: int) -> Iterator[dict[str, np.ndarray]]:
+  """Exactly `num_batches` batches: after `batches` ends, all-zero ones (loss_mask 0, segment 0).
+
+  Every process then runs the same number of collective steps over a finite data set (evaluation),
+  whatever the length of its own shard.
+  """
+  last = None
+  for _ in range(num_batches):
+    batch = next(batches, None)
+    if batch is None:
+      if last is None:
+        raise ValueError("take_padded: the data set yielded no batch to take the shapes from")
+      batch = {k: np.zeros_like(v) for k, v in last.items()}
+    last = batch
+    yield batch
+
+
+def token_counts(batches: Iterable[dict[str, np.ndarray]], vocab_size: int) -> np.ndarray:
+  """Counts [vocab_size] of the scored targets (`loss_mask > 0`) of `batches`."""
+  counts = np.zeros(vocab_size, np.int64)
+  for batch in batches:
+    counts += np.bincount(batch["targets"][batch["loss_mask"] > 0].ravel(), minlength=vocab_size)[:vocab_size]
+  return counts
+
+
+def unigram_cross_entropy(train_counts: np.ndarray, eval_counts: np.ndarray) -> float:
+  """Cross-entropy in nats per token of the eval tokens under the add-one-smoothed train unigram.
 
   The baseline a language model's eval loss (also in nats) must beat: p(t) = (count_train(t) + 1) /
-  (n_train + vocab_size). For the same token set as the loss, pass the scored targets of batches,
-  `batch["targets"][batch["loss_mask"] > 0]`.
+  (n_train + vocab_size). Both arguments are token counts [vocab_size] (`token_counts`), so counts
+  from several processes can be summed first.
   """
-  train_counts = np.bincount(_flat_ids(train_ids), minlength=vocab_size)  # [vocab]
-  eval_ids = _flat_ids(eval_ids)
-  if len(train_counts) > vocab_size or not eval_ids.size:
-    raise ValueError(f"need train ids below vocab_size ({vocab_size}) and at least one eval id")
-  log_probs = np.log(train_counts + 1.0) - np.log(train_counts.sum() + vocab_size)
-  return float(-log_probs[eval_ids].mean())
-
-
-def _flat_ids(ids: Iterable[int] | np.ndarray) -> np.ndarray:
-  return (ids if isinstance(ids, np.ndarray) else np.fromiter(ids, np.int64)).ravel().astype(np.int64)
+  train_counts, eval_counts = np.asarray(train_counts, np.float64), np.asarray(eval_counts, np.float64)
+  if train_counts.shape != eval_counts.shape or not eval_counts.sum():
+    raise ValueError(f"need count vectors of one vocabulary size and at least one eval token, got "
+                     f"{train_counts.shape} and {eval_counts.shape} with {eval_counts.sum():.0f} eval tokens")
+  log_probs = np.log(train_counts + 1.0) - np.log(train_counts.sum() + len(train_counts))
+  return float(-(eval_counts * log_probs).sum() / eval_counts.sum())

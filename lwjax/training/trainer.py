@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -202,5 +201,4 @@ class Trainer:
     finally:
       ckpt.close()
       progress.close()
-    self.state = state
     return {"step": step, "train": last_train, "eval": last_eval}

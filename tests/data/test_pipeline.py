@@ -234,11 +234,20 @@ def test_global_batch_on_a_one_device_mesh():
 
 
 def test_unigram_cross_entropy_by_hand():
-  # Train counts [2, 1, 0] over vocab 3, add-one: p = [3/6, 2/6, 1/6].
+  # Train counts [2, 1, 0] over vocab 3, add-one: p = [3/6, 2/6, 1/6]; eval tokens 0 and 2.
   expected = -(math.log(3 / 6) + math.log(1 / 6)) / 2
-  assert pipeline.unigram_cross_entropy([0, 0, 1], [0, 2], vocab_size=3) == pytest.approx(expected)
-  assert pipeline.unigram_cross_entropy(np.array([[0, 0], [1, 0]])[np.array([[1, 1], [1, 0]]) > 0],
-                                        iter([0, 2]), vocab_size=3) == pytest.approx(expected)
-  with pytest.raises(ValueError, match="vocab_size"):
-    pipeline.unigram_cross_entropy([5], [0], vocab_size=3)
+  assert pipeline.unigram_cross_entropy([2, 1, 0], [1, 0, 1]) == pytest.approx(expected)
+  # Counts of scored targets only; the masked target 2 is not counted.
+  batches = [{"targets": np.array([[0, 0], [1, 2]]), "loss_mask": np.array([[1.0, 1.0], [1.0, 0.0]])}]
+  np.testing.assert_array_equal(pipeline.token_counts(batches, 3), [2, 1, 0])
+  with pytest.raises(ValueError, match="at least one eval token"):
+    pipeline.unigram_cross_entropy([1, 1, 1], [0, 0, 0])
+
+
+def test_take_padded_yields_exactly_n_batches_padding_with_zeros():
+  batches = [{"inputs": np.ones((2, 3), np.int32), "loss_mask": np.ones((2, 3), np.float32)}] * 2
+  taken = list(pipeline.take_padded(iter(batches), 4))
+  assert len(taken) == 4 and taken[1]["loss_mask"].sum() == 6
+  assert taken[3]["loss_mask"].sum() == 0 and taken[3]["inputs"].shape == (2, 3)
+  assert len(list(pipeline.take_padded(iter(batches), 1))) == 1
 

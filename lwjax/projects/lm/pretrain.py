@@ -14,7 +14,6 @@ import os
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from lwjax.config import ConfigError, Field, non_negative_int, positive_int, validate as validate_schema
@@ -118,17 +117,20 @@ def run(config, workdir: str) -> dict:
   def eval_batches():
     ds = pipeline.make_lm_dataset(eval_docs, tok, seq_len=data.seq_len, global_batch_size=batch,
                                   shuffle_seed=None, num_epochs=1, num_shards=num_shards)
-    return itertools.islice(iter(ds), config.train.eval_steps)
+    return pipeline.take_padded(iter(ds), config.train.eval_steps)
 
   trainer = trainer_lib.Trainer(config, workdir, model_fn=lambda rngs: GPT(model_cfg, rngs=rngs),
                                 loss_fn=losses.lm_loss, flops_per_token=model_cfg.flops_per_token(data.seq_len),
                                 seq_len=data.seq_len)
   result = trainer.fit(iter(train_ds), eval_batches, seed=config.seed)
 
-  # The baseline: unigram cross-entropy of the very eval targets the model was scored on.
-  train_ids = [t for b in itertools.islice(iter(train_ds), 50) for t in b["targets"][b["loss_mask"] > 0]]
-  eval_ids = [t for b in eval_batches() for t in b["targets"][b["loss_mask"] > 0]]
-  unigram = pipeline.unigram_cross_entropy(np.asarray(train_ids), np.asarray(eval_ids), model_cfg.vocab_size)
+  # The baseline: unigram cross-entropy of the very eval targets the model was scored on, with counts
+  # summed over all processes.
+  counts = np.stack([pipeline.token_counts(itertools.islice(iter(train_ds), 50), model_cfg.vocab_size),
+                     pipeline.token_counts(eval_batches(), model_cfg.vocab_size)])
+  if jax.process_count() > 1:
+    counts = multihost_utils.process_allgather(counts).sum(0)
+  unigram = pipeline.unigram_cross_entropy(counts[0], counts[1])
   metrics = {"step": result["step"], "train_loss": result["train"].get("loss"),
              "eval_loss": result["eval"].get("loss"), "eval_accuracy": result["eval"].get("accuracy"),
              "unigram_cross_entropy": unigram, "tokens_per_s": result["train"].get("tokens_per_s")}
