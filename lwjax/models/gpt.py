@@ -281,9 +281,12 @@ class GPT(nnx.Module):
 
     Calling it on successive chunks is chunked prefill. `num_new [b]` (default: all t) lets sequences of
     a ragged batch advance by fewer tokens; their right padding is written past the new length, where
-    causal masking hides it until later tokens overwrite it.
+    causal masking hides it until later tokens overwrite it. The caller keeps `lengths + t <= max_len`
+    (a traced length cannot be checked here; past the end, writes would clamp onto the last slots).
     """
     batch, t = tokens_bt.shape
+    if t > cache.max_len:
+      raise ValueError(f"prefill of {t} tokens does not fit a KV cache of max_len {cache.max_len}")
     start = cache.lengths
     positions = start[:, None] + jnp.arange(t)[None, :]
     inv_freq = rope_frequencies(self.cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import grain
@@ -18,6 +19,8 @@ class Checkpointer:
   """Keeps the last `keep` checkpoints of `{state, data iterator, config}` under `directory`."""
 
   def __init__(self, directory: str, *, keep: int = 3, save_every: int = 1000, async_save: bool = True):
+    # Orbax needs absolute paths; URLs (gs://...) are absolute already.
+    directory = directory if "://" in directory else os.path.abspath(directory)
     self.save_every = save_every
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
