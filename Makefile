@@ -16,7 +16,7 @@ env: $(VENV)/.installed
 
 demo: env
 	JAX_PLATFORMS=cpu $(PY) main.py --config experiments/lm_pretrain.py:scale=cpu --workdir $(DEMO_WORKDIR)
-	@echo "demo outputs: $(DEMO_WORKDIR) (checkpoints/, tensorboard/, metrics.json, tokenizer.model);" \
+	@echo "demo outputs: $(DEMO_WORKDIR) (checkpoints/, tensorboard/, metrics.jsonl, metrics.json, tokenizer.model, corpus/);" \
 	      "view with: $(VENV)/bin/tensorboard --logdir $(DEMO_WORKDIR)/tensorboard (pip install tensorboard)"
 
 test: env
