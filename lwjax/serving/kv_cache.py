@@ -1,0 +1,234 @@
+"""Paged KV cache (NanoFlow, arXiv 2408.12757, §4; the vLLM PagedAttention layout it builds on).
+
+The device holds one pool of fixed-size pages per layer, `k/v [layers, kv_heads, num_pages, page_size,
+head_dim]`; each sequence owns a list of page ids (its page table) and a length. The host side here
+does the bookkeeping: allocation and reference-counted freeing, shared prefixes with copy-on-write
+(`fork`, and prompts whose full token blocks are already cached), a prefix cache keyed by a chained hash
+of full token blocks, and truncation of a sequence back to a given length (Writing in the Margins
+drops its margin tokens this way). Device work is limited to page copies for copy-on-write, done by a
+jitted function over the pools.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class OutOfPages(RuntimeError):
+  """The pool cannot hold the request; the scheduler preempts or waits."""
+
+
+def block_hashes(tokens: Sequence[int], page_size: int) -> list[bytes]:
+  """Chained hashes of the full `page_size` blocks of `tokens`: block i's hash covers blocks 0..i."""
+  hashes, previous = [], b""
+  for start in range(0, len(tokens) - page_size + 1, page_size):
+    block = np.asarray(tokens[start:start + page_size], np.int64).tobytes()
+    previous = hashlib.blake2b(previous + block, digest_size=16).digest()
+    hashes.append(previous)
+  return hashes
+
+
+@dataclasses.dataclass
+class _Sequence:
+  pages: list[int]
+  length: int
+
+
+class PageAllocator:
+  """Reference-counted page ids with a prefix cache of full blocks (LRU-evicted when unreferenced)."""
+
+  def __init__(self, num_pages: int, page_size: int):
+    if num_pages < 1 or page_size < 1:
+      raise ValueError(f"num_pages ({num_pages}) and page_size ({page_size}) must be >= 1")
+    self.num_pages, self.page_size = num_pages, page_size
+    self._free = collections.deque(range(num_pages))
+    self.refcount = np.zeros(num_pages, np.int32)
+    # Prefix cache: block hash -> page id; unreferenced cached pages wait in `_evictable` (LRU order).
+    self._cached: dict[bytes, int] = {}
+    self._hash_of_page: dict[int, bytes] = {}
+    self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
+
+  @property
+  def num_free(self) -> int:
+    """Pages that an allocation can take now (free, or cached but unreferenced)."""
+    return len(self._free) + len(self._evictable)
+
+  def allocate(self, n: int) -> list[int]:
+    if n > self.num_free:
+      raise OutOfPages(f"need {n} pages, {self.num_free} free of {self.num_pages}")
+    pages = []
+    for _ in range(n):
+      if self._free:
+        page = self._free.popleft()
+      else:  # evict the least recently used cached block
+        page, _ = self._evictable.popitem(last=False)
+        del self._cached[self._hash_of_page.pop(page)]
+      self.refcount[page] = 1
+      pages.append(page)
+    return pages
+
+  def incref(self, pages: Sequence[int]) -> None:
+    for page in pages:
+      if self.refcount[page] == 0:
+        self._evictable.pop(page, None)
+      self.refcount[page] += 1
+
+  def release(self, pages: Sequence[int]) -> None:
+    for page in pages:
+      if self.refcount[page] <= 0:
+        raise ValueError(f"page {page} released more often than referenced")
+      self.refcount[page] -= 1
+      if self.refcount[page] == 0:
+        if page in self._hash_of_page:
+          self._evictable[page] = None  # keep the cached block until the space is needed
+        else:
+          self._free.append(page)
+
+  def lookup(self, block_hash: bytes) -> int | None:
+    return self._cached.get(block_hash)
+
+  def register(self, block_hash: bytes, page: int) -> None:
+    """Marks `page` as holding the full block `block_hash` (first writer wins)."""
+    if block_hash not in self._cached and page not in self._hash_of_page:
+      self._cached[block_hash] = page
+      self._hash_of_page[page] = block_hash
+
+  def forget(self, page: int) -> None:
+    """Drops `page` from the prefix cache (its content is about to change)."""
+    block_hash = self._hash_of_page.pop(page, None)
+    if block_hash is not None:
+      del self._cached[block_hash]
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _copy_pages(pools, src, dst):
+  """pools[..., dst, :, :] = pools[..., src, :, :] for each pool [layers, kv_heads, pages, size, dim]."""
+  return jax.tree.map(lambda p: p.at[:, :, dst].set(p[:, :, src]), pools)
+
+
+class PagedKVCache:
+  """Device page pools plus per-sequence page tables, lengths and prefix sharing."""
+
+  def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, num_pages: int, page_size: int,
+               dtype=jnp.bfloat16):
+    shape = (num_layers, kv_heads, num_pages, page_size, head_dim)
+    self.k, self.v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    self.allocator = PageAllocator(num_pages, page_size)
+    self.page_size = page_size
+    self._seqs: dict[int, _Sequence] = {}
+
+  def __contains__(self, seq_id: int) -> bool:
+    return seq_id in self._seqs
+
+  def length(self, seq_id: int) -> int:
+    return self._seqs[seq_id].length
+
+  def pages(self, seq_id: int) -> list[int]:
+    return list(self._seqs[seq_id].pages)
+
+  def pages_needed(self, seq_id: int | None, new_tokens: int) -> int:
+    """Pages an append of `new_tokens` would allocate (copy-on-write of a shared last page included)."""
+    if seq_id is None:
+      return -(-new_tokens // self.page_size)
+    seq = self._seqs[seq_id]
+    capacity = len(seq.pages) * self.page_size
+    extra = -(-max(0, seq.length + new_tokens - capacity) // self.page_size)
+    cow = int(seq.length % self.page_size != 0 and new_tokens > 0
+              and self.allocator.refcount[seq.pages[-1]] > 1)
+    return extra + cow
+
+  def add_sequence(self, seq_id: int, prompt: Sequence[int]) -> int:
+    """Registers a sequence for `prompt`; returns how many leading tokens are already cached.
+
+    Full blocks found in the prefix cache are shared, not recomputed; the caller prefills only
+    `prompt[cached:]` (at least the last token, so the model yields logits for the next one).
+    """
+    if seq_id in self._seqs:
+      raise ValueError(f"sequence {seq_id} already exists")
+    shared = []
+    for block_hash in block_hashes(prompt, self.page_size):
+      page = self.allocator.lookup(block_hash)
+      if page is None:
+        break
+      shared.append(page)
+    # Recompute at least the last prompt token: its logits start generation.
+    if shared and len(shared) * self.page_size >= len(prompt):
+      shared.pop()
+    self.allocator.incref(shared)
+    self._seqs[seq_id] = _Sequence(pages=shared, length=len(shared) * self.page_size)
+    return len(shared) * self.page_size
+
+  def append(self, seq_id: int, num_tokens: int) -> list[tuple[int, int]]:
+    """Reserves slots for `num_tokens` more tokens; returns their (page, offset) write positions.
+
+    A shared last page is first copied (copy-on-write) so the writes never touch another sequence.
+    Raises OutOfPages (changing nothing) when the pool cannot hold them.
+    """
+    seq = self._seqs[seq_id]
+    if self.pages_needed(seq_id, num_tokens) > self.allocator.num_free:
+      raise OutOfPages(f"sequence {seq_id} needs {self.pages_needed(seq_id, num_tokens)} pages, "
+                       f"{self.allocator.num_free} free")
+    if num_tokens and seq.length % self.page_size and self.allocator.refcount[seq.pages[-1]] > 1:
+      self._copy_on_write(seq)
+    if num_tokens and seq.length % self.page_size and seq.pages:
+      self.allocator.forget(seq.pages[-1])  # a partly filled page changes: not a cached block any more
+    extra = self.pages_needed(seq_id, num_tokens)
+    seq.pages.extend(self.allocator.allocate(extra))
+    slots = [divmod(pos, self.page_size) for pos in range(seq.length, seq.length + num_tokens)]
+    seq.length += num_tokens
+    return [(seq.pages[block], offset) for block, offset in slots]
+
+  def commit_blocks(self, seq_id: int, tokens: Sequence[int]) -> None:
+    """Publishes the sequence's full blocks (its `tokens` so far) to the prefix cache."""
+    seq = self._seqs[seq_id]
+    for page, block_hash in zip(seq.pages, block_hashes(tokens[:seq.length], self.page_size)):
+      self.allocator.register(block_hash, page)
+
+  def fork(self, parent: int, child: int) -> None:
+    """`child` shares all of `parent`'s pages (n > 1 sampling, beam search); writes copy on demand."""
+    if child in self._seqs:
+      raise ValueError(f"sequence {child} already exists")
+    seq = self._seqs[parent]
+    self.allocator.incref(seq.pages)
+    self._seqs[child] = _Sequence(pages=list(seq.pages), length=seq.length)
+
+  def truncate(self, seq_id: int, length: int) -> None:
+    """Drops every token at position >= `length` and the pages that no longer hold any."""
+    seq = self._seqs[seq_id]
+    if not 0 <= length <= seq.length:
+      raise ValueError(f"truncate length {length} outside [0, {seq.length}] for sequence {seq_id}")
+    keep = -(-length // self.page_size)
+    self.allocator.release(seq.pages[keep:])
+    del seq.pages[keep:]
+    seq.length = length
+
+  def free(self, seq_id: int) -> None:
+    seq = self._seqs.pop(seq_id)
+    self.allocator.release(seq.pages)
+
+  def page_table(self, seq_ids: Sequence[int], max_pages: int) -> tuple[np.ndarray, np.ndarray]:
+    """(page_table [batch, max_pages] int32 padded with 0, lengths [batch] int32) for the kernels."""
+    table = np.zeros((len(seq_ids), max_pages), np.int32)
+    lengths = np.zeros(len(seq_ids), np.int32)
+    for row, seq_id in enumerate(seq_ids):
+      seq = self._seqs[seq_id]
+      if len(seq.pages) > max_pages:
+        raise ValueError(f"sequence {seq_id} has {len(seq.pages)} pages, more than max_pages {max_pages}")
+      table[row, :len(seq.pages)] = seq.pages
+      lengths[row] = seq.length
+    return table, lengths
+
+  def _copy_on_write(self, seq: _Sequence) -> None:
+    old = seq.pages[-1]
+    (new,) = self.allocator.allocate(1)
+    self.k, self.v = _copy_pages((self.k, self.v), jnp.array([old]), jnp.array([new]))
+    self.allocator.release([old])
+    seq.pages[-1] = new
