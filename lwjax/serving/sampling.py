@@ -1,0 +1,73 @@
+"""Token sampling for serving: greedy, temperature, top-k, top-p, per-request seeds (NanoFlow §4 engine).
+
+Every row of a dense batch carries its own parameters, so one jitted `sample` serves a batch that mixes
+greedy and stochastic requests. A request's randomness depends only on its seed and the index of the
+token it generates, never on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """What a request asks of generation (the OpenAI / vLLM fields)."""
+  max_tokens: int = 16
+  temperature: float = 1.0  # 0 = greedy
+  top_k: int = 0  # 0 = no limit
+  top_p: float = 1.0
+  seed: int | None = None
+  stop: tuple[str, ...] = ()
+  n: int = 1
+  ignore_eos: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "stop", tuple(self.stop) if not isinstance(self.stop, str) else (self.stop,))
+    for name, ok, valid in (
+        ("max_tokens", self.max_tokens >= 1, ">= 1"),
+        ("temperature", 0.0 <= self.temperature <= 100.0, "0 (greedy) to 100"),
+        ("top_k", self.top_k >= 0, ">= 0 (0 = no limit)"),
+        ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+        ("n", 1 <= self.n <= 128, "1 to 128"),
+    ):
+      if not ok:
+        raise ValueError(f"{name}: {getattr(self, name)!r} is invalid (valid: {valid})")
+    if any(not s for s in self.stop):
+      raise ValueError("stop: empty stop strings are invalid (valid: non-empty strings)")
+
+
+@jax.jit
+def sample(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, step_b):
+  """Next tokens [b] from float32 logits [b, vocab] with per-row parameters.
+
+  temperature 0 picks the argmax; top_k 0 keeps every token; the nucleus keeps the smallest set of
+  most likely tokens whose probability reaches top_p (always at least one).
+  """
+  vocab = logits_bv.shape[-1]
+  greedy = jnp.argmax(logits_bv, axis=-1)
+  scaled = logits_bv / jnp.maximum(temperature_b, 1e-6)[:, None]
+  order = jnp.argsort(-scaled, axis=-1)
+  sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+  rank = jnp.arange(vocab)[None, :]
+  keep = rank < jnp.where(top_k_b > 0, top_k_b, vocab)[:, None]
+  probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep &= mass_before < top_p_b[:, None]
+  sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
+  keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seed_b, step_b)
+  choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
+  sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+  return jnp.where(temperature_b > 0, sampled, greedy).astype(jnp.int32)
+
+
+def batch_arrays(params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int]) -> tuple:
+  """The per-row arrays `sample` takes, for requests' params, resolved seeds and token indices."""
+  return (np.array([p.temperature for p in params], np.float32), np.array([p.top_k for p in params], np.int32),
+          np.array([p.top_p for p in params], np.float32), np.array(seeds, np.uint32),
+          np.array(steps, np.int32))
