@@ -155,6 +155,19 @@ class Attention(nnx.Module):
     self.wv = _param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), pd, fan_in=d)
     self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd, fan_in=h * hd)
 
+  def _project(self, x_btd, positions_bt, inv_freq):
+    dt = self.cfg.dtype
+    q = jnp.einsum("btd,dhk->bthk", x_btd, self.wq[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x_btd, self.wk[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x_btd, self.wv[...].astype(dt))
+    q = constrain(apply_rope(q, positions_bt, inv_freq), ("batch", "length", "heads", "head_dim"))
+    k = constrain(apply_rope(k, positions_bt, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
+    return q, k, constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+
+  def _output(self, out_bthk):
+    out = constrain(out_bthk, ("batch", "length", "heads", "head_dim"))
+    return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(self.cfg.dtype))
+
   def __call__(self, x_btd, positions_bt, inv_freq, *, segment_ids=None, cache_kv=None, q_offset=0):
     """Returns (output [b, t, d], (k, v)): the new keys/values, or the updated cache when given one.
 
@@ -162,12 +175,7 @@ class Attention(nnx.Module):
     at `q_offset` (per sequence) and the queries attend to the whole cache causally.
     """
     dt = self.cfg.dtype
-    q = jnp.einsum("btd,dhk->bthk", x_btd, self.wq[...].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x_btd, self.wk[...].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x_btd, self.wv[...].astype(dt))
-    q = constrain(apply_rope(q, positions_bt, inv_freq), ("batch", "length", "heads", "head_dim"))
-    k = constrain(apply_rope(k, positions_bt, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
-    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    q, k, v = self._project(x_btd, positions_bt, inv_freq)
     if cache_kv is not None:
       write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, 0))
       offsets = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (x_btd.shape[0],))
@@ -175,8 +183,26 @@ class Attention(nnx.Module):
       v = write(cache_kv[1], v.astype(cache_kv[1].dtype), offsets)
     out = kernels.attention(q, k.astype(dt), v.astype(dt), causal=True, segment_ids=segment_ids,
                             q_offset=q_offset, impl=self.cfg.attention_impl)
-    out = constrain(out, ("batch", "length", "heads", "head_dim"))
-    return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt)), (k, v)
+    return self._output(out), (k, v)
+
+  def paged(self, x_btd, positions_bt, inv_freq, pools, slots, page_table, lengths):
+    """Attention over a paged KV cache; returns (output [b, t, d], updated (k_pool, v_pool)).
+
+    pools: (k, v) [kv_heads, num_pages, page_size, hd]; slots: (page [b, t], offset [b, t]) where each
+    new token's key/value goes (an out-of-range page drops the write: padding); page_table [b, pages]
+    and lengths [b] (keys valid after the write) describe what the queries attend to.
+    """
+    q, k, v = self._project(x_btd, positions_bt, inv_freq)
+    pages, offsets = slots[0].reshape(-1), slots[1].reshape(-1)
+
+    def write(pool, new_bthk):
+      new = new_bthk.reshape(-1, *new_bthk.shape[2:]).swapaxes(0, 1).astype(pool.dtype)  # [kvh, b*t, hd]
+      return pool.at[:, pages, offsets].set(new, mode="drop")
+    k_pool, v_pool = write(pools[0], k), write(pools[1], v)
+    dt = self.cfg.dtype
+    out = kernels.decode_attention(q, k_pool.astype(dt), v_pool.astype(dt), page_table, lengths,
+                                   impl=self.cfg.attention_impl)
+    return self._output(out), (k_pool, v_pool)
 
 
 class MLP(nnx.Module):
@@ -205,9 +231,15 @@ class Block(nnx.Module):
   def __call__(self, x, positions, inv_freq, segment_ids=None, cache_kv=None, q_offset=0):
     h, kv = self.attn(self.attn_norm(x), positions, inv_freq, segment_ids=segment_ids,
                       cache_kv=cache_kv, q_offset=q_offset)
-    x = constrain(x + h, ("batch", "length", "embed"))
-    x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "embed"))
-    return x, kv
+    return self._mlp_residual(x, h), kv
+
+  def paged(self, x, positions, inv_freq, pools, slots, page_table, lengths):
+    h, pools = self.attn.paged(self.attn_norm(x), positions, inv_freq, pools, slots, page_table, lengths)
+    return self._mlp_residual(x, h), pools
+
+  def _mlp_residual(self, x, attn_out):
+    x = constrain(x + attn_out, ("batch", "length", "embed"))
+    return constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "embed"))
 
 
 @jax.tree_util.register_dataclass
@@ -298,6 +330,25 @@ class GPT(nnx.Module):
       new_v.append(v)
     advance = jnp.full((batch,), t, jnp.int32) if num_new is None else jnp.asarray(num_new, jnp.int32)
     return self._logits(x), KVCache(jnp.stack(new_k), jnp.stack(new_v), start + advance)
+
+  def paged_step(self, tokens_bt, k_pools, v_pools, slots, page_table, lengths):
+    """One serving iteration over a paged cache: decodes and prefill chunks in one dense batch.
+
+    Rows are left-padded to t tokens, so row b's real tokens end at column t - 1 at absolute position
+    lengths[b] - 1; padding columns write nowhere (their slot page is out of range) and their outputs
+    are ignored. k_pools, v_pools: [layers, kv_heads, num_pages, page_size, hd]; slots: (page, offset)
+    [b, t]; page_table [b, pages]; lengths [b] after this step. Returns (logits [b, t, vocab], pools).
+    """
+    t = tokens_bt.shape[1]
+    positions = jnp.maximum(lengths[:, None] - t + jnp.arange(t)[None, :], 0)
+    inv_freq = rope_frequencies(self.cfg)
+    x = self._embed(tokens_bt)
+    new_k, new_v = [], []
+    for i, block in enumerate(self.layers):
+      x, (k, v) = block.paged(x, positions, inv_freq, (k_pools[i], v_pools[i]), slots, page_table, lengths)
+      new_k.append(k)
+      new_v.append(v)
+    return self._logits(x), jnp.stack(new_k), jnp.stack(new_v)
 
   def decode_step(self, tokens_b, cache: KVCache):
     """One token per sequence: returns (logits [b, vocab], cache)."""
