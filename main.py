@@ -72,12 +72,13 @@ def main(argv):
 
   from lwjax.launch import distributed
   from lwjax.training import mesh
-  if _DISTRIBUTED.value or config.distributed.initialize:
-    distributed.initialize(config.distributed)
+  if _DISTRIBUTED.value or ("distributed" in config and config.distributed.initialize):
+    distributed.initialize(config.distributed if "distributed" in config else None)
   distributed.log_topology()
   logging.info("job %s, workdir %s", config.job, _WORKDIR.value)
   try:
-    mesh.resolve_shape(config.mesh.shape, jax.device_count())
+    if "mesh" in config:
+      mesh.resolve_shape(config.mesh.shape, jax.device_count())
     job.run(config, _WORKDIR.value)
   except ConfigError as e:  # faults only visible once devices or data are known
     _config_error(str(e))

@@ -12,6 +12,7 @@ from lwjax.config import ConfigError
 
 JOBS = {
     "lm_pretrain": "lwjax.projects.lm.pretrain",
+    "serve": "lwjax.serving.serve",
 }
 
 

@@ -28,7 +28,8 @@ class ByteTokenizer:
     return [b + self.offset for b in text.encode("utf-8")]
 
   def decode(self, ids: Iterable[int]) -> str:
-    data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset)
+    # Ids that are not bytes (specials, or ids past 259 that a larger model vocabulary can emit) are dropped.
+    data = bytes(int(i) - self.offset for i in ids if self.offset <= int(i) < self.vocab_size)
     return data.decode("utf-8", errors="replace")
 
 

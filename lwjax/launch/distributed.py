@@ -18,11 +18,14 @@ SCHEMA = {
 }
 
 
-def initialize(cfg) -> None:
-  """Joins the multi-process runtime described by `cfg` (a `distributed` config group).
+def initialize(cfg=None) -> None:
+  """Joins the multi-process runtime described by `cfg` (a `distributed` config group; None: detect all).
 
   Errors propagate: a process that cannot reach the coordinator must fail loudly, not train alone.
   """
+  if cfg is None:
+    jax.distributed.initialize()
+    return
   if cfg.cpu_collectives != "none":
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
   kwargs = {}

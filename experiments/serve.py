@@ -1,0 +1,46 @@
+"""Serve a GPT over the OpenAI-compatible API (NanoFlow-style engine).
+
+  python main.py --config experiments/serve.py:scale=smoke --workdir runs/serve     # random gpt_tiny, bytes
+  python main.py --config experiments/serve.py:scale=cpu --workdir runs/serve \
+      --config.weights.source=lwjax_checkpoint --config.weights.path=runs/demo \
+      --config.tokenizer.kind=sentencepiece --config.tokenizer.path=runs/demo/tokenizer.model
+  python main.py --config experiments/serve.py:scale=gpu --workdir runs/serve \
+      --config.weights.source=hf_checkpoint --config.weights.path=/ckpt/Llama-3.2-1B
+
+  curl http://127.0.0.1:8000/v1/completions -H 'content-type: application/json' \
+      -d '{"model": "lwjax", "prompt": "Once", "max_tokens": 16}'
+
+Arguments: `scale` in smoke|cpu|gpu|paper, `model` a preset of configs/gpt.py.
+"""
+
+import ml_collections
+
+from configs import common, gpt
+
+SCALES = ("smoke", "cpu", "gpu", "paper")
+_DEFAULT_MODEL = {"smoke": "gpt_tiny", "cpu": "gpt_tiny", "gpu": "gpt_1b", "paper": "llama3_8b"}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, scale="smoke", model="")
+  scale = args["scale"]
+  if scale not in SCALES:
+    raise ValueError(f"scale={scale!r}: expected one of {', '.join(SCALES)}")
+  config = ml_collections.ConfigDict()
+  config.job = "serve"
+  config.seed = 0
+  config.model = gpt.get(args["model"] or _DEFAULT_MODEL[scale])
+  config.weights = {"source": "random", "path": ""}
+  config.tokenizer = {"kind": "bytes", "path": ""}
+  config.engine = {"num_pages": 256, "page_size": 16, "max_num_seqs": 16, "max_batch_tokens": 256,
+                   "prefill_chunk": 64, "max_model_len": 128}
+  config.server = {"host": "127.0.0.1", "port": 8000, "model_name": "lwjax", "max_queued": 256}
+  if scale == "cpu":
+    config.model.update(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
+                        d_ff=384, max_seq_len=256)
+    config.engine.update(max_model_len=256)
+  elif scale in ("gpu", "paper"):
+    config.model.update(dtype="bfloat16")
+    config.engine.update(num_pages=4096, page_size=16, max_num_seqs=64, max_batch_tokens=2048,
+                         prefill_chunk=512, max_model_len=4096)
+  return config

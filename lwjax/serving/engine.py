@@ -1,0 +1,179 @@
+"""Continuous-batching inference engine over a paged KV cache (NanoFlow, arXiv 2408.12757, §4).
+
+Each iteration the scheduler picks decodes and prefill chunks under a token budget; the engine runs
+them as two dense, left-padded batches through `GPT.paged_step` (decodes [b, 1], prefill chunks
+[b, chunk]) with static, bucketed shapes, samples the next tokens, streams them to callbacks, and
+retires finished requests. `LLM.generate` is the offline batch API on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lwjax.models.gpt import GPT
+from lwjax.serving.kv_cache import PagedKVCache
+from lwjax.serving.sampling import SamplingParams, batch_arrays, sample
+from lwjax.serving.scheduler import Request, Scheduler, Status, Work
+
+
+def _bucket(n: int, limit: int) -> int:
+  """The power of two >= n (capped at limit): few distinct shapes, few compilations."""
+  return min(limit, 1 << max(0, (n - 1).bit_length()))
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(3, 4))
+def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, page_table, lengths):
+  model = nnx.merge(graphdef, params)
+  logits, k_pools, v_pools = model.paged_step(tokens, k_pools, v_pools, (slot_pages, slot_offsets),
+                                              page_table, lengths)
+  return logits[:, -1], k_pools, v_pools
+
+
+class Engine:
+  """Serves a GPT: `add_request` queues work, `step` runs one iteration, `run_until_done` drains."""
+
+  def __init__(self, model: GPT, *, num_pages: int = 256, page_size: int = 16, max_num_seqs: int = 16,
+               max_batch_tokens: int = 512, prefill_chunk: int = 128, max_model_len: int | None = None,
+               eos_id: int | None = None, detokenize: Callable[[list[int]], str] | None = None,
+               kv_dtype=None):
+    cfg = model.cfg
+    self.graphdef, self.params = nnx.split(model)
+    self.eos_id, self.detokenize, self.vocab_size = eos_id, detokenize, cfg.vocab_size
+    self.max_model_len = max_model_len or cfg.max_seq_len
+    self.max_pages = -(-self.max_model_len // page_size)
+    self.max_num_seqs, self.prefill_chunk = max_num_seqs, prefill_chunk
+    self.kv = PagedKVCache(num_layers=cfg.n_layers, kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                           num_pages=num_pages, page_size=page_size, dtype=kv_dtype or cfg.dtype)
+    self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+                               prefill_chunk=prefill_chunk)
+    self._ids = itertools.count()
+    self.requests: dict[int, Request] = {}
+    self.num_iterations = 0
+
+  def add_request(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(),
+                  on_token: Callable[[Request, int], None] | None = None) -> Request:
+    if not prompt:
+      raise ValueError("prompt: empty (valid: at least one token)")
+    if len(prompt) + params.max_tokens > self.max_model_len:
+      raise ValueError(f"prompt: {len(prompt)} tokens + max_tokens {params.max_tokens} exceed the context "
+                       f"of {self.max_model_len} (valid: a shorter prompt or fewer max_tokens)")
+    request_id = next(self._ids)
+    seed = params.seed if params.seed is not None else request_id
+    request = Request(request_id, list(prompt), params, seed=seed, on_token=on_token)
+    self.requests[request_id] = request
+    self.scheduler.add(request)
+    return request
+
+  def cancel(self, request_id: int) -> None:
+    """Stops a request at the next iteration; its pages are freed then."""
+    self.requests[request_id].cancelled = True
+
+  def step(self) -> list[Request]:
+    """One iteration; returns the requests that finished in it."""
+    finished = [r for r in self.requests.values() if r.cancelled and r.status != Status.FINISHED]
+    for request in finished:
+      self.scheduler.finish(request, "cancelled")
+    work = self.scheduler.schedule()
+    decodes = [w for w in work if len(w.tokens) == 1]
+    chunks = [w for w in work if len(w.tokens) > 1]
+    for group, width in ((decodes, 1), (chunks, self.prefill_chunk)):
+      if group:
+        self._run_group(group, width)
+    for w in chunks:  # publish freshly prefilled full blocks to the prefix cache
+      self.kv.commit_blocks(w.request.id, w.request.tokens[:w.request.num_computed])
+    for w in work:
+      if w.samples and self._finished(w.request):
+        finished.append(w.request)
+    self.num_iterations += 1
+    for request in finished:
+      del self.requests[request.id]
+    return finished
+
+  def run_until_done(self) -> None:
+    while self.scheduler.has_work():
+      self.step()
+
+  def _run_group(self, group: list[Work], width: int) -> None:
+    rows = _bucket(len(group), self.max_num_seqs)
+    tokens = np.zeros((rows, width), np.int32)
+    slot_pages = np.full((rows, width), self.kv.allocator.num_pages, np.int32)  # out of range: no write
+    slot_offsets = np.zeros((rows, width), np.int32)
+    for row, w in enumerate(group):
+      n = len(w.tokens)
+      tokens[row, width - n:] = w.tokens
+      slot_pages[row, width - n:] = [p for p, _ in w.slots]
+      slot_offsets[row, width - n:] = [o for _, o in w.slots]
+    table, lengths = self.kv.page_table([w.request.id for w in group], self.max_pages)
+    page_table = np.zeros((rows, self.max_pages), np.int32)
+    page_table[:len(group)] = table
+    all_lengths = np.zeros(rows, np.int32)
+    all_lengths[:len(group)] = lengths
+    last_logits, self.kv.k, self.kv.v = _run(self.graphdef, self.params, tokens, self.kv.k, self.kv.v,
+                                             slot_pages, slot_offsets, page_table, all_lengths)
+    sampling = [w for w in group if w.samples]
+    if not sampling:
+      return
+    index = np.array([group.index(w) for w in sampling])
+    params = [w.request.params for w in sampling]
+    arrays = batch_arrays(params, [w.request.seed for w in sampling], [len(w.request.output) for w in sampling])
+    new_tokens = np.asarray(sample(last_logits[index], *map(jnp.asarray, arrays)))
+    for w, token in zip(sampling, new_tokens.tolist()):
+      w.request.output.append(token)
+      if w.request.on_token is not None:
+        w.request.on_token(w.request, token)
+
+  def _finished(self, request: Request) -> bool:
+    params, token = request.params, request.output[-1]
+    reason = None
+    if token == self.eos_id and not params.ignore_eos:
+      reason = "stop"
+    elif params.stop and self.detokenize is not None:
+      request.text = self.detokenize(request.output)
+      hits = [request.text.find(s) for s in params.stop if s in request.text]
+      if hits:
+        request.text, reason = request.text[:min(hits)], "stop"
+    if reason is None and len(request.output) >= params.max_tokens:
+      reason = "length"
+    if reason is not None:
+      self.scheduler.finish(request, reason)
+      if self.detokenize is not None and not (params.stop and reason == "stop"):
+        request.text = self.detokenize(request.output)
+      logging.debug("request %d finished (%s) after %d tokens", request.id, reason, len(request.output))
+    return reason is not None
+
+
+class LLM:
+  """Offline batches: `LLM(model, tokenizer=...).generate(prompts, SamplingParams(...))`."""
+
+  def __init__(self, model: GPT, *, tokenizer=None, **engine_kwargs):
+    self.tokenizer = tokenizer
+    if tokenizer is not None:
+      engine_kwargs.setdefault("eos_id", tokenizer.eos_id)
+      engine_kwargs.setdefault("detokenize", tokenizer.decode)
+    self.engine = Engine(model, **engine_kwargs)
+
+  def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams = SamplingParams()
+               ) -> list[list[Request]]:
+    """For each prompt, its `params.n` finished requests (`.output` tokens, `.text`, `.finish_reason`)."""
+    batches = []
+    for prompt in prompts:
+      tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+      if isinstance(prompt, str) and getattr(self.tokenizer, "bos_id", None) is not None:
+        tokens = [self.tokenizer.bos_id] + tokens
+      seeds = [None] * params.n if params.seed is None else [params.seed + i for i in range(params.n)]
+      batches.append([self.engine.add_request(tokens, _with_seed(params, s)) for s in seeds])
+    self.engine.run_until_done()
+    return batches
+
+
+def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+  return dataclasses.replace(params, seed=seed, n=1)

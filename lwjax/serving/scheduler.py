@@ -1,0 +1,142 @@
+"""Iteration-level scheduling with chunked prefill and preemption (NanoFlow, arXiv 2408.12757, §4).
+
+Each iteration forms one dense batch under a token budget: every running request contributes the
+tokens whose keys/values are not cached yet — one for a decode, up to a chunk for a prompt — and waiting
+requests are admitted while pages and budget last. When the page pool runs out, the most recently
+admitted request is preempted by recomputation: its pages are freed and it returns to the head of the
+queue with its generated tokens, to be prefilled again (prefix-cache hits make that cheap).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+from collections.abc import Callable
+
+from lwjax.serving.kv_cache import OutOfPages, PagedKVCache
+from lwjax.serving.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+  WAITING = "waiting"
+  RUNNING = "running"
+  FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class Request:
+  """One generation: the prompt, what is generated so far, and how much of it is in the KV cache."""
+  id: int
+  prompt: list[int]
+  params: SamplingParams
+  seed: int
+  on_token: Callable[["Request", int], None] | None = None
+  output: list[int] = dataclasses.field(default_factory=list)
+  num_computed: int = 0  # leading tokens of prompt + output whose keys/values are cached
+  status: Status = Status.WAITING
+  finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+  cancelled: bool = False
+  text: str = ""
+
+  @property
+  def tokens(self) -> list[int]:
+    return self.prompt + self.output
+
+  @property
+  def num_pending(self) -> int:
+    """Tokens still to feed to the model before the next token can be sampled."""
+    return len(self.prompt) + len(self.output) - self.num_computed
+
+
+@dataclasses.dataclass
+class Work:
+  """A request's share of one iteration: feed `tokens`; sample after them when `samples`."""
+  request: Request
+  tokens: list[int]
+  slots: list[tuple[int, int]]
+  samples: bool
+
+
+class Scheduler:
+  """FIFO admission, a token budget per iteration, preemption by recomputation."""
+
+  def __init__(self, kv: PagedKVCache, *, max_num_seqs: int, max_batch_tokens: int, prefill_chunk: int):
+    if prefill_chunk > max_batch_tokens:
+      raise ValueError(f"prefill_chunk ({prefill_chunk}) exceeds max_batch_tokens ({max_batch_tokens})")
+    self.kv = kv
+    self.max_num_seqs, self.max_batch_tokens, self.prefill_chunk = max_num_seqs, max_batch_tokens, prefill_chunk
+    self.waiting: collections.deque[Request] = collections.deque()
+    self.running: list[Request] = []
+    self.num_preemptions = 0
+    self.num_prefix_hit_tokens = 0
+
+  def add(self, request: Request) -> None:
+    self.waiting.append(request)
+
+  def has_work(self) -> bool:
+    return bool(self.waiting or self.running)
+
+  def schedule(self) -> list[Work]:
+    """The work of the next iteration; reserves its KV slots."""
+    budget, work = self.max_batch_tokens, []
+    for request in list(self.running):
+      if request not in self.running:  # preempted by an earlier request of this loop
+        continue
+      n = min(request.num_pending, self.prefill_chunk, budget)
+      if n == 0:
+        continue
+      slots = self._reserve(request, n)
+      if slots is None:
+        continue
+      work.append(self._work(request, n, slots))
+      budget -= n
+    while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+      request = self.waiting[0]
+      if request.id not in self.kv:
+        request.num_computed = self.kv.add_sequence(request.id, request.tokens)
+        self.num_prefix_hit_tokens += request.num_computed
+      n = min(request.num_pending, self.prefill_chunk, budget)
+      if self.kv.pages_needed(request.id, n) > self.kv.allocator.num_free:
+        break  # admission by free pages: wait for running requests to finish
+      self.waiting.popleft()
+      request.status = Status.RUNNING
+      self.running.append(request)
+      work.append(self._work(request, n, self.kv.append(request.id, n)))
+      budget -= n
+    return work
+
+  def _work(self, request: Request, n: int, slots) -> Work:
+    start = request.num_computed
+    request.num_computed += n
+    return Work(request, request.tokens[start:start + n], slots, samples=request.num_pending == 0)
+
+  def _reserve(self, request: Request, n: int):
+    """Slots for `request`, preempting the newest other requests while pages are short; None if it was."""
+    while True:
+      try:
+        return self.kv.append(request.id, n)
+      except OutOfPages:
+        victim = self.running[-1]
+        self.preempt(victim)
+        if victim is request:
+          return None
+
+  def preempt(self, request: Request) -> None:
+    """Frees the request's pages and queues it first again; it recomputes its tokens on re-admission."""
+    self.running.remove(request)
+    self.kv.free(request.id)
+    request.num_computed = 0
+    request.status = Status.WAITING
+    self.waiting.appendleft(request)
+    self.num_preemptions += 1
+
+  def finish(self, request: Request, reason: str) -> None:
+    if request in self.running:
+      self.running.remove(request)
+    elif request in self.waiting:
+      self.waiting.remove(request)
+    if request.id in self.kv:
+      self.kv.commit_blocks(request.id, request.tokens)
+      self.kv.free(request.id)
+    request.status, request.finish_reason = Status.FINISHED, reason

@@ -1,0 +1,87 @@
+"""The `serve` job: loads a model (random, an lwjax checkpoint, or a Hugging Face Llama directory) and
+serves it over the OpenAI-compatible API on 127.0.0.1 (NanoFlow §4 front end)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.data import tokenizer as tokenizer_lib
+from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
+from lwjax.models import hf_llama
+
+SOURCES = ("random", "lwjax_checkpoint", "hf_checkpoint")
+SCHEMA = {
+    "job": Field(str), "seed": Field(int), "model": MODEL_SCHEMA,
+    "weights": {
+        "source": Field(str, choices=SOURCES),
+        "path": Field(str, doc="lwjax workdir (its checkpoints/) or HF directory; unused for random"),
+    },
+    "tokenizer": {"kind": Field(str, choices=("bytes", "sentencepiece")),
+                  "path": Field(str, doc="sentencepiece model (kind=sentencepiece)")},
+    "engine": {
+        "num_pages": positive_int(), "page_size": positive_int(), "max_num_seqs": positive_int(),
+        "max_batch_tokens": positive_int(), "prefill_chunk": positive_int(), "max_model_len": positive_int(),
+    },
+    "server": {
+        "host": Field(str), "port": Field(int, min=0, max=65535), "model_name": Field(str),
+        "max_queued": positive_int("requests waiting or running before new ones get 429"),
+    },
+}
+
+
+def validate(config) -> None:
+  validate_schema(config, SCHEMA)
+  if config.engine.prefill_chunk > config.engine.max_batch_tokens:
+    raise ConfigError("engine.prefill_chunk", "exceeds engine.max_batch_tokens",
+                      f"<= {config.engine.max_batch_tokens}")
+  if config.weights.source != "random" and not os.path.exists(config.weights.path):
+    raise ConfigError("weights.path", f"{config.weights.path!r} does not exist", "an existing directory")
+  if config.tokenizer.kind == "sentencepiece" and not os.path.exists(config.tokenizer.path):
+    raise ConfigError("tokenizer.path", f"{config.tokenizer.path!r} does not exist", "a sentencepiece model file")
+
+
+def load_model(config) -> GPT:
+  """The served model from `config.weights`."""
+  source, path = config.weights.source, config.weights.path
+  if source == "hf_checkpoint":
+    return hf_llama.load(path)
+  cfg = GPTConfig.from_dict(config.model)
+  model = GPT(cfg, rngs=nnx.Rngs(config.seed))
+  if source == "lwjax_checkpoint":
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(path, "checkpoints")), item_names=("state",))
+    step = manager.latest_step()
+    if step is None:
+      raise ConfigError("weights.path", f"no checkpoint under {path}/checkpoints", "an lwjax training workdir")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore({"params": abstract}, partial_restore=True)))
+    model = nnx.merge(graphdef, restored["state"]["params"])
+    logging.info("serve: restored step %d of %s", step, path)
+  return model
+
+
+def load_tokenizer(config):
+  if config.tokenizer.kind == "bytes":
+    return tokenizer_lib.ByteTokenizer()
+  return tokenizer_lib.load(config.tokenizer.path)
+
+
+def run(config, workdir: str) -> None:
+  import uvicorn
+
+  from lwjax.serving.engine import Engine
+  from lwjax.serving.server import create_app
+  tokenizer = load_tokenizer(config)
+  engine = Engine(load_model(config), eos_id=tokenizer.eos_id, detokenize=tokenizer.decode,
+                  **config.engine.to_dict())
+  app = create_app(engine, tokenizer, model_name=config.server.model_name, max_queued=config.server.max_queued)
+  logging.info("serving %s on http://%s:%d/v1", config.server.model_name, config.server.host, config.server.port)
+  uvicorn.run(app, host=config.server.host, port=config.server.port, log_level="info")

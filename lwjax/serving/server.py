@@ -1,0 +1,303 @@
+"""OpenAI-compatible HTTP API over the engine (NanoFlow §4 serving front end), on FastAPI.
+
+`/v1/completions`, `/v1/chat/completions` (both with SSE streaming), `/v1/models`, `/health` and
+Prometheus `/metrics`. The engine runs in one background thread (`EngineThread`); request handlers
+talk to it through a submission queue and per-request asyncio queues, so the event loop never blocks
+on the device. Bad input gets a 400 naming the field, a full queue a 429, an unknown model a 404; on
+shutdown new requests get 503 while the running ones drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any
+
+import fastapi
+import pydantic
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from lwjax.serving.engine import Engine
+from lwjax.serving.sampling import SamplingParams
+
+
+class EngineThread:
+  """Owns the engine: submissions, cancellations and iterations all happen on its thread."""
+
+  def __init__(self, engine: Engine, *, max_queued: int):
+    self.engine, self.max_queued = engine, max_queued
+    self._inbox: queue.Queue = queue.Queue()
+    self._outstanding = 0
+    self._lock = threading.Lock()
+    self.accepting = True
+    self.counters = {"requests_total": 0, "requests_rejected_total": 0, "generated_tokens_total": 0,
+                     "prompt_tokens_total": 0}
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._loop, name="lwjax-engine", daemon=True)
+    self._thread.start()
+
+  @property
+  def outstanding(self) -> int:
+    return self._outstanding
+
+  def submit(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
+    """Queues a request; its tokens, then ("done", request) arrive on the returned asyncio queue."""
+    with self._lock:
+      if not self.accepting:
+        raise fastapi.HTTPException(503, "server is shutting down")
+      if self._outstanding >= self.max_queued:
+        self.counters["requests_rejected_total"] += 1
+        raise fastapi.HTTPException(429, f"queue full ({self.max_queued} requests); retry later")
+      self._outstanding += 1
+      self.counters["requests_total"] += 1
+      self.counters["prompt_tokens_total"] += len(prompt)
+    out: asyncio.Queue = asyncio.Queue()
+    self._inbox.put(("add", prompt, params, out, loop))
+    return out
+
+  def cancel(self, out: asyncio.Queue) -> None:
+    self._inbox.put(("cancel", out))
+
+  def _loop(self) -> None:
+    by_queue: dict[int, Any] = {}
+    while not self._stop.is_set():
+      block = not self.engine.scheduler.has_work()
+      try:
+        while True:
+          self._handle(self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait(), by_queue)
+          block = False
+      except queue.Empty:
+        pass
+      if not self.engine.scheduler.has_work():
+        continue
+      try:
+        finished = self.engine.step()
+      except Exception:  # a failed iteration must not hang its clients: fail them all
+        logging.exception("engine iteration failed")
+        finished = list(self.engine.requests.values())
+        for request in finished:
+          self.engine.scheduler.finish(request, "error")
+          del self.engine.requests[request.id]
+      for request in finished:
+        out, loop = by_queue.pop(id(request))
+        loop.call_soon_threadsafe(out.put_nowait, ("done", request))
+        with self._lock:
+          self._outstanding -= 1
+
+  def _handle(self, item, by_queue) -> None:
+    if item[0] == "add":
+      _, prompt, params, out, loop = item
+
+      def on_token(request, token, out=out, loop=loop):
+        self.counters["generated_tokens_total"] += 1
+        loop.call_soon_threadsafe(out.put_nowait, ("token", token))
+      request = self.engine.add_request(prompt, params, on_token=on_token)
+      request.out_queue = out
+      by_queue[id(request)] = (out, loop)
+    else:
+      for request in self.engine.requests.values():
+        if getattr(request, "out_queue", None) is item[1]:
+          self.engine.cancel(request.id)
+
+  def drain(self, timeout: float = 60.0) -> None:
+    """Refuses new requests, waits for the outstanding ones, stops the thread."""
+    with self._lock:
+      self.accepting = False
+    deadline = time.monotonic() + timeout
+    while self._outstanding and time.monotonic() < deadline:
+      time.sleep(0.02)
+    self._stop.set()
+    self._thread.join(timeout=5)
+
+
+class CompletionRequest(pydantic.BaseModel):
+  model_config = pydantic.ConfigDict(extra="ignore")
+  model: str
+  prompt: str | list[int]
+  max_tokens: int = pydantic.Field(16, ge=1)
+  temperature: float = pydantic.Field(1.0, ge=0.0, le=100.0)
+  top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
+  top_k: int = pydantic.Field(0, ge=0)
+  n: int = pydantic.Field(1, ge=1, le=16)
+  stop: str | list[str] | None = None
+  seed: int | None = None
+  stream: bool = False
+
+
+class ChatMessage(pydantic.BaseModel):
+  role: str = pydantic.Field(pattern="^(system|user|assistant)$")
+  content: str
+
+
+class ChatRequest(CompletionRequest):
+  prompt: str | list[int] = ""
+  messages: list[ChatMessage] = pydantic.Field(min_length=1)
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+  """A plain chat template: one `<|role|>` header per message, then the assistant's turn."""
+  return "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages) + "<|assistant|>\n"
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+  kind = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error"}.get(status, "server_error")
+  return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status)
+
+
+def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 256) -> fastapi.FastAPI:
+  """The app; the engine thread starts now and drains when the app shuts down."""
+  worker = EngineThread(engine, max_queued=max_queued)
+  app = fastapi.FastAPI(title="lwjax", on_shutdown=[worker.drain])
+  app.state.worker = worker
+
+  @app.exception_handler(RequestValidationError)
+  async def invalid(_, exc: RequestValidationError):
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"] if p != "body")
+    return _error(400, f"{param}: {first['msg']}", param)
+
+  @app.exception_handler(fastapi.HTTPException)
+  async def http_error(_, exc: fastapi.HTTPException):
+    return _error(exc.status_code, str(exc.detail))
+
+  def encode(prompt) -> list[int]:
+    if isinstance(prompt, list):
+      if any(not 0 <= t < engine.vocab_size for t in prompt):
+        raise _Invalid("prompt", f"token ids must be in [0, {engine.vocab_size})")
+      return prompt
+    ids = tokenizer.encode(prompt)
+    return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids
+
+  def sampling(req: CompletionRequest, prompt_len: int) -> SamplingParams:
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    try:
+      params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
+                              top_p=req.top_p, seed=req.seed, stop=stop)
+    except ValueError as e:
+      raise _Invalid(str(e).split(":")[0], str(e)) from None
+    if prompt_len + req.max_tokens > engine.max_model_len:
+      raise _Invalid("prompt", f"{prompt_len} prompt tokens + max_tokens {req.max_tokens} exceed the context "
+                     f"length {engine.max_model_len}")
+    return params
+
+  async def generate(req: CompletionRequest, prompt, chat: bool):
+    if req.model != model_name:
+      return _error(404, f"model {req.model!r} not found (valid: {model_name!r})", "model")
+    try:
+      ids = encode(prompt)
+      params = sampling(req, len(ids))
+    except _Invalid as e:
+      return _error(400, e.message, e.param)
+    loop = asyncio.get_running_loop()
+    queues = [worker.submit(ids, _seeded(params, req.seed, i), loop) for i in range(req.n)]
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    if req.stream:
+      return StreamingResponse(_stream(worker, queues, rid, req, chat, tokenizer), media_type="text/event-stream")
+    requests = [await _drain(q) for q in queues]
+    choices = [_choice(i, _final_text(r, tokenizer), r.finish_reason, chat) for i, r in enumerate(requests)]
+    usage = {"prompt_tokens": len(ids), "completion_tokens": sum(len(r.output) for r in requests)}
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model_name, "choices": choices, "usage": {**usage, "total_tokens": sum(usage.values())}}
+
+  @app.post("/v1/completions")
+  async def completions(req: CompletionRequest):
+    return await generate(req, req.prompt, chat=False)
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(req: ChatRequest):
+    return await generate(req, chat_prompt(req.messages), chat=True)
+
+  @app.get("/v1/models")
+  async def models():
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "lwjax"}]}
+
+  @app.get("/health")
+  async def health():
+    return {"status": "ok" if worker.accepting else "draining", "outstanding": worker.outstanding}
+
+  @app.get("/metrics")
+  async def metrics():
+    lines = [f"lwjax_{k} {v}" for k, v in worker.counters.items()]
+    lines += [f"lwjax_requests_outstanding {worker.outstanding}",
+              f"lwjax_kv_pages_free {engine.kv.allocator.num_free}",
+              f"lwjax_preemptions_total {engine.scheduler.num_preemptions}",
+              f"lwjax_prefix_hit_tokens_total {engine.scheduler.num_prefix_hit_tokens}"]
+    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+  return app
+
+
+class _Invalid(Exception):
+  def __init__(self, param: str, message: str):
+    super().__init__(message)
+    self.param, self.message = param, message
+
+
+def _seeded(params: SamplingParams, seed: int | None, i: int) -> SamplingParams:
+  return dataclasses.replace(params, seed=None if seed is None else seed + i)
+
+
+def _final_text(request, tokenizer) -> str:
+  """The request's text: cut at a stop string by the engine, else the detokenized output."""
+  return request.text if request.text or not request.output else tokenizer.decode(request.output)
+
+
+async def _drain(q: asyncio.Queue):
+  while True:
+    kind, value = await q.get()
+    if kind == "done":
+      return value
+
+
+def _choice(index: int, text: str, finish_reason: str | None, chat: bool) -> dict:
+  body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+  return {"index": index, **body, "finish_reason": finish_reason}
+
+
+async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, tokenizer):
+  """SSE events: one per new text piece of each choice, then the finish reasons, then [DONE].
+
+  Text that could still turn into a stop string is held back until it cannot, so a stream never
+  shows text that the final, stop-truncated answer does not have.
+  """
+  stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+  holdback = max((len(s) for s in stops), default=1) - 1
+  obj = "chat.completion.chunk" if chat else "text_completion"
+  pending = {i: q for i, q in enumerate(queues)}
+  emitted = {i: "" for i in pending}
+  tokens = {i: [] for i in pending}
+  try:
+    while pending:
+      getters = {asyncio.ensure_future(q.get()): i for i, q in pending.items()}
+      done, rest = await asyncio.wait(getters, return_when=asyncio.FIRST_COMPLETED)
+      for fut in rest:
+        fut.cancel()
+      for fut in done:
+        i = getters[fut]
+        kind, value = fut.result()
+        if kind == "token":
+          tokens[i].append(value)
+          text = tokenizer.decode(tokens[i])
+          safe = "" if any(s in text for s in stops) else text[len(emitted[i]):len(text) - holdback]
+          piece, finish = safe, None
+          if not piece:
+            continue
+        else:
+          del pending[i]
+          piece, finish = _final_text(value, tokenizer)[len(emitted[i]):], value.finish_reason
+        emitted[i] += piece
+        delta = {"delta": {"content": piece}} if chat else {"text": piece}
+        chunk = {"id": rid, "object": obj, "created": int(time.time()), "model": req.model,
+                 "choices": [{"index": i, **delta, "finish_reason": finish}]}
+        yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"
+  finally:
+    for q in pending.values():  # the client went away: stop generating for it
+      worker.cancel(q)

@@ -1,0 +1,106 @@
+"""Engine: greedy outputs for mixed batches equal single-sequence decoding, through chunked prefill,
+preemption, prefix-cache hits and cancellation; streaming, stop strings and seeded sampling."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lwjax.models.gpt import GPT, GPTConfig
+from lwjax.serving.engine import LLM, Engine
+from lwjax.serving.sampling import SamplingParams
+
+CFG = GPTConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
+                max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return GPT(CFG, rngs=nnx.Rngs(0))
+
+
+def _greedy(model, prompt, max_tokens):
+  """Single-sequence greedy decoding with the contiguous KV cache: the ground truth."""
+  cache = model.init_cache(1, 64)
+  logits, cache = model.prefill(jnp.array([prompt]), cache)
+  out = [int(jnp.argmax(logits[0, -1]))]
+  while len(out) < max_tokens:
+    logits, cache = model.decode_step(jnp.array([out[-1]]), cache)
+    out.append(int(jnp.argmax(logits[0])))
+  return out
+
+
+def _prompts(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(3, 61, size=rng.integers(1, 12)).tolist() for _ in range(n)]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
+
+
+@pytest.mark.parametrize("engine_kwargs", [
+    dict(num_pages=64, page_size=4, prefill_chunk=4, max_batch_tokens=16),  # chunked prefill
+    dict(num_pages=9, page_size=4, prefill_chunk=8, max_batch_tokens=32),  # forces preemption
+])
+def test_mixed_batches_equal_single_sequence_greedy_decoding(model, engine_kwargs):
+  prompts = _prompts(7)
+  engine = Engine(model, max_num_seqs=4, **engine_kwargs)
+  requests = [engine.add_request(p, GREEDY) for p in prompts]
+  engine.run_until_done()
+  for prompt, request in zip(prompts, requests):
+    assert request.output == _greedy(model, prompt, 6), prompt
+    assert request.finish_reason == "length"
+  if engine_kwargs["num_pages"] == 9:
+    assert engine.scheduler.num_preemptions > 0
+  assert engine.kv.allocator.num_free == engine_kwargs["num_pages"]  # every page came back
+
+
+def test_prefix_cache_hits_skip_recomputation_and_keep_outputs(model):
+  shared = list(range(10, 19))
+  engine = Engine(model, num_pages=32, page_size=4, prefill_chunk=4, max_batch_tokens=8)
+  first = engine.add_request(shared + [5], GREEDY)
+  engine.run_until_done()
+  second = engine.add_request(shared + [7, 8], GREEDY)
+  engine.run_until_done()
+  assert engine.scheduler.num_prefix_hit_tokens == 8  # two full 4-token blocks of the shared prefix
+  assert first.output == _greedy(model, shared + [5], 6)
+  assert second.output == _greedy(model, shared + [7, 8], 6)
+
+
+def test_cancel_streaming_and_stop_strings(model):
+  engine = Engine(model, num_pages=32, page_size=4, detokenize=lambda ids: "".join(chr(65 + i % 26) for i in ids))
+  streamed = []
+  keep = engine.add_request([3, 4, 5], GREEDY, on_token=lambda r, t: streamed.append(t))
+  drop = engine.add_request([6, 7], SamplingParams(temperature=0.0, max_tokens=40))
+  engine.step()
+  engine.cancel(drop.id)
+  engine.run_until_done()
+  assert drop.finish_reason == "cancelled" and len(drop.output) < 40
+  assert streamed == keep.output == _greedy(model, [3, 4, 5], 6)
+  assert engine.kv.allocator.num_free == 32
+  text = "".join(chr(65 + i % 26) for i in keep.output)
+  stop = text[2:4]
+  stopped = Engine(model, num_pages=32, page_size=4, detokenize=lambda ids: "".join(chr(65 + i % 26) for i in ids))
+  r = stopped.add_request([3, 4, 5], SamplingParams(temperature=0.0, max_tokens=6, stop=(stop,)))
+  stopped.run_until_done()
+  assert r.finish_reason == "stop" and r.text == text[:text.find(stop)]
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model):
+  params = SamplingParams(temperature=1.0, top_k=20, max_tokens=5, seed=11)
+  alone = LLM(model, num_pages=32, page_size=4).generate([[3, 4, 5]], params)[0][0].output
+  crowd = LLM(model, num_pages=32, page_size=4).generate(_prompts(3, seed=1) + [[3, 4, 5]], params)
+  assert crowd[-1][0].output == alone
+  n3 = LLM(model, num_pages=32, page_size=4).generate([[3, 4, 5]], dataclasses.replace(params, n=3))
+  assert len(n3[0]) == 3 and n3[0][0].output == alone
+  assert len({tuple(r.output) for r in n3[0]}) == 3  # seeds seed, seed + 1, seed + 2
+
+
+def test_bad_requests_name_the_field(model):
+  engine = Engine(model, num_pages=8, page_size=4)
+  with pytest.raises(ValueError, match="^prompt: 60 tokens"):
+    engine.add_request(list(range(60)), SamplingParams(max_tokens=10))
+  with pytest.raises(ValueError, match="^prompt: empty"):
+    engine.add_request([], GREEDY)

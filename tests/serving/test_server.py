@@ -1,0 +1,141 @@
+"""OpenAI-compatible server: responses equal the offline engine, streaming, every error case, 429,
+concurrent streaming clients over real HTTP, draining on shutdown."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from flax import nnx
+
+from lwjax.data.tokenizer import ByteTokenizer
+from lwjax.models.gpt import GPT, GPTConfig
+from lwjax.serving.engine import LLM, Engine
+from lwjax.serving.sampling import SamplingParams
+from lwjax.serving.server import chat_prompt, create_app, ChatMessage
+
+CFG = GPTConfig(vocab_size=272, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
+                max_seq_len=64)
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+  return GPT(CFG, rngs=nnx.Rngs(0))
+
+
+def _engine(model, **kwargs):
+  return Engine(model, num_pages=64, page_size=4, max_num_seqs=8, eos_id=TOK.eos_id, detokenize=TOK.decode,
+                **kwargs)
+
+
+def _offline_text(model, prompt: str, max_tokens: int) -> str:
+  llm = LLM(model, tokenizer=TOK, num_pages=64, page_size=4)
+  return llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=max_tokens))[0][0].text
+
+
+@pytest.fixture(scope="module")
+def client(model):
+  with TestClient(create_app(_engine(model), TOK, model_name="tiny")) as c:
+    yield c
+
+
+def test_completion_equals_the_offline_engine(client, model):
+  r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Once", "max_tokens": 6, "temperature": 0})
+  assert r.status_code == 200, r.text
+  body = r.json()
+  assert body["choices"][0]["text"] == _offline_text(model, "Once", 6)
+  assert body["usage"]["prompt_tokens"] == 5 and body["object"] == "text_completion"
+
+
+def test_streaming_deltas_add_up_to_the_answer(client, model):
+  with client.stream("POST", "/v1/chat/completions", json={
+      "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
+      "stream": True}) as r:
+    lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+  assert lines[-1] == "data: [DONE]"
+  chunks = [json.loads(line[6:]) for line in lines[:-1]]
+  text = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
+  prompt = chat_prompt([ChatMessage(role="user", content="hi")])
+  assert text == _offline_text(model, prompt, 5)
+  assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_n_choices_and_the_model_list(client):
+  r = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 3, "n": 2,
+                                            "seed": 3})
+  assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+  assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+  assert client.get("/health").json()["status"] == "ok"
+  metrics = client.get("/metrics").text
+  assert "lwjax_requests_total" in metrics and "lwjax_kv_pages_free 64" in metrics
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"prompt": "x"}, 400, "model"),
+    ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x" * 70}, 400, "prompt"),
+    ({"model": "tiny", "prompt": [999]}, 400, "prompt"),
+    ({"model": "tiny", "messages": []}, 400, "messages"),
+    ({"model": "big", "prompt": "x"}, 404, "model"),
+])
+def test_bad_requests_get_4xx_naming_the_field(client, body, status, param):
+  endpoint = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+  r = client.post(endpoint, json=body)
+  assert r.status_code == status, r.text
+  assert r.json()["error"]["param"] == param
+
+
+def test_a_full_queue_gets_429(model):
+  app = create_app(_engine(model), TOK, model_name="tiny", max_queued=1)
+  with TestClient(app) as c:
+    app.state.worker._outstanding = 1  # as if one request were in flight
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
+    app.state.worker._outstanding = 0
+  assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_concurrent_streaming_clients_over_http_and_draining_shutdown(model):
+  port = _free_port()
+  app = create_app(_engine(model), TOK, model_name="tiny")
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  deadline = time.time() + 30
+  while not server.started and time.time() < deadline:
+    time.sleep(0.05)
+  prompts = [f"p{i}" for i in range(16)]
+
+  async def one(client, prompt):
+    text = ""
+    async with client.stream("POST", "/v1/completions", json={
+        "model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": True}) as r:
+      async for line in r.aiter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+          text += json.loads(line[6:])["choices"][0]["text"]
+    return text
+
+  async def main():
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+      return await asyncio.gather(*(one(client, p) for p in prompts))
+  try:
+    texts = asyncio.run(main())
+  finally:
+    server.should_exit = True
+    thread.join(timeout=30)
+  expected = [_offline_text(model, p, 4) for p in prompts]
+  assert texts == expected
+  assert not thread.is_alive() and not app.state.worker.accepting  # drained and stopped
