@@ -44,7 +44,7 @@ class Engine:
   def __init__(self, model: GPT, *, num_pages: int = 256, page_size: int = 16, max_num_seqs: int = 16,
                max_batch_tokens: int = 512, prefill_chunk: int = 128, max_model_len: int | None = None,
                eos_id: int | None = None, detokenize: Callable[[list[int]], str] | None = None,
-               kv_dtype=None):
+               kv_dtype=None, offload=None):
     cfg = model.cfg
     self.graphdef, self.params = nnx.split(model)
     self.eos_id, self.detokenize, self.vocab_size = eos_id, detokenize, cfg.vocab_size
@@ -52,7 +52,8 @@ class Engine:
     self.max_pages = -(-self.max_model_len // page_size)
     self.max_num_seqs, self.prefill_chunk = max_num_seqs, prefill_chunk
     self.kv = PagedKVCache(num_layers=cfg.n_layers, kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                           num_pages=num_pages, page_size=page_size, dtype=kv_dtype or cfg.dtype)
+                           num_pages=num_pages, page_size=page_size, dtype=kv_dtype or cfg.dtype,
+                           offload=offload)
     self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
                                prefill_chunk=prefill_chunk)
     self._ids = itertools.count()

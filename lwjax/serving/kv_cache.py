@@ -114,11 +114,22 @@ def _copy_pages(pools, src, dst):
   return jax.tree.map(lambda p: p.at[:, :, dst].set(p[:, :, src]), pools)
 
 
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _write_pages(pools, dst, blocks):
+  """pools[..., dst, :, :] = blocks ([layers, kv_heads, n, page_size, dim] each): offload restores."""
+  return jax.tree.map(lambda p, b: p.at[:, :, dst].set(b.astype(p.dtype)), pools, blocks)
+
+
 class PagedKVCache:
-  """Device page pools plus per-sequence page tables, lengths and prefix sharing."""
+  """Device page pools plus per-sequence page tables, lengths and prefix sharing.
+
+  With an `offload` store, finished sequences' full blocks go to host/disk (`offload_blocks`) and
+  `add_sequence` restores blocks the device no longer caches instead of leaving them to be recomputed.
+  """
 
   def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, num_pages: int, page_size: int,
-               dtype=jnp.bfloat16):
+               dtype=jnp.bfloat16, offload=None):
+    self.offload = offload
     shape = (num_layers, kv_heads, num_pages, page_size, head_dim)
     self.k, self.v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
     self.allocator = PageAllocator(num_pages, page_size)
@@ -153,18 +164,55 @@ class PagedKVCache:
     """
     if seq_id in self._seqs:
       raise ValueError(f"sequence {seq_id} already exists")
+    # Recompute at least the last prompt token: its logits start generation.
+    hashes = block_hashes(prompt, self.page_size)[:(len(prompt) - 1) // self.page_size]
     shared = []
-    for block_hash in block_hashes(prompt, self.page_size):
+    for block_hash in hashes:
       page = self.allocator.lookup(block_hash)
       if page is None:
         break
       shared.append(page)
-    # Recompute at least the last prompt token: its logits start generation.
-    if shared and len(shared) * self.page_size >= len(prompt):
-      shared.pop()
     self.allocator.incref(shared)
-    self._seqs[seq_id] = _Sequence(pages=shared, length=len(shared) * self.page_size)
-    return len(shared) * self.page_size
+    restored = self._restore(hashes[len(shared):])
+    pages = shared + restored
+    self._seqs[seq_id] = _Sequence(pages=pages, length=len(pages) * self.page_size)
+    return len(pages) * self.page_size
+
+  def _restore(self, hashes: list[bytes]) -> list[int]:
+    """Pages (referenced once) holding the leading `hashes` blocks found in the offload store."""
+    if self.offload is None:
+      return []
+    blocks = []
+    for block_hash in hashes:
+      if len(blocks) >= self.allocator.num_free or (block := self.offload.get(block_hash)) is None:
+        break
+      blocks.append(block)
+    if not blocks:
+      return []
+    pages = self.allocator.allocate(len(blocks))
+    k = np.stack([b[0] for b in blocks], axis=2)  # [layers, kv_heads, n, page_size, dim]
+    v = np.stack([b[1] for b in blocks], axis=2)
+    self.k, self.v = _write_pages((self.k, self.v), jnp.array(pages), (jnp.asarray(k), jnp.asarray(v)))
+    for block_hash, page in zip(hashes, pages):
+      self.allocator.register(block_hash, page)
+    counters = self.offload.counters
+    counters.bytes_to_device += k.nbytes + v.nbytes
+    counters.prefill_tokens_saved += len(pages) * self.page_size
+    return pages
+
+  def offload_blocks(self, seq_id: int, tokens: Sequence[int]) -> None:
+    """Copies the sequence's full blocks that the offload store lacks to host memory (eagerly)."""
+    if self.offload is None:
+      return
+    seq = self._seqs[seq_id]
+    missing = [(page, h) for page, h in zip(seq.pages, block_hashes(tokens[:seq.length], self.page_size))
+               if h not in self.offload]
+    if not missing:
+      return
+    index = jnp.array([page for page, _ in missing])
+    k, v = jax.device_get((self.k[:, :, index], self.v[:, :, index]))
+    for i, (_, block_hash) in enumerate(missing):
+      self.offload.put(block_hash, np.ascontiguousarray(k[:, :, i]), np.ascontiguousarray(v[:, :, i]))
 
   def append(self, seq_id: int, num_tokens: int) -> list[tuple[int, int]]:
     """Reserves slots for `num_tokens` more tokens; returns their (page, offset) write positions.

@@ -138,5 +138,6 @@ class Scheduler:
       self.waiting.remove(request)
     if request.id in self.kv:
       self.kv.commit_blocks(request.id, request.tokens)
+      self.kv.offload_blocks(request.id, request.tokens)
       self.kv.free(request.id)
     request.status, request.finish_reason = Status.FINISHED, reason
