@@ -30,12 +30,18 @@ def _bucket(n: int, limit: int) -> int:
   return min(limit, 1 << max(0, (n - 1).bit_length()))
 
 
+PLACEHOLDER = -1  # an output token sampled on the device but not yet read by the host
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(3, 4))
-def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, page_table, lengths):
+def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, page_table, lengths,
+         previous_tokens, previous_index, sampling_arrays, sample_rows):
+  """One group of rows: fill placeholders from the previous iteration's device tokens, run, sample."""
+  tokens = jnp.where(tokens == PLACEHOLDER, previous_tokens[previous_index], tokens)
   model = nnx.merge(graphdef, params)
   logits, k_pools, v_pools = model.paged_step(tokens, k_pools, v_pools, (slot_pages, slot_offsets),
                                               page_table, lengths)
-  return logits[:, -1], k_pools, v_pools
+  return sample(logits[sample_rows, -1], *sampling_arrays), k_pools, v_pools
 
 
 class Engine:
@@ -44,7 +50,7 @@ class Engine:
   def __init__(self, model: GPT, *, num_pages: int = 256, page_size: int = 16, max_num_seqs: int = 16,
                max_batch_tokens: int = 512, prefill_chunk: int = 128, max_model_len: int | None = None,
                eos_id: int | None = None, detokenize: Callable[[list[int]], str] | None = None,
-               kv_dtype=None, offload=None):
+               kv_dtype=None, offload=None, async_scheduling: bool = True):
     cfg = model.cfg
     self.graphdef, self.params = nnx.split(model)
     self.eos_id, self.detokenize, self.vocab_size = eos_id, detokenize, cfg.vocab_size
@@ -59,6 +65,8 @@ class Engine:
     self._ids = itertools.count()
     self.requests: dict[int, Request] = {}
     self.num_iterations = 0
+    self.async_scheduling = async_scheduling
+    self._in_flight = None
 
   def add_request(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(),
                   on_token: Callable[[Request, int], None] | None = None) -> Request:
@@ -79,38 +87,71 @@ class Engine:
     self.requests[request_id].cancelled = True
 
   def step(self) -> list[Request]:
-    """One iteration; returns the requests that finished in it."""
+    """One iteration; returns the requests that finished in it.
+
+    With asynchronous scheduling, this iteration is dispatched before the previous one's tokens are
+    read: the host prepares iteration i + 1 while the device runs i. Sampled tokens enter the next
+    batch on the device (placeholders), stop conditions are seen one iteration late, and the one extra
+    token a finished request got meanwhile is discarded.
+    """
     finished = [r for r in self.requests.values() if r.cancelled and r.status != Status.FINISHED]
     for request in finished:
       self.scheduler.finish(request, "cancelled")
     work = self.scheduler.schedule()
-    decodes = [w for w in work if len(w.tokens) == 1]
-    chunks = [w for w in work if len(w.tokens) > 1]
-    for group, width in ((decodes, 1), (chunks, self.prefill_chunk)):
-      if group:
-        self._run_group(group, width)
-    for w in chunks:  # publish freshly prefilled full blocks to the prefix cache
-      self.kv.commit_blocks(w.request.id, w.request.tokens[:w.request.num_computed])
+    dispatched = self._dispatch(work)
+    if self.async_scheduling:
+      previous, self._in_flight = self._in_flight, dispatched
+      finished += self._resolve(previous)
+    else:
+      finished += self._resolve(dispatched)
     for w in work:
-      if w.samples and self._finished(w.request):
-        finished.append(w.request)
+      if len(w.tokens) > 1 and w.request.status != Status.FINISHED:  # publish prefilled full blocks
+        self.kv.commit_blocks(w.request.id, [t for t in w.request.tokens[:w.request.num_computed]
+                                             if t != PLACEHOLDER])
     self.num_iterations += 1
     for request in finished:
-      del self.requests[request.id]
+      self.requests.pop(request.id, None)
     return finished
 
   def run_until_done(self) -> None:
-    while self.scheduler.has_work():
+    while self.scheduler.has_work() or self._in_flight:
       self.step()
 
-  def _run_group(self, group: list[Work], width: int) -> None:
+  def _dispatch(self, work: list[Work]):
+    """Runs the iteration's decode rows and prefill chunks; returns [(sampling work, device tokens)]."""
+    previous_tokens, previous_index = self._in_flight_tokens()
+    decodes = [w for w in work if len(w.tokens) == 1]
+    chunks = [w for w in work if len(w.tokens) > 1]
+    out = []
+    for group, width in ((decodes, 1), (chunks, self.prefill_chunk)):
+      if group:
+        out.append(self._run_group(group, width, previous_tokens, previous_index))
+    for sampling, _ in out:
+      for w in sampling:
+        w.request.output.append(PLACEHOLDER)
+    return out
+
+  def _in_flight_tokens(self):
+    """The previous iteration's sampled tokens on device, and each request's index into them."""
+    if not self._in_flight:
+      return jnp.zeros((1,), jnp.int32), {}
+    index, arrays = {}, []
+    for sampling, tokens in self._in_flight:
+      for i, w in enumerate(sampling):
+        index[w.request.id] = sum(a.shape[0] for a in arrays) + i
+      arrays.append(tokens)
+    return jnp.concatenate(arrays), index
+
+  def _run_group(self, group: list[Work], width: int, previous_tokens, previous_index):
     rows = _bucket(len(group), self.max_num_seqs)
     tokens = np.zeros((rows, width), np.int32)
+    source = np.zeros((rows, width), np.int32)
     slot_pages = np.full((rows, width), self.kv.allocator.num_pages, np.int32)  # out of range: no write
     slot_offsets = np.zeros((rows, width), np.int32)
     for row, w in enumerate(group):
       n = len(w.tokens)
       tokens[row, width - n:] = w.tokens
+      source[row, width - n:] = previous_index.get(w.request.id, 0)
       slot_pages[row, width - n:] = [p for p, _ in w.slots]
       slot_offsets[row, width - n:] = [o for _, o in w.slots]
     table, lengths = self.kv.page_table([w.request.id for w in group], self.max_pages)
@@ -118,37 +159,53 @@ class Engine:
     page_table[:len(group)] = table
     all_lengths = np.zeros(rows, np.int32)
     all_lengths[:len(group)] = lengths
-    last_logits, self.kv.k, self.kv.v = _run(self.graphdef, self.params, tokens, self.kv.k, self.kv.v,
-                                             slot_pages, slot_offsets, page_table, all_lengths)
     sampling = [w for w in group if w.samples]
-    if not sampling:
-      return
-    index = np.array([group.index(w) for w in sampling])
-    params = [w.request.params for w in sampling]
-    arrays = batch_arrays(params, [w.request.seed for w in sampling], [len(w.request.output) for w in sampling])
-    new_tokens = np.asarray(sample(last_logits[index], *map(jnp.asarray, arrays)))
-    for w, token in zip(sampling, new_tokens.tolist()):
-      w.request.output.append(token)
-      if w.request.on_token is not None:
-        w.request.on_token(w.request, token)
+    sample_rows = np.zeros(rows, np.int32)  # static shape: rows past len(sampling) are ignored
+    sample_rows[:len(sampling)] = [group.index(w) for w in sampling]
+    padded = sampling + [sampling[0]] * (rows - len(sampling)) if sampling else group[:1] * rows
+    arrays = batch_arrays([w.request.params for w in padded], [w.request.seed for w in padded],
+                          [len(w.request.output) for w in padded])
+    new_tokens, self.kv.k, self.kv.v = _run(self.graphdef, self.params, tokens, self.kv.k, self.kv.v,
+                                            slot_pages, slot_offsets, page_table, all_lengths,
+                                            previous_tokens, source, arrays, sample_rows)
+    return sampling, new_tokens
+
+  def _resolve(self, dispatched) -> list[Request]:
+    """Reads sampled tokens, replaces placeholders, streams them, and retires finished requests."""
+    finished = []
+    for sampling, device_tokens in dispatched or ():
+      host_tokens = np.asarray(device_tokens).tolist()
+      for w, token in zip(sampling, host_tokens):
+        request = w.request
+        if request.status == Status.FINISHED:
+          continue  # the extra token of a request that finished one iteration late
+        request.output[request.output.index(PLACEHOLDER)] = token
+        if request.on_token is not None:
+          request.on_token(request, token)
+        if self._finished(request):
+          finished.append(request)
+    return finished
 
   def _finished(self, request: Request) -> bool:
-    params, token = request.params, request.output[-1]
+    """Applies the stop rules to the resolved tokens; a finished request drops any in-flight extra token."""
+    resolved = len(request.output) - (request.output[-1] == PLACEHOLDER)
+    output, params = request.output[:resolved], request.params
     reason = None
-    if token == self.eos_id and not params.ignore_eos:
+    if output[-1] == self.eos_id and not params.ignore_eos:
       reason = "stop"
     elif params.stop and self.detokenize is not None:
-      request.text = self.detokenize(request.output)
+      request.text = self.detokenize(output)
       hits = [request.text.find(s) for s in params.stop if s in request.text]
       if hits:
         request.text, reason = request.text[:min(hits)], "stop"
-    if reason is None and len(request.output) >= params.max_tokens:
+    if reason is None and resolved >= params.max_tokens:
       reason = "length"
     if reason is not None:
+      del request.output[resolved:]
       self.scheduler.finish(request, reason)
       if self.detokenize is not None and not (params.stop and reason == "stop"):
-        request.text = self.detokenize(request.output)
-      logging.debug("request %d finished (%s) after %d tokens", request.id, reason, len(request.output))
+        request.text = self.detokenize(output)
+      logging.debug("request %d finished (%s) after %d tokens", request.id, reason, resolved)
     return reason is not None
 
 

@@ -1,5 +1,6 @@
 """Engine: greedy outputs for mixed batches equal single-sequence decoding, through chunked prefill,
-preemption, prefix-cache hits and cancellation; streaming, stop strings and seeded sampling."""
+preemption, prefix-cache hits and cancellation, with and without asynchronous scheduling; streaming,
+stop strings and seeded sampling."""
 
 import dataclasses
 
@@ -42,6 +43,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
 
 @pytest.mark.parametrize("engine_kwargs", [
     dict(num_pages=64, page_size=4, prefill_chunk=4, max_batch_tokens=16),  # chunked prefill
+    dict(num_pages=64, page_size=4, prefill_chunk=4, max_batch_tokens=16, async_scheduling=False),
     dict(num_pages=9, page_size=4, prefill_chunk=8, max_batch_tokens=32),  # forces preemption
 ])
 def test_mixed_batches_equal_single_sequence_greedy_decoding(model, engine_kwargs):
