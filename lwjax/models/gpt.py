@@ -331,24 +331,35 @@ class GPT(nnx.Module):
     advance = jnp.full((batch,), t, jnp.int32) if num_new is None else jnp.asarray(num_new, jnp.int32)
     return self._logits(x), KVCache(jnp.stack(new_k), jnp.stack(new_v), start + advance)
 
-  def paged_step(self, tokens_bt, k_pools, v_pools, slots, page_table, lengths):
+  def paged_step(self, tokens_bt, k_pools, v_pools, slots, page_table, lengths, nano_batches: int = 1):
     """One serving iteration over a paged cache: decodes and prefill chunks in one dense batch.
 
     Rows are left-padded to t tokens, so row b's real tokens end at column t - 1 at absolute position
     lengths[b] - 1; padding columns write nowhere (their slot page is out of range) and their outputs
     are ignored. k_pools, v_pools: [layers, kv_heads, num_pages, page_size, hd]; slots: (page, offset)
     [b, t]; page_table [b, pages]; lengths [b] after this step. Returns (logits [b, t, vocab], pools).
+
+    `nano_batches` > 1 splits the rows into that many nano-batches run layer by layer in turn (NanoFlow
+    §3), so the scheduler may overlap one nano-batch's projections with another's attention; the
+    result is the same.
     """
-    t = tokens_bt.shape[1]
+    b, t = tokens_bt.shape
+    if b % nano_batches:
+      raise ValueError(f"batch of {b} rows does not split into {nano_batches} nano-batches")
     positions = jnp.maximum(lengths[:, None] - t + jnp.arange(t)[None, :], 0)
     inv_freq = rope_frequencies(self.cfg)
-    x = self._embed(tokens_bt)
+    xs = jnp.split(self._embed(tokens_bt), nano_batches)
+    per_row = (positions, slots[0], slots[1], page_table, lengths)
+    # Per nano-batch: (positions, slot pages, slot offsets, page table, lengths).
+    parts = list(zip(*(jnp.split(a, nano_batches) for a in per_row)))
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
-      x, (k, v) = block.paged(x, positions, inv_freq, (k_pools[i], v_pools[i]), slots, page_table, lengths)
-      new_k.append(k)
-      new_v.append(v)
-    return self._logits(x), jnp.stack(new_k), jnp.stack(new_v)
+      pools = (k_pools[i], v_pools[i])
+      for n, (pos, pages, offsets, table, lens) in enumerate(parts):
+        xs[n], pools = block.paged(xs[n], pos, inv_freq, pools, (pages, offsets), table, lens)
+      new_k.append(pools[0])
+      new_v.append(pools[1])
+    return self._logits(jnp.concatenate(xs)), jnp.stack(new_k), jnp.stack(new_v)
 
   def decode_step(self, tokens_b, cache: KVCache):
     """One token per sequence: returns (logits [b, vocab], cache)."""

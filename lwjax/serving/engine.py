@@ -33,14 +33,14 @@ def _bucket(n: int, limit: int) -> int:
 PLACEHOLDER = -1  # an output token sampled on the device but not yet read by the host
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 13), donate_argnums=(3, 4))
 def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, page_table, lengths,
-         previous_tokens, previous_index, sampling_arrays, sample_rows):
+         previous_tokens, previous_index, sampling_arrays, sample_rows, nano_batches):
   """One group of rows: fill placeholders from the previous iteration's device tokens, run, sample."""
   tokens = jnp.where(tokens == PLACEHOLDER, previous_tokens[previous_index], tokens)
   model = nnx.merge(graphdef, params)
   logits, k_pools, v_pools = model.paged_step(tokens, k_pools, v_pools, (slot_pages, slot_offsets),
-                                              page_table, lengths)
+                                              page_table, lengths, nano_batches)
   return sample(logits[sample_rows, -1], *sampling_arrays), k_pools, v_pools
 
 
@@ -50,7 +50,7 @@ class Engine:
   def __init__(self, model: GPT, *, num_pages: int = 256, page_size: int = 16, max_num_seqs: int = 16,
                max_batch_tokens: int = 512, prefill_chunk: int = 128, max_model_len: int | None = None,
                eos_id: int | None = None, detokenize: Callable[[list[int]], str] | None = None,
-               kv_dtype=None, offload=None, async_scheduling: bool = True):
+               kv_dtype=None, offload=None, async_scheduling: bool = True, nano_batches: int = 1):
     cfg = model.cfg
     self.graphdef, self.params = nnx.split(model)
     self.eos_id, self.detokenize, self.vocab_size = eos_id, detokenize, cfg.vocab_size
@@ -65,7 +65,7 @@ class Engine:
     self._ids = itertools.count()
     self.requests: dict[int, Request] = {}
     self.num_iterations = 0
-    self.async_scheduling = async_scheduling
+    self.async_scheduling, self.nano_batches = async_scheduling, nano_batches
     self._in_flight = None
 
   def add_request(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(),
@@ -143,7 +143,9 @@ class Engine:
     return jnp.concatenate(arrays), index
 
   def _run_group(self, group: list[Work], width: int, previous_tokens, previous_index):
-    rows = _bucket(len(group), self.max_num_seqs)
+    # Rows: a power of two (few shapes to compile) that the nano-batches split evenly.
+    rows = max(_bucket(len(group), self.max_num_seqs), self.nano_batches)
+    rows = -(-rows // self.nano_batches) * self.nano_batches
     tokens = np.zeros((rows, width), np.int32)
     source = np.zeros((rows, width), np.int32)
     slot_pages = np.full((rows, width), self.kv.allocator.num_pages, np.int32)  # out of range: no write
@@ -167,7 +169,7 @@ class Engine:
                           [len(w.request.output) for w in padded])
     new_tokens, self.kv.k, self.kv.v = _run(self.graphdef, self.params, tokens, self.kv.k, self.kv.v,
                                             slot_pages, slot_offsets, page_table, all_lengths,
-                                            previous_tokens, source, arrays, sample_rows)
+                                            previous_tokens, source, arrays, sample_rows, self.nano_batches)
     return sampling, new_tokens
 
   def _resolve(self, dispatched) -> list[Request]:
