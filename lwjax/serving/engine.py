@@ -113,8 +113,12 @@ class Engine:
       self.requests.pop(request.id, None)
     return finished
 
+  def has_work(self) -> bool:
+    """Requests queued or running, or sampled tokens not yet read back."""
+    return self.scheduler.has_work() or bool(self._in_flight)
+
   def run_until_done(self) -> None:
-    while self.scheduler.has_work() or self._in_flight:
+    while self.has_work():
       self.step()
 
   def _dispatch(self, work: list[Work]):

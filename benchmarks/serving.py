@@ -1,0 +1,217 @@
+"""Offline serving throughput (NanoFlow, arXiv 2408.12757): static batching vs the engine, % of optimal.
+
+  python -m benchmarks.serving                                   # CPU: gpt_tiny-sized, lengths scaled down
+  python -m benchmarks.serving --model llama3_8b --length_scale 1 --requests 512 --max_num_seqs 256 \
+      --num_pages 8192 --page_size 16 --dtype bfloat16          # one GPU, random weights
+
+For each workload (length statistics of Splitwise, LMSYS-Chat and ShareGPT from NanoFlow §6, and constant
+512/512 and 1024/512; all lengths multiplied by --length_scale) it times, in one process:
+  (a) static batching: batches of --max_num_seqs padded to the longest prompt and generated to the
+      longest output (contiguous KV cache);
+  (b) continuous batching: the engine without nano-batching or asynchronous scheduling;
+  (c) the full engine (asynchronous scheduling, --nano_batches nano-batches);
+  (d) Hugging Face `generate` on the same shape (random weights, static batches) when torch and
+      transformers are importable.
+It prints processed tokens/s (prompt + output, the unit of NanoFlow's optimum), output tokens/s, % of
+optimal (peak FLOP/s measured by a matmul in this run / (2 x parameters)), p50/p99 request latency,
+the ratio of each system to static batching, and a multi-round chat workload with and without KV offload.
+"""
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+import configs.gpt
+from lwjax.models.gpt import GPT, GPTConfig
+from lwjax.serving.engine import Engine
+from lwjax.serving.offload import KVOffloadStore
+from lwjax.serving.sampling import SamplingParams
+
+# (mean prompt tokens, mean output tokens); None spread = constant lengths.
+WORKLOADS = {"splitwise": (1155, 211, 1.0), "lmsys_chat": (92, 207, 1.0), "sharegpt": (299, 324, 1.0),
+             "const_512_512": (512, 512, None), "const_1024_512": (1024, 512, None)}
+
+_MODEL = flags.DEFINE_string("model", "gpt_tiny", "Model preset of configs/gpt.py (random weights).")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
+_REQUESTS = flags.DEFINE_integer("requests", 32, "Requests per workload.")
+_SCALE = flags.DEFINE_float("length_scale", 1 / 16, "Multiplier on every workload length.")
+_SEQS = flags.DEFINE_integer("max_num_seqs", 16, "Batch rows (static batch size, engine max sequences).")
+_PAGES = flags.DEFINE_integer("num_pages", 1024, "KV pages.")
+_PAGE = flags.DEFINE_integer("page_size", 16, "Tokens per page.")
+_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Prefill chunk.")
+_NANO = flags.DEFINE_integer("nano_batches", 2, "Nano-batches of the full engine.")
+_WORKLOADS = flags.DEFINE_list("workloads", list(WORKLOADS), "Workloads to run.")
+
+
+def lengths(name: str, n: int, scale: float, max_len: int, seed: int = 0) -> list[tuple[int, int]]:
+  """(prompt, output) lengths: lognormal around the workload's means (spread sigma), or constant."""
+  mean_in, mean_out, sigma = WORKLOADS[name]
+  rng = np.random.default_rng(seed)
+  if sigma is None:
+    pairs = [(mean_in, mean_out)] * n
+  else:  # lognormal with the given mean: mu = log(mean) - sigma^2 / 2
+    pairs = list(zip(*(rng.lognormal(np.log(mean) - sigma ** 2 / 2, sigma, n) for mean in (mean_in, mean_out))))
+  out = []
+  for p, o in pairs:
+    p, o = max(1, int(p * scale)), max(1, int(o * scale))
+    out.append((min(p, max_len // 2), min(o, max_len // 2)))
+  return out
+
+
+def measured_peak_flops() -> float:
+  """FLOP/s of a large bf16 (GPU/TPU) or fp32 (CPU) matmul on this device."""
+  n = 4096 if jax.default_backend() != "cpu" else 1024
+  dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(10):
+    a = f(a)
+  a.block_until_ready()
+  return 10 * 2 * n ** 3 / (time.perf_counter() - start)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _prefill(graphdef, state, tokens, cache):
+  return nnx.merge(graphdef, state).prefill(tokens, cache)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _decode(graphdef, state, token, cache):
+  return nnx.merge(graphdef, state).decode_step(token, cache)
+
+
+def static_batching(model: GPT, prompts, outputs, batch: int) -> tuple[float, list[float]]:
+  """Pads each batch to its longest prompt, decodes to its longest output; returns (seconds, latencies)."""
+  graphdef, state = nnx.split(model)
+  start, latencies = time.perf_counter(), []
+  for i in range(0, len(prompts), batch):
+    group, outs = prompts[i:i + batch], outputs[i:i + batch]
+    width, steps = max(map(len, group)), max(outs)
+    tokens = np.zeros((batch, width), np.int32)
+    for row, p in enumerate(group):
+      tokens[row, width - len(p):] = p  # left-padded; the padding is attended to, as in naive serving
+    cache = model.init_cache(batch, width + steps)
+    logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), cache)
+    token = jnp.argmax(logits[:, -1], -1)
+    for _ in range(steps - 1):
+      logits, cache = _decode(graphdef, state, token, cache)
+      token = jnp.argmax(logits, -1)
+    token.block_until_ready()
+    latencies += [time.perf_counter() - start] * len(group)
+  return time.perf_counter() - start, latencies
+
+
+def engine_run(model: GPT, prompts, outputs, **kwargs) -> tuple[float, list[float], Engine]:
+  engine = Engine(model, num_pages=_PAGES.value, page_size=_PAGE.value, max_num_seqs=_SEQS.value,
+                  max_batch_tokens=max(_CHUNK.value, _SEQS.value), prefill_chunk=_CHUNK.value, **kwargs)
+  done_at = {}
+  start = time.perf_counter()
+  requests = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True))
+              for p, o in zip(prompts, outputs)]
+  while engine.has_work():
+    for r in engine.step():
+      done_at[r.id] = time.perf_counter() - start
+  return time.perf_counter() - start, [done_at[r.id] for r in requests], engine
+
+
+def hf_generate(cfg: GPTConfig, prompts, outputs, batch: int):
+  """Hugging Face LlamaForCausalLM.generate on the same shape, or None when unavailable."""
+  try:
+    import torch
+    import transformers
+  except ImportError:
+    return None
+  from lwjax.models.hf_llama import config_to_hf
+  hf_cfg = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(cfg).items() if k != "architectures"})
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = transformers.LlamaForCausalLM(hf_cfg).to(device).eval()
+  start, latencies = time.perf_counter(), []
+  with torch.no_grad():
+    for i in range(0, len(prompts), batch):
+      group, outs = prompts[i:i + batch], outputs[i:i + batch]
+      width = max(map(len, group))
+      ids = torch.zeros((len(group), width), dtype=torch.long)
+      mask = torch.zeros_like(ids)
+      for row, p in enumerate(group):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+      model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(outs),
+                     min_new_tokens=max(outs), do_sample=False, pad_token_id=0)
+      latencies += [time.perf_counter() - start] * len(group)
+  return time.perf_counter() - start, latencies
+
+
+def multi_round(model: GPT, rounds: int = 4, conversations: int = 8, user: int = 24, answer: int = 8):
+  """Chat rounds (each prompt = the whole conversation so far): prefill tokens computed and seconds."""
+  results = {}
+  for offload in (False, True, False, True):  # the first two passes compile
+    store = KVOffloadStore(host_bytes=1 << 30) if offload else None
+    # A pool too small to keep every conversation cached between its rounds.
+    engine = Engine(model, num_pages=max(8, conversations * 2), page_size=_PAGE.value, max_num_seqs=_SEQS.value,
+                    max_batch_tokens=max(_CHUNK.value, _SEQS.value), prefill_chunk=_CHUNK.value, offload=store)
+    rng = np.random.default_rng(0)
+    history = [[] for _ in range(conversations)]
+    start, total_prompt = time.perf_counter(), 0
+    for _ in range(rounds):
+      requests = []
+      for c in range(conversations):
+        history[c] += rng.integers(3, model.cfg.vocab_size, user).tolist()
+        total_prompt += len(history[c])
+        requests.append(engine.add_request(history[c], SamplingParams(temperature=0.0, max_tokens=answer,
+                                                                      ignore_eos=True)))
+      engine.run_until_done()
+      for c, r in enumerate(requests):
+        history[c] += r.output
+    results[offload] = (time.perf_counter() - start, engine.scheduler.num_prefix_hit_tokens, total_prompt)
+  return results
+
+
+def main(argv):
+  del argv
+  cfg = dataclasses.replace(configs.gpt.PRESETS[_MODEL.value], dtype=_DTYPE.value)
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+  peak = measured_peak_flops()
+  optimal = peak / (2 * cfg.num_params())
+  print(f"device {jax.devices()[0].device_kind} x1; model {_MODEL.value} ({cfg.num_params():,} params, "
+        f"{_DTYPE.value}); measured peak {peak / 1e12:.2f} TFLOP/s -> optimal {optimal:,.0f} tokens/s")
+  print(f"{'workload':<16}{'system':<22}{'tok/s':>10}{'out tok/s':>11}{'% opt':>8}{'p50 s':>8}{'p99 s':>8}"
+        f"{'vs static':>10}")
+  rng = np.random.default_rng(1)
+  for name in _WORKLOADS.value:
+    pairs = lengths(name, _REQUESTS.value, _SCALE.value, cfg.max_seq_len)
+    prompts = [rng.integers(3, cfg.vocab_size, p).tolist() for p, _ in pairs]
+    outputs = [o for _, o in pairs]
+    processed = sum(p + o for p, o in pairs)
+    systems = {}
+    for warm in (True, False):  # the first pass compiles every shape
+      systems["static batching"] = static_batching(model, prompts, outputs, _SEQS.value)
+      systems["continuous batching"] = engine_run(model, prompts, outputs, async_scheduling=False)[:2]
+      systems[f"engine (async, nano={_NANO.value})"] = engine_run(model, prompts, outputs,
+                                                                   nano_batches=_NANO.value)[:2]
+      if warm:
+        continue
+      hf = hf_generate(cfg, prompts, outputs, _SEQS.value)
+      if hf is not None:
+        systems["HF generate"] = hf
+    base = processed / systems["static batching"][0]
+    for system, (seconds, latencies) in systems.items():
+      rate = processed / seconds
+      print(f"{name:<16}{system:<22}{rate:>10,.0f}{sum(outputs) / seconds:>11,.0f}{rate / optimal:>8.1%}"
+            f"{np.percentile(latencies, 50):>8.2f}{np.percentile(latencies, 99):>8.2f}{rate / base:>9.2f}x")
+  rounds = multi_round(model)
+  for offload, (seconds, hits, total) in rounds.items():
+    print(f"multi-round chat, offload {'on ' if offload else 'off'}: {seconds:.2f} s, "
+          f"{hits:,} of {total:,} prompt tokens served from cache")
+  print(f"ratio (multi-round time, offload on / off): {rounds[True][0] / rounds[False][0]:.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)
