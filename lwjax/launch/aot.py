@@ -36,6 +36,8 @@ def tpu_devices(topology: str) -> tuple:
   # Without these libtpu would query GCE metadata for the (absent) TPU VM.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # Several processes (parallel test runs) may compile at once; libtpu's lock file would refuse them.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
                                       chips_per_host_bounds=per_host, num_slices=1)
   return tuple(desc.devices)

@@ -284,7 +284,8 @@ async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, token
         kind, value = fut.result()
         if kind == "token":
           tokens[i].append(value)
-          text = tokenizer.decode(tokens[i])
+          # A trailing replacement character may be the start of a multi-byte character: hold it back.
+          text = tokenizer.decode(tokens[i]).rstrip("\ufffd")
           safe = "" if any(s in text for s in stops) else text[len(emitted[i]):len(text) - holdback]
           piece, finish = safe, None
           if not piece:

@@ -108,7 +108,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_concurrent_streaming_clients_over_http_and_draining_shutdown(model):
+def _serve(model):
   port = _free_port()
   app = create_app(_engine(model), TOK, model_name="tiny")
   server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -117,7 +117,31 @@ def test_concurrent_streaming_clients_over_http_and_draining_shutdown(model):
   deadline = time.time() + 30
   while not server.started and time.time() < deadline:
     time.sleep(0.05)
-  prompts = [f"p{i}" for i in range(16)]
+  return app, server, thread, port
+
+
+def test_shutdown_drains_a_running_request(model):
+  app, server, thread, port = _serve(model)
+  result = {}
+
+  def request():
+    result["r"] = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "drain", "max_tokens": 30, "temperature": 0})
+  client = threading.Thread(target=request)
+  client.start()
+  deadline = time.time() + 30
+  while app.state.worker.outstanding == 0 and time.time() < deadline:
+    time.sleep(0.01)
+  server.should_exit = True  # shutdown while the request is being generated
+  client.join(timeout=60)
+  thread.join(timeout=30)
+  assert result["r"].status_code == 200
+  assert result["r"].json()["choices"][0]["text"] == _offline_text(model, "drain", 30)
+
+
+def test_64_concurrent_streaming_clients_over_http(model):
+  app, server, thread, port = _serve(model)
+  prompts = [f"p{i}" for i in range(64)]
 
   async def one(client, prompt):
     text = ""
