@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: correctness checks, then timings; every log goes under $OUT.
+# One call on a lent GPU: correctness checks, then timings; logs and summary.md go to the folder $1 (default $OUT).
 #
 # Here, first:   ../shared/tools/offline-gpu-wheels pytest pluggy iniconfig   (fills .whl/, git-ignored)
-# Then (device): bash benchmarks/gpu_check.sh          with carry=[".whl"], timeout_s ~ 540
+# Then (device): bash benchmarks/gpu_check.sh "$OUT"   with carry=[".whl"], timeout_s ~ 540
 # The device image has jax/flax/optax/orbax; grain, ml-collections and tensorboardX come from .whl/.
+# Every step runs under its own timeout, all within 8 minutes; summary.md has each step's exit status and time,
+# then the benchmark tables. Exits non-zero when a step failed.
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_check}
+OUT=${1:-${OUT:-/tmp/gpu_check}}
+BUDGET_S=470
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -15,14 +18,39 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   export PYTHONPATH=$PWD
 fi
-{ nvidia-smi; python3 -c "import jax; print(jax.__version__, jax.devices())"; } 2>&1 | tee "$OUT/device.txt"
+printf '# gpu_check %s\n\n| step | exit | seconds | last line |\n|---|---|---|---|\n' "$(date -u +%FT%TZ)" > "$OUT/summary.md"
+FAILED=0
 
-# Correctness on the GPU: KV-cache decode vs forward, packing, remat, attention reference.
-JAX_PLATFORMS=cuda XLA_FLAGS= timeout 180 python3 -m pytest -q -p no:cacheprovider \
-  tests/models/test_gpt.py tests/kernels 2>&1 | tee "$OUT/tests.log"
+# step NAME LIMIT_S CMD...: runs CMD with a timeout, output to the console and $OUT/NAME.log, a row to summary.md.
+step() {
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || FAILED=1
+  echo "| $name | $rc$([ "$rc" -eq 124 ] && echo ' (timeout)') | $((SECONDS - start)) | $(tail -n 1 "$OUT/$name.log" | tr '|' '/') |" \
+    >> "$OUT/summary.md"
+}
 
-# Timing: gpt_1b (Llama-3.2-1B shape) on one card, bf16 compute with fp32 master weights.
-timeout 300 python3 -m benchmarks.train_throughput \
+step device 60 bash -c 'nvidia-smi; python3 -c "import jax; print(jax.__version__, jax.devices())"'
+
+# Correctness on the GPU: KV-cache decode vs forward, packing, remat; every kernel test with impl="pallas"
+# (compiled Triton kernels vs the reference; tests/kernels/conftest.py reads LWJAX_KERNEL_IMPL).
+step tests 170 env JAX_PLATFORMS=cuda XLA_FLAGS= LWJAX_KERNEL_IMPL=pallas \
+  python3 -m pytest -q -p no:cacheprovider tests/models/test_gpt.py tests/kernels
+
+# Kernel timings at issue 3's target shapes, with the measured roofline and the XLA / cuDNN baselines.
+step kernels 120 python3 -m benchmarks.kernels
+
+# Timing: gpt_1b (Llama-3.2-1B shape) on one card, bf16 compute with fp32 master weights; what is left of the budget.
+step train_throughput_gpt_1b $((BUDGET_S - SECONDS > 30 ? BUDGET_S - SECONDS : 30)) python3 -m benchmarks.train_throughput \
   --config experiments/lm_pretrain.py:scale=gpu,model=gpt_1b \
   --config.train.global_batch_size=8 --config.data.seq_len=2048 --steps 10 --warmup 2 \
-  --variants "model.remat=full;model.remat=dots;model.remat=none" 2>&1 | tee "$OUT/train_throughput_gpt_1b.log"
+  --variants "model.remat=full;model.remat=dots;model.remat=none"
+
+{
+  printf '\n## kernels\n\n```\n'; grep -v '^\s*$' "$OUT/kernels.log" | grep -v '^WARNING\|^I0\|^W0' | tail -n 40
+  printf '```\n\n## train_throughput_gpt_1b\n\n```\n'; tail -n 6 "$OUT/train_throughput_gpt_1b.log"; printf '```\n'
+} >> "$OUT/summary.md"
+cat "$OUT/summary.md"
+exit $FAILED

@@ -1,24 +1,115 @@
 """One dispatch function per kernel op: Pallas on TPU/GPU, the plain-JAX reference elsewhere.
 
-Only the reference exists so far; the Pallas kernels (chunked flash attention, paged decode attention,
-selective scan) plug in here, selected by `impl`.
+The Pallas kernels (chunked flash attention, paged decode attention, Mamba selective scan, SSD and state
+update) plug in here, selected by `impl`.
 """
 
 from __future__ import annotations
 
-from lwjax.kernels import reference
+import functools
 
-IMPLS = ("auto", "reference")
+import jax
+from jax.experimental.pallas import tpu as pltpu
+
+from lwjax.kernels import reference
+from lwjax.kernels.pallas import attention as pallas_attention
+from lwjax.kernels.pallas import attention_triton as pallas_attention_triton
+from lwjax.kernels.pallas import decode_attention as pallas_decode_attention
+from lwjax.kernels.pallas import selective_scan as pallas_selective_scan
+from lwjax.kernels.pallas import ssd as pallas_ssd
+from lwjax.kernels.pallas import state_update as pallas_state_update
+
+IMPLS = ("auto", "pallas", "interpret", "reference")
 
 
 def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None,
               impl="auto"):
   """Attention `[b, q_len, heads, d] x [b, kv_len, kv_heads, d] -> [b, q_len, heads, d]`.
 
-  See `lwjax.kernels.reference.attention` for the argument semantics. `impl` picks the implementation:
-  "auto" (the fastest available for the backend) or "reference".
+  See `lwjax.kernels.reference.attention` for the argument semantics. `impl`: "auto" (the Pallas flash
+  kernel on TPU and GPU, the reference elsewhere), "pallas" (the Mosaic kernel on TPU, the Triton one on
+  GPU), "interpret" (the TPU kernel in Pallas' TPU interpret mode, on CPU: how the tests run it) or
+  "reference".
   """
   if impl not in IMPLS:
     raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
-  return reference.attention(q, k, v, causal=causal, segment_ids=segment_ids, q_offset=q_offset,
-                             sm_scale=sm_scale, window=window)
+  if impl == "auto":
+    impl = "pallas" if jax.default_backend() in ("tpu", "gpu") else "reference"
+  if impl == "reference":
+    return reference.attention(q, k, v, causal=causal, segment_ids=segment_ids, q_offset=q_offset,
+                               sm_scale=sm_scale, window=window)
+  gpu = impl == "pallas" and jax.default_backend() == "gpu"
+  return (pallas_attention_triton if gpu else pallas_attention).attention(
+      q, k, v, causal=causal, segment_ids=segment_ids, q_offset=q_offset, sm_scale=sm_scale, window=window,
+      interpret=pltpu.InterpretParams() if impl == "interpret" else False)
+
+
+def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None, impl="auto"):
+  """Paged attention of the newest `q_tokens` tokens: `q [b, q_tokens, heads, d]` over KV pages
+  `[kv_heads, num_pages, page_size, d]` found by `page_table [b, max_pages]`, `lengths [b]` keys each.
+
+  See `lwjax.kernels.reference.decode_attention` for the semantics. `impl`: "auto" (Pallas on TPU/GPU,
+  the reference elsewhere), "pallas", "interpret" (the Pallas kernel in interpret mode) or "reference".
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"decode_attention impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    impl = "pallas" if jax.default_backend() in ("tpu", "gpu") else "reference"
+  if impl == "reference":
+    return reference.decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale=sm_scale)
+  return pallas_decode_attention.decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale=sm_scale,
+                                                  interpret=impl == "interpret")
+
+
+def _mamba_impl(op, impl):
+  """The Mamba kernels are Mosaic (TPU) kernels: "auto" runs them on TPU and the reference elsewhere
+  (GPU included: there is no Triton version); returns the resolved impl and the `interpret` argument."""
+  if impl not in IMPLS:
+    raise ValueError(f"{op} impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    impl = "pallas" if jax.default_backend() == "tpu" else "reference"
+  return impl, pltpu.InterpretParams() if impl == "interpret" else False
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                   initial_state=None, return_state=False, impl="auto"):
+  """Mamba-1 selective scan: u, delta [b, l, d], A [d, n], B, C [b, l, n] or [b, l, groups, n] -> y [b, l, d]
+  (and the float32 final state [b, d, n] when return_state).
+
+  See `lwjax.kernels.reference.selective_scan` for the semantics. `impl`: "auto" (the fused Pallas scan on
+  TPU, the reference elsewhere), "pallas", "interpret" (the TPU kernel in Pallas' TPU interpret mode, on
+  CPU) or "reference".
+  """
+  impl, interpret = _mamba_impl("selective_scan", impl)
+  fn = reference.selective_scan if impl == "reference" else functools.partial(
+      pallas_selective_scan.selective_scan, interpret=interpret)
+  return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+            initial_state=initial_state, return_state=return_state)
+
+
+def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, initial_state=None,
+        return_state=False, chunk_size=128, impl="auto"):
+  """Mamba-2 SSD: x [b, l, heads, headdim], dt [b, l, heads], A [heads], B, C [b, l, groups, n] -> y like x
+  (and the float32 final state [b, heads, headdim, n] when return_state).
+
+  See `lwjax.kernels.reference.ssd`; every impl uses the chunked form with `chunk_size`. `impl` as for
+  `selective_scan` (Pallas forward and backward kernels).
+  """
+  impl, interpret = _mamba_impl("ssd", impl)
+  fn = reference.ssd if impl == "reference" else functools.partial(pallas_ssd.ssd, interpret=interpret)
+  return fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
+            return_state=return_state, chunk_size=chunk_size)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True,
+                           accepted=None, return_all_states=False, impl="auto"):
+  """k decoding steps of a Mamba state [b, d, n] from x, dt [b, k, d], B, C [b, k, (groups,) n] ->
+  (y [b, k, d], the state after `accepted [b]` steps, default k, or every step's state [b, k, d, n]).
+
+  See `lwjax.kernels.reference.selective_state_update`. `impl` as for `selective_scan` (no gradient).
+  """
+  impl, interpret = _mamba_impl("selective_state_update", impl)
+  fn = reference.selective_state_update if impl == "reference" else functools.partial(
+      pallas_state_update.selective_state_update, interpret=interpret)
+  return fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, accepted=accepted,
+            return_all_states=return_all_states)

@@ -1,4 +1,4 @@
-"""Plain-JAX reference implementations of the kernels (einsum-softmax attention).
+"""Plain-JAX reference implementations of the kernels (einsum-softmax attention, Mamba scans and SSD).
 
 These are the ground truth the Pallas kernels are tested against, and the CPU path.
 """
@@ -50,3 +50,208 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
   probs = jnp.where(mask[:, None, None].any(-1, keepdims=True), probs, 0.0)
   out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.reshape(batch, q_len, heads, dim).astype(q.dtype)
+
+
+def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None):
+  """Attention of the newest `q_tokens` queries of each sequence over its paged KV cache.
+
+  Args:
+    q: [batch, q_tokens, heads, dim]; query i of sequence b sits at position lengths[b] - q_tokens + i
+      (q_tokens > 1: speculative verification) and attends causally to the keys up to it.
+    k_pages, v_pages: [kv_heads, num_pages, page_size, dim], heads % kv_heads == 0.
+    page_table: [batch, max_pages] int32; key position p of sequence b lives in page
+      page_table[b, p // page_size] at slot p % page_size. Entries past the length are ignored.
+    lengths: [batch] int32, valid keys per sequence including the new tokens.
+    sm_scale: softmax scale, default dim ** -0.5.
+  Returns:
+    [batch, q_tokens, heads, dim] in q's dtype.
+  """
+  kv_heads, _, page_size, dim = k_pages.shape
+  batch, max_pages = page_table.shape
+
+  def gather(pages):  # -> [batch, max_pages * page_size, kv_heads, dim]
+    kv_hbpsd = pages[:, page_table]
+    return kv_hbpsd.reshape(kv_heads, batch, max_pages * page_size, dim).transpose(1, 2, 0, 3)
+
+  q_offset = jnp.asarray(lengths, jnp.int32) - q.shape[1]
+  return attention(q, gather(k_pages), gather(v_pages), causal=True, q_offset=q_offset, sm_scale=sm_scale)
+
+
+# ---- Mamba selective state spaces (Mamba-1 selective scan, Mamba-2 SSD, decoding state update) ----
+
+
+def _discretize_dt(dt, bias, softplus):
+  """Step sizes in float32: softplus(dt + bias) as in Mamba, or dt + bias when softplus is off."""
+  dt = dt.astype(jnp.float32)
+  if bias is not None:
+    dt = dt + bias.astype(jnp.float32)
+  return jax.nn.softplus(dt) if softplus else dt
+
+
+def _with_groups(bc):
+  """B or C as [batch, len, groups, state]: an ungrouped [batch, len, state] is one group."""
+  return (bc[:, :, None] if bc.ndim == 3 else bc).astype(jnp.float32)
+
+
+def _gate(y, u, D, z):
+  """y + D * u, then times silu(z) when z is given (float32)."""
+  if D is not None:
+    y = y + u.astype(jnp.float32) * D.astype(jnp.float32)
+  if z is not None:
+    y = y * jax.nn.silu(z.astype(jnp.float32))
+  return y
+
+
+def _varying_like(x, *others):
+  """x marked as varying over every `shard_map` axis that one of `others` varies over: a scan carry keeps
+  one type, so a zero initial state must vary like the sharded inputs it meets."""
+  axes = frozenset().union(*(jax.typeof(o).manual_axis_type.varying for o in others))
+  axes -= jax.typeof(x).manual_axis_type.varying
+  return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
+
+
+def _mamba1_scan(h0_bdn, dt_bld, x_bld, A_dn, B_blgn, C_blgn, method):
+  """h_t = exp(dt_t A) h_{t-1} + x_t B_t, y_t = C_t . h_t over the length axis.
+
+  Returns (y [b, l, d], states [b, l, d, n]) for method "states", else (y, final state [b, d, n]).
+  """
+  b, _, d = x_bld.shape
+  g = B_blgn.shape[2]
+  h0_bdn = _varying_like(h0_bdn, dt_bld, x_bld, A_dn, B_blgn, C_blgn)
+  A_gcn = A_dn.astype(jnp.float32).reshape(g, d // g, -1)
+  if method == "associative":
+    dA = jnp.exp(dt_bld.reshape(b, -1, g, d // g)[..., None] * A_gcn)  # [b, l, g, d/g, n]
+    dBx = x_bld.reshape(dA.shape[:-1])[..., None] * B_blgn[:, :, :, None]
+    dBx = dBx.at[:, 0].add(dA[:, 0] * h0_bdn.reshape(dA.shape[:1] + dA.shape[2:]))
+
+    def combine(left, right):
+      return left[0] * right[0], right[0] * left[1] + right[1]
+    _, h = jax.lax.associative_scan(combine, (dA, dBx), axis=1)
+    y = jnp.einsum("blgcn,blgn->blgc", h, C_blgn).reshape(x_bld.shape)
+    return y, h[:, -1].reshape(h0_bdn.shape)
+
+  def step(h_bgcn, inputs):
+    dt_bgc, x_bgc, B_bgn, C_bgn = inputs
+    h_bgcn = jnp.exp(dt_bgc[..., None] * A_gcn) * h_bgcn + x_bgc[..., None] * B_bgn[:, :, None]
+    y_bgc = jnp.einsum("bgcn,bgn->bgc", h_bgcn, C_bgn)
+    return h_bgcn, (y_bgc, h_bgcn if method == "states" else None)
+
+  per_step = (dt_bld.reshape(b, -1, g, d // g), x_bld.reshape(b, -1, g, d // g), B_blgn, C_blgn)
+  h_last, (y, hs) = jax.lax.scan(step, h0_bdn.reshape(b, g, d // g, -1),
+                                 jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), per_step))
+  y = jnp.moveaxis(y, 0, 1).reshape(x_bld.shape)
+  if method == "states":
+    return y, jnp.moveaxis(hs, 0, 1).reshape(b, -1, d, A_dn.shape[1])
+  return y, h_last.reshape(h0_bdn.shape)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                   initial_state=None, return_state=False, method="scan"):
+  """Mamba-1 selective scan (Gu & Dao 2023, Alg. 2; the S6 layer of Mamba in the Llama, arXiv 2408.15237).
+
+  h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,  y_t = C_t . h_t + D u_t, times silu(z_t) when z is given,
+  with dt = softplus(delta + delta_bias) (zero-order hold for A, Euler for B, as in Mamba).
+
+  Args:
+    u, delta: [batch, len, dim]. A: [dim, state] (negative for a decaying state).
+    B, C: [batch, len, state], or [batch, len, groups, state] with dim % groups == 0 (channel c reads
+      group c // (dim // groups)).
+    D: [dim] skip; z: [batch, len, dim] gate; delta_bias: [dim].
+    initial_state: [batch, dim, state]; zeros when None.
+    return_state: also return the state after the last step, float32 [batch, dim, state].
+    method: "scan" (lax.scan, O(b d n) memory) or "associative" (lax.associative_scan over
+      materialised [b, l, d, n] transitions: log-depth, for checking the sequential forms).
+  Returns:
+    y [batch, len, dim] in u's dtype (float32 math), and the final state when return_state.
+  """
+  b, _, d = u.shape
+  if method not in ("scan", "associative"):
+    raise ValueError(f"selective_scan method must be 'scan' or 'associative', got {method!r}")
+  dt = _discretize_dt(delta, delta_bias, delta_softplus)
+  h0 = (jnp.zeros((b, d, A.shape[1]), jnp.float32) if initial_state is None
+        else initial_state.astype(jnp.float32))
+  y, h_last = _mamba1_scan(h0, dt, dt * u.astype(jnp.float32), A, _with_groups(B), _with_groups(C), method)
+  y = _gate(y, u, D, z).astype(u.dtype)
+  return (y, h_last) if return_state else y
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True,
+                           accepted=None, return_all_states=False):
+  """Advances a Mamba state by k tokens (decoding; speculative verification as in arXiv 2408.15237 Sec. 4).
+
+  Mamba-2 heads use it too: state [b, heads*headdim, n], A repeated per head to [heads*headdim, n].
+
+  Args:
+    state: [batch, dim, state] before the k tokens. x, dt: [batch, k, dim]; A: [dim, state];
+      B, C: [batch, k, state] or [batch, k, groups, state]; D, dt_bias: [dim]; z: [batch, k, dim].
+    accepted: int [batch] in [0, k]: how many of the k steps to keep in the returned state (the
+      verified draft tokens); all k when None.
+    return_all_states: return the state after every step, [batch, k, dim, state], instead.
+  Returns:
+    (y [batch, k, dim] in x's dtype, the new state in state's dtype).
+  """
+  dt = _discretize_dt(dt, dt_bias, dt_softplus)
+  y, states = _mamba1_scan(state.astype(jnp.float32), dt, dt * x.astype(jnp.float32), A, _with_groups(B),
+                           _with_groups(C), "states")
+  y = _gate(y, x, D, z).astype(x.dtype)
+  if return_all_states:
+    return y, states.astype(state.dtype)
+  if accepted is None:
+    return y, states[:, -1].astype(state.dtype)
+  with_start = jnp.concatenate([state[:, None].astype(jnp.float32), states], axis=1)  # [b, k + 1, d, n]
+  kept = jnp.take_along_axis(with_start, jnp.asarray(accepted).reshape(-1, 1, 1, 1), axis=1)[:, 0]
+  return y, kept.astype(state.dtype)
+
+
+def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, initial_state=None,
+        return_state=False, chunk_size=None):
+  """Mamba-2 state space duality (Dao & Gu 2024, Sec. 6): scalar decay per head.
+
+  h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,  y_t = h_t C_t + D x_t (times silu(z_t) when given).
+
+  Args:
+    x: [batch, len, heads, headdim]; dt: [batch, len, heads]; A: [heads] (negative);
+      B, C: [batch, len, groups, state] with heads % groups == 0 (head h reads group h // (heads // groups));
+      D, dt_bias: [heads]; z: [batch, len, heads, headdim]; initial_state: [batch, heads, headdim, state].
+    chunk_size: None for the quadratic (attention-like) form over the whole length; an int for the
+      chunked form: quadratic within chunks, a linear recurrence over the chunk states.
+  Returns:
+    y [batch, len, heads, headdim] in x's dtype, and the float32 final state when return_state.
+  """
+  b, l, h, p = x.shape
+  g, n = B.shape[2], B.shape[3]
+  dt = _discretize_dt(dt, dt_bias, dt_softplus)  # [b, l, h]
+  h0 = (jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None
+        else initial_state.astype(jnp.float32))
+  q = l if chunk_size is None else chunk_size
+  pad = -l % q
+  c = (l + pad) // q
+
+  def chunked(a):  # [b, l, ...] -> [b, c, q, ...]; zero-padded steps add no input and do not decay
+    a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    return a.reshape(b, c, q, *a.shape[2:])
+
+  xdt = chunked(x.astype(jnp.float32) * dt[..., None])  # [b, c, q, h, p]
+  B_h = chunked(jnp.repeat(B.astype(jnp.float32), h // g, axis=2))  # [b, c, q, h, n]
+  C_h = chunked(jnp.repeat(C.astype(jnp.float32), h // g, axis=2))
+  cum = jnp.cumsum(chunked(dt * A.astype(jnp.float32)), axis=2)  # [b, c, q, h]: log decay from chunk start
+  causal = jnp.tril(jnp.ones((q, q), bool))
+  seg = cum[:, :, :, None] - cum[:, :, None, :]  # [b, c, t, s, h]
+  decay = jnp.exp(jnp.where(causal[:, :, None], seg, -jnp.inf))
+  scores = jnp.einsum("bctkn,bcskn->bctsk", C_h, B_h) * decay
+  y = jnp.einsum("bctsk,bcskp->bctkp", scores, xdt)
+
+  to_end = jnp.exp(cum[:, :, -1:] - cum)  # [b, c, q, h]: decay from each step to its chunk's end
+  chunk_states = jnp.einsum("bcskn,bcskp->bckpn", B_h * to_end[..., None], xdt)
+
+  def carry(s_bkpn, inputs):
+    decay_bk, new_bkpn = inputs
+    return decay_bk[..., None, None] * s_bkpn + new_bkpn, s_bkpn
+  h0 = _varying_like(h0, cum, chunk_states)
+  h_last, starts = jax.lax.scan(carry, h0, (jnp.moveaxis(jnp.exp(cum[:, :, -1]), 1, 0),
+                                            jnp.moveaxis(chunk_states, 1, 0)))
+  starts = jnp.moveaxis(starts, 0, 1)  # [b, c, h, p, n]: the state entering each chunk
+  y = y + jnp.einsum("bctkn,bckpn->bctkp", C_h, starts) * jnp.exp(cum)[..., None]
+  y = y.reshape(b, c * q, h, p)[:, :l]
+  y = _gate(y, x, None if D is None else D[:, None], z).astype(x.dtype)
+  return (y, h_last) if return_state else y

@@ -1,0 +1,152 @@
+"""Paged decode attention: the Pallas kernels against the reference, the reference against dense attention,
+the TPU kernel compiled for v5e and v5p topologies and the GPU kernel lowered to Triton, on CPU.
+
+Tolerances (max |kernel - reference| <= atol + rtol |reference|, outputs O(1)): float32 2e-5 (the same fp32
+math in another summation order; 2e-7 seen in interpret mode); bfloat16 2e-2 (bf16 inputs and outputs, and
+probabilities rounded to bf16 against a running rather than the final maximum; one bf16 ulp, 8e-3, seen).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import Mesh, PartitionSpec as P
+
+from lwjax import kernels
+from lwjax.kernels import reference
+from lwjax.kernels.pallas import decode_attention as pallas_decode
+from lwjax.launch import aot
+
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+PAGE_SIZE = 8
+
+
+def _paged_inputs(seed, lengths, *, q_tokens, heads, kv_heads, dim=16, dtype=jnp.float32, max_pages=6):
+  """Random q and a shuffled page pool; pages no sequence uses hold NaN, slots past a length garbage."""
+  rng = np.random.default_rng(seed)
+  batch = len(lengths)
+  num_pages = batch * max_pages + 3
+  page_table = rng.permutation(num_pages)[:batch * max_pages].reshape(batch, max_pages).astype(np.int32)
+  k_pages = np.full((kv_heads, num_pages, PAGE_SIZE, dim), np.nan, np.float32)
+  v_pages = k_pages.copy()
+  for b, length in enumerate(lengths):
+    num_used = -(-length // PAGE_SIZE)
+    used = page_table[b, :num_used]
+    k_pages[:, used] = 1e3  # garbage in the slots of the last page past the length
+    v_pages[:, used] = -1e3
+    for pos in range(length):
+      page, slot = page_table[b, pos // PAGE_SIZE], pos % PAGE_SIZE
+      k_pages[:, page, slot] = rng.normal(size=(kv_heads, dim))
+      v_pages[:, page, slot] = rng.normal(size=(kv_heads, dim))
+    page_table[b, num_used:] = -1  # table entries past the length are never read
+  q = rng.normal(size=(batch, q_tokens, heads, dim))
+  return (jnp.asarray(q, dtype), jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype), jnp.asarray(page_table),
+          jnp.asarray(lengths, jnp.int32))
+
+
+def _reference(q, k_pages, v_pages, page_table, lengths):
+  """The reference on the same inputs with the NaN pages zeroed (it gathers whole page-table rows)."""
+  return jax.jit(reference.decode_attention)(q, jnp.nan_to_num(k_pages), jnp.nan_to_num(v_pages), page_table, lengths)
+
+
+# Lengths: one key, ending mid-page, ending on a page boundary, the whole table; q_tokens = 4 also has a
+# sequence shorter than its new tokens (its first queries see no key and give zeros).
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("q_tokens,heads,kv_heads,dtype,lengths", [
+    (1, 8, 2, jnp.float32, [1, 19, 24, 48]),
+    (1, 8, 1, jnp.bfloat16, [1, 19, 24, 48]),
+    (4, 8, 2, jnp.bfloat16, [2, 19, 24, 48]),
+    (4, 4, 4, jnp.float32, [4, 13, 40, 48]),
+])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_kernel_matches_reference(kernel_impl, backend, q_tokens, heads, kv_heads, dtype, lengths, num_splits):
+  if kernel_impl == "pallas" and backend != jax.default_backend():
+    pytest.skip(f"the {backend} kernel does not run on {jax.default_backend()}")
+  inputs = _paged_inputs(0, lengths, q_tokens=q_tokens, heads=heads, kv_heads=kv_heads, dtype=dtype)
+  out = pallas_decode.decode_attention(*inputs, backend=backend, num_splits=num_splits, block_kv=16,
+                                       interpret=kernel_impl == "interpret")
+  assert out.shape == inputs[0].shape and out.dtype == dtype
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(_reference(*inputs), np.float32),
+                             atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_tpu_kernel_in_tpu_interpret_mode(kernel_impl):
+  """Pallas' TPU simulator (DMAs into VMEM, scalar prefetch in SMEM, race detection), beyond plain interpret."""
+  if kernel_impl == "pallas":
+    pytest.skip("a CPU simulation of the TPU kernel")
+  inputs = _paged_inputs(3, [2, 21, 48], q_tokens=4, heads=8, kv_heads=2, dtype=jnp.bfloat16)
+  out = pallas_decode.decode_attention(*inputs, backend="tpu", num_splits=2, block_kv=16,
+                                       interpret=pltpu.InterpretParams(detect_races=True))
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(_reference(*inputs), np.float32),
+                             atol=TOLERANCE[jnp.bfloat16], rtol=TOLERANCE[jnp.bfloat16])
+
+
+def test_dispatch_picks_the_kernel_and_the_reference(kernel_impl):
+  inputs = _paged_inputs(1, [7, 30], q_tokens=2, heads=4, kv_heads=2)
+  inputs = (inputs[0], jnp.nan_to_num(inputs[1]), jnp.nan_to_num(inputs[2]), *inputs[3:])
+
+  def run(impl):
+    return jax.jit(functools.partial(kernels.decode_attention, sm_scale=0.3, impl=impl))(*inputs)
+  want = run("reference")
+  np.testing.assert_allclose(run(kernel_impl), want, atol=TOLERANCE[jnp.float32])
+  np.testing.assert_allclose(run("auto"), want, atol=TOLERANCE[jnp.float32])
+  with pytest.raises(ValueError, match="impl"):
+    kernels.decode_attention(*inputs, impl="cuda")
+
+
+@pytest.mark.parametrize("q_tokens", [1, 3])
+def test_reference_is_dense_attention_from_the_query_offset(q_tokens):
+  q, k_pages, v_pages, page_table, lengths = _paged_inputs(2, [3, 17, 41], q_tokens=q_tokens, heads=6, kv_heads=3)
+  k_pages, v_pages = np.asarray(jnp.nan_to_num(k_pages)), np.asarray(jnp.nan_to_num(v_pages))
+  # Each sequence's keys copied out of its pages into one contiguous row; the rest of the row is garbage.
+  max_len = int(lengths.max())
+  k_bskd = np.full((len(lengths), max_len, 3, 16), 1e3, np.float32)
+  v_bskd = np.full_like(k_bskd, -1e3)
+  for b, length in enumerate(np.asarray(lengths)):
+    pos = np.arange(length)
+    pages = np.asarray(page_table)[b, pos // PAGE_SIZE]
+    k_bskd[b, :length] = k_pages[:, pages, pos % PAGE_SIZE].transpose(1, 0, 2)
+    v_bskd[b, :length] = v_pages[:, pages, pos % PAGE_SIZE].transpose(1, 0, 2)
+  want = jax.jit(functools.partial(reference.attention, causal=True))(q, k_bskd, v_bskd, q_offset=lengths - q_tokens)
+  got = jax.jit(reference.decode_attention)(q, k_pages, v_pages, page_table, lengths)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+AVAILABLE, WHY = aot.libtpu_available()
+
+
+@pytest.mark.skipif(not AVAILABLE, reason=f"libtpu cannot load: {WHY}")
+@pytest.mark.parametrize("topology", ["v5e:1x1", "v5p:2x2x1"])
+@pytest.mark.parametrize("q_tokens,num_splits", [(1, None), (4, 2)])
+def test_tpu_kernel_compiles(topology, q_tokens, num_splits):
+  """Llama-style GQA 32/8 heads, bf16, 16-token pages; on 4 chips the kv heads are sharded (tensor parallel)."""
+  batch, heads, kv_heads, dim, page_size, max_pages = 8, 32, 8, 128, 16, 64
+  kernel = functools.partial(pallas_decode.decode_attention, backend="tpu", num_splits=num_splits)
+  devices = aot.tpu_devices(topology)
+  if len(devices) > 1:
+    kernel = jax.shard_map(kernel, mesh=Mesh(devices, ("x",)), in_specs=(P(None, None, "x"), P("x"), P("x"), P(), P()),
+                           out_specs=P(None, None, "x"), check_vma=False)
+  pages = jax.ShapeDtypeStruct((kv_heads, batch * max_pages, page_size, dim), jnp.bfloat16)
+  compiled = aot.compile_for_tpu(
+      kernel, jax.ShapeDtypeStruct((batch, q_tokens, heads, dim), jnp.bfloat16), pages, pages,
+      jax.ShapeDtypeStruct((batch, max_pages), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32),
+      topology=topology)
+  assert "tpu_custom_call" in compiled.as_text()
+  assert compiled.memory_analysis().output_size_in_bytes == batch * q_tokens * heads * dim * 2  # replicated
+
+
+@pytest.mark.parametrize("q_tokens", [1, 4])
+def test_gpu_kernel_lowers_to_triton(q_tokens):
+  """Lowering to Triton IR runs on CPU (compiling it to PTX needs the GPU): batch 64, GQA 32/8, bf16."""
+  batch, heads, kv_heads, dim, page_size, max_pages = 64, 32, 8, 128, 16, 256
+  pages = jax.ShapeDtypeStruct((kv_heads, batch * max_pages, page_size, dim), jnp.bfloat16)
+  kernel = jax.jit(functools.partial(pallas_decode.decode_attention, backend="gpu"))
+  exported = export.export(kernel, platforms=["cuda"],
+                           disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+      jax.ShapeDtypeStruct((batch, q_tokens, heads, dim), jnp.bfloat16), pages, pages,
+      jax.ShapeDtypeStruct((batch, max_pages), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32))
+  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
