@@ -47,25 +47,26 @@ def validate(config) -> None:
 
 
 def load_model(config) -> GPT:
-  """The served model from `config.weights`."""
+  """The served model from `config.weights`: random (`config.model`), an HF directory, or the latest
+  checkpoint of an lwjax training workdir (its model shape comes from the config saved beside it)."""
   source, path = config.weights.source, config.weights.path
   if source == "hf_checkpoint":
     return hf_llama.load(path)
-  cfg = GPTConfig.from_dict(config.model)
-  model = GPT(cfg, rngs=nnx.Rngs(config.seed))
-  if source == "lwjax_checkpoint":
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(path, "checkpoints")), item_names=("state",))
-    step = manager.latest_step()
-    if step is None:
-      raise ConfigError("weights.path", f"no checkpoint under {path}/checkpoints", "an lwjax training workdir")
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore({"params": abstract}, partial_restore=True)))
-    model = nnx.merge(graphdef, restored["state"]["params"])
-    logging.info("serve: restored step %d of %s", step, path)
-  return model
+  if source == "random":
+    return GPT(GPTConfig.from_dict(config.model), rngs=nnx.Rngs(config.seed))
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(path, "checkpoints")),
+                                  item_names=("state", "config"))
+  step = manager.latest_step()
+  if step is None:
+    raise ConfigError("weights.path", f"no checkpoint under {path}/checkpoints", "an lwjax training workdir")
+  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  cfg = GPTConfig.from_dict(saved["model"])
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore({"params": abstract}, partial_restore=True)))
+  logging.info("serve: restored step %d of %s", step, path)
+  return nnx.merge(graphdef, restored["state"]["params"])
 
 
 def load_tokenizer(config):
