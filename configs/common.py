@@ -30,12 +30,18 @@ def distributed(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def parse_arg(arg: str | None, **defaults) -> dict:
-  """`"scale=cpu,model=gpt_125m"` -> {"scale": "cpu", "model": "gpt_125m"} over `defaults`."""
+def parse_arg(arg: str | None, *, choices: dict | None = None, **defaults) -> dict:
+  """`"scale=cpu,model=gpt_125m"` -> {"scale": "cpu", "model": "gpt_125m"} over `defaults`.
+
+  `choices` maps an argument to its allowed values; anything else raises ValueError naming them.
+  """
   values = dict(defaults)
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     if not sep or key not in defaults:
       raise ValueError(f"config argument {item!r}: expected one of {', '.join(f'{k}=...' for k in defaults)}")
     values[key] = value
+  for key, allowed in (choices or {}).items():
+    if values[key] not in allowed:
+      raise ValueError(f"{key}={values[key]!r}: expected one of {', '.join(allowed)}")
   return values

@@ -21,10 +21,8 @@ _DEFAULT_MODEL = {"smoke": "gpt_tiny", "cpu": "gpt_tiny", "gpu": "gpt_125m", "pa
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, scale="cpu", model="")
+  args = common.parse_arg(arg, choices={"scale": SCALES}, scale="cpu", model="")
   scale = args["scale"]
-  if scale not in SCALES:
-    raise ValueError(f"scale={scale!r}: expected one of {', '.join(SCALES)}")
   config = ml_collections.ConfigDict()
   config.job = "lm_pretrain"
   config.seed = 0

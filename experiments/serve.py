@@ -22,10 +22,8 @@ _DEFAULT_MODEL = {"smoke": "gpt_tiny", "cpu": "gpt_tiny", "gpu": "gpt_1b", "pape
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, scale="smoke", model="")
+  args = common.parse_arg(arg, choices={"scale": SCALES}, scale="smoke", model="")
   scale = args["scale"]
-  if scale not in SCALES:
-    raise ValueError(f"scale={scale!r}: expected one of {', '.join(SCALES)}")
   config = ml_collections.ConfigDict()
   config.job = "serve"
   config.seed = 0
