@@ -38,7 +38,7 @@ def test_forward_and_gradients_match_reference_larger_grid(name, dtype, blocks):
 
 @pytest.mark.parametrize("dim,window,segments", [(128, None, False), (64, 256, True)])
 def test_forward_and_backward_lower_to_triton(dim, window, segments):
-  """bf16, causal, GQA 4, per-sequence offsets, length 1000 (padded to the 64-blocks): three Triton kernels."""
+  """bf16, causal, GQA 4, per-sequence offsets, length 1000 (padded to the blocks): three Triton kernels."""
   batch, length, heads, kv_heads = 2, 1000, 8, 2
 
   def loss(q, k, v, segment_ids, q_offset):

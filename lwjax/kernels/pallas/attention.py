@@ -6,15 +6,15 @@ separate kernels so every grid cell owns its output block and no accumulation cr
 
 TPU mapping. Arrays are head-major `[batch, heads, len, dim]` (the wrapper transposes), one (query block,
 key block) pair per grid step, blocks DMA'd into VMEM by BlockSpecs, accumulators in VMEM scratch along the
-innermost ("arbitrary") grid axis. (Keeping `[batch, len, heads * dim]` with a head as a lane-aligned column
-block would skip the transposes, but on TPU that view is itself a relayout of `[.., heads, dim]` tiles:
-AOT-compiled in a GPT layer it made more copies, not fewer.) Query offsets (chunked prefill, one per sequence) are scalar-prefetched into SMEM so that the index maps
-can use them: a key block that no query of the current query block can see (above the causal diagonal,
-outside the sliding window) is neither computed (`pl.when`) nor fetched (its index map repeats the previous
-block, and the pipeline skips a copy whose block index is unchanged). Blocks entirely visible take a path
-without mask arithmetic. GQA reads kv head `head // groups` through the index map; repeated K/V are never
-built. bf16/fp32 matmul inputs, fp32 accumulation. Lengths are padded to the block size; padded keys are
-masked, padded queries sliced off.
+innermost ("arbitrary") grid axis. (Viewing `[batch, len, heads * dim]` with a head as a lane-aligned column
+block would avoid the transposes on paper, but on TPU that view is itself a relayout of `[.., heads, dim]`
+tiles: AOT-compiled inside a GPT layer it made more copies, not fewer.) Query offsets (chunked prefill, one
+per sequence) are scalar-prefetched into SMEM so that the index maps can use them: a key block that no query
+of the current query block can see (above the causal diagonal, outside the sliding window) is neither
+computed (`pl.when`) nor fetched (its index map repeats the previous block, and the pipeline skips a copy
+whose block index is unchanged). Blocks entirely visible take a path without mask arithmetic. GQA reads kv
+head `head // groups` through the index map; repeated K/V are never built. bf16/fp32 matmul inputs, fp32
+accumulation. Lengths are padded to the block size; padded keys are masked, padded queries sliced off.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from lwjax.kernels.pallas.attention_blocks import (F32, MASK_VALUE, FlashConfig, div, dot, dot_nt, kv_block_range,
-                                                   pad_to, q_block_range, round_up, visible)
+                                                   pad_to, q_block_range, round_up, shape_like, visible)
 
 
 def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None,
@@ -150,11 +150,6 @@ def _pallas_call(cfg, kernel, name, grid, num_reductions, in_specs, out_specs, s
       cost_estimate=cost_estimate)
 
 
-def _like(x, shape, dtype):
-  """An output shape varying over the same `shard_map` mesh axes as `x` (required under check_vma)."""
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(x).manual_axis_type)
-
-
 def _cost(cfg, q, k, passes):
   """Dense upper bound (block skipping lowers it): `passes` matmuls of [q_len, dim] x [dim, kv_len]."""
   (batch, heads, q_len), kv_len = q.shape[:3], k.shape[2]
@@ -211,7 +206,7 @@ def _forward(cfg, q, k, v, offsets, segs):
              pltpu.VMEM((cfg.block_q, cfg.dim), F32)]
   return _pallas_call(
       cfg, _forward_kernel, "flash_attention_fwd", grid, 1, [q_spec, kv_spec, kv_spec, *seg_specs],
-      [q_spec, row_spec], scratch, [_like(q, q.shape, q.dtype), _like(q, (batch, heads, 1, q_len), F32)],
+      [q_spec, row_spec], scratch, [shape_like(q, q.shape, q.dtype), shape_like(q, (batch, heads, 1, q_len), F32)],
       _cost(cfg, q, k, passes=2),
   )(offsets, q, k, v, *seg_operands)
 
@@ -251,7 +246,7 @@ def _backward_dq(cfg, q, k, v, offsets, segs, d_out, lse, delta):
   return _pallas_call(
       cfg, _backward_dq_kernel, "flash_attention_dq", grid, 1,
       [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg_specs], q_spec,
-      [pltpu.VMEM((cfg.block_q, cfg.dim), F32)], _like(q, q.shape, q.dtype), _cost(cfg, q, k, passes=3),
+      [pltpu.VMEM((cfg.block_q, cfg.dim), F32)], shape_like(q, q.shape, q.dtype), _cost(cfg, q, k, passes=3),
   )(offsets, q, k, v, d_out, lse, delta, *seg_operands)
 
 
@@ -307,5 +302,5 @@ def _backward_dkv(cfg, q, k, v, offsets, segs, d_out, lse, delta):
   return _pallas_call(
       cfg, _backward_dkv_kernel, "flash_attention_dkv", (batch, kv_heads, nk, cfg.groups, nq), 2,
       [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg_specs], [kv_spec, kv_spec], scratch,
-      [_like(q, k.shape, k.dtype), _like(q, v.shape, v.dtype)], _cost(cfg, q, k, passes=4),
+      [shape_like(q, k.shape, k.dtype), shape_like(q, v.shape, v.dtype)], _cost(cfg, q, k, passes=4),
   )(offsets, q, k, v, d_out, lse, delta, *seg_operands)

@@ -45,6 +45,11 @@ def pad_to(x, axis, block):
   return jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)]) if pad else x
 
 
+def shape_like(x, shape, dtype):
+  """An output shape varying over the same `shard_map` mesh axes as `x` (required under check_vma)."""
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(x).manual_axis_type)
+
+
 def div(a, b):
   """a // b for a non-negative int32 scalar `a`."""
   return jax.lax.div(a, jnp.int32(b))

@@ -21,15 +21,16 @@ from jax.experimental.pallas import triton as pltriton
 
 from lwjax.kernels.pallas.attention_blocks import (F32, MASK_VALUE, FlashConfig, div, dot, dot_nt,
                                                    full_kv_block_range, full_q_block_range, kv_block_range,
-                                                   needs_mask, pad_to, q_block_range, visible)
+                                                   needs_mask, pad_to, q_block_range, shape_like, visible)
 
 
 def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None,
-              block_q=64, block_k=64, interpret=False):
+              block_q=128, block_k=64, interpret=False):
   """Flash attention on GPU; same arguments and result as `lwjax.kernels.reference.attention`.
 
   q [batch, q_len, heads, dim], k/v [batch, kv_len, kv_heads, dim] -> [batch, q_len, heads, dim].
-  Block sizes are powers of two >= 16 (Triton's dot); `dim` is zero-padded to one.
+  Block sizes are powers of two >= 16 (Triton's dot); `dim` is zero-padded to one. The defaults (and the
+  warps/stages below) are the usual FlashAttention-2 Triton choices for H100, not tuned here (no GPU).
   """
   batch, q_len, heads, dim = q.shape
   kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -87,7 +88,7 @@ def _loop_visible(cfg, lo, hi, full_lo, full_hi, body, carry):
 
 
 def _compiler_params(dim):
-  return pltriton.CompilerParams(num_warps=4 if dim <= 64 else 8, num_stages=2)
+  return pltriton.CompilerParams(num_warps=4 if dim <= 64 else 8, num_stages=3)
 
 
 # Forward: grid (q blocks, batch, heads); K and V of the (batch, kv head) are refs sliced in the loop.
@@ -146,7 +147,7 @@ def _forward(cfg, q, k, v, offsets, segs):
   return pl.pallas_call(
       functools.partial(_forward_kernel, cfg), grid=(q_len // cfg.block_q, batch, heads),
       in_specs=[off_spec, q_spec, kv_spec, kv_spec, *seg_specs], out_specs=[q_spec, row_spec],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), F32)],
+      out_shape=[shape_like(q, q.shape, q.dtype), shape_like(q, (batch, heads, q_len), F32)],
       compiler_params=_compiler_params(dim), interpret=cfg.interpret, name="flash_attention_fwd",
   )(offsets, q, k, v, *(segs or ()))
 
@@ -186,7 +187,7 @@ def _backward_dq(cfg, q, k, v, offsets, segs, d_out, lse, delta):
   return pl.pallas_call(
       functools.partial(_backward_dq_kernel, cfg), grid=(q_len // cfg.block_q, batch, heads),
       in_specs=[off_spec, q_spec, kv_spec, kv_spec, *seg_specs, q_spec, row_spec, row_spec],
-      out_specs=q_spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_specs=q_spec, out_shape=shape_like(q, q.shape, q.dtype),
       compiler_params=_compiler_params(dim), interpret=cfg.interpret, name="flash_attention_dq",
   )(offsets, q, k, v, *(segs or ()), d_out, lse, delta)
 
@@ -243,6 +244,6 @@ def _backward_dkv(cfg, q, k, v, offsets, segs, d_out, lse, delta):
       in_specs=[pl.no_block_spec, group_spec, kv_spec, kv_spec, *seg_specs, group_spec, rows_spec,
                 rows_spec],
       out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=[shape_like(q, k.shape, k.dtype), shape_like(q, v.shape, v.dtype)],
       compiler_params=_compiler_params(dim), interpret=cfg.interpret, name="flash_attention_dkv",
   )(offsets, q, k, v, *(segs or ()), d_out, lse, delta)
