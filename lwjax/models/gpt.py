@@ -9,15 +9,18 @@ Attention goes through `lwjax.kernels.attention`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from lwjax import kernels
 from lwjax.config import Field, positive_int
+from lwjax.models import logical
 from lwjax.models.logical import constrain
 
 REMAT_POLICIES = ("none", "full", "dots")
@@ -181,9 +184,34 @@ class Attention(nnx.Module):
       offsets = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (x_btd.shape[0],))
       k = write(cache_kv[0], k.astype(cache_kv[0].dtype), offsets)
       v = write(cache_kv[1], v.astype(cache_kv[1].dtype), offsets)
-    out = kernels.attention(q, k.astype(dt), v.astype(dt), causal=True, segment_ids=segment_ids,
-                            q_offset=q_offset, impl=self.cfg.attention_impl)
+    out = self._attend(q, k.astype(dt), v.astype(dt), segment_ids, q_offset)
     return self._output(out), (k, v)
+
+  def _attend(self, q, k, v, segment_ids, q_offset):
+    """`kernels.attention`, run per shard under a multi-device mesh.
+
+    XLA cannot partition a Pallas kernel, so under a mesh the call goes through `jax.shard_map`: batch
+    split as the rules say, heads split only where query and key/value heads split alike (otherwise a
+    shard's GQA groups would not line up), the sequence whole.
+    """
+    attend = functools.partial(kernels.attention, causal=True, impl=self.cfg.attention_impl)
+    mesh = logical.current_mesh()
+    if mesh is None or mesh.size == 1:
+      return attend(q, k, v, segment_ids=segment_ids, q_offset=q_offset)
+    batch = logical.spec_for(("batch",), q.shape[:1])[0]
+    q_heads = logical.spec_for(("heads",), q.shape[2:3])[0]
+    heads = q_heads if q_heads == logical.spec_for(("kv_heads",), k.shape[2:3])[0] else None
+    qkv_spec = P(batch, None, heads, None)
+    offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (q.shape[0],))
+    args, specs = [q, k, v, offset], [qkv_spec, qkv_spec, qkv_spec, P(batch)]
+    if segment_ids is not None:
+      args.append(segment_ids)
+      specs.append(P(batch, None))
+
+    def per_shard(q, k, v, offset, segment_ids=None):
+      return attend(q, k, v, segment_ids=segment_ids, q_offset=offset)
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs), out_specs=qkv_spec,
+                         check_vma=False)(*args)
 
   def paged(self, x_btd, positions_bt, inv_freq, pools, slots, page_table, lengths):
     """Attention over a paged KV cache; returns (output [b, t, d], updated (k_pool, v_pool)).

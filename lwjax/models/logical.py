@@ -85,3 +85,13 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     raise ValueError(f"logical axes {axes} do not match activation of shape {x.shape}")
   spec = logical_to_spec(axes, _CONTEXT.rules, _CONTEXT.mesh, x.shape)
   return jax.lax.with_sharding_constraint(x, NamedSharding(_CONTEXT.mesh, spec))
+
+
+def current_mesh() -> Mesh | None:
+  """The mesh installed by `axis_rules`, or None outside it."""
+  return _CONTEXT.mesh
+
+
+def spec_for(axes: LogicalAxes, shape: Sequence[int]) -> PartitionSpec:
+  """The PartitionSpec the installed rules give an array of `shape` with logical `axes`."""
+  return logical_to_spec(axes, _CONTEXT.rules, _CONTEXT.mesh, shape)

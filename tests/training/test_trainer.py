@@ -83,3 +83,11 @@ def test_loss_decreases_on_repeated_batch(optimizer):
   batch = _batches(config, 1) * 15
   _, _, losses_seen = _train(config, batch)
   assert losses_seen[-1] < 0.8 * losses_seen[0]
+
+
+def test_pallas_attention_kernel_runs_per_shard_under_a_mesh(single_device_run):
+  batches, _, losses_1 = single_device_run
+  config = _config((2, 2, 2))
+  config.model.attention_impl = "interpret"  # the TPU kernel, interpreted on CPU, inside shard_map
+  _, _, losses_n = _train(config, batches[:1])
+  np.testing.assert_allclose(losses_n, losses_1[:1], rtol=LOSS_RTOL)
