@@ -1,0 +1,84 @@
+"""The iGSM retry project: exact tokenizer, loss masks, every scale validates, smoke end to end (main.py),
+and (slow) a small model beats the constant-answer baseline measured on the same held-out problems."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lwjax import jobs
+from lwjax.data import igsm
+from lwjax.projects.retry import data as data_lib
+from lwjax.projects.retry.tokenizer import IGSMTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, ROOT)
+from experiments import igsm_retry  # noqa: E402
+
+
+def test_tokenizer_is_exact_and_word_level_on_igsm_text():
+  tok = IGSMTokenizer()
+  source = igsm.IGSMSource(20, seed=3, ops=range(1, 12), retry_rate=0.5)
+  for i in range(len(source)):
+    text = source[i]["question"] + " " + source[i]["solution"]
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert min(ids) >= 260 and len(ids) < len(text) / 3  # no byte fallback, whole names as tokens
+  odd = "Ünïcode ~ text\twith Define"
+  assert tok.decode(tok.encode(odd)) == odd
+
+
+def test_rows_train_the_solution_and_mask_only_the_wrong_steps():
+  tok = IGSMTokenizer()
+  record = igsm.IGSMSource(1, seed=0, ops=(4,), retry_rate=1.0)[0]
+  assert record["num_retries"] > 0
+  plain = data_lib.encode_example(record, tok, 1024, mask_retries=False)
+  masked = data_lib.encode_example(record, tok, 1024, mask_retries=True)
+  n_prompt = 1 + len(tok.encode(record["question"]))
+  trained = plain["targets"][plain["loss_mask"] > 0]
+  assert tok.decode(trained) == " " + record["solution"] and plain["loss_mask"][:n_prompt - 1].sum() == 0
+  kept = tok.decode(masked["targets"][masked["loss_mask"] > 0])
+  assert igsm.BACK in kept and record["solution"].count("Define") - kept.count("Define") == record["num_retries"]
+  assert data_lib.encode_example(record, tok, 64, mask_retries=False) is None
+
+
+@pytest.mark.parametrize("scale", igsm_retry.SCALES)
+@pytest.mark.parametrize("run", ["r0", "r0.2", "weak0.5", "mask0.5", "lora", "full"])
+def test_every_scale_and_run_validates(scale, run):
+  jobs.get(igsm_retry.get_config(f"scale={scale},run={run}"))
+
+
+def _main(tmp_path, workdir, arg, *overrides):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, "main.py"), "--config",
+       os.path.join(ROOT, "experiments/igsm_retry.py") + f":{arg}", "--workdir", workdir, *overrides],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_pretrains_evaluates_and_lora_finetunes_end_to_end(tmp_path):
+  result = _main(tmp_path, "r0", "scale=smoke,run=r0")
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads((tmp_path / "r0" / "metrics.json").read_text())
+  assert metrics["steps"] == 6 and set(metrics["eval"]) == {"op1", "op3", "all"}
+  assert metrics["eval"]["all"]["n"] == 8 and "[BACK] rate" in result.stderr
+  result = _main(tmp_path, "lora", "scale=smoke,run=lora,base=r0")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "finetune lora" in result.stderr
+  assert json.loads((tmp_path / "lora" / "metrics.json").read_text())["finetune"] == "lora"
+
+
+@pytest.mark.slow
+def test_small_model_beats_the_constant_answer_baseline(tmp_path):
+  # op 1 problems: the answer is one sum, product or copy of constants in the question.
+  result = _main(tmp_path, "run", "scale=smoke,run=r0", "--config.data.train_ops=1",
+                 "--config.eval.ops=1", "--config.eval.num_per_op=64", "--config.eval.batch_size=32",
+                 "--config.train.steps=400", "--config.train.global_batch_size=16",
+                 "--config.train.eval_every=400", "--config.train.checkpoint_every=400")
+  assert result.returncode == 0, result.stderr[-3000:]
+  m = json.loads((tmp_path / "run" / "metrics.json").read_text())["eval"]["op1"]
+  assert m["answer_accuracy"] > m["constant_answer_accuracy"] + 0.05, m
+  assert np.isfinite(m["length_vs_shortest"])
