@@ -11,6 +11,9 @@ import importlib
 from lwjax.config import ConfigError
 
 JOBS = {
+    "gamengen_agent": "lwjax.projects.gamengen.jobs.train_agent",
+    "gamengen_record": "lwjax.projects.gamengen.jobs.record_trajectories",
+    "igsm_retry": "lwjax.projects.retry.job",
     "lm_pretrain": "lwjax.projects.lm.pretrain",
     "serve": "lwjax.serving.serve",
 }
