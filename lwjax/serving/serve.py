@@ -6,14 +6,13 @@ from __future__ import annotations
 import logging
 import os
 
-import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
 from lwjax.data import tokenizer as tokenizer_lib
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.models import hf_llama
+from lwjax.training import checkpoint
 
 SOURCES = ("random", "lwjax_checkpoint", "hf_checkpoint")
 SCHEMA = {
@@ -54,19 +53,13 @@ def load_model(config) -> GPT:
     return hf_llama.load(path)
   if source == "random":
     return GPT(GPTConfig.from_dict(config.model), rngs=nnx.Rngs(config.seed))
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(path, "checkpoints")),
-                                  item_names=("state", "config"))
-  step = manager.latest_step()
-  if step is None:
-    raise ConfigError("weights.path", f"no checkpoint under {path}/checkpoints", "an lwjax training workdir")
-  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  cfg = GPTConfig.from_dict(saved["model"])
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore({"params": abstract}, partial_restore=True)))
+  try:
+    model, _, step = checkpoint.load_model(os.path.join(path, "checkpoints"),
+                                           lambda saved: GPT(GPTConfig.from_dict(saved["model"]), rngs=nnx.Rngs(0)))
+  except FileNotFoundError:
+    raise ConfigError("weights.path", f"no checkpoint under {path}/checkpoints", "an lwjax training workdir") from None
   logging.info("serve: restored step %d of %s", step, path)
-  return nnx.merge(graphdef, restored["state"]["params"])
+  return model
 
 
 def load_tokenizer(config):

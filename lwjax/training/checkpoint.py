@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 
 class Checkpointer:
@@ -63,3 +66,27 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def load_model(directory: str, build: Callable[[dict], Any], step: int | None = None) -> tuple[Any, dict, int]:
+  """The NNX model of a training run's checkpoint, on the default device: (model, run config, step).
+
+  `directory` is a run's `checkpoints/` folder; `build(config)` makes the model from the run config
+  saved beside the state (only its shape is used); the parameters of `step` (default: latest) fill it.
+  """
+  directory = directory if "://" in directory else os.path.abspath(directory)
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {directory}")
+    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build(config)))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                     nnx.to_pure_dict(state))}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+  finally:
+    manager.close()
+  return nnx.merge(graphdef, restored["state"]["params"]), config, step

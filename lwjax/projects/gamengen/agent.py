@@ -31,11 +31,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from lwjax.config import Field, positive_int
 from lwjax.projects.gamengen.env import AUTOMAP_SHAPE, FRAME_SHAPE, NUM_ACTIONS
+from lwjax.training import checkpoint
 
 NO_ACTION = NUM_ACTIONS  # history id before an episode's first action
 IMAGE_POOLS = (1, 2)  # 160x120 (the paper) or 80x60; the Nature-CNN needs at least 36 pixels a side
@@ -197,22 +197,9 @@ def act(graphdef: nnx.GraphDef, params, frame_bhwc, automap_bhwc, history_bk, rn
 
 def load_agent(workdir: str, step: int | None = None) -> tuple[ActorCritic, dict, int]:
   """The agent of a `gamengen_agent` run's checkpoint (default: latest): (model, run config, step)."""
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {directory}")
-  config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: ActorCritic(AgentConfig.from_dict(config["model"]),
-                                                                  rngs=nnx.Rngs(0))))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nnx.to_pure_dict(state))
-  target = {"params": abstract}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
-  manager.close()
-  return nnx.merge(graphdef, restored["state"]["params"]), config, step
+  return checkpoint.load_model(os.path.join(workdir, "checkpoints"),
+                               lambda config: ActorCritic(AgentConfig.from_dict(config["model"]), rngs=nnx.Rngs(0)),
+                               step)
 
 
 class AgentPolicy:
