@@ -180,39 +180,83 @@ def record(env_config: EnvConfig, policy: Policy, num_frames: int, out_dir: str,
     return writer.close()
 
 
+class EpisodeWindows:
+  """The window numbering shared by every window source: episodes of one or more recordings, in order.
+
+  An episode of length L gives L - context windows (target frame by target frame). `episodes` selects
+  episodes by their position in the concatenated index lists (e.g. a held-out split); default: all.
+  """
+
+  def __init__(self, directories: str | Sequence[str], context: int, episodes: Sequence[int] | None = None):
+    self.directories = [directories] if isinstance(directories, str) else list(directories)
+    if not self.directories:
+      raise ValueError("no recording directories given")
+    self.context = context
+    self.indexes = []
+    for directory in self.directories:
+      path = os.path.join(directory, INDEX_FILE)
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: expected a recording written by the gamengen_record job")
+      with open(path) as f:
+        self.indexes.append(json.load(f))
+    shapes = {tuple(index["frame_shape"]) for index in self.indexes}
+    if len(shapes) != 1:
+      raise ValueError(f"recordings of different frame shapes {sorted(shapes)}")
+    self.frame_shape = shapes.pop()
+    # (recording, shard, first record, length) per episode, in index order.
+    self.all_episodes = [(r, e["shard"], e["start"], e["length"])
+                         for r, index in enumerate(self.indexes) for e in index["episodes"]]
+    chosen = range(len(self.all_episodes)) if episodes is None else episodes
+    picked = [self.all_episodes[i] for i in chosen if self.all_episodes[i][3] > context]
+    self._episodes = np.asarray([e[:3] for e in picked], np.int64).reshape(-1, 3)
+    self._ends = np.cumsum([e[3] - context for e in picked], dtype=np.int64)  # windows up to each episode
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def locate(self, j: int) -> tuple[int, int, int]:
+    """(recording, shard, first record) of window `j`; its records are [first, first + context]."""
+    if not 0 <= j < len(self):
+      raise IndexError(f"window {j} outside [0, {len(self)})")
+    e = int(np.searchsorted(self._ends, j, side="right"))
+    recording, shard, start = (int(x) for x in self._episodes[e])
+    return recording, shard, start + j - int(self._ends[e - 1] if e else 0)
+
+
+def split_episodes(num_episodes: int, num_held_out: int) -> tuple[list[int], list[int]]:
+  """(training, held-out) episode positions: the last `num_held_out` episodes are held out."""
+  if not 0 <= num_held_out < num_episodes:
+    raise ValueError(f"cannot hold out {num_held_out} of {num_episodes} episodes")
+  cut = num_episodes - num_held_out
+  return list(range(cut)), list(range(cut, num_episodes))
+
+
 class WindowSource:
   """Windows of one episode: `context` frames with their actions, and the frame that follows.
 
   Window j is {"frames": uint8 [context, 240, 320, 3], "actions": int32 [context] (actions[k] is held
   from frames[k] to the next frame), "target": uint8 [240, 320, 3], "episode": int64 [context + 1],
-  "step": int32 [context + 1]}, as stored. Windows are numbered episode by episode in index order, target
-  by target; an episode of length L gives L - context windows. Deterministic, random access.
+  "step": int32 [context + 1]}, as stored. Windows are numbered as `EpisodeWindows` does, over one or more
+  recording directories (`episodes` selects some). Deterministic, random access.
   """
 
-  def __init__(self, directory: str, context: int):
-    with open(os.path.join(directory, INDEX_FILE)) as f:
-      index = json.load(f)
-    self.directory, self.context = directory, context
-    self.dtype = record_dtype(index["frame_shape"])
-    self.shard_paths = [os.path.join(directory, s["path"]) for s in index["shards"]]
-    episodes = [e for e in index["episodes"] if e["length"] > context]
-    self._shard = np.asarray([e["shard"] for e in episodes], np.int64)
-    self._start = np.asarray([e["start"] for e in episodes], np.int64)
-    self._ends = np.cumsum([e["length"] - context for e in episodes], dtype=np.int64)  # windows up to each
-    self._readers: dict[int, ArrayRecordReader] = {}
+  def __init__(self, directories: str | Sequence[str], context: int, episodes: Sequence[int] | None = None):
+    self.windows = EpisodeWindows(directories, context, episodes)
+    self.context = context
+    self.dtype = record_dtype(self.windows.frame_shape)
+    self.shard_paths = [[os.path.join(d, s["path"]) for s in index["shards"]]
+                        for d, index in zip(self.windows.directories, self.windows.indexes)]
+    self._readers: dict[tuple[int, int], ArrayRecordReader] = {}
 
   def __len__(self) -> int:
-    return int(self._ends[-1]) if len(self._ends) else 0
+    return len(self.windows)
 
   def __getitem__(self, j: int) -> dict[str, np.ndarray]:
-    if not 0 <= j < len(self):
-      raise IndexError(f"window {j} outside [0, {len(self)})")
-    e = int(np.searchsorted(self._ends, j, side="right"))
-    first = int(self._start[e] + j - (self._ends[e - 1] if e else 0))
-    shard = int(self._shard[e])
-    if shard not in self._readers:
-      self._readers[shard] = ArrayRecordReader(self.shard_paths[shard])
-    records = np.frombuffer(b"".join(self._readers[shard].read(first, first + self.context + 1)), self.dtype)
+    recording, shard, first = self.windows.locate(j)
+    if (recording, shard) not in self._readers:
+      self._readers[recording, shard] = ArrayRecordReader(self.shard_paths[recording][shard])
+    reader = self._readers[recording, shard]
+    records = np.frombuffer(b"".join(reader.read(first, first + self.context + 1)), self.dtype)
     return {"frames": records["frame"][:-1], "actions": records["action"][:-1], "target": records["frame"][-1],
             "episode": records["episode"], "step": records["step"]}
 
@@ -222,4 +266,4 @@ class WindowSource:
     return state
 
   def __repr__(self) -> str:
-    return f"WindowSource({self.directory!r}, context={self.context}, {len(self)} windows)"
+    return f"WindowSource({self.windows.directories!r}, context={self.context}, {len(self)} windows)"
