@@ -12,6 +12,11 @@ from lwjax.config import ConfigError
 
 JOBS = {
     "gamengen_agent": "lwjax.projects.gamengen.jobs.train_agent",
+    "gamengen_autoencoder": "lwjax.projects.gamengen.jobs.train_autoencoder",
+    "gamengen_demo": "lwjax.projects.gamengen.jobs.demo_pipeline",
+    "gamengen_diffusion": "lwjax.projects.gamengen.jobs.train_diffusion",
+    "gamengen_eval": "lwjax.projects.gamengen.jobs.evaluate",
+    "gamengen_play": "lwjax.projects.gamengen.jobs.play_world_model",
     "gamengen_record": "lwjax.projects.gamengen.jobs.record_trajectories",
     "igsm_retry": "lwjax.projects.retry.job",
     "lm_pretrain": "lwjax.projects.lm.pretrain",

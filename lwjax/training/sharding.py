@@ -62,7 +62,8 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, params_sh
   return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
-def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
-  """Sharding of a [batch, length, ...] input: batch over the data-parallel axes, the rest replicated."""
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
+  """Sharding of a [batch, ...] input of any rank >= `ndim`: batch over the data-parallel axes, the rest
+  replicated (a spec names only the leading dimensions)."""
   spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh)
   return NamedSharding(mesh, spec)

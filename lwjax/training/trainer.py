@@ -115,6 +115,14 @@ class Trainer:
     logging.info("trainer: mesh %s, %s parameters", dict(self.mesh.shape),
                  f"{sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_state['params'])):,}")
 
+  def state_from_params(self, params) -> dict:
+    """A step-0 train state holding `params` (placed in the parameter shardings) and a new optimizer state."""
+    shardings = self.state_shardings
+    params = jax.device_put(params, shardings["params"])
+    opt_state = jax.jit(self.tx.init, out_shardings=shardings["opt_state"])(params)
+    return {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]), "params": params,
+            "opt_state": opt_state}
+
   def _loss_and_grad(self, params, batch):
     def loss(p):
       loss_sum, weight, metrics = self.loss_fn(nnx.merge(self.graphdef, p), batch)
@@ -165,17 +173,23 @@ class Trainer:
     result.update({k: float(v) / weight for k, v in totals.items()})
     return result
 
-  def fit(self, train_iter, eval_batches: Callable[[], Iterator[dict]] | None = None, seed: int = 0) -> dict:
+  def fit(self, train_iter, eval_batches: Callable[[], Iterator[dict]] | None = None, seed: int = 0,
+          init_params=None, eval_hook: Callable[[int, dict], None] | None = None) -> dict:
     """Trains to `config.train.steps`, resuming from the latest checkpoint in the workdir if any.
 
     `train_iter` is a checkpointable (Grain) iterator of local numpy batches; `eval_batches()` returns
-    a fresh iterator over the evaluation batches. Returns the last train and eval metrics.
+    a fresh iterator over the evaluation batches. A fresh run starts from `init_params` (a finetune:
+    params of the same structure, e.g. another run's final ones) with a new optimizer state, else from
+    the model's initialisation. `eval_hook(step, params)` runs after each evaluation (e.g. image
+    summaries). Returns the last train and eval metrics.
     """
     cfg = self.config.train
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.keep_checkpoints,
                                    save_every=cfg.checkpoint_every, async_save=cfg.async_checkpointing)
     if ckpt.latest_step() is not None:
       step, state = ckpt.restore(self.abstract_state, train_iter)
+    elif init_params is not None:
+      step, state = 0, self.state_from_params(init_params)
     else:
       step, state = 0, self.init_state(jax.random.key(seed))
     progress = Progress(self.workdir, total_steps=cfg.steps, start_step=step,
@@ -191,6 +205,8 @@ class Trainer:
           if eval_batches is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             last_eval = self.evaluate(state["params"], eval_batches())
             progress.eval(step, last_eval)
+            if eval_hook is not None:
+              eval_hook(step, state["params"])
             progress.reset_clock(step)
           if stop.agreed():
             ckpt.save(step, state, train_iter, self.config, force=True)

@@ -183,15 +183,21 @@ def record(env_config: EnvConfig, policy: Policy, num_frames: int, out_dir: str,
 class EpisodeWindows:
   """The window numbering shared by every window source: episodes of one or more recordings, in order.
 
-  An episode of length L gives L - context windows (target frame by target frame). `episodes` selects
-  episodes by their position in the concatenated index lists (e.g. a held-out split); default: all.
+  A window is `context` + 1 records of one episode, `stride` records apart (stride = tics_per_action gives
+  one frame per agent step; windows then start on the frames where the agent chose its action, so the
+  action a record holds is held over the whole stride). An episode of L records gives
+  (L - 1 - context * stride) // stride + 1 windows, target by target. `episodes` selects episodes by
+  their position in the concatenated index lists (e.g. a held-out split); default: all.
   """
 
-  def __init__(self, directories: str | Sequence[str], context: int, episodes: Sequence[int] | None = None):
+  def __init__(self, directories: str | Sequence[str], context: int, episodes: Sequence[int] | None = None,
+               stride: int = 1):
     self.directories = [directories] if isinstance(directories, str) else list(directories)
     if not self.directories:
       raise ValueError("no recording directories given")
-    self.context = context
+    if stride < 1:
+      raise ValueError(f"stride={stride}: expected >= 1")
+    self.context, self.stride = context, stride
     self.indexes = []
     for directory in self.directories:
       path = os.path.join(directory, INDEX_FILE)
@@ -207,20 +213,23 @@ class EpisodeWindows:
     self.all_episodes = [(r, e["shard"], e["start"], e["length"])
                          for r, index in enumerate(self.indexes) for e in index["episodes"]]
     chosen = range(len(self.all_episodes)) if episodes is None else episodes
-    picked = [self.all_episodes[i] for i in chosen if self.all_episodes[i][3] > context]
+    span = context * stride
+    picked = [self.all_episodes[i] for i in chosen if self.all_episodes[i][3] > span]
     self._episodes = np.asarray([e[:3] for e in picked], np.int64).reshape(-1, 3)
-    self._ends = np.cumsum([e[3] - context for e in picked], dtype=np.int64)  # windows up to each episode
+    # windows up to and including each episode
+    self._ends = np.cumsum([(e[3] - 1 - span) // stride + 1 for e in picked], dtype=np.int64)
 
   def __len__(self) -> int:
     return int(self._ends[-1]) if len(self._ends) else 0
 
-  def locate(self, j: int) -> tuple[int, int, int]:
-    """(recording, shard, first record) of window `j`; its records are [first, first + context]."""
+  def locate(self, j: int) -> tuple[int, int, list[int]]:
+    """(recording, shard, the window's record indices: context + 1 of them, `stride` apart)."""
     if not 0 <= j < len(self):
       raise IndexError(f"window {j} outside [0, {len(self)})")
     e = int(np.searchsorted(self._ends, j, side="right"))
     recording, shard, start = (int(x) for x in self._episodes[e])
-    return recording, shard, start + j - int(self._ends[e - 1] if e else 0)
+    first = start + (j - int(self._ends[e - 1] if e else 0)) * self.stride
+    return recording, shard, list(range(first, first + self.context * self.stride + 1, self.stride))
 
 
 def split_episodes(num_episodes: int, num_held_out: int) -> tuple[list[int], list[int]]:
@@ -237,11 +246,13 @@ class WindowSource:
   Window j is {"frames": uint8 [context, 240, 320, 3], "actions": int32 [context] (actions[k] is held
   from frames[k] to the next frame), "target": uint8 [240, 320, 3], "episode": int64 [context + 1],
   "step": int32 [context + 1]}, as stored. Windows are numbered as `EpisodeWindows` does, over one or more
-  recording directories (`episodes` selects some). Deterministic, random access.
+  recording directories (`episodes` selects some; frames `stride` records apart). Deterministic, random
+  access.
   """
 
-  def __init__(self, directories: str | Sequence[str], context: int, episodes: Sequence[int] | None = None):
-    self.windows = EpisodeWindows(directories, context, episodes)
+  def __init__(self, directories: str | Sequence[str], context: int, episodes: Sequence[int] | None = None,
+               stride: int = 1):
+    self.windows = EpisodeWindows(directories, context, episodes, stride)
     self.context = context
     self.dtype = record_dtype(self.windows.frame_shape)
     self.shard_paths = [[os.path.join(d, s["path"]) for s in index["shards"]]
@@ -252,11 +263,10 @@ class WindowSource:
     return len(self.windows)
 
   def __getitem__(self, j: int) -> dict[str, np.ndarray]:
-    recording, shard, first = self.windows.locate(j)
+    recording, shard, rows = self.windows.locate(j)
     if (recording, shard) not in self._readers:
       self._readers[recording, shard] = ArrayRecordReader(self.shard_paths[recording][shard])
-    reader = self._readers[recording, shard]
-    records = np.frombuffer(b"".join(reader.read(first, first + self.context + 1)), self.dtype)
+    records = np.frombuffer(b"".join(self._readers[recording, shard].read(rows)), self.dtype)
     return {"frames": records["frame"][:-1], "actions": records["action"][:-1], "target": records["frame"][-1],
             "episode": records["episode"], "step": records["step"]}
 
@@ -266,4 +276,5 @@ class WindowSource:
     return state
 
   def __repr__(self) -> str:
-    return f"WindowSource({self.windows.directories!r}, context={self.context}, {len(self)} windows)"
+    return (f"WindowSource({self.windows.directories!r}, context={self.context}, stride={self.windows.stride}, "
+            f"{len(self)} windows)")

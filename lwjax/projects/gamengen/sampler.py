@@ -69,12 +69,16 @@ def ddim_sample(denoise: DenoiseFn, params, context_latents_bthwc: jax.Array, ac
   acp = jnp.asarray(alphas_cumprod, jnp.float32)
   x = jax.random.normal(noise_key, (b, h, w, c), jnp.float32)
   timesteps = ddim_timesteps(steps, len(alphas_cumprod))
-  for i, t in enumerate(timesteps):  # unrolled: k is small and static, and each step has its own constants
+  # alpha_bar of the step each DDIM update lands on; the last lands on alpha_bar = 1 (the x0 prediction).
+  a_prev = np.append(np.asarray(alphas_cumprod, np.float32)[timesteps[1:]], np.float32(1.0))
+
+  def ddim_step(x, step):  # a scan, so the denoiser compiles once whatever the step count
+    t, a_next = step
     t_b = jnp.full((b,), t, jnp.int32)
     v = guided_v(denoise, params, x, context, t_b, bucket_b, actions_bt, guidance).astype(jnp.float32)
     x0, eps = x0_from_v(x, v, t_b, acp), eps_from_v(x, v, t_b, acp)
-    a_prev = acp[timesteps[i + 1]] if i + 1 < len(timesteps) else jnp.float32(1.0)
-    x = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev) * eps
+    return jnp.sqrt(a_next) * x0 + jnp.sqrt(1.0 - a_next) * eps, None
+  x, _ = jax.lax.scan(ddim_step, x, (jnp.asarray(timesteps), jnp.asarray(a_prev)))
   return x
 
 

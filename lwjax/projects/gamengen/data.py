@@ -1,0 +1,50 @@
+"""Grain pipelines of GameNGen's model training: frames for the autoencoder, latent windows for the denoiser
+(arXiv 2408.14837, sec. 3.2 and 4.2).
+
+Every example carries `seed` (uint32), drawn by Grain's `random_map` from the pipeline seed and the
+example's position: the losses derive their noise from it (`example_keys`), so a resumed run (Grain's
+iterator state is checkpointed) sees exactly the noise an uninterrupted one would, whatever the sharding.
+Held-out episodes (`record.split_episodes`) never reach the training pipelines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grain
+import jax
+import numpy as np
+
+from lwjax.projects.gamengen.frames import FrameGeometry
+from lwjax.projects.gamengen.latents import LatentWindowSource
+from lwjax.projects.gamengen.record import WindowSource
+
+
+def _with_seed(example: dict, rng: np.random.Generator) -> dict:
+  return {**example, "seed": np.uint32(rng.integers(0, 2**32 - 1))}
+
+
+def frame_dataset(recordings: Sequence[str], geometry: FrameGeometry, *, batch_size: int, episodes=None,
+                  shuffle_seed: int | None = 0, num_epochs: int | None = None) -> grain.IterDataset:
+  """Batches {"image": float32 [b, H, W, 3] in [-1, 1], "seed": uint32 [b]} of single recorded frames."""
+  ds = grain.MapDataset.source(WindowSource(recordings, context=0, episodes=episodes))
+  if shuffle_seed is not None:
+    ds = ds.shuffle(seed=shuffle_seed)
+  ds = ds.repeat(num_epochs).map(lambda w: {"image": geometry.to_model(w["target"])})
+  ds = ds.random_map(_with_seed, seed=shuffle_seed or 0)
+  return ds.to_iter_dataset().batch(batch_size, drop_remainder=num_epochs is None)
+
+
+def latent_window_dataset(cache_dir: str, context: int, *, batch_size: int, episodes=None, stride: int = 1,
+                          shuffle_seed: int | None = 0, num_epochs: int | None = None) -> grain.IterDataset:
+  """Batches of `LatentWindowSource` windows plus "seed" (uint32 [b])."""
+  ds = grain.MapDataset.source(LatentWindowSource(cache_dir, context, episodes=episodes, stride=stride))
+  if shuffle_seed is not None:
+    ds = ds.shuffle(seed=shuffle_seed)
+  ds = ds.repeat(num_epochs).random_map(_with_seed, seed=shuffle_seed or 0)
+  return ds.to_iter_dataset().batch(batch_size, drop_remainder=num_epochs is None)
+
+
+def example_keys(seed_b: jax.Array) -> jax.Array:
+  """One PRNG key per example from the batch's `seed` field: [b] keys."""
+  return jax.vmap(jax.random.key)(seed_b)

@@ -1,0 +1,147 @@
+"""The `gamengen_autoencoder` job: trains the KL autoencoder on DOOM frames, then fine-tunes its decoder alone
+(arXiv 2408.14837, sec. 3.2.2).
+
+The paper starts from Stable Diffusion's autoencoder and fine-tunes only its decoder, with an MSE loss to
+the target frames. No SD weights are reachable here, so stage one trains the whole autoencoder from
+scratch (MSE + `kl_weight` x KL to N(0, I); SD's LPIPS and GAN terms need pretrained networks) in
+`<workdir>/checkpoints`; stage two (`decoder.steps` > 0) fine-tunes the decoder alone on the encoder's
+frozen latent samples with MSE, in `<workdir>/decoder/checkpoints`, as the paper does. Both stages resume.
+`load(workdir)` returns the final model for the diffusion, evaluation and play jobs.
+The last `data.held_out_episodes` episodes are never trained on; `metrics.json` reports their
+reconstruction PSNR per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from lwjax.config import ConfigError, Field, non_negative_int, validate as validate_schema
+from lwjax.data.pipeline import take_padded
+from lwjax.models.autoencoder import CONFIG_SCHEMA as AE_SCHEMA, Autoencoder, AutoencoderConfig
+from lwjax.projects.gamengen import data as data_lib, frames
+from lwjax.projects.gamengen.record import EpisodeWindows, split_episodes
+from lwjax.training import checkpoint, mesh, optim, trainer as trainer_lib
+
+SCHEMA = {
+    "job": Field(str), "seed": Field(int, min=0),
+    "data": {
+        "recordings": Field((list, tuple), doc="directories written by gamengen_record (or an agent run)"),
+        "held_out_episodes": non_negative_int("last episodes kept out of training, for evaluation"),
+    },
+    "geometry": frames.SCHEMA,
+    "model": AE_SCHEMA,
+    "loss": {"kl_weight": Field(float, min=0.0)},
+    "decoder": {"steps": non_negative_int("decoder-only MSE fine-tuning steps after stage one; 0 skips it"),
+                "learning_rate": Field(float, min=0.0)},
+    "train": trainer_lib.SCHEMA, "optim": optim.SCHEMA, "mesh": mesh.SCHEMA,
+}
+
+
+def validate(config) -> None:
+  validate_schema(config, SCHEMA)
+  try:
+    cfg = AutoencoderConfig.from_dict(config.model)
+    geometry = frames.FrameGeometry.from_dict(config.geometry)
+  except ValueError as e:
+    raise ConfigError("model/geometry", str(e), "see lwjax/models/autoencoder.py") from None
+  h, w, _ = geometry.image_shape
+  if h % cfg.downsample_factor or w % cfg.downsample_factor:
+    raise ConfigError("geometry.pad_multiple", f"image {h}x{w} is not divisible by {cfg.downsample_factor}",
+                      f"a multiple of {cfg.downsample_factor}")
+  if not config.data.recordings:
+    raise ConfigError("data.recordings", "empty", "directories holding index.json of recorded frames")
+
+
+def autoencoder_loss(model: Autoencoder, batch: dict, *, kl_weight: float, decoder_only: bool = False):
+  """Per-frame MSE of the reconstruction of a latent sample (+ kl_weight x KL); (sum, frames, metrics).
+
+  `decoder_only` stops gradients at the latent: the decoder fine-tuning of the paper (sec. 3.2.2).
+  """
+  x = batch["image"]
+  mean, logvar = model.encode(x)
+  noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(data_lib.example_keys(batch["seed"]))
+  z = mean + jnp.exp(0.5 * logvar) * noise
+  if decoder_only:
+    z = jax.lax.stop_gradient(z)
+  mse_b = jnp.mean((model.decode(z) - x) ** 2, axis=(1, 2, 3))
+  kl_b = 0.5 * jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
+  loss_b = mse_b + (0.0 if decoder_only else kl_weight) * kl_b
+  psnr_b = 10.0 * jnp.log10(4.0 / jnp.maximum(mse_b, 1e-10))  # images span [-1, 1]: peak-to-peak 2
+  return jnp.sum(loss_b), jnp.float32(x.shape[0]), {"mse": jnp.sum(mse_b), "kl": jnp.sum(kl_b),
+                                                    "psnr": jnp.sum(psnr_b)}
+
+
+def _stage_config(config, steps: int, learning_rate: float) -> ml_collections.ConfigDict:
+  stage = ml_collections.ConfigDict(config.to_dict())
+  stage.train.steps = steps
+  stage.train.eval_every = min(stage.train.eval_every, steps) if stage.train.eval_every else 0
+  stage.optim.update(learning_rate=learning_rate, weight_decay=0.0, warmup_steps=min(config.optim.warmup_steps,
+                                                                                     steps // 10))
+  return stage
+
+
+def run(config, workdir: str) -> dict:
+  """Trains both stages (resuming), writes `<workdir>/metrics.json`; returns it."""
+  cfg, geometry = AutoencoderConfig.from_dict(config.model), frames.FrameGeometry.from_dict(config.geometry)
+  recordings = list(config.data.recordings)
+  num_episodes = len(EpisodeWindows(recordings, context=0).all_episodes)
+  train_eps, eval_eps = split_episodes(num_episodes, config.data.held_out_episodes)
+  batch = config.train.global_batch_size
+
+  def eval_batches():
+    ds = data_lib.frame_dataset(recordings, geometry, batch_size=batch, episodes=eval_eps or train_eps,
+                                shuffle_seed=None, num_epochs=1)
+    return take_padded(iter(ds), config.train.eval_steps)
+
+  model_fn = lambda rngs: Autoencoder(cfg, rngs=rngs)  # noqa: E731
+  kl = config.loss.kl_weight
+  stages = [("autoencoder", workdir, config,
+             lambda model, b: autoencoder_loss(model, b, kl_weight=kl))]
+  if config.decoder.steps:
+    stages.append(("decoder", os.path.join(workdir, "decoder"),
+                   _stage_config(config, config.decoder.steps, config.decoder.learning_rate),
+                   lambda model, b: autoencoder_loss(model, b, kl_weight=kl, decoder_only=True)))
+  metrics, params = {}, None
+  for name, stage_dir, stage_config, loss_fn in stages:
+    trainer = trainer_lib.Trainer(stage_config, stage_dir, model_fn=model_fn, loss_fn=loss_fn)
+    train_ds = data_lib.frame_dataset(recordings, geometry, batch_size=batch, episodes=train_eps,
+                                      shuffle_seed=config.seed + len(metrics))
+    result = trainer.fit(iter(train_ds), eval_batches, seed=config.seed, init_params=params)
+    params = _final_params(trainer, stage_dir)
+    held_out = trainer.evaluate(params, eval_batches())
+    metrics[name] = {"steps": result["step"], "train": result["train"], "held_out": held_out}
+    logging.info("%s stage: held-out reconstruction PSNR %.2f dB (MSE %.5f) after %d steps", name,
+                 held_out["psnr"], held_out["mse"], result["step"])
+  metrics["final_stage"] = stages[-1][0]
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2)
+  return metrics
+
+
+def _final_params(trainer: trainer_lib.Trainer, stage_dir: str):
+  ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"))
+  try:
+    return ckpt.restore(trainer.abstract_state)[1]["params"]
+  finally:
+    ckpt.close()
+
+
+def load(workdir: str) -> tuple[Autoencoder, frames.FrameGeometry]:
+  """The final autoencoder of a `gamengen_autoencoder` run (its decoder stage when run) and its geometry."""
+  build = lambda config: Autoencoder(AutoencoderConfig.from_dict(config["model"]), rngs=nnx.Rngs(0))  # noqa: E731
+  stage = os.path.join(workdir, "decoder", "checkpoints")
+  if not os.path.isdir(stage):
+    stage = os.path.join(workdir, "checkpoints")
+  try:
+    model, config, _ = checkpoint.load_model(stage, build)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"no checkpoint under {stage}: expected the workdir of a gamengen_autoencoder run") from None
+  return model, frames.FrameGeometry.from_dict(config["geometry"])

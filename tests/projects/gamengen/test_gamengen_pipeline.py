@@ -1,0 +1,95 @@
+"""GameNGen end to end at the smoke scale through main.py: record -> autoencoder -> denoiser -> evaluation ->
+GIF, a restart that reuses every stage, and the headless play job on the result; every config validates."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lwjax import jobs
+from lwjax.config import ConfigError
+from lwjax.projects.gamengen.jobs import evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, ROOT)
+from configs import gamengen  # noqa: E402
+from experiments import (gamengen_autoencoder, gamengen_demo, gamengen_diffusion, gamengen_eval,  # noqa: E402
+                         gamengen_play)
+
+
+def _main(cwd, experiment, arg, workdir, *overrides):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config",
+                         os.path.join(ROOT, "experiments", experiment) + f":{arg}", "--workdir", workdir, *overrides],
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+  cwd = tmp_path_factory.mktemp("demo")
+  result = _main(cwd, "gamengen_demo.py", "scale=smoke", "run")
+  assert result.returncode == 0, result.stderr[-4000:]
+  return cwd, result
+
+
+def test_smoke_demo_runs_every_stage_and_reports_against_the_baselines(demo):
+  cwd, result = demo
+  summary = json.loads((cwd / "run" / "metrics.json").read_text())
+  metrics = json.loads((cwd / "run" / "eval" / "metrics.json").read_text())
+  for key in ("psnr_teacher_forced", "psnr_copy_last_frame", "psnr_autoencoder", "ssim_teacher_forced"):
+    assert np.isfinite(metrics[key]) and summary[key] == metrics[key]
+  assert set(metrics["psnr_by_ddim_steps"]) == {"1", "4"} and set(metrics["psnr_autoregressive"]) == {"4"}
+  assert 0 < metrics["ssim_teacher_forced"] <= 1
+  assert (cwd / "run" / "eval" / "rollout.gif").stat().st_size > 0
+  assert os.path.isdir(cwd / "run" / "autoencoder" / "decoder" / "checkpoints")  # the decoder fine-tuning stage
+  assert list((cwd / "run" / "diffusion" / "tensorboard").iterdir())
+  assert "recorded" in result.stderr and "teacher-forced PSNR" in result.stderr
+
+
+def test_restart_reuses_the_recording_and_the_trained_stages(demo):
+  cwd, _ = demo
+  again = _main(cwd, "gamengen_demo.py", "scale=smoke", "run")
+  assert again.returncode == 0, again.stderr[-3000:]
+  for stage in ("record", "autoencoder", "diffusion", "eval"):
+    assert f"reusing the finished {stage} stage" in again.stderr
+
+
+def test_headless_play_makes_changing_frames_from_the_model(demo, tmp_path):
+  cwd, _ = demo
+  actions = tmp_path / "actions.txt"
+  actions.write_text("1 3\n9 2\n")  # action ids with repeat counts
+  result = _main(cwd, "gamengen_play.py", f"diffusion={cwd / 'run' / 'diffusion'},headless=true,steps=1",
+                 str(tmp_path / "play"), f"--config.play.actions_file={actions}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((tmp_path / "play" / "play" / "play.json").read_text())
+  frames = np.load(tmp_path / "play" / "play" / "frames.npy")
+  assert summary["steps"] == 5 and frames.shape == (6, 60, 80, 3)
+  assert len({f.tobytes() for f in frames}) > 1 and summary["fps"] > 0
+
+
+@pytest.mark.parametrize("scale", gamengen.SCALES)
+def test_every_scale_validates(scale):
+  for module, arg in ((gamengen_autoencoder, "data=x"), (gamengen_diffusion, "data=x,autoencoder=y"),
+                      (gamengen_demo, "")):
+    jobs.get(module.get_config(f"scale={scale}" + (f",{arg}" if arg else "")))
+  evaluate.validate_settings(gamengen_eval.get_config(f"scale={scale}"))  # the run itself must exist to validate
+  assert gamengen_play.get_config("headless=false").job == "gamengen_play"
+
+
+@pytest.mark.parametrize("module,arg,key,value,message", [
+    (gamengen_diffusion, "data=x,autoencoder=y", "diffusion.context_dropout", 1.5, "diffusion.context_dropout"),
+    (gamengen_diffusion, "data=x,autoencoder=", "autoencoder.workdir", None, "autoencoder.workdir: empty"),
+    (gamengen_autoencoder, "data=x", "geometry.pad_multiple", 4, "geometry.pad_multiple"),
+    (gamengen_eval, "diffusion=/nonexistent", None, None, "diffusion_workdir"),
+    (gamengen_play, "diffusion=/nonexistent", None, None, "diffusion_workdir"),
+])
+def test_config_errors_name_the_key(module, arg, key, value, message):
+  config = module.get_config(arg)
+  if key and value is not None:
+    group, name = key.split(".")
+    config[group][name] = value
+  with pytest.raises(ConfigError, match=message):
+    jobs.get(config)
