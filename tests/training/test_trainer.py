@@ -1,6 +1,7 @@
 """Trainer: sharded steps equal single-device steps; gradient accumulation is exact; sharding is applied."""
 
 import importlib
+import json
 
 import jax
 import numpy as np
@@ -23,12 +24,15 @@ def _config(mesh_shape=(1, 1, 1), grad_accum=1):
   return config
 
 
-def _batches(config, n):
+def _dataset(config):
   docs = [f"doc {i}: " + " ".join(["alpha", "beta", "gamma"][j % 3] for j in range(i % 17 + 3))
           for i in range(200)]
-  ds = pipeline.make_lm_dataset(docs, tokenizer.ByteTokenizer(), seq_len=config.data.seq_len,
-                                global_batch_size=config.train.global_batch_size, shuffle_seed=0)
-  it = iter(ds)
+  return pipeline.make_lm_dataset(docs, tokenizer.ByteTokenizer(), seq_len=config.data.seq_len,
+                                  global_batch_size=config.train.global_batch_size, shuffle_seed=0)
+
+
+def _batches(config, n):
+  it = iter(_dataset(config))
   return [next(it) for _ in range(n)]
 
 
@@ -91,3 +95,22 @@ def test_pallas_attention_kernel_runs_per_shard_under_a_mesh(single_device_run):
   config.model.attention_impl = "interpret"  # the TPU kernel, interpreted on CPU, inside shard_map
   _, _, losses_n = _train(config, batches[:1])
   np.testing.assert_allclose(losses_n, losses_1[:1], rtol=LOSS_RTOL)
+
+
+def test_fit_starts_a_finetune_from_given_params_and_calls_the_eval_hook(tmp_path):
+  config = _config(mesh_shape=(2, 2, 2))
+  config.train.update(steps=2, eval_every=1, checkpoint_every=2, async_checkpointing=False)
+  batches = _batches(config, 3)
+  model_cfg = GPTConfig.from_dict(config.model)
+  trainer = Trainer(config, str(tmp_path), model_fn=lambda rngs: GPT(model_cfg, rngs=rngs), loss_fn=losses.lm_loss)
+  start = jax.tree.map(lambda x: x * 0.5, jax.device_get(trainer.init_state(jax.random.key(7))["params"]))
+  expected = trainer.evaluate(start, iter(batches[:1]))["loss"]
+  calls = []
+  result = trainer.fit(iter(_dataset(config)), lambda: iter(batches[:1]), seed=0, init_params=start,
+                       eval_hook=lambda step, params: calls.append((step, jax.tree.structure(params))))
+  assert [step for step, _ in calls] == [1, 2] and calls[0][1] == jax.tree.structure(start)
+  assert result["step"] == 2
+  # The first step trained from `start`: its loss is the loss of those params on the first batch.
+  first = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["split"] == "train"][0]
+  np.testing.assert_allclose(first["loss"], expected, rtol=1e-5)
