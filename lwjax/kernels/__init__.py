@@ -1,7 +1,8 @@
 """One dispatch function per kernel op: Pallas on TPU/GPU, the plain-JAX reference elsewhere.
 
 The Pallas kernels (chunked flash attention, paged decode attention, Mamba selective scan, SSD and state
-update) plug in here, selected by `impl`.
+update) plug in here, selected by `impl`. On GPU, attention, the selective scan and the state update have
+Triton kernels; SSD has none yet (it runs the reference there).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from lwjax.kernels.pallas import attention as pallas_attention
 from lwjax.kernels.pallas import attention_triton as pallas_attention_triton
 from lwjax.kernels.pallas import decode_attention as pallas_decode_attention
 from lwjax.kernels.pallas import selective_scan as pallas_selective_scan
+from lwjax.kernels.pallas import selective_scan_triton as pallas_selective_scan_triton
 from lwjax.kernels.pallas import ssd as pallas_ssd
 from lwjax.kernels.pallas import state_update as pallas_state_update
+from lwjax.kernels.pallas import state_update_triton as pallas_state_update_triton
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
 
@@ -61,14 +64,19 @@ def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None,
                                                   interpret=impl == "interpret")
 
 
-def _mamba_impl(op, impl):
-  """The Mamba kernels are Mosaic (TPU) kernels: "auto" runs them on TPU and the reference elsewhere
-  (GPU included: there is no Triton version); returns the resolved impl and the `interpret` argument."""
+def _mamba_impl(op, impl, gpu_kernel=True):
+  """Resolves `impl` for a Mamba kernel: "auto" is "pallas" on TPU, and on GPU when the op has a Triton
+  kernel (`gpu_kernel`), else "reference". Returns (impl, whether "pallas" means the Triton kernel, the
+  `interpret` argument of the TPU kernel)."""
   if impl not in IMPLS:
     raise ValueError(f"{op} impl must be one of {IMPLS}, got {impl!r}")
+  backend = jax.default_backend()
   if impl == "auto":
-    impl = "pallas" if jax.default_backend() == "tpu" else "reference"
-  return impl, pltpu.InterpretParams() if impl == "interpret" else False
+    impl = "pallas" if backend == "tpu" or (backend == "gpu" and gpu_kernel) else "reference"
+  gpu = impl == "pallas" and backend == "gpu"
+  if gpu and not gpu_kernel:
+    raise ValueError(f"{op} has no GPU (Triton) kernel: use impl='auto' or 'reference' on GPU")
+  return impl, gpu, pltpu.InterpretParams() if impl == "interpret" else False
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
@@ -77,12 +85,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   (and the float32 final state [b, d, n] when return_state).
 
   See `lwjax.kernels.reference.selective_scan` for the semantics. `impl`: "auto" (the fused Pallas scan on
-  TPU, the reference elsewhere), "pallas", "interpret" (the TPU kernel in Pallas' TPU interpret mode, on
-  CPU) or "reference".
+  TPU and GPU, the reference elsewhere), "pallas" (the Mosaic kernel on TPU, the Triton one on GPU),
+  "interpret" (the TPU kernel in Pallas' TPU interpret mode, on CPU) or "reference".
   """
-  impl, interpret = _mamba_impl("selective_scan", impl)
-  fn = reference.selective_scan if impl == "reference" else functools.partial(
-      pallas_selective_scan.selective_scan, interpret=interpret)
+  impl, gpu, interpret = _mamba_impl("selective_scan", impl)
+  if impl == "reference":
+    fn = reference.selective_scan
+  elif gpu:
+    fn = pallas_selective_scan_triton.selective_scan
+  else:
+    fn = functools.partial(pallas_selective_scan.selective_scan, interpret=interpret)
   return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
             initial_state=initial_state, return_state=return_state)
 
@@ -93,9 +105,10 @@ def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, initial_
   (and the float32 final state [b, heads, headdim, n] when return_state).
 
   See `lwjax.kernels.reference.ssd`; every impl uses the chunked form with `chunk_size`. `impl` as for
-  `selective_scan` (Pallas forward and backward kernels).
+  `selective_scan` (Pallas forward and backward kernels), except on GPU: there is no Triton SSD kernel yet,
+  so "auto" runs the reference there and "pallas" is an error.
   """
-  impl, interpret = _mamba_impl("ssd", impl)
+  impl, _, interpret = _mamba_impl("ssd", impl, gpu_kernel=False)
   fn = reference.ssd if impl == "reference" else functools.partial(pallas_ssd.ssd, interpret=interpret)
   return fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
             return_state=return_state, chunk_size=chunk_size)
@@ -106,10 +119,15 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
   """k decoding steps of a Mamba state [b, d, n] from x, dt [b, k, d], B, C [b, k, (groups,) n] ->
   (y [b, k, d], the state after `accepted [b]` steps, default k, or every step's state [b, k, d, n]).
 
-  See `lwjax.kernels.reference.selective_state_update`. `impl` as for `selective_scan` (no gradient).
+  See `lwjax.kernels.reference.selective_state_update`. `impl` as for `selective_scan` (Mosaic on TPU,
+  Triton on GPU; no gradient).
   """
-  impl, interpret = _mamba_impl("selective_state_update", impl)
-  fn = reference.selective_state_update if impl == "reference" else functools.partial(
-      pallas_state_update.selective_state_update, interpret=interpret)
+  impl, gpu, interpret = _mamba_impl("selective_state_update", impl)
+  if impl == "reference":
+    fn = reference.selective_state_update
+  elif gpu:
+    fn = pallas_state_update_triton.selective_state_update
+  else:
+    fn = functools.partial(pallas_state_update.selective_state_update, interpret=interpret)
   return fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, accepted=accepted,
             return_all_states=return_all_states)

@@ -41,7 +41,7 @@ SLOW_CASES = {
 def _interpret(kernel_impl):
   """The kernels' `interpret` argument; they are Mosaic (TPU) kernels, so "pallas" needs a TPU."""
   if kernel_impl == "pallas" and jax.default_backend() != "tpu":
-    pytest.skip("the Mamba kernels are TPU (Mosaic) kernels; there is no GPU version")
+    pytest.skip("the Mamba kernels are TPU (Mosaic) kernels; the GPU (Triton) kernel runs in test_selective_scan_triton.py")
   return False if kernel_impl == "pallas" else pltpu.InterpretParams()
 
 
