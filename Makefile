@@ -14,10 +14,14 @@ $(VENV)/.installed: pyproject.toml
 
 env: $(VENV)/.installed
 
+# GameNGen end to end on CPU: record DOOM, train the autoencoder and the denoiser, evaluate, roll out a GIF.
 demo: env
-	JAX_PLATFORMS=cpu $(PY) main.py --config experiments/lm_pretrain.py:scale=cpu --workdir $(DEMO_WORKDIR)
-	@echo "demo outputs: $(DEMO_WORKDIR) (checkpoints/, tensorboard/, metrics.jsonl, metrics.json, tokenizer.model, corpus/);" \
-	      "view with: $(VENV)/bin/tensorboard --logdir $(DEMO_WORKDIR)/tensorboard (pip install tensorboard)"
+	JAX_PLATFORMS=cpu JAX_COMPILATION_CACHE_DIR=$(DEMO_WORKDIR)/.jax_cache \
+	  $(PY) main.py --config experiments/gamengen_demo.py:scale=cpu --workdir $(DEMO_WORKDIR)
+	@echo "demo outputs: $(DEMO_WORKDIR)/metrics.json (PSNR vs copy-last-frame and the autoencoder ceiling)," \
+	      "$(DEMO_WORKDIR)/eval/rollout.gif (generated above recorded frames), trajectories/, autoencoder/, diffusion/;" \
+	      "play it: $(PY) main.py --config experiments/gamengen_play.py:diffusion=$(DEMO_WORKDIR)/diffusion --workdir runs/play;" \
+	      "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_WORKDIR) (pip install tensorboard)"
 
 test: env
 	$(PY) -m ruff check .

@@ -41,10 +41,10 @@ def autoencoder(scale: str, recordings: list[str]) -> ml_collections.ConfigDict:
     config.decoder.steps = 2
     config.train.update(steps=4, global_batch_size=4, log_every=2, eval_every=4, eval_steps=1, checkpoint_every=4)
     config.optim.warmup_steps = 1
-  elif scale == "cpu":
+  elif scale == "cpu":  # about 1 s a step on 2 cores: the demo's slowest stage
     config.decoder.steps = 50
-    config.train.update(steps=400, global_batch_size=16, log_every=25, eval_every=200, eval_steps=2,
-                        checkpoint_every=200)
+    config.train.update(steps=250, global_batch_size=16, log_every=25, eval_every=250, eval_steps=2,
+                        checkpoint_every=250)
     config.optim.update(learning_rate=2e-3, warmup_steps=20)
   elif scale == "gpu":
     config.decoder.steps = 2000
@@ -84,8 +84,8 @@ def diffusion(scale: str, recordings: list[str], autoencoder_workdir: str,
     config.optim.learning_rate = 1e-3
   elif scale == "cpu":
     # Minutes on 2 cores: Adafactor at 2e-5 would barely move a from-scratch net in a few hundred steps.
-    config.train.update(steps=600, global_batch_size=16, log_every=25, eval_every=300, eval_steps=4,
-                        checkpoint_every=300)
+    config.train.update(steps=2500, global_batch_size=16, log_every=100, eval_every=1250, eval_steps=4,
+                        checkpoint_every=1250)
     config.optim.update(name="adamw", learning_rate=1e-3, schedule="warmup_cosine", warmup_steps=30, b1=0.9,
                         b2=0.99, eps=1e-8)
   elif scale == "gpu":
