@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU: correctness checks, then timings; logs and summary.md go to the folder $1 (default $OUT).
 #
-# Here, first:   ../shared/tools/offline-gpu-wheels pytest pluggy iniconfig   (fills .whl/, git-ignored)
+# Here, first:   ../shared/tools/offline-gpu-wheels pytest pluggy iniconfig vizdoom gymnasium cloudpickle \
+#                  farama-notifications tqdm   (fills .whl/, git-ignored; vizdoom etc. for the GameNGen imports)
 # Then (device): bash benchmarks/gpu_check.sh "$OUT"   with carry=[".whl"], timeout_s ~ 540
 # The device image has jax/flax/optax/orbax; grain, ml-collections and tensorboardX come from .whl/.
 # Every step runs under its own timeout, all within 8 minutes; summary.md has each step's exit status and time,
@@ -42,6 +43,11 @@ step tests 170 env JAX_PLATFORMS=cuda XLA_FLAGS= LWJAX_KERNEL_IMPL=pallas \
 # Kernel timings at issue 3's target shapes, with the measured roofline and the XLA / cuDNN baselines.
 step kernels 120 python3 -m benchmarks.kernels
 
+# GameNGen real-time frame (sd14: SD-v1.4 UNet, 64-frame context, bf16): ms/FPS at k = 1, 4 DDIM steps, per-component
+# ms and the roofline. The diffusers peer is off: compiling it takes minutes (its own call, with diffusers wheels).
+step gamengen_fps 100 python3 -m benchmarks.gamengen_fps --steps 1,4 --iters 10 --peer off \
+  --out "$OUT/gamengen_fps.json"
+
 # Timing: gpt_1b (Llama-3.2-1B shape) on one card, bf16 compute with fp32 master weights; what is left of the budget.
 step train_throughput_gpt_1b $((BUDGET_S - SECONDS > 30 ? BUDGET_S - SECONDS : 30)) python3 -m benchmarks.train_throughput \
   --config experiments/lm_pretrain.py:scale=gpu,model=gpt_1b \
@@ -50,6 +56,7 @@ step train_throughput_gpt_1b $((BUDGET_S - SECONDS > 30 ? BUDGET_S - SECONDS : 3
 
 {
   printf '\n## kernels\n\n```\n'; grep -v '^\s*$' "$OUT/kernels.log" | grep -v '^WARNING\|^I0\|^W0' | tail -n 40
+  printf '```\n\n## gamengen_fps\n\n```\n'; grep -v '^WARNING\|^I0\|^W0' "$OUT/gamengen_fps.log" | tail -n 14
   printf '```\n\n## train_throughput_gpt_1b\n\n```\n'; tail -n 6 "$OUT/train_throughput_gpt_1b.log"; printf '```\n'
 } >> "$OUT/summary.md"
 cat "$OUT/summary.md"
