@@ -1,8 +1,8 @@
 """One dispatch function per kernel op: Pallas on TPU/GPU, the plain-JAX reference elsewhere.
 
 The Pallas kernels (chunked flash attention, paged decode attention, Mamba selective scan, SSD and state
-update) plug in here, selected by `impl`. On GPU, attention, the selective scan and the state update have
-Triton kernels; SSD has none yet (it runs the reference there).
+update) plug in here, selected by `impl`. On GPU each runs as a Triton kernel (paged decode attention picks its
+GPU form inside its module).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from lwjax.kernels.pallas import decode_attention as pallas_decode_attention
 from lwjax.kernels.pallas import selective_scan as pallas_selective_scan
 from lwjax.kernels.pallas import selective_scan_triton as pallas_selective_scan_triton
 from lwjax.kernels.pallas import ssd as pallas_ssd
+from lwjax.kernels.pallas import ssd_triton as pallas_ssd_triton
 from lwjax.kernels.pallas import state_update as pallas_state_update
 from lwjax.kernels.pallas import state_update_triton as pallas_state_update_triton
 
@@ -64,19 +65,15 @@ def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None,
                                                   interpret=impl == "interpret")
 
 
-def _mamba_impl(op, impl, gpu_kernel=True):
-  """Resolves `impl` for a Mamba kernel: "auto" is "pallas" on TPU, and on GPU when the op has a Triton
-  kernel (`gpu_kernel`), else "reference". Returns (impl, whether "pallas" means the Triton kernel, the
-  `interpret` argument of the TPU kernel)."""
+def _mamba_impl(op, impl):
+  """Resolves `impl` for a Mamba kernel: "auto" is "pallas" on TPU and GPU, else "reference". Returns
+  (impl, whether "pallas" means the Triton kernel, the `interpret` argument of the TPU kernel)."""
   if impl not in IMPLS:
     raise ValueError(f"{op} impl must be one of {IMPLS}, got {impl!r}")
   backend = jax.default_backend()
   if impl == "auto":
-    impl = "pallas" if backend == "tpu" or (backend == "gpu" and gpu_kernel) else "reference"
-  gpu = impl == "pallas" and backend == "gpu"
-  if gpu and not gpu_kernel:
-    raise ValueError(f"{op} has no GPU (Triton) kernel: use impl='auto' or 'reference' on GPU")
-  return impl, gpu, pltpu.InterpretParams() if impl == "interpret" else False
+    impl = "pallas" if backend in ("tpu", "gpu") else "reference"
+  return impl, impl == "pallas" and backend == "gpu", pltpu.InterpretParams() if impl == "interpret" else False
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
@@ -104,12 +101,17 @@ def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, initial_
   """Mamba-2 SSD: x [b, l, heads, headdim], dt [b, l, heads], A [heads], B, C [b, l, groups, n] -> y like x
   (and the float32 final state [b, heads, headdim, n] when return_state).
 
-  See `lwjax.kernels.reference.ssd`; every impl uses the chunked form with `chunk_size`. `impl` as for
-  `selective_scan` (Pallas forward and backward kernels), except on GPU: there is no Triton SSD kernel yet,
-  so "auto" runs the reference there and "pallas" is an error.
+  See `lwjax.kernels.reference.ssd`; every impl uses the chunked form with `chunk_size` (for the Triton
+  kernel a power of two >= 16). `impl` as for `selective_scan` (Pallas forward and backward kernels: Mosaic
+  on TPU, Triton on GPU).
   """
-  impl, _, interpret = _mamba_impl("ssd", impl, gpu_kernel=False)
-  fn = reference.ssd if impl == "reference" else functools.partial(pallas_ssd.ssd, interpret=interpret)
+  impl, gpu, interpret = _mamba_impl("ssd", impl)
+  if impl == "reference":
+    fn = reference.ssd
+  elif gpu:
+    fn = pallas_ssd_triton.ssd
+  else:
+    fn = functools.partial(pallas_ssd.ssd, interpret=interpret)
   return fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
             return_state=return_state, chunk_size=chunk_size)
 

@@ -16,7 +16,7 @@ from jax import export
 
 from lwjax import kernels
 from lwjax.kernels import reference
-from lwjax.kernels.pallas import selective_scan_triton, state_update_triton
+from lwjax.kernels.pallas import selective_scan_triton, ssd_triton, state_update_triton
 from tests.kernels.test_selective_scan import (CASES, OPTIONS, SLOW_CASES, TOL, _decode_inputs,
                                                _outputs_and_grads, _relative_error, _scan_inputs)
 
@@ -120,8 +120,8 @@ def test_prefill_scan_then_decode_steps_equal_the_scan(kernel_impl):
 
 
 def test_dispatch_picks_the_triton_kernels_on_gpu(monkeypatch):
-  """On a GPU backend "auto" and "pallas" run the Triton scan and update (here interpreted: the backend is
-  faked); SSD, without a Triton kernel, runs the reference under "auto" and refuses "pallas"."""
+  """On a GPU backend "auto" and "pallas" run the Triton scan, update and SSD (here interpreted: the backend
+  is faked)."""
   calls = []
 
   def spy(module, name):
@@ -132,6 +132,7 @@ def test_dispatch_picks_the_triton_kernels_on_gpu(monkeypatch):
     monkeypatch.setattr(module, name, run)
   spy(selective_scan_triton, "selective_scan")
   spy(state_update_triton, "selective_state_update")
+  spy(ssd_triton, "ssd")
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
 
   args = _scan_inputs(3, 1, 6, 8, 4, None, "float32", ("D",))
@@ -142,13 +143,12 @@ def test_dispatch_picks_the_triton_kernels_on_gpu(monkeypatch):
   seq, state0 = _decode_inputs(5, 1, 2, 8, 4, None)
   y, _ = kernels.selective_state_update(state0, **seq, impl="auto")
   assert _relative_error(y, reference.selective_state_update(state0, **seq)[0]) < TOL["float32"]
-  assert calls == ["selective_scan", "selective_scan", "selective_state_update"]
-
   ssd_args = dict(x=jnp.ones((1, 4, 2, 4)), dt=jnp.ones((1, 4, 2)), A=-jnp.ones((2,)), B=jnp.ones((1, 4, 1, 4)),
                   C=jnp.ones((1, 4, 1, 4)))
-  assert _relative_error(kernels.ssd(**ssd_args, chunk_size=2), reference.ssd(**ssd_args, chunk_size=2)) < 1e-6
-  with pytest.raises(ValueError, match="no GPU"):
-    kernels.ssd(**ssd_args, impl="pallas")
+  for impl in ("auto", "pallas"):
+    y = kernels.ssd(**ssd_args, chunk_size=16, impl=impl)
+    assert _relative_error(y, reference.ssd(**ssd_args, chunk_size=16)) < 1e-6
+  assert calls == ["selective_scan", "selective_scan", "selective_state_update", "ssd", "ssd"]
 
 
 _TRITON_CALL = "__gpu$xla.gpu.triton"

@@ -68,7 +68,7 @@ def test_quadratic_and_chunked_forms_equal_the_mamba1_scan():
 def test_kernel_forward_and_every_gradient(dtype, kernel_impl):
   """Ragged length over chunks of 16, 2 groups of 2 heads, all options; the backward kernel's gradients."""
   if kernel_impl == "pallas" and jax.default_backend() != "tpu":
-    pytest.skip("the SSD kernel is a TPU (Mosaic) kernel; there is no GPU version")
+    pytest.skip("the SSD kernel is a TPU (Mosaic) kernel; the GPU (Triton) kernel runs in test_ssd_triton.py")
   args = _inputs(1, 2, 37, 4, 8, 2, 16, dtype)
   interpret = False if kernel_impl == "pallas" else pltpu.InterpretParams()
   kernel = lambda **a: pallas_ssd.ssd(**a, return_state=True, chunk_size=16, interpret=interpret)
@@ -83,7 +83,7 @@ def test_kernel_forward_and_every_gradient(dtype, kernel_impl):
 
 def test_dispatch(kernel_impl):
   if kernel_impl == "pallas" and jax.default_backend() != "tpu":
-    pytest.skip("the SSD kernel is a TPU (Mosaic) kernel; there is no GPU version")
+    pytest.skip("the SSD kernel is a TPU (Mosaic) kernel; the GPU (Triton) kernel runs in test_ssd_triton.py")
   args = _inputs(2, 1, 20, 2, 8, 1, 8, "float32", options=("D",))
   y = kernels.ssd(**args, chunk_size=8, impl=kernel_impl)
   assert _relative_error(y, kernels.ssd(**args, impl="reference")) < TOL["float32"]
