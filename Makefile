@@ -23,12 +23,14 @@ demo: env
 	      "play it: $(PY) main.py --config experiments/gamengen_play.py:diffusion=$(DEMO_WORKDIR)/diffusion --workdir runs/play;" \
 	      "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_WORKDIR) (pip install tensorboard)"
 
+# Two pytest workers (one per core; most tests are bound by single-threaded XLA compilation); a test file
+# stays on one worker so its module fixtures run once.
 test: env
 	$(PY) -m ruff check .
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q --timeout=900
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q --timeout=900 -n 2 --dist loadfile
 
 test-slow: env
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
