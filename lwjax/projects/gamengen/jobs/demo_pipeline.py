@@ -37,8 +37,10 @@ def _wire(config, workdir: str) -> dict:
 
 
 def validate(config) -> None:
-  if config.get("job") != "gamengen_demo" or set(config.keys()) != {"job", *STAGES}:
-    raise ConfigError("gamengen_demo", f"keys {sorted(config.keys())}", f"job and {', '.join(STAGES)}")
+  expected = {"job", *STAGES}
+  for key in sorted(set(config.keys()) ^ expected):
+    why = "unknown key" if key not in expected else "missing stage config"
+    raise ConfigError(key, why, ", ".join(sorted(expected)))
   for name, module in (("record", record_trajectories), ("autoencoder", train_autoencoder),
                        ("diffusion", train_diffusion)):
     try:
