@@ -19,6 +19,8 @@ import ml_collections
 
 from configs import common, gamengen
 
+SCALES = gamengen.SCALES
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, choices={"scale": gamengen.SCALES}, scale="cpu", data="runs/record/trajectories")

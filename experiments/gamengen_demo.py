@@ -20,6 +20,8 @@ from experiments import gamengen_record
 
 PLACEHOLDER = "<set by the gamengen_demo job>"
 
+SCALES = gamengen.SCALES
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, choices={"scale": gamengen.SCALES}, scale="cpu")

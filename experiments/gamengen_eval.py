@@ -14,6 +14,8 @@ import ml_collections
 
 from configs import common, gamengen
 
+SCALES = gamengen.SCALES
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, choices={"scale": gamengen.SCALES}, scale="cpu", diffusion="runs/diffusion")
