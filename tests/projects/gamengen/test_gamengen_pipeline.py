@@ -44,6 +44,8 @@ def test_smoke_demo_runs_every_stage_and_reports_against_the_baselines(demo):
   assert set(metrics["psnr_by_ddim_steps"]) == {"1", "4"} and set(metrics["psnr_autoregressive"]) == {"4"}
   assert 0 < metrics["ssim_teacher_forced"] <= 1
   assert (cwd / "run" / "eval" / "rollout.gif").stat().st_size > 0
+  assert (cwd / "run" / "eval" / "rollout.mp4").stat().st_size > 0  # imageio-ffmpeg is in the test extra
+  assert list((cwd / "run" / "eval" / "tensorboard").iterdir())
   assert os.path.isdir(cwd / "run" / "autoencoder" / "decoder" / "checkpoints")  # the decoder fine-tuning stage
   assert list((cwd / "run" / "diffusion" / "tensorboard").iterdir())
   assert "recorded" in result.stderr and "teacher-forced PSNR" in result.stderr

@@ -10,8 +10,9 @@ On `eval.num_windows` windows of the held-out episodes of the diffusion run's re
 - autoregressive: from the first `context` frames of a held-out stretch, the model feeds on its own frames
   under the recorded actions; PSNR of frame n for each n in `eval.horizons` (16/32/64 as episodes allow).
 Writes `<workdir>/metrics.json` (`psnr_teacher_forced`, `psnr_copy_last_frame`, `psnr_autoencoder`,
-`ssim_teacher_forced`, ...) and `<workdir>/rollout.gif` (the first autoregressive rollout above the
-recorded frames). LPIPS and FVD need pretrained networks that cannot be fetched here: not reported.
+`ssim_teacher_forced`, ...) and the first autoregressive rollout above the recorded frames as
+`<workdir>/rollout.gif`, `rollout.mp4` (with imageio-ffmpeg) and a TensorBoard video (image strip without
+moviepy) under `<workdir>/tensorboard`. LPIPS and FVD need pretrained networks that cannot be fetched here: not reported.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def teacher_forced(model: world_model.WorldModel, windows: WindowSource, picks, 
 
 
 def autoregressive(model: world_model.WorldModel, run_config: dict, horizons, num_rollouts: int, key,
-                   gif_path: str | None) -> dict:
+                   out_dir: str | None) -> dict:
   """PSNR of generated frame n (n in `horizons`) under the recorded actions, from recorded contexts."""
   context, result = model.context, {}
   for horizon in sorted(horizons):
@@ -126,10 +127,22 @@ def autoregressive(model: world_model.WorldModel, run_config: dict, horizons, nu
       generated = np.asarray(generated[0])
       truth = model.geometry.shrink(frames[context:])
       psnrs.append(float(metrics_lib.psnr(generated[-1], truth[-1])))
-      if gif_path and r == 0 and horizon == max(horizons):
-        video.write_gif(gif_path, np.concatenate([generated, truth], axis=1))
+      if out_dir and r == 0 and horizon == max(horizons):
+        _write_rollout(out_dir, np.concatenate([generated, truth], axis=1))
     result[str(horizon)] = float(np.mean(psnrs))
   return result
+
+
+def _write_rollout(out_dir: str, frames_thwc: np.ndarray) -> None:
+  """rollout.gif, rollout.mp4 (when imageio-ffmpeg is installed) and a TensorBoard video (or image strip)."""
+  from tensorboardX import SummaryWriter
+  video.write_gif(os.path.join(out_dir, "rollout.gif"), frames_thwc)
+  try:
+    video.write_mp4(os.path.join(out_dir, "rollout.mp4"), frames_thwc)
+  except ImportError as e:
+    logging.info("no rollout.mp4: %s", e)
+  with SummaryWriter(os.path.join(out_dir, "tensorboard")) as writer:
+    video.add_video_summary(writer, "rollout/generated_above_recorded", frames_thwc, 0)
 
 
 def run(config, workdir: str) -> dict:
@@ -151,7 +164,7 @@ def run(config, workdir: str) -> dict:
             "context_frames": model.context, "diffusion_workdir": os.path.abspath(config.diffusion_workdir)}
   if e.horizons:
     result["psnr_autoregressive"] = autoregressive(model, run_config, e.horizons, e.num_rollouts,
-                                                   jax.random.fold_in(key, 1), os.path.join(workdir, "rollout.gif"))
+                                                   jax.random.fold_in(key, 1), workdir)
   logging.info("teacher-forced PSNR %.2f dB (copy-last-frame %.2f, autoencoder %.2f), SSIM %.3f; by steps %s; "
                "autoregressive %s", result["psnr_teacher_forced"], result["psnr_copy_last_frame"],
                result["psnr_autoencoder"], result["ssim_teacher_forced"], tf["psnr_by_ddim_steps"],
