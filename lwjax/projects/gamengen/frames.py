@@ -73,6 +73,12 @@ class FrameGeometry:
   def to_uint8(self, images):
     """Padded model images [..., H, W, 3] in [-1, 1] (NumPy or JAX) -> frames [..., rows, columns, 3] uint8."""
     h, w, _ = self.frame_shape
-    x = images[..., :h, :w, :]
-    return ((x.clip(-1.0, 1.0) + 1.0) * 127.5 + 0.5).astype(np.uint8)
+    return to_uint8(images, h, w)
+
+
+def to_uint8(images, crop_rows: int | None = None, crop_cols: int | None = None):
+  """Images [..., H, W, 3] in [-1, 1] (NumPy or JAX, any float dtype) -> uint8, rounded, keeping the top
+  `crop_rows` rows and the left `crop_cols` columns (None keeps all): the model pads at the bottom and right."""
+  x = images[..., :crop_rows, :crop_cols, :].astype(np.float32)
+  return ((x.clip(-1.0, 1.0) + 1.0) * 127.5 + 0.5).astype(np.uint8)
 

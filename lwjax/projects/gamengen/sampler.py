@@ -29,6 +29,7 @@ import numpy as np
 
 from lwjax.projects.gamengen.diffusion import (ALPHAS_CUMPROD, corrupt_context, denoiser_input, eps_from_v,
                                                noise_bucket, x0_from_v)
+from lwjax.projects.gamengen.frames import to_uint8
 
 DenoiseFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 DecodeFn = Callable[[Any, jax.Array], jax.Array]
@@ -80,13 +81,6 @@ def ddim_sample(denoise: DenoiseFn, params, context_latents_bthwc: jax.Array, ac
     return jnp.sqrt(a_next) * x0 + jnp.sqrt(1.0 - a_next) * eps, None
   x, _ = jax.lax.scan(ddim_step, x, (jnp.asarray(timesteps), jnp.asarray(a_prev)))
   return x
-
-
-def to_uint8(images: jax.Array, crop_rows: int | None = None, crop_cols: int | None = None) -> jax.Array:
-  """[-1, 1] float images [..., H, W, 3] -> uint8 (rounded as `frames.FrameGeometry.to_uint8`), keeping the
-  top `crop_rows` rows and left `crop_cols` columns: the model pads frames at the bottom and the right."""
-  x = jnp.clip(images[..., :crop_rows, :crop_cols, :].astype(jnp.float32), -1.0, 1.0)
-  return ((x + 1.0) * 127.5 + 0.5).astype(jnp.uint8)
 
 
 def make_frame_fn(denoise: DenoiseFn, decode: DecodeFn, *, steps: int = 4, guidance: float = 1.5,
