@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict({
       "preset": preset, "fmt": "pq", "train_ops": "1-2", "num_train": 100000, "retry_rate": run["retry_rate"],
       "retry_weak": run["retry_weak"], "mask_retries": run["mask_retries"], "seq_len": 448, "shuffle_seed": 0,
+      "pack": True,
   })
   config.eval = ml_collections.ConfigDict(
       {"ops": "1,3", "num_per_op": 4, "batch_size": 8, "max_new_tokens": 64, "seed": 1000})
@@ -72,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384, max_seq_len=704)
     config.data.update(train_ops="1-4", seq_len=512)
     config.eval.update(ops="2,4,6", num_per_op=64, batch_size=64, max_new_tokens=192)
-    config.train.update(steps=600, global_batch_size=16, log_every=25, eval_every=300, eval_steps=4,
+    config.train.update(steps=600, global_batch_size=8, log_every=25, eval_every=300, eval_steps=8,
                         checkpoint_every=300)
     config.optim.update(learning_rate=2e-3, warmup_steps=60, weight_decay=0.05)
   elif scale == "gpu":

@@ -115,10 +115,16 @@ class RolloutCollector:
 
 def evaluate(env: VectorDoomEnv, policy: Callable[[dict], np.ndarray], episodes_per_env: int) -> dict[str, float]:
   """Plays `policy` from fresh episodes until every game finished `episodes_per_env`; returns the means over
-  the first `episodes_per_env` of each game (so short episodes are not over-represented)."""
+  the first `episodes_per_env` of each game (so short episodes are not over-represented), and for each
+  key `<key>_se`, the standard error of that mean."""
   stats, obs = EpisodeStats(env.num_envs), env.reset()
   while min(sum(e["env"] == i for e in stats.finished) for i in range(env.num_envs)) < episodes_per_env:
     obs, reward, done, info = env.step(policy(obs))
     stats.add(reward, done, info)
   kept = [e for i in range(env.num_envs) for e in [e for e in stats.finished if e["env"] == i][:episodes_per_env]]
-  return {"episodes": float(len(kept)), **{k: float(np.mean([e[k] for e in kept])) for k in EPISODE_KEYS}}
+  result = {"episodes": float(len(kept))}
+  for key in EPISODE_KEYS:
+    values = np.asarray([e[key] for e in kept], np.float64)
+    result[key] = float(values.mean())
+    result[f"{key}_se"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+  return result

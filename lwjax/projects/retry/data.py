@@ -1,11 +1,15 @@
 """iGSM (question, solution) rows for next-token training with the loss on the solution only
 (Physics of LMs 2.2, Sec. 2: pretraining on retry data, with optional label masking of the wrong steps).
 
-A row is `[bos] question " " solution [eos]`, one problem per row, right-padded to `seq_len`; problems
-that do not fit are skipped (the experiments size `seq_len` so that few are). The loss mask covers the
-solution and the eos; with `mask_retries` the tokens of each wrong step ("Define X as") are left out,
-while the [BACK] marker stays trained (`lwjax.data.igsm.retry`). Fields as `lwjax.data.pipeline`
-(`inputs`, `targets`, `segment_ids`, `positions`, `loss_mask`), so `losses.lm_loss` applies as is.
+A problem is `[bos] question " " solution [eos]`; problems longer than `seq_len` are skipped (the
+experiments size `seq_len` so that few are). With `pack`, whole problems are first-fit packed into rows of
+`seq_len` (`grain.experimental.FirstFitPackIterDataset`, `batch_size` bins at a time), each a segment that
+attends only to itself with positions from 0, so no problem is cut; iGSM problems of ops 1-4 average ~270
+tokens, and a 512-token row is 80% used with 8 bins (87% with 64) against ~55% with one problem per
+right-padded row (no `pack`). The loss mask covers the solution and the eos; with `mask_retries` the
+tokens of each wrong step ("Define X as") are left out, while the [BACK] marker stays trained
+(`lwjax.data.igsm.retry`). Fields as `lwjax.data.pipeline` (`inputs`, `targets`, `segment_ids`,
+`positions`, `loss_mask`), so `losses.lm_loss` applies as is.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ def parse_ops(text: str) -> tuple[int, ...]:
   return tuple(ops)
 
 
-def encode_example(record: dict, tokenizer, seq_len: int, mask_retries: bool) -> dict[str, np.ndarray] | None:
-  """One padded training row of `record` (an `IGSMSource` record); None when it exceeds `seq_len`."""
+def encode_tokens(record: dict, tokenizer, seq_len: int, mask_retries: bool) -> dict[str, np.ndarray] | None:
+  """`inputs`, `targets`, `loss_mask` of one problem, unpadded ([n], n <= seq_len); None when it is longer."""
   prompt = [tokenizer.bos_id] + tokenizer.encode(record["question"])
   solution, ends = tokenizer.encode_with_ends(" " + record["solution"])
   tokens = prompt + solution + [tokenizer.eos_id]
@@ -43,22 +47,46 @@ def encode_example(record: dict, tokenizer, seq_len: int, mask_retries: bool) ->
         if start < piece_end <= end + 1:
           trained[i] = 0.0
   n = len(tokens) - 1
-  row = {k: np.zeros(seq_len, np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
-  row["inputs"][:n], row["targets"][:n] = tokens[:-1], tokens[1:]
-  row["segment_ids"][:n], row["positions"][:n] = 1, np.arange(n)
-  row["loss_mask"] = np.zeros(seq_len, np.float32)
-  row["loss_mask"][len(prompt) - 1:n] = trained
+  loss_mask = np.zeros(n, np.float32)
+  loss_mask[len(prompt) - 1:] = trained
+  return {"inputs": np.asarray(tokens[:-1], np.int32), "targets": np.asarray(tokens[1:], np.int32),
+          "loss_mask": loss_mask}
+
+
+def encode_example(record: dict, tokenizer, seq_len: int, mask_retries: bool) -> dict[str, np.ndarray] | None:
+  """One right-padded training row of `record` (an `IGSMSource` record); None when it exceeds `seq_len`."""
+  example = encode_tokens(record, tokenizer, seq_len, mask_retries)
+  if example is None:
+    return None
+  n = len(example["inputs"])
+  row = {k: np.zeros(seq_len, v.dtype) for k, v in example.items()}
+  for k, v in example.items():
+    row[k][:n] = v
+  row["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
+  row["positions"] = np.where(row["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
   return row
 
 
+def _packed_fields(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """FirstFitPack output (`x`, `x_segment_ids`, `x_positions` per field) -> the LM example fields."""
+  return {"inputs": packed["inputs"], "targets": packed["targets"], "loss_mask": packed["loss_mask"],
+          "segment_ids": packed["inputs_segment_ids"].astype(np.int32),
+          "positions": packed["inputs_positions"].astype(np.int32)}
+
+
 def make_dataset(source: igsm.IGSMSource, tokenizer, *, seq_len: int, batch_size: int, mask_retries: bool,
-                 shuffle_seed: int | None, num_epochs: int | None = None) -> grain.IterDataset:
-  """Batches [batch_size, seq_len] of rows of `source`; a checkpointable Grain dataset."""
+                 shuffle_seed: int | None, num_epochs: int | None = None, pack: bool = False) -> grain.IterDataset:
+  """Batches [batch_size, seq_len] of rows of `source` (packed with `pack`); a checkpointable Grain dataset."""
   ds = grain.MapDataset.source(source)
   if shuffle_seed is not None:
     ds = ds.shuffle(seed=shuffle_seed)
-  ds = ds.repeat(num_epochs).map(lambda r: encode_example(r, tokenizer, seq_len, mask_retries))
+  encode = encode_tokens if pack else encode_example
+  ds = ds.repeat(num_epochs).map(lambda r: encode(r, tokenizer, seq_len, mask_retries))
   ds = ds.to_iter_dataset().filter(lambda row: row is not None)
+  if pack:
+    lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
+    ds = grain.experimental.FirstFitPackIterDataset(ds, length_struct=lengths, num_packing_bins=batch_size,
+                                                    shuffle_bins=False).map(_packed_fields)
   return ds.batch(batch_size, drop_remainder=num_epochs is None)
 
 

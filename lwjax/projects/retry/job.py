@@ -44,6 +44,7 @@ SCHEMA = {
         "num_train": positive_int("distinct training problems (repeated)"),
         "retry_rate": Field(float, min=0.0, max=1.0), "retry_weak": Field(bool), "mask_retries": Field(bool),
         "seq_len": Field(int, min=2), "shuffle_seed": Field(int),
+        "pack": Field(bool, doc="first-fit pack whole problems into the training rows"),
     },
     "eval": {
         "ops": Field(str, check=_ops, doc="held-out ops, in distribution and beyond, e.g. '2,4,6'"),
@@ -123,7 +124,7 @@ def run(config, workdir: str) -> dict:
   model_cfg, tok, d = GPTConfig.from_dict(config.model), IGSMTokenizer(), config.data
   batch = config.train.global_batch_size
   train_ds = data_lib.make_dataset(_train_source(config), tok, seq_len=d.seq_len, batch_size=batch,
-                                   mask_retries=d.mask_retries, shuffle_seed=d.shuffle_seed)
+                                   mask_retries=d.mask_retries, shuffle_seed=d.shuffle_seed, pack=d.pack)
   eval_source = igsm.IGSMSource(batch * config.train.eval_steps, seed=config.eval.seed, preset=d.preset,
                                 fmt=d.fmt, split="test", ops=data_lib.parse_ops(d.train_ops),
                                 retry_rate=d.retry_rate, retry_weak=d.retry_weak)

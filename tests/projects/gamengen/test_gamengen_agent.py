@@ -256,4 +256,5 @@ def test_evaluate_takes_the_first_episodes_of_each_game():
   env = FakeVectorEnv(2)
   result = evaluate(env, lambda obs: np.zeros(2, np.int64), episodes_per_env=2)
   assert result["episodes"] == 4 and result["length"] == pytest.approx((3 + 3 + 4 + 4) / 4)
+  assert result["length_se"] == pytest.approx(np.std([3, 3, 4, 4], ddof=1) / 2)
   assert result["return"] == pytest.approx(10.0 * result["length"]) and result["timeout"] == 0.5

@@ -45,6 +45,32 @@ def test_rows_train_the_solution_and_mask_only_the_wrong_steps():
   assert data_lib.encode_example(record, tok, 64, mask_retries=False) is None
 
 
+def test_packed_rows_hold_whole_problems_as_segments_with_their_loss_masks():
+  tok = IGSMTokenizer()
+  source = igsm.IGSMSource(24, seed=1, ops=(1, 2, 3, 4), retry_rate=0.5)
+  expected = [data_lib.encode_tokens(source[i], tok, 512, mask_retries=True) for i in range(len(source))]
+  batches = list(data_lib.make_dataset(source, tok, seq_len=512, batch_size=4, mask_retries=True,
+                                       shuffle_seed=None, num_epochs=1, pack=True))
+  found = []
+  for batch in batches:
+    assert batch["inputs"].shape[1:] == (512,) and len(batch["inputs"]) <= 4  # the last batch may be short
+    for row in range(len(batch["inputs"])):
+      seg, pos = batch["segment_ids"][row], batch["positions"][row]
+      assert (batch["loss_mask"][row][seg == 0] == 0).all()
+      for s in range(1, seg.max() + 1):
+        where = np.flatnonzero(seg == s)
+        assert (np.diff(where) == 1).all() and (pos[where] == np.arange(len(where))).all()  # contiguous, from 0
+        found.append({k: batch[k][row][where] for k in ("inputs", "targets", "loss_mask")})
+  # Every problem lands whole in exactly one segment (first-fit may reorder them).
+  key = lambda e: tuple(e["inputs"])  # noqa: E731
+  assert sorted(map(key, found)) == sorted(map(key, expected))
+  by_inputs = {key(e): e for e in expected}
+  for e in found:
+    np.testing.assert_array_equal(e["targets"], by_inputs[key(e)]["targets"])
+    np.testing.assert_array_equal(e["loss_mask"], by_inputs[key(e)]["loss_mask"])
+  assert sum(len(b["inputs"]) for b in batches) < len(expected)  # vs one problem per padded row
+
+
 @pytest.mark.parametrize("scale", igsm_retry.SCALES)
 @pytest.mark.parametrize("run", ["r0", "r0.2", "weak0.5", "mask0.5", "lora", "full"])
 def test_every_scale_and_run_validates(scale, run):
