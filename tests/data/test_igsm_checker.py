@@ -10,10 +10,10 @@ from lwjax.data.igsm import graph
 from lwjax.data.igsm.solution import join_sentences, sentences, solution_steps
 
 
-@pytest.mark.parametrize("preset", ["med", "hard"])
+@pytest.mark.parametrize("preset", ["med", "hard", "small"])
 @pytest.mark.parametrize("fmt", ["pq", "qp"])
 def test_accepts_every_generated_solution_and_its_retry_variants(preset, fmt):
-  top = 23 if preset == "med" else 21
+  top = {"med": 23, "hard": 21, "small": 5}[preset]
   for op in range(1, top + 1):
     for seed in range(2):
       problem = igsm.generate(op=op, seed=seed, preset=preset, fmt=fmt, split=("train", "test")[seed])

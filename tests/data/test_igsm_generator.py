@@ -12,7 +12,8 @@ import pytest
 
 from lwjax.data import igsm
 
-CASES = [(preset, op, seed) for preset, top in (("med", 23), ("hard", 21)) for op in range(1, top + 1)
+CASES = [(preset, op, seed) for preset, top in (("med", 23), ("hard", 21), ("small", 5))
+         for op in range(1, top + 1)
          for seed in range(3)]
 
 
@@ -73,7 +74,7 @@ def reference_needed_and_ops(problem):
   return needed, ops
 
 
-@pytest.mark.parametrize("preset", ["med", "hard"])
+@pytest.mark.parametrize("preset", ["med", "hard", "small"])
 def test_op_and_answer_match_independent_references(preset):
   for _, op, seed in [c for c in CASES if c[0] == preset]:
     problem = igsm.generate(op=op, seed=seed, preset=preset)

@@ -2,5 +2,6 @@
 
 `tokenizer` (exact word-level iGSM tokenizer), `data` (question + solution rows, loss on the solution,
 optional masking of wrong steps), `evaluate` (batched greedy KV-cache decoding scored by `igsm.check`),
-`job` (the `igsm_retry` job: pretraining with retry rate r, LoRA or full finetuning, evaluation).
+`job` (the `igsm_retry` job: pretraining with retry rate r, LoRA or full finetuning, evaluation),
+`report` (the sweep's metrics as one Markdown table).
 """

@@ -11,7 +11,7 @@ import pytest
 
 from lwjax import jobs
 from lwjax.data import igsm
-from lwjax.projects.retry import data as data_lib
+from lwjax.projects.retry import data as data_lib, report
 from lwjax.projects.retry.tokenizer import IGSMTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -95,6 +95,9 @@ def test_smoke_pretrains_evaluates_and_lora_finetunes_end_to_end(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "finetune lora" in result.stderr
   assert json.loads((tmp_path / "lora" / "metrics.json").read_text())["finetune"] == "lora"
+  rows = report.table(report.load_runs(str(tmp_path))).splitlines()
+  assert len(rows) == 5 and rows[2].startswith("| r0 | pretrain r=0 | 6 |") and "lora finetune" in rows[3]
+  assert rows[0].count("acc %") == 3 and rows[4].startswith("| constant |")
 
 
 @pytest.mark.slow

@@ -1,0 +1,66 @@
+"""The retry sweep as one table: each run's `metrics.json` (written by `job.run`) per held-out op, with the
+binomial standard error of every accuracy (Physics of LMs 2.2, arXiv 2408.16293, Results 2-8 tables).
+
+  python -m lwjax.projects.retry.report runs/igsm_retry_cpu          # Markdown table on stdout
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+_ORDER = ("none", "lora", "full")
+
+
+def load_runs(sweep_dir: str) -> dict[str, dict]:
+  """{run name: metrics} for every `<sweep_dir>/<run>/metrics.json`, pretraining runs by retry rate first."""
+  runs = {}
+  for name in sorted(os.listdir(sweep_dir)):
+    path = os.path.join(sweep_dir, name, "metrics.json")
+    if os.path.isfile(path):
+      with open(path) as f:
+        runs[name] = json.load(f)
+  return dict(sorted(runs.items(), key=lambda kv: (_ORDER.index(kv[1]["finetune"]), kv[1]["retry_weak"],
+                                                   kv[1]["mask_retries"], kv[1]["retry_rate"], kv[0])))
+
+
+def _describe(m: dict) -> str:
+  if m["finetune"] != "none":
+    return f"{m['finetune']} finetune of r=0 on r={m['retry_rate']:g} data"
+  extra = ", retry_weak" if m["retry_weak"] else ", wrong steps masked" if m["mask_retries"] else ""
+  return f"pretrain r={m['retry_rate']:g}{extra}"
+
+
+def _pm(p: float, n: int) -> str:
+  return f"{100 * p:.1f} ± {100 * math.sqrt(max(p * (1 - p), 0.0) / n):.1f}"
+
+
+def table(runs: dict[str, dict]) -> str:
+  """Markdown: per run, full-solution accuracy (checker) per op and over all, answer accuracy, [BACK] rate,
+  solution length vs shortest, eval loss; the constant-answer baseline of the same problems last."""
+  if not runs:
+    raise ValueError("no <run>/metrics.json found: run the sweep first (experiments/igsm_retry.py)")
+  ops = [k for k in next(iter(runs.values()))["eval"] if k != "all"]
+  head = (["run", "setting", "steps"] + [f"{op} acc %" for op in ops]
+          + ["all acc %", "all answer %", "[BACK] rate", "length/shortest", "eval loss"])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, m in runs.items():
+    e = m["eval"]
+    cells = [name, _describe(m), str(m["steps"])] + [_pm(e[op]["accuracy"], e[op]["n"]) for op in ops]
+    cells += [_pm(e["all"]["accuracy"], e["all"]["n"]), _pm(e["all"]["answer_accuracy"], e["all"]["n"]),
+              f"{e['all']['back_rate']:.3f}", f"{e['all']['length_vs_shortest']:.3f}", f"{m['eval_loss']:.4f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  e = next(iter(runs.values()))["eval"]
+  cells = (["constant", "most frequent answer of the op's problems (answer accuracy)", "-"]
+           + [_pm(e[op]["constant_answer_accuracy"], e[op]["n"]) for op in ops]
+           + ["-", _pm(e["all"]["constant_answer_accuracy"], e["all"]["n"]), "-", "-", "-"])
+  lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  if len(sys.argv) != 2:
+    sys.exit("usage: python -m lwjax.projects.retry.report <sweep dir, e.g. runs/igsm_retry_cpu>")
+  print(table(load_runs(sys.argv[1])))
