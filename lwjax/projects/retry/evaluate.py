@@ -62,6 +62,11 @@ def generate_solutions(decode, params, tokenizer, questions: list[str], *, promp
   return solutions
 
 
+def _prefix(verdict) -> int:
+  """Steps written right before the first error (all of them when the solution is correct)."""
+  return verdict.num_steps if verdict.correct else verdict.first_error
+
+
 def score(records: list[dict], solutions: list[str]) -> dict[str, dict[str, float]]:
   """Checker metrics per op (keys "op<k>") and over all records ("all")."""
   groups = collections.defaultdict(list)
@@ -82,5 +87,7 @@ def score(records: list[dict], solutions: list[str]) -> dict[str, dict[str, floa
         "back_rate": float(np.mean([v.num_retries > 0 for v in verdicts])),
         "retries_per_solution": float(np.mean([v.num_retries for v in verdicts])),
         "length_vs_shortest": float(np.mean(ratios)) if ratios else float("nan"),
+        # Partial credit: the share of the shortest solution's steps written right before the first error.
+        "correct_prefix": float(np.mean([min(_prefix(v), shortest) / shortest for _, v, shortest in items])),
     }
   return metrics

@@ -156,9 +156,10 @@ def run(config, workdir: str) -> dict:
              "eval": evaluate.score(records, solutions),
              "samples": [{"op": r["op"], "solution": s} for r, s in zip(records[:3], solutions[:3])]}
   for key, m in metrics["eval"].items():
-    logging.info("%s: accuracy %.3f, answer accuracy %.3f (constant answer %.3f), [BACK] rate %.3f, "
-                 "length vs shortest %.3f (n=%d)", key, m["accuracy"], m["answer_accuracy"],
-                 m["constant_answer_accuracy"], m["back_rate"], m["length_vs_shortest"], m["n"])
+    logging.info("%s: accuracy %.3f, answer accuracy %.3f (constant answer %.3f), correct prefix %.3f, "
+                 "[BACK] rate %.3f, length vs shortest %.3f (n=%d)", key, m["accuracy"], m["answer_accuracy"],
+                 m["constant_answer_accuracy"], m["correct_prefix"], m["back_rate"], m["length_vs_shortest"],
+                 m["n"])
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "metrics.json"), "w") as f:

@@ -38,24 +38,25 @@ def _pm(p: float, n: int) -> str:
 
 
 def table(runs: dict[str, dict]) -> str:
-  """Markdown: per run, full-solution accuracy (checker) per op and over all, answer accuracy, [BACK] rate,
-  solution length vs shortest, eval loss; the constant-answer baseline of the same problems last."""
+  """Markdown: per run, full-solution accuracy (checker) per op and over all, answer accuracy, the correct
+  prefix (share of the shortest solution written right before the first error), [BACK] rate, solution
+  length vs shortest, eval loss; the constant-answer baseline of the same problems last."""
   if not runs:
     raise ValueError("no <run>/metrics.json found: run the sweep first (experiments/igsm_retry.py)")
   ops = [k for k in next(iter(runs.values()))["eval"] if k != "all"]
   head = (["run", "setting", "steps"] + [f"{op} acc %" for op in ops]
-          + ["all acc %", "all answer %", "[BACK] rate", "length/shortest", "eval loss"])
+          + ["all acc %", "all answer %", "all correct prefix %", "[BACK] rate", "length/shortest", "eval loss"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, m in runs.items():
     e = m["eval"]
     cells = [name, _describe(m), str(m["steps"])] + [_pm(e[op]["accuracy"], e[op]["n"]) for op in ops]
     cells += [_pm(e["all"]["accuracy"], e["all"]["n"]), _pm(e["all"]["answer_accuracy"], e["all"]["n"]),
-              f"{e['all']['back_rate']:.3f}", f"{e['all']['length_vs_shortest']:.3f}", f"{m['eval_loss']:.4f}"]
+              f"{100 * e['all']['correct_prefix']:.1f}", f"{e['all']['back_rate']:.3f}", f"{e['all']['length_vs_shortest']:.3f}", f"{m['eval_loss']:.4f}"]
     lines.append("| " + " | ".join(cells) + " |")
   e = next(iter(runs.values()))["eval"]
   cells = (["constant", "most frequent answer of the op's problems (answer accuracy)", "-"]
            + [_pm(e[op]["constant_answer_accuracy"], e[op]["n"]) for op in ops]
-           + ["-", _pm(e["all"]["constant_answer_accuracy"], e["all"]["n"]), "-", "-", "-"])
+           + ["-", _pm(e["all"]["constant_answer_accuracy"], e["all"]["n"]), "-", "-", "-", "-"])
   lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

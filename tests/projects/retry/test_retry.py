@@ -11,7 +11,7 @@ import pytest
 
 from lwjax import jobs
 from lwjax.data import igsm
-from lwjax.projects.retry import data as data_lib, report
+from lwjax.projects.retry import data as data_lib, evaluate, report
 from lwjax.projects.retry.tokenizer import IGSMTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -71,6 +71,16 @@ def test_packed_rows_hold_whole_problems_as_segments_with_their_loss_masks():
   assert sum(len(b["inputs"]) for b in batches) < len(expected)  # vs one problem per padded row
 
 
+def test_score_gives_partial_credit_for_the_correct_prefix():
+  records = data_lib.eval_records((3,), 4, seed=5, preset="small", fmt="pq")
+  exact = evaluate.score(records, [r["solution"] for r in records])["all"]
+  assert exact["accuracy"] == exact["correct_prefix"] == 1.0
+  first_step_only = [r["solution"].split(". ")[0] + ". Answer: 0." for r in records]
+  partial = evaluate.score(records, first_step_only)["all"]
+  shortest = [len(igsm.problem_of(r).solution_order) for r in records]
+  assert partial["accuracy"] == 0.0 and partial["correct_prefix"] == pytest.approx(np.mean([1 / n for n in shortest]))
+
+
 @pytest.mark.parametrize("scale", igsm_retry.SCALES)
 @pytest.mark.parametrize("run", ["r0", "r0.2", "weak0.5", "mask0.5", "lora", "full"])
 def test_every_scale_and_run_validates(scale, run):
@@ -91,6 +101,7 @@ def test_smoke_pretrains_evaluates_and_lora_finetunes_end_to_end(tmp_path):
   metrics = json.loads((tmp_path / "r0" / "metrics.json").read_text())
   assert metrics["steps"] == 6 and set(metrics["eval"]) == {"op1", "op3", "all"}
   assert metrics["eval"]["all"]["n"] == 8 and "[BACK] rate" in result.stderr
+  assert 0.0 <= metrics["eval"]["all"]["correct_prefix"] <= 1.0
   result = _main(tmp_path, "lora", "scale=smoke,run=lora,base=r0")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "finetune lora" in result.stderr
