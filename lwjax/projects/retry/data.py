@@ -4,7 +4,7 @@
 A problem is `[bos] question " " solution [eos]`; problems longer than `seq_len` are skipped (the
 experiments size `seq_len` so that few are). With `pack`, whole problems are first-fit packed into rows of
 `seq_len` (`grain.experimental.FirstFitPackIterDataset`, `batch_size` bins at a time), each a segment that
-attends only to itself with positions from 0, so no problem is cut; iGSM problems of ops 1-4 average ~270
+attends only to itself with positions from 0, so no problem is cut; iGSM-med problems of ops 1-4 average ~270
 tokens, and a 512-token row is 80% used with 8 bins (87% with 64) against ~55% with one problem per
 right-padded row (no `pack`). The loss mask covers the solution and the eos; with `mask_retries` the
 tokens of each wrong step ("Define X as") are left out, while the [BACK] marker stays trained
