@@ -2,29 +2,31 @@
 label masking, and LoRA vs full finetuning of the r = 0 model on retry data.
 
   python main.py --config experiments/igsm_retry.py:scale=smoke --workdir runs/igsm_smoke   # seconds
-  # the cpu sweep, one run per line, in this order (lora/full load runs/igsm_retry_cpu/r0):
-  for run in r0 r0.05 r0.1 r0.2 r0.5 weak0.5 mask0.5 lora full; do
-    python main.py --config experiments/igsm_retry.py:scale=cpu,run=$run --workdir runs/igsm_retry_cpu/$run
-  done
+  # the whole cpu sweep, resumable, skipping finished arms (lora/full finetune runs/igsm_retry_cpu/r0):
+  nohup python -m lwjax.projects.retry.sweep --scale cpu --root runs/igsm_retry_cpu > runs/igsm_retry_cpu.log 2>&1 &
+  python -m lwjax.projects.retry.report runs/igsm_retry_cpu              # the table
+  # one arm by hand:
+  python main.py --config experiments/igsm_retry.py:scale=cpu,run=r0.5,seed=1 --workdir runs/igsm_retry_cpu/r0.5_s1
   python main.py --config experiments/igsm_retry.py:scale=gpu,run=r0.5 --workdir runs/igsm_retry_gpu/r0.5
   python main.py --config experiments/igsm_retry.py:scale=paper,run=r0.5,preset=hard \
       --workdir runs/igsm_retry_paper_hard/r0.5
 
 Arguments: `scale` in smoke|cpu|gpu|paper; `run` one of RUNS: rR pretrains with retry rate R, weakR with
 retry_weak, maskR with the wrong steps masked out of the loss, lora / full finetune the r = 0 run of the
-same scale (`base`, default runs/igsm_retry_<scale>/r0) on retry data at rate 0.5; `preset` med|hard|small
-(default small at the smoke and cpu scales, med above). The cpu scale trains a 4-layer, 128-wide model
-(1.1M parameters) for 600 steps of 8 packed 512-token rows (~13k problems) on ops 1-3 of our `small`
-preset (structure graphs of <= 6 edges; iGSM-med questions at the same ops are twice as long) and tests
-on held-out templates at ops 2, 3 (in distribution), 4 and 5 (beyond). Measured on 2 cores: ~20 min per
-run, and neither at 600 nor at 2,000 steps does a model solve one held-out problem (docs/RESULTS.md), so
-this scale checks the pipeline, not the paper's trend; the gpu scale is the smallest meant to. The paper scale is GPT-2-small shaped (12 layers, 768 wide) on the preset's training
-ops, tested at its max training op and its eval ops.
+same scale (`base`, default runs/igsm_retry_<scale>/r0) on retry data at rate 0.5; `seed` (model init and
+data order); `preset` med|hard|small (default small at the smoke and cpu scales, med above).
+
+The cpu scale is the CPU reasoning testbed (`configs/igsm.py`): compact iGSM (`fmt="compact"`), ops 1-3 of
+our `small` preset, each pretraining arm with the weaker reference solver's shape and budget
+(`experiments/igsm_solver.py:size=weak`; its r = 0 arm is that solver), tested on held-out templates at
+ops 1-3 (in distribution) and 4-5 (beyond). The gpu scale keeps the English `pq` form on iGSM-med; the
+paper scale is GPT-2-small shaped (12 layers, 768 wide) on the preset's training ops, tested at its max
+training op and its eval ops.
 """
 
 import ml_collections
 
-from configs import common, gpt, mesh
+from configs import common, gpt, igsm, mesh
 from lwjax.data.igsm import PRESETS
 
 SCALES = ("smoke", "cpu", "gpu", "paper")
@@ -47,21 +49,22 @@ def _parse_run(run: str) -> dict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, choices={"scale": SCALES, "preset": ("", *PRESETS)}, scale="cpu", run="r0",
-                          preset="", base="")
+                          preset="", base="", seed="0")
   scale = args["scale"]
   preset = args["preset"] or ("small" if scale in ("smoke", "cpu") else "med")
   run = _parse_run(args["run"])
   config = ml_collections.ConfigDict()
   config.job = "igsm_retry"
-  config.seed = 0
+  config.seed = int(args["seed"])
   config.model = gpt.get("gpt_tiny", vocab_size=1152, max_seq_len=512)
   config.data = ml_collections.ConfigDict({
       "preset": preset, "fmt": "pq", "train_ops": "1-2", "num_train": 100000, "retry_rate": run["retry_rate"],
-      "retry_weak": run["retry_weak"], "mask_retries": run["mask_retries"], "seq_len": 448, "shuffle_seed": 0,
+      "retry_weak": run["retry_weak"], "mask_retries": run["mask_retries"], "seq_len": 448, "shuffle_seed": int(args["seed"]),
       "pack": True,
   })
   config.eval = ml_collections.ConfigDict(
-      {"ops": "1,3", "num_per_op": 4, "batch_size": 8, "max_new_tokens": 64, "seed": 1000})
+      {"ops": "1,3", "num_per_op": 4, "batch_size": 8, "max_new_tokens": 64, "seed": 1000, "curve_ops": "",
+       "curve_num_per_op": 16})
   base = args["base"] or f"runs/igsm_retry_{scale}/r0"
   config.finetune = ml_collections.ConfigDict({"mode": run["mode"], "init_from": base if run["mode"] != "none" else ""})
   config.lora = ml_collections.ConfigDict({"rank": 8, "alpha": 16.0, "targets": "wq,wk,wv,wo,w_gate,w_up,w_down"})
@@ -75,12 +78,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         checkpoint_every=6)
     config.optim.update(learning_rate=3e-3, warmup_steps=2)
   elif scale == "cpu":
-    config.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384, max_seq_len=768)
-    config.data.update(train_ops="1-3", seq_len=512)
-    config.eval.update(ops="2,3,4,5", num_per_op=48, batch_size=64, max_new_tokens=256)
-    config.train.update(steps=600, global_batch_size=8, log_every=25, eval_every=300, eval_steps=8,
-                        checkpoint_every=300)
-    config.optim.update(learning_rate=2e-3, warmup_steps=60, weight_decay=0.05)
+    _, steps, lr = igsm.SOLVERS["weak"]
+    config.model = igsm.solver_model("weak")
+    config.data.update(igsm.CPU_DATA)
+    config.eval.update(igsm.CPU_EVAL)
+    config.train.update(steps=steps, global_batch_size=igsm.CPU_BATCH, log_every=50, eval_every=steps // 6,
+                        eval_steps=4, checkpoint_every=steps // 6)
+    config.optim.update(learning_rate=lr, warmup_steps=100, weight_decay=0.1)
   elif scale == "gpu":
     config.model.update(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, head_dim=64, d_ff=1536,
                         max_seq_len=1536, dtype="bfloat16")

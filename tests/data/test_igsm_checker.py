@@ -1,17 +1,18 @@
 """iGSM checker and retry data: generated solutions pass, each kind of planted error is caught, retries strip."""
 
+import dataclasses
 import random
 import re
 
 import pytest
 
 from lwjax.data import igsm
-from lwjax.data.igsm import graph
+from lwjax.data.igsm import compact, graph
 from lwjax.data.igsm.solution import join_sentences, sentences, solution_steps
 
 
 @pytest.mark.parametrize("preset", ["med", "hard", "small"])
-@pytest.mark.parametrize("fmt", ["pq", "qp"])
+@pytest.mark.parametrize("fmt", ["pq", "qp", "compact"])
 def test_accepts_every_generated_solution_and_its_retry_variants(preset, fmt):
   top = {"med": 23, "hard": 21, "small": 5}[preset]
   for op in range(1, top + 1):
@@ -155,3 +156,21 @@ def test_loss_mask_covers_exactly_the_wrong_steps():
   # What stays trained, once the markers are dropped, is the correct solution.
   assert re.sub(r" \[BACK\]\. ", "", trained) == problem.solution
   assert igsm.loss_mask_segments(problem.solution) == [(problem.solution, True)]
+
+
+def test_compact_form_checks_each_planted_error_as_the_english_form():
+  english = _problem()
+  problem = dataclasses.replace(english, fmt="compact")
+  assert compact.to_compact(problem, english.solution) == problem.solution
+  for kind, index, text in _planted(english):
+    compact_text = compact.to_compact(problem, text)
+    if kind != "parse_error":  # off the step grammar ("thus"), the translation need not return the same text
+      assert compact.to_english(problem, compact_text)[0] == text, kind
+    want, got = igsm.check(english, text), igsm.check(problem, compact_text)
+    assert (got.correct, got.answer_correct, got.error_kind, got.first_error, got.num_steps) == (
+        want.correct, want.answer_correct, want.error_kind, want.first_error, want.num_steps), (kind, compact_text)
+    at = got.error_position
+    # At the start of the wrong sentence, as in the English text (or at the end of the text).
+    sentence = len(compact_text[:at].split(" . ")) - 1 if at < len(compact_text) else None
+    english_sentence = len(text[:want.error_position].split(". ")) - 1 if want.error_position < len(text) else None
+    assert sentence == english_sentence and (at in (0, len(compact_text)) or compact_text[at - 2:at] == ". "), kind

@@ -7,20 +7,21 @@
   write_retry_solution(problem, random.Random(0), retry_rate=0.2)   # text with "... as [BACK]." steps
 
 Modules: `graph` (structure and dependency graphs, values, op counts), `generator` (drawing problems,
-presets), `problem` (the `Problem` and its text), `solution` (the step writer), `retry` (retry data and
+presets), `problem` (the `Problem` and its text), `compact` (the compact symbolic rendering, fmt="compact"),
+`tokenizer` (exact tokenizers of both renderings), `solution` (the step writer), `retry` (retry data and
 loss-mask spans), `checker` (`check` -> `Verdict`), `records` (Grain source, ArrayRecord files).
 """
 
 from lwjax.data.igsm.checker import ERROR_KINDS, Verdict, check
 from lwjax.data.igsm.generator import PRESETS, generate, sample_train_op
 from lwjax.data.igsm.graph import MOD, Param, Rule, Structure
-from lwjax.data.igsm.problem import Problem
+from lwjax.data.igsm.problem import FORMATS, Problem
 from lwjax.data.igsm.records import (IGSMSource, export_array_record, problem_of, read_array_record,
                                      write_array_record)
 from lwjax.data.igsm.retry import BACK, RetrySolution, loss_mask_segments, write_retry_solution, wrong_step_spans
 
 __all__ = [
-    "BACK", "ERROR_KINDS", "IGSMSource", "MOD", "PRESETS", "Param", "Problem", "RetrySolution", "Rule",
+    "BACK", "ERROR_KINDS", "FORMATS", "IGSMSource", "MOD", "PRESETS", "Param", "Problem", "RetrySolution", "Rule",
     "Structure", "Verdict", "check", "export_array_record", "generate", "loss_mask_segments", "problem_of",
     "read_array_record", "sample_train_op", "write_array_record", "write_retry_solution", "wrong_step_spans",
 ]

@@ -17,7 +17,7 @@ import dataclasses
 import random
 import re
 
-from lwjax.data.igsm import graph
+from lwjax.data.igsm import compact, graph
 from lwjax.data.igsm.graph import MOD, Param
 from lwjax.data.igsm.problem import Problem
 from lwjax.data.igsm.retry import BACK
@@ -56,7 +56,18 @@ class _StepError(Exception):
 
 
 def check(problem: Problem, solution_text: str) -> Verdict:
-  """Checks `solution_text` (steps, then "Answer: N.") against `problem`, step by step."""
+  """Checks `solution_text` (steps, then "Answer: N.") against `problem`, step by step. A solution to a
+  problem in the compact form is translated to the English text and checked as that; its error position
+  is the start of the compact sentence (or the text's end)."""
+  if problem.fmt == "compact":
+    english, starts = compact.to_english(problem, solution_text)
+    verdict = _check_english(problem, english)
+    position = compact.compact_position(verdict.error_position, english, starts, len(solution_text))
+    return dataclasses.replace(verdict, error_position=position)
+  return _check_english(problem, solution_text)
+
+
+def _check_english(problem: Problem, solution_text: str) -> Verdict:
   steps, answer, answer_at, num_retries = [], None, len(solution_text), 0
   error = None
   for start, sentence in sentences(solution_text):

@@ -17,11 +17,11 @@ import functools
 import hashlib
 from collections.abc import Mapping
 
-from lwjax.data.igsm import graph
+from lwjax.data.igsm import compact, graph
 from lwjax.data.igsm.graph import Param, Rule, Structure
 from lwjax.data.igsm.solution import write_solution
 
-FORMATS = ("pq", "qp")
+FORMATS = ("pq", "qp", "compact")  # compact: `lwjax.data.igsm.compact`, statement then question
 SPLITS = ("train", "test")
 TRAIN_HASH_BINS = 16  # template hash mod 23 below this: train, else test
 
@@ -71,10 +71,14 @@ class Problem:
 
   @functools.cached_property
   def statement(self) -> str:
+    if self.fmt == "compact":
+      return compact.statement(self)
     return " ".join(statement_sentence(self.structure, p, self.rules[p]) for p in self.statement_order)
 
   @property
   def query_text(self) -> str:
+    if self.fmt == "compact":
+      return compact.query_text(self)
     s, p = self.structure, self.query
     wanted = s.items[p.layer + 1][p.target] if p.kind == "inst" else s.categories[p.target]
     return f"How many {wanted} does {s.items[p.layer][p.item]} have?"
@@ -82,12 +86,13 @@ class Problem:
   @property
   def question(self) -> str:
     """The full problem text: statement and question in the order of `fmt`."""
-    parts = (self.statement, self.query_text) if self.fmt == "pq" else (self.query_text, self.statement)
+    parts = (self.query_text, self.statement) if self.fmt == "qp" else (self.statement, self.query_text)
     return " ".join(parts)
 
   @functools.cached_property
   def solution(self) -> str:
-    return write_solution(self)
+    english = write_solution(self)
+    return compact.to_compact(self, english) if self.fmt == "compact" else english
 
   @functools.cached_property
   def template(self) -> str:

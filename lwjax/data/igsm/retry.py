@@ -19,7 +19,7 @@ import dataclasses
 import random
 from typing import TYPE_CHECKING
 
-from lwjax.data.igsm import graph
+from lwjax.data.igsm import compact, graph
 from lwjax.data.igsm.solution import join_sentences, sentences, solution_steps
 
 if TYPE_CHECKING:
@@ -56,6 +56,8 @@ def write_retry_solution(problem: Problem, rng: random.Random, retry_rate: float
     written.append(text)
     done.add(p)
   text = join_sentences(written, problem.answer)
+  if problem.fmt == "compact":
+    text = compact.to_compact(problem, text)
   spans = wrong_step_spans(text)
   return RetrySolution(text, tuple(spans), len(spans))
 

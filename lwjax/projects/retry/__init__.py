@@ -1,7 +1,7 @@
 """Physics of LMs 2.2 (arXiv 2408.16293): learning from mistakes with retry data on iGSM.
 
-`tokenizer` (exact word-level iGSM tokenizer), `data` (question + solution rows, loss on the solution,
-optional masking of wrong steps), `evaluate` (batched greedy KV-cache decoding scored by `igsm.check`),
+`data` (question + solution rows, loss on the solution,
+optional masking of wrong steps; tokenizers from `lwjax.data.igsm.tokenizer`), `evaluate` (batched greedy KV-cache decoding scored by `igsm.check`),
 `job` (the `igsm_retry` job: pretraining with retry rate r, LoRA or full finetuning, evaluation),
 `report` (the sweep's metrics as one Markdown table).
 """

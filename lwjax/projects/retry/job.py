@@ -21,9 +21,9 @@ from flax import nnx
 
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
 from lwjax.data import igsm, pipeline
+from lwjax.data.igsm import tokenizer as igsm_tokenizer
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.projects.retry import data as data_lib, evaluate
-from lwjax.projects.retry.tokenizer import IGSMTokenizer
 from lwjax.training import checkpoint, losses, lora, mesh, optim, trainer as trainer_lib
 from lwjax.launch import distributed
 
@@ -39,7 +39,7 @@ def _ops(value: str) -> str | None:
 SCHEMA = {
     "job": Field(str), "seed": Field(int), "model": MODEL_SCHEMA,
     "data": {
-        "preset": Field(str, choices=tuple(igsm.PRESETS)), "fmt": Field(str, choices=("pq", "qp")),
+        "preset": Field(str, choices=tuple(igsm.PRESETS)), "fmt": Field(str, choices=igsm.FORMATS),
         "train_ops": Field(str, check=_ops, doc="ops drawn uniformly, e.g. '1-4'"),
         "num_train": positive_int("distinct training problems (repeated)"),
         "retry_rate": Field(float, min=0.0, max=1.0), "retry_weak": Field(bool), "mask_retries": Field(bool),
@@ -50,6 +50,9 @@ SCHEMA = {
         "ops": Field(str, check=_ops, doc="held-out ops, in distribution and beyond, e.g. '2,4,6'"),
         "num_per_op": positive_int(), "batch_size": positive_int(), "max_new_tokens": positive_int(),
         "seed": Field(int),
+        "curve_ops": Field(str, check=lambda v: _ops(v) if v else None,
+                           doc="ops of the accuracy curve: greedy accuracy at every evaluation ('' = none)"),
+        "curve_num_per_op": positive_int("held-out problems per curve op"),
     },
     "finetune": {"mode": Field(str, choices=("none", "lora", "full")),
                  "init_from": Field(str, doc="workdir of the r = 0 run (mode lora/full)")},
@@ -65,8 +68,9 @@ def validate(config) -> None:
     GPTConfig.from_dict(config.model)
   except ValueError as e:
     raise ConfigError("model", str(e), "n_kv_heads dividing n_heads, even head_dim") from None
-  if config.model.vocab_size < IGSMTokenizer().vocab_size:
-    raise ConfigError("model.vocab_size", "too small for the iGSM tokenizer", f">= {IGSMTokenizer().vocab_size}")
+  vocab = igsm_tokenizer.for_format(config.data.fmt).vocab_size
+  if config.model.vocab_size < vocab:
+    raise ConfigError("model.vocab_size", f"too small for the {config.data.fmt!r} iGSM tokenizer", f">= {vocab}")
   if config.data.seq_len + config.eval.max_new_tokens > config.model.max_seq_len:
     raise ConfigError("eval.max_new_tokens", "prompt (data.seq_len) plus new tokens exceed model.max_seq_len",
                       f"<= {config.model.max_seq_len - config.data.seq_len}")
@@ -119,9 +123,48 @@ def _finetune(config, trainer: trainer_lib.Trainer, base, train_iter) -> tuple[d
   return to_params(trainable), metrics
 
 
+def _prompt_len(tok, questions: list[str], seq_len: int) -> int:
+  """The prompt width of the greedy decoder: the longest prompt rounded up to 16, at most `seq_len`."""
+  longest = max(1 + len(tok.encode(q)) for q in questions)
+  return min(-(-longest // 16) * 16, seq_len) if longest <= seq_len else longest
+
+
+def _accuracy_curve(config, trainer: trainer_lib.Trainer, tok, workdir: str):
+  """An eval hook: greedy full-solution accuracy on held-out problems of `eval.curve_ops` at every evaluation,
+  logged, appended to `<workdir>/curve.jsonl` and written to TensorBoard (`curve/<op>/accuracy`)."""
+  d, e = config.data, config.eval
+  records = data_lib.eval_records(data_lib.parse_ops(e.curve_ops), e.curve_num_per_op, seed=e.seed + 7919,
+                                  preset=d.preset, fmt=d.fmt)
+  questions = [r["question"] for r in records]
+  prompt_len = _prompt_len(tok, questions, d.seq_len)
+  decode = evaluate.make_greedy_decoder(trainer.graphdef, prompt_len=prompt_len, max_new_tokens=e.max_new_tokens)
+  writer = None
+
+  def hook(step: int, params) -> None:
+    nonlocal writer
+    solutions = evaluate.generate_solutions(decode, params, tok, questions, prompt_len=prompt_len,
+                                            batch_size=e.batch_size)
+    scores = evaluate.score(records, solutions)
+    logging.info("step %d curve: %s", step, ", ".join(f"{k} accuracy {m['accuracy']:.3f} (answer "
+                                                       f"{m['answer_accuracy']:.3f})" for k, m in scores.items()))
+    if jax.process_index() != 0:
+      return
+    if writer is None:
+      from tensorboardX import SummaryWriter
+      writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    for key, m in scores.items():
+      for name in ("accuracy", "answer_accuracy", "correct_prefix"):
+        writer.add_scalar(f"curve/{key}/{name}", m[name], step)
+    writer.flush()
+    with open(os.path.join(workdir, "curve.jsonl"), "a") as f:
+      f.write(json.dumps({"step": step, "time": time.time(), "eval": scores}) + "\n")
+
+  return hook
+
+
 def run(config, workdir: str) -> dict:
   """Trains (or finetunes), evaluates with the checker, writes `<workdir>/metrics.json`; returns the metrics."""
-  model_cfg, tok, d = GPTConfig.from_dict(config.model), IGSMTokenizer(), config.data
+  model_cfg, tok, d = GPTConfig.from_dict(config.model), igsm_tokenizer.for_format(config.data.fmt), config.data
   batch = config.train.global_batch_size
   train_ds = data_lib.make_dataset(_train_source(config), tok, seq_len=d.seq_len, batch_size=batch,
                                    mask_retries=d.mask_retries, shuffle_seed=d.shuffle_seed, pack=d.pack)
@@ -138,7 +181,8 @@ def run(config, workdir: str) -> dict:
                                 loss_fn=losses.lm_loss, flops_per_token=model_cfg.flops_per_token(d.seq_len),
                                 seq_len=d.seq_len)
   if config.finetune.mode == "none":
-    result = trainer.fit(iter(train_ds), eval_batches, seed=config.seed)
+    hook = _accuracy_curve(config, trainer, tok, workdir) if config.eval.curve_ops else None
+    result = trainer.fit(iter(train_ds), eval_batches, seed=config.seed, eval_hook=hook)
     params, train_metrics = _final_params(trainer, workdir), result["train"]
   else:
     base = _final_params(trainer, config.finetune.init_from)
@@ -147,9 +191,11 @@ def run(config, workdir: str) -> dict:
 
   e = config.eval
   records = data_lib.eval_records(data_lib.parse_ops(e.ops), e.num_per_op, seed=e.seed, preset=d.preset, fmt=d.fmt)
-  decode = evaluate.make_greedy_decoder(trainer.graphdef, prompt_len=d.seq_len, max_new_tokens=e.max_new_tokens)
-  solutions = evaluate.generate_solutions(decode, params, tok, [r["question"] for r in records],
-                                          prompt_len=d.seq_len, batch_size=e.batch_size)
+  questions = [r["question"] for r in records]
+  prompt_len = _prompt_len(tok, questions, d.seq_len)
+  decode = evaluate.make_greedy_decoder(trainer.graphdef, prompt_len=prompt_len, max_new_tokens=e.max_new_tokens)
+  solutions = evaluate.generate_solutions(decode, params, tok, questions, prompt_len=prompt_len,
+                                          batch_size=e.batch_size)
   metrics = {"finetune": config.finetune.mode, "retry_rate": d.retry_rate, "retry_weak": d.retry_weak,
              "mask_retries": d.mask_retries, "steps": config.train.steps,
              "train_loss": train_metrics.get("loss"), "eval_loss": eval_loss["loss"],

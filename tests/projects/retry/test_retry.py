@@ -12,7 +12,7 @@ import pytest
 from lwjax import jobs
 from lwjax.data import igsm
 from lwjax.projects.retry import data as data_lib, evaluate, report
-from lwjax.projects.retry.tokenizer import IGSMTokenizer
+from lwjax.data.igsm.tokenizer import IGSMTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, ROOT)

@@ -1,6 +1,8 @@
-"""An exact word-level tokenizer for iGSM text (Physics of LMs 2.1, Sec. 2 data), with byte fallback.
+"""Exact tokenizers of iGSM text (Physics of LMs 2.1, Sec. 2 data): `IGSMTokenizer`, word level with byte
+fallback, for the English formats; `CompactTokenizer` (`lwjax.data.igsm.compact`) for the compact one;
+`for_format(fmt)` picks one.
 
-Whole names are single tokens ("Kingsbridge University", "Medical Library"), as are "'s", template words,
+In the English tokenizer whole names are single tokens ("Kingsbridge University", "Medical Library"), as are "'s", template words,
 numbers 0-99, the solution variables and "[BACK]", each with or without its leading space, so an iGSM
 problem plus solution takes ~4x fewer tokens than bytes. Any other text falls back to bytes, so every
 string round-trips exactly: `decode(encode(s)) == s`. The vocabulary is fixed by the generator's name
@@ -12,7 +14,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from lwjax.data.igsm import BACK, names
+from lwjax.data.igsm import names
+from lwjax.data.igsm.compact import CompactTokenizer
+from lwjax.data.igsm.retry import BACK
+from lwjax.data.igsm.problem import FORMATS
 from lwjax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 _TEMPLATE_WORDS = ("The", "number", "of", "each", "equals", "more", "than", "times", "as", "much", "the", "sum",
@@ -53,3 +58,10 @@ class IGSMTokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return b"".join(self._strings.get(int(i), b"") for i in ids).decode("utf-8", errors="replace")
+
+
+def for_format(fmt: str) -> IGSMTokenizer | CompactTokenizer:
+  """The exact tokenizer of problems written in `fmt` (one of `lwjax.data.igsm.problem.FORMATS`)."""
+  if fmt not in FORMATS:
+    raise ValueError(f"fmt={fmt!r}: expected one of {FORMATS}")
+  return CompactTokenizer() if fmt == "compact" else IGSMTokenizer()
