@@ -24,6 +24,9 @@ from lwjax.kernels.pallas import state_update as pallas_state_update
 from lwjax.kernels.pallas import state_update_triton as pallas_state_update_triton
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
+# Up to this length "auto" on CPU runs causal self-attention as `reference.blocked_causal_attention` (unrolled
+# over query blocks: longer sequences would grow the program).
+CPU_BLOCKED_MAX_LEN = 1024
 
 
 def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None,
@@ -31,7 +34,8 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
   """Attention `[b, q_len, heads, d] x [b, kv_len, kv_heads, d] -> [b, q_len, heads, d]`.
 
   See `lwjax.kernels.reference.attention` for the argument semantics. `impl`: "auto" (the Pallas flash
-  kernel on TPU and GPU, the reference elsewhere), "pallas" (the Mosaic kernel on TPU, the Triton one on
+  kernel on TPU and GPU; elsewhere the reference, or its block-causal form for causal self-attention from
+  position 0 up to `CPU_BLOCKED_MAX_LEN` tokens), "pallas" (the Mosaic kernel on TPU, the Triton one on
   GPU), "interpret" (the TPU kernel in Pallas' TPU interpret mode, on CPU: how the tests run it) or
   "reference".
   """
@@ -39,6 +43,9 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
     raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
     impl = "pallas" if jax.default_backend() in ("tpu", "gpu") else "reference"
+    self_attention = q.shape[1] == k.shape[1] <= CPU_BLOCKED_MAX_LEN and isinstance(q_offset, int) and not q_offset
+    if impl == "reference" and causal and window is None and self_attention and not isinstance(segment_ids, tuple):
+      return reference.blocked_causal_attention(q, k, v, segment_ids=segment_ids, sm_scale=sm_scale)
   if impl == "reference":
     return reference.attention(q, k, v, causal=causal, segment_ids=segment_ids, q_offset=q_offset,
                                sm_scale=sm_scale, window=window)

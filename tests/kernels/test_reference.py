@@ -1,10 +1,14 @@
-"""Reference attention against a direct per-head NumPy computation."""
+"""Reference attention against a direct per-head NumPy computation; its block-causal CPU form against it."""
+
+import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lwjax import kernels
+from lwjax.kernels import reference
 
 
 def _numpy_attention(q, k, v, mask):
@@ -46,3 +50,46 @@ def test_fully_masked_rows_give_zeros_and_unknown_impl_is_rejected():
   with pytest.raises(ValueError, match="impl"):
     kernels.attention(q, k, v, impl="triton")
   assert jax.numpy.isfinite(out).all()
+
+
+def _random_qkv(length, heads=4, kv_heads=2, dim=8, batch=2, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (batch, length, heads, dim))
+  k = jax.random.normal(ks[1], (batch, length, kv_heads, dim))
+  v = jax.random.normal(ks[2], (batch, length, kv_heads, dim))
+  return q, k, v, jax.random.normal(ks[3], q.shape)
+
+
+@pytest.mark.parametrize("length,block", [(64, None), (70, 16), (33, 32), (8, None)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_blocked_causal_attention_equals_the_reference_with_gradients(length, block, packed):
+  q, k, v, out_grad = _random_qkv(length)
+  # Packed rows: sorted segment ids, so segments are contiguous and cross the query blocks.
+  segment_ids = (jnp.sort(jax.random.randint(jax.random.key(5), (2, length), 0, 3), axis=1) if packed else None)
+
+  def loss(attend, q, k, v):
+    return jnp.sum(attend(q, k, v) * out_grad)
+  blocked = functools.partial(reference.blocked_causal_attention, segment_ids=segment_ids, block=block)
+  full = functools.partial(reference.attention, causal=True, segment_ids=segment_ids)
+  np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), atol=1e-5)
+  grads = jax.grad(functools.partial(loss, blocked), argnums=(0, 1, 2))(q, k, v)
+  expected = jax.grad(functools.partial(loss, full), argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_auto_on_cpu_blocks_only_causal_self_attention_from_position_zero(monkeypatch):
+  calls = []
+  blocked = reference.blocked_causal_attention
+  monkeypatch.setattr(reference, "blocked_causal_attention", lambda *a, **kw: calls.append(1) or blocked(*a, **kw))
+  q, k, v, _ = _random_qkv(16)
+  seg = jnp.ones((2, 16), jnp.int32)
+  kernels.attention(q, k, v, segment_ids=seg)
+  assert len(calls) == 1
+  kernels.attention(q, k, v, impl="reference")
+  kernels.attention(q, k, v, q_offset=jnp.zeros((2,), jnp.int32))  # traced offsets: prefill into a cache
+  kernels.attention(q, k, v, window=4)
+  kernels.attention(q, k, v, causal=False)
+  kernels.attention(q, k, v, segment_ids=(seg, seg))
+  kernels.attention(q[:, :4], k, v)
+  assert len(calls) == 1

@@ -1,4 +1,4 @@
-"""GPT: KV-cache inference equals the training forward; packing, remat and logical axes behave."""
+"""GPT: KV-cache inference equals the training forward; packing, remat and logical axes behave; projections."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import configs.gpt
+from lwjax.models import gpt
 from lwjax.models.gpt import GPT, GPTConfig, RopeScaling, rope_frequencies
 
 TOL = dict(atol=2e-5, rtol=2e-5)  # fp32: only summation order differs between the paths
@@ -123,3 +124,18 @@ def test_presets_have_the_published_sizes():
 def test_gqa_config_errors_name_the_field():
   with pytest.raises(ValueError, match="n_kv_heads"):
     GPTConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=4, n_kv_heads=3, head_dim=8, d_ff=8)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_dense_equals_einsum_with_gradients(backend, monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)  # the 2-D CPU form and the dot_general form
+  ks = jax.random.split(jax.random.key(0), 4)
+  x, w = jax.random.normal(ks[0], (2, 5, 6)), jax.random.normal(ks[1], (6, 3, 4))
+  x2, w2 = jax.random.normal(ks[2], (2, 5, 3, 4)), jax.random.normal(ks[3], (3, 4, 6))
+  cases = [(x, w, 1, "btd,dhk->bthk"), (x2, w2, 2, "bthk,hkd->btd")]
+  for a, b, in_dims, spec in cases:
+    np.testing.assert_allclose(gpt.dense(a, b, in_dims), jnp.einsum(spec, a, b), **TOL)
+    got = jax.grad(lambda a, b: jnp.sum(jnp.sin(gpt.dense(a, b, in_dims))), argnums=(0, 1))(a, b)
+    want = jax.grad(lambda a, b: jnp.sum(jnp.sin(jnp.einsum(spec, a, b))), argnums=(0, 1))(a, b)
+    for g, e in zip(got, want):
+      np.testing.assert_allclose(g, e, **TOL)
