@@ -12,12 +12,13 @@ from configs import gpt
 # solver (<= 30 min on 2 cores), "strong" the stronger-expensive one (<= 60 min).
 SOLVERS = {
     "weak": ({"d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "head_dim": 32, "d_ff": 512},
-             3000, 2e-3),
-    "strong": ({"d_model": 192, "n_layers": 6, "n_heads": 6, "n_kv_heads": 6, "head_dim": 32, "d_ff": 768},
-               4000, 1.5e-3),
+             2400, 2e-3),
+    "strong": ({"d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 8, "head_dim": 32, "d_ff": 1024},
+               2200, 1.5e-3),
 }
 VOCAB_SIZE = 256  # >= the compact tokenizer's 162 ids; a round size for the embedding and the head
-CPU_DATA = {"preset": "small", "fmt": "compact", "train_ops": "1-3", "seq_len": 256, "pack": True}
+CPU_DATA = {"preset": "small", "fmt": "compact", "train_ops": "1-3", "seq_len": 256, "pack": True,
+            "num_train": 2_000_000}
 CPU_EVAL = {"ops": "1,2,3,4,5", "num_per_op": 100, "batch_size": 100, "max_new_tokens": 160,
             "curve_ops": "2,3", "curve_num_per_op": 50}
 CPU_BATCH = 32  # packed rows of CPU_DATA["seq_len"] tokens

@@ -7,13 +7,15 @@ B2), `A1C` the number of layer-C items in A1 (an abstract parameter). Every toke
 space, so the tokenizer (`CompactTokenizer`) is a fixed word list. A problem in `fmt="compact"`:
 
   A0B1 = 9 . A1B0 = 13 + ( B1C0 + A0B1 ) . B1C0 = 13 . ? A1B0
-  B1C0 S = 13 . A0B1 d = 9 . A1B0 K ; u = S + d = 13 + 9 = 22 ; K = 13 + u = 13 + 22 = 12 . ans 12 .
+  B1C0 a = 13 . A0B1 b = 9 . A1B0 c ; d = a + b = 13 + 9 = 22 ; c = 13 + d = 13 + 22 = 12 . ans 12 .
 
 Statement sentences are `P = 9`, `P = Q`, `P = Q + R`, `P = Q - R`, `P = 5 + Q`, `P = 5 * ( Q + R )`;
 the question is `? P` after the statement. A solution step is the English step word for word with the
 phrasing dropped: "Define <name> as s; <equations>; so s = ..." is `P s ; <equations> ; s = ...`, and a
 step of one equation ("Define <name> as s; so s = ...") is `P s = ...`; the variables, the equations
-(names, then values, then the result) and their order are unchanged; a wrong step
+(names, then values, then the result) and their order are unchanged, but the variables are renamed to the
+canonical letters a, b, c, ... in the order the solution binds them (the English form draws them at random
+per problem, which a small model cannot predict and greedy decoding then repeats); a wrong step
 of the retry data is `P [BACK]`; "Answer: 12" is `ans 12`. So the rendering is a bijection, sentence by
 sentence, and `check` judges a compact solution by translating it to the English text (`to_english`) and
 checking that: the same verdicts, error kinds and step indices on the same solutions.
@@ -110,6 +112,12 @@ class _Names:
     self.token_of.update({s.name(p): param_token(p) for p in s.params})
     self.name_of = {token: name for name, token in self.token_of.items()}
 
+  @staticmethod
+  def letters(problem: Problem) -> dict[str, str]:
+    """The problem's variable letters (its shuffled `symbols`, taken in order by the solution writer) ->
+    the canonical letters a, b, c, ...: the k-th variable a solution binds is always the k-th letter."""
+    return dict(zip(problem.symbols, SYMBOLS))
+
   def token(self, name: str) -> str:
     return self.token_of.get(name, name.replace(" ", "_"))
 
@@ -147,18 +155,23 @@ def _compact_to_english_sentence(sentence: str, names: _Names) -> str:
   return "; ".join(parts)
 
 
+def _rename(sentence: str, letters: Mapping[str, str]) -> str:
+  return " ".join(letters.get(word, word) for word in sentence.split(" "))
+
+
 def to_compact(problem: Problem, text: str) -> str:
   """An English solution text (steps, retries, answer; right or wrong) in the compact form."""
-  names = _Names(problem.structure)
-  return join(_english_to_compact_sentence(sentence, names) for _, sentence in sentences(text))
+  names, letters = _Names(problem.structure), _Names.letters(problem)
+  return join(_rename(_english_to_compact_sentence(sentence, names), letters) for _, sentence in sentences(text))
 
 
 def to_english(problem: Problem, text: str) -> tuple[str, list[tuple[int, int]]]:
   """A compact solution text in the English form, and (English offset, compact offset) of each sentence."""
   names = _Names(problem.structure)
+  letters = {canonical: letter for letter, canonical in _Names.letters(problem).items()}
   english, starts, at = [], [], 0
   for start, sentence in sentences(text):
-    english.append(_compact_to_english_sentence(sentence, names))
+    english.append(_compact_to_english_sentence(_rename(sentence, letters), names))
     starts.append((at, start))
     at += len(english[-1]) + 2  # ". " between sentences
   return ". ".join(english) + ("." if english else ""), starts
