@@ -183,6 +183,10 @@ def run(config, workdir: str) -> dict:
   if config.finetune.mode == "none":
     hook = _accuracy_curve(config, trainer, tok, workdir) if config.eval.curve_ops else None
     result = trainer.fit(iter(train_ds), eval_batches, seed=config.seed, eval_hook=hook)
+    if result["step"] < config.train.steps:  # stopped by a signal: checkpointed, resumes in the same workdir
+      logging.warning("stopped at step %d of %d: no evaluation; run again to resume", result["step"],
+                      config.train.steps)
+      return {}
     params, train_metrics = _final_params(trainer, workdir), result["train"]
   else:
     base = _final_params(trainer, config.finetune.init_from)
