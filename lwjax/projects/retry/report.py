@@ -2,14 +2,18 @@
 binomial standard error of every accuracy (Physics of LMs 2.2, arXiv 2408.16293, Results 2-8 tables).
 
   python -m lwjax.projects.retry.report runs/igsm_retry_cpu          # Markdown table on stdout
+  python -m lwjax.projects.retry.report runs/igsm_solver_cpu --png runs/igsm_solver_cpu/curve.png
+
+`--png` also draws each run's accuracy curve (`curve.jsonl`, written at every evaluation when the config sets
+`eval.curve_ops`): greedy full-solution accuracy on the curve's held-out problems against the step.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
-import sys
 
 _ORDER = ("none", "lora", "full")
 
@@ -61,7 +65,41 @@ def table(runs: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
+def load_curves(sweep_dir: str) -> dict[str, list[dict]]:
+  """{run name: [{"step", "time", "eval"}, ...]} for every `<sweep_dir>/<run>/curve.jsonl`."""
+  curves = {}
+  for name in sorted(os.listdir(sweep_dir)):
+    path = os.path.join(sweep_dir, name, "curve.jsonl")
+    if os.path.isfile(path):
+      with open(path) as f:
+        points = {}
+        for line in f:  # a resumed run may repeat a step: the last one counts
+          point = json.loads(line)
+          points[point["step"]] = point
+      curves[name] = [points[step] for step in sorted(points)]
+  return curves
+
+
+def curve_png(sweep_dir: str, path: str) -> None:
+  from lwjax import plots
+  curves = load_curves(sweep_dir)
+  if not curves:
+    raise ValueError(f"no <run>/curve.jsonl under {sweep_dir}: set eval.curve_ops in the config")
+  series = {f"{name} {key}": [(p["step"], 100 * p["eval"][key]["accuracy"]) for p in points]
+            for name, points in curves.items() for key in points[-1]["eval"]}
+  plots.line_chart(path, series, title=f"greedy full-solution accuracy on held-out problems ({sweep_dir})",
+                   x_label="training step", y_label="accuracy %", y_range=(0.0, 100.0))
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description="The retry sweep's metrics as one Markdown table.")
+  parser.add_argument("sweep_dir", help="e.g. runs/igsm_retry_cpu: one <run>/metrics.json per run")
+  parser.add_argument("--png", default="", help="also write the runs' accuracy curves to this PNG")
+  args = parser.parse_args(argv)
+  if args.png:
+    curve_png(args.sweep_dir, args.png)
+  print(table(load_runs(args.sweep_dir)))
+
+
 if __name__ == "__main__":
-  if len(sys.argv) != 2:
-    sys.exit("usage: python -m lwjax.projects.retry.report <sweep dir, e.g. runs/igsm_retry_cpu>")
-  print(table(load_runs(sys.argv[1])))
+  main()
