@@ -73,7 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = mesh.get()
   config.distributed = common.distributed()
 
-  if scale == "smoke":
+  if scale == "smoke":  # the testbed's compact form, as the cpu scale
+    config.model.vocab_size = igsm.VOCAB_SIZE
+    config.data.fmt = "compact"
     config.train.update(steps=6, global_batch_size=4, log_every=2, eval_every=6, eval_steps=1,
                         checkpoint_every=6)
     config.optim.update(learning_rate=3e-3, warmup_steps=2)

@@ -34,7 +34,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = igsm_retry.get_config(f"scale={scale},run=r0,preset={args['preset']},seed={args['seed']}")
   config.data.fmt = "compact"
   if scale == "smoke":
-    config.model.vocab_size = igsm.VOCAB_SIZE
     config.eval.update(curve_ops="1", curve_num_per_op=2)
     return config
   if scale == "cpu":

@@ -8,10 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from lwjax import jobs
+from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.data import igsm
-from lwjax.projects.retry import data as data_lib, evaluate, report
+from lwjax.projects.retry import data as data_lib, evaluate, report, sweep
+from lwjax.training import checkpoint
 from lwjax.data.igsm.tokenizer import IGSMTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -87,21 +90,27 @@ def test_every_scale_and_run_validates(scale, run):
   jobs.get(igsm_retry.get_config(f"scale={scale},run={run}"))
 
 
-def _main(tmp_path, workdir, arg, *overrides):
+def _main(tmp_path, workdir, arg, *overrides, experiment="igsm_retry"):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   return subprocess.run(
       [sys.executable, os.path.join(ROOT, "main.py"), "--config",
-       os.path.join(ROOT, "experiments/igsm_retry.py") + f":{arg}", "--workdir", workdir, *overrides],
+       os.path.join(ROOT, f"experiments/{experiment}.py") + f":{arg}", "--workdir", workdir, *overrides],
       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_smoke_pretrains_evaluates_and_lora_finetunes_end_to_end(tmp_path):
-  result = _main(tmp_path, "r0", "scale=smoke,run=r0")
+def test_smoke_pretrains_evaluates_and_lora_finetunes_end_to_end(tmp_path, capsys):
+  """The testbed's solver (experiments/igsm_solver.py, the r = 0 pretraining) then a LoRA finetune of it."""
+  result = _main(tmp_path, "r0", "scale=smoke,size=weak", experiment="igsm_solver")
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads((tmp_path / "r0" / "metrics.json").read_text())
-  assert metrics["steps"] == 6 and set(metrics["eval"]) == {"op1", "op3", "all"}
+  assert metrics["steps"] == 6 and set(metrics["eval"]) == {"op1", "op3", "all"} and metrics["retry_rate"] == 0
   assert metrics["eval"]["all"]["n"] == 8 and "[BACK] rate" in result.stderr
   assert 0.0 <= metrics["eval"]["all"]["correct_prefix"] <= 1.0
+  curve = [json.loads(line) for line in (tmp_path / "r0" / "curve.jsonl").read_text().splitlines()]
+  assert [c["step"] for c in curve] == [6] and curve[0]["eval"]["op1"]["n"] == 2
+  model, config, step = checkpoint.load_model(str(tmp_path / "r0" / "checkpoints"),
+                                              lambda c: GPT(GPTConfig.from_dict(c["model"]), rngs=nnx.Rngs(0)))
+  assert step == 6 and config["data"]["fmt"] == "compact" and model.cfg.vocab_size >= 162
   result = _main(tmp_path, "lora", "scale=smoke,run=lora,base=r0")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "finetune lora" in result.stderr
@@ -109,6 +118,11 @@ def test_smoke_pretrains_evaluates_and_lora_finetunes_end_to_end(tmp_path):
   rows = report.table(report.load_runs(str(tmp_path))).splitlines()
   assert len(rows) == 5 and rows[2].startswith("| r0 | pretrain r=0 | 6 |") and "lora finetune" in rows[3]
   assert rows[0].count("acc %") == 3 and rows[4].startswith("| constant |")
+  report.curve_png(str(tmp_path), str(tmp_path / "curve.png"))
+  assert (tmp_path / "curve.png").stat().st_size > 1000
+  # The sweep skips finished arms (both are) and ends with the same table.
+  assert sweep.main(["--scale", "smoke", "--root", str(tmp_path), "--arms", "r0,lora"]) == 0
+  assert report.table(report.load_runs(str(tmp_path))) in capsys.readouterr().out
 
 
 @pytest.mark.slow
