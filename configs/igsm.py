@@ -14,7 +14,7 @@ SOLVERS = {
     "weak": ({"d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "head_dim": 32, "d_ff": 512},
              2400, 2e-3),
     "strong": ({"d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 8, "head_dim": 32, "d_ff": 1024},
-               2200, 1.5e-3),
+               1700, 1.5e-3),
 }
 VOCAB_SIZE = 256  # >= the compact tokenizer's 162 ids; a round size for the embedding and the head
 CPU_DATA = {"preset": "small", "fmt": "compact", "train_ops": "1-3", "seq_len": 256, "pack": True,
