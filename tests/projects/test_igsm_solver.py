@@ -22,13 +22,13 @@ def _main(tmp_path, workdir, arg, *overrides):
 
 @pytest.mark.slow
 def test_a_small_solver_learns_held_out_problems(tmp_path):
-  """~12 min on 2 cores: the weaker solver's shape on ops 1-2 for 1,000 steps. Baseline in the same test: the
-  most frequent answer of the same held-out problems (answer accuracy)."""
-  result = _main(tmp_path, "run", "scale=cpu,size=weak", "--config.data.train_ops=1-2",
-                 "--config.eval.ops=1,2", "--config.eval.num_per_op=64", "--config.eval.batch_size=64",
-                 "--config.eval.curve_ops=", "--config.train.steps=1000", "--config.train.eval_every=1000",
-                 "--config.train.checkpoint_every=1000")
+  """~8 min on 2 cores: the weaker solver's shape on op-1 problems for 600 steps (~50k problems), then greedy
+  solutions of 100 held-out op-1 problems (test-split templates). Baselines measured on the same problems:
+  the most frequent answer (answer accuracy) and the untrained model (no fully correct solution)."""
+  result = _main(tmp_path, "run", "scale=cpu,size=weak", "--config.data.train_ops=1", "--config.eval.ops=1",
+                 "--config.eval.curve_ops=", "--config.train.steps=600", "--config.train.eval_every=600",
+                 "--config.train.checkpoint_every=600", "--config.optim.warmup_steps=50")
   assert result.returncode == 0, result.stderr[-3000:]
-  m = json.loads((tmp_path / "run" / "metrics.json").read_text())["eval"]
-  assert m["op1"]["accuracy"] >= 0.5, m["op1"]
-  assert m["all"]["answer_accuracy"] > m["all"]["constant_answer_accuracy"] + 0.3, m["all"]
+  m = json.loads((tmp_path / "run" / "metrics.json").read_text())["eval"]["op1"]
+  assert m["n"] == 100 and m["accuracy"] >= 0.1, m
+  assert m["answer_accuracy"] > m["constant_answer_accuracy"] + 0.15, m
