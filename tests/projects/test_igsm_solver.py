@@ -23,8 +23,8 @@ def _main(tmp_path, workdir, arg, *overrides):
 @pytest.mark.slow
 def test_a_small_solver_learns_held_out_problems(tmp_path):
   """~8 min on 2 cores: the weaker solver's shape on op-1 problems for 600 steps (~50k problems), then greedy
-  solutions of 100 held-out op-1 problems (test-split templates). Baselines measured on the same problems:
-  the most frequent answer (answer accuracy) and the untrained model (no fully correct solution)."""
+  solutions of 100 held-out op-1 problems (test-split templates), checked step by step. The baseline, measured
+  on the same problems: answering their most frequent answer."""
   result = _main(tmp_path, "run", "scale=cpu,size=weak", "--config.data.train_ops=1", "--config.eval.ops=1",
                  "--config.eval.curve_ops=", "--config.train.steps=600", "--config.train.eval_every=600",
                  "--config.train.checkpoint_every=600", "--config.optim.warmup_steps=50")
