@@ -76,9 +76,8 @@ def vocabulary() -> tuple[str, ...]:
   return (*map(str, range(graph.MOD)), *param_tokens(), *SYMBOLS, *PUNCTUATION, QUESTION, ANSWER, BACK)
 
 
-def statement_sentence(s: Structure, p: Param, rule: Rule) -> str:
+def statement_sentence(p: Param, rule: Rule) -> str:
   """`P = <formula>` for instance parameter `p` (no period)."""
-  del s
   if not rule.deps:
     return f"{param_token(p)} = {rule.const}"
   body = f" {_COMBINE[rule.combine]} ".join(param_token(d) for d in rule.deps)
@@ -94,8 +93,7 @@ def join(parts: Iterable[str]) -> str:
 
 
 def statement(problem: Problem) -> str:
-  s = problem.structure
-  return join(statement_sentence(s, p, problem.rules[p]) for p in problem.statement_order)
+  return join(statement_sentence(p, problem.rules[p]) for p in problem.statement_order)
 
 
 def query_text(problem: Problem) -> str:
@@ -113,17 +111,17 @@ class _Names:
     self.token_of.update({s.name(p): param_token(p) for p in s.params})
     self.name_of = {token: name for name, token in self.token_of.items()}
 
-  @staticmethod
-  def letters(problem: Problem) -> dict[str, str]:
-    """The problem's variable letters (its shuffled `symbols`, taken in order by the solution writer) ->
-    the canonical letters a, b, c, ...: the k-th variable a solution binds is always the k-th letter."""
-    return dict(zip(problem.symbols, SYMBOLS))
-
   def token(self, name: str) -> str:
     return self.token_of.get(name, name.replace(" ", "_"))
 
   def name(self, token: str) -> str:
     return self.name_of.get(token, token.replace("_", " "))
+
+
+def _canonical_letters(problem: Problem) -> dict[str, str]:
+  """The problem's variable letters (its shuffled `symbols`, taken in order by the solution writer) -> the
+  canonical letters a, b, c, ...: the k-th variable a solution binds is always the k-th letter."""
+  return dict(zip(problem.symbols, SYMBOLS))
 
 
 def _english_to_compact_sentence(sentence: str, names: _Names) -> str:
@@ -162,14 +160,14 @@ def _rename(sentence: str, letters: Mapping[str, str]) -> str:
 
 def to_compact(problem: Problem, text: str) -> str:
   """An English solution text (steps, retries, answer; right or wrong) in the compact form."""
-  names, letters = _Names(problem.structure), _Names.letters(problem)
+  names, letters = _Names(problem.structure), _canonical_letters(problem)
   return join(_rename(_english_to_compact_sentence(sentence, names), letters) for _, sentence in sentences(text))
 
 
 def to_english(problem: Problem, text: str) -> tuple[str, list[tuple[int, int]]]:
   """A compact solution text in the English form, and (English offset, compact offset) of each sentence."""
   names = _Names(problem.structure)
-  letters = {canonical: letter for letter, canonical in _Names.letters(problem).items()}
+  letters = {canonical: letter for letter, canonical in _canonical_letters(problem).items()}
   english, starts, at = [], [], 0
   for start, sentence in sentences(text):
     english.append(_compact_to_english_sentence(_rename(sentence, letters), names))
