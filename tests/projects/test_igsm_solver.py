@@ -17,7 +17,7 @@ def _main(tmp_path, workdir, arg, *overrides):
   return subprocess.run(
       [sys.executable, os.path.join(ROOT, "main.py"), "--config",
        os.path.join(ROOT, "experiments/igsm_solver.py") + f":{arg}", "--workdir", workdir, *overrides],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2400)
 
 
 @pytest.mark.slow
