@@ -35,6 +35,7 @@ from lwjax.data.igsm import graph
 from lwjax.data.igsm.graph import Param, Rule, Structure
 from lwjax.data.igsm.names import SYMBOLS
 from lwjax.data.igsm.solution import ANSWER_PREFIX, sentences
+from lwjax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 if TYPE_CHECKING:
   from lwjax.data.igsm.problem import Problem
@@ -195,7 +196,6 @@ class CompactTokenizer:
   """
 
   def __init__(self):
-    from lwjax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
     self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
     first = UNK_ID + 1
     self.pieces = vocabulary()

@@ -2,8 +2,8 @@
 fallback, for the English formats; `CompactTokenizer` (`lwjax.data.igsm.compact`) for the compact one;
 `for_format(fmt)` picks one.
 
-In the English tokenizer whole names are single tokens ("Kingsbridge University", "Medical Library"), as are "'s", template words,
-numbers 0-99, the solution variables and "[BACK]", each with or without its leading space, so an iGSM
+In the English tokenizer whole names are single tokens ("Kingsbridge University", "Medical Library"), as are
+"'s", template words, numbers 0-99, the solution variables and "[BACK]", each with or without its leading space, so an iGSM
 problem plus solution takes ~4x fewer tokens than bytes. Any other text falls back to bytes, so every
 string round-trips exactly: `decode(encode(s)) == s`. The vocabulary is fixed by the generator's name
 lists (`lwjax.data.igsm.names`), not learnt from data. Special ids as in `lwjax.data.tokenizer`.
