@@ -3,8 +3,10 @@ label masking, and LoRA vs full finetuning of the r = 0 model on retry data.
 
   python main.py --config experiments/igsm_retry.py:scale=smoke --workdir runs/igsm_smoke   # seconds
   # the whole cpu sweep, resumable, skipping finished arms (lora/full finetune runs/igsm_retry_cpu/r0):
-  nohup python -m lwjax.projects.retry.sweep --scale cpu --root runs/igsm_retry_cpu > runs/igsm_retry_cpu.log 2>&1 &
-  python -m lwjax.projects.retry.report runs/igsm_retry_cpu              # the table
+  # (two arms at once, one core each; finished arms' results copied to the committed results/ folder):
+  nohup python -m lwjax.projects.retry.sweep --scale cpu --root runs/igsm_retry_cpu \
+      --archive results/igsm_retry_cpu --workers 2 > runs/igsm_retry_cpu.log 2>&1 &
+  python -m lwjax.projects.retry.report results/igsm_retry_cpu           # the table
   # one arm by hand:
   python main.py --config experiments/igsm_retry.py:scale=cpu,run=r0.5,seed=1 --workdir runs/igsm_retry_cpu/r0.5_s1
   python main.py --config experiments/igsm_retry.py:scale=gpu,run=r0.5 --workdir runs/igsm_retry_gpu/r0.5

@@ -136,3 +136,48 @@ def test_small_model_beats_the_constant_answer_baseline(tmp_path):
   m = json.loads((tmp_path / "run" / "metrics.json").read_text())["eval"]["op1"]
   assert m["answer_accuracy"] > m["constant_answer_accuracy"] + 0.05, m
   assert np.isfinite(m["length_vs_shortest"])
+
+
+def test_sweep_plans_resumes_archives_and_runs_workers_pinned(tmp_path, monkeypatch):
+  """The scheduler with the arm runs faked: done arms (workdir or archive) skipped, r0 trained again when a
+  finetuning arm lacks its checkpoint and waited for, result files archived, each worker on its own cores."""
+  root, archive = tmp_path / "runs", tmp_path / "archive"
+  scores = {k: 0.5 for k in ("accuracy", "answer_accuracy", "constant_answer_accuracy", "correct_prefix",
+                             "back_rate", "length_vs_shortest")}
+  metrics = json.dumps({"finetune": "none", "retry_rate": 0.0, "retry_weak": False, "mask_retries": False,
+                        "steps": 8, "eval_loss": 1.0, "eval": {"all": scores | {"n": 4}}})
+  for name in ("r0", "r0.5"):
+    (archive / name).mkdir(parents=True)
+    (archive / name / "metrics.json").write_text(metrics)
+  assert sweep.parse_arm("r0.5_s1") == ("r0.5", 1) and sweep.parse_arm("weak0.5") == ("weak0.5", 0)
+  # r0 is archived but its checkpoint is not here: the finetuning arms need it, so it runs first.
+  assert sweep.plan(sweep.ARMS[:4], str(root), str(archive)) == ["r0", "lora", "full"]
+  calls = []
+
+  def fake_run_arm(scale, run, seed, root_dir, extra, cpus=None):
+    name = sweep.arm_name(run, seed)
+    if name in sweep.FINETUNE_RUNS:  # started only once r0 has finished
+      assert any(c[0] == "r0" and c[2] for c in calls), calls
+    entry = [name, cpus, False]
+    calls.append(entry)
+    workdir = os.path.join(root_dir, name)
+    os.makedirs(os.path.join(workdir, "checkpoints", "8"), exist_ok=True)
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      f.write(metrics)
+    with open(os.path.join(workdir, "run.log"), "w") as f:
+      f.write("log\n")
+    entry[2] = True
+    return 0
+
+  monkeypatch.setattr(sweep, "run_arm", fake_run_arm)
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+  assert sweep.main(["--root", str(root), "--archive", str(archive), "--arms", "r0,r0.5,lora,full,r0.1",
+                     "--workers", "2"]) == 0
+  assert sorted(c[0] for c in calls) == ["full", "lora", "r0", "r0.1"]
+  assert {frozenset(c[1]) for c in calls} <= {frozenset({0}), frozenset({1})}
+  for name in ("r0", "lora", "full", "r0.1"):
+    assert (archive / name / "metrics.json").is_file() and (archive / name / "run.log").read_text() == "log\n"
+  calls.clear()
+  assert sweep.main(["--root", str(root), "--archive", str(archive), "--arms", "r0,lora"]) == 0 and not calls
+  with pytest.raises(ValueError, match="--workers 3"):
+    sweep.main(["--root", str(root), "--workers", "3", "--arms", "r0.2"])
