@@ -1,4 +1,4 @@
-"""Tokenizers: sentencepiece training and loading, and an exact byte tokenizer for synthetic tasks.
+"""Tokenizers: sentencepiece training and loading, and exact byte and word-list tokenizers for synthetic tasks.
 
 Both share one interface: `encode(str) -> list[int]` (no bos/eos; the pipeline adds them),
 `decode(ids) -> str` (special ids dropped), `vocab_size`, `pad_id`, `bos_id`, `eos_id`, with the same
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 from etils import epath
@@ -31,6 +31,43 @@ class ByteTokenizer:
     # Ids that are not bytes (specials, or ids past 259 that a larger model vocabulary can emit) are dropped.
     data = bytes(int(i) - self.offset for i in ids if self.offset <= int(i) < self.vocab_size)
     return data.decode("utf-8", errors="replace")
+
+
+class WordListTokenizer:
+  """One id per space-separated word of a fixed word list (ids after the specials, in list order).
+
+  `decode(encode(text)) == text` for text of single-space-separated words (what the synthetic generators
+  write); a leading space is dropped. An unknown word raises ValueError naming it and `name`.
+  """
+  pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
+
+  def __init__(self, words: Sequence[str], name: str = "vocabulary"):
+    if len(set(words)) != len(words):
+      raise ValueError(f"{name}: the word list holds duplicates")
+    self.name, self.pieces = name, tuple(words)
+    first = UNK_ID + 1
+    self._ids = {word: first + i for i, word in enumerate(self.pieces)}
+    self._words = {i: word for word, i in self._ids.items()}
+    self.vocab_size = first + len(self.pieces)
+
+  def encode(self, text: str) -> list[int]:
+    return self.encode_with_ends(text)[0]
+
+  def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+    """(ids, end): `end[i]` is the character offset just past word i."""
+    ids, ends, at = [], [], 0
+    for word in text.split(" "):
+      if word:
+        if word not in self._ids:
+          raise ValueError(f"{word!r} is not a word of the {self.name} (at offset {at} of {text[:60]!r}...)")
+        ids.append(self._ids[word])
+        ends.append(at + len(word))
+      at += len(word) + 1
+    return ids, ends
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Words of the ids joined by spaces; special and unknown ids are skipped."""
+    return " ".join(self._words[i] for i in map(int, ids) if i in self._words)
 
 
 class SentencePieceTokenizer:

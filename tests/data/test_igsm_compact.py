@@ -46,7 +46,8 @@ def test_statement_sentences_evaluate_to_the_generators_values():
 def test_tokenizer_is_exact_over_a_closed_word_list():
   tok = for_format("compact")
   assert isinstance(tok, CompactTokenizer) and isinstance(for_format("pq"), IGSMTokenizer)
-  assert tok.vocab_size == 4 + len(compact.vocabulary()) == 162
+  # 162 solver words (ids fixed: the trained solvers use them), then the GenRM verification words.
+  assert tok.vocab_size == 4 + len(compact.vocabulary()) == 168 and tok.encode("verify Yes No") == [162, 163, 164]
   assert len(set(compact.vocabulary())) == len(compact.vocabulary())
   source = igsm.IGSMSource(40, seed=3, preset="small", fmt="compact", ops=range(1, 6), retry_rate=0.5)
   for i in range(len(source)):
@@ -56,7 +57,7 @@ def test_tokenizer_is_exact_over_a_closed_word_list():
     ids, ends = tok.encode_with_ends(" " + text)
     assert [(" " + text)[:end].split()[-1] for end in ends] == text.split()
   assert tok.decode([tok.bos_id, *tok.encode("A0B1 = 3 ."), tok.eos_id, 9999]) == "A0B1 = 3 ."
-  with pytest.raises(ValueError, match="'Define' is not a compact iGSM word"):
+  with pytest.raises(ValueError, match="'Define' is not a word of the compact iGSM vocabulary"):
     tok.encode("A0B1 Define")
   with pytest.raises(ValueError, match="fmt"):
     for_format("latex")

@@ -35,7 +35,8 @@ from lwjax.data.igsm import graph
 from lwjax.data.igsm.graph import Param, Rule, Structure
 from lwjax.data.igsm.names import SYMBOLS
 from lwjax.data.igsm.solution import ANSWER_PREFIX, sentences
-from lwjax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from lwjax.data import verifier_words
+from lwjax.data.tokenizer import WordListTokenizer
 
 if TYPE_CHECKING:
   from lwjax.data.igsm.problem import Problem
@@ -73,8 +74,10 @@ def param_tokens() -> tuple[str, ...]:
 
 @functools.cache
 def vocabulary() -> tuple[str, ...]:
-  """The compact word list: numbers 0-22, parameters, variables, operators, markers."""
-  return (*map(str, range(graph.MOD)), *param_tokens(), *SYMBOLS, *PUNCTUATION, QUESTION, ANSWER, BACK)
+  """The compact word list: numbers 0-22, parameters, variables, operators, markers, then the GenRM
+  verification words not already in it (appended last, so the ids of the solvers' words stay put)."""
+  words = (*map(str, range(graph.MOD)), *param_tokens(), *SYMBOLS, *PUNCTUATION, QUESTION, ANSWER, BACK)
+  return words + tuple(w for w in verifier_words.WORDS if w not in words)
 
 
 def statement_sentence(p: Param, rule: Rule) -> str:
@@ -188,36 +191,8 @@ def compact_position(english_position: int | None, english: str, starts: list[tu
   return max((c for e, c in starts if e <= english_position), default=compact_len)
 
 
-class CompactTokenizer:
-  """Exact tokenizer of compact iGSM text: one id per space-separated word of `vocabulary()`.
-
-  `decode(encode(text)) == text` for text of single-space-separated words (what the renderer writes); a
-  leading space is dropped. Special ids as in `lwjax.data.tokenizer`; an unknown word raises ValueError.
-  """
+class CompactTokenizer(WordListTokenizer):
+  """One id per word of `vocabulary()`; an unknown word raises ValueError."""
 
   def __init__(self):
-    self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
-    first = UNK_ID + 1
-    self.pieces = vocabulary()
-    self._ids: Mapping[str, int] = {word: first + i for i, word in enumerate(self.pieces)}
-    self._words = {i: word for word, i in self._ids.items()}
-    self.vocab_size = first + len(self.pieces)
-
-  def encode(self, text: str) -> list[int]:
-    return self.encode_with_ends(text)[0]
-
-  def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
-    """(ids, end): `end[i]` is the character offset just past word i."""
-    ids, ends, at = [], [], 0
-    for word in text.split(" "):
-      if word:
-        if word not in self._ids:
-          raise ValueError(f"{word!r} is not a compact iGSM word (at offset {at} of {text[:60]!r}...)")
-        ids.append(self._ids[word])
-        ends.append(at + len(word))
-      at += len(word) + 1
-    return ids, ends
-
-  def decode(self, ids: Iterable[int]) -> str:
-    """Words of the ids joined by spaces; special and unknown ids are skipped."""
-    return " ".join(self._words[i] for i in map(int, ids) if i in self._words)
+    super().__init__(vocabulary(), name="compact iGSM vocabulary")

@@ -1,0 +1,157 @@
+"""Candidate solutions: N samples per problem from a solver, each labelled exactly by the task's checker.
+
+What GenRM (arXiv 2408.15240, §4: Best-of-N candidates and verifier training data) and compute-matched
+sampling (arXiv 2408.16737, §2-3: coverage, diversity and false positives of sampled data) share. The
+samples come from `lwjax.serving.batch_sampler` (each prompt prefilled once, its KV shared by its N
+samples); every candidate gets the checker's verdict: final answer right, whole solution right, first
+wrong step and its kind. A candidate set is written once to ArrayRecord (one JSON problem per record:
+the problem record and its candidates) with a metadata file beside it, and reused by every run that
+asks for the same set: `build` samples only when the file is missing.
+
+  python -m lwjax.candidates --workdir runs/igsm_solver_cpu/weak --task igsm --split test --num 200 \
+      --n 32 --out runs/candidates/igsm_weak_test.arrayrecord
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from flax import nnx
+from tqdm import tqdm
+
+from lwjax import reasoning_tasks
+from lwjax.models.gpt import GPT, GPTConfig
+from lwjax.serving import batch_sampler
+from lwjax.training import checkpoint
+
+LABEL_FIELDS = ("answer", "answer_correct", "correct", "first_error", "error_kind")
+
+
+def label(task: reasoning_tasks.ReasoningTask, record: dict, text: str) -> dict:
+  """The checker's verdict on one candidate solution of `record`."""
+  verdict = task.check(record, text)
+  return {"answer": task.answer(text), "answer_correct": bool(verdict.answer_correct),
+          "correct": bool(verdict.correct), "first_error": verdict.first_error, "error_kind": verdict.error_kind}
+
+
+def load_solver(workdir: str, step: int | None = None) -> tuple[GPT, dict, int]:
+  """A trained solver from its run directory (`<workdir>/checkpoints`): (model, run config, step)."""
+  return checkpoint.load_model(os.path.join(workdir, "checkpoints"),
+                               lambda c: GPT(GPTConfig.from_dict(c["model"]), rngs=nnx.Rngs(0)), step)
+
+
+def forward_flops_per_token(cfg: GPTConfig, context: int) -> float:
+  """Sampling cost of one token at `context` tokens: the forward third of the training FLOPs (2 N + scores)."""
+  return cfg.flops_per_token(context) / 3.0
+
+
+def sample(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[dict], *, n: int,
+           temperature: float, max_new_tokens: int, seed: int = 0, top_p: float = 1.0,
+           batch_prompts: int = 8, prompt_len: int | None = None) -> tuple[list[dict], dict]:
+  """Samples and labels `n` candidates for every record: ([{"index", "record", "candidates"}], stats)."""
+  tok = task.tokenizer
+  prompts = [[tok.bos_id] + tok.encode(task.prompt(r)) for r in records]
+  prompt_len = prompt_len or max(len(p) for p in prompts)
+  if prompt_len + max_new_tokens > model.cfg.max_seq_len:
+    raise ValueError(f"max_new_tokens: {prompt_len} prompt tokens + {max_new_tokens} exceed the model's "
+                     f"max_seq_len {model.cfg.max_seq_len} (valid: at most {model.cfg.max_seq_len - prompt_len})")
+  graphdef, params = nnx.split(model)
+  sample_n = batch_sampler.make_sampler(graphdef, prompt_len=prompt_len, max_new_tokens=max_new_tokens, n=n,
+                                        eos_id=tok.eos_id)
+  start = time.time()
+  with tqdm(total=len(records), desc=f"sampling {n} per problem", unit="problem") as progress:
+    samples = batch_sampler.sample_texts(sample_n, params, tok, prompts, n=n, prompt_len=prompt_len,
+                                         batch_prompts=min(batch_prompts, len(records)), seed=seed,
+                                         temperature=temperature, top_p=top_p, progress=progress)
+  seconds = time.time() - start
+  problems = []
+  for index, (record, drawn) in enumerate(zip(records, samples, strict=True)):
+    candidates = [{"text": text, "num_tokens": num_tokens, **label(task, record, text)} for text, num_tokens in drawn]
+    problems.append({"index": index, "record": record, "candidates": candidates})
+  tokens = sum(c["num_tokens"] for p in problems for c in p["candidates"])
+  mean_len = tokens / max(len(problems) * n, 1)
+  stats = {"num_problems": len(problems), "n": n, "temperature": temperature, "top_p": top_p, "seed": seed,
+           "max_new_tokens": max_new_tokens, "generated_tokens": tokens, "seconds": seconds,
+           "tokens_per_second": tokens / max(seconds, 1e-9),
+           "forward_flops_per_token": forward_flops_per_token(model.cfg, int(np.mean([len(p) for p in prompts])
+                                                                            + mean_len / 2)),
+           "answer_accuracy": float(np.mean([c["answer_correct"] for p in problems for c in p["candidates"]])),
+           "accuracy": float(np.mean([c["correct"] for p in problems for c in p["candidates"]]))}
+  return problems, stats
+
+
+def write(path: str, problems: Sequence[dict], metadata: dict) -> None:
+  """ArrayRecord of the problems and `<path>.json` of the metadata, each written to a temporary name and
+  renamed, so a reader sees a whole set or none."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  writer = ArrayRecordWriter(path + ".tmp", "group_size:1")
+  try:
+    for problem in problems:
+      writer.write(json.dumps(problem, separators=(",", ":")).encode("utf-8"))
+  finally:
+    writer.close()
+  with open(path + ".json.tmp", "w") as f:
+    json.dump(metadata, f, indent=2)
+  os.replace(path + ".tmp", path)
+  os.replace(path + ".json.tmp", path + ".json")
+
+
+def read(path: str) -> tuple[list[dict], dict]:
+  """(problems, metadata) of a candidate set written by `write`."""
+  with open(path + ".json") as f:
+    metadata = json.load(f)
+  source = grain.sources.ArrayRecordDataSource([path])
+  return [json.loads(source[i]) for i in range(len(source))], metadata
+
+
+def build(path: str, *, workdir: str, task: str, split: str, num: int, n: int, temperature: float = 0.8,
+          max_new_tokens: int = 192, seed: int = 0, record_seed: int = 0, batch_prompts: int = 8,
+          task_options: dict | None = None) -> tuple[list[dict], dict]:
+  """The candidate set at `path`, sampled from the solver in `workdir` when not there yet (else read)."""
+  settings = {"workdir": os.path.abspath(workdir), "task": task, "split": split, "num": num, "n": n,
+              "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
+              "record_seed": record_seed, "task_options": task_options or {}}
+  if os.path.isfile(path) and os.path.isfile(path + ".json"):
+    problems, metadata = read(path)
+    different = {k: (metadata["settings"].get(k), v) for k, v in settings.items()
+                 if k != "workdir" and metadata["settings"].get(k) != v}
+    if different:
+      raise ValueError(f"{path} holds candidates sampled with other settings {different} (stored, asked): "
+                       "delete it or choose another path")
+    return problems, metadata
+  model, _, step = load_solver(workdir)
+  reasoning_task = reasoning_tasks.get(task, **(task_options or {}))
+  records = reasoning_task.records(num, seed=record_seed, split=split)
+  problems, stats = sample(model, reasoning_task, records, n=n, temperature=temperature,
+                           max_new_tokens=max_new_tokens, seed=seed, batch_prompts=batch_prompts)
+  metadata = {"settings": settings, "checkpoint_step": step, "stats": stats}
+  write(path, problems, metadata)
+  return problems, metadata
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True, help="the solver's run directory")
+  parser.add_argument("--task", required=True, choices=reasoning_tasks.TASK_NAMES)
+  parser.add_argument("--split", default="test", choices=reasoning_tasks.SPLITS)
+  parser.add_argument("--num", type=int, default=100, help="problems")
+  parser.add_argument("--n", type=int, default=8, help="candidates per problem")
+  parser.add_argument("--temperature", type=float, default=0.8)
+  parser.add_argument("--max_new_tokens", type=int, default=192)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", required=True, help="ArrayRecord path (metadata in <out>.json)")
+  args = parser.parse_args(argv)
+  _, metadata = build(args.out, workdir=args.workdir, task=args.task, split=args.split, num=args.num, n=args.n,
+                      temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+  print(json.dumps(metadata["stats"], indent=2))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,91 @@
+"""The reasoning tasks with exact step checkers, behind one interface (shared by GenRM, arXiv 2408.15240,
+and compute-matched sampling, arXiv 2408.16737).
+
+- `igsm`: the compact iGSM of the CPU reasoning testbed (Physics of LMs 2.1/2.2): train split = training
+  templates at the training ops; test = held-out templates at the same ops; hard = held-out templates at
+  the ops beyond training.
+- `last_letter`, `word_sort`: the GenRM paper's algorithmic tasks (`lwjax.data.algorithmic`): train and
+  test on short lists, hard on longer lists than trained, as the paper tests length generalisation.
+
+A task gives problem records (each with `question`, `solution` and `answer`), its exact tokenizer, the
+step checker (`check(record, text) -> Verdict` with `correct`, `answer_correct`, `first_error`,
+`error_kind`) and the final answer of a solution text (`answer(text)`, for majority voting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lwjax.data import algorithmic, igsm
+from lwjax.data.algorithmic.tokenizer import AlgorithmicTokenizer
+from lwjax.data.igsm.tokenizer import CompactTokenizer
+
+SPLITS = ("train", "test", "hard")
+TASK_NAMES = ("igsm", "last_letter", "word_sort")
+ANSWER_WORD = "ans"  # compact iGSM and the algorithmic tasks end a solution with `ans <answer> .`
+
+
+@dataclasses.dataclass(frozen=True)
+class ReasoningTask:
+  name: str
+  tokenizer: Any
+  make_records: Callable[[int, int, str], list[dict]]  # (num, seed, split) -> records
+  check: Callable[[dict, str], Any]  # (record, solution text) -> Verdict
+
+  def records(self, num: int, *, seed: int, split: str) -> list[dict]:
+    if split not in SPLITS:
+      raise ValueError(f"split={split!r}: expected one of {SPLITS}")
+    return self.make_records(num, seed, split)
+
+  @staticmethod
+  def prompt(record: dict) -> str:
+    return record["question"]
+
+  @staticmethod
+  def answer(text: str) -> str | None:
+    """The final answer of a solution (`... ans <answer> .`), or None when it states none."""
+    words = text.split()
+    if ANSWER_WORD not in words:
+      return None
+    last = len(words) - 1 - words[::-1].index(ANSWER_WORD)
+    body = words[last + 1:]
+    if body and body[-1] == ".":
+      body = body[:-1]
+    return " ".join(body) or None
+
+
+def _igsm_task(preset: str, train_ops: Sequence[int], hard_ops: Sequence[int]) -> ReasoningTask:
+  ops = {"train": tuple(train_ops), "test": tuple(train_ops), "hard": tuple(hard_ops)}
+
+  def make_records(num: int, seed: int, split: str) -> list[dict]:
+    source = igsm.IGSMSource(num, seed=seed, preset=preset, fmt="compact",
+                             split="train" if split == "train" else "test", ops=ops[split])
+    return [source[i] for i in range(num)]
+
+  return ReasoningTask("igsm", CompactTokenizer(), make_records,
+                       lambda record, text: igsm.check(igsm.problem_of(record), text))
+
+
+def _algorithmic_task(name: str, train_words: Sequence[int], hard_words: Sequence[int]) -> ReasoningTask:
+  module = algorithmic.TASKS[name]
+  lengths = {"train": tuple(train_words), "test": tuple(train_words), "hard": tuple(hard_words)}
+  # Test problems come from a seed stream of their own, so they are new instances of the training lengths.
+  offsets = {"train": 0, "test": 1_000_003, "hard": 2_000_003}
+
+  def make_records(num: int, seed: int, split: str) -> list[dict]:
+    return module.generate(num, seed=seed + offsets[split], num_words=lengths[split])
+
+  return ReasoningTask(name, AlgorithmicTokenizer(), make_records, module.check)
+
+
+def get(name: str, *, preset: str = "small", train_ops: Sequence[int] = (1, 2, 3), hard_ops: Sequence[int] = (4, 5),
+        train_words: Sequence[int] = algorithmic.TRAIN_NUM_WORDS,
+        hard_words: Sequence[int] = algorithmic.TEST_NUM_WORDS) -> ReasoningTask:
+  """The task `name` (one of TASK_NAMES); iGSM takes the preset and ops, the algorithmic tasks list lengths."""
+  if name == "igsm":
+    return _igsm_task(preset, train_ops, hard_ops)
+  if name in ("last_letter", "word_sort"):
+    return _algorithmic_task(name, train_words, hard_words)
+  raise ValueError(f"task={name!r}: expected one of {TASK_NAMES}")

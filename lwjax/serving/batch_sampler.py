@@ -1,0 +1,99 @@
+"""N samples per prompt, offline, as one static batch with the prompt prefilled once (prefix sharing).
+
+The offline counterpart of the engine for drawing many candidates per problem (Best-of-N for GenRM,
+arXiv 2408.15240; compute-matched sampling, arXiv 2408.16737): `P` prompts are prefilled together, each
+prompt's KV rows are copied to its `n` samples (the prefix is computed once, not `n` times), and the
+`P * n` rows decode under one `lax.while_loop` with the engine's per-row sampler
+(`lwjax.serving.sampling.sample`) until every row has written eos or `max_new_tokens`. Shapes are fixed
+per (P, prompt_len, n, max_new_tokens), so a sweep compiles once. A row's randomness depends only on its
+seed and token index, as in the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lwjax.models.gpt import KVCache
+from lwjax.serving.sampling import sample
+
+
+def make_sampler(graphdef, *, prompt_len: int, max_new_tokens: int, n: int, eos_id: int):
+  """A jitted `sample_n(params, prompts_pp, lengths_p, seeds_pn, temperature, top_p) -> tokens [P, n, T]`:
+  prompts right-padded to `prompt_len`, `seeds_pn` one uint32 seed per sample; positions after a row's
+  first eos hold eos."""
+
+  @jax.jit
+  def sample_n(params, prompts_pp, lengths_p, seeds_pn, temperature, top_p):
+    model = nnx.merge(graphdef, params)
+    num_prompts = prompts_pp.shape[0]
+    rows = num_prompts * n
+    cache = model.init_cache(num_prompts, prompt_len + max_new_tokens)
+    logits_ptv, cache = model.prefill(prompts_pp, cache, num_new=lengths_p)
+    last_pv = logits_ptv[jnp.arange(num_prompts), lengths_p - 1].astype(jnp.float32)
+    # [layers, P, ...] -> [layers, P * n, ...]: each prompt's prefilled rows shared by its n samples.
+    cache = KVCache(jnp.repeat(cache.k, n, axis=1), jnp.repeat(cache.v, n, axis=1),
+                    jnp.repeat(cache.lengths, n, axis=0))
+    temperature_b = jnp.full((rows,), temperature, jnp.float32)
+    top_k_b = jnp.zeros((rows,), jnp.int32)
+    top_p_b = jnp.full((rows,), top_p, jnp.float32)
+    seeds_b = seeds_pn.reshape(rows).astype(jnp.uint32)
+
+    def draw(logits_bv, step):
+      return sample(logits_bv, temperature_b, top_k_b, top_p_b, seeds_b, jnp.full((rows,), step, jnp.int32))
+
+    first = draw(jnp.repeat(last_pv, n, axis=0), 0)
+    out = jnp.full((rows, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
+
+    def cond(carry):
+      step, _, _, _, done = carry
+      return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+      step, token, cache, out, done = carry
+      logits_bv, cache = model.decode_step(token, cache)
+      token = jnp.where(done, eos_id, draw(logits_bv.astype(jnp.float32), step))
+      out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
+      return step + 1, token, cache, out, done | (token == eos_id)
+
+    carry = (jnp.int32(1), first, cache, out, first == eos_id)
+    out = jax.lax.while_loop(cond, body, carry)[3]
+    return out.reshape(num_prompts, n, max_new_tokens)
+
+  return sample_n
+
+
+def sample_texts(sample_n, params, tokenizer, prompts: Sequence[Sequence[int]], *, n: int, prompt_len: int,
+                 batch_prompts: int, seed: int, temperature: float, top_p: float = 1.0,
+                 progress=None) -> list[list[tuple[str, int]]]:
+  """For each prompt (token ids, bos included), its `n` samples as (text cut at eos, tokens before eos).
+
+  Prompts go `batch_prompts` at a time (the last batch padded), so one compilation serves them all;
+  sample j of prompt i has seed `seed * 2**20 + i * n + j` wherever it lands in a batch."""
+  results = []
+  for start in range(0, len(prompts), batch_prompts):
+    chunk = prompts[start:start + batch_prompts]
+    tokens_pp = np.zeros((batch_prompts, prompt_len), np.int32)
+    lengths_p = np.ones(batch_prompts, np.int32)
+    for i, ids in enumerate(chunk):
+      if len(ids) > prompt_len:
+        raise ValueError(f"prompt {start + i}: {len(ids)} tokens exceed prompt_len={prompt_len} "
+                         "(valid: a larger prompt_len)")
+      tokens_pp[i, :len(ids)], lengths_p[i] = ids, len(ids)
+    index = (start + np.arange(batch_prompts))[:, None] * n + np.arange(n)[None, :]
+    seeds = ((seed * 2**20 + index) % 2**32).astype(np.uint32)
+    out = np.asarray(sample_n(params, tokens_pp, lengths_p, seeds, np.float32(temperature), np.float32(top_p)))
+    for row in out[:len(chunk)]:
+      samples = []
+      for tokens in row:
+        ends = np.flatnonzero(tokens == tokenizer.eos_id)
+        kept = tokens[:ends[0]] if len(ends) else tokens
+        samples.append((tokenizer.decode(kept).strip(), len(kept)))
+      results.append(samples)
+    if progress is not None:
+      progress.update(len(chunk))
+  return results
