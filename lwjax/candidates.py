@@ -118,6 +118,7 @@ def build(path: str, *, workdir: str, task: str, split: str, num: int, n: int, t
   settings = {"workdir": os.path.abspath(workdir), "task": task, "split": split, "num": num, "n": n,
               "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
               "record_seed": record_seed, "task_options": task_options or {}}
+  settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
   if os.path.isfile(path) and os.path.isfile(path + ".json"):
     problems, metadata = read(path)
     different = {k: (metadata["settings"].get(k), v) for k, v in settings.items()

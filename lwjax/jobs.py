@@ -18,6 +18,8 @@ JOBS = {
     "gamengen_eval": "lwjax.projects.gamengen.jobs.evaluate",
     "gamengen_play": "lwjax.projects.gamengen.jobs.play_world_model",
     "gamengen_record": "lwjax.projects.gamengen.jobs.record_trajectories",
+    "genrm": "lwjax.projects.genrm.job",
+    "genrm_solver": "lwjax.projects.genrm.solver",
     "igsm_retry": "lwjax.projects.retry.job",
     "lm_pretrain": "lwjax.projects.lm.pretrain",
     "serve": "lwjax.serving.serve",

@@ -334,6 +334,10 @@ class GPT(nnx.Module):
 
   def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None):
     """Training forward: logits [b, t, vocab] (float32). Packed sequences pass positions and segment ids."""
+    return self._logits(self.hidden(tokens_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt))
+
+  def hidden(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None):
+    """The last block's output [b, t, d] (before the final norm): what heads other than the LM head read."""
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
     inv_freq = rope_frequencies(self.cfg)
@@ -341,7 +345,7 @@ class GPT(nnx.Module):
     run = self._block_fn()
     for block in self.layers:
       x = run(block, x, positions_bt, inv_freq, segment_ids_bt)
-    return self._logits(x)
+    return x
 
   def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
     cfg = self.cfg

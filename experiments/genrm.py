@@ -1,0 +1,66 @@
+"""GenRM (Generative Verifiers, arXiv 2408.15240): verifiers trained from a solver checkpoint on its own
+labelled candidates, compared by Best-of-N with self-consistency, pass@N and LLM-as-judge in the same run.
+
+  # smoke (seconds; trains its own tiny solver first):
+  python main.py --config experiments/genrm_solver.py:scale=smoke,task=last_letter --workdir runs/genrm_smoke/solver
+  python main.py --config experiments/genrm.py:scale=smoke,task=last_letter,verifier=direct,base=runs/genrm_smoke/solver \
+      --workdir runs/genrm_smoke/direct
+  # cpu: the solvers (compact iGSM: the testbed's weak solver; algorithmic tasks: experiments/genrm_solver.py)
+  python main.py --config experiments/igsm_solver.py:scale=cpu,size=weak --workdir runs/igsm_solver_cpu/weak
+  python main.py --config experiments/genrm_solver.py:scale=cpu,task=last_letter --workdir runs/genrm_solver_cpu/last_letter
+  # then every verifier on the same candidates (sampled once by the first run, under runs/genrm_cpu/candidates):
+  for v in judge disc direct cot unified; do
+    python main.py --config experiments/genrm.py:scale=cpu,task=igsm,verifier=$v,base=runs/igsm_solver_cpu/weak \
+        --workdir runs/genrm_cpu/igsm/$v
+  done
+  python -m lwjax.projects.genrm.report runs/genrm_cpu/igsm --png runs/genrm_cpu/igsm/bestofn.png
+
+Arguments: `scale` smoke|cpu|gpu|paper; `task` igsm|last_letter|word_sort; `verifier` judge|disc|direct|
+cot|unified; `base` the solver's workdir (default runs/igsm_solver_<scale>/weak for iGSM,
+runs/genrm_solver_<scale>/<task> otherwise); `lam` the unified verifier's lambda; `seed`.
+"""
+
+import ml_collections
+
+from configs import common, mesh
+from experiments import genrm_solver
+from lwjax.projects.genrm.job import KINDS
+
+SCALES = ("smoke", "cpu", "gpu", "paper")
+TASKS = ("igsm", "last_letter", "word_sort")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, choices={"scale": SCALES, "task": TASKS, "verifier": KINDS}, scale="cpu",
+                          task="igsm", verifier="direct", base="", lam="1.0", seed="0")
+  scale, task = args["scale"], args["task"]
+  default_base = (f"runs/igsm_solver_{scale}/weak" if task == "igsm" else f"runs/genrm_solver_{scale}/{task}")
+  config = ml_collections.ConfigDict()
+  config.job = "genrm"
+  config.seed = int(args["seed"])
+  config.base = args["base"] or default_base
+  config.task = genrm_solver.task_config(task)
+  config.candidates = ml_collections.ConfigDict({
+      "dir": f"runs/genrm_{scale}/candidates", "num_train": 400, "n_train": 8, "num_test": 100, "n_test": 16,
+      "temperature": 0.8, "max_new_tokens": 160 if task == "igsm" else 320, "batch_prompts": 25})
+  config.verifier = ml_collections.ConfigDict({
+      "kind": args["verifier"], "per_class": 4, "unified_lambda": float(args["lam"]), "unified_base": "direct",
+      "cot_k": "1,2,4", "cot_temperature": 0.7, "cot_max_new_tokens": 64 if task != "word_sort" else 160})
+  config.data = ml_collections.ConfigDict({"seq_len": 320 if task == "igsm" else 512})
+  config.eval = ml_collections.ConfigDict({"ns": "1,2,4,8,16", "draws": 64, "batch_size": 64})
+  config.train = common.train(steps=400, global_batch_size=32, log_every=50, eval_every=0, checkpoint_every=400)
+  config.optim = common.optim(learning_rate=5e-4, warmup_steps=40, weight_decay=0.0)
+  config.mesh = mesh.get()
+  config.distributed = common.distributed()
+  if scale == "smoke":
+    config.candidates.update(num_train=6, n_train=4, num_test=3, n_test=4, max_new_tokens=40, batch_prompts=3)
+    config.verifier.update(per_class=2, cot_k="1,2", cot_max_new_tokens=16)
+    config.data.seq_len = 160
+    config.eval.update(ns="1,2,4", draws=8, batch_size=8)
+    config.train.update(steps=4, global_batch_size=4, log_every=2, checkpoint_every=4)
+  elif scale in ("gpu", "paper"):  # the paper's N = 32 candidates and K = 32 rationales
+    config.candidates.update(num_train=5000, n_train=16, num_test=500, n_test=32, batch_prompts=64)
+    config.verifier.update(per_class=8, cot_k="1,2,4,8,16,32")
+    config.eval.update(ns="1,2,4,8,16,32", batch_size=256)
+    config.train.update(steps=3000, global_batch_size=64, log_every=100, checkpoint_every=1000)
+  return config

@@ -1,0 +1,57 @@
+"""Solvers of GenRM's algorithmic tasks (arXiv 2408.15240, §4), the base checkpoints of `experiments/genrm.py`:
+GPTs trained from scratch on last-letter concatenation or word sorting of 2-4 words (ours: generated
+pseudo-words spelled letter by letter, `lwjax.data.algorithmic`), tested on held-out lists of the same
+lengths and on longer ones (5-6 words).
+
+  python main.py --config experiments/genrm_solver.py:scale=smoke,task=last_letter --workdir runs/genrm_solver_smoke
+  python main.py --config experiments/genrm_solver.py:scale=cpu,task=last_letter --workdir runs/genrm_solver_cpu/last_letter
+  python main.py --config experiments/genrm_solver.py:scale=cpu,task=word_sort --workdir runs/genrm_solver_cpu/word_sort
+
+Arguments: `scale` smoke|cpu|gpu|paper; `task` last_letter|word_sort; `seed`. The compact iGSM solvers
+are `experiments/igsm_solver.py`'s.
+"""
+
+import ml_collections
+
+from configs import common, gpt, mesh
+
+SCALES = ("smoke", "cpu", "gpu", "paper")
+TASKS = ("last_letter", "word_sort")
+VOCAB_SIZE = 64  # >= the algorithmic tokenizer's 49 ids
+
+
+def task_config(name: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({"name": name, "preset": "small", "train_ops": "1,2,3", "hard_ops": "4,5",
+                                    "train_words": "2,3,4", "hard_words": "5,6"})
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, choices={"scale": SCALES, "task": TASKS}, scale="cpu", task="last_letter", seed="0")
+  scale = args["scale"]
+  config = ml_collections.ConfigDict()
+  config.job = "genrm_solver"
+  config.seed = int(args["seed"])
+  config.task = task_config(args["task"])
+  config.model = gpt.get("gpt_tiny", vocab_size=VOCAB_SIZE, max_seq_len=512, d_model=128, n_layers=4, n_heads=4,
+                         n_kv_heads=4, head_dim=32, d_ff=512)
+  config.data = ml_collections.ConfigDict({"seq_len": 256, "num_train": 50_000})
+  config.eval = ml_collections.ConfigDict({"num": 200, "max_new_tokens": 320, "batch_prompts": 100})
+  config.train = common.train()
+  config.optim = common.optim(learning_rate=2e-3, warmup_steps=100, weight_decay=0.1)
+  config.mesh = mesh.get()
+  config.distributed = common.distributed()
+  if scale == "smoke":
+    config.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=16, d_ff=64)
+    config.data.update(num_train=64)
+    config.eval.update(num=4, max_new_tokens=48, batch_prompts=4)
+    config.train.update(steps=6, global_batch_size=4, log_every=2, eval_every=0, checkpoint_every=6)
+  elif scale == "cpu":
+    config.train.update(steps=1500, global_batch_size=32, log_every=50, eval_every=0, checkpoint_every=500)
+  else:  # gpu / paper: wider, longer, in bfloat16
+    config.model.update(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, head_dim=64, d_ff=2048, dtype="bfloat16")
+    config.data.update(num_train=1_000_000)
+    config.eval.update(num=1000, batch_prompts=250)
+    config.train.update(steps=20000 if scale == "gpu" else 100000, global_batch_size=128, log_every=100,
+                        eval_every=0, checkpoint_every=2000)
+    config.optim.update(learning_rate=1e-3, warmup_steps=500)
+  return config

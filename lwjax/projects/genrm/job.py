@@ -1,0 +1,230 @@
+"""The GenRM job (Generative Verifiers, arXiv 2408.15240, §3-4): train one verifier from a solver checkpoint on
+its own labelled candidates, then Best-of-N on held-out (test) and longer/harder (hard) problems.
+
+1. Candidates (`lwjax.candidates`, shared with every verifier run of the same solver and task): the solver's
+   samples on training, test and hard problems, each labelled exactly by the task's checker.
+2. The verifier (`verifier.kind`): `disc` (scalar head, BCE), `direct` (p(Yes) after `verify ?`), `cot`
+   (checker-written rationales, then Yes/No), `unified` (direct or CoT + lambda x solution generation), or
+   `judge` (LLM-as-judge: the untrained solver asked the direct question). All start from the solver's
+   parameters and train on the same balanced candidates for `train.steps`.
+3. Scores for every test/hard candidate; Best-of-N accuracy for n in `eval.ns` (final answer right, as the
+   paper; and whole solution right), with self-consistency, pass@n and the first sample measured on the
+   same candidates; for CoT, accuracy vs the number of rationales K; the verifier's AUC.
+
+`<workdir>/metrics.json` holds it all; `bestofn_<split>.png` draws the curves; TensorBoard `bestofn/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from lwjax import candidates as candidates_lib, plots, reasoning_tasks
+from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.models.gpt import GPT
+from lwjax.projects.genrm import bestofn, data as data_lib, rationale, verifiers
+from lwjax.training import checkpoint, losses, mesh, optim, trainer as trainer_lib
+from lwjax.launch import distributed
+
+KINDS = ("disc", "direct", "cot", "unified", "judge")
+
+
+def _int_list(value: str) -> str | None:
+  try:
+    items = [int(v) for v in value.split(",")]
+  except ValueError:
+    return "expected comma-separated integers, e.g. '1,2,4,8'"
+  return None if items and min(items) >= 1 else "expected integers >= 1"
+
+
+SCHEMA = {
+    "job": Field(str), "seed": Field(int), "base": Field(str, doc="the solver's workdir (its checkpoints/)"),
+    "task": {"name": Field(str, choices=reasoning_tasks.TASK_NAMES), "preset": Field(str),
+             "train_ops": Field(str, check=_int_list), "hard_ops": Field(str, check=_int_list),
+             "train_words": Field(str, check=_int_list), "hard_words": Field(str, check=_int_list)},
+    "candidates": {"dir": Field(str, doc="where candidate sets are written once and reused"),
+                   "num_train": positive_int("training problems"), "n_train": positive_int("candidates each"),
+                   "num_test": positive_int("test problems (and as many hard ones)"),
+                   "n_test": positive_int("candidates per test problem (the largest N)"),
+                   "temperature": Field(float, min=0.0), "max_new_tokens": positive_int(),
+                   "batch_prompts": positive_int()},
+    "verifier": {"kind": Field(str, choices=KINDS), "per_class": positive_int("candidates per verdict per problem"),
+                 "unified_lambda": Field(float, min=0.0), "unified_base": Field(str, choices=("direct", "cot")),
+                 "cot_k": Field(str, check=_int_list, doc="numbers of rationales K to report; the largest is sampled"),
+                 "cot_temperature": Field(float, min=0.0), "cot_max_new_tokens": positive_int()},
+    "data": {"seq_len": Field(int, min=8)},
+    "eval": {"ns": Field(str, check=_int_list), "draws": positive_int(), "batch_size": positive_int()},
+    "train": trainer_lib.SCHEMA, "optim": optim.SCHEMA, "mesh": mesh.SCHEMA, "distributed": distributed.SCHEMA,
+}
+
+
+def _ints(value: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in value.split(","))
+
+
+def validate(config) -> None:
+  validate_schema(config, SCHEMA)
+  if max(_ints(config.eval.ns)) > config.candidates.n_test:
+    raise ConfigError("eval.ns", "asks for more candidates than were sampled",
+                      f"values <= candidates.n_test ({config.candidates.n_test})")
+  if not config.base:
+    raise ConfigError("base", "required", "the workdir of a trained solver, e.g. runs/igsm_solver_cpu/weak")
+
+
+def get_task(config) -> reasoning_tasks.ReasoningTask:
+  t = config.task
+  return reasoning_tasks.get(t.name, preset=t.preset, train_ops=_ints(t.train_ops), hard_ops=_ints(t.hard_ops),
+                             train_words=_ints(t.train_words), hard_words=_ints(t.hard_words))
+
+
+def candidate_sets(config, task) -> dict[str, list[dict]]:
+  """The train/test/hard candidate sets of the solver `config.base`, sampled once under `candidates.dir`."""
+  c, sets = config.candidates, {}
+  t = config.task
+  options = {"preset": t.preset, "train_ops": _ints(t.train_ops), "hard_ops": _ints(t.hard_ops),
+             "train_words": _ints(t.train_words), "hard_words": _ints(t.hard_words)}
+  for split, num, n in (("train", c.num_train, c.n_train), ("test", c.num_test, c.n_test),
+                        ("hard", c.num_test, c.n_test)):
+    path = os.path.join(c.dir, f"{task.name}_{split}_{num}x{n}_t{c.temperature:g}.arrayrecord")
+    problems, metadata = candidates_lib.build(
+        path, workdir=config.base, task=task.name, split=split, num=num, n=n, temperature=c.temperature,
+        max_new_tokens=c.max_new_tokens, seed=config.seed * 7919 + {"train": 0, "test": 1, "hard": 2}[split],
+        record_seed=config.seed, batch_prompts=c.batch_prompts, task_options=options)
+    logging.info("candidates %s: %d problems x %d, answer accuracy %.3f, accuracy %.3f (%s)", split,
+                 len(problems), n, metadata["stats"]["answer_accuracy"], metadata["stats"]["accuracy"], path)
+    sets[split] = problems
+  return sets
+
+
+def train_verifier(config, workdir: str, task, base_model: GPT, problems: list[dict]):
+  """The trained verifier: a RewardModel for `disc`, else a GPT (the solver's shape)."""
+  v, kind = config.verifier, config.verifier.kind
+  cfg = base_model.cfg
+  rows = data_lib.training_rows(kind, task.name, problems, task.tokenizer, seq_len=config.data.seq_len,
+                                per_class=v.per_class, seed=config.seed, unified_lambda=v.unified_lambda,
+                                unified_base=v.unified_base)
+  labels = [r["label"] for r in rows if kind == "disc"]
+  logging.info("verifier %s: %d training rows%s", kind, len(rows),
+               f", {np.mean(labels):.2f} correct" if labels else "")
+  if kind == "disc":
+    def model_fn(rngs):
+      return verifiers.RewardModel(GPT(cfg, rngs=rngs), rngs=rngs)
+    fresh = nnx.to_pure_dict(nnx.state(model_fn(nnx.Rngs(config.seed))))
+    init = {**fresh, "gpt": nnx.to_pure_dict(nnx.state(base_model))}
+    loss_fn = verifiers.disc_loss
+  else:
+    def model_fn(rngs):
+      return GPT(cfg, rngs=rngs)
+    init, loss_fn = nnx.to_pure_dict(nnx.state(base_model)), losses.lm_loss
+  trainer = trainer_lib.Trainer(config, workdir, model_fn=model_fn, loss_fn=loss_fn,
+                                flops_per_token=cfg.flops_per_token(config.data.seq_len), seq_len=config.data.seq_len)
+  train_iter = iter(data_lib.make_dataset(rows, batch_size=config.train.global_batch_size, seed=config.seed))
+  result = trainer.fit(train_iter, seed=config.seed, init_params=init)
+  if result["step"] < config.train.steps:
+    return None, result
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))  # the final params, as saved
+  try:
+    params = ckpt.restore(trainer.abstract_state)[1]["params"]
+  finally:
+    ckpt.close()
+  return nnx.merge(trainer.graphdef, params), result
+
+
+def score(config, task, verifier, problems: list[dict], split: str) -> tuple[np.ndarray, dict]:
+  """[problems, N] verifier scores of the candidates, and extras (CoT: scores per rationale)."""
+  tok, kind, v = task.tokenizer, config.verifier.kind, config.verifier
+  seq_len, batch = config.data.seq_len, config.eval.batch_size
+  yes_id, no_id = tok.encode(rationale.YES)[0], tok.encode(rationale.NO)[0]
+  pairs = [(p["record"], c) for p in problems for c in p["candidates"]]
+  shape = (len(problems), len(problems[0]["candidates"]))
+  base_kind = v.unified_base if kind == "unified" else kind
+  if kind == "disc":
+    seqs = [[tok.bos_id] + tok.encode(f"{r['question']} {c['text']}") for r, c in pairs]
+    return verifiers.score_disc(verifier, seqs, batch=batch, seq_len=seq_len).reshape(shape), {}
+  if base_kind in ("direct", "judge"):
+    seqs = [[tok.bos_id] + tok.encode(rationale.direct_prompt(r["question"], c["text"])) for r, c in pairs]
+    return verifiers.score_p_yes(verifier, seqs, yes_id=yes_id, no_id=no_id, batch=batch,
+                                 seq_len=seq_len).reshape(shape), {}
+  prompts = [[tok.bos_id] + tok.encode(rationale.cot_prompt(r["question"], c["text"])) for r, c in pairs]
+  k = max(_ints(v.cot_k))
+  prompt_len = max(len(p) for p in prompts)
+  with tqdm(total=len(prompts), desc=f"CoT verification ({split}, K={k})", unit="candidate") as progress:
+    scores_ck, texts = verifiers.score_cot(
+        verifier, tok, prompts, k=k, max_new_tokens=v.cot_max_new_tokens, temperature=v.cot_temperature,
+        seed=config.seed, batch_prompts=max(1, batch // k), prompt_len=prompt_len, yes_id=yes_id, no_id=no_id,
+        progress=progress)
+  per_k = scores_ck.reshape(*shape, k)
+  return per_k.mean(-1), {"per_rationale": per_k, "example_rationales": texts[:3]}
+
+
+def evaluate(config, scores_pn: np.ndarray, problems: list[dict], extras: dict) -> dict:
+  """Best-of-N curves of the verifier and the baselines, and the verifier's AUC."""
+  ns, draws = _ints(config.eval.ns), config.eval.draws
+  answer_ok = np.array([[c["answer_correct"] for c in p["candidates"]] for p in problems], bool)
+  full_ok = np.array([[c["correct"] for c in p["candidates"]] for p in problems], bool)
+  answers = [[c["answer"] for c in p["candidates"]] for p in problems]
+  first = np.zeros_like(scores_pn)
+  out = {"n": ns, "num_problems": len(problems), "candidate_answer_accuracy": float(answer_ok.mean()),
+         "candidate_accuracy": float(full_ok.mean()),
+         "auc": bestofn.roc_auc(scores_pn, full_ok), "auc_answer": bestofn.roc_auc(scores_pn, answer_ok)}
+  for name, ok in (("answer", answer_ok), ("full", full_ok)):
+    out[name] = {
+        "verifier": [bestofn.best_of_n(scores_pn, ok, n, draws=draws, seed=config.seed) for n in ns],
+        "majority": [bestofn.majority_vote(answers, ok, n, draws=draws, seed=config.seed) for n in ns],
+        "pass": [bestofn.pass_at_n(ok, n) for n in ns],
+        "first": bestofn.best_of_n(first, ok, 1, draws=draws, seed=config.seed),
+    }
+  if "per_rationale" in extras:
+    per_k = extras["per_rationale"]
+    out["cot_k"] = {str(k): bestofn.best_of_n(per_k[..., :k].mean(-1), answer_ok, max(ns), draws=draws,
+                                              seed=config.seed) for k in _ints(config.verifier.cot_k)}
+    out["example_rationales"] = extras["example_rationales"]
+  return out
+
+
+def _plot(path: str, result: dict, kind: str, split: str) -> None:
+  ns, a = result["n"], result["answer"]
+  series = {f"{kind} verifier": [(n, m) for n, (m, _) in zip(ns, a["verifier"])],
+            "self-consistency": [(n, m) for n, (m, _) in zip(ns, a["majority"])],
+            "pass@n (oracle)": [(n, m) for n, (m, _) in zip(ns, a["pass"])],
+            "first sample": [(n, a["first"][0]) for n in ns]}
+  plots.line_chart(path, series, title=f"Best-of-N, {split} problems ({kind})", x_label="N candidates",
+                   y_label="final answer accuracy", y_range=(0.0, 1.0))
+
+
+def run(config, workdir: str) -> dict:
+  task = get_task(config)
+  base_model, base_config, step = candidates_lib.load_solver(config.base)
+  logging.info("solver %s (step %d), task %s", config.base, step, task.name)
+  sets = candidate_sets(config, task)
+  kind = config.verifier.kind
+  if kind == "judge":
+    verifier = base_model
+  else:
+    verifier, result = train_verifier(config, workdir, task, base_model, sets["train"])
+    if verifier is None:
+      logging.warning("stopped at step %d of %d: no evaluation; run again to resume", result["step"],
+                      config.train.steps)
+      return {}
+  metrics = {"kind": kind, "task": task.name, "base": config.base, "base_step": step, "seed": config.seed,
+             "steps": config.train.steps if kind != "judge" else 0}
+  for split in ("test", "hard"):
+    scores_pn, extras = score(config, task, verifier, sets[split], split)
+    metrics[split] = evaluate(config, scores_pn, sets[split], extras)
+    m = metrics[split]
+    logging.info("%s: best-of-%d %.3f (self-consistency %.3f, pass %.3f, first %.3f), AUC %.3f", split,
+                 m["n"][-1], m["answer"]["verifier"][-1][0], m["answer"]["majority"][-1][0],
+                 m["answer"]["pass"][-1][0], m["answer"]["first"][0], m["auc"])
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    for split in ("test", "hard"):
+      _plot(os.path.join(workdir, f"bestofn_{split}.png"), metrics[split], kind, split)
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2)
+  return metrics

@@ -1,0 +1,89 @@
+"""Solvers of the GenRM algorithmic tasks (arXiv 2408.15240, §4: last-letter concatenation, word sorting): a
+GPT trained from scratch on the task's training problems (question -> step-by-step solution), then greedy
+accuracy, checked step by step, on held-out problems of the training lengths (test) and on longer lists
+(hard). The verifiers of `lwjax.projects.genrm.job` start from its checkpoint (`base=<workdir>`).
+
+`<workdir>/metrics.json`: full-solution and final-answer accuracy per split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lwjax import candidates as candidates_lib, reasoning_tasks
+from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
+from lwjax.projects.genrm import data as data_lib
+from lwjax.projects.genrm.job import SCHEMA as GENRM_SCHEMA, get_task
+from lwjax.training import checkpoint, losses, mesh, optim, trainer as trainer_lib
+from lwjax.launch import distributed
+
+SCHEMA = {
+    "job": Field(str), "seed": Field(int), "model": MODEL_SCHEMA, "task": GENRM_SCHEMA["task"],
+    "data": {"seq_len": Field(int, min=8), "num_train": positive_int("distinct training problems (repeated)")},
+    "eval": {"num": positive_int("problems per split"), "max_new_tokens": positive_int(),
+             "batch_prompts": positive_int()},
+    "train": trainer_lib.SCHEMA, "optim": optim.SCHEMA, "mesh": mesh.SCHEMA, "distributed": distributed.SCHEMA,
+}
+
+
+def validate(config) -> None:
+  validate_schema(config, SCHEMA)
+  try:
+    cfg = GPTConfig.from_dict(config.model)
+  except ValueError as e:
+    raise ConfigError("model", str(e), "n_kv_heads dividing n_heads, even head_dim") from None
+  vocab = get_task(config).tokenizer.vocab_size
+  if cfg.vocab_size < vocab:
+    raise ConfigError("model.vocab_size", f"too small for the {config.task.name} tokenizer", f">= {vocab}")
+
+
+def greedy_accuracy(model: GPT, task, records: list[dict], *, max_new_tokens: int, batch_prompts: int) -> dict:
+  """Greedy solutions of `records`, checked: full-solution and final-answer accuracy."""
+  problems, _ = candidates_lib.sample(model, task, records, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
+                                      batch_prompts=batch_prompts)
+  labels = [p["candidates"][0] for p in problems]
+  return {"accuracy": float(np.mean([c["correct"] for c in labels])),
+          "answer_accuracy": float(np.mean([c["answer_correct"] for c in labels])), "n": len(labels),
+          "samples": [c["text"] for c in labels[:3]]}
+
+
+def run(config, workdir: str) -> dict:
+  task = get_task(config)
+  cfg, tok, seq_len = GPTConfig.from_dict(config.model), task.tokenizer, config.data.seq_len
+  records = task.records(config.data.num_train, seed=config.seed, split="train")
+  rows = [data_lib.solution_row(r, r["solution"], tok, seq_len, 1.0) for r in records]
+  rows = [dict(r, last=np.int32(0), label=np.float32(0), weight=np.float32(0)) for r in rows if r is not None]
+  if not rows:
+    raise ConfigError("data.seq_len", "no training problem fits", "a larger value")
+  logging.info("%s solver: %d training problems (%d fit seq_len %d)", task.name, len(records), len(rows), seq_len)
+  trainer = trainer_lib.Trainer(config, workdir, model_fn=lambda rngs: GPT(cfg, rngs=rngs), loss_fn=losses.lm_loss,
+                                flops_per_token=cfg.flops_per_token(seq_len), seq_len=seq_len)
+  train_iter = iter(data_lib.make_dataset(rows, batch_size=config.train.global_batch_size, seed=config.seed))
+  result = trainer.fit(train_iter, seed=config.seed)
+  if result["step"] < config.train.steps:
+    logging.warning("stopped at step %d of %d: no evaluation; run again to resume", result["step"], config.train.steps)
+    return {}
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    params = ckpt.restore(trainer.abstract_state)[1]["params"]
+  finally:
+    ckpt.close()
+  model = nnx.merge(trainer.graphdef, params)
+  metrics = {"task": task.name, "steps": config.train.steps, "train_loss": result["train"].get("loss")}
+  for split in ("test", "hard"):
+    held_out = task.records(config.eval.num, seed=config.seed + 1, split=split)
+    metrics[split] = greedy_accuracy(model, task, held_out, max_new_tokens=config.eval.max_new_tokens,
+                                     batch_prompts=config.eval.batch_prompts)
+    logging.info("%s: accuracy %.3f, answer accuracy %.3f (n=%d)", split, metrics[split]["accuracy"],
+                 metrics[split]["answer_accuracy"], metrics[split]["n"])
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2)
+  return metrics
