@@ -58,7 +58,7 @@ def sample(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[di
   """Samples and labels `n` candidates for every record: ([{"index", "record", "candidates"}], stats)."""
   tok = task.tokenizer
   prompts = [[tok.bos_id] + tok.encode(task.prompt(r)) for r in records]
-  prompt_len = prompt_len or max(len(p) for p in prompts)
+  prompt_len = prompt_len or batch_sampler.bucket(max(len(p) for p in prompts))
   if prompt_len + max_new_tokens > model.cfg.max_seq_len:
     raise ValueError(f"max_new_tokens: {prompt_len} prompt tokens + {max_new_tokens} exceed the model's "
                      f"max_seq_len {model.cfg.max_seq_len} (valid: at most {model.cfg.max_seq_len - prompt_len})")

@@ -11,6 +11,7 @@ seed and token index, as in the engine.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -22,10 +23,12 @@ from lwjax.models.gpt import KVCache
 from lwjax.serving.sampling import sample
 
 
+@functools.lru_cache(maxsize=16)
 def make_sampler(graphdef, *, prompt_len: int, max_new_tokens: int, n: int, eos_id: int):
   """A jitted `sample_n(params, prompts_pp, lengths_p, seeds_pn, temperature, top_p) -> tokens [P, n, T]`:
   prompts right-padded to `prompt_len`, `seeds_pn` one uint32 seed per sample; positions after a row's
-  first eos hold eos."""
+  first eos hold eos. Cached per model structure and shapes (with `bucket`ed prompt lengths, calls share
+  compilations)."""
 
   @jax.jit
   def sample_n(params, prompts_pp, lengths_p, seeds_pn, temperature, top_p):
@@ -65,6 +68,10 @@ def make_sampler(graphdef, *, prompt_len: int, max_new_tokens: int, n: int, eos_
     return out.reshape(num_prompts, n, max_new_tokens)
 
   return sample_n
+
+
+def bucket(prompt_len: int, multiple: int = 32) -> int:
+  return -(-prompt_len // multiple) * multiple
 
 
 def sample_texts(sample_n, params, tokenizer, prompts: Sequence[Sequence[int]], *, n: int, prompt_len: int,

@@ -29,6 +29,7 @@ from lwjax import candidates as candidates_lib, plots, reasoning_tasks
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
 from lwjax.models.gpt import GPT
 from lwjax.projects.genrm import bestofn, data as data_lib, rationale, verifiers
+from lwjax.serving import batch_sampler
 from lwjax.training import checkpoint, losses, mesh, optim, trainer as trainer_lib
 from lwjax.launch import distributed
 
@@ -153,7 +154,7 @@ def score(config, task, verifier, problems: list[dict], split: str) -> tuple[np.
                                  seq_len=seq_len).reshape(shape), {}
   prompts = [[tok.bos_id] + tok.encode(rationale.cot_prompt(r["question"], c["text"])) for r, c in pairs]
   k = max(_ints(v.cot_k))
-  prompt_len = max(len(p) for p in prompts)
+  prompt_len = batch_sampler.bucket(max(len(p) for p in prompts))
   with tqdm(total=len(prompts), desc=f"CoT verification ({split}, K={k})", unit="candidate") as progress:
     scores_ck, texts = verifiers.score_cot(
         verifier, tok, prompts, k=k, max_new_tokens=v.cot_max_new_tokens, temperature=v.cot_temperature,

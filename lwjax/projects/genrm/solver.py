@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lwjax import candidates as candidates_lib, reasoning_tasks
+from lwjax import candidates as candidates_lib
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.projects.genrm import data as data_lib
