@@ -42,7 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.task = genrm_solver.task_config(task)
   config.candidates = ml_collections.ConfigDict({
       "dir": f"runs/genrm_{scale}/candidates", "num_train": 400, "n_train": 8, "num_test": 100, "n_test": 16,
-      "temperature": 0.8, "max_new_tokens": 160 if task == "igsm" else 320, "batch_prompts": 25})
+      "temperature": 0.8, "max_new_tokens": 160 if task == "igsm" else 320, "batch_prompts": 25,
+      "seed": 0})
   config.verifier = ml_collections.ConfigDict({
       "kind": args["verifier"], "per_class": 4, "unified_lambda": float(args["lam"]), "unified_base": "direct",
       "cot_k": "1,2,4", "cot_temperature": 0.7, "cot_max_new_tokens": 64 if task != "word_sort" else 160})

@@ -54,7 +54,8 @@ SCHEMA = {
                    "num_test": positive_int("test problems (and as many hard ones)"),
                    "n_test": positive_int("candidates per test problem (the largest N)"),
                    "temperature": Field(float, min=0.0), "max_new_tokens": positive_int(),
-                   "batch_prompts": positive_int()},
+                   "batch_prompts": positive_int(),
+                   "seed": Field(int, doc="problems and sampling; the same for every verifier seed")},
     "verifier": {"kind": Field(str, choices=KINDS), "per_class": positive_int("candidates per verdict per problem"),
                  "unified_lambda": Field(float, min=0.0), "unified_base": Field(str, choices=("direct", "cot")),
                  "cot_k": Field(str, check=_int_list, doc="numbers of rationales K to report; the largest is sampled"),
@@ -92,11 +93,11 @@ def candidate_sets(config, task) -> dict[str, list[dict]]:
              "train_words": _ints(t.train_words), "hard_words": _ints(t.hard_words)}
   for split, num, n in (("train", c.num_train, c.n_train), ("test", c.num_test, c.n_test),
                         ("hard", c.num_test, c.n_test)):
-    path = os.path.join(c.dir, f"{task.name}_{split}_{num}x{n}_t{c.temperature:g}.arrayrecord")
+    path = os.path.join(c.dir, f"{task.name}_{split}_{num}x{n}_t{c.temperature:g}_s{c.seed}.arrayrecord")
     problems, metadata = candidates_lib.build(
         path, workdir=config.base, task=task.name, split=split, num=num, n=n, temperature=c.temperature,
-        max_new_tokens=c.max_new_tokens, seed=config.seed * 7919 + {"train": 0, "test": 1, "hard": 2}[split],
-        record_seed=config.seed, batch_prompts=c.batch_prompts, task_options=options)
+        max_new_tokens=c.max_new_tokens, seed=c.seed * 7919 + {"train": 0, "test": 1, "hard": 2}[split],
+        record_seed=c.seed, batch_prompts=c.batch_prompts, task_options=options)
     logging.info("candidates %s: %d problems x %d, answer accuracy %.3f, accuracy %.3f (%s)", split,
                  len(problems), n, metadata["stats"]["answer_accuracy"], metadata["stats"]["accuracy"], path)
     sets[split] = problems

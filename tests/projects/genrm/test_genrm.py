@@ -156,7 +156,7 @@ def test_smoke_solver_then_cot_verifier_end_to_end(tmp_path):
   m = json.loads((tmp_path / "cot" / "metrics.json").read_text())
   assert m["kind"] == "cot" and m["test"]["n"] == [1, 2, 4] and set(m["test"]["cot_k"]) == {"1", "2"}
   assert len(m["test"]["answer"]["verifier"]) == 3 and (tmp_path / "cot" / "bestofn_hard.png").stat().st_size > 1000
-  problems, metadata = candidates.read(str(tmp_path / "runs/genrm_smoke/candidates/word_sort_test_3x4_t0.8.arrayrecord"))
+  problems, metadata = candidates.read(str(tmp_path / "runs/genrm_smoke/candidates/word_sort_test_3x4_t0.8_s0.arrayrecord"))
   assert len(problems) == 3 and all(len(p["candidates"]) == 4 for p in problems)
   assert metadata["stats"]["n"] == 4 and metadata["settings"]["task"] == "word_sort"
 
