@@ -29,7 +29,6 @@ from lwjax import candidates as candidates_lib, plots, reasoning_tasks
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
 from lwjax.models.gpt import GPT
 from lwjax.projects.genrm import bestofn, data as data_lib, rationale, verifiers
-from lwjax.serving import batch_sampler
 from lwjax.training import checkpoint, losses, mesh, optim, trainer as trainer_lib
 from lwjax.launch import distributed
 
@@ -155,7 +154,11 @@ def score(config, task, verifier, problems: list[dict], split: str) -> tuple[np.
                                  seq_len=seq_len).reshape(shape), {}
   prompts = [[tok.bos_id] + tok.encode(rationale.cot_prompt(r["question"], c["text"])) for r, c in pairs]
   k = max(_ints(v.cot_k))
-  prompt_len = batch_sampler.bucket(max(len(p) for p in prompts))
+  prompt_len = seq_len - v.cot_max_new_tokens  # the same for every split: one compilation
+  if max(len(p) for p in prompts) > prompt_len:
+    raise ConfigError("data.seq_len", f"a CoT prompt of {max(len(p) for p in prompts)} tokens plus "
+                      f"{v.cot_max_new_tokens} rationale tokens does not fit",
+                      f">= {max(len(p) for p in prompts) + v.cot_max_new_tokens}")
   with tqdm(total=len(prompts), desc=f"CoT verification ({split}, K={k})", unit="candidate") as progress:
     scores_ck, texts = verifiers.score_cot(
         verifier, tok, prompts, k=k, max_new_tokens=v.cot_max_new_tokens, temperature=v.cot_temperature,
