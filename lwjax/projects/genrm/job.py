@@ -177,7 +177,8 @@ def evaluate(config, scores_pn: np.ndarray, problems: list[dict], extras: dict) 
   first = np.zeros_like(scores_pn)
   out = {"n": ns, "num_problems": len(problems), "candidate_answer_accuracy": float(answer_ok.mean()),
          "candidate_accuracy": float(full_ok.mean()),
-         "auc": bestofn.roc_auc(scores_pn, full_ok), "auc_answer": bestofn.roc_auc(scores_pn, answer_ok)}
+         "auc": bestofn.roc_auc(scores_pn, full_ok), "auc_answer": bestofn.roc_auc(scores_pn, answer_ok),
+         "verifier_accuracy": float(((scores_pn > 0.5) == full_ok).mean())}
   for name, ok in (("answer", answer_ok), ("full", full_ok)):
     out[name] = {
         "verifier": [bestofn.best_of_n(scores_pn, ok, n, draws=draws, seed=config.seed) for n in ns],
@@ -223,9 +224,9 @@ def run(config, workdir: str) -> dict:
     scores_pn, extras = score(config, task, verifier, sets[split], split)
     metrics[split] = evaluate(config, scores_pn, sets[split], extras)
     m = metrics[split]
-    logging.info("%s: best-of-%d %.3f (self-consistency %.3f, pass %.3f, first %.3f), AUC %.3f", split,
-                 m["n"][-1], m["answer"]["verifier"][-1][0], m["answer"]["majority"][-1][0],
-                 m["answer"]["pass"][-1][0], m["answer"]["first"][0], m["auc"])
+    logging.info("%s: best-of-%d %.3f (self-consistency %.3f, pass %.3f, first %.3f), AUC %.3f, verifier "
+                 "accuracy %.3f", split, m["n"][-1], m["answer"]["verifier"][-1][0], m["answer"]["majority"][-1][0],
+                 m["answer"]["pass"][-1][0], m["answer"]["first"][0], m["auc"], m["verifier_accuracy"])
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     for split in ("test", "hard"):

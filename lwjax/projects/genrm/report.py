@@ -24,7 +24,9 @@ def load_runs(sweep_dir: str) -> dict[str, dict]:
     path = os.path.join(sweep_dir, name, "metrics.json")
     if os.path.isfile(path):
       with open(path) as f:
-        runs[name] = json.load(f)
+        metrics = json.load(f)
+      if metrics.get("kind") in ORDER:  # a verifier run (not, e.g., the solver's own metrics)
+        runs[name] = metrics
   if not runs:
     raise ValueError(f"no <run>/metrics.json under {sweep_dir}: run experiments/genrm.py first")
   return dict(sorted(runs.items(), key=lambda kv: (ORDER.index(kv[1]["kind"]), kv[0])))
@@ -39,13 +41,14 @@ def table(runs: dict[str, dict], split: str, metric: str = "answer") -> str:
   the same candidates), a column per N."""
   first = next(iter(runs.values()))[split]
   ns = first["n"]
-  lines = ["| selection | " + " | ".join(f"N={n}" for n in ns) + " | AUC |", "|---|" + "---|" * (len(ns) + 1)]
+  lines = ["| selection | " + " | ".join(f"N={n}" for n in ns) + " | AUC | verifier acc. |",
+           "|---|" + "---|" * (len(ns) + 2)]
   for name, m in runs.items():
     lines.append(f"| {name} ({m['kind']}) | " + " | ".join(map(_pm, m[split][metric]["verifier"]))
-                 + f" | {m[split]['auc']:.3f} |")
+                 + f" | {m[split]['auc']:.3f} | {m[split]['verifier_accuracy']:.3f} |")
   for label, key in (("self-consistency", "majority"), ("pass@N (oracle)", "pass")):
-    lines.append(f"| {label} | " + " | ".join(map(_pm, first[metric][key])) + " | |")
-  lines.append("| first sample | " + " | ".join([_pm(first[metric]["first"])] * len(ns)) + " | |")
+    lines.append(f"| {label} | " + " | ".join(map(_pm, first[metric][key])) + " | | |")
+  lines.append("| first sample | " + " | ".join([_pm(first[metric]["first"])] * len(ns)) + " | | |")
   return "\n".join(lines)
 
 

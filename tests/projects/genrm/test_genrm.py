@@ -16,7 +16,7 @@ from flax import nnx
 
 from lwjax import candidates, reasoning_tasks
 from lwjax.models.gpt import GPT, GPTConfig
-from lwjax.projects.genrm import bestofn, data as data_lib, rationale, verifiers
+from lwjax.projects.genrm import bestofn, data as data_lib, rationale, report, verifiers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -156,6 +156,8 @@ def test_smoke_solver_then_cot_verifier_end_to_end(tmp_path):
   m = json.loads((tmp_path / "cot" / "metrics.json").read_text())
   assert m["kind"] == "cot" and m["test"]["n"] == [1, 2, 4] and set(m["test"]["cot_k"]) == {"1", "2"}
   assert len(m["test"]["answer"]["verifier"]) == 3 and (tmp_path / "cot" / "bestofn_hard.png").stat().st_size > 1000
+  rows = report.table(report.load_runs(str(tmp_path)), "test").splitlines()
+  assert rows[2].startswith("| cot (cot) |") and rows[-1].startswith("| first sample |")
   problems, metadata = candidates.read(str(tmp_path / "runs/genrm_smoke/candidates/word_sort_test_3x4_t0.8_s0.arrayrecord"))
   assert len(problems) == 3 and all(len(p["candidates"]) == 4 for p in problems)
   assert metadata["stats"]["n"] == 4 and metadata["settings"]["task"] == "word_sort"
