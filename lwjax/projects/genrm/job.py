@@ -29,6 +29,7 @@ from lwjax import candidates as candidates_lib, plots, reasoning_tasks
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
 from lwjax.models.gpt import GPT
 from lwjax.projects.genrm import bestofn, data as data_lib, rationale, verifiers
+from lwjax.serving import batch_sampler
 from lwjax.training import checkpoint, losses, mesh, optim, trainer as trainer_lib
 from lwjax.launch import distributed
 
@@ -111,7 +112,7 @@ def train_verifier(config, workdir: str, task, base_model: GPT, problems: list[d
                                 per_class=v.per_class, seed=config.seed, unified_lambda=v.unified_lambda,
                                 unified_base=v.unified_base)
   labels = [r["label"] for r in rows if kind == "disc"]
-  logging.info("verifier %s: %d training rows%s", kind, len(rows),
+  logging.info("verifier %s: %d training rows (those longer than data.seq_len left out)%s", kind, len(rows),
                f", {np.mean(labels):.2f} correct" if labels else "")
   if kind == "disc":
     def model_fn(rngs):
@@ -137,28 +138,29 @@ def train_verifier(config, workdir: str, task, base_model: GPT, problems: list[d
   return nnx.merge(trainer.graphdef, params), result
 
 
+def _fit(sequences: list[list[int]]) -> int:
+  """The scoring length: the longest sequence rounded up to 64 (few shapes, few compilations)."""
+  return batch_sampler.bucket(max(len(s) for s in sequences), 64)
+
+
 def score(config, task, verifier, problems: list[dict], split: str) -> tuple[np.ndarray, dict]:
   """[problems, N] verifier scores of the candidates, and extras (CoT: scores per rationale)."""
   tok, kind, v = task.tokenizer, config.verifier.kind, config.verifier
-  seq_len, batch = config.data.seq_len, config.eval.batch_size
+  batch = config.eval.batch_size
   yes_id, no_id = tok.encode(rationale.YES)[0], tok.encode(rationale.NO)[0]
   pairs = [(p["record"], c) for p in problems for c in p["candidates"]]
   shape = (len(problems), len(problems[0]["candidates"]))
   base_kind = v.unified_base if kind == "unified" else kind
   if kind == "disc":
     seqs = [[tok.bos_id] + tok.encode(f"{r['question']} {c['text']}") for r, c in pairs]
-    return verifiers.score_disc(verifier, seqs, batch=batch, seq_len=seq_len).reshape(shape), {}
+    return verifiers.score_disc(verifier, seqs, batch=batch, seq_len=_fit(seqs)).reshape(shape), {}
   if base_kind in ("direct", "judge"):
     seqs = [[tok.bos_id] + tok.encode(rationale.direct_prompt(r["question"], c["text"])) for r, c in pairs]
     return verifiers.score_p_yes(verifier, seqs, yes_id=yes_id, no_id=no_id, batch=batch,
-                                 seq_len=seq_len).reshape(shape), {}
+                                 seq_len=_fit(seqs)).reshape(shape), {}
   prompts = [[tok.bos_id] + tok.encode(rationale.cot_prompt(r["question"], c["text"])) for r, c in pairs]
   k = max(_ints(v.cot_k))
-  prompt_len = seq_len - v.cot_max_new_tokens  # the same for every split: one compilation
-  if max(len(p) for p in prompts) > prompt_len:
-    raise ConfigError("data.seq_len", f"a CoT prompt of {max(len(p) for p in prompts)} tokens plus "
-                      f"{v.cot_max_new_tokens} rationale tokens does not fit",
-                      f">= {max(len(p) for p in prompts) + v.cot_max_new_tokens}")
+  prompt_len = batch_sampler.bucket(max(len(p) for p in prompts), 64)
   with tqdm(total=len(prompts), desc=f"CoT verification ({split}, K={k})", unit="candidate") as progress:
     scores_ck, texts = verifiers.score_cot(
         verifier, tok, prompts, k=k, max_new_tokens=v.cot_max_new_tokens, temperature=v.cot_temperature,

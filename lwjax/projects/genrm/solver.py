@@ -1,7 +1,9 @@
 """Solvers of the GenRM algorithmic tasks (arXiv 2408.15240, §4: last-letter concatenation, word sorting): a
 GPT trained from scratch on the task's training problems (question -> step-by-step solution), then greedy
 accuracy, checked step by step, on held-out problems of the training lengths (test) and on longer lists
-(hard). The verifiers of `lwjax.projects.genrm.job` start from its checkpoint (`base=<workdir>`).
+(hard). A from-scratch model does not extrapolate to longer lists (0% on 5-6 words after training on 2-4),
+so `data.long_fraction` of the training problems (ours, 2% at the cpu scale) are at the hard lengths: the
+hard split is then rare in training rather than unseen, and the solver sometimes solves it. The verifiers of `lwjax.projects.genrm.job` start from its checkpoint (`base=<workdir>`).
 
 `<workdir>/metrics.json`: full-solution and final-answer accuracy per split.
 """
@@ -20,13 +22,16 @@ from lwjax import candidates as candidates_lib
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.projects.genrm import data as data_lib
-from lwjax.projects.genrm.job import SCHEMA as GENRM_SCHEMA, get_task
+from lwjax.data import algorithmic
+from lwjax.projects.genrm.job import SCHEMA as GENRM_SCHEMA, _ints, get_task
 from lwjax.training import checkpoint, losses, mesh, optim, trainer as trainer_lib
 from lwjax.launch import distributed
 
 SCHEMA = {
     "job": Field(str), "seed": Field(int), "model": MODEL_SCHEMA, "task": GENRM_SCHEMA["task"],
-    "data": {"seq_len": Field(int, min=8), "num_train": positive_int("distinct training problems (repeated)")},
+    "data": {"seq_len": Field(int, min=8), "num_train": positive_int("distinct training problems (repeated)"),
+             "long_fraction": Field(float, min=0.0, max=1.0,
+                                    doc="share of training problems at the hard lengths (ours; the paper: 0)")},
     "eval": {"num": positive_int("problems per split"), "max_new_tokens": positive_int(),
              "batch_prompts": positive_int()},
     "train": trainer_lib.SCHEMA, "optim": optim.SCHEMA, "mesh": mesh.SCHEMA, "distributed": distributed.SCHEMA,
@@ -39,6 +44,8 @@ def validate(config) -> None:
     cfg = GPTConfig.from_dict(config.model)
   except ValueError as e:
     raise ConfigError("model", str(e), "n_kv_heads dividing n_heads, even head_dim") from None
+  if config.task.name == "igsm":
+    raise ConfigError("task.name", "the iGSM solvers are experiments/igsm_solver.py's", "last_letter, word_sort")
   vocab = get_task(config).tokenizer.vocab_size
   if cfg.vocab_size < vocab:
     raise ConfigError("model.vocab_size", f"too small for the {config.task.name} tokenizer", f">= {vocab}")
@@ -58,11 +65,17 @@ def run(config, workdir: str) -> dict:
   task = get_task(config)
   cfg, tok, seq_len = GPTConfig.from_dict(config.model), task.tokenizer, config.data.seq_len
   records = task.records(config.data.num_train, seed=config.seed, split="train")
+  num_long = int(round(config.data.long_fraction * config.data.num_train))
+  if num_long:  # a few long lists, drawn apart from every split's problems (their own seed stream)
+    long = algorithmic.TASKS[task.name].generate(num_long, seed=config.seed + 5_000_011,
+                                                 num_words=_ints(config.task.hard_words))
+    records = records[:len(records) - num_long] + long
   rows = [data_lib.solution_row(r, r["solution"], tok, seq_len, 1.0) for r in records]
   rows = [dict(r, last=np.int32(0), label=np.float32(0), weight=np.float32(0)) for r in rows if r is not None]
   if not rows:
     raise ConfigError("data.seq_len", "no training problem fits", "a larger value")
-  logging.info("%s solver: %d training problems (%d fit seq_len %d)", task.name, len(records), len(rows), seq_len)
+  logging.info("%s solver: %d training problems, %d at the hard lengths (%d fit seq_len %d)", task.name,
+               len(records), num_long, len(rows), seq_len)
   trainer = trainer_lib.Trainer(config, workdir, model_fn=lambda rngs: GPT(cfg, rngs=rngs), loss_fn=losses.lm_loss,
                                 flops_per_token=cfg.flops_per_token(seq_len), seq_len=seq_len)
   train_iter = iter(data_lib.make_dataset(rows, batch_size=config.train.global_batch_size, seed=config.seed))
