@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lwjax.models.gpt import KVCache
 from lwjax.serving.sampling import sample
 
 
@@ -38,9 +37,8 @@ def make_sampler(graphdef, *, prompt_len: int, max_new_tokens: int, n: int, eos_
     cache = model.init_cache(num_prompts, prompt_len + max_new_tokens)
     logits_ptv, cache = model.prefill(prompts_pp, cache, num_new=lengths_p)
     last_pv = logits_ptv[jnp.arange(num_prompts), lengths_p - 1].astype(jnp.float32)
-    # [layers, P, ...] -> [layers, P * n, ...]: each prompt's prefilled rows shared by its n samples.
-    cache = KVCache(jnp.repeat(cache.k, n, axis=1), jnp.repeat(cache.v, n, axis=1),
-                    jnp.repeat(cache.lengths, n, axis=0))
+    # [P, ...] -> [P * n, ...]: each prompt's prefilled rows shared by its n samples.
+    cache = cache.map_batch(lambda a: jnp.repeat(a, n, axis=0))
     temperature_b = jnp.full((rows,), temperature, jnp.float32)
     top_k_b = jnp.zeros((rows,), jnp.int32)
     top_p_b = jnp.full((rows,), top_p, jnp.float32)
