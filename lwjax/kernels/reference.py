@@ -11,7 +11,8 @@ import jax.numpy as jnp
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None):
+def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None,
+              kv_layout="bshd"):
   """Softmax attention with GQA, causal masking from a query offset, segment ids and a sliding window.
 
   Args:
@@ -22,17 +23,21 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
     q_offset: absolute position of the first query; int or int array [batch] (chunked prefill, decode).
     sm_scale: softmax scale, default dim ** -0.5.
     window: if set, a query attends only to the last `window` keys up to itself (sliding window).
+    kv_layout: "bshd" (k, v as above) or "bhsd" ([batch, kv_heads, kv_len, dim]: a KV cache's layout).
   Returns:
     [batch, q_len, heads, dim] in q's dtype; softmax computed in float32.
   """
   batch, q_len, heads, dim = q.shape
-  kv_len, kv_heads = k.shape[1], k.shape[2]
+  if kv_layout not in ("bshd", "bhsd"):
+    raise ValueError(f"kv_layout must be 'bshd' or 'bhsd', got {kv_layout!r}")
+  kv = "bskd" if kv_layout == "bshd" else "bksd"
+  kv_len, kv_heads = (k.shape[1], k.shape[2]) if kv_layout == "bshd" else (k.shape[2], k.shape[1])
   if heads % kv_heads:
     raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
   groups = heads // kv_heads
   scale = dim ** -0.5 if sm_scale is None else sm_scale
   q_bqkgd = q.reshape(batch, q_len, kv_heads, groups, dim)
-  logits = jnp.einsum("bqkgd,bskd->bkgqs", q_bqkgd, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum(f"bqkgd,{kv}->bkgqs", q_bqkgd, k, preferred_element_type=jnp.float32) * scale
 
   mask = jnp.ones((batch, q_len, kv_len), dtype=bool)
   q_pos = jnp.reshape(jnp.asarray(q_offset), (-1, 1)) + jnp.arange(q_len)[None, :]  # [b or 1, q]
@@ -48,7 +53,7 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
   probs = jax.nn.softmax(logits, axis=-1)
   # Rows with no visible key (padding) give zeros rather than a uniform average.
   probs = jnp.where(mask[:, None, None].any(-1, keepdims=True), probs, 0.0)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = jnp.einsum(f"bkgqs,{kv}->bqkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.reshape(batch, q_len, heads, dim).astype(q.dtype)
 
 

@@ -190,18 +190,25 @@ class Attention(nnx.Module):
   def __call__(self, x_btd, positions_bt, inv_freq, *, segment_ids=None, cache_kv=None, q_offset=0):
     """Returns (output [b, t, d], (k, v)): the new keys/values, or the updated cache when given one.
 
-    With `cache_kv = (k_cache, v_cache)` ([b, max_len, kv_heads, hd]), the new keys/values are written
-    at `q_offset` (per sequence) and the queries attend to the whole cache causally.
+    With `cache_kv = (k_cache, v_cache)` ([b, kv_heads, max_len, hd]: heads before positions, so that a
+    decode step's scores are a plain batched matmul over the cache, with no transposing copy), the new
+    keys/values are written at `q_offset` (per sequence) and the queries attend to the whole cache causally.
     """
     dt = self.cfg.dtype
     q, k, v = self._project(x_btd, positions_bt, inv_freq)
-    if cache_kv is not None:
-      write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, 0))
-      offsets = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (x_btd.shape[0],))
-      k = write(cache_kv[0], k.astype(cache_kv[0].dtype), offsets)
-      v = write(cache_kv[1], v.astype(cache_kv[1].dtype), offsets)
-    out = self._attend(q, k.astype(dt), v.astype(dt), segment_ids, q_offset)
-    return self._output(out), (k, v)
+    if cache_kv is None:
+      return self._output(self._attend(q, k.astype(dt), v.astype(dt), segment_ids, q_offset)), (k, v)
+    write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, 1))
+    offsets = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (x_btd.shape[0],))
+    k_cache = write(cache_kv[0], jnp.swapaxes(k, 1, 2).astype(cache_kv[0].dtype), offsets)
+    v_cache = write(cache_kv[1], jnp.swapaxes(v, 1, 2).astype(cache_kv[1].dtype), offsets)
+    if jax.default_backend() == "cpu" and self.cfg.attention_impl in ("auto", "reference"):
+      out = kernels.reference.attention(q, k_cache.astype(dt), v_cache.astype(dt), segment_ids=segment_ids,
+                                        q_offset=q_offset, kv_layout="bhsd")
+    else:  # the accelerator kernels take [b, s, kv_heads, hd]
+      out = self._attend(q, jnp.swapaxes(k_cache, 1, 2).astype(dt), jnp.swapaxes(v_cache, 1, 2).astype(dt),
+                         segment_ids, q_offset)
+    return self._output(out), (k_cache, v_cache)
 
   def _attend(self, q, k, v, segment_ids, q_offset):
     """`kernels.attention`, run per shard under a multi-device mesh.
@@ -289,7 +296,7 @@ class Block(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """Keys/values, one `[batch, max_len, kv_heads, head_dim]` array per layer, and fill `lengths [batch]`.
+  """Keys/values, one `[batch, kv_heads, max_len, head_dim]` array per layer, and fill `lengths [batch]`.
 
   Per-layer arrays rather than one stacked array: a decode step then writes each layer's new key in place
   and attends to that layer's buffer directly, where a stacked cache is sliced and re-stacked every step
@@ -301,7 +308,7 @@ class KVCache:
 
   @property
   def max_len(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]
 
   def map_batch(self, fn) -> KVCache:
     """`fn` applied along the batch axis of every array (e.g. `lambda a: jnp.repeat(a, n, axis=0)`)."""
@@ -359,7 +366,7 @@ class GPT(nnx.Module):
   def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
     cfg = self.cfg
     max_len = max_len or cfg.max_seq_len
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     dtype = dtype or cfg.dtype
     return KVCache(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
                    tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)), jnp.zeros((batch,), jnp.int32))

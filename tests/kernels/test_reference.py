@@ -93,3 +93,17 @@ def test_auto_on_cpu_blocks_only_causal_self_attention_from_position_zero(monkey
   kernels.attention(q, k, v, segment_ids=(seg, seg))
   kernels.attention(q[:, :4], k, v)
   assert len(calls) == 1
+
+
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_kv_cache_layout_gives_the_same_attention(q_len):
+  """kv_layout="bhsd" (the KV cache's [b, kv_heads, s, d]) equals the [b, s, kv_heads, d] form, decode included."""
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(3, q_len, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(3, 11, 2, 8)), jnp.float32) for _ in range(2))
+  offsets = jnp.array([0, 3, 7])
+  want = reference.attention(q, k, v, q_offset=offsets)
+  got = reference.attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), q_offset=offsets, kv_layout="bhsd")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="kv_layout"):
+    reference.attention(q, k, v, kv_layout="bsdh")
