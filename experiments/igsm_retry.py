@@ -2,8 +2,8 @@
 label masking, and LoRA vs full finetuning of the r = 0 model on retry data.
 
   python main.py --config experiments/igsm_retry.py:scale=smoke --workdir runs/igsm_smoke   # seconds
-  # the whole cpu sweep, resumable, skipping finished arms (lora/full finetune runs/igsm_retry_cpu/r0):
-  # (two arms at once, one core each; finished arms' results copied to the committed results/ folder):
+  # the whole cpu sweep, resumable, two arms at once (one core each), finished arms' result files copied
+  # to the committed results/ folder (lora/full finetune runs/igsm_retry_cpu/r0, retrained when missing):
   nohup python -m lwjax.projects.retry.sweep --scale cpu --root runs/igsm_retry_cpu \
       --archive results/igsm_retry_cpu --workers 2 > runs/igsm_retry_cpu.log 2>&1 &
   python -m lwjax.projects.retry.report results/igsm_retry_cpu           # the table

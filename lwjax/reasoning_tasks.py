@@ -21,6 +21,7 @@ from typing import Any
 from lwjax.data import algorithmic, igsm
 from lwjax.data.algorithmic.tokenizer import AlgorithmicTokenizer
 from lwjax.data.igsm.tokenizer import CompactTokenizer
+from lwjax.data.verdict import Verdict
 
 SPLITS = ("train", "test", "hard")
 TASK_NAMES = ("igsm", "last_letter", "word_sort")
@@ -32,7 +33,7 @@ class ReasoningTask:
   name: str
   tokenizer: Any
   make_records: Callable[[int, int, str], list[dict]]  # (num, seed, split) -> records
-  check: Callable[[dict, str], Any]  # (record, solution text) -> Verdict
+  check: Callable[[dict, str], Verdict]  # (record, solution text) -> the checker's verdict
 
   def records(self, num: int, *, seed: int, split: str) -> list[dict]:
     if split not in SPLITS:

@@ -115,6 +115,15 @@ class Trainer:
     logging.info("trainer: mesh %s, %s parameters", dict(self.mesh.shape),
                  f"{sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_state['params'])):,}")
 
+  def restore_params(self, workdir: str | None = None):
+    """The parameters of the latest checkpoint of `workdir` (default: this run's), in this trainer's
+    shardings: a finished run's final params, or another run's of the same model (a finetune's base)."""
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir or self.workdir, "checkpoints"))
+    try:
+      return ckpt.restore(self.abstract_state)[1]["params"]
+    finally:
+      ckpt.close()
+
   def state_from_params(self, params) -> dict:
     """A step-0 train state holding `params` (placed in the parameter shardings) and a new optimizer state."""
     shardings = self.state_shardings

@@ -1,4 +1,4 @@
-"""The verdict on a solution to an algorithmic task, found step by step against the correct steps (the exact
+"""The verdict (`lwjax.data.verdict.Verdict`) on a solution to an algorithmic task, found step by step against the correct steps (the exact
 checker behind GenRM's verification labels and rationales, arXiv 2408.15240, Sec. 4 algorithmic tasks).
 
 Each step is compared with the correct step of the same index. A step that differs is the first error: a
@@ -11,28 +11,13 @@ holds whatever the steps are.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 
 from lwjax.data.algorithmic import text
+from lwjax.data.verdict import Verdict
 
 # A task's diagnosis of a wrong step (index, tokens) that is no correct step: (error kind, message).
 StepJudge = Callable[[int, list[str]], tuple[str, str]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-  """The fields of `lwjax.data.igsm.checker.Verdict`. `first_error` indexes the steps (the number of steps
-  when the error is in the ending); `error_position` is its character offset in the text (for the ending:
-  the offset of `ans`, or len(text) without one, as iGSM's checker). `num_retries` is always 0 here."""
-  correct: bool
-  answer_correct: bool
-  num_retries: int
-  num_steps: int
-  first_error: int | None = None
-  error_position: int | None = None
-  error_kind: str | None = None
-  message: str = ""
 
 
 def check_steps(solution_text: str, reference: Sequence[str], answer: str, judge: StepJudge) -> Verdict:

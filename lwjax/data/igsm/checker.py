@@ -18,6 +18,7 @@ import random
 import re
 
 from lwjax.data.igsm import compact, graph
+from lwjax.data.verdict import Verdict
 from lwjax.data.igsm.graph import MOD, Param
 from lwjax.data.igsm.problem import Problem
 from lwjax.data.igsm.retry import BACK
@@ -33,20 +34,6 @@ _SYMBOL = re.compile(r"[A-Za-z]+")
 _NUMBER = re.compile(r"\d+")
 _BINARY = re.compile(r"(\S+) ([-+*]) (\S+)")
 _ANSWER = re.compile(re.escape(ANSWER_PREFIX) + r"(\d+)")
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-  """`first_error` indexes the steps left after removing retries (the number of steps when the error is in
-  the ending: `incomplete`, `wrong_answer`); `error_position` is its character offset in the text."""
-  correct: bool
-  answer_correct: bool
-  num_retries: int
-  num_steps: int
-  first_error: int | None = None
-  error_position: int | None = None
-  error_kind: str | None = None
-  message: str = ""
 
 
 class _StepError(Exception):

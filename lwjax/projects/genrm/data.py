@@ -44,6 +44,8 @@ def _row(prompt_ids: list[int], target_ids: list[int], seq_len: int, weight: flo
   row["loss_mask"][len(prompt_ids) - 1:n] = weight
   row["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
   row["positions"] = np.where(row["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
+  # The discriminative head's fields, unused (weight 0) by LM rows: every row of a batch has every field.
+  row.update(last=np.int32(0), label=np.float32(0), weight=np.float32(0))
   return row
 
 
@@ -84,9 +86,6 @@ def training_rows(kind: str, task: str, problems: list[dict], tokenizer, *, seq_
     rows += [solution_row(record, c["text"], tokenizer, seq_len, unified_lambda) for record, c in pairs
              if c["correct"]]
   rows = [r for r in rows if r is not None]
-  if kind != "disc":
-    for r in rows:
-      r.update(last=np.int32(0), label=np.float32(0), weight=np.float32(0))
   if not rows:
     raise ValueError(f"no {kind} training rows fit seq_len={seq_len} (valid: a larger data.seq_len)")
   random.Random(seed).shuffle(rows)

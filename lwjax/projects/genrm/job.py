@@ -30,7 +30,7 @@ from lwjax.config import ConfigError, Field, positive_int, validate as validate_
 from lwjax.models.gpt import GPT
 from lwjax.projects.genrm import bestofn, data as data_lib, rationale, verifiers
 from lwjax.serving import batch_sampler
-from lwjax.training import checkpoint, losses, mesh, optim, trainer as trainer_lib
+from lwjax.training import losses, mesh, optim, trainer as trainer_lib
 from lwjax.launch import distributed
 
 KINDS = ("disc", "direct", "cot", "unified", "judge")
@@ -66,13 +66,13 @@ SCHEMA = {
 }
 
 
-def _ints(value: str) -> tuple[int, ...]:
+def parse_ints(value: str) -> tuple[int, ...]:
   return tuple(int(v) for v in value.split(","))
 
 
 def validate(config) -> None:
   validate_schema(config, SCHEMA)
-  if max(_ints(config.eval.ns)) > config.candidates.n_test:
+  if max(parse_ints(config.eval.ns)) > config.candidates.n_test:
     raise ConfigError("eval.ns", "asks for more candidates than were sampled",
                       f"values <= candidates.n_test ({config.candidates.n_test})")
   if not config.base:
@@ -81,16 +81,16 @@ def validate(config) -> None:
 
 def get_task(config) -> reasoning_tasks.ReasoningTask:
   t = config.task
-  return reasoning_tasks.get(t.name, preset=t.preset, train_ops=_ints(t.train_ops), hard_ops=_ints(t.hard_ops),
-                             train_words=_ints(t.train_words), hard_words=_ints(t.hard_words))
+  return reasoning_tasks.get(t.name, preset=t.preset, train_ops=parse_ints(t.train_ops), hard_ops=parse_ints(t.hard_ops),
+                             train_words=parse_ints(t.train_words), hard_words=parse_ints(t.hard_words))
 
 
 def candidate_sets(config, task) -> dict[str, list[dict]]:
   """The train/test/hard candidate sets of the solver `config.base`, sampled once under `candidates.dir`."""
   c, sets = config.candidates, {}
   t = config.task
-  options = {"preset": t.preset, "train_ops": _ints(t.train_ops), "hard_ops": _ints(t.hard_ops),
-             "train_words": _ints(t.train_words), "hard_words": _ints(t.hard_words)}
+  options = {"preset": t.preset, "train_ops": parse_ints(t.train_ops), "hard_ops": parse_ints(t.hard_ops),
+             "train_words": parse_ints(t.train_words), "hard_words": parse_ints(t.hard_words)}
   for split, num, n in (("train", c.num_train, c.n_train), ("test", c.num_test, c.n_test),
                         ("hard", c.num_test, c.n_test)):
     path = os.path.join(c.dir, f"{task.name}_{split}_{num}x{n}_t{c.temperature:g}_s{c.seed}.arrayrecord")
@@ -130,12 +130,7 @@ def train_verifier(config, workdir: str, task, base_model: GPT, problems: list[d
   result = trainer.fit(train_iter, seed=config.seed, init_params=init)
   if result["step"] < config.train.steps:
     return None, result
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))  # the final params, as saved
-  try:
-    params = ckpt.restore(trainer.abstract_state)[1]["params"]
-  finally:
-    ckpt.close()
-  return nnx.merge(trainer.graphdef, params), result
+  return nnx.merge(trainer.graphdef, trainer.restore_params()), result
 
 
 def _fit(sequences: list[list[int]]) -> int:
@@ -159,7 +154,7 @@ def score(config, task, verifier, problems: list[dict], split: str) -> tuple[np.
     return verifiers.score_p_yes(verifier, seqs, yes_id=yes_id, no_id=no_id, batch=batch,
                                  seq_len=_fit(seqs)).reshape(shape), {}
   prompts = [[tok.bos_id] + tok.encode(rationale.cot_prompt(r["question"], c["text"])) for r, c in pairs]
-  k = max(_ints(v.cot_k))
+  k = max(parse_ints(v.cot_k))
   prompt_len = batch_sampler.bucket(max(len(p) for p in prompts), 64)
   with tqdm(total=len(prompts), desc=f"CoT verification ({split}, K={k})", unit="candidate") as progress:
     scores_ck, texts = verifiers.score_cot(
@@ -172,7 +167,7 @@ def score(config, task, verifier, problems: list[dict], split: str) -> tuple[np.
 
 def evaluate(config, scores_pn: np.ndarray, problems: list[dict], extras: dict) -> dict:
   """Best-of-N curves of the verifier and the baselines, and the verifier's AUC."""
-  ns, draws = _ints(config.eval.ns), config.eval.draws
+  ns, draws = parse_ints(config.eval.ns), config.eval.draws
   answer_ok = np.array([[c["answer_correct"] for c in p["candidates"]] for p in problems], bool)
   full_ok = np.array([[c["correct"] for c in p["candidates"]] for p in problems], bool)
   answers = [[c["answer"] for c in p["candidates"]] for p in problems]
@@ -191,7 +186,7 @@ def evaluate(config, scores_pn: np.ndarray, problems: list[dict], extras: dict) 
   if "per_rationale" in extras:
     per_k = extras["per_rationale"]
     out["cot_k"] = {str(k): bestofn.best_of_n(per_k[..., :k].mean(-1), answer_ok, max(ns), draws=draws,
-                                              seed=config.seed) for k in _ints(config.verifier.cot_k)}
+                                              seed=config.seed) for k in parse_ints(config.verifier.cot_k)}
     out["example_rationales"] = extras["example_rationales"]
   return out
 

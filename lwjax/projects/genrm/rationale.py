@@ -40,17 +40,11 @@ def _igsm_references(record: dict, solution: str) -> tuple[list[str], str]:
   """(the reference of each non-retry step of `solution`, the reference answer), compact iGSM."""
   problem = igsm.problem_of(record)
   values = {compact.param_token(p): v for p, v in problem.values.items()}
-  references, sentence = [], []
-  for word in solution.split():
-    if word != ".":
-      sentence.append(word)
-      continue
-    if sentence and sentence[0] != compact.ANSWER and igsm.BACK not in sentence:
-      token = sentence[0]
-      references.append(f"{token} = {values[token]}" if token in values else UNKNOWN_STEP)
-    sentence = []
-  if sentence and sentence[0] != compact.ANSWER and igsm.BACK not in sentence:  # a last step without its "."
-    references.append(f"{sentence[0]} = {values[sentence[0]]}" if sentence[0] in values else UNKNOWN_STEP)
+  references = []
+  for sentence in (solution + " ").split(" . "):  # a last step without its "." is kept as well
+    words = sentence.split()
+    if words and words[0] != compact.ANSWER and igsm.BACK not in words:
+      references.append(f"{words[0]} = {values[words[0]]}" if words[0] in values else UNKNOWN_STEP)
   return references, f"{compact.ANSWER} {problem.answer}"
 
 

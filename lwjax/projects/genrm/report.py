@@ -9,24 +9,16 @@ verifiers' AUC.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
-from lwjax import plots
+from lwjax import plots, run_metrics
 
 ORDER = ("judge", "disc", "direct", "cot", "unified")
 
 
 def load_runs(sweep_dir: str) -> dict[str, dict]:
   """{run name: metrics} of every `<sweep_dir>/<run>/metrics.json`, in verifier order, then by name."""
-  runs = {}
-  for name in sorted(os.listdir(sweep_dir)):
-    path = os.path.join(sweep_dir, name, "metrics.json")
-    if os.path.isfile(path):
-      with open(path) as f:
-        metrics = json.load(f)
-      if metrics.get("kind") in ORDER:  # a verifier run (not, e.g., the solver's own metrics)
-        runs[name] = metrics
+  # Verifier runs only (not, e.g., the solver's own metrics beside them).
+  runs = {name: m for name, m in run_metrics.load(sweep_dir).items() if m.get("kind") in ORDER}
   if not runs:
     raise ValueError(f"no <run>/metrics.json under {sweep_dir}: run experiments/genrm.py first")
   return dict(sorted(runs.items(), key=lambda kv: (ORDER.index(kv[1]["kind"]), kv[0])))

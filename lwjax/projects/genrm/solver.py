@@ -23,8 +23,8 @@ from lwjax.config import ConfigError, Field, positive_int, validate as validate_
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.projects.genrm import data as data_lib
 from lwjax.data import algorithmic
-from lwjax.projects.genrm.job import SCHEMA as GENRM_SCHEMA, _ints, get_task
-from lwjax.training import checkpoint, losses, mesh, optim, trainer as trainer_lib
+from lwjax.projects.genrm.job import SCHEMA as GENRM_SCHEMA, parse_ints, get_task
+from lwjax.training import losses, mesh, optim, trainer as trainer_lib
 from lwjax.launch import distributed
 
 SCHEMA = {
@@ -68,10 +68,10 @@ def run(config, workdir: str) -> dict:
   num_long = int(round(config.data.long_fraction * config.data.num_train))
   if num_long:  # a few long lists, drawn apart from every split's problems (their own seed stream)
     long = algorithmic.TASKS[task.name].generate(num_long, seed=config.seed + 5_000_011,
-                                                 num_words=_ints(config.task.hard_words))
+                                                 num_words=parse_ints(config.task.hard_words))
     records = records[:len(records) - num_long] + long
   rows = [data_lib.solution_row(r, r["solution"], tok, seq_len, 1.0) for r in records]
-  rows = [dict(r, last=np.int32(0), label=np.float32(0), weight=np.float32(0)) for r in rows if r is not None]
+  rows = [r for r in rows if r is not None]
   if not rows:
     raise ConfigError("data.seq_len", "no training problem fits", "a larger value")
   logging.info("%s solver: %d training problems, %d at the hard lengths (%d fit seq_len %d)", task.name,
@@ -83,12 +83,7 @@ def run(config, workdir: str) -> dict:
   if result["step"] < config.train.steps:
     logging.warning("stopped at step %d of %d: no evaluation; run again to resume", result["step"], config.train.steps)
     return {}
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    params = ckpt.restore(trainer.abstract_state)[1]["params"]
-  finally:
-    ckpt.close()
-  model = nnx.merge(trainer.graphdef, params)
+  model = nnx.merge(trainer.graphdef, trainer.restore_params())
   metrics = {"task": task.name, "steps": config.train.steps, "train_loss": result["train"].get("loss")}
   for split in ("test", "hard"):
     held_out = task.records(config.eval.num, seed=config.seed + 1, split=split)

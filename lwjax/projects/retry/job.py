@@ -24,7 +24,7 @@ from lwjax.data import igsm, pipeline
 from lwjax.data.igsm import tokenizer as igsm_tokenizer
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.projects.retry import data as data_lib, evaluate
-from lwjax.training import checkpoint, losses, lora, mesh, optim, trainer as trainer_lib
+from lwjax.training import losses, lora, mesh, optim, trainer as trainer_lib
 from lwjax.launch import distributed
 
 
@@ -86,14 +86,6 @@ def _train_source(config) -> igsm.IGSMSource:
   d = config.data
   return igsm.IGSMSource(d.num_train, seed=config.seed, preset=d.preset, fmt=d.fmt, split="train",
                          ops=data_lib.parse_ops(d.train_ops), retry_rate=d.retry_rate, retry_weak=d.retry_weak)
-
-
-def _final_params(trainer: trainer_lib.Trainer, workdir: str):
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    return ckpt.restore(trainer.abstract_state)[1]["params"]
-  finally:
-    ckpt.close()
 
 
 def _finetune(config, trainer: trainer_lib.Trainer, base, train_iter) -> tuple[dict, dict]:
@@ -187,9 +179,9 @@ def run(config, workdir: str) -> dict:
       logging.warning("stopped at step %d of %d: no evaluation; run again to resume", result["step"],
                       config.train.steps)
       return {}
-    params, train_metrics = _final_params(trainer, workdir), result["train"]
+    params, train_metrics = trainer.restore_params(), result["train"]
   else:
-    base = _final_params(trainer, config.finetune.init_from)
+    base = trainer.restore_params(config.finetune.init_from)
     params, train_metrics = _finetune(config, trainer, base, iter(train_ds))
   eval_loss = trainer.evaluate(params, eval_batches())
 

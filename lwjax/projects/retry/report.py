@@ -15,18 +15,14 @@ import json
 import math
 import os
 
+from lwjax import run_metrics
+
 _ORDER = ("none", "lora", "full")
 
 
 def load_runs(sweep_dir: str) -> dict[str, dict]:
   """{run name: metrics} for every `<sweep_dir>/<run>/metrics.json`, pretraining runs by retry rate first."""
-  runs = {}
-  for name in sorted(os.listdir(sweep_dir)):
-    path = os.path.join(sweep_dir, name, "metrics.json")
-    if os.path.isfile(path):
-      with open(path) as f:
-        runs[name] = json.load(f)
-  return dict(sorted(runs.items(), key=lambda kv: (_ORDER.index(kv[1]["finetune"]), kv[1]["retry_weak"],
+  return dict(sorted(run_metrics.load(sweep_dir).items(), key=lambda kv: (_ORDER.index(kv[1]["finetune"]), kv[1]["retry_weak"],
                                                    kv[1]["mask_retries"], kv[1]["retry_rate"], kv[0])))
 
 
