@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lwjax import kernels
-from lwjax.config import Field, positive_int
+from lwjax.config import option, schema_of
 from lwjax.models.diffusion_blocks import (ACT_BHWC, DTYPES, Conv, Downsample, GroupNorm, Numerics, ResBlock,
                                            SpatialSelfAttention, Upsample, positive_ints)
 from lwjax.models.logical import constrain
@@ -31,16 +31,17 @@ LOGVAR_RANGE = (-30.0, 20.0)  # as diffusers' `DiagonalGaussianDistribution` cla
 @dataclasses.dataclass(frozen=True)
 class AutoencoderConfig:
   """Shape and numerics of the autoencoder; the defaults are SD-v1.4's VAE (83,653,863 parameters)."""
-  block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-  layers_per_block: int = 2
-  latent_channels: int = 4
-  image_channels: int = 3
-  norm_groups: int = 32
-  dropout: float = 0.0
-  scaling_factor: float = 0.18215
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  attention_impl: str = "auto"
+  block_out_channels: tuple[int, ...] = option((128, 256, 512, 512), check=positive_ints,
+                                                doc="width of each level")
+  layers_per_block: int = option(2, min=1, doc="ResBlocks per encoder level (decoder: one more)")
+  latent_channels: int = option(4, min=1)
+  image_channels: int = option(3, min=1)
+  norm_groups: int = option(32, min=1, doc="divides every block_out_channels entry")
+  dropout: float = option(0.0, min=0.0, max=1.0)
+  scaling_factor: float = option(0.18215, min=0.0)
+  dtype: str = option("float32", choices=DTYPES)
+  param_dtype: str = option("float32", choices=DTYPES)
+  attention_impl: str = option("auto", choices=kernels.IMPLS)
 
   def __post_init__(self):
     object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
@@ -64,15 +65,7 @@ class AutoencoderConfig:
     return 2 ** (len(self.block_out_channels) - 1)
 
 
-CONFIG_SCHEMA = {
-    "block_out_channels": Field((tuple, list), check=positive_ints, doc="width of each level"),
-    "layers_per_block": positive_int("ResBlocks per encoder level (decoder: one more)"),
-    "latent_channels": positive_int(), "image_channels": positive_int(),
-    "norm_groups": positive_int("divides every block_out_channels entry"),
-    "dropout": Field(float, min=0.0, max=1.0), "scaling_factor": Field(float, min=0.0),
-    "dtype": Field(str, choices=DTYPES), "param_dtype": Field(str, choices=DTYPES),
-    "attention_impl": Field(str, choices=kernels.IMPLS),
-}
+CONFIG_SCHEMA = schema_of(AutoencoderConfig)
 
 
 class MidBlock(nnx.Module):

@@ -19,41 +19,48 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from lwjax import kernels
-from lwjax.config import Field, positive_int
+from lwjax.config import option, schema_of
 from lwjax.models import logical
 from lwjax.models.logical import constrain
 
 REMAT_POLICIES = ("none", "full", "dots")
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _even(value: int) -> str | None:
+  return "must be even for RoPE" if value % 2 else None
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """Llama-3.1 frequency scaling for long contexts (HF `rope_scaling` with rope_type "llama3")."""
-  factor: float = 8.0
-  low_freq_factor: float = 1.0
-  high_freq_factor: float = 4.0
-  original_max_position_embeddings: int = 8192
+  factor: float = option(8.0, min=1.0)
+  low_freq_factor: float = option(1.0, min=0.0)
+  high_freq_factor: float = option(4.0, min=0.0)
+  original_max_position_embeddings: int = option(8192, min=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
   """Shape and numerics of a GPT. `dtype` is the compute dtype, `param_dtype` the stored one."""
-  vocab_size: int
-  d_model: int
-  n_layers: int
-  n_heads: int
-  n_kv_heads: int
-  head_dim: int
-  d_ff: int
-  max_seq_len: int = 2048
-  rope_theta: float = 10000.0
+  vocab_size: int = option(min=1)
+  d_model: int = option(min=1)
+  n_layers: int = option(min=1)
+  n_heads: int = option(min=1)
+  n_kv_heads: int = option(min=1, doc="divides n_heads")
+  head_dim: int = option(min=2, check=_even)
+  d_ff: int = option(min=1)
+  max_seq_len: int = option(2048, min=1)
+  rope_theta: float = option(10000.0, min=1.0)
   rope_scaling: RopeScaling | None = None
-  norm_eps: float = 1e-5
+  norm_eps: float = option(1e-5, min=0.0)
   tie_embeddings: bool = False
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat: str = "none"
-  attention_impl: str = "auto"
+  dtype: str = option("float32", choices=DTYPES)
+  param_dtype: str = option("float32", choices=DTYPES)
+  remat: str = option("none", choices=REMAT_POLICIES)
+  attention_impl: str = option("auto", choices=kernels.IMPLS)
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -89,20 +96,7 @@ class GPTConfig:
     return 6.0 * dense + 6.0 * attention
 
 
-DTYPES = ("float32", "bfloat16", "float16")
-CONFIG_SCHEMA = {
-    "vocab_size": positive_int(), "d_model": positive_int(), "n_layers": positive_int(),
-    "n_heads": positive_int(), "n_kv_heads": positive_int("divides n_heads"),
-    "head_dim": Field(int, min=2, check=lambda v: "must be even for RoPE" if v % 2 else None),
-    "d_ff": positive_int(), "max_seq_len": positive_int(), "rope_theta": Field(float, min=1.0),
-    "rope_scaling": {
-        "factor": Field(float, min=1.0), "low_freq_factor": Field(float, min=0.0),
-        "high_freq_factor": Field(float, min=0.0), "original_max_position_embeddings": positive_int(),
-    },
-    "norm_eps": Field(float, min=0.0), "tie_embeddings": Field(bool),
-    "dtype": Field(str, choices=DTYPES), "param_dtype": Field(str, choices=DTYPES),
-    "remat": Field(str, choices=REMAT_POLICIES), "attention_impl": Field(str, choices=kernels.IMPLS),
-}
+CONFIG_SCHEMA = schema_of(GPTConfig)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int | None = None, init: str = "normal"):

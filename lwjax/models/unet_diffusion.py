@@ -24,32 +24,38 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lwjax import kernels
-from lwjax.config import Field, positive_int
+from lwjax.config import option, schema_of
 from lwjax.models.diffusion_blocks import (ACT_BHWC, ACT_BLD, DTYPES, Conv, Downsample, GroupNorm, Linear, Numerics,
                                            ResBlock, SpatialTransformer, Upsample, positive_ints)
 from lwjax.models.logical import constrain
 
 
+def _bools(value) -> str | None:
+  return None if value and all(isinstance(v, bool) for v in value) else "must be a non-empty sequence of bools"
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
   """Shape and numerics of the UNet; the defaults are SD-v1.4's UNet with GameNGen's 64-frame context."""
-  latent_channels: int = 4
-  context_frames: int = 64
-  num_actions: int = 17
-  num_noise_buckets: int = 10
-  block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-  attention_levels: tuple[bool, ...] = (True, True, True, False)
-  layers_per_block: int = 2
-  num_heads: int = 8
-  cross_attention_dim: int = 768
-  norm_groups: int = 32
-  norm_eps: float = 1e-5
+  latent_channels: int = option(4, min=1)
+  context_frames: int = option(64, min=1, doc="past frames (and actions) conditioned on")
+  num_actions: int = option(17, min=1)
+  num_noise_buckets: int = option(10, min=1, doc="noise-augmentation levels (§3.2.1)")
+  block_out_channels: tuple[int, ...] = option((320, 640, 1280, 1280), check=positive_ints,
+                                                doc="width of each level")
+  attention_levels: tuple[bool, ...] = option((True, True, True, False), check=_bools,
+                                              doc="cross-attention at each level")
+  layers_per_block: int = option(2, min=1)
+  num_heads: int = option(8, min=1, doc="divides every block_out_channels entry")
+  cross_attention_dim: int = option(768, min=1, doc="width of the action tokens")
+  norm_groups: int = option(32, min=1, doc="divides every block_out_channels entry")
+  norm_eps: float = option(1e-5, min=0.0)
   flip_sin_to_cos: bool = True
   freq_shift: float = 0.0
-  dropout: float = 0.0
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  attention_impl: str = "auto"
+  dropout: float = option(0.0, min=0.0, max=1.0)
+  dtype: str = option("float32", choices=DTYPES)
+  param_dtype: str = option("float32", choices=DTYPES)
+  attention_impl: str = option("auto", choices=kernels.IMPLS)
 
   def __post_init__(self):
     object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
@@ -88,23 +94,7 @@ class UNetConfig:
     return 2 ** (len(self.block_out_channels) - 1)
 
 
-def _bools(value) -> str | None:
-  return None if value and all(isinstance(v, bool) for v in value) else "must be a non-empty sequence of bools"
-
-
-CONFIG_SCHEMA = {
-    "latent_channels": positive_int(), "context_frames": positive_int("past frames (and actions) conditioned on"),
-    "num_actions": positive_int(), "num_noise_buckets": positive_int("noise-augmentation levels (§3.2.1)"),
-    "block_out_channels": Field((tuple, list), check=positive_ints, doc="width of each level"),
-    "attention_levels": Field((tuple, list), check=_bools, doc="cross-attention at each level"),
-    "layers_per_block": positive_int(), "num_heads": positive_int("divides every block_out_channels entry"),
-    "cross_attention_dim": positive_int("width of the action tokens"),
-    "norm_groups": positive_int("divides every block_out_channels entry"), "norm_eps": Field(float, min=0.0),
-    "flip_sin_to_cos": Field(bool), "freq_shift": Field(float),
-    "dropout": Field(float, min=0.0, max=1.0),
-    "dtype": Field(str, choices=DTYPES), "param_dtype": Field(str, choices=DTYPES),
-    "attention_impl": Field(str, choices=kernels.IMPLS),
-}
+CONFIG_SCHEMA = schema_of(UNetConfig)
 
 
 def timestep_embedding(t_b, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lwjax.config import Field, positive_int
+from lwjax.config import option, schema_of
 from lwjax.projects.gamengen.env import AUTOMAP_SHAPE, FRAME_SHAPE, NUM_ACTIONS
 from lwjax.training import checkpoint
 
@@ -41,15 +41,22 @@ NO_ACTION = NUM_ACTIONS  # history id before an episode's first action
 IMAGE_POOLS = (1, 2)  # 160x120 (the paper) or 80x60; the Nature-CNN needs at least 36 pixels a side
 
 
+def _check_channels(channels) -> str | None:
+  if len(channels) != 3 or not all(isinstance(c, int) and c > 0 for c in channels):
+    return f"{channels!r} is not three positive ints"
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class AgentConfig:
   """The network's shape. The defaults are the paper's (Nature-CNN widths, 512 features, 32 actions)."""
-  image_pool: int = 1  # extra 2x2 pooling steps on top of 160x120
-  history: int = 32  # past actions the agent sees
-  action_embed_dim: int = 16
-  cnn_channels: tuple[int, int, int] = (32, 64, 64)
-  features: int = 512  # per image
-  head_hidden: int = 512
+  image_pool: int = option(1, choices=IMAGE_POOLS, doc="1 = the paper's 160x120 frame and automap, 2 = 80x60")
+  history: int = option(32, min=1, doc="past actions the agent sees (32 in the paper)")
+  action_embed_dim: int = option(16, min=1)
+  cnn_channels: tuple[int, int, int] = option((32, 64, 64), check=_check_channels,
+                                              doc="the three convolutions' widths")
+  features: int = option(512, min=1, doc="Nature-CNN output features per image")
+  head_hidden: int = option(512, min=1, doc="hidden units of the actor and critic heads")
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "AgentConfig":
@@ -61,20 +68,7 @@ class AgentConfig:
     return AUTOMAP_SHAPE[0] // self.image_pool, AUTOMAP_SHAPE[1] // self.image_pool
 
 
-def _check_channels(channels) -> str | None:
-  if len(channels) != 3 or not all(isinstance(c, int) and c > 0 for c in channels):
-    return f"{channels!r} is not three positive ints"
-  return None
-
-
-SCHEMA = {
-    "image_pool": Field(int, choices=IMAGE_POOLS, doc="1 = the paper's 160x120 frame and automap, 2 = 80x60"),
-    "history": positive_int("past actions the agent sees (32 in the paper)"),
-    "action_embed_dim": positive_int(),
-    "cnn_channels": Field((list, tuple), check=_check_channels, doc="the three convolutions' widths"),
-    "features": positive_int("Nature-CNN output features per image"),
-    "head_hidden": positive_int("hidden units of the actor and critic heads"),
-}
+SCHEMA = schema_of(AgentConfig)
 
 
 def pool_images(x_bhwc: np.ndarray, factor: int) -> np.ndarray:

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import vizdoom as vzd
 
-from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.config import ConfigError, option, schema_of, validate as validate_schema
 from lwjax.projects.gamengen.reward import GAME_VARIABLES, REWARD_TERMS, PaperReward
 
 ACTIONS = (
@@ -81,17 +81,17 @@ AUTOMAP_MODES = ("NORMAL", "WHOLE", "OBJECTS", "OBJECTS_WITH_SIZE")
 @dataclasses.dataclass(frozen=True)
 class EnvConfig:
   """One game's settings. The defaults are the paper's: Freedoom E1M1, actions held 4 tics."""
-  wad: str = "freedoom1.wad"  # the IWAD: a file the vizdoom wheel ships, or a path
-  scenario_wad: str = ""  # an optional PWAD loaded on top (e.g. basic.wad of the wheel's scenarios)
-  map: str = "E1M1"
-  skill: int = 3  # 1 (easiest) .. 5
-  episode_start_tics: int = 1  # tics played (no-op) before the first observation
-  max_episode_tics: int = 4200  # the episode time limit: 2 minutes at 35 tics/s
-  tics_per_action: int = 4
-  new_area_cell: float = 64.0  # side of a cell of the new-area grid, map units
-  automap_mode: str = "NORMAL"
+  wad: str = option("freedoom1.wad", doc="IWAD shipped with vizdoom or a path")
+  scenario_wad: str = option("", doc="PWAD shipped with vizdoom's scenarios (e.g. basic.wad), a path, or empty")
+  map: str = option("E1M1", doc="a map of the WADs, e.g. E1M1 or MAP01")
+  skill: int = option(3, min=1, max=5)
+  episode_start_tics: int = option(1, min=1, doc="tics played (no-op) before the first observation")
+  max_episode_tics: int = option(4200, min=1, doc="the episode time limit in tics (35 per second)")
+  tics_per_action: int = option(4, min=1)
+  new_area_cell: float = option(64.0, min=1.0, doc="side of a cell of the new-area grid, map units")
+  automap_mode: str = option("NORMAL", choices=AUTOMAP_MODES)
   render_hud: bool = True
-  seed: int = 0  # game i of a VectorDoomEnv uses seed + i
+  seed: int = option(0, min=0, doc="game i of a VectorDoomEnv uses seed + i")
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "EnvConfig":
@@ -105,19 +105,7 @@ class EnvConfig:
 BASIC = EnvConfig(wad="freedoom2.wad", scenario_wad="basic.wad", map="MAP01", skill=5, episode_start_tics=14,
                   max_episode_tics=300)
 
-SCHEMA = {
-    "wad": Field(str, doc="IWAD shipped with vizdoom or a path"),
-    "scenario_wad": Field(str, doc="PWAD shipped with vizdoom's scenarios, a path, or empty"),
-    "map": Field(str, doc="a map of the WADs, e.g. E1M1 or MAP01"),
-    "skill": Field(int, min=1, max=5),
-    "episode_start_tics": positive_int(),
-    "max_episode_tics": positive_int("the episode time limit in tics (35 per second)"),
-    "tics_per_action": positive_int(),
-    "new_area_cell": Field(float, min=1.0, doc="map units"),
-    "automap_mode": Field(str, choices=AUTOMAP_MODES),
-    "render_hud": Field(bool),
-    "seed": Field(int, min=0),
-}
+SCHEMA = schema_of(EnvConfig)
 
 
 def shipped_wads() -> str:

@@ -12,19 +12,15 @@ import dataclasses
 
 import numpy as np
 
-from lwjax.config import positive_int
+from lwjax.config import option, schema_of
 from lwjax.projects.gamengen.env import FRAME_SHAPE
-
-SCHEMA = {
-    "downsample": positive_int("integer box-filter factor applied to the recorded 240x320 frames"),
-    "pad_multiple": positive_int("pad rows and columns to a multiple of this (64 gives the paper's 256x320)"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
 class FrameGeometry:
-  downsample: int = 1
-  pad_multiple: int = 64
+  downsample: int = option(1, min=1, doc="integer box-filter factor applied to the recorded 240x320 frames")
+  pad_multiple: int = option(64, min=1, doc="pad rows and columns to a multiple of this (64 gives the paper's "
+                                          "256x320)")
 
   def __post_init__(self):
     h, w, _ = FRAME_SHAPE
@@ -74,6 +70,9 @@ class FrameGeometry:
     """Padded model images [..., H, W, 3] in [-1, 1] (NumPy or JAX) -> frames [..., rows, columns, 3] uint8."""
     h, w, _ = self.frame_shape
     return to_uint8(images, h, w)
+
+
+SCHEMA = schema_of(FrameGeometry)
 
 
 def to_uint8(images, crop_rows: int | None = None, crop_cols: int | None = None):

@@ -29,7 +29,7 @@ from lwjax.projects.gamengen import agent as agent_lib, env as env_lib, ppo
 from lwjax.projects.gamengen.record import RandomPolicy, TrajectoryWriter
 from lwjax.projects.gamengen.rollout import RolloutCollector, evaluate
 from lwjax.projects.gamengen.vector_env import VectorDoomEnv
-from lwjax.training import checkpoint, mesh as mesh_lib, optim, sharding
+from lwjax.training import checkpoint, mesh as mesh_lib, optim, progress, sharding
 
 SCHEMA = {
     "job": Field(str), "seed": Field(int, min=0),
@@ -65,7 +65,11 @@ def validate(config) -> None:
 
 
 class _Log:
-  """Log lines with env steps/s and ETA; TensorBoard scalars and metrics.jsonl rows, step = env steps."""
+  """Log lines with env steps/s and ETA; TensorBoard scalars and metrics.jsonl rows, step = env steps.
+
+  The first update (XLA compiles the policy and the PPO update) is timed on its own and left out of the
+  rates; a live status bar runs between log lines where `progress.live_bar_enabled()`.
+  """
 
   def __init__(self, workdir: str, *, total_updates: int, start_update: int, steps_per_update: int):
     from tensorboardX import SummaryWriter
@@ -74,6 +78,24 @@ class _Log:
     self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self._last_update, self._last_time = start_update, time.perf_counter()
+    self._compiles = progress.CompileWatch().__enter__()
+    self._first = start_update < total_updates
+    self._bar = progress.StatusBar(total_updates * steps_per_update, start_update * steps_per_update,
+                                   "env step", "agent")
+    if self._first:
+      logging.info("update %d/%d: compiling the policy and the PPO update (XLA), then training",
+                   start_update + 1, total_updates)
+
+  def updated(self, update: int) -> None:
+    """After every update: the first one's time and compilation are logged, and the bar moves."""
+    if self._first:
+      self._first = False
+      seconds = time.perf_counter() - self._last_time
+      logging.info("update %d: first update took %.1f s%s", update, seconds,
+                   progress.compile_note(*self._compiles.since_last()))
+      self._first_seconds = seconds
+      self._last_update, self._last_time = update, time.perf_counter()
+    self._bar.update(self.steps_per_update)
 
   def write(self, split: str, update: int, metrics: dict) -> None:
     step = update * self.steps_per_update
@@ -84,7 +106,10 @@ class _Log:
 
   def update(self, update: int, train: dict, episodes: dict) -> None:
     now = time.perf_counter()
-    rate = (update - self._last_update) * self.steps_per_update / max(now - self._last_time, 1e-9)
+    if update == self._last_update:  # only the first update since the start: its time, compile included
+      rate = self.steps_per_update / max(self._first_seconds, 1e-9)
+    else:
+      rate = (update - self._last_update) * self.steps_per_update / max(now - self._last_time, 1e-9)
     self._last_update, self._last_time = update, now
     self.write("train", update, train)
     if episodes:
@@ -94,10 +119,13 @@ class _Log:
     played = (f"return {episodes['return']:.0f} kills {episodes['kills']:.2f} cells {episodes['cells']:.1f} "
               f"({episodes['episodes']:.0f} episodes)" if episodes else "no episode finished")
     logging.info("update %d/%d env steps %d | %s | loss %.4f entropy %.3f kl %.4f | %.0f env steps/s | "
-                 "eta %d:%02d:%02d", update, self.total, update * self.steps_per_update, played, train["loss"],
-                 train["entropy"], train["approx_kl"], rate, eta // 3600, eta % 3600 // 60, eta % 60)
+                 "eta %d:%02d:%02d%s", update, self.total, update * self.steps_per_update, played, train["loss"],
+                 train["entropy"], train["approx_kl"], rate, eta // 3600, eta % 3600 // 60, eta % 60,
+                 progress.compile_note(*self._compiles.since_last()))
 
   def close(self) -> None:
+    self._bar.close()
+    self._compiles.__exit__(None, None, None)
     self._writer.close()
     self._jsonl.close()
 
@@ -133,6 +161,7 @@ def run(config, workdir: str) -> dict:
       rollout = collector.collect(state["params"], collect_rng)
       state, metrics = learner.update(state, rollout, update_rng)
       update += 1
+      log.updated(update)
       if update % train.log_every == 0 or update == learner.num_updates:
         log.update(update, metrics, collector.stats.pop_means())
       ckpt.save(update, state, config=config, force=update == learner.num_updates)
