@@ -1,6 +1,6 @@
 """Kernel speed: time, TFLOP/s or GB/s and % of the device roofline per kernel, with ratios to XLA baselines.
 
-  python -m benchmarks.kernels                   # issue 3's target shapes, on a GPU or TPU
+  python -m benchmarks.kernels                   # the target shapes (PERFORMANCE.md), on a GPU or TPU
   python -m benchmarks.kernels --small           # tiny shapes; on CPU the Pallas kernels run interpreted
   python -m benchmarks.kernels --only decode_attention,selective_scan --iters 50
 

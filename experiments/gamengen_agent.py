@@ -13,8 +13,8 @@ wheel's basic.cfg room: one monster, episodes of 300 tics). Overrides: `--config
   lr 2.5e-4; 100 updates of 1024 env steps (basic, ~40 min) or 200 (E1M1, ~1 h 15 min) on 2 cores, then
   80 (basic) or 16 (E1M1) evaluation episodes per policy (agent, random).
 - paper: the paper's agent (160x120, 8 games, rollout 512, gamma 0.99, entropy 0.1, batch 64, 10 epochs,
-  lr 1e-4) for 10M env steps, recording every frame. The paper (sec. 4.1) trains 10M env steps; issue 4
-  said 50M: set `--config.ppo.total_env_steps=50000000` for that.
+  lr 1e-4) for 10M env steps, recording every frame. The paper (sec. 4.1) trains 10M env steps; for
+  a longer run set e.g. `--config.ppo.total_env_steps=50000000`.
 
 Choices the paper leaves open: SB3 defaults (GAE lambda 0.95, clip 0.2, value coefficient 0.5, gradient
 norm 0.5, Adam eps 1e-5); repeat probability 0.25; rewards scaled by 0.001 for learning (the logs show the
