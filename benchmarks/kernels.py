@@ -23,7 +23,7 @@ import functools
 import importlib
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -115,10 +115,10 @@ def _decode_case(kernels, small):
 
 
 def _selective_scan_case(kernels, small):
-  b, l, d, n = (1, 64, 32, 8) if small else (4, 2048, 2048, 16)
+  b, seq_len, d, n = (1, 64, 32, 8) if small else (4, 2048, 2048, 16)
   keys = jax.random.split(jax.random.key(2), 5)
-  u, delta = _normal(keys[0], (b, l, d)), _normal(keys[1], (b, l, d))
-  B, C = _normal(keys[2], (b, l, n)), _normal(keys[3], (b, l, n))
+  u, delta = _normal(keys[0], (b, seq_len, d)), _normal(keys[1], (b, seq_len, d))
+  B, C = _normal(keys[2], (b, seq_len, n)), _normal(keys[3], (b, seq_len, n))
   A = -jnp.exp(jax.random.normal(keys[4], (d, n)))
 
   def make(impl):
@@ -127,19 +127,19 @@ def _selective_scan_case(kernels, small):
                                method="associative")
     return functools.partial(kernels.selective_scan, impl=impl)
 
-  return Case("selective_scan", f"b{b} l{l} d{d} n{n} bf16", make, (u, delta, A, B, C), ("associative",),
-              bytes=2 * (3 * b * l * d + 2 * b * l * n))
+  return Case("selective_scan", f"b{b} l{seq_len} d{d} n{n} bf16", make, (u, delta, A, B, C), ("associative",),
+              bytes=2 * (3 * b * seq_len * d + 2 * b * seq_len * n))
 
 
 def _ssd_case(kernels, small):
-  b, l, h, p, g, n, chunk = (1, 64, 2, 16, 1, 16, 16) if small else (4, 2048, 32, 64, 1, 128, 256)
+  b, seq_len, h, p, g, n, chunk = (1, 64, 2, 16, 1, 16, 16) if small else (4, 2048, 32, 64, 1, 128, 256)
   keys = jax.random.split(jax.random.key(3), 5)
-  x = _normal(keys[0], (b, l, h, p))
-  dt = _normal(keys[1], (b, l, h))
-  B, C = _normal(keys[2], (b, l, g, n)), _normal(keys[3], (b, l, g, n))
+  x = _normal(keys[0], (b, seq_len, h, p))
+  dt = _normal(keys[1], (b, seq_len, h))
+  B, C = _normal(keys[2], (b, seq_len, g, n)), _normal(keys[3], (b, seq_len, g, n))
   A = -jnp.exp(jax.random.normal(keys[4], (h,)))
-  flops = 2 * b * h * (l * chunk * (n + p) / 2 + 2 * l * n * p)
-  return Case("ssd", f"b{b} l{l} h{h} p{p} g{g} n{n} chunk{chunk} bf16",
+  flops = 2 * b * h * (seq_len * chunk * (n + p) / 2 + 2 * seq_len * n * p)
+  return Case("ssd", f"b{b} l{seq_len} h{h} p{p} g{g} n{n} chunk{chunk} bf16",
               lambda impl: functools.partial(kernels.ssd, chunk_size=chunk, impl=impl),
               (x, dt, A, B, C), (), flops=flops)
 

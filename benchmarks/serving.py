@@ -56,7 +56,8 @@ def lengths(name: str, n: int, scale: float, max_len: int, seed: int = 0) -> lis
   if sigma is None:
     pairs = [(mean_in, mean_out)] * n
   else:  # lognormal with the given mean: mu = log(mean) - sigma^2 / 2
-    pairs = list(zip(*(rng.lognormal(np.log(mean) - sigma ** 2 / 2, sigma, n) for mean in (mean_in, mean_out))))
+    samples = (rng.lognormal(np.log(mean) - sigma ** 2 / 2, sigma, n) for mean in (mean_in, mean_out))
+    pairs = list(zip(*samples, strict=True))
   out = []
   for p, o in pairs:
     p, o = max(1, int(p * scale)), max(1, int(o * scale))
@@ -115,7 +116,7 @@ def engine_run(model: GPT, prompts, outputs, **kwargs) -> tuple[float, list[floa
   done_at = {}
   start = time.perf_counter()
   requests = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True))
-              for p, o in zip(prompts, outputs)]
+              for p, o in zip(prompts, outputs, strict=False)]
   while engine.has_work():
     for r in engine.step():
       done_at[r.id] = time.perf_counter() - start

@@ -267,7 +267,7 @@ def main(argv):
           f"{r['tokens_per_s']:>12,.0f} {r['tflops_per_s']:>9.3f} {mfu:>7}")
   if len(results) > 1:
     ratios = ", ".join(f"{v or 'base'}: {r['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x"
-                       for v, r in zip(variants[1:], results[1:]))
+                       for v, r in zip(variants[1:], results[1:], strict=False))
     print(f"ratio (tokens/s vs {variants[0] or 'base'}): {ratios}")
   sys.stdout.flush()
 

@@ -6,7 +6,8 @@
       --workdir runs/ae_smoke                                                            # seconds
   python main.py --config experiments/gamengen_autoencoder.py:scale=cpu,data=runs/record_cpu/trajectories \
       --workdir runs/ae_cpu                                                              # minutes, 2 cores
-  python main.py --config experiments/gamengen_autoencoder.py:scale=paper,data=runs/agent_paper/trajectories/from_update_000000 \
+  python main.py --config \
+      experiments/gamengen_autoencoder.py:scale=paper,data=runs/agent_paper/trajectories/from_update_000000 \
       --workdir runs/ae_paper                                                            # SD-v1.4 VAE shape
 
 Arguments: `scale` in smoke|cpu|gpu|paper (configs/gamengen.py), `data` a recording directory (several:

@@ -1,13 +1,15 @@
 """GameNGen's denoiser: action-conditioned UNet on latent windows, v-prediction, noise augmentation
 (arXiv 2408.14837, sec. 3.2 and 4.2).
 
-  python main.py --config experiments/gamengen_diffusion.py:scale=smoke,data=runs/record_smoke/trajectories,autoencoder=runs/ae_smoke \
+  python main.py --config \
+      experiments/gamengen_diffusion.py:scale=smoke,data=runs/record_smoke/trajectories,autoencoder=runs/ae_smoke \
       --workdir runs/diffusion_smoke                                                     # seconds
-  python main.py --config experiments/gamengen_diffusion.py:scale=cpu,data=runs/record_cpu/trajectories,autoencoder=runs/ae_cpu \
+  python main.py --config \
+      experiments/gamengen_diffusion.py:scale=cpu,data=runs/record_cpu/trajectories,autoencoder=runs/ae_cpu \
       --workdir runs/diffusion_cpu                                                       # minutes, 2 cores
   # the noise-augmentation ablation: the same run without it
-  python main.py --config experiments/gamengen_diffusion.py:scale=cpu,data=runs/record_cpu/trajectories,autoencoder=runs/ae_cpu,noise_aug=off \
-      --workdir runs/diffusion_cpu_no_aug
+  python main.py --workdir runs/diffusion_cpu_no_aug --config \
+    experiments/gamengen_diffusion.py:scale=cpu,data=runs/record_cpu/trajectories,autoencoder=runs/ae_cpu,noise_aug=off
   python main.py --config experiments/gamengen_diffusion.py:scale=paper,data=...,autoencoder=runs/ae_paper \
       --workdir runs/diffusion_paper                                # SD-1.4 UNet, 64-frame context
 

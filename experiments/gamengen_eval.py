@@ -1,7 +1,8 @@
 """GameNGen evaluation: teacher-forced PSNR/SSIM vs copy-last-frame and the autoencoder ceiling, DDIM steps
 1/2/4/8, autoregressive PSNR at 16/32/64 frames, on held-out episodes (arXiv 2408.14837, sec. 5).
 
-  python main.py --config experiments/gamengen_eval.py:scale=smoke,diffusion=runs/diffusion_smoke --workdir runs/eval_smoke
+  python main.py --config experiments/gamengen_eval.py:scale=smoke,diffusion=runs/diffusion_smoke \
+      --workdir runs/eval_smoke
   python main.py --config experiments/gamengen_eval.py:scale=cpu,diffusion=runs/diffusion_cpu --workdir runs/eval_cpu
   python main.py --config experiments/gamengen_eval.py:scale=cpu,diffusion=runs/diffusion_cpu_no_aug \
       --workdir runs/eval_cpu_no_aug                                # the noise-augmentation ablation

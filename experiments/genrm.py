@@ -3,11 +3,13 @@ labelled candidates, compared by Best-of-N with self-consistency, pass@N and LLM
 
   # smoke (seconds; trains its own tiny solver first):
   python main.py --config experiments/genrm_solver.py:scale=smoke,task=last_letter --workdir runs/genrm_smoke/solver
-  python main.py --config experiments/genrm.py:scale=smoke,task=last_letter,verifier=direct,base=runs/genrm_smoke/solver \
+  python main.py --config \
+      experiments/genrm.py:scale=smoke,task=last_letter,verifier=direct,base=runs/genrm_smoke/solver \
       --workdir runs/genrm_smoke/direct
   # cpu: the solvers (compact iGSM: the testbed's weak solver; algorithmic tasks: experiments/genrm_solver.py)
   python main.py --config experiments/igsm_solver.py:scale=cpu,size=weak --workdir runs/igsm_solver_cpu/weak
-  python main.py --config experiments/genrm_solver.py:scale=cpu,task=last_letter --workdir runs/genrm_solver_cpu/last_letter
+  python main.py --config experiments/genrm_solver.py:scale=cpu,task=last_letter \
+      --workdir runs/genrm_solver_cpu/last_letter
   # then every verifier on the same candidates (sampled once by the first run, under runs/genrm_cpu/candidates):
   for v in judge disc direct cot unified; do
     python main.py --config experiments/genrm.py:scale=cpu,task=igsm,verifier=$v,base=runs/igsm_solver_cpu/weak \

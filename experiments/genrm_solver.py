@@ -4,7 +4,8 @@ pseudo-words spelled letter by letter, `lwjax.data.algorithmic`) plus 2% of 5-6 
 the hard split is never solved), tested on held-out lists of 2-4 words and on 5-6 words.
 
   python main.py --config experiments/genrm_solver.py:scale=smoke,task=last_letter --workdir runs/genrm_solver_smoke
-  python main.py --config experiments/genrm_solver.py:scale=cpu,task=last_letter --workdir runs/genrm_solver_cpu/last_letter
+  python main.py --config experiments/genrm_solver.py:scale=cpu,task=last_letter \
+      --workdir runs/genrm_solver_cpu/last_letter
   python main.py --config experiments/genrm_solver.py:scale=cpu,task=word_sort --workdir runs/genrm_solver_cpu/word_sort
 
 Arguments: `scale` smoke|cpu|gpu|paper; `task` last_letter|word_sort; `seed`. The compact iGSM solvers

@@ -61,8 +61,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = gpt.get("gpt_tiny", vocab_size=1152, max_seq_len=512)
   config.data = ml_collections.ConfigDict({
       "preset": preset, "fmt": "pq", "train_ops": "1-2", "num_train": 100000, "retry_rate": run["retry_rate"],
-      "retry_weak": run["retry_weak"], "mask_retries": run["mask_retries"], "seq_len": 448, "shuffle_seed": int(args["seed"]),
-      "pack": True,
+      "retry_weak": run["retry_weak"], "mask_retries": run["mask_retries"], "seq_len": 448,
+      "shuffle_seed": int(args["seed"]), "pack": True,
   })
   config.eval = ml_collections.ConfigDict(
       {"ops": "1,3", "num_per_op": 4, "batch_size": 8, "max_new_tokens": 64, "seed": 1000, "curve_ops": "",

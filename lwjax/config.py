@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import types as pytypes
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -87,9 +88,7 @@ class DefaultedGroup(dict):
 
 def validate(config: Any, schema: Schema, prefix: str = "") -> None:
   """Validates `config` (ConfigDict or dict) against `schema`; raises ConfigError on the first fault."""
-  if isinstance(config, ml_collections.ConfigDict):
-    items = config.items()
-  elif isinstance(config, Mapping):
+  if isinstance(config, (ml_collections.ConfigDict, Mapping)):
     items = config.items()
   else:
     raise ConfigError(prefix.rstrip(".") or "<config>", f"expected a group of keys, got {config!r}",
@@ -136,7 +135,7 @@ def _unwrap_optional(annotation) -> tuple[Any, bool]:
   if typing.get_origin(annotation) in (typing.Union, pytypes.UnionType):
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if len(args) != len(typing.get_args(annotation)):
-      return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), True
+      return functools.reduce(operator.or_, args), True
   return annotation, False
 
 

@@ -22,6 +22,7 @@ JOBS = {
     "genrm_solver": "lwjax.projects.genrm.solver",
     "igsm_retry": "lwjax.projects.retry.job",
     "lm_pretrain": "lwjax.projects.lm.pretrain",
+    "lrp4rag": "lwjax.projects.lrp4rag.job",
     "serve": "lwjax.serving.serve",
 }
 

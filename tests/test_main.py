@@ -50,6 +50,8 @@ def test_bad_config_file_or_argument_exits_2(config, why, tmp_path):
 
 # Experiments on a finished run validate that the run exists; test_gamengen_pipeline.py runs them on one.
 NEED_A_RUN = {"gamengen_eval": "diffusion_workdir", "gamengen_play": "diffusion_workdir"}
+# Scales that explain downloaded checkpoints need their paths (nothing is downloaded here).
+NEED_FILES = {("lrp4rag", "paper"): "hf.checkpoint"}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -59,6 +61,9 @@ def test_every_experiment_config_validates_at_every_scale(name):
     config = module.get_config(f"scale={scale}" if scale else None)
     if name in NEED_A_RUN:
       with pytest.raises(ConfigError, match=f"^{NEED_A_RUN[name]}: .* holds no checkpoints"):
+        jobs.get(config)
+    elif (name, scale) in NEED_FILES:
+      with pytest.raises(ConfigError, match=f"^{NEED_FILES[name, scale]}: "):
         jobs.get(config)
     else:
       jobs.get(config)

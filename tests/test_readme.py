@@ -17,26 +17,31 @@ MARK = "<!-- readme-test: quick -->"
 ENV_SETUP = ("make env", "source .venv/bin/activate")
 
 
+def _read(name: str) -> str:
+  with open(os.path.join(ROOT, name)) as f:
+    return f.read()
+
+
 def quick_blocks(text: str) -> list[str]:
   """The fenced blocks that directly follow the quick marker."""
   return re.findall(re.escape(MARK) + r"\s*```(?:bash|sh)?\n(.*?)```", text, flags=re.S)
 
 
 def test_quick_blocks_are_found():
-  blocks = quick_blocks(open(os.path.join(ROOT, "README.md")).read())
+  blocks = quick_blocks(_read("README.md"))
   assert blocks, f"README.md has no block marked {MARK}"
   assert quick_blocks(f"x\n{MARK}\n```bash\necho hi\n```\n```bash\nnot marked\n```") == ["echo hi\n"]
 
 
-@pytest.mark.parametrize("index", range(len(quick_blocks(open(os.path.join(ROOT, "README.md")).read()))))
+@pytest.mark.parametrize("index", range(len(quick_blocks(_read("README.md")))))
 def test_quick_block_runs(index, tmp_path):
-  block = quick_blocks(open(os.path.join(ROOT, "README.md")).read())[index]
+  block = quick_blocks(_read("README.md"))[index]
   script = []
   for line in block.splitlines():
     command = line.split("#")[0].strip()
     if command.startswith(ENV_SETUP):
       if command.startswith("make env"):
-        assert re.search(r"^env:", open(os.path.join(ROOT, "Makefile")).read(), flags=re.M)
+        assert re.search(r"^env:", _read("Makefile"), flags=re.M)
       continue
     if command:
       script.append(command)

@@ -13,15 +13,17 @@ import jax
 from jax.experimental.pallas import tpu as pltpu
 
 from lwjax.kernels import reference
-from lwjax.kernels.pallas import attention as pallas_attention
-from lwjax.kernels.pallas import attention_triton as pallas_attention_triton
-from lwjax.kernels.pallas import decode_attention as pallas_decode_attention
-from lwjax.kernels.pallas import selective_scan as pallas_selective_scan
-from lwjax.kernels.pallas import selective_scan_triton as pallas_selective_scan_triton
-from lwjax.kernels.pallas import ssd as pallas_ssd
-from lwjax.kernels.pallas import ssd_triton as pallas_ssd_triton
-from lwjax.kernels.pallas import state_update as pallas_state_update
-from lwjax.kernels.pallas import state_update_triton as pallas_state_update_triton
+from lwjax.kernels.pallas import (
+  attention as pallas_attention,
+  attention_triton as pallas_attention_triton,
+  decode_attention as pallas_decode_attention,
+  selective_scan as pallas_selective_scan,
+  selective_scan_triton as pallas_selective_scan_triton,
+  ssd as pallas_ssd,
+  ssd_triton as pallas_ssd_triton,
+  state_update as pallas_state_update,
+  state_update_triton as pallas_state_update_triton,
+)
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
 # Up to this length "auto" on CPU runs causal self-attention as `reference.blocked_causal_attention` (unrolled

@@ -258,14 +258,14 @@ def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, initial_
   Returns:
     y [batch, len, heads, headdim] in x's dtype, and the float32 final state when return_state.
   """
-  b, l, h, p = x.shape
+  b, seq_len, h, p = x.shape
   g, n = B.shape[2], B.shape[3]
   dt = _discretize_dt(dt, dt_bias, dt_softplus)  # [b, l, h]
   h0 = (jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
-  q = l if chunk_size is None else chunk_size
-  pad = -l % q
-  c = (l + pad) // q
+  q = seq_len if chunk_size is None else chunk_size
+  pad = -seq_len % q
+  c = (seq_len + pad) // q
 
   def chunked(a):  # [b, l, ...] -> [b, c, q, ...]; zero-padded steps add no input and do not decay
     a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
@@ -292,6 +292,6 @@ def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, initial_
                                             jnp.moveaxis(chunk_states, 1, 0)))
   starts = jnp.moveaxis(starts, 0, 1)  # [b, c, h, p, n]: the state entering each chunk
   y = y + jnp.einsum("bctkn,bckpn->bctkp", C_h, starts) * jnp.exp(cum)[..., None]
-  y = y.reshape(b, c * q, h, p)[:, :l]
+  y = y.reshape(b, c * q, h, p)[:, :seq_len]
   y = _gate(y, x, None if D is None else D[:, None], z).astype(x.dtype)
   return (y, h_last) if return_state else y

@@ -26,13 +26,13 @@ def libtpu_available() -> tuple[bool, str]:
   return True, ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tpu_devices(topology: str) -> tuple:
   """The devices of a TPU topology such as "v5e:1x1", "v5e:2x2" or "v5p:2x2x1", for lowering only."""
   generation, _, shape = topology.partition(":")
   dims = [int(d) for d in shape.split("x")]
   dims += [1] * (3 - len(dims))
-  per_host = [min(d, h) for d, h in zip(dims, _CHIPS_PER_HOST.get(generation, (2, 2, 1)))]
+  per_host = [min(d, h) for d, h in zip(dims, _CHIPS_PER_HOST.get(generation, (2, 2, 1)), strict=True)]
   # Without these libtpu would query GCE metadata for the (absent) TPU VM.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

@@ -20,8 +20,18 @@ from flax import nnx
 
 from lwjax import kernels
 from lwjax.config import option, schema_of
-from lwjax.models.diffusion_blocks import (ACT_BHWC, DTYPES, Conv, Downsample, GroupNorm, Numerics, ResBlock,
-                                           SpatialSelfAttention, Upsample, positive_ints)
+from lwjax.models.diffusion_blocks import (
+  ACT_BHWC,
+  DTYPES,
+  Conv,
+  Downsample,
+  GroupNorm,
+  Numerics,
+  ResBlock,
+  SpatialSelfAttention,
+  Upsample,
+  positive_ints,
+)
 from lwjax.models.logical import constrain
 
 NORM_EPS = 1e-6  # every GroupNorm of the SD VAE
@@ -50,7 +60,7 @@ class AutoencoderConfig:
       raise ValueError(f"block_out_channels {bad} are not multiples of norm_groups ({self.norm_groups})")
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "AutoencoderConfig":
+  def from_dict(cls, d: dict[str, Any]) -> AutoencoderConfig:
     return cls(**dict(d))
 
   def to_dict(self) -> dict[str, Any]:

@@ -186,7 +186,7 @@ def _load(path: str, model_fn: Callable[[], nnx.Module], extras: dict[str, str],
   graphdef, params, rest = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
   layout = {diffusers_key(p): (p, v) for p, v in nnx.to_flat_state(params)}
   with safe_open(os.path.join(path, WEIGHTS_FILE), framework="np") as f:
-    names = {_canonical(k): k for k in f.keys()}
+    names = {_canonical(k): k for k in f}
     missing = sorted(set(layout) - set(names) - set(extras))
     if missing:
       raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:5]}")
@@ -202,7 +202,7 @@ def _load(path: str, model_fn: Callable[[], nnx.Module], extras: dict[str, str],
     fresh_values = {}
     if fresh or jax.tree.leaves(rest):  # RNG state (dropout) too
       values, rest = jax.jit(init)()
-      fresh_values = dict(zip(fresh, values))
+      fresh_values = dict(zip(fresh, values, strict=False))
     for key, (p, variable) in layout.items():
       if key not in names:
         variable.set_value(fresh_values[p] if p in fresh_values else jnp.zeros(variable.shape, variable.dtype))

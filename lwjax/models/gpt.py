@@ -71,7 +71,7 @@ class GPTConfig:
       raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+  def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
     """From a (Config)dict; a `rope_scaling` group with factor 1.0 (or none) means no scaling."""
     d = dict(d)
     scaling = dict(d.get("rope_scaling") or {})
@@ -408,7 +408,7 @@ class GPT(nnx.Module):
     xs = jnp.split(self._embed(tokens_bt), nano_batches)
     per_row = (positions, slots[0], slots[1], page_table, lengths)
     # Per nano-batch: (positions, slot pages, slot offsets, page table, lengths).
-    parts = list(zip(*(jnp.split(a, nano_batches) for a in per_row)))
+    parts = list(zip(*(jnp.split(a, nano_batches) for a in per_row), strict=False))
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
       pools = (k_pools[i], v_pools[i])

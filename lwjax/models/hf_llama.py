@@ -175,7 +175,7 @@ def _weight_files(path: str) -> dict[str, str]:
   if not os.path.exists(single):
     raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
   with safe_open(single, framework="np") as f:
-    return {key: SINGLE_FILE for key in f.keys()}
+    return {key: SINGLE_FILE for key in f}
 
 
 def _check_keys(layout: dict[str, _Tensor], available, cfg: GPTConfig) -> None:
@@ -267,11 +267,11 @@ def save(model: GPT, path: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_
   values = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   names = [SINGLE_FILE] if len(shards) == 1 else [
       f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-  for name, keys in zip(names, shards):  # one shard on the host at a time
+  for name, keys in zip(names, shards, strict=False):  # one shard on the host at a time
     tensors = {key: layout[key].to_hf(np.asarray(jax.device_get(_get(values, layout[key].path))))
                for key in keys}
     save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})  # transformers needs the tag
   if len(shards) > 1:
-    weight_map = {key: name for name, keys in zip(names, shards) for key in keys}
+    weight_map = {key: name for name, keys in zip(names, shards, strict=False) for key in keys}
     with open(os.path.join(path, INDEX_FILE), "w") as fh:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)

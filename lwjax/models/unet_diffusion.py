@@ -25,8 +25,20 @@ from flax import nnx
 
 from lwjax import kernels
 from lwjax.config import option, schema_of
-from lwjax.models.diffusion_blocks import (ACT_BHWC, ACT_BLD, DTYPES, Conv, Downsample, GroupNorm, Linear, Numerics,
-                                           ResBlock, SpatialTransformer, Upsample, positive_ints)
+from lwjax.models.diffusion_blocks import (
+  ACT_BHWC,
+  ACT_BLD,
+  DTYPES,
+  Conv,
+  Downsample,
+  GroupNorm,
+  Linear,
+  Numerics,
+  ResBlock,
+  SpatialTransformer,
+  Upsample,
+  positive_ints,
+)
 from lwjax.models.logical import constrain
 
 
@@ -71,7 +83,7 @@ class UNetConfig:
       raise ValueError(f"block_out_channels[0] ({self.block_out_channels[0]}) must be even (sinusoidal embedding)")
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
+  def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
     return cls(**dict(d))
 
   def to_dict(self) -> dict[str, Any]:

@@ -198,7 +198,7 @@ def layer_relevance(model, tokens_bt, target_position, target_token, *, epsilon:
   relevance that crosses each layer boundary, for checking conservation layer by layer.
   """
   _, _, acts, g = _explain(model, tokens_bt, target_position, target_token, epsilon, ("residual",))
-  return jnp.stack([_per_token(a, c) for a, c in zip(acts["residual"], g["residual"])], axis=1)
+  return jnp.stack([_per_token(a, c) for a, c in zip(acts["residual"], g["residual"], strict=False)], axis=1)
 
 
 def answer_relevance(model, tokens_bt, prompt_len: int, *, epsilon: float = DEFAULT_EPSILON,
@@ -261,7 +261,7 @@ def conservation_report(model, tokens_bt, target_position=None, target_token=Non
 
   def total(name):
     return jnp.stack([jnp.sum(a.astype(jnp.float32) * c, axis=tuple(range(1, a.ndim)))
-                      for a, c in zip(acts[name], g[name])], axis=1)
+                      for a, c in zip(acts[name], g[name], strict=False)], axis=1)
   sums, absorbed = total("residual"), total("probs") - total("scores")
   r_in, r_out = sums[:, :-1], sums[:, 1:]
   return {

@@ -31,6 +31,7 @@ def _bucket(n: int, limit: int) -> int:
 
 
 PLACEHOLDER = -1  # an output token sampled on the device but not yet read by the host
+DEFAULT_PARAMS = SamplingParams()  # frozen, so one instance can be every call's default
 
 
 def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, page_table, lengths,
@@ -75,7 +76,7 @@ class Engine:
     self.async_scheduling, self.nano_batches = async_scheduling, nano_batches
     self._in_flight = None
 
-  def add_request(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(),
+  def add_request(self, prompt: Sequence[int], params: SamplingParams = DEFAULT_PARAMS,
                   on_token: Callable[[Request, int], None] | None = None) -> Request:
     if not prompt:
       raise ValueError("prompt: empty (valid: at least one token)")
@@ -188,7 +189,7 @@ class Engine:
     finished = []
     for sampling, device_tokens in dispatched or ():
       host_tokens = np.asarray(device_tokens).tolist()
-      for w, token in zip(sampling, host_tokens):
+      for w, token in zip(sampling, host_tokens, strict=False):
         request = w.request
         if request.status == Status.FINISHED:
           continue  # the extra token of a request that finished one iteration late
@@ -232,7 +233,7 @@ class LLM:
       engine_kwargs.setdefault("detokenize", tokenizer.decode)
     self.engine = Engine(model, **engine_kwargs)
 
-  def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams = SamplingParams()
+  def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams = DEFAULT_PARAMS
                ) -> list[list[Request]]:
     """For each prompt, its `params.n` finished requests (`.output` tokens, `.text`, `.finish_reason`)."""
     batches = []

@@ -193,7 +193,7 @@ class PagedKVCache:
     k = np.stack([b[0] for b in blocks], axis=2)  # [layers, kv_heads, n, page_size, dim]
     v = np.stack([b[1] for b in blocks], axis=2)
     self.k, self.v = _write_pages((self.k, self.v), jnp.array(pages), (jnp.asarray(k), jnp.asarray(v)))
-    for block_hash, page in zip(hashes, pages):
+    for block_hash, page in zip(hashes, pages, strict=False):
       self.allocator.register(block_hash, page)
     counters = self.offload.counters
     counters.bytes_to_device += k.nbytes + v.nbytes
@@ -205,7 +205,7 @@ class PagedKVCache:
     if self.offload is None:
       return
     seq = self._seqs[seq_id]
-    missing = [(page, h) for page, h in zip(seq.pages, block_hashes(tokens[:seq.length], self.page_size))
+    missing = [(page, h) for page, h in zip(seq.pages, block_hashes(tokens[:seq.length], self.page_size), strict=False)
                if h not in self.offload]
     if not missing:
       return
@@ -237,7 +237,7 @@ class PagedKVCache:
   def commit_blocks(self, seq_id: int, tokens: Sequence[int]) -> None:
     """Publishes the sequence's full blocks (its `tokens` so far) to the prefix cache."""
     seq = self._seqs[seq_id]
-    for page, block_hash in zip(seq.pages, block_hashes(tokens[:seq.length], self.page_size)):
+    for page, block_hash in zip(seq.pages, block_hashes(tokens[:seq.length], self.page_size), strict=False):
       self.allocator.register(block_hash, page)
 
   def fork(self, parent: int, child: int) -> None:

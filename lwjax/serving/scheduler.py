@@ -31,7 +31,7 @@ class Request:
   prompt: list[int]
   params: SamplingParams
   seed: int
-  on_token: Callable[["Request", int], None] | None = None
+  on_token: Callable[[Request, int], None] | None = None
   output: list[int] = dataclasses.field(default_factory=list)
   num_computed: int = 0  # leading tokens of prompt + output whose keys/values are cached
   status: Status = Status.WAITING

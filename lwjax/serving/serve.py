@@ -10,8 +10,8 @@ from flax import nnx
 
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
 from lwjax.data import tokenizer as tokenizer_lib
-from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.models import hf_llama
+from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.training import checkpoint
 
 SOURCES = ("random", "lwjax_checkpoint", "hf_checkpoint")

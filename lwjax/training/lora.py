@@ -68,7 +68,7 @@ def init(params, config: LoRAConfig, key: jax.Array) -> dict[str, dict[str, jax.
   targeted = [path for path in flat if path[-1] in config.targets]
   if not targeted:
     raise ValueError(f"no weight of the params is named one of {config.targets}")
-  for path, k in zip(targeted, jax.random.split(key, len(targeted))):
+  for path, k in zip(targeted, jax.random.split(key, len(targeted)), strict=False):
     w = flat[path]
     n_in = _INPUT_AXES.get(path[-1], 1)
     in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]

@@ -128,7 +128,7 @@ class Progress:
       from tensorboardX import SummaryWriter
       os.makedirs(workdir, exist_ok=True)
       self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115  writer held open, closed in close()
     self._compiles = CompileWatch().__enter__()
     self._first_step, self._first_seconds = True, 0.0
     self._bar = StatusBar(total_steps, start_step, "step", "train")

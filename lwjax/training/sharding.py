@@ -48,7 +48,7 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, params_sh
   by_path = {}
   flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
   flat_shardings = jax.tree.leaves(params_shardings)
-  for (path, leaf), sharding in zip(flat_params, flat_shardings):
+  for (path, leaf), sharding in zip(flat_params, flat_shardings, strict=False):
     by_path[_dict_path(path)] = (leaf.shape, sharding)
   replicated = NamedSharding(mesh, PartitionSpec())
 

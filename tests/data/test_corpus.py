@@ -1,6 +1,7 @@
 """Tests of the generated story corpus: determinism, speed, and the structure a language model can learn."""
 
 import collections
+import itertools
 import math
 import re
 import time
@@ -16,7 +17,8 @@ def test_write_corpus_is_deterministic_and_splits_differ(tmp_path):
   a = corpus.write_corpus(str(tmp_path / "a"), num_train_docs=300, num_eval_docs=50, seed=7)
   b = corpus.write_corpus(str(tmp_path / "b"), num_train_docs=300, num_eval_docs=50, seed=7)
   c = corpus.write_corpus(str(tmp_path / "c"), num_train_docs=300, num_eval_docs=50, seed=8)
-  read = lambda paths: open(paths[0], encoding="utf-8").read()
+  def read(paths):
+    return open(paths[0], encoding="utf-8").read()
   assert set(a) == {"train", "eval"}
   assert read(a["train"]) == read(b["train"]) and read(a["eval"]) == read(b["eval"])
   assert read(a["train"]) != read(c["train"])
@@ -52,8 +54,8 @@ def test_context_predicts_far_better_than_unigram():
   train = [_words(d) for d in corpus.generate_documents(2000, seed=0)]
   held_out = [_words(d) for d in corpus.generate_documents(200, seed=0, split="eval")]
   unigram = collections.Counter(w for d in train for w in d)
-  bigram = collections.Counter(p for d in train for p in zip(d, d[1:]))
+  bigram = collections.Counter(p for d in train for p in itertools.pairwise(d))
   vocab, total = len(unigram) + 1, sum(unigram.values())
   unigram_ce = [-math.log((unigram[w] + 1) / (total + vocab)) for d in held_out for w in d]
-  bigram_ce = [-math.log((bigram[a, b] + 1) / (unigram[a] + vocab)) for d in held_out for a, b in zip(d, d[1:])]
+  bigram_ce = [-math.log((bigram[a, b] + 1) / (unigram[a] + vocab)) for d in held_out for a, b in itertools.pairwise(d)]
   assert sum(bigram_ce) / len(bigram_ce) < 0.6 * sum(unigram_ce) / len(unigram_ce)

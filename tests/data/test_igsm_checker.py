@@ -162,7 +162,7 @@ def test_compact_form_checks_each_planted_error_as_the_english_form():
   english = _problem()
   problem = dataclasses.replace(english, fmt="compact")
   assert compact.to_compact(problem, english.solution) == problem.solution
-  for kind, index, text in _planted(english):
+  for kind, _index, text in _planted(english):
     compact_text = compact.to_compact(problem, text)
     if kind != "parse_error":  # off the step grammar ("thus"), the translation need not return the same text
       assert compact.to_english(problem, compact_text)[0] == text, kind

@@ -78,8 +78,8 @@ def test_texts_are_shorter_than_the_english_form():
   for op in (1, 3, 5):
     pairs = list(_pairs("small", (op,), range(30)))
     q = [len(english_tok.encode(e.question)) / len(compact_tok.encode(c.question)) for e, c in pairs]
-    whole = [len(english_tok.encode(e.question + " " + e.solution)) / len(compact_tok.encode(c.question + " " + c.solution))
-             for e, c in pairs]
+    whole = [len(english_tok.encode(e.question + " " + e.solution))
+             / len(compact_tok.encode(c.question + " " + c.solution)) for e, c in pairs]
     assert np.mean(q) > 2.5 and np.mean(whole) > 1.7, (op, np.mean(q), np.mean(whole))
 
 

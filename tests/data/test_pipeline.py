@@ -45,7 +45,7 @@ def _decoded_docs(batches):
 
 def _assert_batches_equal(expected, actual):
   assert len(expected) == len(actual)
-  for e, a in zip(expected, actual):
+  for e, a in zip(expected, actual, strict=False):
     assert e.keys() == a.keys()
     for k in e:
       np.testing.assert_array_equal(e[k], a[k], err_msg=k)
@@ -57,7 +57,7 @@ def test_batch_format_and_packing_invariants():
     assert set(batch) == set(pipeline.BATCH_FIELDS)
     for k, v in batch.items():
       assert v.shape == (4, SEQ_LEN) and v.dtype == (np.float32 if k == "loss_mask" else np.int32), k
-    for inputs, targets, seg, pos, mask in zip(*(batch[k] for k in pipeline.BATCH_FIELDS)):
+    for inputs, targets, seg, pos, mask in zip(*(batch[k] for k in pipeline.BATCH_FIELDS), strict=False):
       is_doc = seg > 0
       assert np.all(np.diff(is_doc.astype(int)) <= 0), "padding only at the end of a row"
       ids = seg[is_doc]

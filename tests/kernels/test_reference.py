@@ -74,7 +74,7 @@ def test_blocked_causal_attention_equals_the_reference_with_gradients(length, bl
   np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), atol=1e-5)
   grads = jax.grad(functools.partial(loss, blocked), argnums=(0, 1, 2))(q, k, v)
   expected = jax.grad(functools.partial(loss, full), argnums=(0, 1, 2))(q, k, v)
-  for got, want in zip(grads, expected):
+  for got, want in zip(grads, expected, strict=False):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 

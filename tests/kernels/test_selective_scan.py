@@ -17,9 +17,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from lwjax import kernels
 from lwjax.kernels import reference
-from lwjax.kernels.pallas import selective_scan as pallas_scan
-from lwjax.kernels.pallas import ssd as pallas_ssd
-from lwjax.kernels.pallas import state_update as pallas_state_update
+from lwjax.kernels.pallas import selective_scan as pallas_scan, ssd as pallas_ssd, state_update as pallas_state_update
 from lwjax.launch import aot
 
 TOL = {"float32": 2e-5, "bfloat16": 1e-2}
@@ -41,7 +39,8 @@ SLOW_CASES = {
 def _interpret(kernel_impl):
   """The kernels' `interpret` argument; they are Mosaic (TPU) kernels, so "pallas" needs a TPU."""
   if kernel_impl == "pallas" and jax.default_backend() != "tpu":
-    pytest.skip("the Mamba kernels are TPU (Mosaic) kernels; the GPU (Triton) kernel runs in test_selective_scan_triton.py")
+    pytest.skip("the Mamba kernels are TPU (Mosaic) kernels; "
+                "the GPU (Triton) kernel runs in test_selective_scan_triton.py")
   return False if kernel_impl == "pallas" else pltpu.InterpretParams()
 
 
@@ -52,7 +51,8 @@ def _relative_error(got, want):
 
 def _scan_inputs(seed, batch, length, dim, state, groups, dtype, options):
   rng = np.random.default_rng(seed)
-  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  def normal(*shape):
+    return rng.normal(size=shape).astype(np.float32)
   bc_shape = (batch, length, state) if groups is None else (batch, length, groups, state)
   args = dict(u=normal(batch, length, dim), delta=0.5 * normal(batch, length, dim) - 1.0,
               A=-np.exp(0.5 * normal(dim, state)), B=normal(*bc_shape), C=normal(*bc_shape),
@@ -68,7 +68,7 @@ def _outputs_and_grads(fn, args, seed):
   def run(args):
     outs, vjp = jax.vjp(lambda a: fn(**a), args)
     keys = jax.random.split(jax.random.key(seed), len(outs))
-    return outs, vjp(tuple(jax.random.normal(k, o.shape, o.dtype) for k, o in zip(keys, outs)))[0]
+    return outs, vjp(tuple(jax.random.normal(k, o.shape, o.dtype) for k, o in zip(keys, outs, strict=False)))[0]
   return run(args)
 
 
@@ -76,9 +76,11 @@ def _outputs_and_grads(fn, args, seed):
 def test_selective_scan_forward_and_every_gradient(name, kernel_impl):
   batch, length, dim, state, groups, dtype, options, block_d = {**CASES, **SLOW_CASES}[name]
   args = _scan_inputs(0, batch, length, dim, state, groups, dtype, options)
-  kernel = lambda **a: pallas_scan.selective_scan(**a, return_state=True, chunk=16, block_d=block_d,
-                                                  interpret=_interpret(kernel_impl))
-  ref = lambda **a: reference.selective_scan(**a, return_state=True)
+  def kernel(**a):
+    return pallas_scan.selective_scan(**a, return_state=True, chunk=16, block_d=block_d,
+                                      interpret=_interpret(kernel_impl))
+  def ref(**a):
+    return reference.selective_scan(**a, return_state=True)
   ((y, h), grads), ((y_ref, h_ref), grads_ref) = _outputs_and_grads(kernel, args, 1), _outputs_and_grads(ref, args, 1)
   assert y.dtype == args["u"].dtype and h.shape == (batch, dim, state)
   assert _relative_error(y, y_ref) < TOL[dtype] and _relative_error(h, h_ref) < TOL[dtype]
@@ -120,9 +122,11 @@ def test_state_update_steps_equal_the_scan(kernel_impl):
   2 one at a time; outputs and states equal the scan over all 15 tokens."""
   seq, state0 = _decode_inputs(4, 2, 15, 256, 8, 2)
   interpret = _interpret(kernel_impl)
-  part = lambda lo, hi: {k: v[:, lo:hi] if v.ndim >= 3 else v for k, v in seq.items()}
-  as_scan = lambda s: dict(u=s["x"], delta=s["dt"], A=s["A"], B=s["B"], C=s["C"], D=s["D"], z=s["z"],
-                           delta_bias=s["dt_bias"])
+  def part(lo, hi):
+    return {k: v[:, lo:hi] if v.ndim >= 3 else v for k, v in seq.items()}
+  def as_scan(s):
+    return dict(u=s["x"], delta=s["dt"], A=s["A"], B=s["B"], C=s["C"], D=s["D"], z=s["z"],
+                delta_bias=s["dt_bias"])
   y_scan, state_scan = reference.selective_scan(**as_scan(seq), initial_state=state0, return_state=True)
   _, states_all = reference.selective_state_update(state0, **seq, return_all_states=True)
   y, state = pallas_scan.selective_scan(**as_scan(part(0, 9)), initial_state=state0, return_state=True,
@@ -180,7 +184,8 @@ def test_mamba_kernels_compile_for_tpu(topology):
       y, h = pallas_scan.selective_scan(u, delta, A, B, C, D, z, D, return_state=True)
       return jnp.sum(y.astype(f32) ** 2) + jnp.sum(h)
     scan_grads = jax.grad(scan_loss, argnums=range(6))(a["u"], a["delta"], a["z"], A, a["B"], a["C"])
-    ssd_loss = lambda x: jnp.sum(pallas_ssd.ssd(x, a["dt"], A_heads, a["B"], a["C"]).astype(f32) ** 2)
+    def ssd_loss(x):
+      return jnp.sum(pallas_ssd.ssd(x, a["dt"], A_heads, a["B"], a["C"]).astype(f32) ** 2)
     ssd_value, ssd_grad = jax.value_and_grad(ssd_loss)(a["x"])
     y, new_state = pallas_state_update.selective_state_update(
         a["state"], a["u"][:, :4], a["delta"][:, :4], A, a["B"][:, :4], a["C"][:, :4], D,

@@ -17,8 +17,16 @@ from jax import export
 from lwjax import kernels
 from lwjax.kernels import reference
 from lwjax.kernels.pallas import selective_scan_triton, ssd_triton, state_update_triton
-from tests.kernels.test_selective_scan import (CASES, OPTIONS, SLOW_CASES, TOL, _decode_inputs,
-                                               _outputs_and_grads, _relative_error, _scan_inputs)
+from tests.kernels.test_selective_scan import (
+  CASES,
+  OPTIONS,
+  SLOW_CASES,
+  TOL,
+  _decode_inputs,
+  _outputs_and_grads,
+  _relative_error,
+  _scan_inputs,
+)
 
 # name -> (batch, len, dim, state, groups, dtype, options, block_d, chunk, return_state, delta_softplus).
 # Chunks of 4 keep the interpreted (unrolled) kernels quick to compile; 37 and 29 end in a partial chunk.
@@ -59,7 +67,7 @@ def _check_scan(case, interpret):
   assert outs[0].dtype == args["u"].dtype and len(outs) == len(outs_ref)
   if return_state:
     assert outs[1].shape == (batch, dim, state) and outs[1].dtype == jnp.float32
-  for name, got, want in zip(("y", "state"), outs, outs_ref):
+  for name, got, want in zip(("y", "state"), outs, outs_ref, strict=False):
     assert _relative_error(got, want) < TOL[dtype], name
   assert set(grads) == set(args)
   for k in args:
@@ -105,9 +113,11 @@ def test_prefill_scan_then_decode_steps_equal_the_scan(kernel_impl):
   one at a time: outputs and final state equal the reference scan over all 15 tokens."""
   interpret = _interpret(kernel_impl)
   seq, state0 = _decode_inputs(4, 2, 15, 32, 6, 2)
-  part = lambda lo, hi: {k: v[:, lo:hi] if v.ndim >= 3 else v for k, v in seq.items()}
-  as_scan = lambda s: dict(u=s["x"], delta=s["dt"], A=s["A"], B=s["B"], C=s["C"], D=s["D"], z=s["z"],
-                           delta_bias=s["dt_bias"])
+  def part(lo, hi):
+    return {k: v[:, lo:hi] if v.ndim >= 3 else v for k, v in seq.items()}
+  def as_scan(s):
+    return dict(u=s["x"], delta=s["dt"], A=s["A"], B=s["B"], C=s["C"], D=s["D"], z=s["z"],
+                delta_bias=s["dt_bias"])
   y_scan, state_scan = reference.selective_scan(**as_scan(seq), initial_state=state0, return_state=True)
   y, state = selective_scan_triton.selective_scan(**as_scan(part(0, 9)), initial_state=state0,
                                                   return_state=True, chunk=4, interpret=interpret)
@@ -164,16 +174,16 @@ def _export_for_cuda(fn, *shapes):
 def test_scan_forward_and_backward_lower_to_triton(groups):
   """bf16, b=2, l=1000 (a partial last chunk), d=256, n=16, with z, D, delta_bias and an initial and final
   state: two Triton kernels (the forward saving chunk starts, the backward)."""
-  b, l, d, n = 2, 1000, 256, 16
+  b, seq_len, d, n = 2, 1000, 256, 16
   bf16, f32, S = jnp.bfloat16, jnp.float32, jax.ShapeDtypeStruct
-  bc = S((b, l, n) if groups is None else (b, l, groups, n), bf16)
+  bc = S((b, seq_len, n) if groups is None else (b, seq_len, groups, n), bf16)
 
   def loss(u, delta, z, A, B, C, D, delta_bias, h0):
     y, h = selective_scan_triton.selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state=h0,
                                                 return_state=True)
     return jnp.sum(y.astype(f32) ** 2) + jnp.sum(h)
 
-  shapes = [S((b, l, d), bf16)] * 3 + [S((d, n), f32), bc, bc, S((d,), f32), S((d,), f32), S((b, d, n), f32)]
+  shapes = [S((b, seq_len, d), bf16)] * 3 + [S((d, n), f32), bc, bc, S((d,), f32), S((d,), f32), S((b, d, n), f32)]
   module = _export_for_cuda(jax.value_and_grad(loss, argnums=range(9)), *shapes)
   assert module.count(_TRITON_CALL) == 2
 

@@ -30,7 +30,8 @@ def _relative_error(got, want):
 
 def _inputs(seed, batch, length, heads, headdim, groups, state, dtype, options=OPTIONS):
   rng = np.random.default_rng(seed)
-  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  def normal(*shape):
+    return rng.normal(size=shape).astype(np.float32)
   args = dict(x=normal(batch, length, heads, headdim), dt=0.5 * normal(batch, length, heads) - 1.0,
               A=-np.exp(0.5 * normal(heads)), B=normal(batch, length, groups, state),
               C=normal(batch, length, groups, state), D=normal(heads), z=normal(batch, length, heads, headdim),
@@ -45,22 +46,23 @@ def _outputs_and_grads(fn, args):
   def run(args):
     outs, vjp = jax.vjp(lambda a: fn(**a), args)
     keys = jax.random.split(jax.random.key(2), len(outs))
-    return outs, vjp(tuple(jax.random.normal(k, o.shape, o.dtype) for k, o in zip(keys, outs)))[0]
+    return outs, vjp(tuple(jax.random.normal(k, o.shape, o.dtype) for k, o in zip(keys, outs, strict=False)))[0]
   return run(args)
 
 
 def test_quadratic_and_chunked_forms_equal_the_mamba1_scan():
   """SSD is the Mamba-1 scan with A, D, dt repeated over each head's channels (scalar decay per head)."""
   a = _inputs(0, 2, 23, 4, 3, 2, 5, "float32")
-  b, l, h, p = a["x"].shape
-  per_channel = lambda v: jnp.repeat(v, p, axis=-1)
+  b, seq_len, h, p = a["x"].shape
+  def per_channel(v):
+    return jnp.repeat(v, p, axis=-1)
   y_scan, h_scan = jax.jit(reference.selective_scan, static_argnames="return_state")(
-      a["x"].reshape(b, l, h * p), per_channel(a["dt"]), per_channel(a["A"])[:, None].repeat(5, 1), a["B"],
-      a["C"], per_channel(a["D"]), a["z"].reshape(b, l, h * p), per_channel(a["dt_bias"]),
+      a["x"].reshape(b, seq_len, h * p), per_channel(a["dt"]), per_channel(a["A"])[:, None].repeat(5, 1), a["B"],
+      a["C"], per_channel(a["D"]), a["z"].reshape(b, seq_len, h * p), per_channel(a["dt_bias"]),
       initial_state=a["initial_state"].reshape(b, h * p, 5), return_state=True)
   for chunk_size in (None, 4, 7):
-    y, state = jax.jit(lambda a: reference.ssd(**a, return_state=True, chunk_size=chunk_size))(a)
-    np.testing.assert_allclose(y.reshape(b, l, h * p), y_scan, rtol=1e-5, atol=1e-5)
+    y, state = jax.jit(lambda a, chunk_size=chunk_size: reference.ssd(**a, return_state=True, chunk_size=chunk_size))(a)
+    np.testing.assert_allclose(y.reshape(b, seq_len, h * p), y_scan, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(state.reshape(b, h * p, 5), h_scan, rtol=1e-5, atol=1e-5)
 
 
@@ -71,8 +73,10 @@ def test_kernel_forward_and_every_gradient(dtype, kernel_impl):
     pytest.skip("the SSD kernel is a TPU (Mosaic) kernel; the GPU (Triton) kernel runs in test_ssd_triton.py")
   args = _inputs(1, 2, 37, 4, 8, 2, 16, dtype)
   interpret = False if kernel_impl == "pallas" else pltpu.InterpretParams()
-  kernel = lambda **a: pallas_ssd.ssd(**a, return_state=True, chunk_size=16, interpret=interpret)
-  ref = lambda **a: reference.ssd(**a, return_state=True)
+  def kernel(**a):
+    return pallas_ssd.ssd(**a, return_state=True, chunk_size=16, interpret=interpret)
+  def ref(**a):
+    return reference.ssd(**a, return_state=True)
   ((y, state), grads), ((y_ref, state_ref), grads_ref) = _outputs_and_grads(kernel, args), _outputs_and_grads(ref, args)
   assert y.dtype == args["x"].dtype and state.dtype == jnp.float32
   assert _relative_error(y, y_ref) < TOL[dtype] and _relative_error(state, state_ref) < TOL[dtype]

@@ -47,13 +47,14 @@ def _check(case, interpret):
   def run(fn, **a):
     out = fn(**a, dt_softplus=softplus, return_state=return_state)
     return out if return_state else (out,)
-  kernel = lambda **a: run(ssd_triton.ssd, **a, chunk_size=chunk_size, interpret=interpret)
+  def kernel(**a):
+    return run(ssd_triton.ssd, **a, chunk_size=chunk_size, interpret=interpret)
   (outs, grads), (outs_ref, grads_ref) = (_outputs_and_grads(kernel, args),
                                           _outputs_and_grads(lambda **a: run(reference.ssd, **a), args))
   assert outs[0].dtype == args["x"].dtype and len(outs) == len(outs_ref)
   if return_state:
     assert outs[1].shape == (batch, heads, headdim, state) and outs[1].dtype == jnp.float32
-  for name, got, want in zip(("y", "state"), outs, outs_ref):
+  for name, got, want in zip(("y", "state"), outs, outs_ref, strict=False):
     assert _relative_error(got, want) < TOL[dtype], name
   assert set(grads) == set(args)
   for k in args:
@@ -95,15 +96,15 @@ _TRITON_CALL = "__gpu$xla.gpu.triton"
 def test_forward_and_backward_lower_to_triton(groups):
   """bf16, b=2, l=1000 (a partial last chunk of 128), 8 heads of 64, state 128, with D, z, dt_bias and an
   initial and final state: two Triton kernels (the forward saving chunk starts, the backward)."""
-  b, l, h, p, n = 2, 1000, 8, 64, 128
+  b, seq_len, h, p, n = 2, 1000, 8, 64, 128
   bf16, f32, S = jnp.bfloat16, jnp.float32, jax.ShapeDtypeStruct
 
   def loss(x, dt, A, B, C, D, z, dt_bias, h0):
     y, state = ssd_triton.ssd(x, dt, A, B, C, D, z, dt_bias, initial_state=h0, return_state=True)
     return jnp.sum(y.astype(f32) ** 2) + jnp.sum(state)
 
-  seq, bc, head = S((b, l, h, p), bf16), S((b, l, groups, n), bf16), S((h,), f32)
-  shapes = [seq, S((b, l, h), f32), head, bc, bc, head, seq, head, S((b, h, p, n), f32)]
+  seq, bc, head = S((b, seq_len, h, p), bf16), S((b, seq_len, groups, n), bf16), S((h,), f32)
+  shapes = [seq, S((b, seq_len, h), f32), head, bc, bc, head, seq, head, S((b, h, p, n), f32)]
   exported = export.export(jax.jit(jax.value_and_grad(loss, argnums=range(9))), platforms=["cuda"],
                            disabled_checks=[export.DisabledSafetyCheck.custom_call(_TRITON_CALL)])(*shapes)
   module = exported.mlir_module()

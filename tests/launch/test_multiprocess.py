@@ -67,7 +67,7 @@ def _run_together(commands: list[list[str]], devices: int, log_dir: Path) -> lis
   logs = [log_dir / f"process_{i}.log" for i in range(len(commands))]
   procs = []
   try:
-    for command, log in zip(commands, logs):
+    for command, log in zip(commands, logs, strict=True):
       with open(log, "w") as out:  # a file, not a pipe: a full pipe would block one peer and hang both
         procs.append(subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env, stdout=out,
                                       stderr=subprocess.STDOUT))
@@ -85,7 +85,7 @@ def _run_together(commands: list[list[str]], devices: int, log_dir: Path) -> lis
   codes = [proc.returncode for proc in procs]
   if any(codes):
     report = "\n".join(f"===== process {i}: exit code {c} (-9: killed after {TIMEOUT_S} s) =====\n{o}"
-                       for i, (c, o) in enumerate(zip(codes, outputs)))
+                       for i, (c, o) in enumerate(zip(codes, outputs, strict=True)))
     pytest.fail(f"subprocesses failed: {' '.join(commands[0])}\n{report}", pytrace=False)
   return outputs
 

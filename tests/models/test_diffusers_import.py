@@ -13,8 +13,14 @@ import configs.autoencoder
 import configs.unet
 from lwjax.models import diffusers_import
 from lwjax.models.autoencoder import Autoencoder, AutoencoderConfig
-from lwjax.models.diffusers_import import (CONFIG_FILE, WEIGHTS_FILE, load_autoencoder, load_unet, save_autoencoder,
-                                           save_unet)
+from lwjax.models.diffusers_import import (
+  CONFIG_FILE,
+  WEIGHTS_FILE,
+  load_autoencoder,
+  load_unet,
+  save_autoencoder,
+  save_unet,
+)
 from lwjax.models.unet_diffusion import UNet, UNetConfig
 
 
@@ -130,7 +136,7 @@ def test_autoencoder_round_trip(tmp_path):
   loaded = load_autoencoder(tmp_path)
   assert loaded.cfg == model.cfg
   x = jax.random.uniform(jax.random.key(0), (1, 16, 16, 3), minval=-1.0, maxval=1.0)
-  for got, want in zip(_ae_forward(loaded, x), _ae_forward(model, x)):
+  for got, want in zip(_ae_forward(loaded, x), _ae_forward(model, x), strict=False):
     np.testing.assert_array_equal(got, want)
 
 
@@ -190,7 +196,8 @@ def test_hand_written_diffusers_vae_loads_and_round_trips(tmp_path):
   _write_vae(tmp_path / "new", tensors)
   model = load_autoencoder(tmp_path / "new")
   assert (model.cfg.block_out_channels, model.cfg.norm_groups, model.cfg.scaling_factor) == ((8, 16), 4, 0.5)
-  np.testing.assert_array_equal(model.encoder.conv_in.kernel[...], tensors["encoder.conv_in.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(model.encoder.conv_in.kernel[...],
+                                tensors["encoder.conv_in.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(model.encoder.mid_block.attentions[0].to_q.kernel[...],
                                 tensors["encoder.mid_block.attentions.0.to_q.weight"].T)
   x = jax.random.uniform(jax.random.key(0), (1, 8, 8, 3), minval=-1.0, maxval=1.0)
@@ -201,7 +208,7 @@ def test_hand_written_diffusers_vae_loads_and_round_trips(tmp_path):
             .replace("proj_attn", "to_out.0"): v for k, v in _vae_state_dict(legacy=True).items()}
   assert legacy.keys() == tensors.keys()  # the same tensors under the old attention names
   _write_vae(tmp_path / "legacy", _vae_state_dict(legacy=True))
-  for got, want in zip(_ae_forward(load_autoencoder(tmp_path / "legacy"), x), outputs):
+  for got, want in zip(_ae_forward(load_autoencoder(tmp_path / "legacy"), x), outputs, strict=False):
     np.testing.assert_array_equal(got, want)
 
   save_autoencoder(model, tmp_path / "saved")

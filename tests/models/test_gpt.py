@@ -135,7 +135,7 @@ def test_dense_equals_einsum_with_gradients(backend, monkeypatch):
   cases = [(x, w, 1, "btd,dhk->bthk"), (x2, w2, 2, "bthk,hkd->btd")]
   for a, b, in_dims, spec in cases:
     np.testing.assert_allclose(gpt.dense(a, b, in_dims), jnp.einsum(spec, a, b), **TOL)
-    got = jax.grad(lambda a, b: jnp.sum(jnp.sin(gpt.dense(a, b, in_dims))), argnums=(0, 1))(a, b)
-    want = jax.grad(lambda a, b: jnp.sum(jnp.sin(jnp.einsum(spec, a, b))), argnums=(0, 1))(a, b)
-    for g, e in zip(got, want):
+    got = jax.grad(lambda a, b, in_dims=in_dims: jnp.sum(jnp.sin(gpt.dense(a, b, in_dims))), argnums=(0, 1))(a, b)
+    want = jax.grad(lambda a, b, spec=spec: jnp.sum(jnp.sin(jnp.einsum(spec, a, b))), argnums=(0, 1))(a, b)
+    for g, e in zip(got, want, strict=False):
       np.testing.assert_allclose(g, e, **TOL)

@@ -15,8 +15,7 @@ import configs.mesh
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.models.logical import axis_rules
 from lwjax.relevance import attnlrp, baselines, rules
-from lwjax.training import mesh as mesh_lib
-from lwjax.training import sharding
+from lwjax.training import mesh as mesh_lib, sharding
 
 TINY = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48, max_seq_len=64)
 # Sums of relevance over a layer: float32 rounding of terms of either sign, plus what epsilon = 1e-6 absorbs.
@@ -55,7 +54,7 @@ def _tokens(batch=2, length=9, seed=1):
 def _input_relevance(fn, inputs, g):
   """x * (modified cotangent) for each input x of fn, given the cotangent g at its output (R_y = y * g)."""
   _, vjp = jax.vjp(fn, *inputs)
-  return [x * c for x, c in zip(inputs, vjp(g))]
+  return [x * c for x, c in zip(inputs, vjp(g), strict=False)]
 
 
 # ---- the rules, against relevances derived by hand ----

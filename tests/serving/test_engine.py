@@ -52,7 +52,7 @@ def test_mixed_batches_equal_single_sequence_greedy_decoding(model, engine_kwarg
   engine = Engine(model, max_num_seqs=4, **engine_kwargs)
   requests = [engine.add_request(p, GREEDY) for p in prompts]
   engine.run_until_done()
-  for prompt, request in zip(prompts, requests):
+  for prompt, request in zip(prompts, requests, strict=False):
     assert request.output == _greedy(model, prompt, 6), prompt
     assert request.finish_reason == "length"
   if engine_kwargs["num_pages"] == 9:

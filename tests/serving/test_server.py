@@ -17,7 +17,7 @@ from lwjax.data.tokenizer import ByteTokenizer
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.serving.engine import LLM, Engine
 from lwjax.serving.sampling import SamplingParams
-from lwjax.serving.server import chat_prompt, create_app, ChatMessage
+from lwjax.serving.server import ChatMessage, chat_prompt, create_app
 
 CFG = GPTConfig(vocab_size=272, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
                 max_seq_len=64)

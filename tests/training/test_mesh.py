@@ -4,12 +4,11 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec
 
+import configs.mesh
 from lwjax.config import ConfigError
 from lwjax.models.logical import logical_to_spec
 from lwjax.training import mesh as mesh_lib
 from lwjax.training.sharding import rules_from_config
-
-import configs.mesh
 
 
 def test_minus_one_fills_the_remaining_devices():
@@ -34,7 +33,8 @@ def test_logical_axes_resolve_with_divisibility_and_reuse_rules():
   assert logical_to_spec(("batch", "length", "embed"), rules, mesh) == PartitionSpec(("data", "fsdp"), None, None)
   assert logical_to_spec(("embed", "mlp"), rules, mesh, (64, 128)) == PartitionSpec("fsdp", "tensor")
   # kv_heads of size 1 cannot be split over tensor=2: replicated rather than a compile error.
-  assert logical_to_spec(("embed", "kv_heads", "head_dim"), rules, mesh, (64, 1, 16)) == PartitionSpec("fsdp", None, None)
+  assert (logical_to_spec(("embed", "kv_heads", "head_dim"), rules, mesh, (64, 1, 16))
+          == PartitionSpec("fsdp", None, None))
   # A mesh axis is used once per array even if two logical names map to it.
   assert logical_to_spec(("heads", "mlp"), rules, mesh, (4, 4)) == PartitionSpec("tensor", None)
   # Axes of size 1 are dropped.

@@ -1,4 +1,5 @@
-"""Progress reporting: compile notice and duration, rates that leave the first (compiling) step out, the bar's off switch."""
+"""Progress reporting: compile notice and duration, rates that leave the first (compiling) step out, the bar's
+off switch."""
 
 import logging
 

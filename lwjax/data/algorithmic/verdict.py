@@ -1,5 +1,6 @@
-"""The verdict (`lwjax.data.verdict.Verdict`) on a solution to an algorithmic task, found step by step against the correct steps (the exact
-checker behind GenRM's verification labels and rationales, arXiv 2408.15240, Sec. 4 algorithmic tasks).
+"""The verdict (`lwjax.data.verdict.Verdict`) on a solution to an algorithmic task, found step by step against
+the correct steps (the exact checker behind GenRM's verification labels and rationales, arXiv 2408.15240,
+Sec. 4 algorithmic tasks).
 
 Each step is compared with the correct step of the same index. A step that differs is the first error: a
 step that is a later correct step is `missing_step` (steps were skipped), an earlier one or one past the last

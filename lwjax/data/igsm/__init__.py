@@ -16,8 +16,7 @@ from lwjax.data.igsm.checker import ERROR_KINDS, Verdict, check
 from lwjax.data.igsm.generator import PRESETS, generate, sample_train_op
 from lwjax.data.igsm.graph import MOD, Param, Rule, Structure
 from lwjax.data.igsm.problem import FORMATS, Problem
-from lwjax.data.igsm.records import (IGSMSource, export_array_record, problem_of, read_array_record,
-                                     write_array_record)
+from lwjax.data.igsm.records import IGSMSource, export_array_record, problem_of, read_array_record, write_array_record
 from lwjax.data.igsm.retry import BACK, RetrySolution, loss_mask_segments, write_retry_solution, wrong_step_spans
 
 __all__ = [

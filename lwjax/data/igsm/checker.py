@@ -18,11 +18,11 @@ import random
 import re
 
 from lwjax.data.igsm import compact, graph
-from lwjax.data.verdict import Verdict
 from lwjax.data.igsm.graph import MOD, Param
 from lwjax.data.igsm.problem import Problem
 from lwjax.data.igsm.retry import BACK
 from lwjax.data.igsm.solution import ANSWER_PREFIX, OPERATORS, Expr, Node, evaluate_expr, sentences
+from lwjax.data.verdict import Verdict
 
 ERROR_KINDS = ("parse_error", "unknown_parameter", "redefined_parameter", "unnecessary_parameter",
                "dependency_not_ready", "reused_symbol", "undefined_symbol", "wrong_arithmetic", "wrong_formula",
@@ -168,7 +168,7 @@ class _State:
     for trial in range(_FORMULA_TRIALS):
       rng, point = random.Random(trial), {}
 
-      def leaf(q: Param) -> int:
+      def leaf(q: Param, point=point, rng=rng) -> int:  # this trial's point, bound explicitly
         return point.setdefault(q, rng.randrange(_PRIME))
 
       step_value = evaluate_expr(expr, leaf, _PRIME)

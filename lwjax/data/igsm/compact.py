@@ -31,11 +31,11 @@ import functools
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
+from lwjax.data import verifier_words
 from lwjax.data.igsm import graph
 from lwjax.data.igsm.graph import Param, Rule, Structure
 from lwjax.data.igsm.names import SYMBOLS
 from lwjax.data.igsm.solution import ANSWER_PREFIX, sentences
-from lwjax.data import verifier_words
 from lwjax.data.tokenizer import WordListTokenizer
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class _Names:
 def _canonical_letters(problem: Problem) -> dict[str, str]:
   """The problem's variable letters (its shuffled `symbols`, taken in order by the solution writer) -> the
   canonical letters a, b, c, ...: the k-th variable a solution binds is always the k-th letter."""
-  return dict(zip(problem.symbols, SYMBOLS))
+  return dict(zip(problem.symbols, SYMBOLS, strict=False))
 
 
 def _english_to_compact_sentence(sentence: str, names: _Names) -> str:

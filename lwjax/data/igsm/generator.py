@@ -83,7 +83,7 @@ def sample_structure(rng: random.Random, op: int, max_ip: int) -> Structure:
     depth, t0, t1 = rng.choices((2, 3, 4), weights, k=3)
     widths = [rng.randint(min(t0, t1), max(t0, t1)) for _ in range(depth)]
     edges = set()
-    for layer, (above, below) in enumerate(zip(widths, widths[1:])):
+    for layer, (above, below) in enumerate(zip(widths, widths[1:], strict=False)):
       cover = {(layer, rng.randrange(above), child) for child in range(below)}
       parents = {parent for _, parent, _ in cover}
       cover.update((layer, parent, rng.randrange(below)) for parent in range(above) if parent not in parents)
@@ -91,7 +91,7 @@ def sample_structure(rng: random.Random, op: int, max_ip: int) -> Structure:
     if len(edges) <= max_ip:
       break
   num_edges = min(rng.randint(len(edges), max_ip), rng.randint(len(edges), max_ip),
-                  sum(a * b for a, b in zip(widths, widths[1:])))
+                  sum(a * b for a, b in zip(widths, widths[1:], strict=False)))
   others = sorted({(layer, parent, child) for layer in range(depth - 1) for parent in range(widths[layer])
                    for child in range(widths[layer + 1])} - edges)
   edges.update(rng.sample(others, num_edges - len(edges)))
@@ -99,7 +99,7 @@ def sample_structure(rng: random.Random, op: int, max_ip: int) -> Structure:
   start = rng.randint(0, len(world) - depth)
   layers = world[start:start + depth]
   return Structure(tuple(category for category, _ in layers),
-                   tuple(tuple(rng.sample(items, width)) for (_, items), width in zip(layers, widths)),
+                   tuple(tuple(rng.sample(items, width)) for (_, items), width in zip(layers, widths, strict=False)),
                    tuple(sorted(edges)))
 
 

@@ -3,10 +3,10 @@ fallback, for the English formats; `CompactTokenizer` (`lwjax.data.igsm.compact`
 `for_format(fmt)` picks one.
 
 In the English tokenizer whole names are single tokens ("Kingsbridge University", "Medical Library"), as are
-"'s", template words, numbers 0-99, the solution variables and "[BACK]", each with or without its leading space, so an iGSM
-problem plus solution takes ~4x fewer tokens than bytes. Any other text falls back to bytes, so every
-string round-trips exactly: `decode(encode(s)) == s`. The vocabulary is fixed by the generator's name
-lists (`lwjax.data.igsm.names`), not learnt from data. Special ids as in `lwjax.data.tokenizer`.
+"'s", template words, numbers 0-99, the solution variables and "[BACK]", each with or without its leading
+space, so an iGSM problem plus solution takes ~4x fewer tokens than bytes. Any other text falls back to
+bytes, so every string round-trips exactly: `decode(encode(s)) == s`. The vocabulary is fixed by the
+generator's name lists (`lwjax.data.igsm.names`), not learnt from data. Special ids as in `lwjax.data.tokenizer`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from collections.abc import Iterable
 
 from lwjax.data.igsm import names
 from lwjax.data.igsm.compact import CompactTokenizer
-from lwjax.data.igsm.retry import BACK
 from lwjax.data.igsm.problem import FORMATS
+from lwjax.data.igsm.retry import BACK
 from lwjax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 _TEMPLATE_WORDS = ("The", "number", "of", "each", "equals", "more", "than", "times", "as", "much", "the", "sum",

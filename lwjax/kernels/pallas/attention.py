@@ -26,8 +26,20 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from lwjax.kernels.pallas.attention_blocks import (F32, MASK_VALUE, FlashConfig, div, dot, dot_nt, kv_block_range,
-                                                   pad_to, q_block_range, round_up, shape_like, visible)
+from lwjax.kernels.pallas.attention_blocks import (
+  F32,
+  MASK_VALUE,
+  FlashConfig,
+  div,
+  dot,
+  dot_nt,
+  kv_block_range,
+  pad_to,
+  q_block_range,
+  round_up,
+  shape_like,
+  visible,
+)
 
 
 def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None,
@@ -51,7 +63,8 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
   if segment_ids is not None:
     q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
     segs = (pad_to(jnp.asarray(q_seg, jnp.int32), 1, bq), pad_to(jnp.asarray(kv_seg, jnp.int32), 1, bk))
-  head_major = lambda x, block: pad_to(jnp.swapaxes(x, 1, 2), 2, block)  # [b, s, h, d] -> [b, h, s', d]
+  def head_major(x, block):
+    return pad_to(jnp.swapaxes(x, 1, 2), 2, block)  # [b, s, h, d] -> [b, h, s', d]
   out = _flash(head_major(q, bq), head_major(k, bk), head_major(v, bk), offsets, segs, cfg)
   return jnp.swapaxes(out[:, :, :q_len], 1, 2)
 
@@ -191,10 +204,10 @@ def _forward_kernel(cfg, offsets_ref, q_ref, k_ref, v_ref, *refs):
 
   @pl.when(ki == pl.num_programs(3) - 1)
   def _finish():
-    l = l_ref[...]
-    empty = l == 0.0  # no visible key (padding, or a segment absent from the keys): output 0 as reference
-    o_ref[...] = (acc_ref[...] / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
-    lse = jnp.where(empty, jnp.inf, m_ref[...] + jnp.log(jnp.where(empty, 1.0, l)))  # [bq, 1]
+    row_sum = l_ref[...]
+    empty = row_sum == 0.0  # no visible key (padding, or a segment absent from the keys): output 0 as reference
+    o_ref[...] = (acc_ref[...] / jnp.where(empty, 1.0, row_sum)).astype(o_ref.dtype)
+    lse = jnp.where(empty, jnp.inf, m_ref[...] + jnp.log(jnp.where(empty, 1.0, row_sum)))  # [bq, 1]
     lse_ref[...] = lse.reshape(1, cfg.block_q)
 
 

@@ -19,9 +19,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from lwjax.kernels.pallas.attention_blocks import (F32, MASK_VALUE, FlashConfig, div, dot, dot_nt,
-                                                   full_kv_block_range, full_q_block_range, kv_block_range,
-                                                   needs_mask, pad_to, q_block_range, shape_like, visible)
+from lwjax.kernels.pallas.attention_blocks import (
+  F32,
+  MASK_VALUE,
+  FlashConfig,
+  div,
+  dot,
+  dot_nt,
+  full_kv_block_range,
+  full_q_block_range,
+  kv_block_range,
+  needs_mask,
+  pad_to,
+  q_block_range,
+  shape_like,
+  visible,
+)
 
 
 def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None,
@@ -46,7 +59,8 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
   if segment_ids is not None:
     q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
     segs = (pad_to(jnp.asarray(q_seg, jnp.int32), 1, bq), pad_to(jnp.asarray(kv_seg, jnp.int32), 1, bk))
-  pad = lambda x, block: pad_to(pad_to(x, 3, padded_dim), 1, block)
+  def pad(x, block):
+    return pad_to(pad_to(x, 3, padded_dim), 1, block)
   out = _flash(pad(q, bq), pad(k, bk), pad(v, bk), offsets, segs, cfg)
   return out[:, :q_len, :, :dim]
 
@@ -103,7 +117,7 @@ def _forward_kernel(cfg, offsets_ref, q_ref, k_ref, v_ref, *refs):
 
   def body(masked):
     def step(ki, carry):
-      m, l, acc = carry
+      m, row_sum, acc = carry
       keys = pl.ds(ki * bk, bk)
       s = dot_nt(q, k_ref[keys, :]) * cfg.sm_scale  # [bq, bk]
       if masked:
@@ -116,16 +130,16 @@ def _forward_kernel(cfg, offsets_ref, q_ref, k_ref, v_ref, *refs):
         p = jnp.where(mask, p, 0.0)
       alpha = jnp.exp(m - m_new)
       acc = alpha[:, None] * acc + dot(p.astype(v_ref.dtype), v_ref[keys, :])
-      return m_new, alpha * l + jnp.sum(p, axis=1), acc
+      return m_new, alpha * row_sum + jnp.sum(p, axis=1), acc
     return step
 
   nk = k_ref.shape[0] // bk
   carry = (jnp.full((bq,), MASK_VALUE, F32), jnp.zeros((bq,), F32), jnp.zeros(q.shape, F32))
-  m, l, acc = _loop_visible(cfg, *kv_block_range(cfg, q_first, nk), *full_kv_block_range(cfg, q_first, nk),
-                            body, carry)
-  empty = l == 0.0
-  o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+  m, row_sum, acc = _loop_visible(cfg, *kv_block_range(cfg, q_first, nk), *full_kv_block_range(cfg, q_first, nk),
+                                  body, carry)
+  empty = row_sum == 0.0
+  o_ref[...] = (acc / jnp.where(empty, 1.0, row_sum)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, row_sum)))
 
 
 def _specs(cfg, q, k, segs):

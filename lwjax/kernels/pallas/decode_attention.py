@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
+from jax.experimental.pallas import tpu as pltpu, triton as pltriton
 
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # Programs that fill an H100/H200 (132 SMs) about twice; fewer (sequence, kv head) pairs get split-K.

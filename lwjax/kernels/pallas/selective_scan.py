@@ -62,7 +62,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   8) and `block_d` (channels per grid step, on TPU a multiple of 128 dividing dim // groups, or all of
   dim) size the VMEM blocks. `interpret`: False on TPU; True or `pltpu.InterpretParams()` on CPU.
   """
-  b, l, d = u.shape
+  b, seq_len, d = u.shape
   n = A.shape[1]
   if chunk % _SUB:
     raise ValueError(f"chunk ({chunk}) must be a multiple of {_SUB}")
@@ -71,17 +71,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   bd = pick_block(d // g, block_d)
   if g > 1 and bd % 128 and not interpret:
     raise ValueError(f"on TPU dim // groups ({d // g}) must be a multiple of 128 when groups > 1")
-  t = min(chunk, round_up(l, _SUB))
-  st = _Static(length=l, chunk=t, block_d=bd, blocks_per_group=d // g // bd, softplus=delta_softplus,
+  t = min(chunk, round_up(seq_len, _SUB))
+  st = _Static(length=seq_len, chunk=t, block_d=bd, blocks_per_group=d // g // bd, softplus=delta_softplus,
                has_z=z is not None, interpret=interpret)
-  seq = lambda x: pad_axis(x, 1, t)
-  bc = lambda x: seq(x.astype(_F32)).transpose(0, 2, 1, 3)  # [b, l, g, n] -> [b, g, l', n]
-  vec = lambda x: jnp.zeros((1, d), _F32) if x is None else x.astype(_F32).reshape(1, d)
+  def seq(x):
+    return pad_axis(x, 1, t)
+  def bc(x):
+    return seq(x.astype(_F32)).transpose(0, 2, 1, 3)  # [b, l, g, n] -> [b, g, l', n]
+  def vec(x):
+    return jnp.zeros((1, d), _F32) if x is None else x.astype(_F32).reshape(1, d)
   h0 = (jnp.zeros((b, n, d), _F32) if initial_state is None
         else jnp.swapaxes(initial_state.astype(_F32), 1, 2))
   y, h_last = _scan(st, seq(u), seq(delta), None if z is None else seq(z), bc(B_blgn), bc(C_blgn),
                     A.astype(_F32).T, vec(D), vec(delta_bias), h0)
-  y = y[:, :l]
+  y = y[:, :seq_len]
   return (y, jnp.swapaxes(h_last, 1, 2)) if return_state else y
 
 
@@ -144,9 +147,10 @@ def _scan_bwd(st, res, cotangents):
   *primals, starts = res
   grads = _backward(st, (*primals[:-1], starts), dy, dh_last)
   b, g, lp, n = primals[3].shape
-  by_group = lambda part: part.reshape(b, g, st.blocks_per_group, lp, n).sum(2)  # sum channel blocks
+  def by_group(part):
+    return part.reshape(b, g, st.blocks_per_group, lp, n).sum(2)  # sum channel blocks
   grads[3:8] = [by_group(grads[3]), by_group(grads[4]), grads[5].sum(0), grads[6].sum(0), grads[7].sum(0)]
-  return tuple(ct if p is None else match_varying(ct, p) for ct, p in zip(grads, primals))
+  return tuple(ct if p is None else match_varying(ct, p) for ct, p in zip(grads, primals, strict=False))
 
 
 def match_varying(ct, primal):

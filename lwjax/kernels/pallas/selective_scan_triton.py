@@ -72,12 +72,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
   the spacing of the states saved for the backward. `block_d`: channels per program (rounded down to a
   power of two dividing dim // groups). `interpret`: False on GPU, True on CPU.
   """
-  b, l, d = u.shape
+  b, seq_len, d = u.shape
   n = A.shape[1]
   B, C, bd, blocks_per_group = grouped_blocks(B, C, d, block_d)
-  st = _Static(length=l, chunk=max(1, min(chunk, l)), block_d=bd, blocks_per_group=blocks_per_group,
+  st = _Static(length=seq_len, chunk=max(1, min(chunk, seq_len)), block_d=bd, blocks_per_group=blocks_per_group,
                softplus=delta_softplus, has_z=z is not None, num_warps=num_warps, interpret=interpret)
-  vec = lambda x: jnp.zeros((d,), _F32) if x is None else x.astype(_F32)
+  def vec(x):
+    return jnp.zeros((d,), _F32) if x is None else x.astype(_F32)
   h0 = (jnp.zeros((b, d, pl.next_power_of_2(n)), _F32) if initial_state is None
         else pad_state(initial_state.astype(_F32)))
   y, h_last = _scan(st, u, delta, z, pad_state(B), pad_state(C), pad_state(A.astype(_F32)), vec(D),
@@ -118,11 +119,12 @@ def _scan_bwd(st, res, cotangents):
   dy, dh_last = cotangents
   *primals, starts = res
   du, ddelta, dz, dB, dC, dA, dD, dbias, dh0 = _backward(st, *primals[:-1], starts, dy, dh_last)
-  b, l, g, n = primals[3].shape
-  by_group = lambda part, like: part.reshape(b, l, g, st.blocks_per_group, n).sum(3).astype(like.dtype)
+  b, seq_len, g, n = primals[3].shape
+  def by_group(part, like):
+    return part.reshape(b, seq_len, g, st.blocks_per_group, n).sum(3).astype(like.dtype)
   grads = (du, ddelta, dz, by_group(dB, primals[3]), by_group(dC, primals[4]), dA.sum(0), dD.sum(0),
            dbias.sum(0), dh0)
-  return tuple(ct if p is None else match_varying(ct, p) for ct, p in zip(grads, primals))
+  return tuple(ct if p is None else match_varying(ct, p) for ct, p in zip(grads, primals, strict=False))
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -172,7 +174,7 @@ def _store_row(ref, r, value, t, st):
 
 
 def _forward(st, u, delta, z, B, C, A, D, bias, h0, save_starts):
-  b, l, d = u.shape
+  b, seq_len, d = u.shape
   n = A.shape[1]
   sp = _specs(st, n)
   ins = [u, delta] + ([z] if st.has_z else []) + [B, C, A, D, bias, h0]
@@ -209,7 +211,7 @@ def _forward_kernel(*refs, st, save_starts):
 
 
 def _backward(st, u, delta, z, B, C, A, D, bias, starts, dy, dh_last):
-  b, l, d = u.shape
+  b, seq_len, d = u.shape
   n = A.shape[1]
   nd = d // st.block_d
   sp = _specs(st, n)
@@ -218,7 +220,7 @@ def _backward(st, u, delta, z, B, C, A, D, bias, starts, dy, dh_last):
               + [sp["bc"], sp["bc"], sp["param"], sp["row"], sp["row"], sp["starts"], sp["state"]])
   seq_grads = [u, delta] + ([z] if st.has_z else [])
   out_shape = ([shape_like(u, x.shape, x.dtype) for x in seq_grads]
-               + [shape_like(u, (b, l, nd, n), _F32)] * 2 + [shape_like(u, (b, d, n), _F32)]
+               + [shape_like(u, (b, seq_len, nd, n), _F32)] * 2 + [shape_like(u, (b, d, n), _F32)]
                + [shape_like(u, (b, d), _F32)] * 2 + [shape_like(u, (b, d, n), _F32)])
   out_specs = ([sp["seq"]] * len(seq_grads) + [sp["per_block"]] * 2 + [sp["state"]] + [sp["batch_row"]] * 2
                + [sp["state"]])
@@ -234,7 +236,8 @@ def _backward_kernel(*refs, st):
   dz_ref = refs.pop(0) if st.has_z else None
   dB_ref, dC_ref, dA_ref, dD_ref, dbias_ref, dh0_ref = refs
   A, D, bias = A_ref[...], D_ref[...], bias_ref[...]
-  step = lambda t: _step(u_ref, delta_ref, B_ref, C_ref, bias, t, st)
+  def step(t):
+    return _step(u_ref, delta_ref, B_ref, C_ref, bias, t, st)
 
   def chunk(i, carry):
     g, dA, dD, dbias = carry  # g = dL/dh after the chunk

@@ -63,18 +63,19 @@ def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, initial_
 
 def _ssd(st, x, dt, A, B, C, D, z, dt_bias, initial_state):
   """The kernels between an XLA prologue (softplus, in-chunk cumsum, head-major layout) and epilogue."""
-  b, l, h, p = x.shape
+  b, seq_len, h, p = x.shape
   n = B.shape[3]
   q = st.chunk
   dt = dt.astype(_F32) + (0.0 if dt_bias is None else dt_bias.astype(_F32))
   dt = pad_axis(softplus(dt) if st.softplus else dt, 1, q)  # [b, l', h]; padded steps: no input, no decay
   lp = dt.shape[1]
   cum = jnp.cumsum((dt * A.astype(_F32)).reshape(b, lp // q, q, h), axis=2).reshape(b, lp, h)
-  head_major = lambda a: jnp.moveaxis(pad_axis(a, 1, q), 2, 1)  # [b, l, h, ...] -> [b, h, l', ...]
+  def head_major(a):
+    return jnp.moveaxis(pad_axis(a, 1, q), 2, 1)  # [b, l, h, ...] -> [b, h, l', ...]
   h0 = jnp.zeros((b, h, p, n), _F32) if initial_state is None else initial_state.astype(_F32)
   y, h_last = _core(st, head_major(x), jnp.moveaxis(dt, 2, 1), jnp.moveaxis(cum, 2, 1), head_major(B),
                     head_major(C), h0)
-  y = jnp.moveaxis(y, 1, 2)[:, :l]  # [b, l, h, p] float32
+  y = jnp.moveaxis(y, 1, 2)[:, :seq_len]  # [b, l, h, p] float32
   if D is not None:
     y = y + D.astype(_F32)[:, None] * x.astype(_F32)
   if z is not None:
@@ -99,9 +100,10 @@ def _core_bwd(st, res, cotangents):
   b, h, lp, _ = x.shape
   g, n = B.shape[1], B.shape[3]
   dx, ddt, dcum_col, dcum_row, dB, dC, dh0 = _backward(st, (*primals[:-1], starts), *cotangents)
-  by_group = lambda per_head: per_head.reshape(b, g, h // g, lp, n).sum(2)
+  def by_group(per_head):
+    return per_head.reshape(b, g, h // g, lp, n).sum(2)
   grads = (dx, ddt[..., 0], dcum_col[..., 0] + dcum_row[:, :, 0], by_group(dB), by_group(dC), dh0)
-  return tuple(match_varying(ct.astype(p.dtype), p) for ct, p in zip(grads, primals))
+  return tuple(match_varying(ct.astype(p.dtype), p) for ct, p in zip(grads, primals, strict=False))
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -60,13 +60,13 @@ def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, initial_
   groups, state]; initial_state [batch, heads, headdim, state]. `chunk_size`: a power of two >= 16.
   `num_warps`: None picks 4, or 8 when a tile is 128 wide. `interpret`: False on GPU, True on CPU.
   """
-  b, l, h, p = x.shape
+  b, seq_len, h, p = x.shape
   g, n = B.shape[2], B.shape[3]
   if h % g:
     raise ValueError(f"heads ({h}) must be a multiple of groups ({g})")
   if chunk_size < 16 or chunk_size & (chunk_size - 1):
     raise ValueError(f"chunk_size must be a power of two >= 16 (Triton dot tiles), got {chunk_size}")
-  q = min(chunk_size, _pow2_at_least(l))
+  q = min(chunk_size, _pow2_at_least(seq_len))
   pp, pn = _pow2_at_least(p), _pow2_at_least(n)
   if num_warps is None:
     num_warps = 8 if max(q, pp, pn) >= 128 else 4
@@ -76,11 +76,12 @@ def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, initial_
   dt = pad_axis(softplus(dt) if dt_softplus else dt, 1, q)  # [b, l', h]
   lp = dt.shape[1]
   cum = jnp.cumsum((dt * A.astype(_F32)).reshape(b, lp // q, q, h), axis=2).reshape(b, lp, h)
-  pad = lambda a, size: jnp.pad(a, [(0, 0), (0, lp - l), (0, 0), (0, size - a.shape[3])])
+  def pad(a, size):
+    return jnp.pad(a, [(0, 0), (0, lp - seq_len), (0, 0), (0, size - a.shape[3])])
   h0 = (jnp.zeros((b, h, pp, pn), _F32) if initial_state is None
         else jnp.pad(initial_state.astype(_F32), [(0, 0), (0, 0), (0, pp - p), (0, pn - n)]))
   y, h_last = _core(st, pad(x, pp), dt, cum, pad(B, pn), pad(C, pn), h0)
-  y = y[:, :l, :, :p]  # float32
+  y = y[:, :seq_len, :, :p]  # float32
   if D is not None:
     y = y + D.astype(_F32)[:, None] * x.astype(_F32)
   if z is not None:
@@ -111,9 +112,10 @@ def _core_bwd(st, res, cotangents):
   b, lp, h, _ = x.shape
   g, n = B.shape[2], B.shape[3]
   dx, ddt, dcum, dB, dC, dh0 = _backward(st, *primals[:-1], starts, *cotangents)
-  by_group = lambda per_head: per_head.reshape(b, lp, g, h // g, n).sum(3)
+  def by_group(per_head):
+    return per_head.reshape(b, lp, g, h // g, n).sum(3)
   grads = (dx, ddt, dcum, by_group(dB), by_group(dC), dh0)
-  return tuple(match_varying(ct.astype(p.dtype), p) for ct, p in zip(grads, primals))
+  return tuple(match_varying(ct.astype(p.dtype), p) for ct, p in zip(grads, primals, strict=False))
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -40,8 +40,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
   if g > 1 and bd % 128 and not interpret:
     raise ValueError(f"on TPU dim // groups ({d // g}) must be a multiple of 128 when groups > 1")
   # B, C as [b, g, k', n] float32, k padded to a sublane tile so that the on-chip transpose is aligned.
-  bc = lambda a: pad_axis(a.astype(_F32), 1, 8).transpose(0, 2, 1, 3)
-  vec = lambda a: jnp.zeros((1, d), _F32) if a is None else a.astype(_F32).reshape(1, d)
+  def bc(a):
+    return pad_axis(a.astype(_F32), 1, 8).transpose(0, 2, 1, 3)
+  def vec(a):
+    return jnp.zeros((1, d), _F32) if a is None else a.astype(_F32).reshape(1, d)
   accepted = jnp.full((b,), k, jnp.int32) if accepted is None else jnp.asarray(accepted, jnp.int32)
   blocks_per_group = d // g // bd
 

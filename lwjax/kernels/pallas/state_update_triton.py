@@ -37,7 +37,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
   k = x.shape[1]
   B, C, bd, blocks_per_group = grouped_blocks(B, C, d, block_d)
   np2 = pl.next_power_of_2(n)
-  vec = lambda a: jnp.zeros((d,), _F32) if a is None else a.astype(_F32)
+  def vec(a):
+    return jnp.zeros((d,), _F32) if a is None else a.astype(_F32)
   accepted = jnp.full((b,), k, jnp.int32) if accepted is None else jnp.asarray(accepted, jnp.int32)
 
   state_spec = pl.BlockSpec((None, bd, np2), lambda i, j: (i, j, 0))  # [b, d, n]

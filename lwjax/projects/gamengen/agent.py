@@ -59,7 +59,7 @@ class AgentConfig:
   head_hidden: int = option(512, min=1, doc="hidden units of the actor and critic heads")
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "AgentConfig":
+  def from_dict(cls, d: Mapping[str, Any]) -> AgentConfig:
     d = dict(d)
     return cls(**{**d, "cnn_channels": tuple(d["cnn_channels"])})
 
@@ -101,7 +101,7 @@ class NatureCNN(nnx.Module):
     specs = ((8, 4), (4, 2), (3, 1))
     self.convs = nnx.List()
     c_in, (h, w) = 3, image_hw
-    for c_out, (k, s) in zip(channels, specs):
+    for c_out, (k, s) in zip(channels, specs, strict=False):
       self.convs.append(nnx.Conv(c_in, c_out, (k, k), (s, s), padding="VALID", rngs=rngs,
                                  kernel_init=nnx.initializers.orthogonal(np.sqrt(2)),
                                  kernel_metadata={"logical_axes": (None, None, None, None)},

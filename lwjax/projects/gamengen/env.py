@@ -94,7 +94,7 @@ class EnvConfig:
   seed: int = option(0, min=0, doc="game i of a VectorDoomEnv uses seed + i")
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "EnvConfig":
+  def from_dict(cls, d: Mapping[str, Any]) -> EnvConfig:
     return cls(**dict(d))
 
   def to_dict(self) -> dict[str, Any]:
@@ -131,7 +131,7 @@ def wad_maps(path: str) -> list[str]:
     directory = f.read(16 * num_lumps)
   names = [directory[16 * i + 8:16 * i + 16].rstrip(b"\0").decode("ascii", "replace").upper()
            for i in range(num_lumps)]
-  return [name for name, following in zip(names, names[1:]) if following in ("THINGS", "TEXTMAP")]
+  return [name for name, following in zip(names, names[1:], strict=False) if following in ("THINGS", "TEXTMAP")]
 
 
 def resolve_wad(name: str, *, scenario: bool) -> str:

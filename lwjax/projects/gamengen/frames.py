@@ -28,7 +28,7 @@ class FrameGeometry:
       raise ValueError(f"downsample={self.downsample} does not divide the {h}x{w} frames")
 
   @classmethod
-  def from_dict(cls, d) -> "FrameGeometry":
+  def from_dict(cls, d) -> FrameGeometry:
     return cls(**dict(d))
 
   @property

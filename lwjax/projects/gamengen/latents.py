@@ -53,7 +53,7 @@ def build_cache(recordings: Sequence[str], cache_dir: str, encode: EncodeFn, geo
   total = sum(s["num_records"] for ix in index.indexes for s in ix["shards"])
   latent_shape = None
   with tqdm.tqdm(total=total, unit="frame", desc="encoding latents") as bar:
-    for r, (directory, ix) in enumerate(zip(recordings, index.indexes)):
+    for r, (directory, ix) in enumerate(zip(recordings, index.indexes, strict=False)):
       for s, shard in enumerate(ix["shards"]):
         reader = ArrayRecordReader(os.path.join(directory, shard["path"]))
         latents, actions = [], []

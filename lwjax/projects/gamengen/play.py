@@ -261,7 +261,7 @@ class PlayServer:
     logging.info("GameNGen play: open %s", self.url)
     self.server.run(sockets=[self.socket])
 
-  def start(self, timeout: float = 30.0) -> "PlayServer":
+  def start(self, timeout: float = 30.0) -> PlayServer:
     self._thread = threading.Thread(target=self.serve_forever, name="lwjax-play", daemon=True)
     self._thread.start()
     deadline = time.monotonic() + timeout
@@ -276,7 +276,7 @@ class PlayServer:
     if self._thread is not None:
       self._thread.join(timeout=10)
 
-  def __enter__(self) -> "PlayServer":
+  def __enter__(self) -> PlayServer:
     return self.start()
 
   def __exit__(self, *exc) -> None:

@@ -159,7 +159,8 @@ class Learner:
 
   def act(self, params, frame_nhwc, automap_nhwc, history_nk, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Behaviour actions, their log-probabilities and values [N] for host observations, as numpy."""
-    placed = [jax.device_put(x, s) for x, s in zip((frame_nhwc, automap_nhwc, history_nk), self.obs_shardings)]
+    observations = (frame_nhwc, automap_nhwc, history_nk)
+    placed = [jax.device_put(x, s) for x, s in zip(observations, self.obs_shardings, strict=True)]
     return tuple(np.asarray(x) for x in self._act(params, *placed, rng))
 
   def update(self, state, rollout: dict[str, np.ndarray], rng: jax.Array) -> tuple[dict, dict[str, float]]:

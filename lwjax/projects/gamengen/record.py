@@ -256,7 +256,7 @@ class WindowSource:
     self.context = context
     self.dtype = record_dtype(self.windows.frame_shape)
     self.shard_paths = [[os.path.join(d, s["path"]) for s in index["shards"]]
-                        for d, index in zip(self.windows.directories, self.windows.indexes)]
+                        for d, index in zip(self.windows.directories, self.windows.indexes, strict=False)]
     self._readers: dict[tuple[int, int], ArrayRecordReader] = {}
 
   def __len__(self) -> int:

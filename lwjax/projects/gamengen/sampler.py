@@ -27,8 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwjax.projects.gamengen.diffusion import (ALPHAS_CUMPROD, corrupt_context, denoiser_input, eps_from_v,
-                                               noise_bucket, x0_from_v)
+from lwjax.projects.gamengen.diffusion import (
+  ALPHAS_CUMPROD,
+  corrupt_context,
+  denoiser_input,
+  eps_from_v,
+  noise_bucket,
+  x0_from_v,
+)
 from lwjax.projects.gamengen.frames import to_uint8
 
 DenoiseFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]

@@ -17,6 +17,7 @@ instead of looping.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -27,8 +28,7 @@ import traceback
 
 import numpy as np
 
-from lwjax.projects.gamengen.env import (AUTOMAP_SHAPE, FRAME_SHAPE, NUM_ACTIONS, DoomEnv, EnvConfig,
-                                         check_config)
+from lwjax.projects.gamengen.env import AUTOMAP_SHAPE, FRAME_SHAPE, NUM_ACTIONS, DoomEnv, EnvConfig, check_config
 from lwjax.projects.gamengen.reward import REWARD_TERMS
 
 _POLL_S = 0.2  # how often a waiting parent checks that the worker is alive
@@ -187,10 +187,8 @@ class VectorDoomEnv:
     if actions.shape != (self.num_envs,) or not np.all((actions >= 0) & (actions < NUM_ACTIONS)):
       raise ValueError(f"actions must be [{self.num_envs}] ids in [0, {NUM_ACTIONS}), got {actions!r}")
     for i, conn in enumerate(self._conns):
-      try:
+      with contextlib.suppress(OSError):  # a dead worker; its receive restarts it
         conn.send(("step", int(actions[i])))
-      except OSError:
-        pass  # a dead worker; its receive restarts it
     n = self.num_envs
     reward, done = np.zeros(n, np.float32), np.zeros(n, bool)
     info = {"num_frames": np.zeros(n, np.int32), "terms": {t: np.zeros(n, np.float32) for t in REWARD_TERMS},
@@ -213,10 +211,8 @@ class VectorDoomEnv:
 
   def close(self) -> None:
     for conn in self._conns:
-      try:
+      with contextlib.suppress(OSError):
         conn.send(("close",))
-      except OSError:
-        pass
     for i, process in enumerate(self._processes):
       process.join(timeout=10)
       if process.exitcode is None:
@@ -224,7 +220,7 @@ class VectorDoomEnv:
       else:
         self._conns[i].close()
 
-  def __enter__(self) -> "VectorDoomEnv":
+  def __enter__(self) -> VectorDoomEnv:
     return self
 
   def __exit__(self, *exc) -> None:

@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 from lwjax import candidates as candidates_lib, plots, reasoning_tasks
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.launch import distributed
 from lwjax.models.gpt import GPT
 from lwjax.projects.genrm import bestofn, data as data_lib, rationale, verifiers
 from lwjax.serving import batch_sampler
 from lwjax.training import losses, mesh, optim, trainer as trainer_lib
-from lwjax.launch import distributed
 
 KINDS = ("disc", "direct", "cot", "unified", "judge")
 
@@ -81,8 +81,9 @@ def validate(config) -> None:
 
 def get_task(config) -> reasoning_tasks.ReasoningTask:
   t = config.task
-  return reasoning_tasks.get(t.name, preset=t.preset, train_ops=parse_ints(t.train_ops), hard_ops=parse_ints(t.hard_ops),
-                             train_words=parse_ints(t.train_words), hard_words=parse_ints(t.hard_words))
+  return reasoning_tasks.get(t.name, preset=t.preset, train_ops=parse_ints(t.train_ops),
+                             hard_ops=parse_ints(t.hard_ops), train_words=parse_ints(t.train_words),
+                             hard_words=parse_ints(t.hard_words))
 
 
 def candidate_sets(config, task) -> dict[str, list[dict]]:
@@ -193,9 +194,9 @@ def evaluate(config, scores_pn: np.ndarray, problems: list[dict], extras: dict) 
 
 def _plot(path: str, result: dict, kind: str, split: str) -> None:
   ns, a = result["n"], result["answer"]
-  series = {f"{kind} verifier": [(n, m) for n, (m, _) in zip(ns, a["verifier"])],
-            "self-consistency": [(n, m) for n, (m, _) in zip(ns, a["majority"])],
-            "pass@n (oracle)": [(n, m) for n, (m, _) in zip(ns, a["pass"])],
+  series = {f"{kind} verifier": [(n, m) for n, (m, _) in zip(ns, a["verifier"], strict=False)],
+            "self-consistency": [(n, m) for n, (m, _) in zip(ns, a["majority"], strict=False)],
+            "pass@n (oracle)": [(n, m) for n, (m, _) in zip(ns, a["pass"], strict=False)],
             "first sample": [(n, a["first"][0]) for n in ns]}
   plots.line_chart(path, series, title=f"Best-of-N, {split} problems ({kind})", x_label="N candidates",
                    y_label="final answer accuracy", y_range=(0.0, 1.0))

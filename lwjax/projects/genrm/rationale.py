@@ -19,8 +19,7 @@ so verifying means redoing each step and comparing, and the rationale names the 
 from __future__ import annotations
 
 from lwjax.data import igsm
-from lwjax.data.algorithmic import TASKS as ALGORITHMIC
-from lwjax.data.algorithmic import text as algorithmic_text
+from lwjax.data.algorithmic import TASKS as ALGORITHMIC, text as algorithmic_text
 from lwjax.data.igsm import compact
 
 VERIFY, DIRECT_CUE, COT_CUE = "verify", "?", "step"

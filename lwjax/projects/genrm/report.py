@@ -47,9 +47,10 @@ def table(runs: dict[str, dict], split: str, metric: str = "answer") -> str:
 def chart(runs: dict[str, dict], split: str, path: str) -> None:
   first = next(iter(runs.values()))[split]
   ns = first["n"]
-  series = {f"{name}": [(n, v[0]) for n, v in zip(ns, m[split]["answer"]["verifier"])] for name, m in runs.items()}
-  series["self-consistency"] = [(n, v[0]) for n, v in zip(ns, first["answer"]["majority"])]
-  series["pass@N"] = [(n, v[0]) for n, v in zip(ns, first["answer"]["pass"])]
+  series = {f"{name}": [(n, v[0]) for n, v in zip(ns, m[split]["answer"]["verifier"], strict=False)]
+            for name, m in runs.items()}
+  series["self-consistency"] = [(n, v[0]) for n, v in zip(ns, first["answer"]["majority"], strict=True)]
+  series["pass@N"] = [(n, v[0]) for n, v in zip(ns, first["answer"]["pass"], strict=True)]
   plots.line_chart(path, series, title=f"Best-of-N on {split} problems", x_label="N candidates",
                    y_label="final answer accuracy", y_range=(0.0, 1.0))
 

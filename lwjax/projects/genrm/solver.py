@@ -3,7 +3,8 @@ GPT trained from scratch on the task's training problems (question -> step-by-st
 accuracy, checked step by step, on held-out problems of the training lengths (test) and on longer lists
 (hard). A from-scratch model does not extrapolate to longer lists (0% on 5-6 words after training on 2-4),
 so `data.long_fraction` of the training problems (ours, 2% at the cpu scale) are at the hard lengths: the
-hard split is then rare in training rather than unseen, and the solver sometimes solves it. The verifiers of `lwjax.projects.genrm.job` start from its checkpoint (`base=<workdir>`).
+hard split is then rare in training rather than unseen, and the solver sometimes solves it. The verifiers of
+`lwjax.projects.genrm.job` start from its checkpoint (`base=<workdir>`).
 
 `<workdir>/metrics.json`: full-solution and final-answer accuracy per split.
 """
@@ -20,12 +21,12 @@ from flax import nnx
 
 from lwjax import candidates as candidates_lib
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.data import algorithmic
+from lwjax.launch import distributed
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.projects.genrm import data as data_lib
-from lwjax.data import algorithmic
-from lwjax.projects.genrm.job import SCHEMA as GENRM_SCHEMA, parse_ints, get_task
+from lwjax.projects.genrm.job import SCHEMA as GENRM_SCHEMA, get_task, parse_ints
 from lwjax.training import losses, mesh, optim, trainer as trainer_lib
-from lwjax.launch import distributed
 
 SCHEMA = {
     "job": Field(str), "seed": Field(int), "model": MODEL_SCHEMA, "task": GENRM_SCHEMA["task"],

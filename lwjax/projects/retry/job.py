@@ -22,10 +22,10 @@ from flax import nnx
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
 from lwjax.data import igsm, pipeline
 from lwjax.data.igsm import tokenizer as igsm_tokenizer
+from lwjax.launch import distributed
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.projects.retry import data as data_lib, evaluate
-from lwjax.training import losses, lora, mesh, optim, trainer as trainer_lib
-from lwjax.launch import distributed
+from lwjax.training import lora, losses, mesh, optim, trainer as trainer_lib
 
 
 def _ops(value: str) -> str | None:
@@ -196,7 +196,7 @@ def run(config, workdir: str) -> dict:
              "mask_retries": d.mask_retries, "steps": config.train.steps,
              "train_loss": train_metrics.get("loss"), "eval_loss": eval_loss["loss"],
              "eval": evaluate.score(records, solutions),
-             "samples": [{"op": r["op"], "solution": s} for r, s in zip(records[:3], solutions[:3])]}
+             "samples": [{"op": r["op"], "solution": s} for r, s in zip(records[:3], solutions[:3], strict=False)]}
   for key, m in metrics["eval"].items():
     logging.info("%s: accuracy %.3f, answer accuracy %.3f (constant answer %.3f), correct prefix %.3f, "
                  "[BACK] rate %.3f, length vs shortest %.3f (n=%d)", key, m["accuracy"], m["answer_accuracy"],

@@ -22,7 +22,8 @@ _ORDER = ("none", "lora", "full")
 
 def load_runs(sweep_dir: str) -> dict[str, dict]:
   """{run name: metrics} for every `<sweep_dir>/<run>/metrics.json`, pretraining runs by retry rate first."""
-  return dict(sorted(run_metrics.load(sweep_dir).items(), key=lambda kv: (_ORDER.index(kv[1]["finetune"]), kv[1]["retry_weak"],
+  runs = run_metrics.load(sweep_dir)
+  return dict(sorted(runs.items(), key=lambda kv: (_ORDER.index(kv[1]["finetune"]), kv[1]["retry_weak"],
                                                    kv[1]["mask_retries"], kv[1]["retry_rate"], kv[0])))
 
 
@@ -51,7 +52,8 @@ def table(runs: dict[str, dict]) -> str:
     e = m["eval"]
     cells = [name, _describe(m), str(m["steps"])] + [_pm(e[op]["accuracy"], e[op]["n"]) for op in ops]
     cells += [_pm(e["all"]["accuracy"], e["all"]["n"]), _pm(e["all"]["answer_accuracy"], e["all"]["n"]),
-              f"{100 * e['all']['correct_prefix']:.1f}", f"{e['all']['back_rate']:.3f}", f"{e['all']['length_vs_shortest']:.3f}", f"{m['eval_loss']:.4f}"]
+              f"{100 * e['all']['correct_prefix']:.1f}", f"{e['all']['back_rate']:.3f}",
+              f"{e['all']['length_vs_shortest']:.3f}", f"{m['eval_loss']:.4f}"]
     lines.append("| " + " | ".join(cells) + " |")
   e = next(iter(runs.values()))["eval"]
   cells = (["constant", "most frequent answer of the op's problems (answer accuracy)", "-"]

@@ -1,6 +1,7 @@
 """GameNGen's PPO agent: GAE, the loss pieces, the repeat-action mixture, the sharded update, rollout bootstrap."""
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -126,7 +127,7 @@ def test_behaviour_log_probs_have_finite_gradients():
   logits = jnp.asarray([[30.0] + [-30.0] * (NUM_ACTIONS - 1)] * 2)
   previous = jnp.asarray([agent_lib.NO_ACTION, 0])
   for repeat_prob in (0.0, 0.5):
-    grad = jax.grad(lambda x: agent_lib.behaviour_log_probs(x, previous, repeat_prob)[:, 3].sum())(logits)
+    grad = jax.grad(lambda x, p=repeat_prob: agent_lib.behaviour_log_probs(x, previous, p)[:, 3].sum())(logits)
     assert np.isfinite(np.asarray(grad)).all()
 
 

@@ -37,8 +37,9 @@ def smoke_run(tmp_path_factory):
   cwd = tmp_path_factory.mktemp("agent")
   first = _main(cwd)
   workdir = str(cwd / "run")
-  after_first = {"checkpoints": sorted(os.listdir(os.path.join(workdir, "checkpoints"))),
-                 "eval": json.load(open(os.path.join(workdir, "eval.json")))}
+  with open(os.path.join(workdir, "eval.json")) as f:
+    evaluation = json.load(f)
+  after_first = {"checkpoints": sorted(os.listdir(os.path.join(workdir, "checkpoints"))), "eval": evaluation}
   second = _main(cwd, "--config.ppo.total_env_steps=192", "--config.eval.episodes_per_env=0")
   return workdir, first, second, after_first
 
@@ -57,7 +58,8 @@ def test_smoke_scale_trains_checkpoints_logs_records_and_evaluates(smoke_run):
   assert episodes and {"return", "kills", "cells", "term/new_area", "term/ammo"} <= set(episodes[0])
   # The agent's play was recorded while it trained: every frame, readable as training windows.
   trajectories = os.path.join(workdir, "trajectories", "from_update_000000")
-  index = json.load(open(os.path.join(trajectories, "index.json")))
+  with open(os.path.join(trajectories, "index.json")) as f:
+    index = json.load(f)
   assert index["num_frames"] >= 2 * 64 * 3  # 2 games x 64 agent steps x >= 3 of 4 tics recorded
   assert len(WindowSource(trajectories, context=4)) > 0
 

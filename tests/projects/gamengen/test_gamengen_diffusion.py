@@ -91,7 +91,7 @@ def test_context_dropout_zeroes_dropped_context_and_keeps_actions():
   np.testing.assert_array_equal(ctx[~dropped], np.asarray(dm.denoiser_input(target, context)[..., c:])[~dropped])
   np.testing.assert_array_equal(seen["actions"], actions)
   np.testing.assert_array_equal(seen["bucket"], 0)
-  assert seen["t"].shape == (b,) and 0 <= int(seen["t"].min()) and int(seen["t"].max()) < 1000
+  assert seen["t"].shape == (b,) and int(seen["t"].min()) >= 0 and int(seen["t"].max()) < 1000
 
 
 def test_loss_is_mean_v_mse_summed_over_batch():

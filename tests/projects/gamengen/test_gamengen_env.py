@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 
 from lwjax.config import ConfigError
-from lwjax.projects.gamengen.env import (ACTION_NAMES, AUTOMAP_SHAPE, BASIC, FRAME_SHAPE, NUM_ACTIONS, DoomEnv,
-                                         EnvConfig, check_config, wad_maps, resolve_wad)
+from lwjax.projects.gamengen.env import (
+  ACTION_NAMES,
+  AUTOMAP_SHAPE,
+  BASIC,
+  FRAME_SHAPE,
+  NUM_ACTIONS,
+  DoomEnv,
+  EnvConfig,
+  check_config,
+  resolve_wad,
+  wad_maps,
+)
 from lwjax.projects.gamengen.reward import REWARD_TERMS
 
 A = {name: i for i, name in enumerate(ACTION_NAMES)}
@@ -62,7 +72,7 @@ def test_observation_layout_and_every_tic_frame(e1m1):
   obs, _, done, info = e1m1.step(A["forward_turn_left"])
   assert info["frames"].shape == (4, *FRAME_SHAPE) and info["num_frames"] == 4 and not done
   frames = [previous["frame"], *info["frames"]]
-  assert all(not np.array_equal(a, b) for a, b in zip(frames, frames[1:]))  # a new frame every tic
+  assert all(not np.array_equal(a, b) for a, b in zip(frames, frames[1:], strict=False))  # a new frame every tic
   np.testing.assert_array_equal(obs["frame"], info["frames"][-1])
 
 
@@ -98,8 +108,8 @@ def test_attack_aimed_at_the_basic_monster_gives_hit_and_kill_terms():
   env.game.set_objects_info_enabled(True)  # the script aims with the monster's position
   env.game.init()
   env.reset()
-  totals, info, steps = {}, None, 0
-  for steps in range(1, 75):
+  totals, info, _steps = {}, None, 0
+  for _steps in range(1, 75):
     objects = env.game.get_state().objects
     player = next(o for o in objects if o.name == "DoomPlayer")
     monster = next(o for o in objects if o.name == "Cacodemon")

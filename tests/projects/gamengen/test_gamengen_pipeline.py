@@ -16,8 +16,7 @@ from lwjax.projects.gamengen.jobs import evaluate
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, ROOT)
 from configs import gamengen  # noqa: E402
-from experiments import (gamengen_autoencoder, gamengen_demo, gamengen_diffusion, gamengen_eval,  # noqa: E402
-                         gamengen_play)
+from experiments import gamengen_autoencoder, gamengen_demo, gamengen_diffusion, gamengen_eval, gamengen_play  # noqa: E402
 
 
 def _main(cwd, experiment, arg, workdir, *overrides):

@@ -9,14 +9,22 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from lwjax.projects.gamengen.env import FRAME_SHAPE, DoomEnv, EnvConfig
-from lwjax.projects.gamengen.record import (INDEX_FILE, RandomPolicy, ScriptedPolicy, TrajectoryWriter,
-                                            WindowSource, record, record_dtype)
+from lwjax.projects.gamengen.record import (
+  INDEX_FILE,
+  RandomPolicy,
+  ScriptedPolicy,
+  TrajectoryWriter,
+  WindowSource,
+  record,
+  record_dtype,
+)
 
 TICS = 4
 
 
 def read_all(directory):
-  index = json.load(open(os.path.join(directory, INDEX_FILE)))
+  with open(os.path.join(directory, INDEX_FILE)) as f:
+    index = json.load(f)
   dtype = record_dtype(index["frame_shape"])
   records = [np.frombuffer(b"".join(ArrayRecordReader(os.path.join(directory, s["path"])).read_all()), dtype)
              for s in index["shards"]]
@@ -87,7 +95,7 @@ def test_round_trip_is_bit_exact(fake_recording):
   by_game = {i: [e for e in index["episodes"] if e["env"] == i] for i in range(3)}
   for i in range(3):
     assert len(game.expected[i]) >= 3  # several finished episodes per game
-    for episode, expected in zip(by_game[i], game.expected[i]):
+    for episode, expected in zip(by_game[i], game.expected[i], strict=False):
       got = records[episode["shard"]][episode["start"]:episode["start"] + episode["length"]]
       assert episode["length"] == len(expected) and episode["end"] in ("terminal", "timeout", "restarted")
       np.testing.assert_array_equal(got["frame"], np.stack([r[0] for r in expected]))
@@ -104,7 +112,8 @@ def test_windows_never_cross_episodes(fake_recording):
   out, _ = fake_recording
   context = 6
   source = WindowSource(out, context)
-  index = json.load(open(os.path.join(out, INDEX_FILE)))
+  with open(os.path.join(out, INDEX_FILE)) as f:
+    index = json.load(f)
   assert len(source) == sum(max(0, e["length"] - context) for e in index["episodes"])
   for j in range(len(source)):
     w = source[j]

@@ -26,7 +26,9 @@ def read_events(directory):
   """Summary values from tensorboardX event files (TFRecord framing: length, crc, data, crc)."""
   values = []
   for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
-    data, pos = open(path, "rb").read(), 0
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
     while pos < len(data):
       (length,) = struct.unpack("<Q", data[pos:pos + 8])
       event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])

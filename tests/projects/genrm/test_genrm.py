@@ -158,7 +158,8 @@ def test_smoke_solver_then_cot_verifier_end_to_end(tmp_path):
   assert len(m["test"]["answer"]["verifier"]) == 3 and (tmp_path / "cot" / "bestofn_hard.png").stat().st_size > 1000
   rows = report.table(report.load_runs(str(tmp_path)), "test").splitlines()
   assert rows[2].startswith("| cot (cot) |") and rows[-1].startswith("| first sample |")
-  problems, metadata = candidates.read(str(tmp_path / "runs/genrm_smoke/candidates/word_sort_test_3x4_t0.8_s0.arrayrecord"))
+  candidates_dir = tmp_path / "runs/genrm_smoke/candidates"
+  problems, metadata = candidates.read(str(candidates_dir / "word_sort_test_3x4_t0.8_s0.arrayrecord"))
   assert len(problems) == 3 and all(len(p["candidates"]) == 4 for p in problems)
   assert metadata["stats"]["n"] == 4 and metadata["settings"]["task"] == "word_sort"
 

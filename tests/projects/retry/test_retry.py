@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 
 from lwjax import jobs
-from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.data import igsm
+from lwjax.data.igsm.tokenizer import IGSMTokenizer
+from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.projects.retry import data as data_lib, evaluate, report, sweep
 from lwjax.training import checkpoint
-from lwjax.data.igsm.tokenizer import IGSMTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, ROOT)

@@ -12,7 +12,8 @@ On `eval.num_windows` windows of the held-out episodes of the diffusion run's re
 Writes `<workdir>/metrics.json` (`psnr_teacher_forced`, `psnr_copy_last_frame`, `psnr_autoencoder`,
 `ssim_teacher_forced`, ...) and the first autoregressive rollout above the recorded frames as
 `<workdir>/rollout.gif`, `rollout.mp4` (with imageio-ffmpeg) and a TensorBoard video (image strip without
-moviepy) under `<workdir>/tensorboard`. LPIPS and FVD need pretrained networks that cannot be fetched here: not reported.
+moviepy) under `<workdir>/tensorboard`. LPIPS and FVD need pretrained networks that cannot be fetched here:
+not reported.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ class _Log:
     os.makedirs(workdir, exist_ok=True)
     self.total, self.steps_per_update = total_updates, steps_per_update
     self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115  writer held open, closed in close()
     self._last_update, self._last_time = start_update, time.perf_counter()
     self._compiles = progress.CompileWatch().__enter__()
     self._first = start_update < total_updates

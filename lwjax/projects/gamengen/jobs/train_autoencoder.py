@@ -143,5 +143,6 @@ def load(workdir: str) -> tuple[Autoencoder, frames.FrameGeometry]:
   try:
     model, config, _ = checkpoint.load_model(stage, build)
   except FileNotFoundError:
-    raise FileNotFoundError(f"no checkpoint under {stage}: expected the workdir of a gamengen_autoencoder run") from None
+    raise FileNotFoundError(
+        f"no checkpoint under {stage}: expected the workdir of a gamengen_autoencoder run") from None
   return model, frames.FrameGeometry.from_dict(config["geometry"])
