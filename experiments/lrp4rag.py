@@ -1,0 +1,80 @@
+"""LRP4RAG (arXiv 2408.15533): detecting RAG hallucinations from AttnLRP relevance, on a generated RAG task with
+exact labels (lwjax/projects/lrp4rag/task.py: passages of symbolic facts, a question, answers from the passage or
+from the parametric knowledge). Trains the generator (or reuses one), labels its greedy answers on held-out
+prompts, and cross-validates SVM / random forest / MLP / LSTM detectors on the resampled relevance vectors and on
+the baselines (uncertainty, attention, gradient x input, self-consistency).
+
+  python main.py --config experiments/lrp4rag.py:scale=smoke --workdir runs/lrp4rag_smoke    # seconds
+  python main.py --config experiments/lrp4rag.py:scale=cpu --workdir runs/lrp4rag_cpu        # ~30 min, 2 cores
+  python main.py --config experiments/lrp4rag.py:scale=cpu,seed=1,base=runs/lrp4rag_cpu --workdir runs/lrp4rag_cpu_s1
+  python main.py --config experiments/lrp4rag.py:scale=gpu --workdir runs/lrp4rag_gpu        # one GPU
+  python main.py --workdir runs/lrp4rag_paper --config \
+      experiments/lrp4rag.py:scale=paper,checkpoint=/models/Llama-2-7b-chat-hf,tokenizer=/models/Llama-2-7b-chat-hf
+
+Arguments: `scale` smoke|cpu|gpu|paper; `seed` (training data and held-out prompts; the world is
+task.world_seed's); `base` the workdir of a finished lrp4rag run whose generator is reused (no training; its
+task world must match); at the paper scale `checkpoint` (a HF Llama directory: config.json + safetensors) and
+`tokenizer` (its sentencepiece tokenizer.model or directory), both required, nothing downloaded: the paper's
+Llama-2-7b-chat answers the text-template prompts untrained (it has no parametric knowledge of the world, so
+its hallucinations are answers to absent/unknown prompts and passages it ignores).
+Results: <workdir>/metrics.json, relevance_faithful.png, relevance_hallucinated.png.
+"""
+
+import ml_collections
+
+from configs import common, gpt, mesh
+from lwjax.projects.lrp4rag.task import TaskConfig
+
+SCALES = ("smoke", "cpu", "gpu", "paper")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, choices={"scale": SCALES}, scale="cpu", seed="0", base="", checkpoint="",
+                          tokenizer="")
+  scale = args["scale"]
+  config = ml_collections.ConfigDict()
+  config.job = "lrp4rag"
+  config.seed = int(args["seed"])
+  config.base = args["base"]
+  config.hf = ml_collections.ConfigDict({"checkpoint": args["checkpoint"], "tokenizer": args["tokenizer"],
+                                         "dtype": "float32"})
+  config.task = ml_collections.ConfigDict(TaskConfig().to_dict())
+  config.eval = ml_collections.ConfigDict({"num": 1000, "batch_prompts": 250, "max_new_tokens": 4, "samples": 8,
+                                           "temperature": 1.0, "signal_batch": 100, "relevance_chunk": 0})
+  config.detect = ml_collections.ConfigDict({"folds": 5, "feature_length": 220, "svm_c": 1.0, "rf_trees": 200,
+                                             "hidden": 32, "steps": 300, "learning_rate": 1e-2})
+  config.mesh = mesh.get()
+  config.distributed = common.distributed()
+  if scale == "paper":  # a HF Llama answers the text prompts untrained: no model/data/train/optim groups
+    config.task.template = "text"
+    config.hf.dtype = "bfloat16"
+    config.eval.update(batch_prompts=32, max_new_tokens=8, signal_batch=8, relevance_chunk=4)
+    return config
+  # World of 64 entities x 4 attributes x 16 values (48 known: 192 facts to store, 24 popular); prompts of 3-6
+  # passages take <= 29 tokens, so rows of 32 hold prompt + answer + eos.
+  config.model = gpt.get("gpt_tiny", vocab_size=160, max_seq_len=64, d_model=128, n_layers=4, n_heads=4,
+                         n_kv_heads=4, head_dim=32, d_ff=512)
+  config.data = ml_collections.ConfigDict({"seq_len": 32, "num_train": 100_000})
+  # ~3.5 steps/s measured on the 2 shared (busy) cores: 4000 steps take ~20 min there, less on idle ones.
+  config.train = common.train(steps=4000, global_batch_size=64, log_every=100, eval_every=0, checkpoint_every=500)
+  config.optim = common.optim(learning_rate=2e-3, warmup_steps=100, weight_decay=0.1)
+  # Prompts of <= 29 tokens lose nothing at 64 points; 220 would only make the LSTM 3.4x slower (~13 s a fit
+  # at 64 points, hidden 16, 200 steps, 800 examples, on the busy cores).
+  config.detect.update(feature_length=64, hidden=16, steps=200)
+  if scale == "smoke":  # a tiny world and model: exercises every stage, learns little
+    config.task.update(entities=8, attributes=2, values=4, min_passages=2, max_passages=2)
+    config.model.update(vocab_size=32, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=16, d_ff=64)
+    config.data.update(seq_len=16, num_train=512)
+    config.train.update(steps=60, global_batch_size=16, log_every=20, checkpoint_every=60)
+    config.eval.update(num=40, batch_prompts=40, max_new_tokens=1, samples=4, signal_batch=40)
+    config.detect.update(feature_length=8, rf_trees=10, hidden=4, steps=20)
+  elif scale == "gpu":  # a bigger world and model, longer contexts
+    config.task.update(entities=256, attributes=8, values=32, min_passages=4, max_passages=12)
+    config.model.update(vocab_size=640, d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, head_dim=64, d_ff=1536,
+                        max_seq_len=128)
+    config.data.update(seq_len=64, num_train=1_000_000)
+    config.train.update(steps=20000, global_batch_size=256, log_every=200, checkpoint_every=2000)
+    config.optim.update(learning_rate=1e-3, warmup_steps=500)
+    config.eval.update(num=4000, batch_prompts=500, signal_batch=250)
+    config.detect.update(feature_length=220, hidden=32, steps=300)
+  return config

@@ -1,0 +1,278 @@
+"""LRP4RAG (arXiv 2408.15533): hallucination detection in RAG from AttnLRP relevance, on the synthetic RAG task of
+`lwjax.projects.lrp4rag.task` with exact labels.
+
+1. The generator: a GPT trained here on the task with the core Trainer (resumable), or a trained run reused
+   (`base=<workdir>`), or, at the paper scale, a Hugging Face Llama checkpoint (`hf.checkpoint`, `hf.tokenizer`).
+2. Held-out prompts: greedy answers (batch sampler), each labelled faithful / hallucinated by the generator's
+   ground truth; K samples at temperature 1 for self-consistency. Logged first: the generator's competence
+   (answers the passage's value where a passage states it), per prompt kind, and the class balance.
+3. Signals (`signals`): AttnLRP answer x prompt relevance matrices, attention, gradient x input, uncertainty.
+4. Detectors (`detectors`): SVM, random forest, MLP, LSTM on the resampled relevance vectors and on each
+   baseline's features, stratified k-fold CV on shared folds.
+
+`<workdir>/metrics.json`: competence, class balance, per-detector accuracy / precision / recall / F1 (hallucinated
+= positive) as mean and std over folds, accuracy per prompt kind; `relevance_faithful.png` and
+`relevance_hallucinated.png`: one relevance matrix of each class, prompt tokens labelled.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+
+import grain
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from lwjax.config import ConfigError, DefaultedGroup, Field, positive_int, validate as validate_schema
+from lwjax.data import tokenizer as tokenizer_lib
+from lwjax.launch import distributed
+from lwjax.models import hf_llama
+from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, DTYPES, GPT, GPTConfig
+from lwjax.projects.lrp4rag import classifiers, detectors, heatmap, signals
+from lwjax.projects.lrp4rag.task import SCHEMA as TASK_SCHEMA, RagTask, TaskConfig, check as check_task
+from lwjax.serving import batch_sampler
+from lwjax.training import checkpoint, losses, mesh, optim, trainer as trainer_lib
+
+EVAL_SEED = 1_000_003  # held-out prompts: their own stream, apart from the training prompts
+SAMPLE_SEED = 2_000_003
+WORLD_KEYS = ("entities", "attributes", "values", "unknown_fraction", "popular_fraction", "world_seed")
+TRAINING_GROUPS = ("model", "data", "train", "optim")
+
+SCHEMA = {
+    "job": Field(str), "seed": Field(int),
+    "base": Field(str, doc="workdir of a trained lrp4rag run to reuse; '' trains in the workdir"),
+    "hf": {"checkpoint": Field(str, doc="HF Llama checkpoint directory (config.json + safetensors); '' = none"),
+           "tokenizer": Field(str, doc="its sentencepiece tokenizer.model, or the directory holding it"),
+           "dtype": Field(str, choices=DTYPES, doc="compute dtype of the HF model")},
+    "task": TASK_SCHEMA,
+    "model": DefaultedGroup(MODEL_SCHEMA),
+    "data": DefaultedGroup({"seq_len": Field(int, min=8), "num_train": positive_int("training prompts (repeated)")}),
+    "train": DefaultedGroup(trainer_lib.SCHEMA), "optim": DefaultedGroup(optim.SCHEMA),
+    "eval": {"num": positive_int("held-out prompts"), "batch_prompts": positive_int(),
+             "max_new_tokens": positive_int(), "samples": positive_int("K answers at temperature 1"),
+             "temperature": Field(float, min=0.0, doc="of the self-consistency samples"),
+             "signal_batch": positive_int("answers per relevance batch"),
+             "relevance_chunk": Field(int, min=0, doc="answer tokens per LRP backward batch; 0 = all at once")},
+    "detect": classifiers.SCHEMA,
+    "mesh": mesh.SCHEMA, "distributed": distributed.SCHEMA,
+}
+
+
+def _tokenizer_file(path: str) -> str:
+  return os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
+
+
+def validate(config) -> None:
+  validate_schema(config, SCHEMA)
+  task_cfg = TaskConfig.from_dict(config.task)
+  if (fault := check_task(task_cfg)) is not None:
+    raise ConfigError(*fault)
+  if config.detect.folds > config.eval.num:
+    raise ConfigError("detect.folds", f"more folds than held-out prompts ({config.eval.num})",
+                      f"<= eval.num ({config.eval.num})")
+  if config.hf.checkpoint or "model" not in config:
+    _validate_hf(config)
+  else:
+    _validate_gpt(config, task_cfg)
+
+
+def _validate_hf(config) -> None:
+  hf = config.hf
+  if not hf.checkpoint:
+    raise ConfigError("hf.checkpoint", "required without a model group (the paper scale)",
+                      "a HF Llama checkpoint directory, e.g. experiments/lrp4rag.py:scale=paper,"
+                      "checkpoint=/models/Llama-2-7b-chat-hf,tokenizer=/models/Llama-2-7b-chat-hf")
+  if not os.path.isfile(os.path.join(hf.checkpoint, hf_llama.CONFIG_FILE)):
+    raise ConfigError("hf.checkpoint", f"no {hf_llama.CONFIG_FILE} in {hf.checkpoint!r}",
+                      "a HF Llama checkpoint directory (config.json + safetensors)")
+  if not hf.tokenizer or not os.path.isfile(_tokenizer_file(hf.tokenizer)):
+    raise ConfigError("hf.tokenizer", f"no sentencepiece tokenizer.model at {hf.tokenizer!r}",
+                      "the model's tokenizer.model or its directory (Llama-2 ships one)")
+  if config.base:
+    raise ConfigError("base", "cannot be combined with hf.checkpoint", "''")
+  for group in TRAINING_GROUPS:
+    if group in config:
+      raise ConfigError(group, "unused with hf.checkpoint (nothing is trained; config.json gives the shape)",
+                        "absent")
+
+
+def _validate_gpt(config, task_cfg: TaskConfig) -> None:
+  for group in TRAINING_GROUPS:
+    if group not in config:
+      raise ConfigError(group, "missing", "a group (or hf.checkpoint instead of model/data/train/optim)")
+  if config.hf.tokenizer:
+    raise ConfigError("hf.tokenizer", "only with hf.checkpoint (the GPT uses the task's word list)", "''")
+  if task_cfg.template != "symbolic":
+    raise ConfigError("task.template", "the text template needs a HF tokenizer (hf.checkpoint)", "'symbolic'")
+  try:
+    cfg = GPTConfig.from_dict(config.model)
+  except ValueError as e:
+    raise ConfigError("model", str(e), "n_kv_heads dividing n_heads, even head_dim") from None
+  task = RagTask(task_cfg)
+  if cfg.vocab_size < task.tokenizer.vocab_size:
+    raise ConfigError("model.vocab_size", "too small for the task's words", f">= {task.tokenizer.vocab_size}")
+  longest = task.max_prompt_tokens()
+  if config.data.seq_len < longest + 1:
+    raise ConfigError("data.seq_len", f"the longest prompt ({longest} tokens) and its answer do not fit",
+                      f">= {longest + 1}")
+  needed = max(batch_sampler.bucket(longest) + config.eval.max_new_tokens, config.data.seq_len)
+  if cfg.max_seq_len < needed:
+    raise ConfigError("model.max_seq_len", "too short for the padded prompts plus eval.max_new_tokens",
+                      f">= {needed}")
+  if config.base and not os.path.isdir(os.path.join(config.base, "checkpoints")):
+    raise ConfigError("base", f"no checkpoints/ under {config.base!r}", "the workdir of a finished lrp4rag run")
+
+
+def _train(config, workdir: str, task: RagTask) -> GPT | None:
+  """The GPT trained on the task's training mix in `workdir` (resumes); None when stopped early."""
+  cfg, seq_len = GPTConfig.from_dict(config.model), config.data.seq_len
+  prompts = task.prompts(config.data.num_train, mix=task.cfg.train_mix, seed=config.seed)
+  rows = [row for p in prompts if (row := task.training_row(p, seq_len)) is not None]
+  counts = collections.Counter(p.kind for p in prompts)
+  logging.info("training prompts: %d (%s); %d known entities (%d popular), %d facts to store", len(rows),
+               ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), int(task.known.sum()),
+               int(task.popular.sum()), int(task.known.sum()) * task.cfg.attributes)
+  trainer = trainer_lib.Trainer(config, workdir, model_fn=lambda rngs: GPT(cfg, rngs=rngs), loss_fn=losses.lm_loss,
+                                flops_per_token=cfg.flops_per_token(seq_len), seq_len=seq_len)
+  dataset = grain.MapDataset.source(rows).shuffle(seed=config.seed).repeat().to_iter_dataset().batch(
+      config.train.global_batch_size, drop_remainder=True)
+  result = trainer.fit(iter(dataset), seed=config.seed)
+  if result["step"] < config.train.steps:
+    logging.warning("stopped at step %d of %d: no evaluation; run again to resume", result["step"], config.train.steps)
+    return None
+  return nnx.merge(trainer.graphdef, trainer.restore_params())
+
+
+def load_generator(config, workdir: str, task_cfg: TaskConfig):
+  """(model, task, {"source": ...}): the HF checkpoint, the reused base run, or a GPT trained here."""
+  if config.hf.checkpoint:
+    model = hf_llama.load(config.hf.checkpoint, dtype=config.hf.dtype)
+    tokenizer = tokenizer_lib.load(_tokenizer_file(config.hf.tokenizer))
+    return model, RagTask(task_cfg, tokenizer), {"source": "hf", "checkpoint": config.hf.checkpoint}
+  task = RagTask(task_cfg)
+  if not config.base:
+    return _train(config, workdir, task), task, {"source": "trained", "steps": config.train.steps}
+  model, base_config, step = checkpoint.load_model(
+      os.path.join(config.base, "checkpoints"), lambda c: GPT(GPTConfig.from_dict(c["model"]), rngs=nnx.Rngs(0)))
+  if base_config.get("job") != "lrp4rag":
+    raise ConfigError("base", f"{config.base!r} is a {base_config.get('job')!r} run", "an lrp4rag run's workdir")
+  differ = [k for k in WORLD_KEYS if base_config["task"][k] != task_cfg.to_dict()[k]]
+  if differ:
+    raise ConfigError("base", f"{config.base!r} was trained on another world (task.{', task.'.join(differ)} "
+                      "differ)", "a run with the same task world")
+  logging.info("generator: %s at step %d", config.base, step)
+  return model, task, {"source": "base", "base": config.base, "step": step}
+
+
+def generate(model, tokenizer, prompts: list[list[int]], *, n: int, temperature: float, seed: int, config,
+             desc: str) -> list[list[str]]:
+  """`n` answers per prompt (texts cut at eos), with the batch sampler."""
+  e = config.eval
+  prompt_len = batch_sampler.bucket(max(len(p) for p in prompts))
+  if prompt_len + e.max_new_tokens > model.cfg.max_seq_len:
+    raise ConfigError("eval.max_new_tokens", f"{prompt_len} prompt tokens + {e.max_new_tokens} exceed the model's "
+                      f"max_seq_len {model.cfg.max_seq_len}", f"<= {model.cfg.max_seq_len - prompt_len}")
+  graphdef, params = nnx.split(model)
+  sample_n = batch_sampler.make_sampler(graphdef, prompt_len=prompt_len, max_new_tokens=e.max_new_tokens, n=n,
+                                        eos_id=tokenizer.eos_id)
+  with tqdm(total=len(prompts), desc=desc, unit="prompt") as progress:
+    out = batch_sampler.sample_texts(sample_n, params, tokenizer, prompts, n=n, prompt_len=prompt_len,
+                                     batch_prompts=min(e.batch_prompts, len(prompts)), seed=seed,
+                                     temperature=temperature, progress=progress)
+  return [[text for text, _ in row] for row in out]
+
+
+def group_of(task: RagTask, p) -> str:
+  """The prompt kind, conflicts split by whether the entity is popular (its memory was trained to win)."""
+  if p.kind == "conflict":
+    return "conflict_popular" if task.popular[p.entity] else "conflict_other"
+  return p.kind
+
+
+def behaviour(task: RagTask, prompts, answers: list[str], labels) -> dict:
+  """Where the generator's answers come from, per prompt group, and the class balance; logged."""
+  groups = [group_of(task, p) for p in prompts]
+  sources = [task.source(p, a) for p, a in zip(prompts, answers, strict=True)]
+  stated = [p.stated is not None for p in prompts]
+  competence = float(np.mean([s == "passage" for s, has in zip(sources, stated, strict=True) if has] or [0.0]))
+  by_group = {}
+  for g in sorted(set(groups)):
+    rows = [i for i, x in enumerate(groups) if x == g]
+    by_group[g] = {"n": len(rows), "hallucinated": float(np.mean([labels[i] for i in rows])),
+                   **{s: float(np.mean([sources[i] == s for i in rows])) for s in ("passage", "memory", "other")}}
+  logging.info("competence: the greedy answer is the passage's value on %.1f%% of the %d prompts whose passages "
+               "state the fact", 100 * competence, sum(stated))
+  for g, row in by_group.items():
+    logging.info("  %-17s n=%-5d passage %.2f  memory %.2f  other %.2f  -> hallucinated %.2f", g, row["n"],
+                 row["passage"], row["memory"], row["other"], row["hallucinated"])
+  num = int(np.sum(labels))
+  logging.info("class balance: %d hallucinated (%.1f%%), %d faithful, of %d held-out answers", num,
+               100 * num / len(labels), len(labels) - num, len(labels))
+  return {"competence": competence, "n": len(labels), "hallucinated": num,
+          "hallucination_rate": num / len(labels), "by_group": by_group}
+
+
+def write_heatmaps(workdir: str, task: RagTask, prompts, prompt_ids, answer_ids, answers, labels, rows) -> dict:
+  """relevance_faithful.png / relevance_hallucinated.png: a conflict prompt of each class when there is one."""
+  tok, written = task.tokenizer, {}
+
+  def words(ids):
+    return [{tok.bos_id: "<bos>", tok.eos_id: "<eos>"}.get(i) or tok.decode([i]) or f"<{i}>" for i in ids]
+  for name, label in (("faithful", 0), ("hallucinated", 1)):
+    candidates = [i for i in range(len(labels)) if labels[i] == label]
+    if not candidates:
+      logging.warning("no %s answer: relevance_%s.png not written", name, name)
+      continue
+    i = next((i for i in candidates if prompts[i].kind == "conflict"), candidates[0])
+    p = prompts[i]
+    stated, memory = (task.value_word(p.attribute, v) if v is not None else "-" for v in (p.stated, p.memory))
+    title = [f"{name}: {group_of(task, p)} prompt, answer {answers[i]!r}",
+             f"the passages state {stated}; the parametric knowledge is {memory}"]
+    path = os.path.join(workdir, f"relevance_{name}.png")
+    heatmap.relevance_heatmap(path, rows[i]["relevance"], words(answer_ids[i]), words(prompt_ids[i]), title=title)
+    written[name] = {"index": i, "path": os.path.basename(path)}
+  return written
+
+
+def run(config, workdir: str) -> dict:
+  task_cfg = TaskConfig.from_dict(config.task)
+  model, task, source = load_generator(config, workdir, task_cfg)
+  if model is None:
+    return {}
+  tok, e = task.tokenizer, config.eval
+  prompts = task.prompts(e.num, mix=task_cfg.eval_mix, seed=config.seed + EVAL_SEED)
+  prompt_ids = [[tok.bos_id] + tok.encode(task.prompt_text(p)) for p in prompts]
+  # Greedy answers with the samples' shapes (K equal rows at temperature 0): one compilation serves both.
+  answers = [row[0] for row in generate(model, tok, prompt_ids, n=e.samples, temperature=0.0, seed=config.seed,
+                                        config=config, desc="greedy answers")]
+  labels = np.asarray([not task.is_faithful(p, a) for p, a in zip(prompts, answers, strict=True)], np.int64)
+  metrics = {"generator": source, "seed": config.seed, **behaviour(task, prompts, answers, labels)}
+  samples = generate(model, tok, prompt_ids, n=e.samples, temperature=e.temperature,
+                     seed=config.seed + SAMPLE_SEED, config=config, desc=f"{e.samples} samples per prompt")
+  agreement = [np.mean([task.answer_word(s) == task.answer_word(a) for s in row])
+               for row, a in zip(samples, answers, strict=True)]
+  answer_ids = [signals.answer_tokens(tok, a) for a in answers]
+  rows = signals.extract(model, prompt_ids, answer_ids, batch=e.signal_batch,
+                         relevance_chunk=e.relevance_chunk or None)
+  detect_cfg = classifiers.DetectConfig(**config.detect)
+  feature_sets = detectors.features(rows, agreement, detect_cfg.feature_length)
+  groups = [group_of(task, p) for p in prompts]
+  result = detectors.evaluate(feature_sets, labels, groups, detect_cfg, seed=config.seed)
+  majority = max(labels.mean(), 1 - labels.mean())
+  metrics.update(feature_length=detect_cfg.feature_length, majority_accuracy=float(majority), **result)
+  if "detectors" in result:
+    logging.info("detectors (%d-fold CV; always predicting the majority class: accuracy %.3f):\n%s", result["folds"],
+                 majority, detectors.table(result["detectors"]))
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    metrics["heatmaps"] = write_heatmaps(workdir, task, prompts, prompt_ids, answer_ids, answers, labels, rows)
+    metrics["task"] = dataclasses.asdict(task_cfg)
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2)
+  return metrics

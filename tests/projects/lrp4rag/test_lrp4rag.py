@@ -1,0 +1,296 @@
+"""LRP4RAG: the RAG generator's labels are exact (planted answers and invariants of generated prompts); the
+classifiers separate planted separable features; the signals match AttnLRP per example; configs validate with
+one-line errors; the smoke run end to end through main.py."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from experiments import lrp4rag as experiment
+from lwjax import jobs
+from lwjax.config import ConfigError
+from lwjax.models.gpt import GPT, GPTConfig
+from lwjax.projects.lrp4rag import classifiers, detectors, heatmap, signals
+from lwjax.projects.lrp4rag.task import KINDS, Mix, Prompt, RagTask, TaskConfig
+from lwjax.relevance import attnlrp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+SMALL = TaskConfig(entities=12, attributes=3, values=6, unknown_fraction=0.25, popular_fraction=0.5,
+                   min_passages=2, max_passages=5)
+
+
+# ---- the task: exact labels ----
+
+def _planted(task: RagTask, kind: str, popular: bool | None = None) -> Prompt:
+  """A prompt of `kind` about a chosen entity, with hand-picked passages."""
+  known = kind in ("supported", "conflict", "absent")
+  pool = [e for e in range(task.cfg.entities) if task.known[e] == known
+          and (popular is None or task.popular[e] == popular)]
+  entity, attribute = pool[0], 1
+  memory = int(task.world[entity, attribute]) if known else None
+  stated = {"supported": memory, "fresh": 2, "conflict": None if memory is None else (memory + 1) % task.cfg.values}
+  value = stated.get(kind)
+  other = (pool[1], 0, 3)
+  passages = (other, (entity, attribute, value)) if value is not None else (other,)
+  target = memory if (value is None or (kind == "conflict" and popular)) else value
+  return Prompt(kind, passages, entity, attribute, value, memory, target)
+
+
+def test_planted_answers_get_exact_labels_and_sources():
+  task = RagTask(SMALL)
+  word = task.value_word
+  conflict = _planted(task, "conflict", popular=True)
+  assert task.is_faithful(conflict, word(1, conflict.stated))
+  assert not task.is_faithful(conflict, word(1, conflict.memory))
+  assert task.source(conflict, word(1, conflict.memory)) == "memory"
+  invented = next(v for v in range(SMALL.values) if v not in (conflict.stated, conflict.memory))
+  assert not task.is_faithful(conflict, word(1, invented)) and task.source(conflict, word(1, invented)) == "other"
+  # The exact form only: a repeated or extra word, another attribute's value or an empty answer is not faithful.
+  for wrong in (f"{word(1, conflict.stated)} {word(1, conflict.stated)}", word(0, conflict.stated), ""):
+    assert not task.is_faithful(conflict, wrong)
+  supported = _planted(task, "supported")
+  assert task.is_faithful(supported, word(1, supported.memory))
+  assert task.source(supported, word(1, supported.memory)) == "passage"  # passage first when both agree
+  absent, unknown = _planted(task, "absent"), _planted(task, "unknown")
+  assert not task.is_faithful(absent, word(1, absent.memory))
+  assert task.source(absent, word(1, absent.memory)) == "memory"
+  assert not any(task.is_faithful(unknown, word(1, v)) for v in range(SMALL.values))
+  fresh = _planted(task, "fresh")
+  assert task.is_faithful(fresh, word(1, 2)) and fresh.memory is None
+  # The text template reads the first word of a free-form answer.
+  text_task = RagTask(dataclasses.replace(SMALL, template="text"))
+  assert text_task.is_faithful(conflict, f"{word(1, conflict.stated)}. It says so in passage 2.")
+  assert not text_task.is_faithful(conflict, f"I think {word(1, conflict.stated)}")
+
+
+def test_generated_prompts_state_what_their_kind_says():
+  task = RagTask(SMALL)
+  prompts = task.prompts(600, mix=Mix(1, 1, 1, 1, 1), seed=3)
+  assert {p.kind for p in prompts} == set(KINDS)
+  for p in prompts:
+    asked = [v for e, a, v in p.passages if (e, a) == (p.entity, p.attribute)]
+    assert SMALL.min_passages <= len(p.passages) <= SMALL.max_passages
+    assert len({(e, a) for e, a, _ in p.passages}) == len(p.passages)  # one passage per fact
+    assert asked == ([] if p.stated is None else [p.stated])
+    assert bool(task.known[p.entity]) == (p.kind in ("supported", "conflict", "absent"))
+    if p.memory is not None:
+      assert p.memory == task.world[p.entity, p.attribute]
+    for e, a, v in p.passages:  # distractors about known entities are true
+      if (e, a) != (p.entity, p.attribute) and task.known[e]:
+        assert v == task.world[e, a]
+    if p.kind == "supported":
+      assert p.stated == p.memory and p.target == p.stated
+    elif p.kind == "conflict":
+      assert p.stated != p.memory
+      assert p.target == (p.memory if task.popular[p.entity] else p.stated)
+    elif p.kind == "fresh":
+      assert p.target == p.stated
+    elif p.kind == "absent":
+      assert p.stated is None and p.target == p.memory
+    else:
+      assert p.stated is None and p.memory is None and p.target is None
+    text = task.prompt_text(p)
+    assert task.tokenizer.decode(task.tokenizer.encode(text)) == text
+    assert task.is_faithful(p, task.value_word(p.attribute, p.stated)) == (p.stated is not None)
+
+
+def test_the_mix_sets_the_kinds_and_training_rows_train_on_the_answer_only():
+  task = RagTask(SMALL)
+  prompts = task.prompts(4000, mix=Mix(supported=0.5, conflict=0.3, absent=0.2), seed=0)
+  shares = {k: np.mean([p.kind == k for p in prompts]) for k in KINDS}
+  assert shares["fresh"] == shares["unknown"] == 0
+  assert abs(shares["supported"] - 0.5) < 0.03 and abs(shares["conflict"] - 0.3) < 0.03
+  p = prompts[0]
+  row = task.training_row(p, seq_len=32)
+  tok = task.tokenizer
+  n = int(row["segment_ids"].sum())
+  masked = row["targets"][row["loss_mask"] > 0].tolist()
+  assert masked == tok.encode(task.target_text(p)) + [tok.eos_id]
+  assert row["inputs"][0] == tok.bos_id and n == len(tok.encode(task.prompt_text(p))) + 2
+  assert task.training_row(_planted(task, "unknown"), seq_len=32) is None
+  assert task.training_row(p, seq_len=4) is None
+
+
+def test_the_world_is_fixed_by_world_seed():
+  a, b = RagTask(SMALL), RagTask(SMALL)
+  np.testing.assert_array_equal(a.world, b.world)
+  np.testing.assert_array_equal(a.popular, b.popular)
+  assert not np.array_equal(a.world, RagTask(dataclasses.replace(SMALL, world_seed=1)).world)
+  assert not (a.popular & ~a.known).any()  # popular entities are known ones
+  assert a.known.sum() == 9 and a.popular.sum() == round(0.5 * 9)
+
+
+# ---- classifiers ----
+
+def _separable(n=100, length=24, seed=0):
+  """Sequences with a bump early (hallucinated, 1) or late (faithful, 0), plus noise; 30% positives."""
+  rng = np.random.default_rng(seed)
+  labels = (rng.random(n) < 0.3).astype(np.int64)
+  x = 0.3 * rng.standard_normal((n, length)).astype(np.float32)
+  for i, y in enumerate(labels):
+    start = 3 if y else 15
+    x[i, start:start + 4] += 2.0
+  return x, labels
+
+
+@pytest.mark.parametrize("name", ["svm", "rf", "mlp", "lstm"])
+def test_each_classifier_separates_planted_features(name):
+  x, labels = _separable()
+  cfg = classifiers.DetectConfig(feature_length=24, rf_trees=30, hidden=8, steps=150, learning_rate=3e-2)
+  folds = classifiers.stratified_folds(labels, 5, seed=0)
+  summary, predicted = classifiers.cross_validate(lambda: classifiers.make(name, cfg, pad_to=len(labels)), x,
+                                                  labels, folds)
+  assert summary["accuracy"]["mean"] >= 0.95, summary
+  assert summary["f1"]["mean"] >= 0.9 and len(summary["f1"]["folds"]) == 5
+  assert predicted.shape == labels.shape
+
+
+def test_threshold_learns_the_cut_and_side_and_scores_are_hand_checked():
+  agreement = np.array([0.0, 0.25, 0.25, 0.5, 1.0, 1.0, 0.75, 1.0])
+  labels = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+  clf = classifiers.make("threshold", classifiers.DetectConfig()).fit(agreement[:, None], labels)
+  np.testing.assert_array_equal(clf.predict(agreement[:, None]), labels)
+  np.testing.assert_array_equal(clf.predict(np.array([[0.6], [0.7]])), [1, 0])
+  # 3 predicted positive, 2 of them right; 4 positives -> precision 2/3, recall 1/2.
+  s = classifiers.scores([1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 1, 0])
+  assert s == pytest.approx({"accuracy": 3 / 6, "precision": 2 / 3, "recall": 1 / 2, "f1": 4 / 7})
+
+
+def test_folds_are_stratified_and_shared():
+  labels = np.array([1] * 20 + [0] * 80)
+  folds = classifiers.stratified_folds(labels, 5, seed=0)
+  assert [int(labels[test].sum()) for _, test in folds] == [4] * 5
+  assert sorted(np.concatenate([test for _, test in folds]).tolist()) == list(range(100))
+  again = classifiers.stratified_folds(labels, 5, seed=0)
+  assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again, strict=True))
+
+
+def test_detectors_skip_when_a_class_is_missing():
+  x, _ = _separable(n=20)
+  result = detectors.evaluate({"lrp": x}, np.zeros(20, np.int64), ["supported"] * 20, classifiers.DetectConfig(),
+                              seed=0)
+  assert "skipped" in result
+
+
+# ---- signals and the heatmap ----
+
+def test_signals_match_attnlrp_per_example_in_a_padded_batch():
+  cfg = GPTConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32, max_seq_len=32)
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  prompts = [[1] + rng.integers(4, 40, size=6).tolist() for _ in range(3)]
+  answers = [rng.integers(4, 40, size=2).tolist() for _ in range(3)]
+  rows = signals.extract(model, prompts, answers, batch=2)  # 2 batches, the second padded with a copy
+  relevance = nnx.jit(attnlrp.answer_relevance, static_argnames="prompt_len")
+  forward = nnx.jit(lambda model, tokens: jax.nn.log_softmax(model(tokens), axis=-1))
+  for p, a, row in zip(prompts, answers, rows, strict=True):
+    tokens = jnp.asarray([p + a])
+    expected = np.asarray(relevance(model, tokens, prompt_len=len(p)))[0]
+    np.testing.assert_allclose(row["relevance"], expected, rtol=1e-4, atol=1e-5)
+    logp = np.asarray(forward(model, tokens))[0]
+    assert row["logprob"] == pytest.approx(sum(logp[len(p) - 1 + j, t] for j, t in enumerate(a)), rel=1e-4)
+    assert row["attention"].shape == row["gradient_x_input"].shape == (len(p),)
+    assert 0 < row["attention"].sum() <= 1 + 1e-5 and row["entropy"] > 0
+
+
+def test_extract_groups_by_shape_and_returns_rows_in_order(monkeypatch):
+  def fake(model, tokens_bt, prompt_len, relevance_chunk):  # each row's signals = its own tokens
+    tokens = np.asarray(tokens_bt)
+    answer = tokens.shape[1] - prompt_len
+    return {"relevance": np.broadcast_to(tokens[:, None, :prompt_len], (len(tokens), answer, prompt_len)),
+            "attention": tokens[:, :prompt_len], "logprob": tokens[:, -1]}
+  monkeypatch.setattr(signals, "_signals_jit", fake)
+  rng = np.random.default_rng(1)
+  prompts = [[1] + rng.integers(4, 40, size=n).tolist() for n in (6, 8, 6, 6, 3)]
+  answers = [rng.integers(4, 40, size=a).tolist() for a in (1, 2, 1, 2, 1)]
+  rows = signals.extract(None, prompts, answers, batch=2)  # groups (7, 1) x2, (9, 2), (7, 2), (4, 1)
+  for p, a, row in zip(prompts, answers, rows, strict=True):
+    assert row["relevance"].shape == (len(a), len(p)) and row["attention"].tolist() == p
+    assert row["logprob"] == a[-1]
+
+
+def test_relevance_heatmap_writes_a_labelled_png(tmp_path):
+  path = str(tmp_path / "map.png")
+  heatmap.relevance_heatmap(path, np.array([[0.5, -1.0, 0.0]]), ["city3"], ["<bos>", "doc", "e1"], title=["t"])
+  image = Image.open(path)
+  assert image.size[0] > 3 * 12 and image.size[1] > 28
+  assert heatmap.colour(1.0, 1.0) == (255, 0, 0) and heatmap.colour(-1.0, 1.0) == (0, 0, 255)
+  with pytest.raises(ValueError, match="does not match"):
+    heatmap.relevance_heatmap(path, np.zeros((1, 2)), ["a"], ["x", "y", "z"])
+
+
+# ---- configs ----
+
+@pytest.mark.parametrize("scale", ["smoke", "cpu", "gpu"])
+def test_every_trained_scale_validates(scale):
+  jobs.get(experiment.get_config(f"scale={scale}"))
+
+
+def test_config_errors_name_the_key(tmp_path):
+  def error(config):
+    with pytest.raises(ConfigError) as info:
+      jobs.get(config)
+    return str(info.value)
+  assert error(experiment.get_config("scale=paper")).startswith("hf.checkpoint: required")
+  assert error(experiment.get_config(f"scale=paper,checkpoint={tmp_path}")).startswith("hf.checkpoint: no config.json")
+  (tmp_path / "config.json").write_text("{}")
+  assert error(experiment.get_config(f"scale=paper,checkpoint={tmp_path}")).startswith("hf.tokenizer:")
+  (tmp_path / "tokenizer.model").write_bytes(b"")
+  jobs.get(experiment.get_config(f"scale=paper,checkpoint={tmp_path},tokenizer={tmp_path}"))
+  config = experiment.get_config("scale=smoke")
+  config.task.train_mix.unknown = 0.1
+  assert error(config).startswith("task.train_mix.unknown:")
+  config = experiment.get_config("scale=smoke")
+  config.task.template = "text"
+  assert error(config).startswith("task.template:")
+  config = experiment.get_config("scale=smoke")
+  config.data.seq_len = 12
+  assert error(config).startswith("data.seq_len:")
+  assert error(experiment.get_config(f"scale=smoke,base={tmp_path}")).startswith("base: no checkpoints/")
+
+
+# ---- end to end ----
+
+def _main(tmp_path, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_smoke_run_end_to_end(tmp_path):
+  result = _main(tmp_path, "--config", os.path.join(ROOT, "experiments/lrp4rag.py") + ":scale=smoke",
+                 "--workdir", "run")
+  assert result.returncode == 0, result.stderr[-3000:]
+  log = result.stderr
+  assert log.index("competence:") < log.index("class balance:") < log.index("detectors (")
+  run = tmp_path / "run"
+  metrics = json.loads((run / "metrics.json").read_text())
+  assert metrics["n"] == 40 and 0 < metrics["hallucinated"] < 40
+  assert metrics["by_group"]["absent"]["hallucinated"] == 1.0  # nothing in the passages: never faithful
+  assert set(metrics["detectors"]) == {f"{f}/{c}" for f, names in detectors.CLASSIFIERS.items() for c in names}
+  for summary in metrics["detectors"].values():
+    for m in classifiers.METRICS:
+      assert 0 <= summary[m]["mean"] <= 1 and len(summary[m]["folds"]) == metrics["folds"]
+  for name in ("faithful", "hallucinated"):
+    assert Image.open(run / f"relevance_{name}.png").size[0] > 100
+
+
+@pytest.mark.slow
+def test_a_reused_base_gives_the_same_answers_and_another_world_is_refused(tmp_path):
+  config = os.path.join(ROOT, "experiments/lrp4rag.py") + ":scale=smoke"
+  assert _main(tmp_path, "--config", config, "--workdir", "run").returncode == 0
+  again = _main(tmp_path, "--config", config + ",base=run", "--workdir", "reuse")
+  assert again.returncode == 0, again.stderr[-3000:]
+  first, second = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("run", "reuse"))
+  assert first["by_group"] == second["by_group"] and second["generator"]["source"] == "base"
+  other = _main(tmp_path, "--config", config + ",base=run", "--workdir", "other", "--config.task.world_seed=5")
+  assert other.returncode == 2 and "base:" in other.stderr and "world_seed" in other.stderr
