@@ -23,6 +23,7 @@ JOBS = {
     "igsm_retry": "lwjax.projects.retry.job",
     "lm_pretrain": "lwjax.projects.lm.pretrain",
     "lrp4rag": "lwjax.projects.lrp4rag.job",
+    "mamba_distill": "lwjax.projects.mamba_distill.job",
     "serve": "lwjax.serving.serve",
 }
 

@@ -49,7 +49,8 @@ def test_bad_config_file_or_argument_exits_2(config, why, tmp_path):
 
 
 # Experiments on a finished run validate that the run exists; test_gamengen_pipeline.py runs them on one.
-NEED_A_RUN = {"gamengen_eval": "diffusion_workdir", "gamengen_play": "diffusion_workdir"}
+NEED_A_RUN = {"gamengen_eval": "diffusion_workdir", "gamengen_play": "diffusion_workdir",
+              "mamba_distill": "teacher.workdir"}
 # Scales that explain downloaded checkpoints need their paths (nothing is downloaded here).
 NEED_FILES = {("lrp4rag", "paper"): "hf.checkpoint"}
 

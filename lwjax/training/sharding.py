@@ -34,7 +34,8 @@ def param_shardings(abstract_params: Any, axes: Any, mesh: Mesh, rules: Rules) -
       abstract_params, axes, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def _dict_path(path) -> tuple:
+def dict_path(path) -> tuple:
+  """The dict keys of a pytree path (what `frozen` predicates and the shardings read)."""
   return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
@@ -49,11 +50,11 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, params_sh
   flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
   flat_shardings = jax.tree.leaves(params_shardings)
   for (path, leaf), sharding in zip(flat_params, flat_shardings, strict=False):
-    by_path[_dict_path(path)] = (leaf.shape, sharding)
+    by_path[dict_path(path)] = (leaf.shape, sharding)
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def pick(path, leaf):
-    keys = _dict_path(path)
+    keys = dict_path(path)
     for start in range(len(keys)):
       hit = by_path.get(keys[start:])
       if hit is not None and hit[0] == leaf.shape:

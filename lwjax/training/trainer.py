@@ -40,8 +40,9 @@ SCHEMA = {
 }
 
 # A loss function maps (model, batch) to (loss sum, weight sum, {metric name: sum}); the trainer
-# divides by the weight summed over the whole global batch.
-LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, jax.Array, dict]]
+# divides by the weight summed over the whole global batch. With a `reference` model (a distillation
+# teacher) it is called as loss_fn(model, batch, reference).
+LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
 
 
 class _StopRequest:
@@ -74,8 +75,13 @@ class Trainer:
   """Trains `model_fn(rngs)` on `loss_fn` with `config.{train, optim, mesh}`; checkpoints in `workdir`."""
 
   def __init__(self, config, workdir: str, *, model_fn: Callable[[nnx.Rngs], nnx.Module], loss_fn: LossFn,
-               flops_per_token: float | None = None, seq_len: int | None = None, mesh=None):
+               flops_per_token: float | None = None, seq_len: int | None = None, mesh=None,
+               frozen: Callable[[tuple[str, ...]], bool] | None = None, reference: nnx.Module | None = None):
+    """`frozen(path)` names parameters (by their path of dict keys) that keep their value through training
+    (e.g. the MLPs in a distillation stage). `reference` is a fixed model the loss reads (a teacher): its
+    parameters are placed once in their logical shardings, passed to every step, never checkpointed."""
     self.config, self.workdir = config, workdir
+    self.frozen = frozen
     train = config.train
     if train.global_batch_size % train.grad_accum_steps:
       raise ValueError(f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
@@ -107,11 +113,21 @@ class Trainer:
     self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                        abstract_state, self.state_shardings)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    self.reference, ref_sh = None, None
+    if reference is not None:
+      self.reference_graphdef, ref_state = nnx.split(reference)
+      ref_params = nnx.to_pure_dict(ref_state)
+      ref_sh = sharding.param_shardings(ref_params, sharding.logical_axes(ref_state), self.mesh, self.rules)
+      self.reference = jax.device_put(ref_params, ref_sh)
     self.init_state = jax.jit(init, out_shardings=self.state_shardings)
-    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-                              out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-    self.eval_step = jax.jit(self._eval_step, in_shardings=(params_sh, self.batch_sharding),
-                             out_shardings=replicated)
+    train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding, ref_sh),
+                         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+    eval_step = jax.jit(self._eval_step, in_shardings=(params_sh, self.batch_sharding, ref_sh),
+                        out_shardings=replicated)
+    # The jitted steps take (state or params, batch, reference params or None); `lower` them for AOT.
+    self.jitted_train_step, self.jitted_eval_step = train_step, eval_step
+    self.train_step = lambda state, batch: train_step(state, batch, self.reference)
+    self.eval_step = lambda params, batch: eval_step(params, batch, self.reference)
     logging.info("trainer: mesh %s, %s parameters", dict(self.mesh.shape),
                  f"{sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_state['params'])):,}")
 
@@ -127,47 +143,58 @@ class Trainer:
   def state_from_params(self, params) -> dict:
     """A step-0 train state holding `params` (placed in the parameter shardings) and a new optimizer state."""
     shardings = self.state_shardings
-    params = jax.device_put(params, shardings["params"])
+    # A copy: the train step donates its state, and `params` may share buffers with arrays the caller keeps
+    # (a teacher whose embeddings the student starts from, a base model).
+    params = jax.device_put(params, shardings["params"], may_alias=False)
     opt_state = jax.jit(self.tx.init, out_shardings=shardings["opt_state"])(params)
     return {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]), "params": params,
             "opt_state": opt_state}
 
-  def _loss_and_grad(self, params, batch):
+  def _call_loss(self, params, batch, reference):
+    model = nnx.merge(self.graphdef, params)
+    if reference is None:
+      return self.loss_fn(model, batch)
+    return self.loss_fn(model, batch, nnx.merge(self.reference_graphdef, jax.lax.stop_gradient(reference)))
+
+  def _loss_and_grad(self, params, batch, reference=None):
     def loss(p):
-      loss_sum, weight, metrics = self.loss_fn(nnx.merge(self.graphdef, p), batch)
+      loss_sum, weight, metrics = self._call_loss(p, batch, reference)
       return loss_sum, (weight, metrics)
     (loss_sum, (weight, metrics)), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return grads, loss_sum, weight, metrics
 
-  def _train_step(self, state, batch):
+  def _train_step(self, state, batch, reference=None):
     with axis_rules(self.mesh, self.rules):
       accum = self.config.train.grad_accum_steps
       params = state["params"]
       if accum == 1:
-        grads, loss_sum, weight, metrics = self._loss_and_grad(params, batch)
+        grads, loss_sum, weight, metrics = self._loss_and_grad(params, batch, reference)
       else:
         # Micro-batch i takes examples i, i + accum, ...: each stays evenly split over the data axes.
         micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
                              batch)
 
         def body(carry, mb):
-          out = self._loss_and_grad(params, mb)
+          out = self._loss_and_grad(params, mb, reference)
           return jax.tree.map(jnp.add, carry, out), None
-        zero = jax.eval_shape(self._loss_and_grad, params, jax.tree.map(lambda x: x[0], micro))
+        zero = jax.eval_shape(self._loss_and_grad, params, jax.tree.map(lambda x: x[0], micro), reference)
         zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero)
         (grads, loss_sum, weight, metrics), _ = jax.lax.scan(body, zero, micro)
       weight = jnp.maximum(weight, 1.0)
       grads = jax.tree.map(lambda g: g / weight, grads)
       updates, opt_state = self.tx.update(grads, state["opt_state"], params)
-      new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                   "opt_state": opt_state}
+      new_params = optax.apply_updates(params, updates)
+      if self.frozen is not None:  # frozen parameters keep their values exactly (weight decay included)
+        new_params = jax.tree_util.tree_map_with_path(
+            lambda path, new, old: old if self.frozen(sharding.dict_path(path)) else new, new_params, params)
+      new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
       out = {"loss": loss_sum / weight, "grad_norm": optax.tree.norm(grads),
              "learning_rate": self.schedule(state["step"]), **{k: v / weight for k, v in metrics.items()}}
       return new_state, out
 
-  def _eval_step(self, params, batch):
+  def _eval_step(self, params, batch, reference=None):
     with axis_rules(self.mesh, self.rules):
-      loss_sum, weight, metrics = self.loss_fn(nnx.merge(self.graphdef, params), batch)
+      loss_sum, weight, metrics = self._call_loss(params, batch, reference)
       return {"loss_sum": loss_sum, "weight": weight, **metrics}
 
   def evaluate(self, params, batches: Iterator[dict]) -> dict:

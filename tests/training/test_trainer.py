@@ -114,3 +114,35 @@ def test_fit_starts_a_finetune_from_given_params_and_calls_the_eval_hook(tmp_pat
   first = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
            if json.loads(line)["split"] == "train"][0]
   np.testing.assert_allclose(first["loss"], expected, rtol=1e-5)
+
+
+def test_frozen_parameters_keep_their_values_and_the_reference_model_reaches_the_loss():
+  """Distillation support: `frozen` paths never change (weight decay included); `reference` is passed to the loss."""
+  from flax import nnx
+  config = _config()
+  config.optim.weight_decay = 0.1
+  model_cfg = GPTConfig.from_dict(config.model)
+  teacher = GPT(model_cfg, rngs=nnx.Rngs(7))
+  seen = []
+
+  def loss_fn(model, batch, reference):
+    seen.append(type(reference).__name__)
+    logits, target = model(batch["inputs"]), jax.nn.softmax(reference(batch["inputs"]))
+    loss = -(target * jax.nn.log_softmax(logits)).sum(-1)
+    return loss.sum(), np.float32(loss.size), {}
+
+  def frozen(path):
+    return "mlp" in path
+
+  mesh = mesh_lib.make_mesh(config.mesh.shape, jax.devices()[:1])
+  trainer = Trainer(config, "/tmp/unused", model_fn=lambda rngs: GPT(model_cfg, rngs=rngs), loss_fn=loss_fn,
+                    mesh=mesh, frozen=frozen, reference=teacher)
+  state = trainer.init_state(jax.random.key(0))
+  before = jax.device_get(state["params"])
+  for local in _batches(config, 2):
+    state, metrics = trainer.train_step(state, pipeline.global_batch(local, trainer.batch_sharding))
+  after = jax.device_get(state["params"])
+  assert seen and set(seen) == {"GPT"} and np.isfinite(float(metrics["loss"]))
+  layer_before, layer_after = before["layers"][0], after["layers"][0]
+  np.testing.assert_array_equal(layer_after["mlp"]["w_up"], layer_before["mlp"]["w_up"])
+  assert not np.array_equal(layer_after["attn"]["wq"], layer_before["attn"]["wq"])

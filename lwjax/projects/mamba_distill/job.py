@@ -1,0 +1,300 @@
+"""Distilling a trained GPT into Mamba/attention hybrids (The Mamba in the Llama, arXiv 2408.15237, Sec. 2-3).
+
+Job "mamba_distill". The teacher is a finished `lm_pretrain` run (`teacher.workdir`: its checkpoint, the
+run's config, its corpus and tokenizer). Then, as the paper:
+1. Pseudo-labels: the teacher continues the first `distill.prompt_len` tokens of training documents
+   (temperature `distill.temperature`); these sequences are the stage-1 data (sequence-level distillation).
+2. Progressive replacement: one stage per attention fraction in `hybrid.schedule` (e.g. 0.5, 0.25, 0.125,
+   0.0): the layers that become Mamba at that stage are initialised from the teacher's attention at the same
+   layer (V -> x, K -> B, Q -> C, O -> out; `hybrid.init=random` leaves them random: the paper's baseline),
+   the rest continue from the previous stage. Loss: `kl_weight` x KL(teacher || hybrid) over the vocabulary
+   at every position + `ce_weight` x cross-entropy on the teacher's tokens, MLPs frozen (`freeze_mlp`).
+3. Supervised finetuning of the last stage on the real documents (`sft.steps`, everything trainable).
+Each stage is a core `Trainer` run in `<workdir>/<stage>/` (checkpoints, resume: a finished stage is skipped).
+At the end the teacher and every stage's hybrid are evaluated on the same held-out documents (next-token
+loss and accuracy, and agreement with the teacher's argmax) into `<workdir>/metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.data import pipeline, tokenizer as tokenizer_lib
+from lwjax.models import mamba_hybrid as mh
+from lwjax.models.gpt import GPT, GPTConfig
+from lwjax.serving import batch_sampler
+from lwjax.training import checkpoint, mesh, optim, trainer as trainer_lib
+
+INITS = ("attention", "random")
+SCHEMA = {
+    "job": Field(str), "seed": Field(int),
+    "teacher": {"workdir": Field(str, doc="a finished lm_pretrain run (python main.py --config "
+                                          "experiments/lm_pretrain.py:scale=cpu --workdir runs/lm_cpu)")},
+    "hybrid": {
+        "schedule": Field(str, doc="attention fractions of the stages, e.g. '0.5,0.25' (progressive)"),
+        "init": Field(str, choices=INITS, doc="Mamba layers from the teacher's attention, or random"),
+        "d_conv": positive_int(), "chunk_size": positive_int(),
+        "scan_impl": Field(str, choices=("auto", "pallas", "interpret", "reference")),
+    },
+    "data": {
+        "seq_len": Field(int, min=8, doc="tokens per row (one document per row, padded)"),
+        "num_train_docs": positive_int("training documents read (pseudo-label prompts and SFT rows)"),
+        "num_eval_docs": positive_int("held-out documents every model is evaluated on"),
+    },
+    "distill": {
+        "kl_weight": Field(float, min=0.0), "ce_weight": Field(float, min=0.0),
+        "freeze_mlp": Field(bool), "prompt_len": positive_int("document tokens the teacher continues"),
+        "temperature": Field(float, min=0.0), "num_sequences": positive_int("teacher sequences sampled"),
+        "steps": positive_int("training steps per stage"),
+    },
+    "sft": {"steps": Field(int, min=0, doc="finetuning steps on the real documents after the last stage")},
+    "eval": {"batch_size": positive_int()},
+    "train": trainer_lib.SCHEMA, "optim": optim.SCHEMA, "mesh": mesh.SCHEMA,
+}
+
+
+def schedule(config) -> list[float]:
+  return [float(x) for x in config.hybrid.schedule.split(",") if x.strip()]
+
+
+def validate(config) -> None:
+  validate_schema(config, SCHEMA)
+  try:
+    fractions = schedule(config)
+  except ValueError:
+    fractions = []
+  if not fractions or any(not 0.0 <= f <= 1.0 for f in fractions) or fractions != sorted(fractions, reverse=True):
+    raise ConfigError("hybrid.schedule", f"{config.hybrid.schedule!r} is not a decreasing list of fractions",
+                      "e.g. '0.5,0.25,0.125,0' (attention kept per stage)")
+  if not os.path.isdir(os.path.join(config.teacher.workdir, "checkpoints")):
+    raise ConfigError("teacher.workdir", f"{config.teacher.workdir!r} holds no checkpoints",
+                      "a finished lm_pretrain run's --workdir")
+  if config.distill.prompt_len >= config.data.seq_len:
+    raise ConfigError("distill.prompt_len", "must be shorter than data.seq_len", f"< {config.data.seq_len}")
+
+
+def load_teacher(workdir: str):
+  """(teacher GPT, its run config, tokenizer, (train docs, eval docs)) of an lm_pretrain run."""
+  teacher, run, _ = checkpoint.load_model(os.path.join(workdir, "checkpoints"),
+                                          lambda saved: GPT(GPTConfig.from_dict(saved["model"]), rngs=nnx.Rngs(0)))
+  data = run["data"]
+  if data["tokenizer"] == "bytes":
+    tok = tokenizer_lib.ByteTokenizer()
+  else:
+    tok = tokenizer_lib.load(data["tokenizer_path"] or os.path.join(workdir, "tokenizer.model"))
+  if data["source"] == "generated":
+    paths = os.path.join(workdir, "corpus", "train.txt"), os.path.join(workdir, "corpus", "eval.txt")
+  elif data["source"] == "text_files":
+    paths = data["train_files"], data["eval_files"]
+  else:
+    raise ConfigError("teacher.workdir", f"the teacher trained on {data['source']!r} data",
+                      "a teacher trained on generated or text_files data")
+  return teacher, run, tok, tuple(pipeline.TextLineSource(p) for p in paths)
+
+
+def document_rows(docs, tok, seq_len: int, limit: int) -> dict:
+  """One document per row: [bos] + tokens, cut or padded to seq_len + 1 -> inputs/targets/loss_mask [n, seq_len]."""
+  n = min(limit, len(docs))
+  ids = np.full((n, seq_len + 1), tok.pad_id, np.int32)
+  mask = np.zeros((n, seq_len), np.float32)
+  for i in range(n):
+    row = ([tok.bos_id] + tok.encode(docs[i]) + [tok.eos_id])[:seq_len + 1]
+    ids[i, :len(row)] = row
+    mask[i, :len(row) - 1] = 1.0
+  return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask}
+
+
+def pseudo_label_rows(teacher, tok, prompts: np.ndarray, *, seq_len: int, temperature: float, seed: int,
+                      batch: int = 128) -> dict:
+  """The teacher's continuations of `prompts [n, prompt_len]` (bos first) as rows: loss on the continuation."""
+  n, prompt_len = prompts.shape
+  new = seq_len + 1 - prompt_len
+  graphdef, params = nnx.split(teacher)
+  sample_n = batch_sampler.make_sampler(graphdef, prompt_len=prompt_len, max_new_tokens=new, n=1,
+                                        eos_id=tok.eos_id)
+  ids = np.full((n, seq_len + 1), tok.pad_id, np.int32)
+  mask = np.zeros((n, seq_len), np.float32)
+  for start in tqdm(range(0, n, batch), desc="teacher pseudo-labels", unit="batch"):
+    chunk = prompts[start:start + batch]
+    padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])
+    seeds = ((seed * 2**20 + start + np.arange(batch))[:, None] % 2**32).astype(np.uint32)
+    out = np.asarray(sample_n(params, padded, np.full(batch, prompt_len, np.int32), seeds,
+                              np.float32(max(temperature, 1e-6)), np.float32(1.0)))[:len(chunk), 0]
+    for i, cont in enumerate(out):
+      ends = np.flatnonzero(cont == tok.eos_id)
+      keep = cont[:ends[0] + 1] if len(ends) else cont
+      row = np.concatenate([chunk[i], keep])
+      ids[start + i, :len(row)] = row
+      mask[start + i, prompt_len - 1:len(row) - 1] = 1.0  # predict every continuation token
+  return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask}
+
+
+def rows_dataset(rows: dict, *, batch_size: int, seed: int) -> grain.IterDataset:
+  items = [{k: v[i] for k, v in rows.items()} for i in range(len(rows["inputs"]))]
+  return grain.MapDataset.source(items).shuffle(seed=seed).repeat().to_iter_dataset().batch(
+      batch_size, drop_remainder=True)
+
+
+def _token_terms(logits, batch, teacher_logits=None):
+  logp = jax.nn.log_softmax(logits)
+  ce = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+  if teacher_logits is None:
+    return ce, correct, None, None
+  t_logp = jax.nn.log_softmax(teacher_logits)
+  kl = jnp.sum(jnp.exp(t_logp) * (t_logp - logp), axis=-1)
+  agree = (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32)
+  return ce, correct, kl, agree
+
+
+def distill_loss(kl_weight: float, ce_weight: float):
+  """Stage-1 loss (Sec. 3): kl_weight x KL(teacher || student) + ce_weight x CE on the (pseudo-)labels."""
+  def loss_fn(model, batch, teacher):
+    mask = batch["loss_mask"]
+    ce, correct, kl, agree = _token_terms(model(batch["inputs"]), batch, teacher(batch["inputs"]))
+    total = kl_weight * kl + ce_weight * ce
+    return (jnp.sum(total * mask), jnp.sum(mask),
+            {"ce": jnp.sum(ce * mask), "kl": jnp.sum(kl * mask), "accuracy": jnp.sum(correct * mask),
+             "teacher_agreement": jnp.sum(agree * mask)})
+  return loss_fn
+
+
+def ce_loss(model, batch):
+  mask = batch["loss_mask"]
+  ce, correct, _, _ = _token_terms(model(batch["inputs"]), batch)
+  return jnp.sum(ce * mask), jnp.sum(mask), {"accuracy": jnp.sum(correct * mask)}
+
+
+def evaluate(model, teacher, rows: dict, batch_size: int) -> dict:
+  """Held-out next-token loss (nats), accuracy, and agreement with the teacher's argmax (all over real tokens)."""
+  @nnx.jit
+  def sums(model, teacher, batch):
+    ce, correct, kl, agree = _token_terms(model(batch["inputs"]), batch, teacher(batch["inputs"]))
+    m = batch["loss_mask"]
+    return jnp.stack([jnp.sum(ce * m), jnp.sum(correct * m), jnp.sum(agree * m), jnp.sum(kl * m), jnp.sum(m)])
+  total = np.zeros(5)
+  n = len(rows["inputs"]) // batch_size * batch_size
+  for start in range(0, n, batch_size):
+    total += np.asarray(sums(model, teacher, {k: v[start:start + batch_size] for k, v in rows.items()}))
+  w = max(total[4], 1.0)
+  return {"loss": total[0] / w, "accuracy": total[1] / w, "teacher_agreement": total[2] / w,
+          "kl_to_teacher": total[3] / w, "tokens": int(total[4])}
+
+
+def _stage_config(config, steps: int):
+  stage = config.copy_and_resolve_references()
+  with stage.unlocked():
+    stage.train.steps = steps
+    stage.train.eval_every = 0
+  return stage
+
+
+def _hybrid_config(config, gpt_cfg: GPTConfig, fraction: float) -> mh.HybridConfig:
+  h = config.hybrid
+  return mh.HybridConfig(gpt=gpt_cfg, mamba_layers=mh.every_other_layer(gpt_cfg.n_layers, fraction),
+                         d_conv=h.d_conv, chunk_size=h.chunk_size, scan_impl=h.scan_impl)
+
+
+def _stage_params(teacher, cfg: mh.HybridConfig, previous: dict | None, previous_mamba: tuple, init: str, seed: int):
+  """This stage's starting params: new Mamba layers from the teacher (or random), the rest from `previous`."""
+  model = mh.HybridGPT.from_teacher(teacher, cfg, rngs=nnx.Rngs(seed), attention_init=init == "attention")
+  params = nnx.to_pure_dict(nnx.state(model))
+  if previous is not None:
+    for key, value in previous.items():
+      if key != "layers":
+        params[key] = value
+    keys = {int(k): k for k in params["layers"]}
+    for i, layer in previous["layers"].items():
+      if int(i) in previous_mamba or int(i) not in cfg.mamba_layers:  # trained before, same kind of layer
+        params["layers"][keys[int(i)]] = layer
+  return params
+
+
+def _write_hybrid_config(stage_dir: str, cfg: mh.HybridConfig) -> None:
+  """`hybrid.json` next to a stage's checkpoints: what loads the checkpoint as a HybridGPT (serving, benchmarks)."""
+  os.makedirs(stage_dir, exist_ok=True)
+  with open(os.path.join(stage_dir, "hybrid.json"), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2)
+
+
+def load_hybrid(stage_dir: str) -> mh.HybridGPT:
+  """The trained hybrid of a stage directory (its `hybrid.json` and latest checkpoint)."""
+  with open(os.path.join(stage_dir, "hybrid.json")) as f:
+    cfg = mh.HybridConfig.from_dict(json.load(f))
+  model, _, _ = checkpoint.load_model(os.path.join(stage_dir, "checkpoints"),
+                                      lambda saved: mh.HybridGPT(cfg, rngs=nnx.Rngs(0)))
+  return model
+
+
+def run(config, workdir: str) -> dict:
+  teacher, run_config, tok, (train_docs, eval_docs) = load_teacher(config.teacher.workdir)
+  gpt_cfg = teacher.cfg
+  seq_len, d = config.data.seq_len, config.distill
+  if seq_len > gpt_cfg.max_seq_len:
+    raise ConfigError("data.seq_len", f"{seq_len} exceeds the teacher's max_seq_len", f"<= {gpt_cfg.max_seq_len}")
+  eval_rows = document_rows(eval_docs, tok, seq_len, config.data.num_eval_docs)
+  train_rows = document_rows(train_docs, tok, seq_len, config.data.num_train_docs)
+
+  labels_path = os.path.join(workdir, "pseudo_labels.npz")
+  if os.path.exists(labels_path):
+    pseudo = dict(np.load(labels_path))
+  else:
+    rng = np.random.default_rng(config.seed)
+    pick = rng.choice(len(train_rows["inputs"]), size=d.num_sequences, replace=d.num_sequences > len(
+        train_rows["inputs"]))
+    prompts = train_rows["inputs"][pick, :d.prompt_len]
+    pseudo = pseudo_label_rows(teacher, tok, prompts, seq_len=seq_len, temperature=d.temperature, seed=config.seed)
+    os.makedirs(workdir, exist_ok=True)
+    np.savez(labels_path + ".tmp.npz", **pseudo)
+    os.replace(labels_path + ".tmp.npz", labels_path)
+  logging.info("stage-1 data: %d teacher sequences, %.0f label tokens", len(pseudo["inputs"]),
+               pseudo["loss_mask"].sum())
+
+  results = {"teacher": evaluate(teacher, teacher, eval_rows, config.eval.batch_size)}
+  logging.info("teacher: %s", results["teacher"])
+  params, mamba_before, cfg = None, (), None
+  batch = config.train.global_batch_size
+  for index, fraction in enumerate(schedule(config)):
+    cfg = _hybrid_config(config, gpt_cfg, fraction)
+    name = f"stage{index}_attention{fraction:g}"
+    start = _stage_params(teacher, cfg, params, mamba_before, config.hybrid.init, config.seed + index)
+    trainer = trainer_lib.Trainer(_stage_config(config, d.steps), os.path.join(workdir, name),
+                                  model_fn=lambda rngs, cfg=cfg: mh.HybridGPT(cfg, rngs=rngs),
+                                  loss_fn=distill_loss(d.kl_weight, d.ce_weight), seq_len=seq_len,
+                                  frozen=(lambda path: "mlp" in path) if d.freeze_mlp else None, reference=teacher)
+    logging.info("%s: Mamba layers %s, attention layers %s", name, cfg.mamba_layers, cfg.attention_layers)
+    _write_hybrid_config(os.path.join(workdir, name), cfg)
+    trainer.fit(iter(rows_dataset(pseudo, batch_size=batch, seed=config.seed + index)), init_params=start,
+                seed=config.seed)
+    params = jax.device_get(trainer.restore_params())
+    results[name] = {"mamba_layers": list(cfg.mamba_layers),
+                     **evaluate(nnx.merge(trainer.graphdef, params), teacher, eval_rows, config.eval.batch_size)}
+    logging.info("%s: %s", name, results[name])
+    mamba_before = cfg.mamba_layers
+  if config.sft.steps:
+    trainer = trainer_lib.Trainer(_stage_config(config, config.sft.steps), os.path.join(workdir, "sft"),
+                                  model_fn=lambda rngs: mh.HybridGPT(cfg, rngs=rngs), loss_fn=ce_loss,
+                                  seq_len=seq_len)
+    trainer.fit(iter(rows_dataset(train_rows, batch_size=batch, seed=config.seed + 100)), init_params=params,
+                seed=config.seed)
+    _write_hybrid_config(os.path.join(workdir, "sft"), cfg)
+    params = jax.device_get(trainer.restore_params())
+    results["sft"] = {"mamba_layers": list(cfg.mamba_layers),
+                      **evaluate(nnx.merge(trainer.graphdef, params), teacher, eval_rows, config.eval.batch_size)}
+    logging.info("sft: %s", results["sft"])
+  metrics = {"init": config.hybrid.init, "teacher_workdir": config.teacher.workdir,
+             "teacher_step_config": {"model": run_config["model"]}, "eval_docs": len(eval_rows["inputs"]),
+             "results": results}
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(metrics, f, indent=2)
+  return metrics

@@ -1,0 +1,58 @@
+"""Distillation into hybrids (arXiv 2408.15237): progressive stages start from the right parameters; end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from lwjax.models import gpt, mamba_hybrid as mh
+from lwjax.projects.mamba_distill import job
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+TINY = gpt.GPTConfig(vocab_size=40, d_model=16, n_layers=4, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32,
+                     max_seq_len=32)
+
+
+def test_progressive_stage_keeps_trained_layers_and_initialises_new_ones_from_the_teacher():
+  teacher = nnx.jit(lambda: gpt.GPT(TINY, rngs=nnx.Rngs(0)))()
+  first = mh.HybridConfig(gpt=TINY, mamba_layers=mh.every_other_layer(4, 0.5))
+  second = mh.HybridConfig(gpt=TINY, mamba_layers=mh.every_other_layer(4, 0.25))
+  assert first.mamba_layers == (0, 2) and second.mamba_layers == (0, 1, 2)
+  trained = job._stage_params(teacher, first, None, (), "attention", seed=0)
+  trained = jax.tree.map(lambda x: np.asarray(x) + 1.0, trained)  # stands in for stage-1 training
+  params = job._stage_params(teacher, second, trained, first.mamba_layers, "attention", seed=1)
+  layers = params["layers"]
+  np.testing.assert_array_equal(layers[0]["mixer"]["w_x"], trained["layers"][0]["mixer"]["w_x"])  # kept
+  np.testing.assert_array_equal(layers[3]["attn"]["wq"], trained["layers"][3]["attn"]["wq"])  # still attention
+  np.testing.assert_array_equal(layers[1]["mixer"]["w_c"], teacher.layers[1].attn.wq[...])  # new: Q -> C
+  np.testing.assert_array_equal(params["embed"], trained["embed"])
+  random = job._stage_params(teacher, second, trained, first.mamba_layers, "random", seed=1)
+  assert not np.array_equal(random["layers"][1]["mixer"]["w_c"], teacher.layers[1].attn.wq[...])
+
+
+@pytest.mark.slow
+def test_smoke_distillation_end_to_end_and_resume(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+  def main(*args):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+  main("--config", os.path.join(ROOT, "experiments/lm_pretrain.py") + ":scale=smoke", "--workdir", "teacher")
+  config = os.path.join(ROOT, "experiments/mamba_distill.py") + ":scale=smoke,teacher=teacher,schedule=0.5-0"
+  main("--config", config, "--workdir", "distill")
+  metrics = json.loads((tmp_path / "distill" / "metrics.json").read_text())
+  results = metrics["results"]
+  assert set(results) == {"teacher", "stage0_attention0.5", "stage1_attention0", "sft"}
+  assert results["teacher"]["teacher_agreement"] == 1.0 and results["stage1_attention0"]["mamba_layers"] == [0, 1]
+  hybrid = job.load_hybrid(str(tmp_path / "distill" / "sft"))
+  assert isinstance(hybrid, mh.HybridGPT) and hybrid.cfg.mamba_layers == (0, 1)
+  again = main("--config", config, "--workdir", "distill")  # every stage finished: nothing retrains
+  assert "first step took" not in again.stderr
+  assert json.loads((tmp_path / "distill" / "metrics.json").read_text())["results"] == results
