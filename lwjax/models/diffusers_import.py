@@ -186,7 +186,7 @@ def _load(path: str, model_fn: Callable[[], nnx.Module], extras: dict[str, str],
   graphdef, params, rest = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
   layout = {diffusers_key(p): (p, v) for p, v in nnx.to_flat_state(params)}
   with safe_open(os.path.join(path, WEIGHTS_FILE), framework="np") as f:
-    names = {_canonical(k): k for k in f}
+    names = {_canonical(k): k for k in f.keys()}  # noqa: SIM118  safe_open is not iterable
     missing = sorted(set(layout) - set(names) - set(extras))
     if missing:
       raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:5]}")

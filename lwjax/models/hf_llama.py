@@ -175,7 +175,7 @@ def _weight_files(path: str) -> dict[str, str]:
   if not os.path.exists(single):
     raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
   with safe_open(single, framework="np") as f:
-    return {key: SINGLE_FILE for key in f}
+    return {key: SINGLE_FILE for key in f.keys()}  # noqa: SIM118  safe_open is not iterable
 
 
 def _check_keys(layout: dict[str, _Tensor], available, cfg: GPTConfig) -> None:
