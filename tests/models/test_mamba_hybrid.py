@@ -86,6 +86,7 @@ def test_attention_init_maps_v_k_q_o_and_copies_the_rest(teacher, hybrid):
   np.testing.assert_allclose(forward(same, tokens), forward(teacher, tokens), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_random_init_baseline_keeps_mlps_but_not_attention(teacher):
   cfg = mh.HybridConfig(gpt=TINY, mamba_layers=(0, 2))
   model = nnx.jit(lambda t: mh.HybridGPT.from_teacher(t, cfg, rngs=nnx.Rngs(1), attention_init=False))(teacher)
@@ -156,6 +157,7 @@ def test_verify_keeps_the_state_after_the_accepted_tokens(hybrid):
     np.testing.assert_allclose(logits[row], ref[row, 10 + a], rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_mixer_parameter(hybrid):
   tokens = _tokens((2, 21), seed=7)
 

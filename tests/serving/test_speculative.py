@@ -20,7 +20,7 @@ def models():
   return teacher, hybrid, other
 
 
-@pytest.mark.parametrize("target_name", ["hybrid", "gpt"])
+@pytest.mark.parametrize("target_name", ["hybrid", pytest.param("gpt", marks=pytest.mark.slow)])
 def test_speculative_equals_greedy_for_any_draft(models, target_name):
   teacher, hybrid, other = models
   target = hybrid if target_name == "hybrid" else teacher
