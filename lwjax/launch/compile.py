@@ -1,0 +1,115 @@
+"""Compile a config's real train step for a TPU slice on this machine: does it fit, how fast could it be.
+
+  python -m lwjax.launch.compile --config experiments/lm_pretrain.py:scale=paper,model=llama3_8b --tpu v5p-256
+  python -m lwjax.launch.compile --config experiments/lm_pretrain.py:scale=smoke --tpu v5e --topology 2x2 \\
+      --config.mesh.shape.data=4 --config.mesh.shape.fsdp=1
+
+The step is the one `main.py` runs (`Trainer.jitted_train_step`: its mesh, logical-axis shardings, donation),
+lowered against the devices of the slice's topology (`jax.experimental.topologies`, libtpu from `jax[tpu]`, no
+TPU needed) and compiled by XLA's TPU compiler. Printed: per-chip memory (arguments, outputs, temporaries, the
+peak) against the chip's HBM, XLA's FLOP and byte counts per chip, a roofline step time (the larger of FLOPs
+over peak bf16 FLOP/s and bytes over HBM bandwidth) and the MFU that step time would give (6 N tokens of model
+FLOPs). Jobs: those trained by the core Trainer on language-model batches (`lm_pretrain`).
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+from lwjax.config import ConfigError
+from lwjax.launch import host_command, tpu_types
+
+# Per chip: dense bf16 FLOP/s and HBM bandwidth (bytes/s), from the Cloud TPU system-architecture pages.
+CHIP_PEAKS = {"v4": (275e12, 1228e9), "v5e": (197e12, 819e9), "v5p": (459e12, 2765e9), "v6e": (918e12, 1640e9)}
+JOBS = ("lm_pretrain",)
+PROG = "compile"
+
+
+def _lm_trainer(config, devices):
+  from lwjax.models.gpt import GPT, GPTConfig
+  from lwjax.training import losses, mesh as mesh_lib, trainer as trainer_lib
+  model_cfg = GPTConfig.from_dict(config.model)
+  seq_len = config.data.seq_len
+  mesh = mesh_lib.make_mesh(config.mesh.shape, devices)
+  trainer = trainer_lib.Trainer(config, "/tmp/lwjax-compile-unused", model_fn=lambda rngs: GPT(model_cfg, rngs=rngs),
+                                loss_fn=losses.lm_loss, flops_per_token=model_cfg.flops_per_token(seq_len),
+                                seq_len=seq_len, mesh=mesh)
+  return trainer, model_cfg, seq_len
+
+
+def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
+  """Compiles `config`'s train step for `slice_`; returns the report (bytes, FLOPs, seconds per step)."""
+  import jax
+  import jax.numpy as jnp
+
+  from lwjax.data.pipeline import BATCH_FIELDS
+  from lwjax.launch import aot
+  if config.job not in JOBS:
+    raise ConfigError("job", f"{config.job!r} has no compile report yet", ", ".join(JOBS))
+  devices = aot.tpu_devices(f"{slice_.generation.name}:{slice_.topology}")
+  trainer, model_cfg, seq_len = _lm_trainer(config, devices)
+  batch = config.train.global_batch_size
+  abstract_batch = {name: jax.ShapeDtypeStruct((batch, seq_len), jnp.float32 if name == "loss_mask" else jnp.int32,
+                                               sharding=trainer.batch_sharding) for name in BATCH_FIELDS}
+  compiled = trainer.jitted_train_step.lower(trainer.abstract_state, abstract_batch, None).compile()
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  peak_flops, bandwidth = CHIP_PEAKS[slice_.generation.name]
+  flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  step_s = max(flops / peak_flops, accessed / bandwidth)
+  model_flops = model_cfg.flops_per_token(seq_len) * batch * seq_len
+  hbm = slice_.generation.hbm_gib * 2**30
+  peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
+      - memory.alias_size_in_bytes
+  return {
+      "slice": slice_.describe(), "mesh": dict(trainer.mesh.shape), "parameters": model_cfg.num_params(),
+      "global_batch": batch, "seq_len": seq_len,
+      "bytes_per_chip": {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
+                         "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes,
+                         "peak": peak, "hbm": hbm},
+      "fits": peak <= hbm, "xla_flops_per_chip": flops, "xla_bytes_per_chip": accessed,
+      "roofline_step_s": step_s, "bound": "compute" if flops / peak_flops >= accessed / bandwidth else "memory",
+      "roofline_mfu": model_flops / (slice_.chips * peak_flops * step_s) if step_s else None,
+  }
+
+
+def format_report(r: dict) -> str:
+  gib = 2**30
+  b = r["bytes_per_chip"]
+  mfu = f"{r['roofline_mfu']:.1%}" if r["roofline_mfu"] is not None else "n/a"
+  return "\n".join([
+      r["slice"], f"mesh {r['mesh']}; {r['parameters']:,} parameters; batch {r['global_batch']} x {r['seq_len']}",
+      f"per chip: arguments {b['arguments'] / gib:.2f} GiB, outputs {b['outputs'] / gib:.2f} GiB, temporaries "
+      f"{b['temporaries'] / gib:.2f} GiB, peak {b['peak'] / gib:.2f} of {b['hbm'] / gib:.0f} GiB HBM: "
+      + ("fits" if r["fits"] else "DOES NOT FIT"),
+      f"XLA per chip: {r['xla_flops_per_chip'] / 1e12:.2f} TFLOP, {r['xla_bytes_per_chip'] / 1e9:.2f} GB accessed; "
+      f"roofline step {r['roofline_step_s'] * 1e3:.1f} ms ({r['bound']}-bound), MFU at that step {mfu}",
+  ])
+
+
+def main(overrides) -> None:
+  f = flags.FLAGS
+
+  try:
+    host_command.required(config=f.config, tpu=f.tpu)
+    slice_ = tpu_types.parse(f.tpu, f.topology)
+    config, _ = host_command.load_config(f.config, overrides)
+    host_command.check_mesh(config, slice_)
+    report = compile_train_step(config, slice_)
+  except ConfigError as e:
+    host_command.fail(e, PROG)
+  print(format_report(report))
+  if f.json_out:
+    with open(f.json_out, "w") as out:
+      json.dump(report, out, indent=2)
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("config", None, "Experiment config: experiments/<x>.py[:k=v,...], --config.a.b=v overrides.")
+  flags.DEFINE_string("tpu", None, "Cloud TPU type (v5p-256, v5litepod-16, ...) or a generation with --topology.")
+  flags.DEFINE_string("topology", "", "Slice topology such as 4x4x8; default: the standard one of --tpu.")
+  flags.DEFINE_string("json_out", "", "Also write the report as JSON here.")
+  app.run(main, flags_parser=host_command.flags_parser(PROG))

@@ -1,0 +1,30 @@
+"""`python -m lwjax.launch.compile`: main.py's train step compiled for a multi-chip TPU topology on CPU."""
+
+import importlib
+
+import pytest
+
+from lwjax.config import ConfigError
+from lwjax.launch import aot, compile as compile_lib, tpu_types
+
+AVAILABLE, WHY = aot.libtpu_available()
+
+
+@pytest.mark.skipif(not AVAILABLE, reason=f"libtpu unavailable: {WHY}")
+def test_train_step_compiles_for_a_4_chip_slice_and_reports_memory_and_roofline():
+  config = importlib.import_module("experiments.lm_pretrain").get_config("scale=smoke")
+  config.mesh.shape.update(data=2, fsdp=2, tensor=1)
+  report = compile_lib.compile_train_step(config, tpu_types.parse("v5e", "2x2"))
+  b = report["bytes_per_chip"]
+  assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and report["fits"]
+  # fp32 params + two Adam moments, fsdp-sharded over 2 of the 4 chips: at least 1.5x the params' bytes per chip.
+  assert b["arguments"] >= 1.5 * report["parameters"] * 4 and b["peak"] < b["hbm"]
+  assert report["xla_flops_per_chip"] > 0 and report["roofline_step_s"] > 0 and 0 < report["roofline_mfu"] < 1
+  text = compile_lib.format_report(report)
+  assert "v5litepod-4" in text and "fits" in text
+
+
+def test_unsupported_job_is_refused():
+  config = importlib.import_module("experiments.mamba_distill").get_config("scale=smoke")
+  with pytest.raises(ConfigError, match="^job: 'mamba_distill' has no compile report yet"):
+    compile_lib.compile_train_step(config, tpu_types.parse("v5e", "2x2"))
