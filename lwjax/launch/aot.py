@@ -8,13 +8,17 @@ host checks that a kernel lowers, or that a train step fits a pod slice, before 
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
 from jax.experimental import topologies
 
-# Chips per host for each TPU generation, as on Cloud TPU VMs (v5e single-chip hosts exist too).
-_CHIPS_PER_HOST = {"v4": (2, 2, 1), "v5p": (2, 2, 1), "v5e": (2, 2, 1), "v6e": (2, 2, 1)}
+from lwjax.config import ConfigError
+from lwjax.launch import tpu_types
+
+# Chip bounds of one host of a multi-host slice (every generation; see lwjax.launch.tpu_types).
+_CHIPS_PER_HOST = (2, 2, 1)
 
 
 def libtpu_available() -> tuple[bool, str]:
@@ -32,7 +36,11 @@ def tpu_devices(topology: str) -> tuple:
   generation, _, shape = topology.partition(":")
   dims = [int(d) for d in shape.split("x")]
   dims += [1] * (3 - len(dims))
-  per_host = [min(d, h) for d, h in zip(dims, _CHIPS_PER_HOST.get(generation, (2, 2, 1)), strict=True)]
+  try:  # a single-host slice (v5e/v6e up to 2x4) is one host of all its chips; multi-host slices have 2x2x1
+    single_host = tpu_types.parse(generation, shape).hosts == 1
+  except ConfigError:
+    single_host = math.prod(dims) <= 4
+  per_host = dims if single_host else [min(d, h) for d, h in zip(dims, _CHIPS_PER_HOST, strict=True)]
   # Without these libtpu would query GCE metadata for the (absent) TPU VM.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
