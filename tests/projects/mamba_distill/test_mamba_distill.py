@@ -35,6 +35,16 @@ def test_progressive_stage_keeps_trained_layers_and_initialises_new_ones_from_th
   assert not np.array_equal(random["layers"][1]["mixer"]["w_c"], teacher.layers[1].attn.wq[...])
 
 
+def test_a_missing_teacher_is_a_one_line_error():
+  import importlib
+
+  from lwjax import jobs
+  from lwjax.config import ConfigError
+  config = importlib.import_module("experiments.mamba_distill").get_config("scale=smoke,teacher=/no/such/run")
+  with pytest.raises(ConfigError, match="^teacher.workdir: '/no/such/run' holds no checkpoints"):
+    jobs.get(config)
+
+
 @pytest.mark.slow
 def test_smoke_distillation_end_to_end_and_resume(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
