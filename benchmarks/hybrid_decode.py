@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -26,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from lwjax.models import gpt, mamba_hybrid as mh
+from lwjax.projects.mamba_distill import job as mamba_distill
 from lwjax.serving import speculative
 from lwjax.training import checkpoint
 
@@ -62,13 +62,6 @@ def _load_gpt(workdir):
                                lambda saved: gpt.GPT(gpt.GPTConfig.from_dict(saved["model"]), rngs=nnx.Rngs(0)))[0]
 
 
-def _load_hybrid(stage_dir):
-  with open(os.path.join(stage_dir, "hybrid.json")) as f:
-    cfg = mh.HybridConfig.from_dict(json.load(f))
-  return checkpoint.load_model(os.path.join(stage_dir, "checkpoints"),
-                               lambda saved: mh.HybridGPT(cfg, rngs=nnx.Rngs(0)))[0]
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--teacher", default="", help="lm_pretrain workdir (default: random weights, cpu shape)")
@@ -86,7 +79,7 @@ def main() -> None:
   half = nnx.jit(lambda t: mh.HybridGPT.from_teacher(
       t, mh.HybridConfig(gpt=cfg, mamba_layers=mh.every_other_layer(cfg.n_layers, 0.5)), rngs=nnx.Rngs(1)))(teacher)
   if args.hybrid:
-    half = _load_hybrid(args.hybrid)
+    half = mamba_distill.load_hybrid(args.hybrid)
   pure = nnx.jit(lambda t: mh.HybridGPT.from_teacher(
       t, mh.HybridConfig(gpt=cfg, mamba_layers=tuple(range(cfg.n_layers))), rngs=nnx.Rngs(2)))(teacher)
   print(f"device: {jax.devices()[0].device_kind}; {args.rows} rows; ms per decode step (ratio to the teacher)")

@@ -353,19 +353,7 @@ class HybridGPT(nnx.Module):
 
     `num_new [b]` advances row b by its first num_new[b] tokens (right padding after them writes KV past the
     new length, hidden by causal masking, and leaves the Mamba states untouched)."""
-    batch, t = tokens_bt.shape
-    start = cache.lengths
-    positions = start[:, None] + jnp.arange(t)[None, :]
-    inv_freq = gpt.rope_frequencies(self.gpt_cfg)
-    x = self._embed(tokens_bt)
-    kv, ssm = list(cache.kv), list(cache.ssm)
-    for i, block in enumerate(self.layers):
-      if isinstance(block, MambaBlock):
-        x, ssm[i] = block(x, ssm[i], num_new)
-      else:
-        x, kv[i] = block(x, positions, inv_freq, cache_kv=kv[i], q_offset=start)
-    advance = jnp.full((batch,), t, jnp.int32) if num_new is None else jnp.asarray(num_new, jnp.int32)
-    return self._logits(x), HybridCache(tuple(kv), tuple(ssm), start + advance)
+    return self._advance(tokens_bt, cache, num_new, recurrent=False)
 
   def decode_step(self, tokens_b, cache: HybridCache):
     """One token per sequence through the recurrent path: -> (logits [b, vocab], cache)."""
@@ -379,16 +367,21 @@ class HybridGPT(nnx.Module):
     The Mamba layers advance their state from the checkpointed one and keep the state after the accepted
     tokens only; the attention layers write all k keys/values, and those past the accepted ones are hidden by
     the shorter length and overwritten by the next tokens."""
-    batch, k = tokens_bk.shape
+    return self._advance(tokens_bk, cache, accepted, recurrent=True)
+
+  def _advance(self, tokens_bt, cache: HybridCache, keep, *, recurrent: bool):
+    """Runs t tokens from the cache's lengths; the Mamba layers by the scan or (`recurrent`) the multi-step
+    update; every state advances by `keep [b]` tokens (all t when None)."""
+    batch, t = tokens_bt.shape
     start = cache.lengths
-    positions = start[:, None] + jnp.arange(k)[None, :]
+    positions = start[:, None] + jnp.arange(t)[None, :]
     inv_freq = gpt.rope_frequencies(self.gpt_cfg)
-    x = self._embed(tokens_bk)
+    x = self._embed(tokens_bt)
     kv, ssm = list(cache.kv), list(cache.ssm)
     for i, block in enumerate(self.layers):
       if isinstance(block, MambaBlock):
-        x, ssm[i] = block.step(x, ssm[i], accepted)
+        x, ssm[i] = block.step(x, ssm[i], keep) if recurrent else block(x, ssm[i], keep)
       else:
         x, kv[i] = block(x, positions, inv_freq, cache_kv=kv[i], q_offset=start)
-    advance = jnp.full((batch,), k, jnp.int32) if accepted is None else jnp.asarray(accepted, jnp.int32)
+    advance = jnp.full((batch,), t, jnp.int32) if keep is None else jnp.asarray(keep, jnp.int32)
     return self._logits(x), HybridCache(tuple(kv), tuple(ssm), start + advance)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import random
 
-import grain
 import numpy as np
 
+from lwjax.data import rows as rows_lib
 from lwjax.projects.genrm import rationale
 
 KINDS = ("disc", "direct", "cot", "unified")
@@ -33,18 +33,10 @@ def balanced(problems: list[dict], per_class: int, seed: int) -> list[tuple[dict
 
 
 def _row(prompt_ids: list[int], target_ids: list[int], seq_len: int, weight: float = 1.0) -> dict | None:
-  """An LM row: the loss on `target_ids` (predicted after the prompt); None when it exceeds seq_len."""
-  tokens = prompt_ids + target_ids
-  if len(tokens) > seq_len + 1:
+  """`rows.lm_row` plus the discriminative head's fields, so that every row of a batch has every field."""
+  row = rows_lib.lm_row(prompt_ids, target_ids, seq_len, weight)
+  if row is None:
     return None
-  n = len(tokens) - 1
-  row = {"inputs": np.zeros(seq_len, np.int32), "targets": np.zeros(seq_len, np.int32),
-         "loss_mask": np.zeros(seq_len, np.float32)}
-  row["inputs"][:n], row["targets"][:n] = tokens[:-1], tokens[1:]
-  row["loss_mask"][len(prompt_ids) - 1:n] = weight
-  row["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
-  row["positions"] = np.where(row["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
-  # The discriminative head's fields, unused (weight 0) by LM rows: every row of a batch has every field.
   row.update(last=np.int32(0), label=np.float32(0), weight=np.float32(0))
   return row
 
@@ -90,9 +82,3 @@ def training_rows(kind: str, task: str, problems: list[dict], tokenizer, *, seq_
     raise ValueError(f"no {kind} training rows fit seq_len={seq_len} (valid: a larger data.seq_len)")
   random.Random(seed).shuffle(rows)
   return rows
-
-
-def make_dataset(rows: list[dict], *, batch_size: int, seed: int) -> grain.IterDataset:
-  """Shuffled, repeated batches of `rows`; a checkpointable Grain dataset."""
-  return grain.MapDataset.source(rows).shuffle(seed=seed).repeat().to_iter_dataset().batch(batch_size,
-                                                                                            drop_remainder=True)

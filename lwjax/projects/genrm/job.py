@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from lwjax import candidates as candidates_lib, plots, reasoning_tasks
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.data import rows as rows_lib
 from lwjax.launch import distributed
 from lwjax.models.gpt import GPT
 from lwjax.projects.genrm import bestofn, data as data_lib, rationale, verifiers
@@ -127,7 +128,7 @@ def train_verifier(config, workdir: str, task, base_model: GPT, problems: list[d
     init, loss_fn = nnx.to_pure_dict(nnx.state(base_model)), losses.lm_loss
   trainer = trainer_lib.Trainer(config, workdir, model_fn=model_fn, loss_fn=loss_fn,
                                 flops_per_token=cfg.flops_per_token(config.data.seq_len), seq_len=config.data.seq_len)
-  train_iter = iter(data_lib.make_dataset(rows, batch_size=config.train.global_batch_size, seed=config.seed))
+  train_iter = iter(rows_lib.shuffled_batches(rows, batch_size=config.train.global_batch_size, seed=config.seed))
   result = trainer.fit(train_iter, seed=config.seed, init_params=init)
   if result["step"] < config.train.steps:
     return None, result

@@ -21,7 +21,7 @@ from flax import nnx
 
 from lwjax import candidates as candidates_lib
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
-from lwjax.data import algorithmic
+from lwjax.data import algorithmic, rows as rows_lib
 from lwjax.launch import distributed
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.projects.genrm import data as data_lib
@@ -79,7 +79,7 @@ def run(config, workdir: str) -> dict:
                len(records), num_long, len(rows), seq_len)
   trainer = trainer_lib.Trainer(config, workdir, model_fn=lambda rngs: GPT(cfg, rngs=rngs), loss_fn=losses.lm_loss,
                                 flops_per_token=cfg.flops_per_token(seq_len), seq_len=seq_len)
-  train_iter = iter(data_lib.make_dataset(rows, batch_size=config.train.global_batch_size, seed=config.seed))
+  train_iter = iter(rows_lib.shuffled_batches(rows, batch_size=config.train.global_batch_size, seed=config.seed))
   result = trainer.fit(train_iter, seed=config.seed)
   if result["step"] < config.train.steps:
     logging.warning("stopped at step %d of %d: no evaluation; run again to resume", result["step"], config.train.steps)

@@ -23,14 +23,13 @@ import json
 import logging
 import os
 
-import grain
 import jax
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 from lwjax.config import ConfigError, DefaultedGroup, Field, positive_int, validate as validate_schema
-from lwjax.data import tokenizer as tokenizer_lib
+from lwjax.data import rows as rows_lib, tokenizer as tokenizer_lib
 from lwjax.launch import distributed
 from lwjax.models import hf_llama
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, DTYPES, GPT, GPTConfig
@@ -140,8 +139,7 @@ def _train(config, workdir: str, task: RagTask) -> GPT | None:
                int(task.popular.sum()), int(task.known.sum()) * task.cfg.attributes)
   trainer = trainer_lib.Trainer(config, workdir, model_fn=lambda rngs: GPT(cfg, rngs=rngs), loss_fn=losses.lm_loss,
                                 flops_per_token=cfg.flops_per_token(seq_len), seq_len=seq_len)
-  dataset = grain.MapDataset.source(rows).shuffle(seed=config.seed).repeat().to_iter_dataset().batch(
-      config.train.global_batch_size, drop_remainder=True)
+  dataset = rows_lib.shuffled_batches(rows, batch_size=config.train.global_batch_size, seed=config.seed)
   result = trainer.fit(iter(dataset), seed=config.seed)
   if result["step"] < config.train.steps:
     logging.warning("stopped at step %d of %d: no evaluation; run again to resume", result["step"], config.train.steps)

@@ -45,6 +45,7 @@ import dataclasses
 import numpy as np
 
 from lwjax.config import option, schema_of
+from lwjax.data import rows as rows_lib
 from lwjax.data.tokenizer import WordListTokenizer
 
 KINDS = ("supported", "fresh", "conflict", "absent", "unknown")
@@ -250,17 +251,7 @@ class RagTask:
       return None
     tok = self.tokenizer
     prompt = [tok.bos_id] + tok.encode(self.prompt_text(p))
-    tokens = prompt + tok.encode(target) + [tok.eos_id]
-    if len(tokens) > seq_len + 1:
-      return None
-    n = len(tokens) - 1
-    row = {"inputs": np.zeros(seq_len, np.int32), "targets": np.zeros(seq_len, np.int32),
-           "loss_mask": np.zeros(seq_len, np.float32)}
-    row["inputs"][:n], row["targets"][:n] = tokens[:-1], tokens[1:]
-    row["loss_mask"][len(prompt) - 1:n] = 1.0
-    row["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
-    row["positions"] = np.where(row["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
-    return row
+    return rows_lib.lm_row(prompt, tok.encode(target) + [tok.eos_id], seq_len)
 
   def max_prompt_tokens(self) -> int:
     """Tokens of the longest symbolic prompt, bos included."""

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +28,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
-from lwjax.data import pipeline, tokenizer as tokenizer_lib
+from lwjax.data import pipeline, rows as rows_lib, tokenizer as tokenizer_lib
 from lwjax.models import mamba_hybrid as mh
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.serving import batch_sampler
@@ -102,47 +101,30 @@ def load_teacher(workdir: str):
   return teacher, run, tok, tuple(pipeline.TextLineSource(p) for p in paths)
 
 
-def document_rows(docs, tok, seq_len: int, limit: int) -> dict:
-  """One document per row: [bos] + tokens, cut or padded to seq_len + 1 -> inputs/targets/loss_mask [n, seq_len]."""
-  n = min(limit, len(docs))
-  ids = np.full((n, seq_len + 1), tok.pad_id, np.int32)
-  mask = np.zeros((n, seq_len), np.float32)
-  for i in range(n):
-    row = ([tok.bos_id] + tok.encode(docs[i]) + [tok.eos_id])[:seq_len + 1]
-    ids[i, :len(row)] = row
-    mask[i, :len(row) - 1] = 1.0
-  return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask}
+def document_rows(docs, tok, seq_len: int, limit: int) -> list[dict]:
+  """One document per row ([bos] + tokens + [eos], cut to seq_len + 1 tokens), the loss on every token."""
+  return [rows_lib.lm_row([tok.bos_id], (tok.encode(docs[i]) + [tok.eos_id])[:seq_len], seq_len)
+          for i in range(min(limit, len(docs)))]
 
 
 def pseudo_label_rows(teacher, tok, prompts: np.ndarray, *, seq_len: int, temperature: float, seed: int,
-                      batch: int = 128) -> dict:
-  """The teacher's continuations of `prompts [n, prompt_len]` (bos first) as rows: loss on the continuation."""
+                      batch: int = 128) -> list[dict]:
+  """The teacher's continuations of `prompts [n, prompt_len]` (bos first) as rows, the loss on the continuation."""
   n, prompt_len = prompts.shape
-  new = seq_len + 1 - prompt_len
   graphdef, params = nnx.split(teacher)
-  sample_n = batch_sampler.make_sampler(graphdef, prompt_len=prompt_len, max_new_tokens=new, n=1,
-                                        eos_id=tok.eos_id)
-  ids = np.full((n, seq_len + 1), tok.pad_id, np.int32)
-  mask = np.zeros((n, seq_len), np.float32)
+  sample_n = batch_sampler.make_sampler(graphdef, prompt_len=prompt_len, max_new_tokens=seq_len + 1 - prompt_len,
+                                        n=1, eos_id=tok.eos_id)
+  rows = []
   for start in tqdm(range(0, n, batch), desc="teacher pseudo-labels", unit="batch"):
     chunk = prompts[start:start + batch]
     padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])
     seeds = ((seed * 2**20 + start + np.arange(batch))[:, None] % 2**32).astype(np.uint32)
     out = np.asarray(sample_n(params, padded, np.full(batch, prompt_len, np.int32), seeds,
                               np.float32(max(temperature, 1e-6)), np.float32(1.0)))[:len(chunk), 0]
-    for i, cont in enumerate(out):
+    for prompt, cont in zip(chunk, out, strict=True):
       ends = np.flatnonzero(cont == tok.eos_id)
-      keep = cont[:ends[0] + 1] if len(ends) else cont
-      row = np.concatenate([chunk[i], keep])
-      ids[start + i, :len(row)] = row
-      mask[start + i, prompt_len - 1:len(row) - 1] = 1.0  # predict every continuation token
-  return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask}
-
-
-def rows_dataset(rows: dict, *, batch_size: int, seed: int) -> grain.IterDataset:
-  items = [{k: v[i] for k, v in rows.items()} for i in range(len(rows["inputs"]))]
-  return grain.MapDataset.source(items).shuffle(seed=seed).repeat().to_iter_dataset().batch(
-      batch_size, drop_remainder=True)
+      rows.append(rows_lib.lm_row(prompt.tolist(), (cont[:ends[0] + 1] if len(ends) else cont).tolist(), seq_len))
+  return rows
 
 
 def _token_terms(logits, batch, teacher_logits=None):
@@ -175,17 +157,21 @@ def ce_loss(model, batch):
   return jnp.sum(ce * mask), jnp.sum(mask), {"accuracy": jnp.sum(correct * mask)}
 
 
+@nnx.jit
+def _eval_sums(model, teacher, batch):
+  ce, correct, kl, agree = _token_terms(model(batch["inputs"]), batch, teacher(batch["inputs"]))
+  m = batch["loss_mask"]
+  return jnp.stack([jnp.sum(ce * m), jnp.sum(correct * m), jnp.sum(agree * m), jnp.sum(kl * m), jnp.sum(m)])
+
+
 def evaluate(model, teacher, rows: dict, batch_size: int) -> dict:
-  """Held-out next-token loss (nats), accuracy, and agreement with the teacher's argmax (all over real tokens)."""
-  @nnx.jit
-  def sums(model, teacher, batch):
-    ce, correct, kl, agree = _token_terms(model(batch["inputs"]), batch, teacher(batch["inputs"]))
-    m = batch["loss_mask"]
-    return jnp.stack([jnp.sum(ce * m), jnp.sum(correct * m), jnp.sum(agree * m), jnp.sum(kl * m), jnp.sum(m)])
+  """Held-out next-token loss (nats), accuracy, and agreement with the teacher's argmax (all over real tokens);
+  `rows` stacked ([n, seq_len] arrays)."""
   total = np.zeros(5)
   n = len(rows["inputs"]) // batch_size * batch_size
   for start in range(0, n, batch_size):
-    total += np.asarray(sums(model, teacher, {k: v[start:start + batch_size] for k, v in rows.items()}))
+    total += np.asarray(_eval_sums(model, teacher, {k: rows[k][start:start + batch_size]
+                                                    for k in ("inputs", "targets", "loss_mask")}))
   w = max(total[4], 1.0)
   return {"loss": total[0] / w, "accuracy": total[1] / w, "teacher_agreement": total[2] / w,
           "kl_to_teacher": total[3] / w, "tokens": int(total[4])}
@@ -242,23 +228,23 @@ def run(config, workdir: str) -> dict:
   seq_len, d = config.data.seq_len, config.distill
   if seq_len > gpt_cfg.max_seq_len:
     raise ConfigError("data.seq_len", f"{seq_len} exceeds the teacher's max_seq_len", f"<= {gpt_cfg.max_seq_len}")
-  eval_rows = document_rows(eval_docs, tok, seq_len, config.data.num_eval_docs)
+  eval_rows = rows_lib.stack(document_rows(eval_docs, tok, seq_len, config.data.num_eval_docs))
   train_rows = document_rows(train_docs, tok, seq_len, config.data.num_train_docs)
 
   labels_path = os.path.join(workdir, "pseudo_labels.npz")
   if os.path.exists(labels_path):
-    pseudo = dict(np.load(labels_path))
+    stacked = dict(np.load(labels_path))
+    pseudo = [{k: v[i] for k, v in stacked.items()} for i in range(len(stacked["inputs"]))]
   else:
     rng = np.random.default_rng(config.seed)
-    pick = rng.choice(len(train_rows["inputs"]), size=d.num_sequences, replace=d.num_sequences > len(
-        train_rows["inputs"]))
-    prompts = train_rows["inputs"][pick, :d.prompt_len]
+    pick = rng.choice(len(train_rows), size=d.num_sequences, replace=d.num_sequences > len(train_rows))
+    prompts = np.stack([train_rows[i]["inputs"][:d.prompt_len] for i in pick])
     pseudo = pseudo_label_rows(teacher, tok, prompts, seq_len=seq_len, temperature=d.temperature, seed=config.seed)
     os.makedirs(workdir, exist_ok=True)
-    np.savez(labels_path + ".tmp.npz", **pseudo)
+    np.savez(labels_path + ".tmp.npz", **rows_lib.stack(pseudo))
     os.replace(labels_path + ".tmp.npz", labels_path)
-  logging.info("stage-1 data: %d teacher sequences, %.0f label tokens", len(pseudo["inputs"]),
-               pseudo["loss_mask"].sum())
+  logging.info("stage-1 data: %d teacher sequences, %.0f label tokens", len(pseudo),
+               sum(r["loss_mask"].sum() for r in pseudo))
 
   results = {"teacher": evaluate(teacher, teacher, eval_rows, config.eval.batch_size)}
   logging.info("teacher: %s", results["teacher"])
@@ -274,7 +260,7 @@ def run(config, workdir: str) -> dict:
                                   frozen=(lambda path: "mlp" in path) if d.freeze_mlp else None, reference=teacher)
     logging.info("%s: Mamba layers %s, attention layers %s", name, cfg.mamba_layers, cfg.attention_layers)
     _write_hybrid_config(os.path.join(workdir, name), cfg)
-    trainer.fit(iter(rows_dataset(pseudo, batch_size=batch, seed=config.seed + index)), init_params=start,
+    trainer.fit(iter(rows_lib.shuffled_batches(pseudo, batch_size=batch, seed=config.seed + index)), init_params=start,
                 seed=config.seed)
     params = jax.device_get(trainer.restore_params())
     results[name] = {"mamba_layers": list(cfg.mamba_layers),
@@ -285,8 +271,8 @@ def run(config, workdir: str) -> dict:
     trainer = trainer_lib.Trainer(_stage_config(config, config.sft.steps), os.path.join(workdir, "sft"),
                                   model_fn=lambda rngs: mh.HybridGPT(cfg, rngs=rngs), loss_fn=ce_loss,
                                   seq_len=seq_len)
-    trainer.fit(iter(rows_dataset(train_rows, batch_size=batch, seed=config.seed + 100)), init_params=params,
-                seed=config.seed)
+    sft_rows = rows_lib.shuffled_batches(train_rows, batch_size=batch, seed=config.seed + 100)
+    trainer.fit(iter(sft_rows), init_params=params, seed=config.seed)
     _write_hybrid_config(os.path.join(workdir, "sft"), cfg)
     params = jax.device_get(trainer.restore_params())
     results["sft"] = {"mamba_layers": list(cfg.mamba_layers),
