@@ -14,7 +14,9 @@ For each workload (length statistics of Splitwise, LMSYS-Chat and ShareGPT from 
       transformers are importable.
 It prints processed tokens/s (prompt + output, the unit of NanoFlow's optimum), output tokens/s, % of
 optimal (peak FLOP/s measured by a matmul in this run / (2 x parameters)), p50/p99 request latency,
-the ratio of each system to static batching, and a multi-round chat workload with and without KV offload.
+the ratio of each system to static batching, the engine's host time per iteration, and a multi-round chat
+workload with and without KV offload. Every system runs twice and only the second pass is timed; the
+benchmark counts XLA compilations in the timed passes and fails if there is any (a shape not bucketed).
 """
 
 import dataclasses
@@ -45,7 +47,9 @@ _SEQS = flags.DEFINE_integer("max_num_seqs", 16, "Batch rows (static batch size,
 _PAGES = flags.DEFINE_integer("num_pages", 1024, "KV pages.")
 _PAGE = flags.DEFINE_integer("page_size", 16, "Tokens per page.")
 _CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Prefill chunk.")
-_NANO = flags.DEFINE_integer("nano_batches", 2, "Nano-batches of the full engine.")
+_BATCH_TOKENS = flags.DEFINE_integer("max_batch_tokens", 256, "Engine token budget per iteration (decodes + chunks).")
+_NANO = flags.DEFINE_integer("nano_batches", 0, "Nano-batches of the full engine; 0: 2 on GPU/TPU, 1 on CPU "
+                             "(XLA:CPU runs a step's ops in turn, so splitting the batch only adds work).")
 _WORKLOADS = flags.DEFINE_list("workloads", list(WORKLOADS), "Workloads to run.")
 
 
@@ -80,31 +84,34 @@ def measured_peak_flops() -> float:
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _prefill(graphdef, state, tokens, cache):
-  return nnx.merge(graphdef, state).prefill(tokens, cache)
+def _prefill(graphdef, state, tokens, cache, pad):
+  logits, cache = nnx.merge(graphdef, state).prefill(tokens, cache, kv_start=pad)
+  return jnp.argmax(logits[:, -1], -1), cache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _decode(graphdef, state, token, cache):
-  return nnx.merge(graphdef, state).decode_step(token, cache)
+def _decode(graphdef, state, token, cache, pad):
+  logits, cache = nnx.merge(graphdef, state).decode_step(token, cache, kv_start=pad)
+  return jnp.argmax(logits, -1), cache
 
 
 def static_batching(model: GPT, prompts, outputs, batch: int) -> tuple[float, list[float]]:
-  """Pads each batch to its longest prompt, decodes to its longest output; returns (seconds, latencies)."""
+  """Pads each batch to its longest prompt (left, masked), decodes to its longest output; returns (seconds,
+  latencies). Cache as long as the batch needs; greedy tokens picked inside the jitted steps."""
   graphdef, state = nnx.split(model)
   start, latencies = time.perf_counter(), []
   for i in range(0, len(prompts), batch):
     group, outs = prompts[i:i + batch], outputs[i:i + batch]
     width, steps = max(map(len, group)), max(outs)
     tokens = np.zeros((batch, width), np.int32)
+    pad = np.full(batch, width, np.int32)  # rows past the group: all padding
     for row, p in enumerate(group):
-      tokens[row, width - len(p):] = p  # left-padded; the padding is attended to, as in naive serving
+      tokens[row, width - len(p):] = p  # left-padded; keys before `pad` are masked
+      pad[row] = width - len(p)
     cache = model.init_cache(batch, width + steps)
-    logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), cache)
-    token = jnp.argmax(logits[:, -1], -1)
+    token, cache = _prefill(graphdef, state, jnp.asarray(tokens), cache, pad)
     for _ in range(steps - 1):
-      logits, cache = _decode(graphdef, state, token, cache)
-      token = jnp.argmax(logits, -1)
+      token, cache = _decode(graphdef, state, token, cache, pad)
     token.block_until_ready()
     latencies += [time.perf_counter() - start] * len(group)
   return time.perf_counter() - start, latencies
@@ -112,7 +119,7 @@ def static_batching(model: GPT, prompts, outputs, batch: int) -> tuple[float, li
 
 def engine_run(model: GPT, prompts, outputs, **kwargs) -> tuple[float, list[float], Engine]:
   engine = Engine(model, num_pages=_PAGES.value, page_size=_PAGE.value, max_num_seqs=_SEQS.value,
-                  max_batch_tokens=max(_CHUNK.value, _SEQS.value), prefill_chunk=_CHUNK.value, **kwargs)
+                  max_batch_tokens=_BATCH_TOKENS.value, prefill_chunk=_CHUNK.value, **kwargs)
   done_at = {}
   start = time.perf_counter()
   requests = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True))
@@ -157,7 +164,7 @@ def multi_round(model: GPT, rounds: int = 4, conversations: int = 8, user: int =
     store = KVOffloadStore(host_bytes=1 << 30) if offload else None
     # A pool too small to keep every conversation cached between its rounds.
     engine = Engine(model, num_pages=max(8, conversations * 2), page_size=_PAGE.value, max_num_seqs=_SEQS.value,
-                    max_batch_tokens=max(_CHUNK.value, _SEQS.value), prefill_chunk=_CHUNK.value, offload=store)
+                    max_batch_tokens=_BATCH_TOKENS.value, prefill_chunk=_CHUNK.value, offload=store)
     rng = np.random.default_rng(0)
     history = [[] for _ in range(conversations)]
     start, total_prompt = time.perf_counter(), 0
@@ -185,33 +192,57 @@ def main(argv):
         f"{_DTYPE.value}); measured peak {peak / 1e12:.2f} TFLOP/s -> optimal {optimal:,.0f} tokens/s")
   print(f"{'workload':<16}{'system':<22}{'tok/s':>10}{'out tok/s':>11}{'% opt':>8}{'p50 s':>8}{'p99 s':>8}"
         f"{'vs static':>10}")
+  nano = _NANO.value or (1 if jax.default_backend() == "cpu" else 2)
   rng = np.random.default_rng(1)
+  compiles = _compile_counter()
+  steady_compiles = 0
   for name in _WORKLOADS.value:
     pairs = lengths(name, _REQUESTS.value, _SCALE.value, cfg.max_seq_len)
     prompts = [rng.integers(3, cfg.vocab_size, p).tolist() for p, _ in pairs]
     outputs = [o for _, o in pairs]
     processed = sum(p + o for p, o in pairs)
-    systems = {}
-    for warm in (True, False):  # the first pass compiles every shape
+    systems, host = {}, {}
+    for warm in (True, False):  # the first pass compiles every shape; the second must compile nothing
+      before = compiles[0]
       systems["static batching"] = static_batching(model, prompts, outputs, _SEQS.value)
-      systems["continuous batching"] = engine_run(model, prompts, outputs, async_scheduling=False)[:2]
-      systems[f"engine (async, nano={_NANO.value})"] = engine_run(model, prompts, outputs,
-                                                                   nano_batches=_NANO.value)[:2]
+      for system, kwargs in (("continuous batching", {"async_scheduling": False}),
+                             (f"engine (async, nano={nano})", {"nano_batches": nano})):
+        seconds, latencies, engine = engine_run(model, prompts, outputs, **kwargs)
+        systems[system] = seconds, latencies
+        host[system] = engine.host_seconds / engine.num_iterations, engine.num_iterations
       if warm:
         continue
+      steady_compiles += compiles[0] - before
       hf = hf_generate(cfg, prompts, outputs, _SEQS.value)
       if hf is not None:
         systems["HF generate"] = hf
     base = processed / systems["static batching"][0]
     for system, (seconds, latencies) in systems.items():
       rate = processed / seconds
+      extra = f"  host {host[system][0] * 1e3:.1f} ms/iter x {host[system][1]}" if system in host else ""
       print(f"{name:<16}{system:<22}{rate:>10,.0f}{sum(outputs) / seconds:>11,.0f}{rate / optimal:>8.1%}"
-            f"{np.percentile(latencies, 50):>8.2f}{np.percentile(latencies, 99):>8.2f}{rate / base:>9.2f}x")
+            f"{np.percentile(latencies, 50):>8.2f}{np.percentile(latencies, 99):>8.2f}{rate / base:>9.2f}x"
+            f"{extra}", flush=True)
+  print(f"XLA compilations in the timed (second) passes: {steady_compiles}")
   rounds = multi_round(model)
   for offload, (seconds, hits, total) in rounds.items():
     print(f"multi-round chat, offload {'on ' if offload else 'off'}: {seconds:.2f} s, "
           f"{hits:,} of {total:,} prompt tokens served from cache")
   print(f"ratio (multi-round time, offload on / off): {rounds[True][0] / rounds[False][0]:.2f}x")
+  if steady_compiles:
+    raise SystemExit(f"{steady_compiles} XLA compilations after warm-up: a shape is not bucketed")
+
+
+def _compile_counter() -> list[int]:
+  """[n]: XLA backend compilations since the call (jax.monitoring events), updated as they happen."""
+  count = [0]
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      count[0] += 1
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  return count
 
 
 if __name__ == "__main__":

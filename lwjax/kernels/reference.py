@@ -109,12 +109,13 @@ def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None)
   kv_heads, _, page_size, dim = k_pages.shape
   batch, max_pages = page_table.shape
 
-  def gather(pages):  # -> [batch, max_pages * page_size, kv_heads, dim]
+  def gather(pages):  # -> [batch, kv_heads, max_pages * page_size, dim], a KV cache's layout
     kv_hbpsd = pages[:, page_table]
-    return kv_hbpsd.reshape(kv_heads, batch, max_pages * page_size, dim).transpose(1, 2, 0, 3)
+    return kv_hbpsd.reshape(kv_heads, batch, max_pages * page_size, dim).swapaxes(0, 1)
 
   q_offset = jnp.asarray(lengths, jnp.int32) - q.shape[1]
-  return attention(q, gather(k_pages), gather(v_pages), causal=True, q_offset=q_offset, sm_scale=sm_scale)
+  return attention(q, gather(k_pages), gather(v_pages), causal=True, q_offset=q_offset, sm_scale=sm_scale,
+                   kv_layout="bhsd")
 
 
 # ---- Mamba selective state spaces (Mamba-1 selective scan, Mamba-2 SSD, decoding state update) ----

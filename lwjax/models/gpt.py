@@ -223,7 +223,7 @@ class Attention(nnx.Module):
     args, specs = [q, k, v, offset], [qkv_spec, qkv_spec, qkv_spec, P(batch)]
     if segment_ids is not None:
       args.append(segment_ids)
-      specs.append(P(batch, None))
+      specs.append((P(batch, None),) * 2 if isinstance(segment_ids, tuple) else P(batch, None))
 
     def per_shard(q, k, v, offset, segment_ids=None):
       return attend(q, k, v, segment_ids=segment_ids, q_offset=offset)
@@ -365,13 +365,16 @@ class GPT(nnx.Module):
     return KVCache(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
                    tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)), jnp.zeros((batch,), jnp.int32))
 
-  def prefill(self, tokens_bt, cache: KVCache, num_new=None):
+  def prefill(self, tokens_bt, cache: KVCache, num_new=None, kv_start=None):
     """Appends `tokens_bt` to the cache at each sequence's current length; returns (logits, cache).
 
     Calling it on successive chunks is chunked prefill. `num_new [b]` (default: all t) lets sequences of
     a ragged batch advance by fewer tokens; their right padding is written past the new length, where
-    causal masking hides it until later tokens overwrite it. The caller keeps `lengths + t <= max_len`
-    (a traced length cannot be checked here; past the end, writes would clamp onto the last slots).
+    causal masking hides it until later tokens overwrite it. `kv_start [b]` hides the cache positions
+    before it from every query (a left-padded batch: its padding is never attended to; RoPE scores depend
+    on relative positions only, so the real tokens see what they would see unpadded). The caller keeps
+    `lengths + t <= max_len` (a traced length cannot be checked here; past the end, writes would clamp
+    onto the last slots).
     """
     batch, t = tokens_bt.shape
     if t > cache.max_len:
@@ -380,21 +383,30 @@ class GPT(nnx.Module):
     positions = start[:, None] + jnp.arange(t)[None, :]
     inv_freq = rope_frequencies(self.cfg)
     x = self._embed(tokens_bt)
+    segment_ids = None
+    if kv_start is not None:  # query segment 1; keys before kv_start segment 0
+      kv_start = jnp.asarray(kv_start, jnp.int32)
+      segment_ids = (jnp.ones((batch, t), jnp.int32),
+                     (jnp.arange(cache.max_len)[None, :] >= kv_start[:, None]).astype(jnp.int32))
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
-      x, (k, v) = block(x, positions, inv_freq, cache_kv=(cache.k[i], cache.v[i]), q_offset=start)
+      x, (k, v) = block(x, positions, inv_freq, segment_ids=segment_ids, cache_kv=(cache.k[i], cache.v[i]),
+                        q_offset=start)
       new_k.append(k)
       new_v.append(v)
     advance = jnp.full((batch,), t, jnp.int32) if num_new is None else jnp.asarray(num_new, jnp.int32)
     return self._logits(x), KVCache(tuple(new_k), tuple(new_v), start + advance)
 
-  def paged_step(self, tokens_bt, k_pools, v_pools, slots, page_table, lengths, nano_batches: int = 1):
+  def paged_step(self, tokens_bt, k_pools, v_pools, slots, page_table, lengths, nano_batches: int = 1,
+                 last_only: bool = False):
     """One serving iteration over a paged cache: decodes and prefill chunks in one dense batch.
 
     Rows are left-padded to t tokens, so row b's real tokens end at column t - 1 at absolute position
     lengths[b] - 1; padding columns write nowhere (their slot page is out of range) and their outputs
-    are ignored. k_pools, v_pools: [layers, kv_heads, num_pages, page_size, hd]; slots: (page, offset)
-    [b, t]; page_table [b, pages]; lengths [b] after this step. Returns (logits [b, t, vocab], pools).
+    are ignored. k_pools, v_pools: tuples of per-layer pools [kv_heads, num_pages, page_size, hd] (each
+    written in place when the caller donates it); slots: (page, offset) [b, t]; page_table [b, pages]
+    (any width that covers every row's pages); lengths [b] after this step. Returns (logits [b, t, vocab],
+    or [b, 1, vocab] for the last column only when `last_only`, k_pools, v_pools).
 
     `nano_batches` > 1 splits the rows into that many nano-batches run layer by layer in turn (NanoFlow
     §3), so the scheduler may overlap one nano-batch's projections with another's attention; the
@@ -403,6 +415,9 @@ class GPT(nnx.Module):
     b, t = tokens_bt.shape
     if b % nano_batches:
       raise ValueError(f"batch of {b} rows does not split into {nano_batches} nano-batches")
+    if len(k_pools) != self.cfg.n_layers or len(v_pools) != self.cfg.n_layers:
+      raise ValueError(f"k_pools/v_pools: {len(k_pools)}/{len(v_pools)} per-layer pools for a model of "
+                       f"{self.cfg.n_layers} layers")
     positions = jnp.maximum(lengths[:, None] - t + jnp.arange(t)[None, :], 0)
     inv_freq = rope_frequencies(self.cfg)
     xs = jnp.split(self._embed(tokens_bt), nano_batches)
@@ -416,11 +431,12 @@ class GPT(nnx.Module):
         xs[n], pools = block.paged(xs[n], pos, inv_freq, pools, (pages, offsets), table, lens)
       new_k.append(pools[0])
       new_v.append(pools[1])
-    return self._logits(jnp.concatenate(xs)), jnp.stack(new_k), jnp.stack(new_v)
+    x = jnp.concatenate(xs)
+    return self._logits(x[:, -1:] if last_only else x), tuple(new_k), tuple(new_v)
 
-  def decode_step(self, tokens_b, cache: KVCache):
-    """One token per sequence: returns (logits [b, vocab], cache)."""
-    logits, cache = self.prefill(tokens_b[:, None], cache)
+  def decode_step(self, tokens_b, cache: KVCache, kv_start=None):
+    """One token per sequence: returns (logits [b, vocab], cache). `kv_start` as for `prefill`."""
+    logits, cache = self.prefill(tokens_b[:, None], cache, kv_start=kv_start)
     return logits[:, 0], cache
 
 

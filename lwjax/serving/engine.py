@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -40,7 +41,7 @@ def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, p
   tokens = jnp.where(tokens == PLACEHOLDER, previous_tokens[previous_index], tokens)
   model = nnx.merge(graphdef, params)
   logits, k_pools, v_pools = model.paged_step(tokens, k_pools, v_pools, (slot_pages, slot_offsets),
-                                              page_table, lengths, nano_batches)
+                                              page_table, lengths, nano_batches, last_only=True)
   return sample(logits[sample_rows, -1], *sampling_arrays), k_pools, v_pools
 
 
@@ -73,6 +74,9 @@ class Engine:
     self._ids = itertools.count()
     self.requests: dict[int, Request] = {}
     self.num_iterations = 0
+    # Wall time of `step` split into the host's own work and the wait for sampled tokens (device time not
+    # hidden behind host work): host_seconds / num_iterations is the per-iteration host cost.
+    self.host_seconds = self.wait_seconds = 0.0
     self.async_scheduling, self.nano_batches = async_scheduling, nano_batches
     self._in_flight = None
 
@@ -102,6 +106,7 @@ class Engine:
     batch on the device (placeholders), stop conditions are seen one iteration late, and the one extra
     token a finished request got meanwhile is discarded.
     """
+    start, wait_before = time.perf_counter(), self.wait_seconds
     finished = [r for r in self.requests.values() if r.cancelled and r.status != Status.FINISHED]
     for request in finished:
       self.scheduler.finish(request, "cancelled")
@@ -116,9 +121,11 @@ class Engine:
       if len(w.tokens) > 1 and w.request.status != Status.FINISHED:  # publish prefilled full blocks
         self.kv.commit_blocks(w.request.id, [t for t in w.request.tokens[:w.request.num_computed]
                                              if t != PLACEHOLDER])
+    self.kv.retire_offloads()  # file the KV offload copies that have landed; never waits
     self.num_iterations += 1
     for request in finished:
       self.requests.pop(request.id, None)
+    self.host_seconds += time.perf_counter() - start - (self.wait_seconds - wait_before)
     return finished
 
   def has_work(self) -> bool:
@@ -168,9 +175,12 @@ class Engine:
       source[row, width - n:] = previous_index.get(w.request.id, 0)
       slot_pages[row, width - n:] = [p for p, _ in w.slots]
       slot_offsets[row, width - n:] = [o for _, o in w.slots]
+    # The page table as wide as the longest row needs (a power of two): attention reads those pages only.
     table, lengths = self.kv.page_table([w.request.id for w in group], self.max_pages)
-    page_table = np.zeros((rows, self.max_pages), np.int32)
-    page_table[:len(group)] = table
+    used = max(-(-int(n) // self.kv.page_size) for n in lengths)
+    pages = _bucket(used, self.max_pages)
+    page_table = np.zeros((rows, pages), np.int32)
+    page_table[:len(group)] = table[:, :pages]
     all_lengths = np.zeros(rows, np.int32)
     all_lengths[:len(group)] = lengths
     sampling = [w for w in group if w.samples]
@@ -188,7 +198,9 @@ class Engine:
     """Reads sampled tokens, replaces placeholders, streams them, and retires finished requests."""
     finished = []
     for sampling, device_tokens in dispatched or ():
+      start = time.perf_counter()
       host_tokens = np.asarray(device_tokens).tolist()
+      self.wait_seconds += time.perf_counter() - start
       for w, token in zip(sampling, host_tokens, strict=False):
         request = w.request
         if request.status == Status.FINISHED:

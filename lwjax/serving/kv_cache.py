@@ -1,7 +1,9 @@
 """Paged KV cache (NanoFlow, arXiv 2408.12757, §4; the vLLM PagedAttention layout it builds on).
 
-The device holds one pool of fixed-size pages per layer, `k/v [layers, kv_heads, num_pages, page_size,
-head_dim]`; each sequence owns a list of page ids (its page table) and a length. The host side here
+The device holds one pool of fixed-size pages per layer, `k/v`: tuples of `[kv_heads, num_pages, page_size,
+head_dim]` arrays, one per layer (per-layer buffers, so a serving step writes each layer's new keys in place
+and reads them straight from that layer's buffer, where one stacked array was re-stacked, a copy of the
+whole pool, every iteration); each sequence owns a list of page ids (its page table) and a length. The host side here
 does the bookkeeping: allocation and reference-counted freeing, shared prefixes with copy-on-write
 (`fork`, and prompts whose full token blocks are already cached), a prefix cache keyed by a chained hash
 of full token blocks, and truncation of a sequence back to a given length (Writing in the Margins
@@ -110,14 +112,20 @@ class PageAllocator:
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _copy_pages(pools, src, dst):
-  """pools[..., dst, :, :] = pools[..., src, :, :] for each pool [layers, kv_heads, pages, size, dim]."""
-  return jax.tree.map(lambda p: p.at[:, :, dst].set(p[:, :, src]), pools)
+  """pool[:, dst] = pool[:, src] for each per-layer pool [kv_heads, pages, size, dim]."""
+  return jax.tree.map(lambda p: p.at[:, dst].set(p[:, src]), pools)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _write_pages(pools, dst, blocks):
-  """pools[..., dst, :, :] = blocks ([layers, kv_heads, n, page_size, dim] each): offload restores."""
-  return jax.tree.map(lambda p, b: p.at[:, :, dst].set(b.astype(p.dtype)), pools, blocks)
+  """pool[:, dst] = block for each per-layer pool and its blocks [kv_heads, n, page_size, dim]: offload restores."""
+  return jax.tree.map(lambda p, b: p.at[:, dst].set(b.astype(p.dtype)), pools, blocks)
+
+
+@jax.jit
+def _gather_pages(pools, index):
+  """[layers, kv_heads, n, page_size, dim]: the pages `index` of every per-layer pool."""
+  return jnp.stack([p[:, index] for p in pools])
 
 
 class PagedKVCache:
@@ -130,11 +138,14 @@ class PagedKVCache:
   def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, num_pages: int, page_size: int,
                dtype=jnp.bfloat16, offload=None):
     self.offload = offload
-    shape = (num_layers, kv_heads, num_pages, page_size, head_dim)
-    self.k, self.v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    shape = (kv_heads, num_pages, page_size, head_dim)
+    self.k = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+    self.v = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
     self.allocator = PageAllocator(num_pages, page_size)
     self.page_size = page_size
     self._seqs: dict[int, _Sequence] = {}
+    self._pending_offloads: collections.deque = collections.deque()  # (hashes, k, v) copies in flight
+    self._offloading: set[bytes] = set()
 
   def __contains__(self, seq_id: int) -> bool:
     return seq_id in self._seqs
@@ -182,6 +193,7 @@ class PagedKVCache:
     """Pages (referenced once) holding the leading `hashes` blocks found in the offload store."""
     if self.offload is None:
       return []
+    self.retire_offloads(wait=bool(set(hashes) & self._offloading))  # a block still in flight: wait for it
     blocks = []
     for block_hash in hashes:
       if len(blocks) >= self.allocator.num_free or (block := self.offload.get(block_hash)) is None:
@@ -192,7 +204,9 @@ class PagedKVCache:
     pages = self.allocator.allocate(len(blocks))
     k = np.stack([b[0] for b in blocks], axis=2)  # [layers, kv_heads, n, page_size, dim]
     v = np.stack([b[1] for b in blocks], axis=2)
-    self.k, self.v = _write_pages((self.k, self.v), jnp.array(pages), (jnp.asarray(k), jnp.asarray(v)))
+    layers = range(len(self.k))
+    self.k, self.v = _write_pages((self.k, self.v), jnp.array(pages),
+                                  (tuple(jnp.asarray(k[i]) for i in layers), tuple(jnp.asarray(v[i]) for i in layers)))
     for block_hash, page in zip(hashes, pages, strict=False):
       self.allocator.register(block_hash, page)
     counters = self.offload.counters
@@ -201,18 +215,40 @@ class PagedKVCache:
     return pages
 
   def offload_blocks(self, seq_id: int, tokens: Sequence[int]) -> None:
-    """Copies the sequence's full blocks that the offload store lacks to host memory (eagerly)."""
+    """Starts copying the sequence's full blocks that the offload store lacks to host memory.
+
+    The pages are gathered on the device (a snapshot: later writes to them do not change it) and copied
+    to the host asynchronously; `retire_offloads` files them in the store once the copy is done, so a
+    finishing request does not stall the next serving step.
+    """
     if self.offload is None:
       return
     seq = self._seqs[seq_id]
     missing = [(page, h) for page, h in zip(seq.pages, block_hashes(tokens[:seq.length], self.page_size), strict=False)
-               if h not in self.offload]
+               if h not in self.offload and h not in self._offloading]
     if not missing:
       return
     index = jnp.array([page for page, _ in missing])
-    k, v = jax.device_get((self.k[:, :, index], self.v[:, :, index]))
-    for i, (_, block_hash) in enumerate(missing):
-      self.offload.put(block_hash, np.ascontiguousarray(k[:, :, i]), np.ascontiguousarray(v[:, :, i]))
+    k, v = _gather_pages(self.k, index), _gather_pages(self.v, index)
+    k.copy_to_host_async()
+    v.copy_to_host_async()
+    hashes = [h for _, h in missing]
+    self._offloading.update(hashes)
+    self._pending_offloads.append((hashes, k, v))
+
+  def retire_offloads(self, wait: bool = False) -> int:
+    """Files the finished device-to-host copies in the offload store (all of them when `wait`); returns
+    how many copies are still in flight."""
+    while self._pending_offloads:
+      hashes, k, v = self._pending_offloads[0]
+      if not wait and not (k.is_ready() and v.is_ready()):
+        break
+      self._pending_offloads.popleft()
+      k, v = np.asarray(k), np.asarray(v)
+      for i, block_hash in enumerate(hashes):
+        self.offload.put(block_hash, np.ascontiguousarray(k[:, :, i]), np.ascontiguousarray(v[:, :, i]))
+        self._offloading.discard(block_hash)
+    return len(self._pending_offloads)
 
   def append(self, seq_id: int, num_tokens: int) -> list[tuple[int, int]]:
     """Reserves slots for `num_tokens` more tokens; returns their (page, offset) write positions.

@@ -47,23 +47,28 @@ def sample(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, step_b):
   """Next tokens [b] from float32 logits [b, vocab] with per-row parameters.
 
   temperature 0 picks the argmax; top_k 0 keeps every token; the nucleus keeps the smallest set of
-  most likely tokens whose probability reaches top_p (always at least one).
+  most likely tokens whose probability reaches top_p (always at least one). A batch with no stochastic
+  row skips the sort of the vocabulary (a `lax.cond`: most of a greedy step's sampling time).
   """
-  vocab = logits_bv.shape[-1]
-  greedy = jnp.argmax(logits_bv, axis=-1)
-  scaled = logits_bv / jnp.maximum(temperature_b, 1e-6)[:, None]
-  order = jnp.argsort(-scaled, axis=-1)
-  sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-  rank = jnp.arange(vocab)[None, :]
-  keep = rank < jnp.where(top_k_b > 0, top_k_b, vocab)[:, None]
-  probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep &= mass_before < top_p_b[:, None]
-  sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
-  keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seed_b, step_b)
-  choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
-  sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-  return jnp.where(temperature_b > 0, sampled, greedy).astype(jnp.int32)
+  greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+  def stochastic(_):
+    vocab = logits_bv.shape[-1]
+    scaled = logits_bv / jnp.maximum(temperature_b, 1e-6)[:, None]
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    keep = rank < jnp.where(top_k_b > 0, top_k_b, vocab)[:, None]
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= mass_before < top_p_b[:, None]
+    sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seed_b, step_b)
+    choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    return jnp.where(temperature_b > 0, sampled, greedy).astype(jnp.int32)
+
+  return jax.lax.cond(jnp.any(temperature_b > 0), stochastic, lambda _: greedy, None)
 
 
 def batch_arrays(params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int]) -> tuple:

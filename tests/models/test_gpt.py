@@ -64,6 +64,19 @@ def test_ragged_prefill_advances_each_sequence_by_its_length():
   np.testing.assert_allclose(logits[0], model(tokens[:1])[0], **TOL)
 
 
+def test_left_padded_batch_with_kv_start_equals_each_sequence_alone():
+  model, tokens = _model(), _tokens(length=9)
+  pad = jnp.array([0, 4])  # sequence 1 has 5 real tokens, left-padded with junk
+  cache = model.init_cache(2, 12)
+  logits, cache = model.prefill(tokens, cache, kv_start=pad)
+  nxt = jnp.array([3, 8])
+  step_logits, cache = model.decode_step(nxt, cache, kv_start=pad)
+  alone = jnp.concatenate([tokens[1, 4:], nxt[1:]])[None]
+  np.testing.assert_allclose(logits[1, 4:], model(alone)[0, :5], **TOL)
+  np.testing.assert_allclose(step_logits[1], model(alone)[0, -1], **TOL)
+  np.testing.assert_allclose(step_logits[0], model(jnp.concatenate([tokens[0], nxt[:1]])[None])[0, -1], **TOL)
+
+
 def test_packed_segments_equal_separate_sequences():
   model = _model()
   a, b = _tokens(1, 5, seed=2), _tokens(1, 7, seed=3)

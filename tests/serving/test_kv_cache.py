@@ -20,12 +20,12 @@ def _write(cache, slots, values):
   """Stands in for the model's KV write: the token id itself is the stored key."""
   pages = jnp.array([p for p, _ in slots])
   offsets = jnp.array([o for _, o in slots])
-  cache.k = cache.k.at[0, 0, pages, offsets, 0].set(jnp.array(values, jnp.float32))
+  cache.k = (cache.k[0].at[0, pages, offsets, 0].set(jnp.array(values, jnp.float32)), *cache.k[1:])
 
 
 def _read(cache, seq_id):
   table, lengths = cache.page_table([seq_id], max_pages=cache.allocator.num_pages)
-  k = np.asarray(cache.k[0, 0, :, :, 0])  # [pages, page_size]
+  k = np.asarray(cache.k[0][0, :, :, 0])  # [pages, page_size]
   flat = k[table[0]].reshape(-1)
   return flat[:lengths[0]].astype(int).tolist()
 
