@@ -10,9 +10,10 @@
 4. Detectors (`detectors`): SVM, random forest, MLP, LSTM on the resampled relevance vectors and on each
    baseline's features, stratified k-fold CV on shared folds.
 
-`<workdir>/metrics.json`: competence, class balance, per-detector accuracy / precision / recall / F1 (hallucinated
-= positive) as mean and std over folds, accuracy per prompt kind; `relevance_faithful.png` and
-`relevance_hallucinated.png`: one relevance matrix of each class, prompt tokens labelled.
+`<workdir>/metrics.json`: competence, class balance, AttnLRP's conservation measured on the generator
+(`conservation`), per-detector accuracy / precision / recall / F1 (hallucinated = positive) as mean and std over
+folds, accuracy per prompt kind; `relevance_faithful.png` and `relevance_hallucinated.png`: one relevance matrix
+of each class, prompt tokens labelled.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lwjax.models import hf_llama
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, DTYPES, GPT, GPTConfig
 from lwjax.projects.lrp4rag import classifiers, detectors, heatmap, signals
 from lwjax.projects.lrp4rag.task import SCHEMA as TASK_SCHEMA, RagTask, TaskConfig, check as check_task
+from lwjax.relevance import attnlrp
 from lwjax.serving import batch_sampler
 from lwjax.training import checkpoint, losses, mesh, optim, trainer as trainer_lib
 
@@ -42,6 +44,7 @@ EVAL_SEED = 1_000_003  # held-out prompts: their own stream, apart from the trai
 SAMPLE_SEED = 2_000_003
 WORLD_KEYS = ("entities", "attributes", "values", "unknown_fraction", "popular_fraction", "world_seed")
 TRAINING_GROUPS = ("model", "data", "train", "optim")
+CONSERVATION_EXAMPLES = 64  # held-out answers whose first token's logit is explained layer by layer
 
 SCHEMA = {
     "job": Field(str), "seed": Field(int),
@@ -216,6 +219,50 @@ def behaviour(task: RagTask, prompts, answers: list[str], labels) -> dict:
           "hallucination_rate": num / len(labels), "by_group": by_group}
 
 
+_conservation_report = nnx.jit(attnlrp.conservation_report)
+
+
+def conservation(model, prompt_ids, answer_ids, *, batch: int) -> dict:
+  """AttnLRP's conservation (`attnlrp.conservation_report`) measured on the generator: the logit of the first
+  answer token of the first CONSERVATION_EXAMPLES held-out answers, explained from the prompt; medians over the
+  examples (per layer for the layer errors), logged."""
+  rows = list(range(min(CONSERVATION_EXAMPLES, len(prompt_ids))))
+  length = max(len(prompt_ids[i]) + len(answer_ids[i]) for i in rows)
+  # Right padding leaves everything up to the explained position unchanged (causal attention; it gets exactly 0
+  # relevance): one shape, one compilation. The last chunk is padded with copies of its first row.
+  tokens = np.zeros((len(rows), length), np.int32)
+  for i in rows:
+    seq = prompt_ids[i] + answer_ids[i]
+    tokens[i, :len(seq)] = seq
+  position = np.asarray([len(prompt_ids[i]) - 1 for i in rows], np.int32)
+  target = np.asarray([answer_ids[i][0] for i in rows], np.int32)
+  size, parts = min(batch, len(rows)), []
+  for start in range(0, len(rows), size):
+    chunk = list(range(start, min(start + size, len(rows))))
+    padded = chunk + [chunk[0]] * (size - len(chunk))
+    out = _conservation_report(model, tokens[padded], position[padded], target[padded])
+    parts.append({k: np.asarray(v)[:len(chunk)] for k, v in out.items()})
+  r = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  result = {
+      "n": len(rows), "total_error_median": float(np.median(r["total_error"])),
+      "total_error_mean": float(np.mean(r["total_error"])),
+      "input_sum_over_logit_median": float(np.median(r["layer_sums"][:, 0] / r["logit"])),
+      "softmax_absorbed_share_median": float(np.median(r["softmax_absorbed"].sum(axis=1) / r["logit"])),
+      "head_error_median": float(np.median(r["head_error"])),
+      "rule_error_median": np.median(r["rule_error"], axis=0).tolist(),
+      "layer_error_median": np.median(r["layer_error"], axis=0).tolist(),
+      "logit_median": float(np.median(r["logit"])),
+  }
+  logging.info("conservation on the generator (first answer token of %d held-out answers, medians): sum of the "
+               "input relevance / logit %.3f (the softmax rule absorbs %.3f of the logit), total error %.3g (mean "
+               "%.3g), per-layer rule error %s, per-layer error %s, head error %.2g", result["n"],
+               result["input_sum_over_logit_median"], result["softmax_absorbed_share_median"],
+               result["total_error_median"], result["total_error_mean"],
+               " ".join(f"{x:.1e}" for x in result["rule_error_median"]),
+               " ".join(f"{x:.3f}" for x in result["layer_error_median"]), result["head_error_median"])
+  return result
+
+
 def write_heatmaps(workdir: str, task: RagTask, prompts, prompt_ids, answer_ids, answers, labels, rows) -> dict:
   """relevance_faithful.png / relevance_hallucinated.png: a conflict prompt of each class when there is one."""
   tok, written = task.tokenizer, {}
@@ -256,6 +303,7 @@ def run(config, workdir: str) -> dict:
   agreement = [np.mean([task.answer_word(s) == task.answer_word(a) for s in row])
                for row, a in zip(samples, answers, strict=True)]
   answer_ids = [signals.answer_tokens(tok, a) for a in answers]
+  metrics["conservation"] = conservation(model, prompt_ids, answer_ids, batch=e.signal_batch)
   rows = signals.extract(model, prompt_ids, answer_ids, batch=e.signal_batch,
                          relevance_chunk=e.relevance_chunk or None)
   detect_cfg = classifiers.DetectConfig(**config.detect)

@@ -282,6 +282,13 @@ def test_smoke_run_end_to_end(tmp_path):
       assert 0 <= summary[m]["mean"] <= 1 and len(summary[m]["folds"]) == metrics["folds"]
   for name in ("faithful", "hallucinated"):
     assert Image.open(run / f"relevance_{name}.png").size[0] > 100
+  # Conservation measured on the trained generator: every rule but the softmax one conserves (up to epsilon), so
+  # the input relevance is the logit less what the softmax rule absorbs.
+  c = metrics["conservation"]
+  assert c["n"] == 40 and len(c["rule_error_median"]) == len(c["layer_error_median"]) == 2
+  assert np.isfinite(np.hstack(list(c.values()))).all()
+  assert max(c["rule_error_median"]) < 1e-4 and c["head_error_median"] < 1e-4
+  assert c["input_sum_over_logit_median"] == pytest.approx(1 - c["softmax_absorbed_share_median"], abs=1e-3)
 
 
 @pytest.mark.slow
