@@ -48,6 +48,12 @@ step kernels 120 python3 -m benchmarks.kernels
 step gamengen_fps 100 python3 -m benchmarks.gamengen_fps --steps 1,4 --iters 10 --peer off \
   --out "$OUT/gamengen_fps.json"
 
+# Serving throughput at the Llama-3-8B shape (random weights, bf16, NanoFlow's LMSYS-Chat lengths unscaled): % of
+# optimal and the ratio to static batching (and to HF generate when torch is there) in the same call.
+step serving_llama3_8b 150 python3 -m benchmarks.serving --model llama3_8b --dtype bfloat16 --length_scale 1 \
+  --requests 128 --max_num_seqs 64 --num_pages 8192 --page_size 16 --prefill_chunk 512 --max_batch_tokens 2048 \
+  --workloads lmsys_chat
+
 # Timing: gpt_1b (Llama-3.2-1B shape) on one card, bf16 compute with fp32 master weights; what is left of the budget.
 step train_throughput_gpt_1b $((BUDGET_S - SECONDS > 30 ? BUDGET_S - SECONDS : 30)) python3 -m benchmarks.train_throughput \
   --config experiments/lm_pretrain.py:scale=gpu,model=gpt_1b \
@@ -57,6 +63,7 @@ step train_throughput_gpt_1b $((BUDGET_S - SECONDS > 30 ? BUDGET_S - SECONDS : 3
 {
   printf '\n## kernels\n\n```\n'; grep -v '^\s*$' "$OUT/kernels.log" | grep -v '^WARNING\|^I0\|^W0' | tail -n 40
   printf '```\n\n## gamengen_fps\n\n```\n'; grep -v '^WARNING\|^I0\|^W0' "$OUT/gamengen_fps.log" | tail -n 14
+  printf '```\n\n## serving_llama3_8b\n\n```\n'; grep -v '^WARNING\|^I[0-9]\|^W[0-9]' "$OUT/serving_llama3_8b.log" | tail -n 12
   printf '```\n\n## train_throughput_gpt_1b\n\n```\n'; tail -n 6 "$OUT/train_throughput_gpt_1b.log"; printf '```\n'
 } >> "$OUT/summary.md"
 cat "$OUT/summary.md"

@@ -32,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.weights = {"source": "random", "path": ""}
   config.tokenizer = {"kind": "bytes", "path": ""}
   config.engine = {"num_pages": 256, "page_size": 16, "max_num_seqs": 16, "max_batch_tokens": 256,
-                   "prefill_chunk": 64, "max_model_len": 128}
+                   "prefill_chunk": 64, "max_model_len": 128, "nano_batches": 1, "async_scheduling": True,
+                   "kv_offload": {"host_bytes": 0, "disk_dir": "", "disk_bytes": 0}}
   config.server = {"host": "127.0.0.1", "port": 8000, "model_name": "lwjax", "max_queued": 256}
   if scale == "cpu":
     config.model.update(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
@@ -41,5 +42,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif scale in ("gpu", "paper"):
     config.model.update(dtype="bfloat16")
     config.engine.update(num_pages=4096, page_size=16, max_num_seqs=64, max_batch_tokens=2048,
-                         prefill_chunk=512, max_model_len=4096)
+                         prefill_chunk=512, max_model_len=4096, nano_batches=2)
   return config

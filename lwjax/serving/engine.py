@@ -142,7 +142,9 @@ class Engine:
     decodes = [w for w in work if len(w.tokens) == 1]
     chunks = [w for w in work if len(w.tokens) > 1]
     out = []
-    for group, width in ((decodes, 1), (chunks, self.prefill_chunk)):
+    # Chunks padded to the power of two that holds the longest (a 6-token prompt is not run as 64 tokens).
+    chunk_width = _bucket(max((len(w.tokens) for w in chunks), default=1), self.prefill_chunk)
+    for group, width in ((decodes, 1), (chunks, chunk_width)):
       if group:
         out.append(self._run_group(group, width, previous_tokens, previous_index))
     for sampling, _ in out:

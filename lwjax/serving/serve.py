@@ -8,7 +8,7 @@ import os
 
 from flax import nnx
 
-from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.config import ConfigError, Field, non_negative_int, positive_int, validate as validate_schema
 from lwjax.data import tokenizer as tokenizer_lib
 from lwjax.models import hf_llama
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
@@ -26,6 +26,13 @@ SCHEMA = {
     "engine": {
         "num_pages": positive_int(), "page_size": positive_int(), "max_num_seqs": positive_int(),
         "max_batch_tokens": positive_int(), "prefill_chunk": positive_int(), "max_model_len": positive_int(),
+        "nano_batches": positive_int("split each batch into this many nano-batches (NanoFlow §3; 1 on CPU)"),
+        "async_scheduling": Field(bool, doc="prepare iteration i + 1 on the host while the device runs i"),
+        "kv_offload": {
+            "host_bytes": non_negative_int("host memory for offloaded KV blocks; 0 turns offload off"),
+            "disk_dir": Field(str, doc="directory for blocks spilled from host memory; empty: none"),
+            "disk_bytes": non_negative_int("disk space for spilled blocks"),
+        },
     },
     "server": {
         "host": Field(str), "port": Field(int, min=0, max=65535), "model_name": Field(str),
@@ -39,6 +46,12 @@ def validate(config) -> None:
   if config.engine.prefill_chunk > config.engine.max_batch_tokens:
     raise ConfigError("engine.prefill_chunk", "exceeds engine.max_batch_tokens",
                       f"<= {config.engine.max_batch_tokens}")
+  offload = config.engine.kv_offload
+  if offload.disk_bytes and not offload.disk_dir:
+    raise ConfigError("engine.kv_offload.disk_dir", "is empty while disk_bytes > 0", "a directory, or disk_bytes=0")
+  if offload.disk_dir and not offload.host_bytes:
+    raise ConfigError("engine.kv_offload.host_bytes", "is 0 while disk_dir is set (blocks reach disk through "
+                      "host memory)", "> 0, or disk_dir=''")
   if config.weights.source != "random" and not os.path.exists(config.weights.path):
     raise ConfigError("weights.path", f"{config.weights.path!r} does not exist", "an existing directory")
   if config.tokenizer.kind == "sentencepiece" and not os.path.exists(config.tokenizer.path):
@@ -68,14 +81,25 @@ def load_tokenizer(config):
   return tokenizer_lib.load(config.tokenizer.path)
 
 
+def make_engine(config, model: GPT, tokenizer):
+  """The engine `config.engine` describes: its sizes, nano-batches, asynchronous scheduling, KV offload."""
+  from lwjax.serving.engine import Engine
+  from lwjax.serving.offload import KVOffloadStore
+  settings = config.engine.to_dict()
+  offload = settings.pop("kv_offload")
+  store = None
+  if offload["host_bytes"]:
+    store = KVOffloadStore(host_bytes=offload["host_bytes"], disk_dir=offload["disk_dir"] or None,
+                           disk_bytes=offload["disk_bytes"])
+  return Engine(model, eos_id=tokenizer.eos_id, detokenize=tokenizer.decode, offload=store, **settings)
+
+
 def run(config, workdir: str) -> None:
   import uvicorn
 
-  from lwjax.serving.engine import Engine
   from lwjax.serving.server import create_app
   tokenizer = load_tokenizer(config)
-  engine = Engine(load_model(config), eos_id=tokenizer.eos_id, detokenize=tokenizer.decode,
-                  **config.engine.to_dict())
+  engine = make_engine(config, load_model(config), tokenizer)
   app = create_app(engine, tokenizer, model_name=config.server.model_name, max_queued=config.server.max_queued)
   logging.info("serving %s on http://%s:%d/v1", config.server.model_name, config.server.host, config.server.port)
   uvicorn.run(app, host=config.server.host, port=config.server.port, log_level="info")

@@ -49,3 +49,36 @@ def test_missing_weights_name_the_key():
   with pytest.raises(ConfigError, match="^weights.path:"):
     jobs.get(config)
 
+
+
+def test_every_engine_switch_of_the_serve_config_reaches_the_engine(tmp_path):
+  config = serve_experiment.get_config("scale=smoke")
+  config.engine.update(nano_batches=2, async_scheduling=False, max_batch_tokens=96, prefill_chunk=32)
+  config.engine.kv_offload.update(host_bytes=1 << 20, disk_dir=str(tmp_path / "kv"), disk_bytes=1 << 22)
+  jobs.get(config)  # validates
+  tokenizer = serve.load_tokenizer(config)
+  engine = serve.make_engine(config, serve.load_model(config), tokenizer)
+  assert (engine.nano_batches, engine.async_scheduling) == (2, False)
+  assert (engine.scheduler.max_batch_tokens, engine.prefill_chunk) == (96, 32)
+  store = engine.kv.offload
+  assert (store.host_bytes, store.disk_dir, store.disk_bytes) == (1 << 20, str(tmp_path / "kv"), 1 << 22)
+  config.engine.kv_offload.update(host_bytes=0, disk_dir="", disk_bytes=0)
+  assert serve.make_engine(config, serve.load_model(config), tokenizer).kv.offload is None
+
+
+@pytest.mark.parametrize("key, value, field", [
+    ("nano_batches", 0, "engine.nano_batches"),
+    ("max_batch_tokens", 0, "engine.max_batch_tokens"),
+])
+def test_engine_switch_errors_name_the_field(key, value, field):
+  config = serve_experiment.get_config("scale=smoke")
+  config.engine[key] = value
+  with pytest.raises(ConfigError, match=f"^{field}:"):
+    jobs.get(config)
+
+
+def test_offload_to_disk_without_a_directory_names_the_field():
+  config = serve_experiment.get_config("scale=smoke")
+  config.engine.kv_offload.update(host_bytes=1024, disk_bytes=4096)
+  with pytest.raises(ConfigError, match="^engine.kv_offload.disk_dir:"):
+    jobs.get(config)
