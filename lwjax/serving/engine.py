@@ -26,9 +26,12 @@ from lwjax.serving.sampling import SamplingParams, batch_arrays, sample
 from lwjax.serving.scheduler import Request, Scheduler, Status, Work
 
 
-def _bucket(n: int, limit: int) -> int:
-  """The power of two >= n (capped at limit): few distinct shapes, few compilations."""
-  return min(limit, 1 << max(0, (n - 1).bit_length()))
+def _bucket(n: int, limit: int, smallest: int = 1) -> int:
+  """The power of two >= max(n, smallest) (capped at limit): few distinct shapes, few compilations."""
+  return min(limit, 1 << max(0, (max(n, smallest) - 1).bit_length()))
+
+
+MIN_CHUNK_WIDTH, MIN_TABLE_PAGES = 16, 8  # smallest buckets: fewer shapes to compile, little padding
 
 
 PLACEHOLDER = -1  # an output token sampled on the device but not yet read by the host
@@ -143,7 +146,7 @@ class Engine:
     chunks = [w for w in work if len(w.tokens) > 1]
     out = []
     # Chunks padded to the power of two that holds the longest (a 6-token prompt is not run as 64 tokens).
-    chunk_width = _bucket(max((len(w.tokens) for w in chunks), default=1), self.prefill_chunk)
+    chunk_width = _bucket(max((len(w.tokens) for w in chunks), default=1), self.prefill_chunk, MIN_CHUNK_WIDTH)
     for group, width in ((decodes, 1), (chunks, chunk_width)):
       if group:
         out.append(self._run_group(group, width, previous_tokens, previous_index))
@@ -180,7 +183,7 @@ class Engine:
     # The page table as wide as the longest row needs (a power of two): attention reads those pages only.
     table, lengths = self.kv.page_table([w.request.id for w in group], self.max_pages)
     used = max(-(-int(n) // self.kv.page_size) for n in lengths)
-    pages = _bucket(used, self.max_pages)
+    pages = _bucket(used, self.max_pages, MIN_TABLE_PAGES)
     page_table = np.zeros((rows, pages), np.int32)
     page_table[:len(group)] = table[:, :pages]
     all_lengths = np.zeros(rows, np.int32)
