@@ -118,8 +118,10 @@ def _copy_pages(pools, src, dst):
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _write_pages(pools, dst, blocks):
-  """pool[:, dst] = block for each per-layer pool and its blocks [kv_heads, n, page_size, dim]: offload restores."""
-  return jax.tree.map(lambda p, b: p.at[:, dst].set(b.astype(p.dtype)), pools, blocks)
+  """pools[l][:, dst] = blocks[l] for the per-layer pools of k and v, blocks [layers, kv_heads, n, page_size, dim]
+  each: offload restores."""
+  return tuple(tuple(p.at[:, dst].set(b[i].astype(p.dtype)) for i, p in enumerate(layer_pools))
+               for layer_pools, b in zip(pools, blocks, strict=True))
 
 
 @jax.jit
@@ -204,9 +206,7 @@ class PagedKVCache:
     pages = self.allocator.allocate(len(blocks))
     k = np.stack([b[0] for b in blocks], axis=2)  # [layers, kv_heads, n, page_size, dim]
     v = np.stack([b[1] for b in blocks], axis=2)
-    layers = range(len(self.k))
-    self.k, self.v = _write_pages((self.k, self.v), jnp.array(pages),
-                                  (tuple(jnp.asarray(k[i]) for i in layers), tuple(jnp.asarray(v[i]) for i in layers)))
+    self.k, self.v = _write_pages((self.k, self.v), jnp.array(pages), (k, v))
     for block_hash, page in zip(hashes, pages, strict=False):
       self.allocator.register(block_hash, page)
     counters = self.offload.counters
@@ -228,7 +228,10 @@ class PagedKVCache:
                if h not in self.offload and h not in self._offloading]
     if not missing:
       return
-    index = jnp.array([page for page, _ in missing])
+    # Padded to a power of two (repeats of the first page, dropped when filed): few shapes to compile.
+    pages = [page for page, _ in missing]
+    pages += pages[:1] * ((1 << (len(pages) - 1).bit_length()) - len(pages))
+    index = jnp.array(pages)
     k, v = _gather_pages(self.k, index), _gather_pages(self.v, index)
     k.copy_to_host_async()
     v.copy_to_host_async()
