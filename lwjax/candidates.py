@@ -87,6 +87,23 @@ def sample(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[di
   return problems, stats
 
 
+def greedy(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[dict], *, max_new_tokens: int,
+           batch_prompts: int) -> list[dict]:
+  """The checker's verdict on the greedy solution of every record (one label dict each, with its text)."""
+  problems, _ = sample(model, task, records, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
+                       batch_prompts=batch_prompts)
+  return [p["candidates"][0] for p in problems]
+
+
+def greedy_accuracy(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[dict], *,
+                    max_new_tokens: int, batch_prompts: int) -> dict:
+  """Greedy solutions of `records`, checked: full-solution and final-answer accuracy."""
+  labels = greedy(model, task, records, max_new_tokens=max_new_tokens, batch_prompts=batch_prompts)
+  return {"accuracy": float(np.mean([c["correct"] for c in labels])),
+          "answer_accuracy": float(np.mean([c["answer_correct"] for c in labels])), "n": len(labels),
+          "samples": [c["text"] for c in labels[:3]]}
+
+
 def write(path: str, problems: Sequence[dict], metadata: dict) -> None:
   """ArrayRecord of the problems and `<path>.json` of the metadata, each written to a temporary name and
   renamed, so a reader sees a whole set or none."""
@@ -113,11 +130,14 @@ def read(path: str) -> tuple[list[dict], dict]:
 
 def build(path: str, *, workdir: str, task: str, split: str, num: int, n: int, temperature: float = 0.8,
           max_new_tokens: int = 192, seed: int = 0, record_seed: int = 0, batch_prompts: int = 8,
-          task_options: dict | None = None) -> tuple[list[dict], dict]:
-  """The candidate set at `path`, sampled from the solver in `workdir` when not there yet (else read)."""
+          task_options: dict | None = None, step: int | None = None) -> tuple[list[dict], dict]:
+  """The candidate set at `path`, sampled from the solver in `workdir` (checkpoint `step`, default the latest)
+  when not there yet (else read)."""
   settings = {"workdir": os.path.abspath(workdir), "task": task, "split": split, "num": num, "n": n,
               "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
               "record_seed": record_seed, "task_options": task_options or {}}
+  if step is not None:
+    settings["step"] = step
   settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
   if os.path.isfile(path) and os.path.isfile(path + ".json"):
     problems, metadata = read(path)
@@ -127,7 +147,7 @@ def build(path: str, *, workdir: str, task: str, split: str, num: int, n: int, t
       raise ValueError(f"{path} holds candidates sampled with other settings {different} (stored, asked): "
                        "delete it or choose another path")
     return problems, metadata
-  model, _, step = load_solver(workdir)
+  model, _, step = load_solver(workdir, step)
   reasoning_task = reasoning_tasks.get(task, **(task_options or {}))
   records = reasoning_task.records(num, seed=record_seed, split=split)
   problems, stats = sample(model, reasoning_task, records, n=n, temperature=temperature,

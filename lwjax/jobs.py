@@ -11,6 +11,7 @@ import importlib
 from lwjax.config import ConfigError
 
 JOBS = {
+    "compute_matched": "lwjax.projects.compute_matched.job",
     "gamengen_agent": "lwjax.projects.gamengen.jobs.train_agent",
     "gamengen_autoencoder": "lwjax.projects.gamengen.jobs.train_autoencoder",
     "gamengen_demo": "lwjax.projects.gamengen.jobs.demo_pipeline",

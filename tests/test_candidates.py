@@ -56,12 +56,12 @@ def test_sample_label_write_read_and_build_reuse(tmp_path, monkeypatch):
   assert stats["generated_tokens"] == sum(c["num_tokens"] for p in problems for c in p["candidates"])
   assert stats["forward_flops_per_token"] > 2 * 16 * 16
 
-  monkeypatch.setattr(candidates, "load_solver", lambda workdir: (model, {}, 5))
+  monkeypatch.setattr(candidates, "load_solver", lambda workdir, step=None: (model, {}, 5))
   path = str(tmp_path / "sets" / "c.arrayrecord")
   built, metadata = candidates.build(path, workdir="w", task="last_letter", split="test", num=3, n=2,
                                      max_new_tokens=12)
   assert metadata["checkpoint_step"] == 5 and not list((tmp_path / "sets").glob("*.tmp"))
-  monkeypatch.setattr(candidates, "load_solver", lambda workdir: pytest.fail("sampled again"))
+  monkeypatch.setattr(candidates, "load_solver", lambda workdir, step=None: pytest.fail("sampled again"))
   again, _ = candidates.build(path, workdir="w", task="last_letter", split="test", num=3, n=2, max_new_tokens=12)
   assert again == built
   with pytest.raises(ValueError, match="other settings"):

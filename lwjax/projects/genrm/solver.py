@@ -16,7 +16,6 @@ import logging
 import os
 
 import jax
-import numpy as np
 from flax import nnx
 
 from lwjax import candidates as candidates_lib
@@ -52,16 +51,6 @@ def validate(config) -> None:
     raise ConfigError("model.vocab_size", f"too small for the {config.task.name} tokenizer", f">= {vocab}")
 
 
-def greedy_accuracy(model: GPT, task, records: list[dict], *, max_new_tokens: int, batch_prompts: int) -> dict:
-  """Greedy solutions of `records`, checked: full-solution and final-answer accuracy."""
-  problems, _ = candidates_lib.sample(model, task, records, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
-                                      batch_prompts=batch_prompts)
-  labels = [p["candidates"][0] for p in problems]
-  return {"accuracy": float(np.mean([c["correct"] for c in labels])),
-          "answer_accuracy": float(np.mean([c["answer_correct"] for c in labels])), "n": len(labels),
-          "samples": [c["text"] for c in labels[:3]]}
-
-
 def run(config, workdir: str) -> dict:
   task = get_task(config)
   cfg, tok, seq_len = GPTConfig.from_dict(config.model), task.tokenizer, config.data.seq_len
@@ -88,8 +77,9 @@ def run(config, workdir: str) -> dict:
   metrics = {"task": task.name, "steps": config.train.steps, "train_loss": result["train"].get("loss")}
   for split in ("test", "hard"):
     held_out = task.records(config.eval.num, seed=config.seed + 1, split=split)
-    metrics[split] = greedy_accuracy(model, task, held_out, max_new_tokens=config.eval.max_new_tokens,
-                                     batch_prompts=config.eval.batch_prompts)
+    metrics[split] = candidates_lib.greedy_accuracy(model, task, held_out,
+                                                    max_new_tokens=config.eval.max_new_tokens,
+                                                    batch_prompts=config.eval.batch_prompts)
     logging.info("%s: accuracy %.3f, answer accuracy %.3f (n=%d)", split, metrics[split]["accuracy"],
                  metrics[split]["answer_accuracy"], metrics[split]["n"])
   if jax.process_index() == 0:

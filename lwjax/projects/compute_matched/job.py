@@ -1,0 +1,287 @@
+"""The compute-matched sampling job (Smaller, Weaker, Yet Better, arXiv 2408.16737, §3-4): sample training data
+from a weaker-cheaper (WC) and a stronger-expensive (SE) solver at the same FLOPs budget, measure its quality,
+and finetune one model on each source.
+
+1. Candidates (`lwjax.candidates`, written once under `candidates.dir` and shared by every setup of a seed):
+   on the training problems, SE draws max(`budget.se_samples`) solutions per problem and WC the number of
+   samples the same FLOPs pay for (`budget.matched_samples`); every candidate labelled by the step checker.
+2. Data quality at every budget: coverage, diversity and false-positive rate of both sources (`quality`).
+3. Finetuning (`setup`): `kd` finetunes a third model, the student (`models.student`), `self` the WC model,
+   `w2s` the SE model; once on WC data and once on SE data at the budget `budget.finetune`, filtered by final
+   answer only (the paper's filter: what it lets through is the false-positive rate), same steps, same
+   hyperparameters. The finetuned models and the untouched one are evaluated by greedy solutions of held-out
+   problems (test-split templates at the training ops, and harder ops), every step checked.
+
+`<workdir>/metrics.json` holds everything; `coverage.png` and `diversity.png` plot the data quality against
+the budget; each finetune's run (checkpoints, TensorBoard) is `<workdir>/on_wc_data` and `on_se_data`.
+A stopped run resumes: finished finetunes and evaluations are read back, not repeated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lwjax import candidates as candidates_lib, plots, reasoning_tasks
+from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.data import rows as rows_lib
+from lwjax.launch import distributed
+from lwjax.models.gpt import GPT
+from lwjax.projects.compute_matched import budget as budget_lib, quality
+from lwjax.training import losses, mesh, optim, trainer as trainer_lib
+
+SETUPS = ("kd", "self", "w2s")
+FINETUNED = {"kd": "student", "self": "wc", "w2s": "se"}  # which model each setup finetunes
+SOURCES = ("wc", "se")
+
+
+def _int_list(value: str) -> str | None:
+  try:
+    items = [int(v) for v in value.split(",")]
+  except ValueError:
+    return "expected comma-separated integers, e.g. '1,2,4'"
+  return None if items and min(items) >= 1 else "expected integers >= 1"
+
+
+SCHEMA = {
+    "job": Field(str), "seed": Field(int, doc="sampling and finetuning; the evaluation problems stay fixed"),
+    "setup": Field(str, choices=SETUPS),
+    "models": {"wc": Field(str, doc="the weaker-cheaper solver's workdir"),
+               "se": Field(str, doc="the stronger-expensive solver's workdir"),
+               "student": Field(str, doc="kd: the student's workdir"),
+               "student_step": Field(int, min=0, doc="kd: the student's checkpoint step (0: the latest)")},
+    "task": {"preset": Field(str), "train_ops": Field(str, check=_int_list), "hard_ops": Field(str, check=_int_list)},
+    "candidates": {"dir": Field(str, doc="where candidate sets are written once and reused"),
+                   "num_train": positive_int("training problems"), "temperature": Field(float, min=0.0),
+                   "max_new_tokens": positive_int(), "batch_prompts": positive_int(),
+                   "record_seed": Field(int, doc="which training problems (the same for every seed)")},
+    "budget": {"se_samples": Field(str, check=_int_list, doc="budgets, in SE samples per problem"),
+               "finetune": positive_int("the budget of the finetuning data, in SE samples per problem")},
+    "data": {"seq_len": Field(int, min=8)},
+    "eval": {"num_test": positive_int(), "num_hard": Field(int, min=0), "max_new_tokens": positive_int(),
+             "batch_prompts": positive_int(), "seed": Field(int)},
+    "train": trainer_lib.SCHEMA, "optim": optim.SCHEMA, "mesh": mesh.SCHEMA, "distributed": distributed.SCHEMA,
+}
+
+
+def parse_ints(value: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in value.split(","))
+
+
+def validate(config) -> None:
+  validate_schema(config, SCHEMA)
+  budgets = parse_ints(config.budget.se_samples)
+  if config.budget.finetune not in budgets:
+    raise ConfigError("budget.finetune", f"{config.budget.finetune} is not one of the sampled budgets {budgets}",
+                      f"one of budget.se_samples ({config.budget.se_samples})")
+  for name in ("wc", "se") + (("student",) if config.setup == "kd" else ()):
+    if not config.models[name]:
+      raise ConfigError(f"models.{name}", "required", "a trained solver's workdir, e.g. runs/igsm_solver_cpu/weak")
+
+
+def get_task(config) -> reasoning_tasks.ReasoningTask:
+  t = config.task
+  return reasoning_tasks.get("igsm", preset=t.preset, train_ops=parse_ints(t.train_ops),
+                             hard_ops=parse_ints(t.hard_ops))
+
+
+def _tag(workdir: str, step: int) -> str:
+  return hashlib.sha1(f"{os.path.abspath(workdir)}@{step}".encode()).hexdigest()[:8]
+
+
+def plan(config, task, models: dict) -> dict:
+  """The budget arithmetic of a run: mean sampling context, cost ratio, samples per problem at every budget,
+  and where each source's candidate set lives."""
+  c = config.candidates
+  budgets = parse_ints(config.budget.se_samples)
+  records = task.records(c.num_train, seed=c.record_seed, split="train")
+  tok = task.tokenizer
+  context = int(np.mean([len(tok.encode(task.prompt(r))) + 1 for r in records]) + c.max_new_tokens // 2)
+  ratio = budget_lib.cost_ratio(models["se"][0].cfg, models["wc"][0].cfg, context)
+  n = {"se": max(budgets), "wc": budget_lib.matched_samples(max(budgets), ratio)}
+  paths = {source: os.path.join(c.dir, f"{source}_{_tag(models[source][1], models[source][2])}_train_{c.num_train}"
+                                       f"x{n[source]}_t{c.temperature:g}_s{config.seed}.arrayrecord")
+           for source in SOURCES}
+  return {"context": context, "cost_ratio": ratio, "n": n, "paths": paths,
+          "flops_per_token": {s: budget_lib.flops_per_token(models[s][0].cfg, context) for s in SOURCES},
+          "samples": [{"se": k, "wc": budget_lib.matched_samples(k, ratio)} for k in budgets]}
+
+
+def sample_sources(config, task, models: dict) -> tuple[dict, dict, dict]:
+  """({source: candidate problems}, {source: metadata}, plan): both sources at the largest budget."""
+  c, t = config.candidates, config.task
+  info = plan(config, task, models)
+  n = info["n"]
+  logging.info("cost ratio SE/WC %.2f at a context of %d tokens: %d SE samples per problem = %d WC samples",
+               info["cost_ratio"], info["context"], n["se"], n["wc"])
+  options = {"preset": t.preset, "train_ops": parse_ints(t.train_ops), "hard_ops": parse_ints(t.hard_ops)}
+  sets, metas = {}, {}
+  for source in SOURCES:
+    model, workdir, step = models[source]
+    problems, metadata = candidates_lib.build(
+        info["paths"][source], workdir=workdir, task="igsm", split="train", num=c.num_train, n=n[source],
+        temperature=c.temperature, max_new_tokens=c.max_new_tokens, seed=config.seed * 7919 + SOURCES.index(source),
+        record_seed=c.record_seed, batch_prompts=c.batch_prompts, task_options=options, step=step)
+    stats = metadata["stats"]
+    stats["sampling_flops"] = budget_lib.spent_flops(stats["generated_tokens"], model.cfg, info["context"])
+    logging.info("%s candidates: %d problems x %d, answer accuracy %.3f, accuracy %.3f, %.3g FLOPs (%s)", source,
+                 len(problems), n[source], stats["answer_accuracy"], stats["accuracy"], stats["sampling_flops"],
+                 info["paths"][source])
+    sets[source], metas[source] = problems, metadata
+  return sets, metas, info
+
+
+def load_models(config) -> dict:
+  """{source: (model, workdir, step)} of the WC and SE solvers."""
+  models = {}
+  for source in SOURCES:
+    model, _, step = candidates_lib.load_solver(config.models[source])
+    models[source] = (model, config.models[source], step)
+  return models
+
+
+def data_quality(sets: dict, info: dict) -> list[dict]:
+  return [{"budget": s, **{src: quality.summary(sets[src], s[src]) for src in SOURCES}} for s in info["samples"]]
+
+
+def evaluate(config, task, model: GPT) -> dict:
+  """Greedy solutions of the held-out problems, checked: accuracy (± standard error) per split and op."""
+  e, out = config.eval, {}
+  for split, num in (("test", e.num_test), ("hard", e.num_hard)):
+    if not num:
+      continue
+    records = task.records(num, seed=e.seed, split=split)
+    labels = candidates_lib.greedy(model, task, records, max_new_tokens=e.max_new_tokens,
+                                   batch_prompts=e.batch_prompts)
+    correct = np.array([c["correct"] for c in labels], float)
+    answer = np.array([c["answer_correct"] for c in labels], float)
+    ops = np.array([r.get("op", 0) for r in records])
+    out[split] = {"n": num, "accuracy": float(correct.mean()),
+                  "accuracy_se": float(correct.std(ddof=1) / np.sqrt(num)) if num > 1 else 0.0,
+                  "answer_accuracy": float(answer.mean()),
+                  "by_op": {str(op): float(correct[ops == op].mean()) for op in sorted(set(ops.tolist()))},
+                  "correct": "".join(str(int(v)) for v in correct), "samples": [c["text"] for c in labels[:2]]}
+  return out
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, value) -> None:
+  """Atomically (a reader sees the whole file or none), by process 0 only."""
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def finetune_rows(pairs: list[tuple[dict, dict]], tokenizer, seq_len: int) -> list[dict]:
+  """Solution-generation rows (loss on the solution) of the kept candidates; those over seq_len left out."""
+  rows = [rows_lib.lm_row([tokenizer.bos_id] + tokenizer.encode(record["question"]),
+                          tokenizer.encode(candidate["text"]) + [tokenizer.eos_id], seq_len)
+          for record, candidate in pairs]
+  return [r for r in rows if r is not None]
+
+
+def finetune(config, workdir: str, base: GPT, rows: list[dict]) -> GPT | None:
+  """`base` finetuned on `rows` for train.steps (None when stopped before the end: run again to resume)."""
+  cfg = base.cfg
+  trainer = trainer_lib.Trainer(config, workdir, model_fn=lambda rngs: GPT(cfg, rngs=rngs), loss_fn=losses.lm_loss,
+                                flops_per_token=cfg.flops_per_token(config.data.seq_len), seq_len=config.data.seq_len)
+  train_iter = iter(rows_lib.shuffled_batches(rows, batch_size=config.train.global_batch_size, seed=config.seed))
+  result = trainer.fit(train_iter, seed=config.seed, init_params=nnx.to_pure_dict(nnx.state(base)))
+  if result["step"] < config.train.steps:
+    return None
+  return nnx.merge(trainer.graphdef, trainer.restore_params())
+
+
+def paired_difference(a: dict, b: dict) -> tuple[float, float]:
+  """Mean and standard error of a - b over the same problems (per-problem correctness strings)."""
+  d = np.array([int(x) for x in a["correct"]], float) - np.array([int(x) for x in b["correct"]], float)
+  return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+
+
+def _plot(workdir: str, quality_rows: list[dict]) -> None:
+  for field, label in (("coverage", "coverage (>= 1 right answer)"), ("diversity", "distinct right solutions")):
+    series = {f"{src.upper()} ({'weaker-cheaper' if src == 'wc' else 'stronger-expensive'})":
+              [(q["budget"]["se"], q[src][field]) for q in quality_rows] for src in SOURCES}
+    plots.line_chart(os.path.join(workdir, f"{field}.png"), series, title=f"{field} at matched sampling FLOPs",
+                     x_label="budget (SE samples per problem)", y_label=label,
+                     y_range=(0.0, 1.0) if field == "coverage" else None)
+
+
+def run(config, workdir: str) -> dict:
+  task = get_task(config)
+  models = load_models(config)
+  sets, metas, info = sample_sources(config, task, models)
+  quality_rows = data_quality(sets, info)
+  for q in quality_rows:
+    logging.info("budget %d SE / %d WC samples: coverage %.3f / %.3f, diversity %.2f / %.2f, FPR %.3f / %.3f",
+                 q["budget"]["se"], q["budget"]["wc"], q["se"]["coverage"], q["wc"]["coverage"], q["se"]["diversity"],
+                 q["wc"]["diversity"], q["se"]["false_positive_rate"], q["wc"]["false_positive_rate"])
+  which = FINETUNED[config.setup]
+  if which == "student":
+    step = config.models.student_step or None
+    base, _, base_step = candidates_lib.load_solver(config.models.student, step)
+    base_source = (config.models.student, base_step)
+  else:
+    base, base_source = models[which][0], (models[which][1], models[which][2])
+  logging.info("setup %s: finetuning %s (%s, step %d)", config.setup, which, *base_source)
+  base_eval = os.path.join(workdir, "base_eval.json")
+  if not os.path.isfile(base_eval):
+    _write_json(base_eval, evaluate(config, task, base))
+  evals = {"base": _read_json(base_eval)}
+  budget_row = next(q for q in quality_rows if q["budget"]["se"] == config.budget.finetune)
+  data_stats = {}
+  for source in SOURCES:
+    k = budget_row["budget"][source]
+    pairs = quality.answer_filtered(sets[source], k)
+    rows = finetune_rows(pairs, task.tokenizer, config.data.seq_len)
+    data_stats[source] = {"samples_per_problem": k, "rows": len(rows),
+                          "problems": len({record["question"] for record, _ in pairs}),
+                          "false_positive_rate": float(np.mean([not c["correct"] for _, c in pairs]))
+                          if pairs else float("nan"),
+                          "distinct": len({(r["question"], " ".join(c["text"].split())) for r, c in pairs})}
+    if not rows:  # e.g. an untrained smoke solver: nothing to finetune on, said in the metrics
+      logging.warning("no %s candidate with a right answer fits data.seq_len: no finetune on %s data",
+                      source.upper(), source.upper())
+      evals[f"{source}_data"] = None
+      continue
+    logging.info("finetuning on %s data: %d rows (%d distinct) from %d problems, FPR %.3f", source.upper(),
+                 len(rows), data_stats[source]["distinct"], data_stats[source]["problems"],
+                 data_stats[source]["false_positive_rate"])
+    sub = os.path.join(workdir, f"on_{source}_data")
+    eval_path = os.path.join(sub, "eval.json")
+    if not os.path.isfile(eval_path):
+      tuned = finetune(config, sub, base, rows)
+      if tuned is None:
+        logging.warning("stopped before the end of the finetune on %s data; run again to resume", source)
+        return {}
+      _write_json(eval_path, evaluate(config, task, tuned))
+    evals[f"{source}_data"] = _read_json(eval_path)
+  metrics = {"setup": config.setup, "finetuned": which, "finetuned_from": list(base_source), "seed": config.seed,
+             "steps": config.train.steps, **{k: v for k, v in info.items() if k != "paths"},
+             "quality": quality_rows, "finetune_data": data_stats, "sampling": {s: metas[s]["stats"] for s in SOURCES},
+             "eval": evals, "wc_minus_se": {}}
+  for split in evals["base"]:
+    line = {name: "-" if e is None else f"{e[split]['accuracy']:.3f}" for name, e in evals.items()}
+    difference = "-"
+    if evals["wc_data"] is not None and evals["se_data"] is not None:
+      metrics["wc_minus_se"][split] = paired_difference(evals["wc_data"][split], evals["se_data"][split])
+      difference = "{:+.3f} ± {:.3f}".format(*metrics["wc_minus_se"][split])
+    logging.info("%s (%s finetuned): base %s, on WC data %s, on SE data %s, WC - SE %s", split, which, line["base"],
+                 line["wc_data"], line["se_data"], difference)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    _plot(workdir, quality_rows)
+  _write_json(os.path.join(workdir, "metrics.json"), metrics)
+  return metrics

@@ -1,0 +1,175 @@
+"""Compute-matched sampling: the budget arithmetic, coverage / diversity / false-positive rate and the
+answer-only filter on planted candidate sets, and the job end to end on planted candidates (every setup's
+configs validate)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from lwjax import candidates, reasoning_tasks
+from lwjax.models.gpt import GPT, GPTConfig
+from lwjax.projects.compute_matched import budget, job, quality, report
+from lwjax.training.checkpoint import Checkpointer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def _cfg(d_model, n_layers=2, vocab=256):
+  return GPTConfig(vocab_size=vocab, d_model=d_model, n_layers=n_layers, n_heads=2, n_kv_heads=2,
+                   head_dim=d_model // 2, d_ff=4 * d_model, max_seq_len=256)
+
+
+def test_budget_matching_arithmetic():
+  wc, se = _cfg(64), _cfg(128)
+  context = 100
+  # Forward FLOPs of a token: 2 x (non-embedding params + the head) + 2 x the attention scores.
+  dense = lambda c: c.num_params(include_embedding=False) + c.d_model * c.vocab_size  # noqa: E731
+  attention = lambda c: 2 * c.n_layers * c.n_heads * c.head_dim * context  # noqa: E731
+  for c in (wc, se):
+    assert budget.flops_per_token(c, context) == pytest.approx(2 * dense(c) + 2 * attention(c))
+  ratio = budget.cost_ratio(se, wc, context)
+  assert ratio == pytest.approx((dense(se) + attention(se)) / (dense(wc) + attention(wc)))
+  assert 3 < ratio < 4
+  assert [budget.matched_samples(k, ratio) for k in (1, 2, 4)] == [int(k * ratio) for k in (1, 2, 4)]
+  # The paper's Gemma2 pair: 27B / 9B = 3 samples per SE sample, not 2 by a rounding error.
+  assert budget.matched_samples(10, 27 / 9) == 30 and budget.matched_samples(1, 1.0) == 1
+  # WC never spends more than SE: k WC samples cost at most the SE budget.
+  for k in (1, 3, 7):
+    assert budget.matched_samples(k, ratio) * budget.flops_per_token(wc, context) <= (
+        k * budget.flops_per_token(se, context) + 1e-6)
+  with pytest.raises(ValueError, match="swap wc and se"):
+    budget.cost_ratio(wc, se, context)
+  with pytest.raises(ValueError, match="se_samples"):
+    budget.matched_samples(0, ratio)
+
+
+def _cand(text, answer_correct, correct):
+  return {"text": text, "answer_correct": answer_correct, "correct": correct}
+
+
+PLANTED = [  # three problems, four candidates each
+    {"index": 0, "record": {"question": "q0"}, "candidates": [
+        _cand("a b", True, True), _cand("a  b", True, True), _cand("c", True, False), _cand("x", False, False)]},
+    {"index": 1, "record": {"question": "q1"}, "candidates": [
+        _cand("x", False, False), _cand("y", False, False), _cand("d", True, False), _cand("e", True, True)]},
+    {"index": 2, "record": {"question": "q2"}, "candidates": [
+        _cand("x", False, False), _cand("y", False, False), _cand("z", False, False), _cand("w", False, False)]},
+]
+
+
+def test_coverage_diversity_fpr_and_filter_on_planted_sets():
+  assert quality.coverage(PLANTED, 1) == pytest.approx(1 / 3)
+  assert quality.coverage(PLANTED, 3) == pytest.approx(2 / 3)
+  assert quality.coverage(PLANTED, 4, "correct") == pytest.approx(2 / 3)
+  assert quality.coverage(PLANTED, 3, "correct") == pytest.approx(1 / 3)
+  # "a b" and "a  b" are one solution: problem 0 has {a b, c}, problem 1 {d, e}; problem 2 has none.
+  assert quality.diversity(PLANTED, 4) == pytest.approx(2.0)
+  assert quality.diversity(PLANTED, 2) == pytest.approx(1.0)
+  assert quality.false_positive_rate(PLANTED, 4) == pytest.approx(2 / 5)
+  assert quality.false_positive_rate(PLANTED, 2) == 0.0
+  assert np.isnan(quality.false_positive_rate(PLANTED[2:], 4))
+  kept = quality.answer_filtered(PLANTED, 3)
+  assert [(r["question"], c["text"]) for r, c in kept] == [("q0", "a b"), ("q0", "a  b"), ("q0", "c"), ("q1", "d")]
+  s = quality.summary(PLANTED, 4)
+  assert s["kept"] == 5 and s["sample_accuracy"] == pytest.approx(5 / 12)
+  with pytest.raises(ValueError, match="fewer candidates"):
+    quality.coverage(PLANTED, 5)
+
+
+def _save_solver(directory, cfg: GPTConfig, seed: int):
+  """A (random) solver run as `experiments/igsm_solver.py` leaves one: checkpoints/ with params and config."""
+  model = GPT(cfg, rngs=nnx.Rngs(seed))
+  ckpt = Checkpointer(os.path.join(directory, "checkpoints"), async_save=False)
+  ckpt.save(1, {"params": nnx.to_pure_dict(nnx.state(model))},
+            config=ml_collections.ConfigDict({"model": cfg.to_dict()}), force=True)
+  ckpt.close()
+
+
+def _plant(task, problems_records, n, rng):
+  """Candidates a solver might draw: the reference solution, one with a wrong first step but the right
+  answer (a false positive), and a wrong answer; labelled by the checker."""
+  out = []
+  for index, record in enumerate(problems_records):
+    sentences = record["solution"].split(" . ")
+    words = sentences[0].split()
+    words[-1] = str((int(words[-1]) + 1) % 23)
+    lucky = " . ".join([" ".join(words)] + sentences[1:])
+    wrong = record["solution"].rsplit(" ", 2)[0] + f" {(int(record['answer']) + 1) % 23} ."
+    texts = [record["solution"], lucky, wrong]
+    cands = [{"text": t, "num_tokens": len(t.split()), **candidates.label(task, record, t)}
+             for t in (texts[i] for i in rng.integers(0, 3, n))]
+    out.append({"index": index, "record": record, "candidates": cands})
+  return out
+
+
+def _main(tmp_path, arg, workdir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config",
+                         os.path.join(ROOT, "experiments/compute_matched.py") + f":{arg}", "--workdir", workdir],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_end_to_end_on_planted_candidates(tmp_path, monkeypatch):
+  """The kd setup (three models) on candidate sets planted where the job looks for them: quality numbers,
+  both finetunes, evaluations; a second run reads everything back."""
+  from experiments import compute_matched
+  _save_solver(tmp_path / "wc", _cfg(32), 0)
+  _save_solver(tmp_path / "se", _cfg(64), 1)
+  _save_solver(tmp_path / "student", _cfg(32), 2)
+  arg = "scale=smoke,setup=kd,wc=wc,se=se,student=student"
+  monkeypatch.chdir(tmp_path)
+  config = compute_matched.get_config(arg)
+  task = job.get_task(config)
+  models = job.load_models(config)
+  plan = job.plan(config, task, models)
+  assert plan["n"]["wc"] == budget.matched_samples(2, plan["cost_ratio"]) > plan["n"]["se"] == 2
+  c, rng = config.candidates, np.random.default_rng(0)
+  records = task.records(c.num_train, seed=c.record_seed, split="train")
+  planted = {}
+  for source in job.SOURCES:
+    model, workdir, step = models[source]
+    planted[source] = _plant(task, records, plan["n"][source], rng)
+    settings = {"workdir": os.path.abspath(workdir), "task": "igsm", "split": "train", "num": c.num_train,
+                "n": plan["n"][source], "temperature": c.temperature, "max_new_tokens": c.max_new_tokens,
+                "seed": config.seed * 7919 + job.SOURCES.index(source), "record_seed": c.record_seed,
+                "task_options": {"preset": "small", "train_ops": [1, 2, 3], "hard_ops": [4, 5]}, "step": step}
+    candidates.write(plan["paths"][source], planted[source],
+                     {"settings": settings, "checkpoint_step": step, "stats": {"generated_tokens": 1000,
+                                                                               "answer_accuracy": 0.5, "accuracy": 0.3}})
+  assert any(not c["correct"] and c["answer_correct"] for p in planted["wc"] for c in p["candidates"])
+  result = _main(tmp_path, arg, "kd")
+  assert result.returncode == 0, result.stderr[-3000:]
+  m = json.loads((tmp_path / "kd" / "metrics.json").read_text())
+  assert m["setup"] == "kd" and m["finetuned"] == "student" and m["steps"] == config.train.steps
+  for row in m["quality"]:
+    for source in job.SOURCES:
+      assert row[source] == quality.summary(planted[source], row["budget"][source])
+  k = m["finetune_data"]
+  assert k["wc"]["rows"] == len(quality.answer_filtered(planted["wc"], plan["n"]["wc"]))
+  assert k["se"]["false_positive_rate"] == pytest.approx(quality.false_positive_rate(planted["se"], 2))
+  for name in ("base", "wc_data", "se_data"):
+    assert set(m["eval"][name]) == {"test", "hard"} and m["eval"][name]["test"]["n"] == config.eval.num_test
+  assert set(m["wc_minus_se"]) == {"test", "hard"}
+  assert (tmp_path / "kd" / "on_wc_data" / "checkpoints").is_dir() and (tmp_path / "kd" / "coverage.png").is_file()
+  again = _main(tmp_path, arg, "kd")
+  assert again.returncode == 0 and "finetuning student" in again.stderr and "step 1/" not in again.stderr
+  assert json.loads((tmp_path / "kd" / "metrics.json").read_text())["eval"] == m["eval"]
+  table = report.finetune_table(report.load_runs(str(tmp_path)), "test")
+  assert table.splitlines()[2].startswith("| distillation (student finetuned) | 1 |")
+
+
+@pytest.mark.parametrize("scale", ("smoke", "cpu", "gpu", "paper"))
+def test_every_scale_and_setup_validates(scale):
+  from experiments import compute_matched
+  from lwjax import jobs
+  from lwjax.config import ConfigError
+  for setup in job.SETUPS:
+    jobs.get(compute_matched.get_config(f"scale={scale},setup={setup}"))
+  with pytest.raises(ConfigError, match="budget.finetune"):
+    jobs.get(compute_matched.get_config(f"scale={scale},budget=5"))
