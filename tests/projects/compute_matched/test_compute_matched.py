@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lwjax import candidates, reasoning_tasks
+from lwjax import candidates
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.projects.compute_matched import budget, job, quality, report
 from lwjax.training.checkpoint import Checkpointer
