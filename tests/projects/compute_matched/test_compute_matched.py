@@ -139,9 +139,9 @@ def test_smoke_end_to_end_on_planted_candidates(tmp_path, monkeypatch):
                 "n": plan["n"][source], "temperature": c.temperature, "max_new_tokens": c.max_new_tokens,
                 "seed": config.seed * 7919 + job.SOURCES.index(source), "record_seed": c.record_seed,
                 "task_options": {"preset": "small", "train_ops": [1, 2, 3], "hard_ops": [4, 5]}, "step": step}
+    stats = {"generated_tokens": 1000, "answer_accuracy": 0.5, "accuracy": 0.3}
     candidates.write(plan["paths"][source], planted[source],
-                     {"settings": settings, "checkpoint_step": step, "stats": {"generated_tokens": 1000,
-                                                                               "answer_accuracy": 0.5, "accuracy": 0.3}})
+                     {"settings": settings, "checkpoint_step": step, "stats": stats})
   assert any(not c["correct"] and c["answer_correct"] for p in planted["wc"] for c in p["candidates"])
   result = _main(tmp_path, arg, "kd")
   assert result.returncode == 0, result.stderr[-3000:]
