@@ -54,6 +54,11 @@ step serving_llama3_8b 150 python3 -m benchmarks.serving --model llama3_8b --dty
   --requests 128 --max_num_seqs 64 --num_pages 8192 --page_size 16 --prefill_chunk 512 --max_batch_tokens 2048 \
   --workloads lmsys_chat
 
+# Hybrid decoding at the Llama-3.2-1B shape (random weights, bf16): ms per decode step of the teacher GPT vs its
+# 50% and 0% attention hybrids as the cache grows, then speculative decoding (random draft: exactness and timing).
+step hybrid_decode_gpt_1b 90 python3 -m benchmarks.hybrid_decode --preset gpt_1b --dtype bfloat16 --rows 8 \
+  --lengths 512,2048,4096 --prompts 2 --new_tokens 64
+
 # Timing: gpt_1b (Llama-3.2-1B shape) on one card, bf16 compute with fp32 master weights; what is left of the budget.
 step train_throughput_gpt_1b $((BUDGET_S - SECONDS > 30 ? BUDGET_S - SECONDS : 30)) python3 -m benchmarks.train_throughput \
   --config experiments/lm_pretrain.py:scale=gpu,model=gpt_1b \
@@ -64,6 +69,7 @@ step train_throughput_gpt_1b $((BUDGET_S - SECONDS > 30 ? BUDGET_S - SECONDS : 3
   printf '\n## kernels\n\n```\n'; grep -v '^\s*$' "$OUT/kernels.log" | grep -v '^WARNING\|^I0\|^W0' | tail -n 40
   printf '```\n\n## gamengen_fps\n\n```\n'; grep -v '^WARNING\|^I0\|^W0' "$OUT/gamengen_fps.log" | tail -n 14
   printf '```\n\n## serving_llama3_8b\n\n```\n'; grep -v '^WARNING\|^I[0-9]\|^W[0-9]' "$OUT/serving_llama3_8b.log" | tail -n 12
+  printf '```\n\n## hybrid_decode_gpt_1b\n\n```\n'; grep -v '^WARNING\|^I[0-9]\|^W[0-9]' "$OUT/hybrid_decode_gpt_1b.log" | tail -n 12
   printf '```\n\n## train_throughput_gpt_1b\n\n```\n'; tail -n 6 "$OUT/train_throughput_gpt_1b.log"; printf '```\n'
 } >> "$OUT/summary.md"
 cat "$OUT/summary.md"

@@ -1,6 +1,7 @@
 """Hybrid decoding speed (The Mamba in the Llama, arXiv 2408.15237, Sec. 4-5), as ratios measured in one run.
 
   python -m benchmarks.hybrid_decode                                   # random weights, the cpu shapes
+  python -m benchmarks.hybrid_decode --preset gpt_1b --dtype bfloat16   # random weights, a preset's shape (GPU)
   python -m benchmarks.hybrid_decode --teacher runs/lm_cpu --hybrid runs/distill_cpu/attention/sft \\
       --draft runs/lm_draft_cpu --prompts 8
 
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -24,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lwjax.models import gpt, mamba_hybrid as mh
-from lwjax.projects.mamba_distill import job as mamba_distill
+from lwjax.models import gpt, mamba_hybrid as mh, presets
 from lwjax.serving import speculative
 from lwjax.training import checkpoint
 
@@ -66,6 +67,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--teacher", default="", help="lm_pretrain workdir (default: random weights, cpu shape)")
   parser.add_argument("--hybrid", default="", help="a mamba_distill stage directory (with hybrid.json)")
+  parser.add_argument("--preset", default="", help="random weights of this shape (lwjax.models.presets)")
+  parser.add_argument("--dtype", default="float32", help="compute dtype of the random-weight models")
   parser.add_argument("--draft", default="", help="lm_pretrain workdir of a smaller GPT used as the draft")
   parser.add_argument("--rows", type=int, default=8)
   parser.add_argument("--lengths", default="128,512,1024,2048")
@@ -74,12 +77,13 @@ def main() -> None:
   parser.add_argument("--new_tokens", type=int, default=96)
   args = parser.parse_args()
 
-  teacher = _load_gpt(args.teacher) if args.teacher else nnx.jit(lambda: gpt.GPT(CPU_SHAPE, rngs=nnx.Rngs(0)))()
+  shape = dataclasses.replace(presets.PRESETS[args.preset] if args.preset else CPU_SHAPE, dtype=args.dtype)
+  teacher = _load_gpt(args.teacher) if args.teacher else nnx.jit(lambda: gpt.GPT(shape, rngs=nnx.Rngs(0)))()
   cfg = teacher.cfg
   half = nnx.jit(lambda t: mh.HybridGPT.from_teacher(
       t, mh.HybridConfig(gpt=cfg, mamba_layers=mh.every_other_layer(cfg.n_layers, 0.5)), rngs=nnx.Rngs(1)))(teacher)
   if args.hybrid:
-    half = mamba_distill.load_hybrid(args.hybrid)
+    half = mh.load(args.hybrid)
   pure = nnx.jit(lambda t: mh.HybridGPT.from_teacher(
       t, mh.HybridConfig(gpt=cfg, mamba_layers=tuple(range(cfg.n_layers))), rngs=nnx.Rngs(2)))(teacher)
   print(f"device: {jax.devices()[0].device_kind}; {args.rows} rows; ms per decode step (ratio to the teacher)")

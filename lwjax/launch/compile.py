@@ -9,12 +9,16 @@ lowered against the devices of the slice's topology (`jax.experimental.topologie
 TPU needed) and compiled by XLA's TPU compiler. Printed: per-chip memory (arguments, outputs, temporaries, the
 peak) against the chip's HBM, XLA's FLOP and byte counts per chip, a roofline step time (the larger of FLOPs
 over peak bf16 FLOP/s and bytes over HBM bandwidth) and the MFU that step time would give (6 N tokens of model
-FLOPs). Jobs: those trained by the core Trainer on language-model batches (`lm_pretrain`).
+FLOPs; for a hybrid, its teacher GPT's). Jobs: `lm_pretrain` (the GPT's step), and those whose job module
+defines `aot_trainer(config, devices)` (`mamba_distill`: the hybrid's first distillation stage, KL + CE to
+the teacher, whose shape is read from its checkpoint or named by `--config.teacher.preset`).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 
 from absl import app, flags
 
@@ -23,7 +27,7 @@ from lwjax.launch import host_command, tpu_types
 
 # Per chip: dense bf16 FLOP/s and HBM bandwidth (bytes/s), from the Cloud TPU system-architecture pages.
 CHIP_PEAKS = {"v4": (275e12, 1228e9), "v5e": (197e12, 819e9), "v5p": (459e12, 2765e9), "v6e": (918e12, 1640e9)}
-JOBS = ("lm_pretrain",)
+JOBS = ("lm_pretrain", "mamba_distill")
 PROG = "compile"
 
 
@@ -49,15 +53,20 @@ def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
   if config.job not in JOBS:
     raise ConfigError("job", f"{config.job!r} has no compile report yet", ", ".join(JOBS))
   devices = aot.tpu_devices(f"{slice_.generation.name}:{slice_.topology}")
-  trainer, model_cfg, seq_len = _lm_trainer(config, devices)
+  if config.job == "lm_pretrain":
+    trainer, model_cfg, seq_len = _lm_trainer(config, devices)
+  else:  # a job module's own step (the job registry imports it lazily)
+    from lwjax import jobs
+    trainer, model_cfg, seq_len = importlib.import_module(jobs.JOBS[config.job]).aot_trainer(config, devices)
   batch = config.train.global_batch_size
   abstract_batch = {name: jax.ShapeDtypeStruct((batch, seq_len), jnp.float32 if name == "loss_mask" else jnp.int32,
                                                sharding=trainer.batch_sharding) for name in BATCH_FIELDS}
-  compiled = trainer.jitted_train_step.lower(trainer.abstract_state, abstract_batch, None).compile()
+  compiled = trainer.jitted_train_step.lower(trainer.abstract_state, abstract_batch, trainer.reference).compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   peak_flops, bandwidth = CHIP_PEAKS[slice_.generation.name]
+  num_params = int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(trainer.abstract_state["params"])))
   flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
   step_s = max(flops / peak_flops, accessed / bandwidth)
   model_flops = model_cfg.flops_per_token(seq_len) * batch * seq_len
@@ -65,7 +74,7 @@ def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
   peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
       - memory.alias_size_in_bytes
   return {
-      "slice": slice_.describe(), "mesh": dict(trainer.mesh.shape), "parameters": model_cfg.num_params(),
+      "slice": slice_.describe(), "mesh": dict(trainer.mesh.shape), "parameters": num_params,
       "global_batch": batch, "seq_len": seq_len,
       "bytes_per_chip": {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
                          "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes,

@@ -22,7 +22,9 @@ logical axes, so a hybrid shards like the GPT.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import Any
 
 import jax
@@ -34,6 +36,7 @@ from lwjax.config import ConfigError, option, schema_of
 from lwjax.models import gpt
 from lwjax.models.gpt import GPTConfig, dense
 from lwjax.models.logical import constrain
+from lwjax.training import checkpoint
 
 _BTHP = ("batch", "length", "heads", "head_dim")
 
@@ -369,6 +372,67 @@ class HybridGPT(nnx.Module):
     the shorter length and overwritten by the next tokens."""
     return self._advance(tokens_bk, cache, accepted, recurrent=True)
 
+  # -- serving (lwjax.serving.engine): paged KV for the attention layers, per-slot states for the Mamba ones --
+
+  @property
+  def attention_layers(self) -> tuple[int, ...]:
+    return tuple(i for i, block in enumerate(self.layers) if not isinstance(block, MambaBlock))
+
+  def init_slot_states(self, num_slots: int, dtype=None) -> tuple[Any, ...]:
+    """Recurrent state pools for serving: per layer, None (attention) or the (conv, SSM) state of `num_slots`
+    sequences (`MambaMixer.init_state` with the slots as the batch)."""
+    dtype = dtype or self.gpt_cfg.dtype
+    return tuple(block.mixer.init_state(num_slots, dtype) if isinstance(block, MambaBlock) else None
+                 for block in self.layers)
+
+  def paged_step(self, tokens_bt, k_pools, v_pools, slots, page_table, lengths, nano_batches: int = 1,
+                 last_only: bool = False, *, states, state_slots, fresh, num_new):
+    """`GPT.paged_step` for a hybrid: the attention layers read and write the paged KV cache (k_pools, v_pools
+    hold the attention layers' pools only, in layer order); each Mamba layer gathers row b's state from
+    `states` at `state_slots[b]` (zeros where `fresh[b]`: the row starts its sequence), advances it by the
+    row's `num_new[b]` real tokens and scatters it back. Rows are left-padded as for the GPT; the Mamba
+    layers see them shifted to the left so the padding comes after the real tokens and leaves the state as
+    it was. Returns (logits, k_pools, v_pools, states)."""
+    if nano_batches != 1:
+      raise ValueError(f"nano_batches={nano_batches}: a hybrid serves with 1 (no nano-batch overlap)")
+    attention = self.attention_layers
+    if len(k_pools) != len(attention) or len(v_pools) != len(attention):
+      raise ValueError(f"k_pools/v_pools: {len(k_pools)}/{len(v_pools)} pools for {len(attention)} attention layers")
+    b, t = tokens_bt.shape
+    positions = jnp.maximum(lengths[:, None] - t + jnp.arange(t)[None, :], 0)
+    inv_freq = gpt.rope_frequencies(self.gpt_cfg)
+    num_new = jnp.asarray(num_new, jnp.int32)
+    shift = (t - num_new)[:, None]  # left-padding columns of each row
+    to_left = (jnp.arange(t)[None, :] + shift) % t  # real tokens first, padding after
+    to_right = (jnp.arange(t)[None, :] - shift) % t
+
+    def roll(x_btd, index_bt):
+      return jnp.take_along_axis(x_btd, index_bt[..., None], axis=1)
+
+    def gather(state):
+      fresh_mask = jnp.asarray(fresh, bool)
+      return jax.tree.map(lambda pool: jnp.where(fresh_mask.reshape(-1, *([1] * (pool.ndim - 1))), 0,
+                                                 pool[state_slots]).astype(pool.dtype), state)
+
+    x = self._embed(tokens_bt)
+    k_new, v_new, new_states = list(k_pools), list(v_pools), list(states)
+    for i, block in enumerate(self.layers):
+      if isinstance(block, MambaBlock):
+        state = gather(states[i])
+        if t == 1:  # decode rows: the recurrent update; a padding row (num_new 0) keeps its state
+          x, state = block.step(x, state, num_new)
+        else:
+          y, state = block(roll(x, to_left), state, num_new)
+          x = roll(y, to_right)
+        new_states[i] = jax.tree.map(lambda pool, new: pool.at[state_slots].set(new.astype(pool.dtype)),
+                                     states[i], state)
+      else:
+        j = attention.index(i)
+        x, (k_new[j], v_new[j]) = block.paged(x, positions, inv_freq, (k_pools[j], v_pools[j]), slots, page_table,
+                                              lengths)
+    logits = self._logits(x[:, -1:] if last_only else x)
+    return logits, tuple(k_new), tuple(v_new), tuple(new_states)
+
   def _advance(self, tokens_bt, cache: HybridCache, keep, *, recurrent: bool):
     """Runs t tokens from the cache's lengths; the Mamba layers by the scan or (`recurrent`) the multi-step
     update; every state advances by `keep [b]` tokens (all t when None)."""
@@ -385,3 +449,21 @@ class HybridGPT(nnx.Module):
         x, kv[i] = block(x, positions, inv_freq, cache_kv=kv[i], q_offset=start)
     advance = jnp.full((batch,), t, jnp.int32) if keep is None else jnp.asarray(keep, jnp.int32)
     return self._logits(x), HybridCache(tuple(kv), tuple(ssm), start + advance)
+
+
+HYBRID_CONFIG_FILE = "hybrid.json"  # next to a hybrid run's checkpoints/: what loads it as a HybridGPT
+
+
+def save_config(run_dir: str, cfg: HybridConfig) -> None:
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, HYBRID_CONFIG_FILE), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2)
+
+
+def load(run_dir: str) -> HybridGPT:
+  """The trained hybrid of a run directory (its `hybrid.json` and latest checkpoint)."""
+  with open(os.path.join(run_dir, HYBRID_CONFIG_FILE)) as f:
+    cfg = HybridConfig.from_dict(json.load(f))
+  model, _, _ = checkpoint.load_model(os.path.join(run_dir, "checkpoints"),
+                                      lambda saved: HybridGPT(cfg, rngs=nnx.Rngs(0)))
+  return model

@@ -39,39 +39,62 @@ DEFAULT_PARAMS = SamplingParams()  # frozen, so one instance can be every call's
 
 
 def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, page_table, lengths,
-         previous_tokens, previous_index, sampling_arrays, sample_rows, nano_batches):
-  """One group of rows: fill placeholders from the previous iteration's device tokens, run, sample."""
+         previous_tokens, previous_index, sampling_arrays, sample_rows, nano_batches, states, recurrent_rows):
+  """One group of rows: fill placeholders from the previous iteration's device tokens, run, sample.
+
+  A hybrid (Mamba layers) also takes its per-slot recurrent `states` and, per row, (state slot, fresh,
+  number of real tokens); a GPT gets None for both."""
   tokens = jnp.where(tokens == PLACEHOLDER, previous_tokens[previous_index], tokens)
   model = nnx.merge(graphdef, params)
-  logits, k_pools, v_pools = model.paged_step(tokens, k_pools, v_pools, (slot_pages, slot_offsets),
-                                              page_table, lengths, nano_batches, last_only=True)
-  return sample(logits[sample_rows, -1], *sampling_arrays), k_pools, v_pools
+  if states is None:
+    logits, k_pools, v_pools = model.paged_step(tokens, k_pools, v_pools, (slot_pages, slot_offsets),
+                                                page_table, lengths, nano_batches, last_only=True)
+  else:
+    state_slots, fresh, num_new = recurrent_rows
+    logits, k_pools, v_pools, states = model.paged_step(
+        tokens, k_pools, v_pools, (slot_pages, slot_offsets), page_table, lengths, nano_batches, last_only=True,
+        states=states, state_slots=state_slots, fresh=fresh, num_new=num_new)
+  return sample(logits[sample_rows, -1], *sampling_arrays), k_pools, v_pools, states
 
 
 @functools.lru_cache(maxsize=16)
 def _compiled_step(graphdef):
   """The jitted step for one model structure, shared by engines of that structure. The graph definition
   is bound here once: hashing it as a static argument on every call costs ~0.3 ms."""
-  return jax.jit(functools.partial(_run, graphdef), static_argnums=12, donate_argnums=(2, 3))
+  return jax.jit(functools.partial(_run, graphdef), static_argnums=12, donate_argnums=(2, 3, 13))
 
 
 class Engine:
-  """Serves a GPT: `add_request` queues work, `step` runs one iteration, `run_until_done` drains."""
+  """Serves a GPT: `add_request` queues work, `step` runs one iteration, `run_until_done` drains.
+
+  A hybrid (`lwjax.models.mamba_hybrid.HybridGPT`) is served the same way: its attention layers use the paged
+  KV cache, its Mamba layers a recurrent state per running sequence, kept in a slot of a state pool on the
+  device for as long as the sequence runs (a preempted sequence recomputes from its first token). The prefix
+  cache is off for hybrids: a shared KV prefix would not bring the Mamba state at its end with it.
+  """
 
   def __init__(self, model: GPT, *, num_pages: int = 256, page_size: int = 16, max_num_seqs: int = 16,
                max_batch_tokens: int = 512, prefill_chunk: int = 128, max_model_len: int | None = None,
                eos_id: int | None = None, detokenize: Callable[[list[int]], str] | None = None,
                kv_dtype=None, offload=None, async_scheduling: bool = True, nano_batches: int = 1):
-    cfg = model.cfg
+    self.hybrid = hasattr(model, "init_slot_states")
+    cfg = model.gpt_cfg if self.hybrid else model.cfg
+    if self.hybrid and (offload is not None or nano_batches != 1):
+      raise ValueError("a hybrid model serves without KV offload and with nano_batches=1 (its Mamba states are "
+                       "not in the prefix cache; its layers are not split into nano-batches)")
+    num_kv_layers = len(model.attention_layers) if self.hybrid else cfg.n_layers
     self.graphdef, self.params = nnx.split(model)
     self._run = _compiled_step(self.graphdef)
     self.eos_id, self.detokenize, self.vocab_size = eos_id, detokenize, cfg.vocab_size
     self.max_model_len = max_model_len or cfg.max_seq_len
     self.max_pages = -(-self.max_model_len // page_size)
     self.max_num_seqs, self.prefill_chunk = max_num_seqs, prefill_chunk
-    self.kv = PagedKVCache(num_layers=cfg.n_layers, kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+    self.kv = PagedKVCache(num_layers=num_kv_layers, kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                            num_pages=num_pages, page_size=page_size, dtype=kv_dtype or cfg.dtype,
-                           offload=offload)
+                           offload=offload, prefix_caching=not self.hybrid)
+    # Hybrids: one recurrent-state slot per running sequence, plus a last one that padding rows write to.
+    self.states = model.init_slot_states(max_num_seqs + 1) if self.hybrid else None
+    self._state_slots: dict[int, int] = {}
     self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
                                prefill_chunk=prefill_chunk)
     self._ids = itertools.count()
@@ -128,6 +151,7 @@ class Engine:
     self.num_iterations += 1
     for request in finished:
       self.requests.pop(request.id, None)
+      self._state_slots.pop(request.id, None)
     self.host_seconds += time.perf_counter() - start - (self.wait_seconds - wait_before)
     return finished
 
@@ -142,6 +166,10 @@ class Engine:
   def _dispatch(self, work: list[Work]):
     """Runs the iteration's decode rows and prefill chunks; returns [(sampling work, device tokens)]."""
     previous_tokens, previous_index = self._in_flight_tokens()
+    if self.hybrid:  # state slots of requests no longer running (preempted, finished) become free
+      running = {r.id for r in self.scheduler.running}
+      for request_id in [i for i in self._state_slots if i not in running]:
+        del self._state_slots[request_id]
     decodes = [w for w in work if len(w.tokens) == 1]
     chunks = [w for w in work if len(w.tokens) > 1]
     out = []
@@ -194,10 +222,26 @@ class Engine:
     padded = sampling + [sampling[0]] * (rows - len(sampling)) if sampling else group[:1] * rows
     arrays = batch_arrays([w.request.params for w in padded], [w.request.seed for w in padded],
                           [len(w.request.output) for w in padded])
-    new_tokens, self.kv.k, self.kv.v = self._run(
+    new_tokens, self.kv.k, self.kv.v, self.states = self._run(
         self.params, tokens, self.kv.k, self.kv.v, slot_pages, slot_offsets, page_table, all_lengths,
-        previous_tokens, source, arrays, sample_rows, self.nano_batches)
+        previous_tokens, source, arrays, sample_rows, self.nano_batches, self.states,
+        self._recurrent_rows(group, rows) if self.hybrid else None)
     return sampling, new_tokens
+
+  def _recurrent_rows(self, group: list[Work], rows: int):
+    """Per row of a hybrid's batch: its state slot, whether its sequence starts here, its real tokens."""
+    state_slots = np.full(rows, self.max_num_seqs, np.int32)  # padding rows: the spare slot
+    fresh = np.zeros(rows, bool)
+    num_new = np.zeros(rows, np.int32)
+    for row, w in enumerate(group):
+      request = w.request
+      if request.id not in self._state_slots:
+        used = set(self._state_slots.values())
+        self._state_slots[request.id] = next(i for i in range(self.max_num_seqs) if i not in used)
+      state_slots[row] = self._state_slots[request.id]
+      fresh[row] = request.num_computed == len(w.tokens)  # this work feeds the sequence's first tokens
+      num_new[row] = len(w.tokens)
+    return state_slots, fresh, num_new
 
   def _resolve(self, dispatched) -> list[Request]:
     """Reads sampled tokens, replaces placeholders, streams them, and retires finished requests."""

@@ -138,8 +138,10 @@ class PagedKVCache:
   """
 
   def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, num_pages: int, page_size: int,
-               dtype=jnp.bfloat16, offload=None):
-    self.offload = offload
+               dtype=jnp.bfloat16, offload=None, prefix_caching: bool = True):
+    if offload is not None and not prefix_caching:
+      raise ValueError("offload: KV offload restores prefix-cache blocks; it needs prefix_caching=True")
+    self.offload, self.prefix_caching = offload, prefix_caching
     shape = (kv_heads, num_pages, page_size, head_dim)
     self.k = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
     self.v = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
@@ -178,7 +180,7 @@ class PagedKVCache:
     if seq_id in self._seqs:
       raise ValueError(f"sequence {seq_id} already exists")
     # Recompute at least the last prompt token: its logits start generation.
-    hashes = block_hashes(prompt, self.page_size)[:(len(prompt) - 1) // self.page_size]
+    hashes = block_hashes(prompt, self.page_size)[:(len(prompt) - 1) // self.page_size] if self.prefix_caching else []
     shared = []
     for block_hash in hashes:
       page = self.allocator.lookup(block_hash)
@@ -274,7 +276,9 @@ class PagedKVCache:
     return [(seq.pages[block], offset) for block, offset in slots]
 
   def commit_blocks(self, seq_id: int, tokens: Sequence[int]) -> None:
-    """Publishes the sequence's full blocks (its `tokens` so far) to the prefix cache."""
+    """Publishes the sequence's full blocks (its `tokens` so far) to the prefix cache (when it is on)."""
+    if not self.prefix_caching:
+      return
     seq = self._seqs[seq_id]
     for page, block_hash in zip(seq.pages, block_hashes(tokens[:seq.length], self.page_size), strict=False):
       self.allocator.register(block_hash, page)

@@ -1,5 +1,8 @@
 """The `serve` job: loads a model (random, an lwjax checkpoint, or a Hugging Face Llama directory) and
-serves it over the OpenAI-compatible API on 127.0.0.1 (NanoFlow §4 front end)."""
+serves it over the OpenAI-compatible API on 127.0.0.1 (NanoFlow §4 front end).
+
+An lwjax checkpoint directory with a `hybrid.json` beside its checkpoints/ (a stage of the Mamba
+distillation, e.g. `runs/distill_cpu50/attention/sft`) is served as the hybrid it holds."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from flax import nnx
 
 from lwjax.config import ConfigError, Field, non_negative_int, positive_int, validate as validate_schema
 from lwjax.data import tokenizer as tokenizer_lib
-from lwjax.models import hf_llama
+from lwjax.models import hf_llama, mamba_hybrid
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.training import checkpoint
 
@@ -54,11 +57,22 @@ def validate(config) -> None:
                       "host memory)", "> 0, or disk_dir=''")
   if config.weights.source != "random" and not os.path.exists(config.weights.path):
     raise ConfigError("weights.path", f"{config.weights.path!r} does not exist", "an existing directory")
+  if _is_hybrid(config):
+    if config.engine.nano_batches != 1:
+      raise ConfigError("engine.nano_batches", "a hybrid (Mamba) model serves without nano-batches", "1")
+    if offload.host_bytes:
+      raise ConfigError("engine.kv_offload.host_bytes", "a hybrid (Mamba) model keeps no prefix cache to offload",
+                        "0")
   if config.tokenizer.kind == "sentencepiece" and not os.path.exists(config.tokenizer.path):
     raise ConfigError("tokenizer.path", f"{config.tokenizer.path!r} does not exist", "a sentencepiece model file")
 
 
-def load_model(config) -> GPT:
+def _is_hybrid(config) -> bool:
+  return config.weights.source == "lwjax_checkpoint" and os.path.isfile(
+      os.path.join(config.weights.path, mamba_hybrid.HYBRID_CONFIG_FILE))
+
+
+def load_model(config) -> GPT | mamba_hybrid.HybridGPT:
   """The served model from `config.weights`: random (`config.model`), an HF directory, or the latest
   checkpoint of an lwjax training workdir (its model shape comes from the config saved beside it)."""
   source, path = config.weights.source, config.weights.path
@@ -66,6 +80,9 @@ def load_model(config) -> GPT:
     return hf_llama.load(path)
   if source == "random":
     return GPT(GPTConfig.from_dict(config.model), rngs=nnx.Rngs(config.seed))
+  if _is_hybrid(config):
+    logging.info("serve: a hybrid (%s)", mamba_hybrid.HYBRID_CONFIG_FILE)
+    return mamba_hybrid.load(path)
   try:
     model, _, step = checkpoint.load_model(os.path.join(path, "checkpoints"),
                                            lambda saved: GPT(GPTConfig.from_dict(saved["model"]), rngs=nnx.Rngs(0)))

@@ -68,6 +68,19 @@ class Checkpointer:
     self._manager.close()
 
 
+def load_config(directory: str, step: int | None = None) -> dict:
+  """The run config saved with a checkpoint under `directory` (default: the latest step); no parameters read."""
+  directory = directory if "://" in directory else os.path.abspath(directory)
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {directory}")
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  finally:
+    manager.close()
+
+
 def load_model(directory: str, build: Callable[[dict], Any], step: int | None = None) -> tuple[Any, dict, int]:
   """The NNX model of a training run's checkpoint, on the default device: (model, run config, step).
 

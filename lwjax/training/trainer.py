@@ -118,7 +118,12 @@ class Trainer:
       self.reference_graphdef, ref_state = nnx.split(reference)
       ref_params = nnx.to_pure_dict(ref_state)
       ref_sh = sharding.param_shardings(ref_params, sharding.logical_axes(ref_state), self.mesh, self.rules)
-      self.reference = jax.device_put(ref_params, ref_sh)
+      if all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(ref_params)):
+        # An abstract reference (`nnx.eval_shape`): shapes only, for lowering the steps ahead of time.
+        self.reference = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      ref_params, ref_sh)
+      else:
+        self.reference = jax.device_put(ref_params, ref_sh)
     self.init_state = jax.jit(init, out_shardings=self.state_shardings)
     train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding, ref_sh),
                          out_shardings=(self.state_shardings, replicated), donate_argnums=0)

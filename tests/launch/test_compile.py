@@ -24,7 +24,21 @@ def test_train_step_compiles_for_a_4_chip_slice_and_reports_memory_and_roofline(
   assert "v5litepod-4" in text and "fits" in text
 
 
+@pytest.mark.skipif(not AVAILABLE, reason=f"libtpu unavailable: {WHY}")
+def test_hybrid_distillation_step_compiles_for_tpu_with_the_teacher_shape_by_name():
+  """The Mamba/attention hybrid's stage-1 step (SSD scan lowered for TPU, KL to an abstract teacher)."""
+  config = importlib.import_module("experiments.mamba_distill").get_config("scale=smoke,teacher=/nonexistent")
+  config.mesh.shape.update(data=2, fsdp=2, tensor=1)
+  with pytest.raises(ConfigError, match="^teacher.preset: empty"):
+    compile_lib.compile_train_step(config, tpu_types.parse("v5e", "2x2"))
+  config.teacher.preset = "gpt_tiny"
+  report = compile_lib.compile_train_step(config, tpu_types.parse("v5e", "2x2"))
+  gpt_tiny = importlib.import_module("configs.gpt").PRESETS["gpt_tiny"]
+  # The hybrid has the teacher's parameters plus each Mamba layer's gate, dt, conv, A, D and norm.
+  assert report["parameters"] > gpt_tiny.num_params() and report["fits"] and report["xla_flops_per_chip"] > 0
+
+
 def test_unsupported_job_is_refused():
-  config = importlib.import_module("experiments.mamba_distill").get_config("scale=smoke")
-  with pytest.raises(ConfigError, match="^job: 'mamba_distill' has no compile report yet"):
+  config = importlib.import_module("experiments.genrm").get_config("scale=smoke")
+  with pytest.raises(ConfigError, match="^job: 'genrm' has no compile report yet"):
     compile_lib.compile_train_step(config, tpu_types.parse("v5e", "2x2"))

@@ -1,5 +1,7 @@
-"""The serve job loads random weights, an lwjax training checkpoint, or a Hugging Face directory."""
+"""The serve job loads random weights, an lwjax training checkpoint (a GPT or a hybrid), or a Hugging Face
+directory; a hybrid answers over the OpenAI API as its own greedy decoding does."""
 
+import dataclasses
 import importlib
 
 import jax.numpy as jnp
@@ -9,10 +11,11 @@ from flax import nnx
 
 from lwjax import jobs
 from lwjax.config import ConfigError
-from lwjax.models import hf_llama
+from lwjax.models import hf_llama, mamba_hybrid as mh
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.projects.lm import pretrain
-from lwjax.serving import serve
+from lwjax.serving import serve, speculative
+from lwjax.training.checkpoint import Checkpointer
 
 serve_experiment = importlib.import_module("experiments.serve")
 lm_experiment = importlib.import_module("experiments.lm_pretrain")
@@ -41,6 +44,33 @@ def test_hf_checkpoint_round_trips_through_the_serve_job(tmp_path):
   config = serve_experiment.get_config("scale=smoke")
   config.weights.update(source="hf_checkpoint", path=str(tmp_path))
   np.testing.assert_allclose(serve.load_model(config)(TOKENS), model(TOKENS), atol=1e-6)
+
+
+def test_a_hybrid_checkpoint_is_served_over_the_openai_api(tmp_path):
+  from fastapi.testclient import TestClient
+
+  from lwjax.serving.server import create_app
+  config = serve_experiment.get_config("scale=smoke")
+  gpt_cfg = dataclasses.replace(GPTConfig.from_dict(config.model), n_layers=2)
+  hybrid = mh.HybridGPT(mh.HybridConfig(gpt=gpt_cfg, mamba_layers=(1,), chunk_size=8), rngs=nnx.Rngs(4))
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  ckpt.save(1, {"params": nnx.to_pure_dict(nnx.state(hybrid))}, config=config, force=True)
+  ckpt.close()
+  mh.save_config(str(tmp_path), hybrid.cfg)
+  config.weights.update(source="lwjax_checkpoint", path=str(tmp_path))
+  jobs.get(config)
+  model = serve.load_model(config)
+  assert isinstance(model, mh.HybridGPT) and model.cfg.mamba_layers == (1,)
+  np.testing.assert_allclose(model(TOKENS), hybrid(TOKENS), atol=1e-6)
+  tokenizer = serve.load_tokenizer(config)
+  with TestClient(create_app(serve.make_engine(config, model, tokenizer), tokenizer, model_name="hybrid")) as client:
+    r = client.post("/v1/completions", json={"model": "hybrid", "prompt": "Once", "max_tokens": 5, "temperature": 0})
+  assert r.status_code == 200, r.text
+  expected = speculative.greedy(hybrid, [tokenizer.bos_id] + tokenizer.encode("Once"), 5).tolist()
+  assert r.json()["choices"][0]["text"] == tokenizer.decode(expected)
+  config.engine.nano_batches = 2
+  with pytest.raises(ConfigError, match="^engine.nano_batches:"):
+    jobs.get(config)
 
 
 def test_missing_weights_name_the_key():

@@ -38,7 +38,9 @@ INITS = ("attention", "random")
 SCHEMA = {
     "job": Field(str), "seed": Field(int),
     "teacher": {"workdir": Field(str, doc="a finished lm_pretrain run (python main.py --config "
-                                          "experiments/lm_pretrain.py:scale=cpu --workdir runs/lm_cpu)")},
+                                          "experiments/lm_pretrain.py:scale=cpu --workdir runs/lm_cpu)"),
+                "preset": Field(str, doc="the teacher's shape by name (lwjax.models.presets) where its workdir has "
+                                         "no checkpoint yet: ahead-of-time compilation only; empty: the checkpoint's")},
     "hybrid": {
         "schedule": Field(str, doc="attention fractions of the stages, e.g. '0.5,0.25' (progressive)"),
         "init": Field(str, choices=INITS, doc="Mamba layers from the teacher's attention, or random"),
@@ -60,6 +62,34 @@ SCHEMA = {
     "eval": {"batch_size": positive_int()},
     "train": trainer_lib.SCHEMA, "optim": optim.SCHEMA, "mesh": mesh.SCHEMA,
 }
+
+
+def aot_trainer(config, devices):
+  """The first distillation stage's train step for ahead-of-time compilation (`lwjax.launch.compile`): the hybrid
+  at the schedule's first attention fraction, KL + CE to an abstract teacher, MLPs frozen, on a mesh of
+  `devices`. The teacher's shape comes from its checkpoint's config, else from `teacher.preset`. Returns
+  (trainer, the hybrid's GPT config, seq_len)."""
+  from lwjax.models import presets
+  from lwjax.training import mesh as mesh_lib
+  path = os.path.join(config.teacher.workdir, "checkpoints")
+  if config.teacher.preset:
+    if config.teacher.preset not in presets.PRESETS:
+      raise ConfigError("teacher.preset", f"unknown shape {config.teacher.preset!r}", ", ".join(presets.PRESETS))
+    gpt_cfg = presets.PRESETS[config.teacher.preset]
+  elif os.path.isdir(path):
+    gpt_cfg = GPTConfig.from_dict(checkpoint.load_config(path)["model"])
+  else:
+    raise ConfigError("teacher.preset", f"empty, and {config.teacher.workdir!r} holds no checkpoint to read the "
+                      "teacher's shape from", "a shape such as llama3_8b, or a trained teacher's workdir")
+  cfg = _hybrid_config(config, gpt_cfg, schedule(config)[0])
+  teacher = nnx.eval_shape(lambda: GPT(gpt_cfg, rngs=nnx.Rngs(0)))
+  seq_len = config.data.seq_len
+  trainer = trainer_lib.Trainer(config, "/tmp/lwjax-compile-unused", model_fn=lambda rngs: mh.HybridGPT(cfg, rngs=rngs),
+                                loss_fn=distill_loss(config.distill.kl_weight, config.distill.ce_weight),
+                                seq_len=seq_len, flops_per_token=gpt_cfg.flops_per_token(seq_len),
+                                mesh=mesh_lib.make_mesh(config.mesh.shape, devices),
+                                frozen=(lambda p: "mlp" in p) if config.distill.freeze_mlp else None, reference=teacher)
+  return trainer, gpt_cfg, seq_len
 
 
 def schedule(config) -> list[float]:
@@ -206,22 +236,6 @@ def _stage_params(teacher, cfg: mh.HybridConfig, previous: dict | None, previous
   return params
 
 
-def _write_hybrid_config(stage_dir: str, cfg: mh.HybridConfig) -> None:
-  """`hybrid.json` next to a stage's checkpoints: what loads the checkpoint as a HybridGPT (serving, benchmarks)."""
-  os.makedirs(stage_dir, exist_ok=True)
-  with open(os.path.join(stage_dir, "hybrid.json"), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2)
-
-
-def load_hybrid(stage_dir: str) -> mh.HybridGPT:
-  """The trained hybrid of a stage directory (its `hybrid.json` and latest checkpoint)."""
-  with open(os.path.join(stage_dir, "hybrid.json")) as f:
-    cfg = mh.HybridConfig.from_dict(json.load(f))
-  model, _, _ = checkpoint.load_model(os.path.join(stage_dir, "checkpoints"),
-                                      lambda saved: mh.HybridGPT(cfg, rngs=nnx.Rngs(0)))
-  return model
-
-
 def run(config, workdir: str) -> dict:
   teacher, run_config, tok, (train_docs, eval_docs) = load_teacher(config.teacher.workdir)
   gpt_cfg = teacher.cfg
@@ -259,7 +273,7 @@ def run(config, workdir: str) -> dict:
                                   loss_fn=distill_loss(d.kl_weight, d.ce_weight), seq_len=seq_len,
                                   frozen=(lambda path: "mlp" in path) if d.freeze_mlp else None, reference=teacher)
     logging.info("%s: Mamba layers %s, attention layers %s", name, cfg.mamba_layers, cfg.attention_layers)
-    _write_hybrid_config(os.path.join(workdir, name), cfg)
+    mh.save_config(os.path.join(workdir, name), cfg)
     trainer.fit(iter(rows_lib.shuffled_batches(pseudo, batch_size=batch, seed=config.seed + index)), init_params=start,
                 seed=config.seed)
     params = jax.device_get(trainer.restore_params())
@@ -273,7 +287,7 @@ def run(config, workdir: str) -> dict:
                                   seq_len=seq_len)
     sft_rows = rows_lib.shuffled_batches(train_rows, batch_size=batch, seed=config.seed + 100)
     trainer.fit(iter(sft_rows), init_params=params, seed=config.seed)
-    _write_hybrid_config(os.path.join(workdir, "sft"), cfg)
+    mh.save_config(os.path.join(workdir, "sft"), cfg)
     params = jax.device_get(trainer.restore_params())
     results["sft"] = {"mamba_layers": list(cfg.mamba_layers),
                       **evaluate(nnx.merge(trainer.graphdef, params), teacher, eval_rows, config.eval.batch_size)}

@@ -61,7 +61,7 @@ def test_smoke_distillation_end_to_end_and_resume(tmp_path):
   results = metrics["results"]
   assert set(results) == {"teacher", "stage0_attention0.5", "stage1_attention0", "sft"}
   assert results["teacher"]["teacher_agreement"] == 1.0 and results["stage1_attention0"]["mamba_layers"] == [0, 1]
-  hybrid = job.load_hybrid(str(tmp_path / "distill" / "sft"))
+  hybrid = mh.load(str(tmp_path / "distill" / "sft"))
   assert isinstance(hybrid, mh.HybridGPT) and hybrid.cfg.mamba_layers == (0, 1)
   again = main("--config", config, "--workdir", "distill")  # every stage finished: nothing retrains
   assert "first step took" not in again.stderr
