@@ -1,9 +1,13 @@
-"""Serve a GPT over the OpenAI-compatible API (NanoFlow-style engine).
+"""Serve a GPT or a Mamba/attention hybrid over the OpenAI-compatible API (NanoFlow-style engine).
 
   python main.py --config experiments/serve.py:scale=smoke --workdir runs/serve     # random gpt_tiny, bytes
   # the GPT of `python main.py --config experiments/lm_pretrain.py:scale=cpu --workdir runs/lm_cpu`:
   python main.py --config experiments/serve.py:scale=cpu --workdir runs/serve \
       --config.weights.source=lwjax_checkpoint --config.weights.path=runs/lm_cpu \
+      --config.tokenizer.kind=sentencepiece --config.tokenizer.path=runs/lm_cpu/tokenizer.model
+  # a distilled Mamba/attention hybrid (a stage directory of experiments/mamba_distill.py, with its hybrid.json):
+  python main.py --config experiments/serve.py:scale=cpu --workdir runs/serve \
+      --config.weights.source=lwjax_checkpoint --config.weights.path=runs/distill_cpu50/attention/sft \
       --config.tokenizer.kind=sentencepiece --config.tokenizer.path=runs/lm_cpu/tokenizer.model
   python main.py --config experiments/serve.py:scale=gpu --workdir runs/serve \
       --config.weights.source=hf_checkpoint --config.weights.path=/ckpt/Llama-3.2-1B

@@ -107,18 +107,52 @@ class Engine:
     self._in_flight = None
 
   def add_request(self, prompt: Sequence[int], params: SamplingParams = DEFAULT_PARAMS,
-                  on_token: Callable[[Request, int], None] | None = None) -> Request:
+                  on_token: Callable[[Request, int], None] | None = None, *,
+                  on_finish: Callable[[Request], None] | None = None, parent: Request | None = None,
+                  keep: int | None = None, retain_kv: bool = False) -> Request:
+    """Queues a request; `on_token(request, token)` streams its tokens, `on_finish(request)` runs when it ends.
+
+    A continuation: with `parent` (a finished request made with `retain_kv=True`), the request's tokens are the
+    parent's first `keep` tokens (default: all whose KV is cached) followed by `prompt`, and those `keep`
+    tokens' KV is the parent's, shared page by page and cut back to `keep` (never recomputed; copy-on-write
+    protects the parent). `retain_kv` keeps this request's own KV after it finishes, until `release`.
+    """
     if not prompt:
       raise ValueError("prompt: empty (valid: at least one token)")
-    if len(prompt) + params.max_tokens > self.max_model_len:
-      raise ValueError(f"prompt: {len(prompt)} tokens + max_tokens {params.max_tokens} exceed the context "
-                       f"of {self.max_model_len} (valid: a shorter prompt or fewer max_tokens)")
+    prefix: list[int] = []
+    if parent is not None and self.hybrid:
+      raise ValueError("parent: a hybrid's Mamba state is kept for a sequence's end only, not per position, so it "
+                       "cannot continue from a cut-back prefix (valid: parent=None)")
+    if parent is not None:
+      if parent.status != Status.FINISHED or parent.id not in self.kv:
+        raise ValueError(f"parent: request {parent.id} is not a finished request with retained KV (valid: one "
+                         "made with retain_kv=True that finished, not cancelled, and is not released)")
+      cached = self.kv.length(parent.id)
+      keep = cached if keep is None else keep
+      if not 0 <= keep <= cached:
+        raise ValueError(f"keep: {keep} outside [0, {cached}], the parent's cached tokens")
+      prefix = parent.tokens[:keep]
+    if len(prefix) + len(prompt) + params.max_tokens > self.max_model_len:
+      raise ValueError(f"prompt: {len(prefix) + len(prompt)} tokens + max_tokens {params.max_tokens} exceed the "
+                       f"context of {self.max_model_len} (valid: a shorter prompt or fewer max_tokens)")
     request_id = next(self._ids)
     seed = params.seed if params.seed is not None else request_id
-    request = Request(request_id, list(prompt), params, seed=seed, on_token=on_token)
+    request = Request(request_id, prefix + list(prompt), params, seed=seed, on_token=on_token, on_finish=on_finish,
+                      retain_kv=retain_kv)
+    if parent is not None:
+      self.kv.fork(parent.id, request_id)
+      self.kv.truncate(request_id, keep)
+      request.num_computed = keep
     self.requests[request_id] = request
     self.scheduler.add(request)
     return request
+
+  def release(self, request: Request) -> None:
+    """Frees the KV a finished `retain_kv` request kept (its continuations keep the pages they share)."""
+    if request.status != Status.FINISHED:
+      raise ValueError(f"request {request.id} is {request.status.value}: release it once it has finished")
+    if request.id in self.kv:
+      self.kv.free(request.id)
 
   def cancel(self, request_id: int) -> None:
     """Stops a request at the next iteration; its pages are freed then."""
@@ -152,6 +186,9 @@ class Engine:
     for request in finished:
       self.requests.pop(request.id, None)
       self._state_slots.pop(request.id, None)
+    for request in finished:  # after the bookkeeping: a callback may add requests (a continuation)
+      if request.on_finish is not None:
+        request.on_finish(request)
     self.host_seconds += time.perf_counter() - start - (self.wait_seconds - wait_before)
     return finished
 

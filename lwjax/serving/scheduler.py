@@ -32,6 +32,8 @@ class Request:
   params: SamplingParams
   seed: int
   on_token: Callable[[Request, int], None] | None = None
+  on_finish: Callable[[Request], None] | None = None
+  retain_kv: bool = False  # keep the KV cache when finished, for a continuation (Engine.add_request(parent=...))
   output: list[int] = dataclasses.field(default_factory=list)
   num_computed: int = 0  # leading tokens of prompt + output whose keys/values are cached
   status: Status = Status.WAITING
@@ -139,5 +141,6 @@ class Scheduler:
     if request.id in self.kv:
       self.kv.commit_blocks(request.id, request.tokens)
       self.kv.offload_blocks(request.id, request.tokens)
-      self.kv.free(request.id)
+      if not (request.retain_kv and reason != "cancelled"):
+        self.kv.free(request.id)
     request.status, request.finish_reason = Status.FINISHED, reason

@@ -1,10 +1,12 @@
 """OpenAI-compatible HTTP API over the engine (NanoFlow §4 serving front end), on FastAPI.
 
-`/v1/completions`, `/v1/chat/completions` (both with SSE streaming), `/v1/models`, `/health` and
-Prometheus `/metrics`. The engine runs in one background thread (`EngineThread`); request handlers
-talk to it through a submission queue and per-request asyncio queues, so the event loop never blocks
-on the device. Bad input gets a 400 naming the field, a full queue a 429, an unknown model a 404; on
-shutdown new requests get 503 while the running ones drain.
+`/v1/completions`, `/v1/chat/completions` (both with SSE streaming), `/v1/wim` (Writing in the Margins over
+a long context: each margin and its relevance streamed as an event while the context is still being read;
+the client exits early by closing the stream), `/v1/models`, `/health` and Prometheus `/metrics`. The engine
+runs in one background thread (`EngineThread`); request handlers talk to it through a submission queue and
+per-request asyncio queues, so the event loop never blocks on the device. Bad input gets a 400 naming the
+field, a full queue a 429, an unknown model a 404; on shutdown new requests get 503 while the running ones
+drain.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pydantic
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from lwjax.serving import wim
 from lwjax.serving.engine import Engine
 from lwjax.serving.sampling import SamplingParams
 
@@ -39,6 +42,7 @@ class EngineThread:
     self.accepting = True
     self.counters = {"requests_total": 0, "requests_rejected_total": 0, "generated_tokens_total": 0,
                      "prompt_tokens_total": 0}
+    self._wim_runs: dict[int, tuple] = {}  # out queue -> (WiM document, its event loop)
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._loop, name="lwjax-engine", daemon=True)
     self._thread.start()
@@ -65,6 +69,22 @@ class EngineThread:
   def cancel(self, out: asyncio.Queue) -> None:
     self._inbox.put(("cancel", out))
 
+  def submit_wim(self, make_run, prompt_tokens: int, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
+    """Queues a WiM document: `make_run(engine, on_event)` builds its `wim.WiMRequest` on the engine thread;
+    ("margin", Margin), ("answer", tokens), ("exit", margin) and finally ("done", run) arrive on the queue."""
+    with self._lock:
+      if not self.accepting:
+        raise fastapi.HTTPException(503, "server is shutting down")
+      if self._outstanding >= self.max_queued:
+        self.counters["requests_rejected_total"] += 1
+        raise fastapi.HTTPException(429, f"queue full ({self.max_queued} requests); retry later")
+      self._outstanding += 1
+      self.counters["requests_total"] += 1
+      self.counters["prompt_tokens_total"] += prompt_tokens
+    out: asyncio.Queue = asyncio.Queue()
+    self._inbox.put(("wim", make_run, out, loop))
+    return out
+
   def _loop(self) -> None:
     by_queue: dict[int, Any] = {}
     while not self._stop.is_set():
@@ -86,12 +106,45 @@ class EngineThread:
           self.engine.scheduler.finish(request, "error")
           del self.engine.requests[request.id]
       for request in finished:
-        out, loop = by_queue.pop(id(request))
+        entry = by_queue.pop(id(request), None)
+        if entry is None:  # a turn of a WiM document: its events go through the document
+          continue
+        out, loop = entry
         loop.call_soon_threadsafe(out.put_nowait, ("done", request))
         with self._lock:
           self._outstanding -= 1
+      self._retire_wim_runs()
+
+  def _retire_wim_runs(self) -> None:
+    for out in [o for o, (run, _) in self._wim_runs.items() if run.done]:
+      run, loop = self._wim_runs.pop(out)
+      loop.call_soon_threadsafe(out.put_nowait, ("done", run))
+      with self._lock:
+        self._outstanding -= 1
 
   def _handle(self, item, by_queue) -> None:
+    if item[0] == "wim":
+      _, make_run, out, loop = item
+
+      def on_event(kind, payload, out=out, loop=loop):
+        loop.call_soon_threadsafe(out.put_nowait, (kind, payload))
+      try:
+        run = make_run(self.engine, on_event)
+        self._wim_runs[out] = (run, loop)
+        run.start()
+      except Exception as e:  # e.g. a prompt over the context length: the document fails, not the server
+        logging.exception("WiM document refused")
+        self._wim_runs.pop(out, None)
+        loop.call_soon_threadsafe(out.put_nowait, ("error", str(e)))
+        with self._lock:
+          self._outstanding -= 1
+      return
+    if item[0] == "cancel_wim":
+      entry = self._wim_runs.get(item[1])
+      if entry is not None and not entry[0].done:
+        entry[0].cancel()
+      self._retire_wim_runs()
+      return
     if item[0] == "add":
       _, prompt, params, out, loop = item
 
@@ -129,6 +182,30 @@ class CompletionRequest(pydantic.BaseModel):
   stop: str | list[str] | None = None
   seed: int | None = None
   stream: bool = False
+
+
+WIM_EXTRACTION = ('\n\nGiven the above context, extract all information relevant to the query: "{query}". '
+                  'If the context is not relevant, answer "I don\'t know."\n')
+WIM_CLASSIFICATION = ('Query: "{query}"\nInformation: {margin}\n'
+                      'Is the information relevant to the query? Answer YES or NO.\n')
+WIM_ANSWER = "\n\nRelevant information:\n{margins}\n\nQuery: {query}\nAnswer:"
+
+
+class WiMBody(pydantic.BaseModel):
+  """A long context read with margins (the paper's prompts by default; `{query}`, `{margin}`, `{margins}`)."""
+  model_config = pydantic.ConfigDict(extra="ignore")
+  model: str
+  context: str = pydantic.Field(min_length=1)
+  query: str = pydantic.Field(min_length=1)
+  segment_tokens: int = pydantic.Field(256, ge=1)
+  max_margin_tokens: int = pydantic.Field(64, ge=1)
+  max_tokens: int = pydantic.Field(64, ge=1)
+  temperature: float = pydantic.Field(0.0, ge=0.0, le=100.0)
+  extraction_template: str = pydantic.Field(WIM_EXTRACTION, pattern=r"\{query\}")
+  classification_template: str = pydantic.Field(WIM_CLASSIFICATION, pattern=r"\{margin\}")
+  answer_template: str = pydantic.Field(WIM_ANSWER, pattern=r"\{margins\}")
+  relevant_prefix: str = pydantic.Field("YES", min_length=1)
+  stream: bool = True
 
 
 class ChatMessage(pydantic.BaseModel):
@@ -213,6 +290,57 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
   @app.post("/v1/chat/completions")
   async def chat_completions(req: ChatRequest):
     return await generate(req, chat_prompt(req.messages), chat=True)
+
+  @app.post("/v1/wim")
+  async def writing_in_the_margins(req: WiMBody):
+    if req.model != model_name:
+      return _error(404, f"model {req.model!r} not found (valid: {model_name!r})", "model")
+    if getattr(engine, "hybrid", False):
+      return _error(400, "a hybrid (Mamba) model cannot cut its state back to a segment's end", "model")
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    context = bos + tokenizer.encode(req.context)
+    segments = [context[i:i + req.segment_tokens] for i in range(0, len(context), req.segment_tokens)]
+    prompts = wim.WiMPrompts(
+        extraction=lambda query: tokenizer.encode(req.extraction_template.format(query=query)),
+        classification=lambda query, margin: bos + tokenizer.encode(
+            req.classification_template.format(query=query, margin=tokenizer.decode(margin))),
+        answer=lambda query, margins: tokenizer.encode(req.answer_template.format(
+            query=query, margins="\n".join(tokenizer.decode(m) for m in margins))),
+        is_relevant=lambda output: tokenizer.decode(output).strip().upper().startswith(req.relevant_prefix.upper()))
+    longest = len(context) + len(prompts.answer(req.query, [[0] * req.max_margin_tokens] * len(segments)))
+    if longest + req.max_tokens > engine.max_model_len:
+      return _error(400, f"context: {len(context)} tokens, with the margins and the answer up to {longest} + "
+                    f"max_tokens {req.max_tokens}, exceed the context length {engine.max_model_len}", "context")
+    sample = {"temperature": req.temperature}
+    margin_p = SamplingParams(max_tokens=req.max_margin_tokens, **sample)
+    classify_p = SamplingParams(max_tokens=4, temperature=0.0)
+    answer_p = SamplingParams(max_tokens=req.max_tokens, **sample)
+
+    def make_run(eng, on_event):
+      return wim.WiMRequest(eng, segments, req.query, prompts, margin_params=margin_p, classify_params=classify_p,
+                            answer_params=answer_p, on_event=on_event)
+    out = worker.submit_wim(make_run, len(context), asyncio.get_running_loop())
+    rid = f"wim-{uuid.uuid4().hex[:24]}"
+
+    def margin_event(m):
+      return {"id": rid, "object": "wim.margin", "segment": m.segment, "text": tokenizer.decode(m.tokens),
+              "relevant": m.relevant}
+    if req.stream:
+      return StreamingResponse(_stream_wim(worker, out, rid, margin_event, tokenizer),
+                               media_type="text/event-stream")
+    margins, answer = [], None
+    while True:
+      kind, value = await out.get()
+      if kind == "margin":
+        margins.append(margin_event(value))
+      elif kind == "answer":
+        answer = tokenizer.decode(value)
+      elif kind == "error":
+        return _error(400, value, "context")
+      elif kind == "done":
+        return {"id": rid, "object": "wim", "model": model_name, "segments": len(segments), "margins": margins,
+                "answer": answer, "usage": {"prompt_tokens": value.stats.prefill_tokens,
+                                            "completion_tokens": value.stats.decode_tokens}}
 
   @app.get("/v1/models")
   async def models():
@@ -302,3 +430,27 @@ async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, token
   finally:
     for q in pending.values():  # the client went away: stop generating for it
       worker.cancel(q)
+
+
+async def _stream_wim(worker: EngineThread, out: asyncio.Queue, rid: str, margin_event, tokenizer):
+  """SSE events of a WiM document: each margin (in segment order, with its relevance), then the answer, then
+  [DONE]. A client that closes the stream early (its question answered by a margin) cancels the document."""
+  finished = False
+  try:
+    while True:
+      kind, value = await out.get()
+      if kind == "margin":
+        yield f"data: {json.dumps(margin_event(value))}\n\n"
+      elif kind == "answer":
+        yield f"data: {json.dumps({'id': rid, 'object': 'wim.answer', 'text': tokenizer.decode(value)})}\n\n"
+      elif kind == "error":
+        yield f"data: {json.dumps({'id': rid, 'object': 'error', 'message': value})}\n\n"
+        finished = True
+        break
+      elif kind == "done":
+        finished = True
+        break
+    yield "data: [DONE]\n\n"
+  finally:
+    if not finished:
+      worker._inbox.put(("cancel_wim", out))

@@ -60,7 +60,8 @@ def _random_qkv(length, heads=4, kv_heads=2, dim=8, batch=2, seed=0):
   return q, k, v, jax.random.normal(ks[3], q.shape)
 
 
-@pytest.mark.parametrize("length,block", [(64, None), (70, 16), (33, 32), (8, None)])
+@pytest.mark.parametrize("length,block", [(64, None), pytest.param(70, 16, marks=pytest.mark.slow),
+                                          pytest.param(33, 32, marks=pytest.mark.slow), (8, None)])
 @pytest.mark.parametrize("packed", [False, True])
 def test_blocked_causal_attention_equals_the_reference_with_gradients(length, block, packed):
   q, k, v, out_grad = _random_qkv(length)

@@ -43,8 +43,10 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
 
 @pytest.mark.parametrize("engine_kwargs", [
     dict(num_pages=64, page_size=4, prefill_chunk=4, max_batch_tokens=16),  # chunked prefill
-    dict(num_pages=64, page_size=4, prefill_chunk=4, max_batch_tokens=16, async_scheduling=False),
-    dict(num_pages=64, page_size=4, prefill_chunk=4, max_batch_tokens=16, nano_batches=2),
+    pytest.param(dict(num_pages=64, page_size=4, prefill_chunk=4, max_batch_tokens=16, async_scheduling=False),
+                 marks=pytest.mark.slow),
+    pytest.param(dict(num_pages=64, page_size=4, prefill_chunk=4, max_batch_tokens=16, nano_batches=2),
+                 marks=pytest.mark.slow),
     dict(num_pages=9, page_size=4, prefill_chunk=8, max_batch_tokens=32),  # forces preemption
 ])
 def test_mixed_batches_equal_single_sequence_greedy_decoding(model, engine_kwargs):

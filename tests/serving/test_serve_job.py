@@ -22,6 +22,7 @@ lm_experiment = importlib.import_module("experiments.lm_pretrain")
 TOKENS = jnp.array([[5, 6, 7, 8]])
 
 
+@pytest.mark.slow
 def test_lwjax_checkpoint_is_served_with_its_saved_shape(tmp_path):
   train = lm_experiment.get_config("scale=smoke")
   train.train.update(steps=2, eval_every=0, checkpoint_every=2)
@@ -46,6 +47,7 @@ def test_hf_checkpoint_round_trips_through_the_serve_job(tmp_path):
   np.testing.assert_allclose(serve.load_model(config)(TOKENS), model(TOKENS), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_hybrid_checkpoint_is_served_over_the_openai_api(tmp_path):
   from fastapi.testclient import TestClient
 

@@ -163,3 +163,69 @@ def test_64_concurrent_streaming_clients_over_http(model):
   expected = [_offline_text(model, p, 4) for p in prompts]
   assert texts == expected
   assert not thread.is_alive() and not app.state.worker.accepting  # drained and stopped
+
+
+WIM_BODY = {"model": "tiny", "context": "abcdefghij", "query": "q", "segment_tokens": 4, "max_margin_tokens": 3,
+            "max_tokens": 3, "extraction_template": "?{query}", "classification_template": "{margin}",
+            "answer_template": "{margins}|{query}", "relevant_prefix": "a"}
+
+
+def _offline_wim(model):
+  """The same document read by `wim.WiMRequest` on an engine of its own: what the endpoint must stream."""
+  from lwjax.serving import wim
+  engine = _engine(model)
+  bos, enc = [TOK.bos_id], TOK.encode
+  context = bos + enc(WIM_BODY["context"])
+  prompts = wim.WiMPrompts(extraction=lambda q: enc(f"?{q}"), classification=lambda q, m: bos + enc(TOK.decode(m)),
+                           answer=lambda q, ms: enc("\n".join(TOK.decode(m) for m in ms) + f"|{q}"),
+                           is_relevant=lambda out: TOK.decode(out).strip().upper().startswith("A"))
+  greedy = SamplingParams(temperature=0.0, max_tokens=3)
+  run = wim.WiMRequest(engine, [context[i:i + 4] for i in range(0, len(context), 4)], "q", prompts,
+                       margin_params=greedy, classify_params=SamplingParams(temperature=0.0, max_tokens=4),
+                       answer_params=greedy).start()
+  engine.run_until_done()
+  return [(TOK.decode(m.tokens), m.relevant) for m in run.margins], TOK.decode(run.answer)
+
+
+def test_wim_streams_margins_in_order_then_the_answer(client, model):
+  with client.stream("POST", "/v1/wim", json=WIM_BODY) as r:
+    assert r.status_code == 200
+    events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+  margins, answer = _offline_wim(model)
+  assert [e["object"] for e in events] == ["wim.margin"] * 3 + ["wim.answer"]
+  assert [(e["text"], e["relevant"]) for e in events[:3]] == margins and [e["segment"] for e in events[:3]] == [0, 1, 2]
+  assert events[-1]["text"] == answer
+  body = client.post("/v1/wim", json={**WIM_BODY, "stream": False}).json()
+  assert [(m["text"], m["relevant"]) for m in body["margins"]] == margins and body["answer"] == answer
+  assert body["usage"]["prompt_tokens"] > len(WIM_BODY["context"])
+
+
+@pytest.mark.parametrize("change, status, param", [
+    ({"extraction_template": "no placeholder"}, 400, "extraction_template"),
+    ({"context": "x" * 80}, 400, "context"),
+    ({"segment_tokens": 0}, 400, "segment_tokens"),
+    ({"model": "other"}, 404, "model"),
+])
+def test_wim_bad_requests_name_the_field(client, change, status, param):
+  r = client.post("/v1/wim", json={**WIM_BODY, "stream": False, **change})
+  assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.slow
+def test_wim_client_leaving_early_cancels_the_document_and_frees_its_pages(model):
+  engine = _engine(model)
+  with TestClient(create_app(engine, TOK, model_name="tiny")) as c:
+    seen = []
+    with c.stream("POST", "/v1/wim", json={**WIM_BODY, "context": "abcdefghijklmnopqrst"}) as r:  # 6 segments
+      assert r.status_code == 200
+      for line in r.iter_lines():
+        if line.startswith("data: {"):
+          seen.append(json.loads(line[6:]))
+          break  # the first margin is enough: leave
+    assert seen[0]["object"] == "wim.margin" and seen[0]["segment"] == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (c.get("/health").json()["outstanding"] or engine.requests):
+      time.sleep(0.05)
+    assert c.get("/health").json()["outstanding"] == 0 and not engine.requests
+    assert engine.kv.allocator.num_free == 64
+    assert next(engine._ids) < 13  # a whole document: 6 turns, 6 relevance requests and the answer

@@ -23,6 +23,7 @@ def _logits(graphdef, params, tokens):
   return nnx.merge(graphdef, params)(tokens)
 
 
+@pytest.mark.slow
 def test_zero_initialised_adapters_leave_the_forward_unchanged():
   graphdef, base, tokens = _model()
   adapters = lora.init(base, lora.LoRAConfig(rank=4), jax.random.key(2))
