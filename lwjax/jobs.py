@@ -26,6 +26,7 @@ JOBS = {
     "lrp4rag": "lwjax.projects.lrp4rag.job",
     "mamba_distill": "lwjax.projects.mamba_distill.job",
     "serve": "lwjax.serving.serve",
+    "wim": "lwjax.projects.wim.job",
 }
 
 

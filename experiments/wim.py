@@ -1,0 +1,57 @@
+"""Writing in the Margins (arXiv 2408.14906): a small reader trained here on generated long-context tasks
+(retrieval, multi-hop variable tracking, common-words aggregation; `lwjax/projects/wim/tasks.py`), then WiM
+against full-context and retrieval-only reading of the same held-out documents on the serving engine.
+
+  python main.py --config experiments/wim.py:scale=smoke --workdir runs/wim_smoke              # seconds
+  python main.py --config experiments/wim.py:scale=cpu --workdir runs/wim_cpu                  # trains, then reads
+  python main.py --config experiments/wim.py:scale=cpu,base=runs/wim_cpu --workdir runs/wim_cpu_eval  # reads only
+
+Arguments: `scale` smoke|cpu|gpu|paper; `base` a trained reader's workdir (no training); `seed`.
+cpu: a 4-layer GPT (d_model 128) trained on documents of 1-8 segments of 48 words (up to ~450 tokens), evaluated
+on 1, 2, 4 and 8 segments. gpu/paper: segments of 512 words, documents up to 16 segments (~9k tokens): the
+paper's 4k-token segments need a pretrained long-context model, which is not trained here.
+"""
+
+import ml_collections
+
+from configs import common, gpt, mesh
+
+SCALES = ("smoke", "cpu", "gpu", "paper")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, choices={"scale": SCALES}, scale="cpu", base="", seed="0")
+  scale = args["scale"]
+  config = ml_collections.ConfigDict()
+  config.job = "wim"
+  config.seed = int(args["seed"])
+  config.base = args["base"]
+  config.model = gpt.get("gpt_tiny", vocab_size=448, max_seq_len=768, d_model=128, n_layers=4, n_heads=4,
+                         n_kv_heads=4, head_dim=32, d_ff=512)
+  config.task = ml_collections.ConfigDict({"names": "retrieval,multihop,aggregation", "segment_words": 48,
+                                          "train_segments": "1,2,3,4,6,8"})
+  config.data = ml_collections.ConfigDict({"seq_len": 512, "num_docs": 4000})
+  config.eval = ml_collections.ConfigDict({"segments": "1,2,4,8", "num_docs": 50, "margin_tokens": 40,
+                                          "answer_tokens": 12, "seed": 1})
+  config.engine = ml_collections.ConfigDict({"num_pages": 1024, "page_size": 16, "max_num_seqs": 32,
+                                            "max_batch_tokens": 1024, "prefill_chunk": 256})
+  config.train = common.train(steps=2000, global_batch_size=16, log_every=50, eval_every=0, checkpoint_every=500)
+  config.optim = common.optim(learning_rate=2e-3, warmup_steps=100, weight_decay=0.1)
+  config.mesh = mesh.get()
+  config.distributed = common.distributed()
+  if scale == "smoke":
+    config.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16, d_ff=64, max_seq_len=320)
+    config.task.update(segment_words=32, train_segments="1,2")
+    config.data.update(seq_len=160, num_docs=8)
+    config.eval.update(segments="1,2", num_docs=2, margin_tokens=8, answer_tokens=4)
+    config.engine.update(num_pages=128, page_size=8, max_num_seqs=8, max_batch_tokens=128, prefill_chunk=64)
+    config.train.update(steps=3, global_batch_size=4, log_every=1, checkpoint_every=3)
+  elif scale in ("gpu", "paper"):
+    config.model = gpt.get("gpt_125m", vocab_size=448, max_seq_len=10240)
+    config.task.update(segment_words=512, train_segments="1,2,4,8,16")
+    config.data.update(seq_len=9216, num_docs=50000)
+    config.eval.update(segments="1,2,4,8,16", num_docs=200)
+    config.engine.update(num_pages=8192, max_num_seqs=64, max_batch_tokens=8192, prefill_chunk=2048)
+    config.train.update(steps=20000, global_batch_size=32, log_every=100, checkpoint_every=1000)
+    config.optim.update(learning_rate=6e-4, warmup_steps=1000)
+  return config

@@ -1,0 +1,88 @@
+"""Training rows of the WiM reader (Writing in the Margins, arXiv 2408.14906): every prompt of `prompts` with its
+exact target, from generated documents of every task and length.
+
+Per document: a margin row for each segment (the context up to it, the extraction prompt, the segment's
+margin), a relevance row for each margin (and, for retrieval, one for a distractor fact of the segment, which
+is not relevant), and three answer rows: after the context with the kept margins, after the context alone (full
+context), and after the relevant segments alone (retrieval-only). A row is built when its batch is drawn
+(`batches`: a checkpointable Grain pipeline over (document, row) pairs), so long documents cost no memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grain
+
+from lwjax.data import rows as rows_lib
+from lwjax.projects.wim import prompts, tasks
+
+KINDS = ("margin", "relevance", "distractor", "answer_margins", "answer_full", "answer_retrieval")
+
+
+def row_specs(record: tasks.Record) -> list[tuple[str, int]]:
+  """(kind, segment or 0) of every row of `record`."""
+  specs = [("margin", i) for i in range(len(record.segments))]
+  specs += [("relevance", i) for i in range(len(record.segments))]
+  if record.task == "retrieval":
+    specs += [("distractor", i) for i, s in enumerate(record.segments) if _distractor(record, i) is not None]
+  return specs + [("answer_margins", 0), ("answer_full", 0), ("answer_retrieval", 0)]
+
+
+def _distractor(record: tasks.Record, index: int) -> str | None:
+  """A fact of segment `index` about another key than the queried one (retrieval), or None."""
+  words = record.segments[index].split()
+  key = record.query.split()[1]
+  for i, w in enumerate(words):
+    if w == "=" and words[i - 1] != key:
+      return f"{words[i - 1]} = {words[i + 1]} ."
+  return None
+
+
+def build_row(tok: tasks.WiMTokenizer, record: tasks.Record, kind: str, index: int, seq_len: int) -> dict | None:
+  """One training row (`rows.lm_row`: loss on the target only), None when longer than seq_len."""
+  bos, eos = [tok.bos_id], [tok.eos_id]
+  answer = tok.encode(" ".join(record.answer)) + eos
+  if kind == "margin":
+    context = bos + tok.encode(" ".join(record.segments[:index + 1]))
+    return rows_lib.lm_row(context + prompts.extraction(tok, record.query),
+                           tok.encode(record.margins[index]) + eos, seq_len)
+  if kind in ("relevance", "distractor"):
+    margin = record.margins[index] if kind == "relevance" else _distractor(record, index)
+    relevant = record.relevant[index] if kind == "relevance" else False
+    return rows_lib.lm_row(prompts.classification(tok, record.query, margin),
+                           tok.encode(tasks.YES if relevant else tasks.NO) + eos, seq_len)
+  if kind == "answer_margins":
+    kept = [m for m, r in zip(record.margins, record.relevant, strict=True) if r]
+    return rows_lib.lm_row(bos + tok.encode(record.context) + prompts.answer_with_margins(tok, record.query, kept),
+                           answer, seq_len)
+  if kind == "answer_full":
+    return rows_lib.lm_row(bos + tok.encode(record.context) + prompts.answer_direct(tok, record.query), answer,
+                           seq_len)
+  if kind == "answer_retrieval":
+    chosen = " ".join(s for s, r in zip(record.segments, record.relevant, strict=True) if r)
+    return rows_lib.lm_row(bos + tok.encode(chosen) + prompts.answer_direct(tok, record.query), answer, seq_len)
+  raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+
+
+def documents(num: int, *, seed: int, task_names: Sequence[str], num_segments: Sequence[int],
+              segment_words: int) -> list[tasks.Record]:
+  """`num` documents per task, lengths drawn from `num_segments`, tasks interleaved."""
+  per_task = [tasks.generate(t, num, seed=seed, num_segments=num_segments, segment_words=segment_words)
+              for t in task_names]
+  return [r for group in zip(*per_task, strict=True) for r in group]
+
+
+def batches(records: Sequence[tasks.Record], tok: tasks.WiMTokenizer, *, seq_len: int, batch_size: int,
+            seed: int) -> grain.IterDataset:
+  """Shuffled, repeated batches of every row of every record; rows over seq_len are replaced by another row
+  of the same record (a short one: its relevance row), so every batch is full."""
+  specs = [(i, kind, index) for i, r in enumerate(records) for kind, index in row_specs(r)]
+
+  def make(spec):
+    i, kind, index = spec
+    row = build_row(tok, records[i], kind, index, seq_len)
+    return row if row is not None else build_row(tok, records[i], "relevance", 0, seq_len)
+
+  return (grain.MapDataset.source(specs).shuffle(seed=seed).map(make).repeat().to_iter_dataset()
+          .batch(batch_size, drop_remainder=True))

@@ -1,0 +1,212 @@
+"""The WiM job (Writing in the Margins, arXiv 2408.14906, §3-4): train a small reader on the generated long-context
+tasks (or reuse one, `base`), then read held-out documents of every task and length three ways on the serving
+engine, same model, same documents:
+
+- WiM (`lwjax.serving.wim`): segment by segment with margins, relevance requests, the answer from the context
+  and the kept margins;
+- full context: the whole document in one prefill, then the answer;
+- retrieval-only: the segments whose margins WiM's classifier kept, without margins, then the answer.
+
+Scores: exact match (retrieval, multi-hop) or F1 (aggregation), ± standard error over documents; compute per
+document (tokens prefilled and decoded); WiM's time to its first margin; how often WiM's margins equal the
+exact ones and its relevance calls are right. `<workdir>/metrics.json`, `accuracy_<task>.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lwjax import plots
+from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.launch import distributed
+from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
+from lwjax.projects.wim import data as data_lib, prompts, tasks
+from lwjax.serving import wim
+from lwjax.serving.engine import Engine
+from lwjax.serving.sampling import SamplingParams
+from lwjax.training import checkpoint, losses, mesh, optim, trainer as trainer_lib
+
+METHODS = ("wim", "full", "retrieval")
+
+
+def _int_list(value: str) -> str | None:
+  try:
+    items = [int(v) for v in value.split(",")]
+  except ValueError:
+    return "expected comma-separated integers, e.g. '1,2,4,8'"
+  return None if items and min(items) >= 1 else "expected integers >= 1"
+
+
+def _task_list(value: str) -> str | None:
+  bad = [t for t in value.split(",") if t not in tasks.TASKS]
+  return f"unknown tasks {bad} (valid: {', '.join(tasks.TASKS)})" if bad or not value else None
+
+
+SCHEMA = {
+    "job": Field(str), "seed": Field(int), "base": Field(str, doc="a trained reader's workdir; empty: train one"),
+    "model": MODEL_SCHEMA,
+    "task": {"names": Field(str, check=_task_list), "segment_words": positive_int("words per segment"),
+             "train_segments": Field(str, check=_int_list, doc="document lengths in training, in segments")},
+    "data": {"seq_len": Field(int, min=8), "num_docs": positive_int("training documents per task")},
+    "eval": {"segments": Field(str, check=_int_list, doc="document lengths evaluated, in segments"),
+             "num_docs": positive_int("documents per task and length"), "margin_tokens": positive_int(),
+             "answer_tokens": positive_int(), "seed": Field(int)},
+    "engine": {"num_pages": positive_int(), "page_size": positive_int(), "max_num_seqs": positive_int(),
+               "max_batch_tokens": positive_int(), "prefill_chunk": positive_int()},
+    "train": trainer_lib.SCHEMA, "optim": optim.SCHEMA, "mesh": mesh.SCHEMA, "distributed": distributed.SCHEMA,
+}
+
+
+def parse_ints(value: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in value.split(","))
+
+
+def validate(config) -> None:
+  validate_schema(config, SCHEMA)
+  tok = tasks.WiMTokenizer()
+  if config.model.vocab_size < tok.vocab_size:
+    raise ConfigError("model.vocab_size", "too small for the WiM vocabulary", f">= {tok.vocab_size}")
+  # The answer request: the whole document, every margin kept at its longest, the prompts, the answer.
+  e = config.eval
+  longest = max(parse_ints(e.segments)) * (config.task.segment_words + e.margin_tokens + 1) + e.answer_tokens + 16
+  if config.model.max_seq_len < longest:
+    raise ConfigError("model.max_seq_len", f"the longest evaluated document needs about {longest} positions",
+                      f">= {longest}, or shorter eval.segments")
+  if config.base and not os.path.isdir(os.path.join(config.base, "checkpoints")):
+    raise ConfigError("base", f"{config.base!r} holds no checkpoints", "a finished wim run's workdir, or ''")
+
+
+def train_reader(config, workdir: str) -> GPT | None:
+  """The reader trained on every prompt of the pattern (None when stopped early: run again to resume)."""
+  cfg, tok = GPTConfig.from_dict(config.model), tasks.WiMTokenizer()
+  records = data_lib.documents(config.data.num_docs, seed=config.seed, task_names=config.task.names.split(","),
+                               num_segments=parse_ints(config.task.train_segments),
+                               segment_words=config.task.segment_words)
+  logging.info("reader: %d training documents, %d rows", len(records),
+               sum(len(data_lib.row_specs(r)) for r in records))
+  trainer = trainer_lib.Trainer(config, workdir, model_fn=lambda rngs: GPT(cfg, rngs=rngs), loss_fn=losses.lm_loss,
+                                flops_per_token=cfg.flops_per_token(config.data.seq_len), seq_len=config.data.seq_len)
+  train_iter = iter(data_lib.batches(records, tok, seq_len=config.data.seq_len,
+                                     batch_size=config.train.global_batch_size, seed=config.seed))
+  result = trainer.fit(train_iter, seed=config.seed)
+  if result["step"] < config.train.steps:
+    return None
+  return nnx.merge(trainer.graphdef, trainer.restore_params())
+
+
+def _engine(config, model: GPT, tok) -> Engine:
+  e = config.engine
+  return Engine(model, num_pages=e.num_pages, page_size=e.page_size, max_num_seqs=e.max_num_seqs,
+                max_batch_tokens=e.max_batch_tokens, prefill_chunk=e.prefill_chunk, eos_id=tok.eos_id)
+
+
+def _strip(tokens, eos):
+  return list(tokens[:-1]) if tokens and tokens[-1] == eos else list(tokens)
+
+
+def read(config, model: GPT, docs: list[tasks.Record]) -> dict:
+  """The three methods on `docs` (one task, one length): per method the scores and the compute per document."""
+  tok = tasks.WiMTokenizer()
+  greedy = SamplingParams(temperature=0.0, max_tokens=config.eval.answer_tokens)
+  engine = _engine(config, model, tok)
+  start = time.perf_counter()
+  runs = [wim.WiMRequest(engine, [tok.encode(s) for s in d.segments], d.query, prompts.wim_prompts(tok),
+                         margin_params=SamplingParams(temperature=0.0, max_tokens=config.eval.margin_tokens),
+                         classify_params=SamplingParams(temperature=0.0, max_tokens=2), answer_params=greedy)
+          for d in docs]
+  for run in runs:  # the document's context starts with bos, as in training
+    run.segments[0] = [tok.bos_id] + run.segments[0]
+    run.start()
+  engine.run_until_done()
+  wim_seconds = time.perf_counter() - start
+  # Full context, and retrieval-only over the segments WiM kept, as ordinary requests in one batch.
+  full = [engine.add_request([tok.bos_id] + tok.encode(d.context) + prompts.answer_direct(tok, d.query), greedy)
+          for d in docs]
+  chosen = [" ".join(s for s, m in zip(d.segments, run.margins, strict=True) if m.relevant) for d, run in
+            zip(docs, runs, strict=True)]
+  retrieval = [engine.add_request([tok.bos_id] + tok.encode(c) + prompts.answer_direct(tok, d.query), greedy)
+               for c, d in zip(chosen, docs, strict=True)]
+  engine.run_until_done()
+  eos = tok.eos_id
+
+  def summary(scores, prefill, decode):
+    scores = np.asarray(scores, float)
+    return {"score": float(scores.mean()), "se": float(scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1
+            else 0.0, "prefill_tokens": float(np.mean(prefill)), "decode_tokens": float(np.mean(decode))}
+
+  answer_cost = [(len(prompts.answer_with_margins(tok, d.query, [tok.decode(m.tokens) for m in r.margins
+                                                                  if m.relevant])), len(r.answer or []) + 1)
+                 for d, r in zip(docs, runs, strict=True)]
+  out = {
+      "wim": summary([tasks.score(d.task, tok.decode(r.answer or []), d.answer) for d, r in zip(docs, runs,
+                                                                                               strict=True)],
+                     [r.stats.prefill_tokens for r in runs], [r.stats.decode_tokens for r in runs]),
+      "full": summary([tasks.score(d.task, tok.decode(_strip(q.output, eos)), d.answer) for d, q in zip(docs, full,
+                                                                                                        strict=True)],
+                      [len(q.prompt) for q in full], [len(q.output) for q in full]),
+      "retrieval": summary(
+          [tasks.score(d.task, tok.decode(_strip(q.output, eos)), d.answer) for d, q in zip(docs, retrieval,
+                                                                                            strict=True)],
+          [r.stats.prefill_tokens - a + len(q.prompt) for r, (a, _), q in zip(runs, answer_cost, retrieval,
+                                                                              strict=True)],
+          [r.stats.decode_tokens - o + len(q.output) for r, (_, o), q in zip(runs, answer_cost, retrieval,
+                                                                             strict=True)]),
+  }
+  margins = [(tok.decode(m.tokens), m.relevant, want, relevant) for d, r in zip(docs, runs, strict=True)
+             for m, want, relevant in zip(r.margins, d.margins, d.relevant, strict=True)]
+  out["wim"].update(
+      margin_exact=float(np.mean([got == want for got, _, want, _ in margins])),
+      relevance_accuracy=float(np.mean([rel == want for _, rel, _, want in margins])),
+      first_margin_seconds=float(np.mean([r.first_margin_seconds for r in runs])), seconds=wim_seconds,
+      example={"query": docs[0].query, "margins": [tok.decode(m.tokens) for m in runs[0].margins],
+               "answer": tok.decode(runs[0].answer or []), "expected": " ".join(docs[0].answer)})
+  return out
+
+
+def _plot(workdir: str, task: str, lengths, results: dict) -> None:
+  names = {"wim": "WiM (margins)", "full": "full context", "retrieval": "retrieval-only"}
+  series = {names[m]: [(n, results[str(n)][m]["score"]) for n in lengths] for m in METHODS}
+  plots.line_chart(os.path.join(workdir, f"accuracy_{task}.png"), series,
+                   title=f"{task}: score vs document length", x_label="segments", y_label="exact match / F1",
+                   y_range=(0.0, 1.0))
+
+
+def run(config, workdir: str) -> dict:
+  if config.base:
+    model, _, step = checkpoint.load_model(os.path.join(config.base, "checkpoints"),
+                                           lambda saved: GPT(GPTConfig.from_dict(saved["model"]), rngs=nnx.Rngs(0)))
+    logging.info("reader: %s (step %d)", config.base, step)
+  else:
+    model = train_reader(config, workdir)
+    if model is None:
+      logging.warning("stopped before the end of training; run again to resume")
+      return {}
+  lengths = parse_ints(config.eval.segments)
+  metrics = {"base": config.base or workdir, "segment_words": config.task.segment_words, "results": {}}
+  for task in config.task.names.split(","):
+    metrics["results"][task] = {}
+    for n in lengths:
+      docs = tasks.generate(task, config.eval.num_docs, seed=config.eval.seed + 7919 * n, num_segments=n,
+                            segment_words=config.task.segment_words)
+      result = read(config, model, docs)
+      metrics["results"][task][str(n)] = result
+      logging.info("%s, %d segments: WiM %.3f, full context %.3f, retrieval-only %.3f (margins exact %.2f, "
+                   "relevance %.2f; prefill tokens %.0f / %.0f / %.0f)", task, n, result["wim"]["score"],
+                   result["full"]["score"], result["retrieval"]["score"], result["wim"]["margin_exact"],
+                   result["wim"]["relevance_accuracy"], result["wim"]["prefill_tokens"],
+                   result["full"]["prefill_tokens"], result["retrieval"]["prefill_tokens"])
+  metrics["short_context"] = {t: metrics["results"][t][str(lengths[0])]["full"]["score"] for t in metrics["results"]}
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    for task, results in metrics["results"].items():
+      _plot(workdir, task, lengths, results)
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2)
+  return metrics
