@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 
 from absl import app, flags
 
@@ -61,21 +62,32 @@ def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
   batch = config.train.global_batch_size
   abstract_batch = {name: jax.ShapeDtypeStruct((batch, seq_len), jnp.float32 if name == "loss_mask" else jnp.int32,
                                                sharding=trainer.batch_sharding) for name in BATCH_FIELDS}
-  compiled = trainer.jitted_train_step.lower(trainer.abstract_state, abstract_batch, trainer.reference).compile()
+  lowered = trainer.jitted_train_step.lower(trainer.abstract_state, abstract_batch, trainer.reference)
+  peak_flops, bandwidth = CHIP_PEAKS[slice_.generation.name]
+  num_params = int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(trainer.abstract_state["params"])))
+  hbm = slice_.generation.hbm_gib * 2**30
+  base = {"slice": slice_.describe(), "mesh": dict(trainer.mesh.shape), "parameters": num_params,
+          "global_batch": batch, "seq_len": seq_len, "grad_accum_steps": config.train.grad_accum_steps}
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:  # XLA refuses a program over HBM: that is the answer, not a crash
+    needed = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", str(e))
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    temporaries = float(needed.group(1)) * 1024 ** " KMGT".index(needed.group(2)) if needed else None
+    return {**base, "bytes_per_chip": {"temporaries": temporaries, "hbm": hbm}, "fits": False,
+            "xla_flops_per_chip": None, "xla_bytes_per_chip": None, "roofline_step_s": None, "bound": None,
+            "roofline_mfu": None, "error": str(e).splitlines()[0]}
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  peak_flops, bandwidth = CHIP_PEAKS[slice_.generation.name]
-  num_params = int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(trainer.abstract_state["params"])))
   flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
   step_s = max(flops / peak_flops, accessed / bandwidth)
   model_flops = model_cfg.flops_per_token(seq_len) * batch * seq_len
-  hbm = slice_.generation.hbm_gib * 2**30
   peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
       - memory.alias_size_in_bytes
   return {
-      "slice": slice_.describe(), "mesh": dict(trainer.mesh.shape), "parameters": num_params,
-      "global_batch": batch, "seq_len": seq_len,
+      **base,
       "bytes_per_chip": {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
                          "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes,
                          "peak": peak, "hbm": hbm},
@@ -88,9 +100,14 @@ def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
 def format_report(r: dict) -> str:
   gib = 2**30
   b = r["bytes_per_chip"]
+  head = [r["slice"], f"mesh {r['mesh']}; {r['parameters']:,} parameters; batch {r['global_batch']} x {r['seq_len']}"
+                      f" in {r['grad_accum_steps']} micro-batches"]
+  if r.get("error"):
+    need = f"{b['temporaries'] / gib:.1f} GiB of temporaries" if b["temporaries"] else "more than HBM"
+    return "\n".join(head + [f"per chip: DOES NOT FIT: XLA needs {need}, the chip has {b['hbm'] / gib:.0f} GiB HBM "
+                              "(more micro-batches: --config.train.grad_accum_steps, model.remat, or a larger slice)"])
   mfu = f"{r['roofline_mfu']:.1%}" if r["roofline_mfu"] is not None else "n/a"
-  return "\n".join([
-      r["slice"], f"mesh {r['mesh']}; {r['parameters']:,} parameters; batch {r['global_batch']} x {r['seq_len']}",
+  return "\n".join(head + [
       f"per chip: arguments {b['arguments'] / gib:.2f} GiB, outputs {b['outputs'] / gib:.2f} GiB, temporaries "
       f"{b['temporaries'] / gib:.2f} GiB, peak {b['peak'] / gib:.2f} of {b['hbm'] / gib:.0f} GiB HBM: "
       + ("fits" if r["fits"] else "DOES NOT FIT"),

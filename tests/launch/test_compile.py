@@ -42,3 +42,13 @@ def test_unsupported_job_is_refused():
   config = importlib.import_module("experiments.genrm").get_config("scale=smoke")
   with pytest.raises(ConfigError, match="^job: 'genrm' has no compile report yet"):
     compile_lib.compile_train_step(config, tpu_types.parse("v5e", "2x2"))
+
+
+@pytest.mark.skipif(not AVAILABLE, reason=f"libtpu unavailable: {WHY}")
+def test_a_step_over_hbm_is_reported_as_not_fitting_not_a_crash():
+  config = importlib.import_module("experiments.lm_pretrain").get_config("scale=smoke")
+  config.train.global_batch_size, config.data.seq_len = 1024, 4096  # ~18 GiB of logits alone on one v5e chip
+  config.model.max_seq_len = 4096
+  report = compile_lib.compile_train_step(config, tpu_types.parse("v5e", "1x1"))
+  assert not report["fits"] and report["bytes_per_chip"]["temporaries"] > report["bytes_per_chip"]["hbm"]
+  assert "DOES NOT FIT" in compile_lib.format_report(report) and "grad_accum_steps" in compile_lib.format_report(report)
