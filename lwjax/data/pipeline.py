@@ -256,6 +256,25 @@ def _packed_shard(docs: grain.MapDataset, shard: int, num_shards: int, tokenizer
   return rows.batch(batch_size, batch_fn=pad_batch)
 
 
+def process_share(ds: grain.IterDataset, global_batch_size: int, *, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+  """This process's rows of every global batch of `ds` (process p: rows [p * b, (p + 1) * b), b = global /
+  process_count), so the global batch of a step is the same whatever the number of processes.
+
+  For pipelines that are cheap to run whole on every host (generated rows, packed problems): each process
+  builds every global batch and keeps its share. `global_batch` then assembles the global array."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % process_count:
+    raise ValueError(f"train.global_batch_size: {global_batch_size} does not split over {process_count} processes "
+                     f"(valid: a multiple of {process_count})")
+  if process_count == 1:
+    return ds
+  local = global_batch_size // process_count
+  start = process_index * local
+  return ds.map(lambda batch: {k: v[start:start + local] for k, v in batch.items()})
+
+
 def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
   """Global [global_batch, seq_len] jax Arrays from each process's [local_batch, seq_len] rows."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

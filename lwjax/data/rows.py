@@ -9,6 +9,8 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from lwjax.data import pipeline
+
 
 def lm_row(prompt_ids: list[int], target_ids: list[int], seq_len: int, weight: float = 1.0) -> dict | None:
   """One row: the loss (weight `weight`) on `target_ids`, predicted after the prompt; None when the tokens
@@ -31,7 +33,10 @@ def stack(rows: list[dict]) -> dict:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def shuffled_batches(rows: list[dict], *, batch_size: int, seed: int) -> grain.IterDataset:
-  """Shuffled, repeated batches of `rows`; a checkpointable Grain dataset."""
-  return grain.MapDataset.source(rows).shuffle(seed=seed).repeat().to_iter_dataset().batch(batch_size,
-                                                                                            drop_remainder=True)
+def shuffled_batches(rows: list[dict], *, batch_size: int, seed: int, process_index: int | None = None,
+                     process_count: int | None = None) -> grain.IterDataset:
+  """Shuffled, repeated batches of `rows`; a checkpointable Grain dataset. `batch_size` is the global batch:
+  on several processes each gets its share of it (`pipeline.process_share`), the same rows as on one."""
+  ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat().to_iter_dataset().batch(batch_size,
+                                                                                          drop_remainder=True)
+  return pipeline.process_share(ds, batch_size, process_index=process_index, process_count=process_count)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from lwjax.data import igsm
+from lwjax.data import igsm, pipeline
 
 
 def parse_ops(text: str) -> tuple[int, ...]:
@@ -75,8 +75,11 @@ def _packed_fields(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def make_dataset(source: igsm.IGSMSource, tokenizer, *, seq_len: int, batch_size: int, mask_retries: bool,
-                 shuffle_seed: int | None, num_epochs: int | None = None, pack: bool = False) -> grain.IterDataset:
-  """Batches [batch_size, seq_len] of rows of `source` (packed with `pack`); a checkpointable Grain dataset."""
+                 shuffle_seed: int | None, num_epochs: int | None = None, pack: bool = False,
+                 process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+  """Batches [batch_size, seq_len] of rows of `source` (packed with `pack`); a checkpointable Grain dataset.
+  `batch_size` is the global batch: on several processes each keeps its share (`pipeline.process_share`), so
+  a step trains on the same rows whatever the number of processes."""
   ds = grain.MapDataset.source(source)
   if shuffle_seed is not None:
     ds = ds.shuffle(seed=shuffle_seed)
@@ -87,7 +90,8 @@ def make_dataset(source: igsm.IGSMSource, tokenizer, *, seq_len: int, batch_size
     lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
     ds = grain.experimental.FirstFitPackIterDataset(ds, length_struct=lengths, num_packing_bins=batch_size,
                                                     shuffle_bins=False).map(_packed_fields)
-  return ds.batch(batch_size, drop_remainder=num_epochs is None)
+  return pipeline.process_share(ds.batch(batch_size, drop_remainder=num_epochs is None), batch_size,
+                                process_index=process_index, process_count=process_count)
 
 
 def eval_records(ops: Sequence[int], num_per_op: int, *, seed: int, preset: str, fmt: str) -> list[dict]:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import grain
 
-from lwjax.data import rows as rows_lib
+from lwjax.data import pipeline, rows as rows_lib
 from lwjax.projects.wim import prompts, tasks
 
 KINDS = ("margin", "relevance", "distractor", "answer_margins", "answer_full", "answer_retrieval")
@@ -74,9 +74,10 @@ def documents(num: int, *, seed: int, task_names: Sequence[str], num_segments: S
 
 
 def batches(records: Sequence[tasks.Record], tok: tasks.WiMTokenizer, *, seq_len: int, batch_size: int,
-            seed: int) -> grain.IterDataset:
+            seed: int, process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
   """Shuffled, repeated batches of every row of every record; rows over seq_len are replaced by another row
-  of the same record (a short one: its relevance row), so every batch is full."""
+  of the same record (a short one: its relevance row), so every batch is full. `batch_size` is the global
+  batch; on several processes each keeps its share (`pipeline.process_share`)."""
   specs = [(i, kind, index) for i, r in enumerate(records) for kind, index in row_specs(r)]
 
   def make(spec):
@@ -84,5 +85,6 @@ def batches(records: Sequence[tasks.Record], tok: tasks.WiMTokenizer, *, seq_len
     row = build_row(tok, records[i], kind, index, seq_len)
     return row if row is not None else build_row(tok, records[i], "relevance", 0, seq_len)
 
-  return (grain.MapDataset.source(specs).shuffle(seed=seed).map(make).repeat().to_iter_dataset()
-          .batch(batch_size, drop_remainder=True))
+  ds = (grain.MapDataset.source(specs).shuffle(seed=seed).map(make).repeat().to_iter_dataset()
+        .batch(batch_size, drop_remainder=True))
+  return pipeline.process_share(ds, batch_size, process_index=process_index, process_count=process_count)
