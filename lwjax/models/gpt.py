@@ -266,6 +266,19 @@ class MLP(nnx.Module):
     return dense(h, self.w_down[...].astype(dt))
 
 
+def embed_tokens(model, cfg: GPTConfig, tokens_bt):
+  """[b, t] ids -> [b, t, d] embeddings of `model.embed` (a GPT or a model with its embedding, e.g. a hybrid)."""
+  x = jnp.take(model.embed[...], tokens_bt, axis=0).astype(cfg.dtype)
+  return constrain(x, ("batch", "length", "embed"))
+
+
+def output_logits(model, cfg: GPTConfig, x_btd):
+  """Final norm and the LM head (the tied embedding or `model.lm_head`): float32 logits [b, t, vocab]."""
+  head = model.embed[...].T if cfg.tie_embeddings else model.lm_head[...]
+  logits = dense(model.final_norm(x_btd), head.astype(cfg.dtype))
+  return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
 class Block(nnx.Module):
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg, rngs=rngs)
@@ -322,15 +335,10 @@ class GPT(nnx.Module):
                             fan_in=cfg.d_model)
 
   def _logits(self, x_btd):
-    x = self.final_norm(x_btd)
-    dt = self.cfg.dtype
-    head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    logits = dense(x, head.astype(dt))
-    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return output_logits(self, self.cfg, x_btd)
 
   def _embed(self, tokens_bt):
-    x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.cfg.dtype)
-    return constrain(x, ("batch", "length", "embed"))
+    return embed_tokens(self, self.cfg, tokens_bt)
 
   def _block_fn(self):
     """The per-layer function, rematerialised in the backward pass as configured."""

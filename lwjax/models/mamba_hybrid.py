@@ -315,14 +315,10 @@ class HybridGPT(nnx.Module):
     return model
 
   def _logits(self, x_btd):
-    g = self.gpt_cfg
-    head = self.embed[...].T if g.tie_embeddings else self.lm_head[...]
-    logits = dense(self.final_norm(x_btd), head.astype(g.dtype))
-    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return gpt.output_logits(self, self.gpt_cfg, x_btd)
 
   def _embed(self, tokens_bt):
-    x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.gpt_cfg.dtype)
-    return constrain(x, ("batch", "length", "embed"))
+    return gpt.embed_tokens(self, self.gpt_cfg, tokens_bt)
 
   def hidden(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None):
     """The last block's output [b, t, d]. Packed sequences (segment ids) are not supported by the Mamba layers."""
