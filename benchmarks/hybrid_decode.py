@@ -22,10 +22,10 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import decode_timing
 from lwjax.models import gpt, mamba_hybrid as mh, presets
 from lwjax.serving import speculative
 from lwjax.training import checkpoint
@@ -36,26 +36,7 @@ CPU_SHAPE = gpt.GPTConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_
 
 def decode_ms(model, rows: int, length: int, steps: int = 32) -> float:
   """ms per decode step at a cache of `length` tokens (filled by a prefill first)."""
-  graphdef, params = nnx.split(model)
-
-  @jax.jit
-  def run(params, cache, token):
-    m = nnx.merge(graphdef, params)
-
-    def body(_, carry):
-      token, cache = carry
-      logits, cache = m.decode_step(token, cache)
-      return jnp.argmax(logits, -1).astype(jnp.int32), cache
-    return jax.lax.fori_loop(0, steps, body, (token, cache))[0]
-
-  cache = model.init_cache(rows, length + steps + 1)
-  prefill = nnx.jit(lambda m, t, c: m.prefill(t, c))
-  _, cache = prefill(model, jnp.ones((rows, length), jnp.int32), cache)
-  token = jnp.zeros(rows, jnp.int32)
-  run(params, cache, token).block_until_ready()
-  start = time.perf_counter()
-  run(params, cache, token).block_until_ready()
-  return (time.perf_counter() - start) / steps * 1e3
+  return decode_timing.decode_ms(model, rows, filled=length, capacity=length + steps + 1, steps=steps)
 
 
 def _load_gpt(workdir):

@@ -8,33 +8,17 @@ their time in: each step attends over the whole preallocated cache, so the step 
 """
 
 import argparse
-import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks import decode_timing
 from lwjax.models.gpt import GPT, GPTConfig
 
 
 def step_ms(model: GPT, rows: int, max_len: int, steps: int) -> float:
-  graphdef, params = nnx.split(model)
-
-  @jax.jit
-  def run(params, token):
-    m = nnx.merge(graphdef, params)
-
-    def body(_, carry):
-      token, cache = carry
-      logits, cache = m.decode_step(token, cache)
-      return jnp.argmax(logits, -1).astype(jnp.int32), cache
-    return jax.lax.fori_loop(0, steps, body, (token, m.init_cache(rows, max_len)))[0]
-
-  token = jnp.zeros(rows, jnp.int32)
-  run(params, token).block_until_ready()
-  start = time.perf_counter()
-  run(params, token).block_until_ready()
-  return (time.perf_counter() - start) / steps * 1e3
+  """ms per decode step from an empty cache of `max_len` positions (every step attends over all of them)."""
+  return decode_timing.decode_ms(model, rows, filled=0, capacity=max_len, steps=steps)
 
 
 def main() -> None:
