@@ -1,10 +1,12 @@
-"""Line charts as PNG files with Pillow alone (no plotting library in the dependencies): learning curves and
-accuracy-vs-setting plots that sit next to the numbers they show."""
+"""Charts as PNG files with Pillow alone (no plotting library in the dependencies): line charts (learning curves,
+accuracy-vs-setting plots) and labelled heatmaps (e.g. LRP4RAG's relevance of answer tokens to prompt tokens,
+arXiv 2408.15533 Sec. 4), written next to the numbers they show."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -52,4 +54,44 @@ def line_chart(path: str, series: Mapping[str, Sequence[tuple[float, float]]], *
     ly = top + 8 + 18 * i
     draw.line([width - right + 10, ly + 6, width - right + 30, ly + 6], fill=colour, width=3)
     draw.text((width - right + 36, ly), name[:20], fill="black")
+  image.save(path)
+
+
+def diverging_colour(value: float, scale: float) -> tuple[int, int, int]:
+  """Diverging map: 0 white, +scale red, -scale blue."""
+  t = float(np.clip(value / scale, -1.0, 1.0)) if scale > 0 else 0.0
+  fade = int(round(255 * (1 - abs(t))))
+  return (255, fade, fade) if t >= 0 else (fade, fade, 255)
+
+
+def heatmap(path: str, matrix_ap, row_labels: Sequence[str], column_labels: Sequence[str], *,
+            title: Sequence[str] = ()) -> None:
+  """Writes `matrix_ap` [rows, columns] as a heatmap: rows labelled on the left (e.g. answer tokens), columns below,
+  written vertically (e.g. prompt tokens), colours diverging around 0 and scaled to the largest |value|; `title`
+  lines above."""
+  matrix = np.asarray(matrix_ap, np.float32)
+  rows, cols = matrix.shape
+  if (rows, cols) != (len(row_labels), len(column_labels)):
+    raise ValueError(f"matrix {matrix.shape} does not match {len(row_labels)} row x {len(column_labels)} "
+                     "column labels")
+  cell_w, cell_h = max(12, min(28, 1000 // max(cols, 1))), 28
+  label_h = 8 + 7 * max((len(t) for t in column_labels), default=1)
+  left, top = 12 + 7 * max((len(t) for t in row_labels), default=1), 16 + 14 * len(title)
+  width, height = left + cols * cell_w + 20, top + rows * cell_h + label_h + 24
+  image = Image.new("RGB", (width, height), "white")
+  draw = ImageDraw.Draw(image)
+  for i, line in enumerate(title):
+    draw.text((8, 6 + 14 * i), line, fill="black")
+  scale = float(np.max(np.abs(matrix))) if matrix.size else 0.0
+  for r in range(rows):
+    draw.text((6, top + r * cell_h + cell_h // 2 - 6), row_labels[r], fill="black")
+    for c in range(cols):
+      x, y = left + c * cell_w, top + r * cell_h
+      draw.rectangle([x, y, x + cell_w - 1, y + cell_h - 1], fill=diverging_colour(matrix[r, c], scale),
+                     outline=(220,) * 3)
+  for c, token in enumerate(column_labels):
+    label = Image.new("RGB", (label_h, 12), "white")
+    ImageDraw.Draw(label).text((0, 0), token, fill="black")
+    image.paste(label.rotate(90, expand=True), (left + c * cell_w + max(cell_w // 2 - 6, 0), top + rows * cell_h + 4))
+  draw.text((8, height - 16), f"red +, blue -; full colour = max |relevance| = {scale:.3g}", fill="black")
   image.save(path)

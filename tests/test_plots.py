@@ -1,4 +1,4 @@
-"""`lwjax.plots.line_chart`: a PNG of the right size whose pixels carry each series' colour."""
+"""`lwjax.plots`: line charts and heatmaps as PNGs of the right size whose pixels carry the right colours."""
 
 import numpy as np
 import pytest
@@ -18,3 +18,13 @@ def test_line_chart_draws_each_series(tmp_path):
   assert not (pixels == plots.COLOURS[2]).all(-1).any()
   with pytest.raises(ValueError, match="no points"):
     plots.line_chart(path, {}, title="t", x_label="x", y_label="y")
+
+
+def test_relevance_heatmap_writes_a_labelled_png(tmp_path):
+  path = str(tmp_path / "map.png")
+  plots.heatmap(path, np.array([[0.5, -1.0, 0.0]]), ["city3"], ["<bos>", "doc", "e1"], title=["t"])
+  image = Image.open(path)
+  assert image.size[0] > 3 * 12 and image.size[1] > 28
+  assert plots.diverging_colour(1.0, 1.0) == (255, 0, 0) and plots.diverging_colour(-1.0, 1.0) == (0, 0, 255)
+  with pytest.raises(ValueError, match="does not match"):
+    plots.heatmap(path, np.zeros((1, 2)), ["a"], ["x", "y", "z"])

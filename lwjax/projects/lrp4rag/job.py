@@ -29,12 +29,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from lwjax import plots
 from lwjax.config import ConfigError, DefaultedGroup, Field, positive_int, validate as validate_schema
 from lwjax.data import rows as rows_lib, tokenizer as tokenizer_lib
 from lwjax.launch import distributed
 from lwjax.models import hf_llama
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, DTYPES, GPT, GPTConfig
-from lwjax.projects.lrp4rag import classifiers, detectors, heatmap, signals
+from lwjax.projects.lrp4rag import classifiers, detectors, signals
 from lwjax.projects.lrp4rag.task import SCHEMA as TASK_SCHEMA, RagTask, TaskConfig, check as check_task
 from lwjax.relevance import attnlrp
 from lwjax.serving import batch_sampler
@@ -280,7 +281,7 @@ def write_heatmaps(workdir: str, task: RagTask, prompts, prompt_ids, answer_ids,
     title = [f"{name}: {group_of(task, p)} prompt, answer {answers[i]!r}",
              f"the passages state {stated}; the parametric knowledge is {memory}"]
     path = os.path.join(workdir, f"relevance_{name}.png")
-    heatmap.relevance_heatmap(path, rows[i]["relevance"], words(answer_ids[i]), words(prompt_ids[i]), title=title)
+    plots.heatmap(path, rows[i]["relevance"], words(answer_ids[i]), words(prompt_ids[i]), title=title)
     written[name] = {"index": i, "path": os.path.basename(path)}
   return written
 

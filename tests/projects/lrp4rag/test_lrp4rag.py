@@ -19,7 +19,7 @@ from experiments import lrp4rag as experiment
 from lwjax import jobs
 from lwjax.config import ConfigError
 from lwjax.models.gpt import GPT, GPTConfig
-from lwjax.projects.lrp4rag import classifiers, detectors, heatmap, signals
+from lwjax.projects.lrp4rag import classifiers, detectors, signals
 from lwjax.projects.lrp4rag.task import KINDS, Mix, Prompt, RagTask, TaskConfig
 from lwjax.relevance import attnlrp
 
@@ -216,16 +216,6 @@ def test_extract_groups_by_shape_and_returns_rows_in_order(monkeypatch):
   for p, a, row in zip(prompts, answers, rows, strict=True):
     assert row["relevance"].shape == (len(a), len(p)) and row["attention"].tolist() == p
     assert row["logprob"] == a[-1]
-
-
-def test_relevance_heatmap_writes_a_labelled_png(tmp_path):
-  path = str(tmp_path / "map.png")
-  heatmap.relevance_heatmap(path, np.array([[0.5, -1.0, 0.0]]), ["city3"], ["<bos>", "doc", "e1"], title=["t"])
-  image = Image.open(path)
-  assert image.size[0] > 3 * 12 and image.size[1] > 28
-  assert heatmap.colour(1.0, 1.0) == (255, 0, 0) and heatmap.colour(-1.0, 1.0) == (0, 0, 255)
-  with pytest.raises(ValueError, match="does not match"):
-    heatmap.relevance_heatmap(path, np.zeros((1, 2)), ["a"], ["x", "y", "z"])
 
 
 # ---- configs ----
