@@ -3,19 +3,23 @@
 The denoiser sees each frame many times (as a target, and in `context` windows as a past frame), so the
 frozen autoencoder encodes every frame of the recordings once, with its posterior mean times the latent
 scaling factor. The cache directory holds `meta.json` ({"recordings", "latent_shape", "geometry",
-"num_frames"}) and, per recording r and shard s, `r<r>-s<s>.latents.npy` (float16 [records, h, w, c]) and
-`r<r>-s<s>.actions.npy` (int32 [records]), read memory-mapped. `LatentWindowSource` numbers its windows
-exactly as `record.WindowSource` does over the same recordings (both use `record.EpisodeWindows`).
+"num_frames", "encoder": the autoencoder's parameter fingerprint}) and, per recording r and shard s,
+`r<r>-s<s>.latents.npy` (float16 [records, h, w, c]) and `r<r>-s<s>.actions.npy` (int32 [records]), read
+memory-mapped. `LatentWindowSource` numbers its windows exactly as `record.WindowSource` does over the same
+recordings (both use `record.EpisodeWindows`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 import tqdm
 from array_record.python.array_record_module import ArrayRecordReader
@@ -33,20 +37,31 @@ def _stem(recording: int, shard: int) -> str:
   return f"r{recording:03d}-s{shard:05d}"
 
 
+def fingerprint(params) -> str:
+  """A digest of a parameter tree's values: which autoencoder encoded a cache (a retrained one differs)."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return digest.hexdigest()[:16]
+
+
 def build_cache(recordings: Sequence[str], cache_dir: str, encode: EncodeFn, geometry: FrameGeometry, *,
-                batch_size: int) -> dict:
+                batch_size: int, encoder: str = "") -> dict:
   """Encodes every frame of `recordings` into `cache_dir`; returns the meta (also `meta.json`).
 
-  A cache whose meta matches (same recordings and geometry) is reused as is; the meta is written last,
-  so an interrupted build is redone.
+  A cache whose meta matches (same recordings, geometry and `encoder`, the autoencoder's `fingerprint`) is
+  reused as is; anything else, a retrained autoencoder included, rebuilds it. The meta is written last, so an
+  interrupted build is redone.
   """
   recordings = [os.path.abspath(r) for r in recordings]
   meta_path = os.path.join(cache_dir, META_FILE)
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       meta = json.load(f)
-    if meta["recordings"] == recordings and meta["geometry"] == dataclasses.asdict(geometry):
+    if (meta["recordings"] == recordings and meta["geometry"] == dataclasses.asdict(geometry)
+        and meta.get("encoder", "") == encoder):
       return meta
+    logging.info("latent cache %s: built for other recordings, geometry or autoencoder; encoding again", cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
   index = EpisodeWindows(recordings, context=0)
   dtype = record_dtype(index.frame_shape)
@@ -73,7 +88,7 @@ def build_cache(recordings: Sequence[str], cache_dir: str, encode: EncodeFn, geo
         np.save(os.path.join(cache_dir, _stem(r, s) + ".actions.npy"),
                 np.concatenate(actions) if actions else np.zeros((0,), np.int32))
   meta = {"recordings": recordings, "latent_shape": latent_shape, "geometry": dataclasses.asdict(geometry),
-          "num_frames": total}
+          "num_frames": total, "encoder": encoder}
   with open(meta_path + ".tmp", "w") as f:
     json.dump(meta, f, indent=1)
   os.replace(meta_path + ".tmp", meta_path)

@@ -98,3 +98,43 @@ def test_pipelines_give_deterministic_batches_with_per_example_seeds(recording, 
   it.set_state(state)
   np.testing.assert_array_equal(next(it)["seed"], after["seed"])  # checkpointable: resumes the same noise
   assert isinstance(grain.MapDataset.source(LatentWindowSource(cache, 2)), grain.MapDataset)
+
+
+def test_two_processes_hold_the_single_process_global_batch(recording, tmp_path):
+  """Each process reads only its own examples; together a step's local batches are the global batch of one
+  process (the same examples with the same noise seeds)."""
+  geometry = FrameGeometry(downsample=4, pad_multiple=32)
+  cache = str(tmp_path / "latents")
+  build_cache([recording], cache, _encode, geometry, batch_size=16)
+  pipelines = {
+      "frames": lambda **kw: data_lib.frame_dataset([recording], geometry, batch_size=4, shuffle_seed=1, **kw),
+      "latents": lambda **kw: data_lib.latent_window_dataset(cache, 2, batch_size=4, stride=4, shuffle_seed=0, **kw)}
+  for make in pipelines.values():
+    whole = iter(make(process_index=0, process_count=1))
+    halves = [iter(make(process_index=p, process_count=2)) for p in range(2)]
+    for _ in range(3):
+      one, two = next(whole), [next(h) for h in halves]
+      assert all(len(t["seed"]) == 2 for t in two)
+      merged = {k: np.concatenate([two[0][k], two[1][k]]) for k in one}
+      order_one, order_two = np.argsort(one["seed"]), np.argsort(merged["seed"])
+      for k in one:
+        np.testing.assert_array_equal(merged[k][order_two], one[k][order_one])
+  with pytest.raises(ValueError, match="^train.global_batch_size: 4 does not split over 3"):
+    data_lib.frame_dataset([recording], geometry, batch_size=4, process_index=0, process_count=3)
+
+
+def test_a_retrained_autoencoder_rebuilds_the_latent_cache(recording, tmp_path):
+  from lwjax.projects.gamengen import latents
+  geometry = FrameGeometry(downsample=4, pad_multiple=32)
+  cache = str(tmp_path / "latents")
+  first = latents.fingerprint({"w": np.ones(3, np.float32)})
+  assert first != latents.fingerprint({"w": np.full(3, 2.0, np.float32)})
+  build_cache([recording], cache, _encode, geometry, batch_size=16, encoder=first)
+  stamp = os.path.getmtime(os.path.join(cache, "meta.json"))
+  assert build_cache([recording], cache, _encode, geometry, batch_size=16, encoder=first)["encoder"] == first
+  assert os.path.getmtime(os.path.join(cache, "meta.json")) == stamp
+  doubled = build_cache([recording], cache, lambda x: 2 * _encode(x), geometry, batch_size=16, encoder="retrained")
+  assert doubled["encoder"] == "retrained"
+  z = LatentWindowSource(cache, 2, stride=4)[0]
+  f = WindowSource(recording, 2, stride=4)[0]
+  np.testing.assert_allclose(z["context"], 2 * _encode(geometry.to_model(f["frames"])), atol=4e-3)

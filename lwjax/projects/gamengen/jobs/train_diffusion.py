@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from lwjax.config import ConfigError, Field, non_negative_int, positive_int, validate as validate_schema
 from lwjax.data.pipeline import take_padded
@@ -114,8 +115,11 @@ def run(config, workdir: str) -> dict:
   encode_fn = jax.jit(lambda params, x: nnx.merge(ae_graphdef, params).encode(x)[0] * scale)
   encode = functools.partial(encode_fn, ae_params)
   cache_dir = os.path.join(workdir, "latents")
-  if jax.process_index() == 0:
-    latents_lib.build_cache(recordings, cache_dir, encode, geometry, batch_size=config.data.encode_batch_size)
+  if jax.process_index() == 0:  # one process encodes; the others wait for the whole cache
+    latents_lib.build_cache(recordings, cache_dir, encode, geometry, batch_size=config.data.encode_batch_size,
+                            encoder=latents_lib.fingerprint(ae_params))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("gamengen latent cache")
   num_episodes = len(EpisodeWindows(recordings, context=0).all_episodes)
   train_eps, eval_eps = split_episodes(num_episodes, config.data.held_out_episodes)
   eval_eps = eval_eps or train_eps
