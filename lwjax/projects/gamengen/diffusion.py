@@ -13,8 +13,8 @@ because it keeps unit-variance (scaled) latents at unit variance at every level,
 statistics do not depend on the level, and a = 0 leaves the context exactly clean. The level is discretised
 into `num_buckets` buckets whose index the model embeds (the paper adds a learned bucket embedding to the
 timestep embedding). Context dropout (p = 0.1) replaces an example's whole past-frame latent block by zeros,
-after augmentation, and keeps its actions: the sampler's classifier-free guidance on past frames uses the
-same zeros as its unconditional input.
+after augmentation, keeps its actions and gives it the bucket `DROPPED_CONTEXT_BUCKET`: the sampler's
+classifier-free guidance on past frames uses the same zeros and the same bucket as its unconditional input.
 """
 
 from __future__ import annotations
@@ -70,6 +70,11 @@ def eps_from_v(x_t: jax.Array, v: jax.Array, t_b: jax.Array, alphas_cumprod=ALPH
   """eps = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v."""
   s, n = _coefs(t_b, alphas_cumprod, x_t.ndim)
   return n * x_t + s * v
+
+
+# The bucket of a dropped (all-zero) context, in training and in the unconditional half of guidance: the zeros
+# carry no noise level, so both sides agree on one fixed bucket rather than a random one.
+DROPPED_CONTEXT_BUCKET = 0
 
 
 def noise_bucket(level: jax.Array, max_level: float = 0.7, num_buckets: int = 10) -> jax.Array:
@@ -135,6 +140,7 @@ def diffusion_loss(denoise: Denoiser, target_latent_bhwc: jax.Array, context_lat
   else:
     level_b, bucket_b = jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32)
   context, dropped_b = drop_context(context, drop_key, context_dropout)
+  bucket_b = jnp.where(dropped_b, DROPPED_CONTEXT_BUCKET, bucket_b)  # what guidance's unconditional half gets
   v = denoise(denoiser_input(x_t, context), t_b, bucket_b, actions_bn).astype(jnp.float32)
   mse_b = jnp.mean(jnp.square(v - v_target(x0, noise, t_b, alphas_cumprod)), axis=(1, 2, 3))
   metrics = {"context_dropped": jnp.sum(dropped_b.astype(jnp.float32)), "noise_level": jnp.sum(level_b)}

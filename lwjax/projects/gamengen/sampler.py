@@ -12,8 +12,8 @@ step is a full-noise-to-image jump, as the paper's 1-step ablation needs; "leadi
 The last step goes to alpha_bar = 1 (diffusers' `set_alpha_to_one=True`), i.e. it returns the x0 prediction.
 
 Classifier-free guidance is on the past frames only: `v = v_uncond + g (v_cond - v_uncond)`, uncond = the
-context latents replaced by zeros (what context dropout trains), actions kept; both halves go through one
-denoiser call of batch 2b; g == 1 makes one call of batch b. At inference the context can be noise-augmented
+context latents replaced by zeros and their bucket by the dropped-context one (what context dropout trains),
+actions kept; both halves go through one denoiser call of batch 2b; g == 1 makes one call of batch b. At inference the context can be noise-augmented
 at a fixed level with its matching bucket (default 0.0, bucket 0: the paper does not give an inference level).
 """
 
@@ -29,6 +29,7 @@ import numpy as np
 
 from lwjax.projects.gamengen.diffusion import (
   ALPHAS_CUMPROD,
+  DROPPED_CONTEXT_BUCKET,
   corrupt_context,
   denoiser_input,
   eps_from_v,
@@ -57,7 +58,8 @@ def guided_v(denoise: DenoiseFn, params, x_t_bhwc: jax.Array, context_bthwc: jax
     return denoise(params, denoiser_input(x_t_bhwc, context_bthwc), t_b, bucket_b, actions_bn)
   x_2bhwc = jnp.concatenate([denoiser_input(x_t_bhwc, context_bthwc),
                              denoiser_input(x_t_bhwc, jnp.zeros_like(context_bthwc))])
-  t_2b, bucket_2b, actions_2bn = (jnp.concatenate([a, a]) for a in (t_b, bucket_b, actions_bn))
+  t_2b, actions_2bn = (jnp.concatenate([a, a]) for a in (t_b, actions_bn))
+  bucket_2b = jnp.concatenate([bucket_b, jnp.full_like(bucket_b, DROPPED_CONTEXT_BUCKET)])  # as training drops
   v_cond, v_uncond = jnp.split(denoise(params, x_2bhwc, t_2b, bucket_2b, actions_2bn), 2)
   return v_uncond + guidance * (v_cond - v_uncond)
 

@@ -94,6 +94,24 @@ def test_context_dropout_zeroes_dropped_context_and_keeps_actions():
   assert seen["t"].shape == (b,) and int(seen["t"].min()) >= 0 and int(seen["t"].max()) < 1000
 
 
+def test_dropped_context_gets_the_bucket_guidance_uses():
+  b, c = 256, 2
+  target = jax.random.normal(jax.random.key(0), (b, 4, 4, c))
+  context = jax.random.normal(jax.random.key(1), (b, 2, 4, 4, c)) + 3.0
+  seen = {}
+
+  def denoise(x, t, bucket, acts):
+    seen.update(x=x, bucket=bucket)
+    return jnp.zeros(x.shape[:-1] + (c,))
+
+  dm.diffusion_loss(denoise, target, context, jnp.zeros((b, 2), jnp.int32), jax.random.key(2), noise_aug=True,
+                    context_dropout=0.3)
+  dropped = ~np.any(np.asarray(seen["x"][..., c:]).reshape(b, -1), axis=1)
+  buckets = np.asarray(seen["bucket"])
+  assert 0 < dropped.sum() < b
+  assert (buckets[dropped] == dm.DROPPED_CONTEXT_BUCKET).all() and len(set(buckets[~dropped].tolist())) > 3
+
+
 def test_loss_is_mean_v_mse_summed_over_batch():
   b, c = 3, 2
   target = jax.random.normal(jax.random.key(0), (b, 4, 4, c))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lwjax.projects.gamengen import sampler as sm
-from lwjax.projects.gamengen.diffusion import ALPHAS_CUMPROD, denoiser_input
+from lwjax.projects.gamengen.diffusion import ALPHAS_CUMPROD, DROPPED_CONTEXT_BUCKET, denoiser_input
 
 B, T, H, W, C = 2, 3, 4, 4, 2
 ACP = jnp.asarray(ALPHAS_CUMPROD)
@@ -81,7 +81,9 @@ def test_guidance_batches_cond_and_uncond_and_follows_the_formula():
 
   v = sm.guided_v(counting, 0.5, x, context, t, bucket, actions, 1.5)
   v_cond = context_denoise(0.5, denoiser_input(x, context), t, bucket, actions)
-  v_uncond = context_denoise(0.5, denoiser_input(x, jnp.zeros_like(context)), t, bucket, actions)
+  # The unconditional half: zero context and the dropped-context bucket, as training's dropped examples.
+  v_uncond = context_denoise(0.5, denoiser_input(x, jnp.zeros_like(context)), t,
+                             jnp.full_like(bucket, DROPPED_CONTEXT_BUCKET), actions)
   np.testing.assert_allclose(v, v_uncond + 1.5 * (v_cond - v_uncond), atol=1e-6)
   assert not np.allclose(v, v_cond, atol=1e-3)
   assert shapes == [(2 * B, H, W, (1 + T) * C)]
