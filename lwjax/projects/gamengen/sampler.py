@@ -13,8 +13,9 @@ The last step goes to alpha_bar = 1 (diffusers' `set_alpha_to_one=True`), i.e. i
 
 Classifier-free guidance is on the past frames only: `v = v_uncond + g (v_cond - v_uncond)`, uncond = the
 context latents replaced by zeros and their bucket by the dropped-context one (what context dropout trains),
-actions kept; both halves go through one denoiser call of batch 2b; g == 1 makes one call of batch b. At inference the context can be noise-augmented
-at a fixed level with its matching bucket (default 0.0, bucket 0: the paper does not give an inference level).
+actions kept; both halves go through one denoiser call of batch 2b; g == 1 makes one call of batch b. At
+inference the context can be noise-augmented at a fixed level with its matching bucket (default 0.0, bucket 0:
+the paper does not give an inference level).
 """
 
 from __future__ import annotations
