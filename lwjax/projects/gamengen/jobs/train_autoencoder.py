@@ -4,8 +4,9 @@
 The paper starts from Stable Diffusion's autoencoder and fine-tunes only its decoder, with an MSE loss to
 the target frames. No SD weights are reachable here, so stage one trains the whole autoencoder from
 scratch (MSE + `kl_weight` x KL to N(0, I); SD's LPIPS and GAN terms need pretrained networks) in
-`<workdir>/checkpoints`; stage two (`decoder.steps` > 0) fine-tunes the decoder alone on the encoder's
-frozen latent samples with MSE, in `<workdir>/decoder/checkpoints`, as the paper does. Both stages resume.
+`<workdir>/checkpoints`; stage two (`decoder.steps` > 0) fine-tunes the decoder alone with MSE, as the paper
+does, on the frozen encoder's posterior means (what the denoiser's latents are), in
+`<workdir>/decoder/checkpoints`. Both stages resume.
 `load(workdir)` returns the final model for the diffusion, evaluation and play jobs.
 The last `data.held_out_episodes` episodes are never trained on; `metrics.json` reports their
 reconstruction PSNR per stage.
@@ -62,14 +63,18 @@ def validate(config) -> None:
 def autoencoder_loss(model: Autoencoder, batch: dict, *, kl_weight: float, decoder_only: bool = False):
   """Per-frame MSE of the reconstruction of a latent sample (+ kl_weight x KL); (sum, frames, metrics).
 
-  `decoder_only` stops gradients at the latent: the decoder fine-tuning of the paper (sec. 3.2.2).
+  `decoder_only`: the decoder fine-tuning of the paper (sec. 3.2.2), gradients stopped at the latent, which is
+  the posterior mean: the latents the denoiser trains on (the cache) and generates, so the decoder is tuned
+  on what it will decode.
   """
   x = batch["image"]
   mean, logvar = model.encode(x)
-  noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(data_lib.example_keys(batch["seed"]))
-  z = mean + jnp.exp(0.5 * logvar) * noise
   if decoder_only:
-    z = jax.lax.stop_gradient(z)
+    z = jax.lax.stop_gradient(mean)
+  else:
+    noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(
+        data_lib.example_keys(batch["seed"]))
+    z = mean + jnp.exp(0.5 * logvar) * noise
   mse_b = jnp.mean((model.decode(z) - x) ** 2, axis=(1, 2, 3))
   kl_b = 0.5 * jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
   loss_b = mse_b + (0.0 if decoder_only else kl_weight) * kl_b
