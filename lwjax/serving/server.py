@@ -69,6 +69,10 @@ class EngineThread:
   def cancel(self, out: asyncio.Queue) -> None:
     self._inbox.put(("cancel", out))
 
+  def cancel_wim(self, out: asyncio.Queue) -> None:
+    """Stops the WiM document whose events go to `out` (its client left); its pages are freed."""
+    self._inbox.put(("cancel_wim", out))
+
   def submit_wim(self, make_run, prompt_tokens: int, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
     """Queues a WiM document: `make_run(engine, on_event)` builds its `wim.WiMRequest` on the engine thread;
     ("margin", Margin), ("answer", tokens), ("exit", margin) and finally ("done", run) arrive on the queue."""
@@ -453,4 +457,4 @@ async def _stream_wim(worker: EngineThread, out: asyncio.Queue, rid: str, margin
     yield "data: [DONE]\n\n"
   finally:
     if not finished:
-      worker._inbox.put(("cancel_wim", out))
+      worker.cancel_wim(out)
