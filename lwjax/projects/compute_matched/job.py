@@ -212,7 +212,7 @@ def paired_difference(a: dict, b: dict) -> tuple[float, float]:
 
 def _plot(workdir: str, quality_rows: list[dict]) -> None:
   for field, label in (("coverage", "coverage (>= 1 right answer)"), ("diversity", "distinct right solutions")):
-    series = {f"{src.upper()} ({'weaker-cheaper' if src == 'wc' else 'stronger-expensive'})":
+    series = {f"{src.upper()} ({'weak, cheap' if src == 'wc' else 'strong, costly'})":
               [(q["budget"]["se"], q[src][field]) for q in quality_rows] for src in SOURCES}
     plots.line_chart(os.path.join(workdir, f"{field}.png"), series, title=f"{field} at matched sampling FLOPs",
                      x_label="budget (SE samples per problem)", y_label=label,

@@ -85,7 +85,7 @@ def plot_coverage(path: str, runs: list[dict]) -> None:
   by_seed = {m["seed"]: m for m in runs}
   first = next(iter(by_seed.values()))
   series = {}
-  for src, name in (("wc", "WC (weaker-cheaper)"), ("se", "SE (stronger-expensive)")):
+  for src, name in (("wc", "WC (weak, cheap)"), ("se", "SE (strong, costly)")):
     series[name] = [(row["budget"]["se"], float(np.mean([m["quality"][i][src]["coverage"] for m in by_seed.values()])))
                     for i, row in enumerate(first["quality"])]
   plots.line_chart(path, series, title="coverage of the training problems at matched sampling FLOPs",
