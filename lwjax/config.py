@@ -115,6 +115,23 @@ def positive_int(doc: str = "") -> Field:
   return Field(int, min=1, doc=doc)
 
 
+def _int_list_check(value: str) -> str | None:
+  try:
+    items = [int(v) for v in value.split(",")]
+  except ValueError:
+    return "expected comma-separated integers, e.g. '1,2,4,8'"
+  return None if items and min(items) >= 1 else "expected integers >= 1"
+
+
+def int_list(doc: str = "") -> Field:
+  """A string of comma-separated positive integers ("1,2,4,8"); `parse_ints` reads it."""
+  return Field(str, check=_int_list_check, doc=doc)
+
+
+def parse_ints(value: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in value.split(","))
+
+
 def non_negative_int(doc: str = "") -> Field:
   return Field(int, min=0, doc=doc)
 

@@ -51,8 +51,8 @@ class EngineThread:
   def outstanding(self) -> int:
     return self._outstanding
 
-  def submit(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
-    """Queues a request; its tokens, then ("done", request) arrive on the returned asyncio queue."""
+  def _admit(self, prompt_tokens: int) -> None:
+    """Counts one more outstanding request, or refuses it: 503 while draining, 429 when the queue is full."""
     with self._lock:
       if not self.accepting:
         raise fastapi.HTTPException(503, "server is shutting down")
@@ -61,7 +61,11 @@ class EngineThread:
         raise fastapi.HTTPException(429, f"queue full ({self.max_queued} requests); retry later")
       self._outstanding += 1
       self.counters["requests_total"] += 1
-      self.counters["prompt_tokens_total"] += len(prompt)
+      self.counters["prompt_tokens_total"] += prompt_tokens
+
+  def submit(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
+    """Queues a request; its tokens, then ("done", request) arrive on the returned asyncio queue."""
+    self._admit(len(prompt))
     out: asyncio.Queue = asyncio.Queue()
     self._inbox.put(("add", prompt, params, out, loop))
     return out
@@ -76,15 +80,7 @@ class EngineThread:
   def submit_wim(self, make_run, prompt_tokens: int, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
     """Queues a WiM document: `make_run(engine, on_event)` builds its `wim.WiMRequest` on the engine thread;
     ("margin", Margin), ("answer", tokens), ("exit", margin) and finally ("done", run) arrive on the queue."""
-    with self._lock:
-      if not self.accepting:
-        raise fastapi.HTTPException(503, "server is shutting down")
-      if self._outstanding >= self.max_queued:
-        self.counters["requests_rejected_total"] += 1
-        raise fastapi.HTTPException(429, f"queue full ({self.max_queued} requests); retry later")
-      self._outstanding += 1
-      self.counters["requests_total"] += 1
-      self.counters["prompt_tokens_total"] += prompt_tokens
+    self._admit(prompt_tokens)
     out: asyncio.Queue = asyncio.Queue()
     self._inbox.put(("wim", make_run, out, loop))
     return out

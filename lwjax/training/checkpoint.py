@@ -68,17 +68,22 @@ class Checkpointer:
     self._manager.close()
 
 
-def load_config(directory: str, step: int | None = None) -> dict:
-  """The run config saved with a checkpoint under `directory` (default: the latest step); no parameters read."""
+def _open(directory: str, step: int | None) -> tuple[ocp.CheckpointManager, int, dict]:
+  """(a manager of the run's `checkpoints/` folder, the step (default: the latest), the run config saved there)."""
   directory = directory if "://" in directory else os.path.abspath(directory)
   manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {directory}")
-    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  finally:
+  step = manager.latest_step() if step is None else step
+  if step is None:
     manager.close()
+    raise FileNotFoundError(f"no checkpoint under {directory}")
+  return manager, step, manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def load_config(directory: str, step: int | None = None) -> dict:
+  """The run config saved with a checkpoint under `directory` (default: the latest step); no parameters read."""
+  manager, _, config = _open(directory, step)
+  manager.close()
+  return config
 
 
 def load_model(directory: str, build: Callable[[dict], Any], step: int | None = None) -> tuple[Any, dict, int]:
@@ -87,13 +92,8 @@ def load_model(directory: str, build: Callable[[dict], Any], step: int | None = 
   `directory` is a run's `checkpoints/` folder; `build(config)` makes the model from the run config
   saved beside the state (only its shape is used); the parameters of `step` (default: latest) fill it.
   """
-  directory = directory if "://" in directory else os.path.abspath(directory)
-  manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
+  manager, step, config = _open(directory, step)
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {directory}")
-    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     graphdef, state = nnx.split(nnx.eval_shape(lambda: build(config)))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from lwjax import candidates as candidates_lib, plots, reasoning_tasks
-from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.config import ConfigError, Field, int_list, parse_ints, positive_int, validate as validate_schema
 from lwjax.data import rows as rows_lib
 from lwjax.launch import distributed
 from lwjax.models.gpt import GPT
@@ -41,14 +41,6 @@ FINETUNED = {"kd": "student", "self": "wc", "w2s": "se"}  # which model each set
 SOURCES = ("wc", "se")
 
 
-def _int_list(value: str) -> str | None:
-  try:
-    items = [int(v) for v in value.split(",")]
-  except ValueError:
-    return "expected comma-separated integers, e.g. '1,2,4'"
-  return None if items and min(items) >= 1 else "expected integers >= 1"
-
-
 SCHEMA = {
     "job": Field(str), "seed": Field(int, doc="sampling and finetuning; the evaluation problems stay fixed"),
     "setup": Field(str, choices=SETUPS),
@@ -56,22 +48,18 @@ SCHEMA = {
                "se": Field(str, doc="the stronger-expensive solver's workdir"),
                "student": Field(str, doc="kd: the student's workdir"),
                "student_step": Field(int, min=0, doc="kd: the student's checkpoint step (0: the latest)")},
-    "task": {"preset": Field(str), "train_ops": Field(str, check=_int_list), "hard_ops": Field(str, check=_int_list)},
+    "task": {"preset": Field(str), "train_ops": int_list(), "hard_ops": int_list()},
     "candidates": {"dir": Field(str, doc="where candidate sets are written once and reused"),
                    "num_train": positive_int("training problems"), "temperature": Field(float, min=0.0),
                    "max_new_tokens": positive_int(), "batch_prompts": positive_int(),
                    "record_seed": Field(int, doc="which training problems (the same for every seed)")},
-    "budget": {"se_samples": Field(str, check=_int_list, doc="budgets, in SE samples per problem"),
+    "budget": {"se_samples": int_list("budgets, in SE samples per problem"),
                "finetune": positive_int("the budget of the finetuning data, in SE samples per problem")},
     "data": {"seq_len": Field(int, min=8)},
     "eval": {"num_test": positive_int(), "num_hard": Field(int, min=0), "max_new_tokens": positive_int(),
              "batch_prompts": positive_int(), "seed": Field(int)},
     "train": trainer_lib.SCHEMA, "optim": optim.SCHEMA, "mesh": mesh.SCHEMA, "distributed": distributed.SCHEMA,
 }
-
-
-def parse_ints(value: str) -> tuple[int, ...]:
-  return tuple(int(v) for v in value.split(","))
 
 
 def validate(config) -> None:

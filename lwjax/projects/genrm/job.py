@@ -26,7 +26,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from lwjax import candidates as candidates_lib, plots, reasoning_tasks
-from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.config import ConfigError, Field, int_list, parse_ints, positive_int, validate as validate_schema
 from lwjax.data import rows as rows_lib
 from lwjax.launch import distributed
 from lwjax.models.gpt import GPT
@@ -37,19 +37,11 @@ from lwjax.training import losses, mesh, optim, trainer as trainer_lib
 KINDS = ("disc", "direct", "cot", "unified", "judge")
 
 
-def _int_list(value: str) -> str | None:
-  try:
-    items = [int(v) for v in value.split(",")]
-  except ValueError:
-    return "expected comma-separated integers, e.g. '1,2,4,8'"
-  return None if items and min(items) >= 1 else "expected integers >= 1"
-
-
 SCHEMA = {
     "job": Field(str), "seed": Field(int), "base": Field(str, doc="the solver's workdir (its checkpoints/)"),
     "task": {"name": Field(str, choices=reasoning_tasks.TASK_NAMES), "preset": Field(str),
-             "train_ops": Field(str, check=_int_list), "hard_ops": Field(str, check=_int_list),
-             "train_words": Field(str, check=_int_list), "hard_words": Field(str, check=_int_list)},
+             "train_ops": int_list(), "hard_ops": int_list(),
+             "train_words": int_list(), "hard_words": int_list()},
     "candidates": {"dir": Field(str, doc="where candidate sets are written once and reused"),
                    "num_train": positive_int("training problems"), "n_train": positive_int("candidates each"),
                    "num_test": positive_int("test problems (and as many hard ones)"),
@@ -59,16 +51,12 @@ SCHEMA = {
                    "seed": Field(int, doc="problems and sampling; the same for every verifier seed")},
     "verifier": {"kind": Field(str, choices=KINDS), "per_class": positive_int("candidates per verdict per problem"),
                  "unified_lambda": Field(float, min=0.0), "unified_base": Field(str, choices=("direct", "cot")),
-                 "cot_k": Field(str, check=_int_list, doc="numbers of rationales K to report; the largest is sampled"),
+                 "cot_k": int_list("numbers of rationales K to report; the largest is sampled"),
                  "cot_temperature": Field(float, min=0.0), "cot_max_new_tokens": positive_int()},
     "data": {"seq_len": Field(int, min=8)},
-    "eval": {"ns": Field(str, check=_int_list), "draws": positive_int(), "batch_size": positive_int()},
+    "eval": {"ns": int_list(), "draws": positive_int(), "batch_size": positive_int()},
     "train": trainer_lib.SCHEMA, "optim": optim.SCHEMA, "mesh": mesh.SCHEMA, "distributed": distributed.SCHEMA,
 }
-
-
-def parse_ints(value: str) -> tuple[int, ...]:
-  return tuple(int(v) for v in value.split(","))
 
 
 def validate(config) -> None:

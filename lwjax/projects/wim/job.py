@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from lwjax import plots
-from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
+from lwjax.config import ConfigError, Field, int_list, parse_ints, positive_int, validate as validate_schema
 from lwjax.launch import distributed
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.projects.wim import data as data_lib, prompts, tasks
@@ -36,14 +36,6 @@ from lwjax.training import checkpoint, losses, mesh, optim, trainer as trainer_l
 METHODS = ("wim", "full", "retrieval")
 
 
-def _int_list(value: str) -> str | None:
-  try:
-    items = [int(v) for v in value.split(",")]
-  except ValueError:
-    return "expected comma-separated integers, e.g. '1,2,4,8'"
-  return None if items and min(items) >= 1 else "expected integers >= 1"
-
-
 def _task_list(value: str) -> str | None:
   bad = [t for t in value.split(",") if t not in tasks.TASKS]
   return f"unknown tasks {bad} (valid: {', '.join(tasks.TASKS)})" if bad or not value else None
@@ -53,19 +45,15 @@ SCHEMA = {
     "job": Field(str), "seed": Field(int), "base": Field(str, doc="a trained reader's workdir; empty: train one"),
     "model": MODEL_SCHEMA,
     "task": {"names": Field(str, check=_task_list), "segment_words": positive_int("words per segment"),
-             "train_segments": Field(str, check=_int_list, doc="document lengths in training, in segments")},
+             "train_segments": int_list("document lengths in training, in segments")},
     "data": {"seq_len": Field(int, min=8), "num_docs": positive_int("training documents per task")},
-    "eval": {"segments": Field(str, check=_int_list, doc="document lengths evaluated, in segments"),
+    "eval": {"segments": int_list("document lengths evaluated, in segments"),
              "num_docs": positive_int("documents per task and length"), "margin_tokens": positive_int(),
              "answer_tokens": positive_int(), "seed": Field(int)},
     "engine": {"num_pages": positive_int(), "page_size": positive_int(), "max_num_seqs": positive_int(),
                "max_batch_tokens": positive_int(), "prefill_chunk": positive_int()},
     "train": trainer_lib.SCHEMA, "optim": optim.SCHEMA, "mesh": mesh.SCHEMA, "distributed": distributed.SCHEMA,
 }
-
-
-def parse_ints(value: str) -> tuple[int, ...]:
-  return tuple(int(v) for v in value.split(","))
 
 
 def validate(config) -> None:
