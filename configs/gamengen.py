@@ -31,6 +31,7 @@ def autoencoder(scale: str, recordings: list[str]) -> ml_collections.ConfigDict:
   config.geometry = geometry(scale)
   config.model = autoencoder_presets.get({"smoke": "ae_tiny", "cpu": "ae_tiny", "gpu": "ae_small",
                                           "paper": "sd14"}[scale])
+  config.init = {"autoencoder": ""}  # SD-v1.4's vae/ (diffusers layout): fine-tune its decoder only
   config.loss = {"kl_weight": 1e-6}
   config.decoder = {"steps": 100, "learning_rate": 1e-4}
   config.train = common.train(steps=2000, global_batch_size=32, log_every=50, eval_every=500, eval_steps=4,
@@ -67,9 +68,12 @@ def diffusion(scale: str, recordings: list[str], autoencoder_workdir: str,
   # changes only every 4 tics. frame_stride=1 trains on every tic.
   config.data = {"recordings": list(recordings), "held_out_episodes": 1, "encode_batch_size": 32,
                  "frame_stride": 4}
-  config.autoencoder = {"workdir": autoencoder_workdir}
+  # geometry: the latent grid when compiling ahead of time without a trained autoencoder (lwjax.launch.compile);
+  # training always uses the autoencoder checkpoint's own.
+  config.autoencoder = {"workdir": autoencoder_workdir, "geometry": geometry(scale)}
   config.model = unet_presets.get({"smoke": "unet_tiny", "cpu": "unet_tiny", "gpu": "unet_small",
                                    "paper": "sd14"}[scale])
+  config.init = {"unet": ""}  # SD-v1.4's unet/ (diffusers layout), enlarged as the paper (sec. 3.2)
   config.diffusion = {"noise_augmentation": noise_augmentation, "max_noise_level": 0.7, "context_dropout": 0.1}
   config.sample = {"steps": 4, "guidance": 1.5, "num_images": 4}
   config.train = common.train(steps=700000, global_batch_size=128, log_every=100, eval_every=10000,

@@ -8,12 +8,12 @@
       --workdir runs/ae_cpu                                                              # minutes, 2 cores
   python main.py --config \
       experiments/gamengen_autoencoder.py:scale=paper,data=runs/agent_paper/trajectories/from_update_000000 \
-      --workdir runs/ae_paper                                                            # SD-v1.4 VAE shape
+      --workdir runs/ae_paper --config.init.autoencoder=PATH/stable-diffusion-v1-4/vae   # as the paper
 
 Arguments: `scale` in smoke|cpu|gpu|paper (configs/gamengen.py), `data` a recording directory (several:
-`--config.data.recordings='["a", "b"]'`). The paper fine-tunes SD-1.4's pretrained decoder; no SD weights are
-reachable here, so stage one trains the whole autoencoder first (lwjax.models.diffusers_import can load
-SD's weights where they exist).
+`--config.data.recordings='["a", "b"]'`). The paper fine-tunes SD-1.4's pretrained decoder:
+`--config.init.autoencoder` = a diffusers AutoencoderKL directory does that (decoder stage only). Without it
+(nothing is downloaded here) stage one trains the whole autoencoder first.
 """
 
 import ml_collections

@@ -8,18 +8,22 @@ The step is the one `main.py` runs (`Trainer.jitted_train_step`: its mesh, logic
 lowered against the devices of the slice's topology (`jax.experimental.topologies`, libtpu from `jax[tpu]`, no
 TPU needed) and compiled by XLA's TPU compiler. Printed: per-chip memory (arguments, outputs, temporaries, the
 peak) against the chip's HBM, XLA's FLOP and byte counts per chip, a roofline step time (the larger of FLOPs
-over peak bf16 FLOP/s and bytes over HBM bandwidth) and the MFU that step time would give (6 N tokens of model
-FLOPs; for a hybrid, its teacher GPT's). Jobs: `lm_pretrain` (the GPT's step), and those whose job module
-defines `aot_trainer(config, devices)` (`mamba_distill`: the hybrid's first distillation stage, KL + CE to
-the teacher, whose shape is read from its checkpoint or named by `--config.teacher.preset`).
+over peak bf16 FLOP/s and bytes over HBM bandwidth) and the MFU that step time would give (model FLOPs: 6 N
+per token for a GPT, its teacher GPT's for a hybrid, three forward passes for the GameNGen UNet). Jobs:
+`lm_pretrain` (the GPT's step), and those whose job module defines `aot_step(config, devices) -> AotStep`:
+`mamba_distill` (the hybrid's first distillation stage, KL + CE to the teacher, whose shape is read from its
+checkpoint or named by `--config.teacher.preset`) and `gamengen_diffusion` (the denoiser's step on latent
+windows; the latent grid from the autoencoder's checkpoint, else from `autoencoder.geometry`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
 import re
+from typing import Any
 
 from absl import app, flags
 
@@ -28,46 +32,65 @@ from lwjax.launch import host_command, tpu_types
 
 # Per chip: dense bf16 FLOP/s and HBM bandwidth (bytes/s), from the Cloud TPU system-architecture pages.
 CHIP_PEAKS = {"v4": (275e12, 1228e9), "v5e": (197e12, 819e9), "v5p": (459e12, 2765e9), "v6e": (918e12, 1640e9)}
-JOBS = ("lm_pretrain", "mamba_distill")
+JOBS = ("lm_pretrain", "mamba_distill", "gamengen_diffusion")
 PROG = "compile"
 
 
-def _lm_trainer(config, devices):
+@dataclasses.dataclass(frozen=True)
+class AotStep:
+  """What a job hands the compile command: its `Trainer` on the slice's mesh, the global batch as
+  {field: (shape, dtype)} (sharded like the trainer's batches), the model FLOPs of one step, and the batch in
+  words for the report."""
+  trainer: Any
+  batch: dict[str, tuple[tuple[int, ...], Any]]
+  model_flops: float
+  batch_text: str
+
+
+def token_batch(batch: int, seq_len: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """The abstract batch of a token-sequence trainer (`lwjax.data.pipeline.BATCH_FIELDS`)."""
+  import jax.numpy as jnp
+
+  from lwjax.data.pipeline import BATCH_FIELDS
+  return {name: ((batch, seq_len), jnp.float32 if name == "loss_mask" else jnp.int32) for name in BATCH_FIELDS}
+
+
+def _lm_step(config, devices) -> AotStep:
   from lwjax.models.gpt import GPT, GPTConfig
   from lwjax.training import losses, mesh as mesh_lib, trainer as trainer_lib
   model_cfg = GPTConfig.from_dict(config.model)
-  seq_len = config.data.seq_len
+  seq_len, batch = config.data.seq_len, config.train.global_batch_size
   mesh = mesh_lib.make_mesh(config.mesh.shape, devices)
   trainer = trainer_lib.Trainer(config, "/tmp/lwjax-compile-unused", model_fn=lambda rngs: GPT(model_cfg, rngs=rngs),
                                 loss_fn=losses.lm_loss, flops_per_token=model_cfg.flops_per_token(seq_len),
                                 seq_len=seq_len, mesh=mesh)
-  return trainer, model_cfg, seq_len
+  return AotStep(trainer, token_batch(batch, seq_len), model_cfg.flops_per_token(seq_len) * batch * seq_len,
+                 f"{batch} x {seq_len} tokens")
 
 
 def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
   """Compiles `config`'s train step for `slice_`; returns the report (bytes, FLOPs, seconds per step)."""
   import jax
-  import jax.numpy as jnp
 
-  from lwjax.data.pipeline import BATCH_FIELDS
   from lwjax.launch import aot
   if config.job not in JOBS:
     raise ConfigError("job", f"{config.job!r} has no compile report yet", ", ".join(JOBS))
   devices = aot.tpu_devices(f"{slice_.generation.name}:{slice_.topology}")
   if config.job == "lm_pretrain":
-    trainer, model_cfg, seq_len = _lm_trainer(config, devices)
+    step = _lm_step(config, devices)
   else:  # a job module's own step (the job registry imports it lazily)
     from lwjax import jobs
-    trainer, model_cfg, seq_len = importlib.import_module(jobs.JOBS[config.job]).aot_trainer(config, devices)
-  batch = config.train.global_batch_size
-  abstract_batch = {name: jax.ShapeDtypeStruct((batch, seq_len), jnp.float32 if name == "loss_mask" else jnp.int32,
-                                               sharding=trainer.batch_sharding) for name in BATCH_FIELDS}
+    step = importlib.import_module(jobs.JOBS[config.job]).aot_step(config, devices)
+  trainer = step.trainer
+  abstract_batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
+                    for name, (shape, dtype) in step.batch.items()}
   lowered = trainer.jitted_train_step.lower(trainer.abstract_state, abstract_batch, trainer.reference)
   peak_flops, bandwidth = CHIP_PEAKS[slice_.generation.name]
   num_params = int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(trainer.abstract_state["params"])))
   hbm = slice_.generation.hbm_gib * 2**30
   base = {"slice": slice_.describe(), "mesh": dict(trainer.mesh.shape), "parameters": num_params,
-          "global_batch": batch, "seq_len": seq_len, "grad_accum_steps": config.train.grad_accum_steps}
+          "global_batch": config.train.global_batch_size, "batch": step.batch_text,
+          "grad_accum_steps": config.train.grad_accum_steps}
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:  # XLA refuses a program over HBM: that is the answer, not a crash
@@ -83,7 +106,7 @@ def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
   step_s = max(flops / peak_flops, accessed / bandwidth)
-  model_flops = model_cfg.flops_per_token(seq_len) * batch * seq_len
+  model_flops = step.model_flops
   peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
       - memory.alias_size_in_bytes
   return {
@@ -100,8 +123,8 @@ def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
 def format_report(r: dict) -> str:
   gib = 2**30
   b = r["bytes_per_chip"]
-  head = [r["slice"], f"mesh {r['mesh']}; {r['parameters']:,} parameters; batch {r['global_batch']} x {r['seq_len']}"
-                      f" in {r['grad_accum_steps']} micro-batches"]
+  head = [r["slice"], f"mesh {r['mesh']}; {r['parameters']:,} parameters; batch {r['batch']} in "
+                      f"{r['grad_accum_steps']} micro-batches"]
   if r.get("error"):
     need = f"{b['temporaries'] / gib:.1f} GiB of temporaries" if b["temporaries"] else "more than HBM"
     return "\n".join(head + [f"per chip: DOES NOT FIT: XLA needs {need}, the chip has {b['hbm'] / gib:.0f} GiB HBM "

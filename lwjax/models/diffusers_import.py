@@ -229,13 +229,42 @@ def _save(model: nnx.Module, path: str, config: dict[str, Any]) -> None:
 def load_autoencoder(path: str | os.PathLike, cfg: AutoencoderConfig | None = None) -> Autoencoder:
   """Reads an `AutoencoderKL` directory; `cfg` (default: from its config.json) must have its shapes."""
   path = os.fspath(path)
-  found = autoencoder_config_from_diffusers(_read_config(path, "AutoencoderKL"))
-  cfg = cfg or found
+  config = _read_config(path, "AutoencoderKL")
+  cfg = cfg or autoencoder_config_from_diffusers(config)
+  _check_autoencoder_config(path, config, cfg)
+  return _load(path, lambda: Autoencoder(cfg, rngs=nnx.Rngs(0)), extras={})
+
+
+def check_unet_dir(path: str | os.PathLike, cfg: UNetConfig, *, key: str = "path") -> None:
+  """Raises `ConfigError(key, ...)` unless `path` holds a UNet2DConditionModel directory `cfg` can load
+  (reads config.json only)."""
+  _check_dir(path, key, "UNet2DConditionModel", lambda config: _check_unet_config(config, cfg))
+
+
+def check_autoencoder_dir(path: str | os.PathLike, cfg: AutoencoderConfig, *, key: str = "path") -> None:
+  """Raises `ConfigError(key, ...)` unless `path` holds an AutoencoderKL directory of `cfg`'s shapes."""
+  _check_dir(path, key, "AutoencoderKL", lambda config: _check_autoencoder_config(path, config, cfg))
+
+
+def _check_dir(path, key: str, class_name: str, check: Callable[[dict[str, Any]], None]) -> None:
+  from lwjax.config import ConfigError
+  path = os.fspath(path)
+  valid = f"a diffusers {class_name} directory ({CONFIG_FILE} and {WEIGHTS_FILE})"
+  for name in (CONFIG_FILE, WEIGHTS_FILE):
+    if not os.path.isfile(os.path.join(path, name)):
+      raise ConfigError(key, f"{path!r} has no {name}", valid)
+  try:
+    check(_read_config(path, class_name))
+  except ValueError as e:
+    raise ConfigError(key, str(e), valid + " matching the model config") from None
+
+
+def _check_autoencoder_config(path: str, config: dict[str, Any], cfg: AutoencoderConfig) -> None:
+  found = autoencoder_config_from_diffusers(config)
   for key in ("block_out_channels", "layers_per_block", "latent_channels", "image_channels", "norm_groups"):
     if getattr(cfg, key) != getattr(found, key):
       raise ValueError(f"{path}/{CONFIG_FILE}: {key}={getattr(found, key)!r}, the AutoencoderConfig has "
                        f"{getattr(cfg, key)!r}")
-  return _load(path, lambda: Autoencoder(cfg, rngs=nnx.Rngs(0)), extras={})
 
 
 def load_unet(path: str | os.PathLike, cfg: UNetConfig, *, seed: int = 0) -> UNet:

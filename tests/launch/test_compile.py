@@ -52,3 +52,15 @@ def test_a_step_over_hbm_is_reported_as_not_fitting_not_a_crash():
   report = compile_lib.compile_train_step(config, tpu_types.parse("v5e", "1x1"))
   assert not report["fits"] and report["bytes_per_chip"]["temporaries"] > report["bytes_per_chip"]["hbm"]
   assert "DOES NOT FIT" in compile_lib.format_report(report) and "grad_accum_steps" in compile_lib.format_report(report)
+
+
+@pytest.mark.skipif(not AVAILABLE, reason=f"libtpu unavailable: {WHY}")
+def test_gamengen_denoiser_step_compiles_for_tpu_from_the_configured_latent_grid():
+  """No autoencoder checkpoint: the latent grid comes from `autoencoder.geometry` (smoke: 96x64 images, 12x8)."""
+  config = importlib.import_module("experiments.gamengen_diffusion").get_config(
+      "scale=smoke,autoencoder=/nonexistent")
+  config.mesh.shape.update(data=4, fsdp=1, tensor=1)
+  report = compile_lib.compile_train_step(config, tpu_types.parse("v5e", "2x2"))
+  assert report["batch"] == "4 windows of 4 + 1 latents 8x12x4", report["batch"]
+  assert report["fits"] and report["xla_flops_per_chip"] > 0 and 0 < report["roofline_mfu"] < 1
+  assert "latents 8x12x4" in compile_lib.format_report(report)

@@ -64,11 +64,12 @@ SCHEMA = {
 }
 
 
-def aot_trainer(config, devices):
+def aot_step(config, devices):
   """The first distillation stage's train step for ahead-of-time compilation (`lwjax.launch.compile`): the hybrid
   at the schedule's first attention fraction, KL + CE to an abstract teacher, MLPs frozen, on a mesh of
-  `devices`. The teacher's shape comes from its checkpoint's config, else from `teacher.preset`. Returns
-  (trainer, the hybrid's GPT config, seq_len)."""
+  `devices`. The teacher's shape comes from its checkpoint's config, else from `teacher.preset`. Model FLOPs are
+  the teacher GPT's 6 N per token. Returns a `compile.AotStep`."""
+  from lwjax.launch.compile import AotStep, token_batch
   from lwjax.models import presets
   from lwjax.training import mesh as mesh_lib
   path = os.path.join(config.teacher.workdir, "checkpoints")
@@ -89,7 +90,9 @@ def aot_trainer(config, devices):
                                 seq_len=seq_len, flops_per_token=gpt_cfg.flops_per_token(seq_len),
                                 mesh=mesh_lib.make_mesh(config.mesh.shape, devices),
                                 frozen=(lambda p: "mlp" in p) if config.distill.freeze_mlp else None, reference=teacher)
-  return trainer, gpt_cfg, seq_len
+  batch = config.train.global_batch_size
+  return AotStep(trainer, token_batch(batch, seq_len), gpt_cfg.flops_per_token(seq_len) * batch * seq_len,
+                 f"{batch} x {seq_len} tokens")
 
 
 def schedule(config) -> list[float]:

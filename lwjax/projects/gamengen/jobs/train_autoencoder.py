@@ -2,11 +2,12 @@
 (arXiv 2408.14837, sec. 3.2.2).
 
 The paper starts from Stable Diffusion's autoencoder and fine-tunes only its decoder, with an MSE loss to
-the target frames. No SD weights are reachable here, so stage one trains the whole autoencoder from
-scratch (MSE + `kl_weight` x KL to N(0, I); SD's LPIPS and GAN terms need pretrained networks) in
-`<workdir>/checkpoints`; stage two (`decoder.steps` > 0) fine-tunes the decoder alone with MSE, as the paper
-does, on the frozen encoder's posterior means (what the denoiser's latents are), in
-`<workdir>/decoder/checkpoints`. Both stages resume.
+the target frames: `init.autoencoder` = a diffusers AutoencoderKL directory (SD-v1.4's vae/) does exactly
+that (stage two alone, from the imported weights; the pretrained model's held-out PSNR is reported as the
+"pretrained" stage). Without it, stage one trains the whole autoencoder from scratch (MSE + `kl_weight` x KL
+to N(0, I); SD's LPIPS and GAN terms need pretrained networks) in `<workdir>/checkpoints`; stage two
+(`decoder.steps` > 0) fine-tunes the decoder alone with MSE, on the frozen encoder's posterior means (what
+the denoiser's latents are), in `<workdir>/decoder/checkpoints`. Both stages resume.
 `load(workdir)` returns the final model for the diffusion, evaluation and play jobs.
 The last `data.held_out_episodes` episodes are never trained on; `metrics.json` reports their
 reconstruction PSNR per stage.
@@ -25,6 +26,7 @@ from flax import nnx
 
 from lwjax.config import ConfigError, Field, non_negative_int, validate as validate_schema
 from lwjax.data.pipeline import take_padded
+from lwjax.models import diffusers_import
 from lwjax.models.autoencoder import CONFIG_SCHEMA as AE_SCHEMA, Autoencoder, AutoencoderConfig
 from lwjax.projects.gamengen import data as data_lib, frames
 from lwjax.projects.gamengen.record import EpisodeWindows, split_episodes
@@ -38,6 +40,8 @@ SCHEMA = {
     },
     "geometry": frames.SCHEMA,
     "model": AE_SCHEMA,
+    "init": {"autoencoder": Field(str, doc="a diffusers AutoencoderKL directory (SD-v1.4's vae/): fine-tune its "
+                                           "decoder only; empty = train from scratch")},
     "loss": {"kl_weight": Field(float, min=0.0)},
     "decoder": {"steps": non_negative_int("decoder-only MSE fine-tuning steps after stage one; 0 skips it"),
                 "learning_rate": Field(float, min=0.0)},
@@ -58,6 +62,11 @@ def validate(config) -> None:
                       f"a multiple of {cfg.downsample_factor}")
   if not config.data.recordings:
     raise ConfigError("data.recordings", "empty", "directories holding index.json of recorded frames")
+  if config.init.autoencoder:
+    diffusers_import.check_autoencoder_dir(config.init.autoencoder, cfg, key="init.autoencoder")
+    if not config.decoder.steps:
+      raise ConfigError("decoder.steps", "0 with init.autoencoder: nothing would be trained",
+                        "the decoder fine-tuning steps (the paper fine-tunes the pretrained decoder)")
 
 
 def autoencoder_loss(model: Autoencoder, batch: dict, *, kl_weight: float, decoder_only: bool = False):
@@ -107,15 +116,20 @@ def run(config, workdir: str) -> dict:
 
   model_fn = lambda rngs: Autoencoder(cfg, rngs=rngs)  # noqa: E731
   kl = config.loss.kl_weight
-  stages = [("autoencoder", workdir, config,
-             lambda model, b: autoencoder_loss(model, b, kl_weight=kl))]
+  stages, metrics, params = [], {}, None
+  if config.init.autoencoder:  # the paper: the pretrained autoencoder, its decoder fine-tuned
+    params = nnx.to_pure_dict(nnx.state(diffusers_import.load_autoencoder(config.init.autoencoder, cfg)))
+    logging.info("gamengen autoencoder: fine-tuning the decoder of %s", config.init.autoencoder)
+  else:
+    stages.append(("autoencoder", workdir, config, lambda model, b: autoencoder_loss(model, b, kl_weight=kl)))
   if config.decoder.steps:
     stages.append(("decoder", os.path.join(workdir, "decoder"),
                    _stage_config(config, config.decoder.steps, config.decoder.learning_rate),
                    lambda model, b: autoencoder_loss(model, b, kl_weight=kl, decoder_only=True)))
-  metrics, params = {}, None
   for name, stage_dir, stage_config, loss_fn in stages:
     trainer = trainer_lib.Trainer(stage_config, stage_dir, model_fn=model_fn, loss_fn=loss_fn)
+    if params is not None and not metrics:  # the imported model, before fine-tuning
+      metrics["pretrained"] = {"held_out": trainer.evaluate(params, eval_batches())}
     train_ds = data_lib.frame_dataset(recordings, geometry, batch_size=batch, episodes=train_eps,
                                       shuffle_seed=config.seed + len(metrics))
     result = trainer.fit(iter(train_ds), eval_batches, seed=config.seed, init_params=params)

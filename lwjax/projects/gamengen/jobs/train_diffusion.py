@@ -25,8 +25,9 @@ from jax.experimental import multihost_utils
 
 from lwjax.config import ConfigError, Field, non_negative_int, positive_int, validate as validate_schema
 from lwjax.data.pipeline import take_padded
+from lwjax.models import diffusers_import
 from lwjax.models.unet_diffusion import CONFIG_SCHEMA as UNET_SCHEMA, UNet, UNetConfig
-from lwjax.projects.gamengen import data as data_lib, diffusion, latents as latents_lib
+from lwjax.projects.gamengen import data as data_lib, diffusion, frames, latents as latents_lib
 from lwjax.projects.gamengen.jobs import train_autoencoder
 from lwjax.projects.gamengen.record import EpisodeWindows, WindowSource, split_episodes
 from lwjax.projects.gamengen.world_model import SampleSettings, WorldModel
@@ -41,8 +42,12 @@ SCHEMA = {
         "frame_stride": positive_int("records between the model's frames: 1 = every tic, tics_per_action = "
                                      "one frame per agent step"),
     },
-    "autoencoder": {"workdir": Field(str, doc="workdir of the gamengen_autoencoder run whose latents to use")},
+    "autoencoder": {"workdir": Field(str, doc="workdir of the gamengen_autoencoder run whose latents to use"),
+                    "geometry": frames.SCHEMA},
     "model": UNET_SCHEMA,
+    "init": {"unet": Field(str, doc="a diffusers UNet2DConditionModel directory (SD-v1.4's unet/) to start from: "
+                                    "conv_in widened with zeros for the context, noise-bucket embedding zero, "
+                                    "action embeddings fresh; empty = from scratch")},
     "diffusion": {
         "noise_augmentation": Field(bool, doc="noise the context latents (sec. 3.2.1); False = the ablation"),
         "max_noise_level": Field(float, min=0.0, max=1.0),
@@ -64,6 +69,22 @@ def validate(config) -> None:
     raise ConfigError("data.recordings", "empty", "directories holding index.json of recorded frames")
   if not config.autoencoder.workdir:
     raise ConfigError("autoencoder.workdir", "empty", "the workdir of a finished gamengen_autoencoder run")
+  if config.init.unet:
+    diffusers_import.check_unet_dir(config.init.unet, UNetConfig.from_dict(config.model), key="init.unet")
+
+
+def initial_unet_params(config):
+  """The pretrained UNet of `init.unet` as the Trainer's `init_params` (None: from scratch)."""
+  if not config.init.unet:
+    return None
+  cfg = UNetConfig.from_dict(config.model)
+  try:
+    model = diffusers_import.load_unet(config.init.unet, cfg, seed=config.seed)
+  except ValueError as e:
+    raise ConfigError("init.unet", str(e), "SD-v1.4's unet/ directory (or one save_unet wrote) for this model "
+                      "config") from None
+  logging.info("gamengen diffusion: starting from the pretrained UNet in %s", config.init.unet)
+  return nnx.to_pure_dict(nnx.state(model))
 
 
 def diffusion_loss_fn(config):
@@ -76,6 +97,37 @@ def diffusion_loss_fn(config):
                                     noise_aug=d.noise_augmentation, max_noise_level=d.max_noise_level,
                                     num_buckets=model.cfg.num_noise_buckets, context_dropout=d.context_dropout)
   return loss_fn
+
+
+def aot_step(config, devices):
+  """The denoiser's train step for ahead-of-time compilation (`lwjax.launch.compile`) on a mesh of `devices`:
+  latent windows of the autoencoder's grid (its checkpoint's geometry when `autoencoder.workdir` holds one, else
+  `autoencoder.geometry`; every autoencoder here downsamples 8x). Model FLOPs: three UNet forward passes (XLA's
+  count of the unsharded forward) per example. Returns a `compile.AotStep`."""
+  from lwjax.launch.compile import AotStep
+  from lwjax.training import checkpoint
+  cfg = UNetConfig.from_dict(config.model)
+  path = os.path.join(config.autoencoder.workdir, "checkpoints")
+  geometry_dict = (checkpoint.load_config(path)["geometry"] if config.autoencoder.workdir and os.path.isdir(path)
+                   else config.autoencoder.geometry)
+  h, w, c = frames.FrameGeometry.from_dict(geometry_dict).latent_shape(cfg.latent_channels)
+  b, k = config.train.global_batch_size, cfg.context_frames
+  batch = {"target": ((b, h, w, c), jnp.float32), "context": ((b, k, h, w, c), jnp.float32),
+           "actions": ((b, k), jnp.int32), "seed": ((b,), jnp.uint32)}
+  trainer = trainer_lib.Trainer(config, "/tmp/lwjax-compile-unused", model_fn=lambda rngs: UNet(cfg, rngs=rngs),
+                                loss_fn=diffusion_loss_fn(config), mesh=mesh.make_mesh(config.mesh.shape, devices))
+  abstract = {name: jax.ShapeDtypeStruct((1, *shape[1:]), dtype) for name, (shape, dtype) in batch.items()}
+
+  def forward(params, example):
+    model = nnx.merge(trainer.graphdef, params)
+    return diffusion.diffusion_loss(model, example["target"], example["context"], example["actions"],
+                                    jax.random.key(0), noise_aug=False, max_noise_level=0.0,
+                                    num_buckets=cfg.num_noise_buckets, context_dropout=0.0)[0]
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), trainer.abstract_state["params"])
+  cost = jax.jit(forward).lower(params, abstract).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return AotStep(trainer, batch, 3.0 * float(cost["flops"]) * b,
+                 f"{b} windows of {k} + 1 latents {h}x{w}x{c}")
 
 
 def _image_hook(config, workdir: str, graphdef, autoencoder, geometry, eval_windows: WindowSource):
@@ -140,7 +192,8 @@ def run(config, workdir: str) -> dict:
                                 loss_fn=diffusion_loss_fn(config))
   hook = _image_hook(config, workdir, trainer.graphdef, autoencoder, geometry,
                      WindowSource(recordings, context, episodes=eval_eps, stride=stride))
-  result = trainer.fit(iter(train_ds), eval_batches, seed=config.seed, eval_hook=hook)
+  result = trainer.fit(iter(train_ds), eval_batches, seed=config.seed, eval_hook=hook,
+                       init_params=initial_unet_params(config))
   logging.info("gamengen diffusion: %d steps, held-out v-loss %s", result["step"], result["eval"].get("loss"))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
