@@ -50,6 +50,8 @@ _CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Prefill chunk.")
 _BATCH_TOKENS = flags.DEFINE_integer("max_batch_tokens", 256, "Engine token budget per iteration (decodes + chunks).")
 _NANO = flags.DEFINE_integer("nano_batches", 0, "Nano-batches of the full engine; 0: 2 on GPU/TPU, 1 on CPU "
                              "(XLA:CPU runs a step's ops in turn, so splitting the batch only adds work).")
+_UNMIXED = flags.DEFINE_bool("compare_unmixed", False, "Also time the sync engine with one model call per group "
+                              "of rows (decodes, prefill chunks) instead of one per iteration.")
 _WORKLOADS = flags.DEFINE_list("workloads", list(WORKLOADS), "Workloads to run.")
 
 
@@ -205,11 +207,15 @@ def main(argv):
     for warm in (True, False):  # the first pass compiles every shape; the second must compile nothing
       before = compiles[0]
       systems["static batching"] = static_batching(model, prompts, outputs, _SEQS.value)
-      for system, kwargs in (("continuous batching", {"async_scheduling": False}),
-                             (f"engine (async, nano={nano})", {"nano_batches": nano})):
+      engines = [("continuous batching", {"async_scheduling": False}),
+                 (f"engine (async, nano={nano})", {"nano_batches": nano})]
+      if _UNMIXED.value:
+        engines.insert(1, ("call per group", {"async_scheduling": False, "mixed_batches": False}))
+      for system, kwargs in engines:
         seconds, latencies, engine = engine_run(model, prompts, outputs, **kwargs)
         systems[system] = seconds, latencies
-        host[system] = engine.host_seconds / engine.num_iterations, engine.num_iterations
+        host[system] = (engine.host_seconds / engine.num_iterations, engine.num_iterations,
+                        engine.num_model_calls)
       if warm:
         continue
       steady_compiles += compiles[0] - before
@@ -219,7 +225,8 @@ def main(argv):
     base = processed / systems["static batching"][0]
     for system, (seconds, latencies) in systems.items():
       rate = processed / seconds
-      extra = f"  host {host[system][0] * 1e3:.1f} ms/iter x {host[system][1]}" if system in host else ""
+      extra = (f"  host {host[system][0] * 1e3:.1f} ms/iter x {host[system][1]}, {host[system][2]} model calls"
+               if system in host else "")
       print(f"{name:<16}{system:<22}{rate:>10,.0f}{sum(outputs) / seconds:>11,.0f}{rate / optimal:>8.1%}"
             f"{np.percentile(latencies, 50):>8.2f}{np.percentile(latencies, 99):>8.2f}{rate / base:>9.2f}x"
             f"{extra}", flush=True)

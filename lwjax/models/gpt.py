@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -237,17 +238,48 @@ class Attention(nnx.Module):
     new token's key/value goes (an out-of-range page drops the write: padding); page_table [b, pages]
     and lengths [b] (keys valid after the write) describe what the queries attend to.
     """
-    q, k, v = self._project(x_btd, positions_bt, inv_freq)
-    pages, offsets = slots[0].reshape(-1), slots[1].reshape(-1)
+    (out,), pools = self.paged_groups([x_btd], [positions_bt], inv_freq, pools, [slots], [page_table], [lengths])
+    return out, pools
 
-    def write(pool, new_bthk):
-      new = new_bthk.reshape(-1, *new_bthk.shape[2:]).swapaxes(0, 1).astype(pool.dtype)  # [kvh, b*t, hd]
-      return pool.at[:, pages, offsets].set(new, mode="drop")
+  def paged_groups(self, xs, positions, inv_freq, pools, slots, page_tables, lengths):
+    """`paged` for several groups of rows at once (e.g. decodes [b, 1] and prefill chunks [b, t]): the
+    projections run once over all their tokens (one pass over the weights), attention per group. Every
+    argument but `inv_freq` and `pools` is a list with one entry per group; returns ([output per group],
+    pools)."""
+    q, k, v = self._project(_flatten(xs), _flatten(positions), inv_freq)  # [1, n, heads, hd]
+    pages = jnp.concatenate([s[0].reshape(-1) for s in slots])
+    offsets = jnp.concatenate([s[1].reshape(-1) for s in slots])
+
+    def write(pool, new_1nhk):
+      return pool.at[:, pages, offsets].set(new_1nhk[0].swapaxes(0, 1).astype(pool.dtype), mode="drop")
     k_pool, v_pool = write(pools[0], k), write(pools[1], v)
     dt = self.cfg.dtype
-    out = kernels.decode_attention(q, k_pool.astype(dt), v_pool.astype(dt), page_table, lengths,
-                                   impl=self.cfg.attention_impl)
-    return self._output(out), (k_pool, v_pool)
+    outs, start = [], 0
+    for x, table, lens in zip(xs, page_tables, lengths, strict=True):
+      b, t = x.shape[:2]
+      q_group = q[0, start:start + b * t].reshape(b, t, *q.shape[2:])
+      start += b * t
+      out = kernels.decode_attention(q_group, k_pool.astype(dt), v_pool.astype(dt), table, lens,
+                                     impl=self.cfg.attention_impl)
+      outs.append(out.reshape(1, b * t, *out.shape[2:]))
+    out = self._output(jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0])
+    return _unflatten(out, xs), (k_pool, v_pool)
+
+
+def _flatten(arrays_bt):
+  """[b_g, t_g, ...] arrays -> one [1, sum b_g t_g, ...] array (rows of several groups as one sequence)."""
+  flat = [a.reshape(1, a.shape[0] * a.shape[1], *a.shape[2:]) for a in arrays_bt]
+  return jnp.concatenate(flat, axis=1) if len(flat) > 1 else flat[0]
+
+
+def _unflatten(flat_1n, like_bt):
+  """Inverse of `_flatten`: split [1, n, ...] into arrays shaped like `like_bt`'s [b_g, t_g] leading dims."""
+  out, start = [], 0
+  for a in like_bt:
+    b, t = a.shape[:2]
+    out.append(flat_1n[0, start:start + b * t].reshape(b, t, *flat_1n.shape[2:]))
+    start += b * t
+  return out
 
 
 class MLP(nnx.Module):
@@ -294,6 +326,12 @@ class Block(nnx.Module):
   def paged(self, x, positions, inv_freq, pools, slots, page_table, lengths):
     h, pools = self.attn.paged(self.attn_norm(x), positions, inv_freq, pools, slots, page_table, lengths)
     return self._mlp_residual(x, h), pools
+
+  def paged_groups(self, xs, positions, inv_freq, pools, slots, page_tables, lengths):
+    """`paged` for several groups of rows (`Attention.paged_groups`): the MLP runs once over all tokens."""
+    hs, pools = self.attn.paged_groups([self.attn_norm(x) for x in xs], positions, inv_freq, pools, slots,
+                                       page_tables, lengths)
+    return _unflatten(self._mlp_residual(_flatten(xs), _flatten(hs)), xs), pools
 
   def _mlp_residual(self, x, attn_out):
     x = constrain(x + attn_out, ("batch", "length", "embed"))
@@ -441,6 +479,28 @@ class GPT(nnx.Module):
       new_v.append(pools[1])
     x = jnp.concatenate(xs)
     return self._logits(x[:, -1:] if last_only else x), tuple(new_k), tuple(new_v)
+
+  def paged_step_groups(self, groups, k_pools, v_pools):
+    """`paged_step` for several groups of rows in one pass over the weights (vLLM-style mixed batches: the
+    decodes [b, 1] and the prefill chunks [b, t] of one iteration). `groups`: (tokens [b, t], slots, page_table,
+    lengths) per group, each laid out as for `paged_step`. Returns ([last-column logits [b, vocab] per group],
+    k_pools, v_pools)."""
+    inv_freq = rope_frequencies(self.cfg)
+    xs = [self._embed(tokens) for tokens, *_ in groups]
+    positions = [jnp.maximum(lens[:, None] - t.shape[1] + jnp.arange(t.shape[1])[None, :], 0)
+                 for t, _, _, lens in groups]
+    slots = [g[1] for g in groups]
+    tables = [g[2] for g in groups]
+    lengths = [g[3] for g in groups]
+    new_k, new_v = [], []
+    for i, block in enumerate(self.layers):
+      xs, pools = block.paged_groups(xs, positions, inv_freq, (k_pools[i], v_pools[i]), slots, tables, lengths)
+      new_k.append(pools[0])
+      new_v.append(pools[1])
+    last = jnp.concatenate([x[:, -1] for x in xs])[None]  # [1, sum b_g, d]
+    logits = self._logits(last)[0]
+    splits = list(itertools.accumulate(x.shape[0] for x in xs))[:-1]
+    return jnp.split(logits, splits), tuple(new_k), tuple(new_v)
 
   def decode_step(self, tokens_b, cache: KVCache, kv_start=None):
     """One token per sequence: returns (logits [b, vocab], cache). `kv_start` as for `prefill`."""

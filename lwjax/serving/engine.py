@@ -1,9 +1,11 @@
 """Continuous-batching inference engine over a paged KV cache (NanoFlow, arXiv 2408.12757, §4).
 
 Each iteration the scheduler picks decodes and prefill chunks under a token budget; the engine runs
-them as two dense, left-padded batches through `GPT.paged_step` (decodes [b, 1], prefill chunks
-[b, chunk]) with static, bucketed shapes, samples the next tokens, streams them to callbacks, and
-retires finished requests. `LLM.generate` is the offline batch API on top.
+them as two dense, left-padded groups of rows (decodes [b, 1], prefill chunks [b, chunk]) with static,
+bucketed shapes in one model call (`GPT.paged_step_groups`: one pass over the weights for both, attention
+per group), samples the next tokens, streams them to callbacks, and retires finished requests. Hybrids
+and nano-batches run the groups as separate calls (`paged_step`). `LLM.generate` is the offline batch API
+on top.
 """
 
 from __future__ import annotations
@@ -57,6 +59,24 @@ def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, p
   return sample(logits[sample_rows, -1], *sampling_arrays), k_pools, v_pools, states
 
 
+def _run_mixed(graphdef, params, k_pools, v_pools, previous_tokens, groups):
+  """Decodes and prefill chunks in one model call: `groups` holds per group (tokens, placeholder sources,
+  slot pages, slot offsets, page table, lengths, sampling arrays, sample rows); returns (the sampled tokens
+  of each group, k_pools, v_pools)."""
+  model = nnx.merge(graphdef, params)
+  inputs = [(jnp.where(tokens == PLACEHOLDER, previous_tokens[source], tokens), (pages, offsets), table, lengths)
+            for tokens, source, pages, offsets, table, lengths, _, _ in groups]
+  logits, k_pools, v_pools = model.paged_step_groups(inputs, k_pools, v_pools)
+  sampled = tuple(sample(group_logits[rows], *arrays)
+                  for group_logits, (*_, arrays, rows) in zip(logits, groups, strict=True))
+  return sampled, k_pools, v_pools
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_mixed(graphdef):
+  return jax.jit(functools.partial(_run_mixed, graphdef), donate_argnums=(1, 2))
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled_step(graphdef):
   """The jitted step for one model structure, shared by engines of that structure. The graph definition
@@ -76,7 +96,10 @@ class Engine:
   def __init__(self, model: GPT, *, num_pages: int = 256, page_size: int = 16, max_num_seqs: int = 16,
                max_batch_tokens: int = 512, prefill_chunk: int = 128, max_model_len: int | None = None,
                eos_id: int | None = None, detokenize: Callable[[list[int]], str] | None = None,
-               kv_dtype=None, offload=None, async_scheduling: bool = True, nano_batches: int = 1):
+               kv_dtype=None, offload=None, async_scheduling: bool = True, nano_batches: int = 1,
+               mixed_batches: bool = True):
+    """`mixed_batches`: an iteration's decodes and prefill chunks in one model call (a GPT with nano_batches=1;
+    False: one call per group, as hybrids and nano-batches always run)."""
     self.hybrid = hasattr(model, "init_slot_states")
     cfg = model.gpt_cfg if self.hybrid else model.cfg
     if self.hybrid and (offload is not None or nano_batches != 1):
@@ -85,6 +108,8 @@ class Engine:
     num_kv_layers = len(model.attention_layers) if self.hybrid else cfg.n_layers
     self.graphdef, self.params = nnx.split(model)
     self._run = _compiled_step(self.graphdef)
+    self.mixed_batches = mixed_batches and not self.hybrid and nano_batches == 1
+    self._run_mixed = _compiled_mixed(self.graphdef) if self.mixed_batches else None
     self.eos_id, self.detokenize, self.vocab_size = eos_id, detokenize, cfg.vocab_size
     self.max_model_len = max_model_len or cfg.max_seq_len
     self.max_pages = -(-self.max_model_len // page_size)
@@ -100,6 +125,7 @@ class Engine:
     self._ids = itertools.count()
     self.requests: dict[int, Request] = {}
     self.num_iterations = 0
+    self.num_model_calls = 0  # one per iteration with mixed batches; one per group of rows otherwise
     # Wall time of `step` split into the host's own work and the wait for sampled tokens (device time not
     # hidden behind host work): host_seconds / num_iterations is the per-iteration host cost.
     self.host_seconds = self.wait_seconds = 0.0
@@ -212,9 +238,16 @@ class Engine:
     out = []
     # Chunks padded to the power of two that holds the longest (a 6-token prompt is not run as 64 tokens).
     chunk_width = _bucket(max((len(w.tokens) for w in chunks), default=1), self.prefill_chunk, MIN_CHUNK_WIDTH)
-    for group, width in ((decodes, 1), (chunks, chunk_width)):
-      if group:
-        out.append(self._run_group(group, width, previous_tokens, previous_index))
+    groups = [(group, width) for group, width in ((decodes, 1), (chunks, chunk_width)) if group]
+    if self.mixed_batches and len(groups) > 1:
+      prepared = [self._group_inputs(group, width, previous_index) for group, width in groups]
+      tokens, self.kv.k, self.kv.v = self._run_mixed(self.params, self.kv.k, self.kv.v, previous_tokens,
+                                                     tuple(inputs for _, inputs in prepared))
+      out = [(sampling, group_tokens) for (sampling, _), group_tokens in zip(prepared, tokens, strict=True)]
+      self.num_model_calls += 1
+    else:
+      out = [self._run_group(group, width, previous_tokens, previous_index) for group, width in groups]
+      self.num_model_calls += len(groups)
     for sampling, _ in out:
       for w in sampling:
         w.request.output.append(PLACEHOLDER)
@@ -232,6 +265,18 @@ class Engine:
     return jnp.concatenate(arrays), index
 
   def _run_group(self, group: list[Work], width: int, previous_tokens, previous_index):
+    sampling, (tokens, source, slot_pages, slot_offsets, page_table, lengths, arrays, sample_rows) = \
+        self._group_inputs(group, width, previous_index)
+    rows = tokens.shape[0]
+    new_tokens, self.kv.k, self.kv.v, self.states = self._run(
+        self.params, tokens, self.kv.k, self.kv.v, slot_pages, slot_offsets, page_table, lengths,
+        previous_tokens, source, arrays, sample_rows, self.nano_batches, self.states,
+        self._recurrent_rows(group, rows) if self.hybrid else None)
+    return sampling, new_tokens
+
+  def _group_inputs(self, group: list[Work], width: int, previous_index):
+    """The host arrays of one group of rows: (the works that sample, (tokens, placeholder sources, slot pages,
+    slot offsets, page table, lengths, sampling arrays, sample rows))."""
     # Rows: a power of two (few shapes to compile) that the nano-batches split evenly.
     rows = max(_bucket(len(group), self.max_num_seqs), self.nano_batches)
     rows = -(-rows // self.nano_batches) * self.nano_batches
@@ -259,11 +304,7 @@ class Engine:
     padded = sampling + [sampling[0]] * (rows - len(sampling)) if sampling else group[:1] * rows
     arrays = batch_arrays([w.request.params for w in padded], [w.request.seed for w in padded],
                           [len(w.request.output) for w in padded])
-    new_tokens, self.kv.k, self.kv.v, self.states = self._run(
-        self.params, tokens, self.kv.k, self.kv.v, slot_pages, slot_offsets, page_table, all_lengths,
-        previous_tokens, source, arrays, sample_rows, self.nano_batches, self.states,
-        self._recurrent_rows(group, rows) if self.hybrid else None)
-    return sampling, new_tokens
+    return sampling, (tokens, source, slot_pages, slot_offsets, page_table, all_lengths, arrays, sample_rows)
 
   def _recurrent_rows(self, group: list[Work], rows: int):
     """Per row of a hybrid's batch: its state slot, whether its sequence starts here, its real tokens."""

@@ -22,6 +22,11 @@ def test_train_step_compiles_for_a_4_chip_slice_and_reports_memory_and_roofline(
   assert report["xla_flops_per_chip"] > 0 and report["roofline_step_s"] > 0 and 0 < report["roofline_mfu"] < 1
   text = compile_lib.format_report(report)
   assert "v5litepod-4" in text and "fits" in text
+  # The same global batch in 2 micro-batches: XLA counts the scan body once; the report counts the step.
+  config.train.grad_accum_steps = 2
+  accumulated = compile_lib.compile_train_step(config, tpu_types.parse("v5e", "2x2"))
+  assert accumulated["xla_counted_once"]["flops"] < 0.6 * report["xla_flops_per_chip"]
+  assert accumulated["xla_flops_per_chip"] == pytest.approx(report["xla_flops_per_chip"], rel=0.1)
 
 
 @pytest.mark.skipif(not AVAILABLE, reason=f"libtpu unavailable: {WHY}")

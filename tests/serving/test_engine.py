@@ -47,6 +47,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
                  marks=pytest.mark.slow),
     pytest.param(dict(num_pages=64, page_size=4, prefill_chunk=4, max_batch_tokens=16, nano_batches=2),
                  marks=pytest.mark.slow),
+    pytest.param(dict(num_pages=64, page_size=4, prefill_chunk=4, max_batch_tokens=16, mixed_batches=False),
+                 marks=pytest.mark.slow),
     dict(num_pages=9, page_size=4, prefill_chunk=8, max_batch_tokens=32),  # forces preemption
 ])
 def test_mixed_batches_equal_single_sequence_greedy_decoding(model, engine_kwargs):
@@ -60,6 +62,32 @@ def test_mixed_batches_equal_single_sequence_greedy_decoding(model, engine_kwarg
   if engine_kwargs["num_pages"] == 9:
     assert engine.scheduler.num_preemptions > 0
   assert engine.kv.allocator.num_free == engine_kwargs["num_pages"]  # every page came back
+  if engine.mixed_batches:  # decodes and prefill chunks of an iteration share one model call
+    assert engine.num_model_calls <= engine.num_iterations
+  else:
+    assert engine.num_model_calls > engine.num_iterations  # some iterations ran both groups
+
+
+def test_grouped_paged_step_equals_one_call_per_group(model):
+  """`paged_step_groups` (one pass over the weights for decodes and chunks) = `paged_step` per group."""
+  rng = np.random.default_rng(0)
+  page_size, num_pages = 4, 16
+  shape = (CFG.n_kv_heads, num_pages, page_size, CFG.head_dim)
+  pools = tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(CFG.n_layers))
+  # Group 1: two decode rows at lengths 6 and 3 (pages 0-1 and 2); group 2: one 4-token chunk (pages 4-5)
+  # and one 2-token chunk left-padded (pages 8).
+  decode = (jnp.array([[5], [7]]), (jnp.array([[1], [2]]), jnp.array([[1], [2]])), jnp.array([[0, 1], [2, 0]]),
+            jnp.array([6, 3]))
+  chunk = (jnp.array([[9, 10, 11, 12], [0, 0, 13, 14]]),
+           (jnp.array([[4, 4, 4, 4], [num_pages, num_pages, 8, 8]]), jnp.array([[2, 3, 0, 0], [0, 0, 0, 1]])),
+           jnp.array([[4, 5], [8, 0]]), jnp.array([6, 2]))
+  logits, k, v = model.paged_step_groups([decode, chunk], pools, pools)
+  k_ref, v_ref = pools, pools
+  for (tokens, slots, table, lengths), got in zip((decode, chunk), logits, strict=True):
+    want, k_ref, v_ref = model.paged_step(tokens, k_ref, v_ref, slots, table, lengths, last_only=True)
+    np.testing.assert_allclose(got, want[:, -1], atol=1e-5, rtol=1e-5)
+  for got, want in zip(k + v, k_ref + v_ref, strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_prefix_cache_hits_skip_recomputation_and_keep_outputs(model):
