@@ -7,6 +7,7 @@ GPU form inside its module).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -26,6 +27,25 @@ from lwjax.kernels.pallas import (
 )
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
+_target_platform: str | None = None
+
+
+def backend() -> str:
+  """The platform programs are built for: `jax.default_backend()`, or the one `target_platform` names while
+  compiling ahead of time for another (a TPU slice lowered on a CPU host). "auto" kernels resolve by it."""
+  return _target_platform or jax.default_backend()
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+  """Within the block, "auto" kernels and the models' backend-specific paths resolve for `platform` ("tpu",
+  "gpu", "cpu") whatever this process runs on: `lwjax.launch.compile` lowers TPU steps on a CPU host with it."""
+  global _target_platform
+  previous, _target_platform = _target_platform, platform
+  try:
+    yield
+  finally:
+    _target_platform = previous
 # Up to this length "auto" on CPU runs causal self-attention as `reference.blocked_causal_attention` (unrolled
 # over query blocks: longer sequences would grow the program).
 CPU_BLOCKED_MAX_LEN = 1024
@@ -44,14 +64,14 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
   if impl not in IMPLS:
     raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    impl = "pallas" if jax.default_backend() in ("tpu", "gpu") else "reference"
+    impl = "pallas" if backend() in ("tpu", "gpu") else "reference"
     self_attention = q.shape[1] == k.shape[1] <= CPU_BLOCKED_MAX_LEN and isinstance(q_offset, int) and not q_offset
     if impl == "reference" and causal and window is None and self_attention and not isinstance(segment_ids, tuple):
       return reference.blocked_causal_attention(q, k, v, segment_ids=segment_ids, sm_scale=sm_scale)
   if impl == "reference":
     return reference.attention(q, k, v, causal=causal, segment_ids=segment_ids, q_offset=q_offset,
                                sm_scale=sm_scale, window=window)
-  gpu = impl == "pallas" and jax.default_backend() == "gpu"
+  gpu = impl == "pallas" and backend() == "gpu"
   return (pallas_attention_triton if gpu else pallas_attention).attention(
       q, k, v, causal=causal, segment_ids=segment_ids, q_offset=q_offset, sm_scale=sm_scale, window=window,
       interpret=pltpu.InterpretParams() if impl == "interpret" else False)
@@ -67,11 +87,12 @@ def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None,
   if impl not in IMPLS:
     raise ValueError(f"decode_attention impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    impl = "pallas" if jax.default_backend() in ("tpu", "gpu") else "reference"
+    impl = "pallas" if backend() in ("tpu", "gpu") else "reference"
   if impl == "reference":
     return reference.decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale=sm_scale)
   return pallas_decode_attention.decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale=sm_scale,
-                                                  interpret=impl == "interpret")
+                                                  interpret=impl == "interpret",
+                                                  backend="gpu" if backend() == "gpu" else "tpu")
 
 
 def _mamba_impl(op, impl):
@@ -79,10 +100,10 @@ def _mamba_impl(op, impl):
   (impl, whether "pallas" means the Triton kernel, the `interpret` argument of the TPU kernel)."""
   if impl not in IMPLS:
     raise ValueError(f"{op} impl must be one of {IMPLS}, got {impl!r}")
-  backend = jax.default_backend()
+  platform = backend()
   if impl == "auto":
-    impl = "pallas" if backend in ("tpu", "gpu") else "reference"
-  return impl, impl == "pallas" and backend == "gpu", pltpu.InterpretParams() if impl == "interpret" else False
+    impl = "pallas" if platform in ("tpu", "gpu") else "reference"
+  return impl, impl == "pallas" and platform == "gpu", pltpu.InterpretParams() if impl == "interpret" else False
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
@@ -111,8 +132,8 @@ def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, initial_
   (and the float32 final state [b, heads, headdim, n] when return_state).
 
   See `lwjax.kernels.reference.ssd`; every impl uses the chunked form with `chunk_size` (for the Triton
-  kernel a power of two >= 16). `impl` as for `selective_scan` (Pallas forward and backward kernels: Mosaic
-  on TPU, Triton on GPU).
+  kernel a power of two >= 16; the Mosaic kernel on a TPU rounds it up to a multiple of 128). `impl` as for
+  `selective_scan` (Pallas forward and backward kernels: Mosaic on TPU, Triton on GPU).
   """
   impl, gpu, interpret = _mamba_impl("ssd", impl)
   if impl == "reference":
@@ -121,6 +142,9 @@ def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, initial_
     fn = pallas_ssd_triton.ssd
   else:
     fn = functools.partial(pallas_ssd.ssd, interpret=interpret)
+    if impl == "pallas" and chunk_size % 128:
+      # Mosaic tiles a chunk's [1, chunk] rows in lanes of 128: a longer chunk, the same exact result.
+      chunk_size = -(-chunk_size // 128) * 128
   return fn(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
             return_state=return_state, chunk_size=chunk_size)
 

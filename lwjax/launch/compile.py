@@ -73,6 +73,7 @@ def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
   """Compiles `config`'s train step for `slice_`; returns the report (bytes, FLOPs, seconds per step)."""
   import jax
 
+  from lwjax import kernels
   from lwjax.launch import aot
   if config.job not in JOBS:
     raise ConfigError("job", f"{config.job!r} has no compile report yet", ", ".join(JOBS))
@@ -85,7 +86,8 @@ def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
   trainer = step.trainer
   abstract_batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
                     for name, (shape, dtype) in step.batch.items()}
-  lowered = trainer.jitted_train_step.lower(trainer.abstract_state, abstract_batch, trainer.reference)
+  with kernels.target_platform("tpu"):  # "auto" kernels as on the TPU (the Pallas flash attention), not the host's
+    lowered = trainer.jitted_train_step.lower(trainer.abstract_state, abstract_batch, trainer.reference)
   peak_flops, bandwidth = CHIP_PEAKS[slice_.generation.name]
   num_params = int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(trainer.abstract_state["params"])))
   hbm = slice_.generation.hbm_gib * 2**30

@@ -118,7 +118,7 @@ def dense(x, w, in_dims: int = 1):
   the same dims.
   """
   lead, out = x.shape[:x.ndim - in_dims], w.shape[in_dims:]
-  if jax.default_backend() == "cpu":
+  if kernels.backend() == "cpu":
     size = math.prod(w.shape[:in_dims])
     return (x.reshape(-1, size) @ w.reshape(size, -1)).reshape(*lead, *out)
   contract = (tuple(range(len(lead), x.ndim)), tuple(range(in_dims)))
@@ -197,7 +197,7 @@ class Attention(nnx.Module):
     offsets = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (x_btd.shape[0],))
     k_cache = write(cache_kv[0], jnp.swapaxes(k, 1, 2).astype(cache_kv[0].dtype), offsets)
     v_cache = write(cache_kv[1], jnp.swapaxes(v, 1, 2).astype(cache_kv[1].dtype), offsets)
-    if jax.default_backend() == "cpu" and self.cfg.attention_impl in ("auto", "reference"):
+    if kernels.backend() == "cpu" and self.cfg.attention_impl in ("auto", "reference"):
       out = kernels.reference.attention(q, k_cache.astype(dt), v_cache.astype(dt), segment_ids=segment_ids,
                                         q_offset=q_offset, kv_layout="bhsd")
     else:  # the accelerator kernels take [b, s, kv_heads, hd]

@@ -30,10 +30,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from lwjax import kernels
 from lwjax.config import ConfigError, option, schema_of
-from lwjax.models import gpt
+from lwjax.models import gpt, logical
 from lwjax.models.gpt import GPTConfig, dense
 from lwjax.models.logical import constrain
 from lwjax.training import checkpoint
@@ -189,10 +190,24 @@ class MambaMixer(nnx.Module):
     valid = None if num_new is None else (jnp.arange(t)[None, :] < jnp.asarray(num_new)[:, None]).astype(
         jnp.float32)
     a = -jnp.exp(self.a_log[...])
-    y, ssm_state = kernels.ssd(self._groups(xs), self._dt(dt_raw, valid), a, self._groups(bs), cs,
-                               D=self.d_skip[...], dt_softplus=False, initial_state=ssm_state, return_state=True,
-                               chunk_size=self.cfg.chunk_size, impl=self.cfg.scan_impl)
+    y, ssm_state = self._ssd(self._groups(xs), self._dt(dt_raw, valid), a, self._groups(bs), cs, ssm_state)
     return self._output(y, z), (self._next_conv_state(full, num_new, t), ssm_state)
+
+  def _ssd(self, x, dt, a, b, c, h0):
+    """`kernels.ssd` -> (y, final state), run per shard under a multi-device mesh: XLA cannot partition a Pallas
+    kernel, so the rows are split as the rules split the batch, the rest whole on each shard."""
+    def ssd(x, dt, a, b, c, d, h0):
+      return kernels.ssd(x, dt, a, b, c, D=d, dt_softplus=False, initial_state=h0, return_state=True,
+                         chunk_size=self.cfg.chunk_size, impl=self.cfg.scan_impl)
+    args = (x, dt, a, b, c, self.d_skip[...], h0)
+    mesh = logical.current_mesh()
+    if mesh is None or mesh.size == 1:
+      return ssd(*args)
+    rows = logical.spec_for(("batch",), x.shape[:1])[0]
+    per_row = lambda a: P(rows, *([None] * (a.ndim - 1)))  # noqa: E731
+    specs = tuple(per_row(arg) if arg.ndim > 1 else P(None) for arg in args)
+    return jax.shard_map(ssd, mesh=mesh, in_specs=specs, out_specs=(per_row(x), per_row(h0)),
+                         check_vma=False)(*args)
 
   def _next_conv_state(self, full, num_new, t):
     """The last d_conv - 1 real inputs of each of x, B, C: positions [n, n + k - 1) of the padded sequence."""

@@ -69,3 +69,23 @@ def test_gamengen_denoiser_step_compiles_for_tpu_from_the_configured_latent_grid
   assert report["batch"] == "4 windows of 4 + 1 latents 8x12x4", report["batch"]
   assert report["fits"] and report["xla_flops_per_chip"] > 0 and 0 < report["roofline_mfu"] < 1
   assert "latents 8x12x4" in compile_lib.format_report(report)
+
+
+@pytest.mark.skipif(not AVAILABLE, reason=f"libtpu unavailable: {WHY}")
+def test_auto_kernels_resolve_for_the_target_platform_not_the_host():
+  """Lowered for a TPU on this CPU host, "auto" attention is the Pallas (Mosaic) kernel the TPU would run."""
+  import jax
+  import jax.numpy as jnp
+
+  from lwjax import kernels
+  mesh = jax.sharding.Mesh(aot.tpu_devices("v5e:1x1"), ("x",))
+  on_tpu = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16, sharding=on_tpu)
+
+  def lowered_text():  # a fresh jit each time: a traced function is cached whatever the platform
+    return jax.jit(lambda q, k, v: kernels.attention(q, k, v, causal=True)).lower(q, q, q).as_text()
+  assert "tpu_custom_call" not in lowered_text()  # the host's own choice: the reference
+  with kernels.target_platform("tpu"):
+    assert kernels.backend() == "tpu"
+    assert "tpu_custom_call" in lowered_text()
+  assert kernels.backend() == jax.default_backend()
