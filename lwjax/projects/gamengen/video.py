@@ -50,6 +50,37 @@ def image_strip(frames_thwc, max_frames: int = 16) -> np.ndarray:
   return np.concatenate(list(frames[picks]), axis=1)
 
 
+def labelled_strip(rows: dict[str, np.ndarray], captions: list[str], *, min_width: int = 160) -> np.ndarray:
+  """Frames people look at: each row of `rows` ({label: uint8 [n, H, W, 3]}, e.g. recorded above generated)
+  side by side, the rows stacked, the label left of each row and `captions[i]` (e.g. the action taken) under
+  column i; frames narrower than `min_width` are enlarged by an integer factor (nearest). uint8 [h, w, 3]."""
+  from PIL import Image, ImageDraw
+  arrays = [_check_frames(frames) for frames in rows.values()]
+  n, h, w, _ = arrays[0].shape
+  if any(a.shape != arrays[0].shape for a in arrays) or len(captions) != n:
+    raise ValueError(f"rows of equal shape and one caption per column expected, got "
+                     f"{[a.shape for a in arrays]} and {len(captions)} captions")
+  k = max(1, -(-min_width // w))
+  h, w = h * k, w * k
+  label_w, caption_h, gap = 80, 14, 2
+  canvas = Image.new("RGB", (label_w + n * (w + gap), len(arrays) * (h + gap) + caption_h), (24, 24, 24))
+  draw = ImageDraw.Draw(canvas)
+  for r, (label, frames) in enumerate(zip(rows, arrays, strict=True)):
+    y = r * (h + gap)
+    draw.text((4, y + h // 2 - 6), label, fill=(230, 230, 230))
+    for i, frame in enumerate(frames):
+      canvas.paste(Image.fromarray(frame.repeat(k, 0).repeat(k, 1)), (label_w + i * (w + gap), y))
+  for i, caption in enumerate(captions):
+    draw.text((label_w + i * (w + gap) + 2, len(arrays) * (h + gap)), caption[:max(4, w // 6)],
+              fill=(230, 230, 230))
+  return np.asarray(canvas)
+
+
+def write_png(path: str, image_hwc: np.ndarray) -> None:
+  from PIL import Image
+  Image.fromarray(np.asarray(image_hwc, np.uint8)).save(path)
+
+
 def add_video_summary(writer, tag: str, frames_thwc, step: int, fps: float = 20.0, max_strip_frames: int = 16) -> str:
   """Logs the frames to a tensorboardX SummaryWriter: a video with moviepy, else an image strip.
 

@@ -48,6 +48,11 @@ def test_smoke_demo_runs_every_stage_and_reports_against_the_baselines(demo):
   assert os.path.isdir(cwd / "run" / "autoencoder" / "decoder" / "checkpoints")  # the decoder fine-tuning stage
   assert list((cwd / "run" / "diffusion" / "tensorboard").iterdir())
   assert "recorded" in result.stderr and "teacher-forced PSNR" in result.stderr
+  from PIL import Image
+  for name in ("teacher_forced", "rollout"):  # recorded above generated, one labelled column per frame
+    path = cwd / "run" / "eval" / f"{name}.png"
+    assert summary["strips"][name] == str(path) and Image.open(path).size[1] > 2 * 60
+  assert "frames to look at" in result.stderr
 
 
 def test_restart_reuses_the_recording_and_the_trained_stages(demo):

@@ -80,3 +80,15 @@ def test_tensorboard_summary(tmp_path):
   (step, value), = read_events(str(tmp_path))
   assert step == 3 and value.tag == "rollout" and value.image.height == 12
   assert value.image.width == (16 if kind == "video" else 4 * 16)
+
+
+def test_labelled_strip_puts_recorded_above_generated_with_captions():
+  recorded = np.full((3, 6, 8, 3), 200, np.uint8)
+  generated = np.full((3, 6, 8, 3), 50, np.uint8)
+  image = video.labelled_strip({"recorded": recorded, "generated": generated}, ["FORWARD", "TURN_LEFT", "NOOP"],
+                               min_width=16)
+  # Frames enlarged 2x (8 -> 16 columns): three columns after an 80-pixel label margin, two rows, captions.
+  assert image.dtype == np.uint8 and image.shape[1] == 80 + 3 * (16 + 2) and image.shape[0] > 2 * 12
+  assert (image[0:12, 80:96] == 200).all() and (image[14:26, 80:96] == 50).all()
+  with pytest.raises(ValueError, match="one caption per column"):
+    video.labelled_strip({"recorded": recorded, "generated": generated}, ["only one"])

@@ -76,7 +76,8 @@ def run(config, workdir: str) -> dict:
              **{k: metrics[k] for k in ("psnr_teacher_forced", "ssim_teacher_forced", "psnr_copy_last_frame",
                                         "psnr_autoencoder", "psnr_by_ddim_steps")},
              "psnr_autoregressive": metrics.get("psnr_autoregressive"),
-             "rollout_gif": os.path.join(dirs["eval"], "rollout.gif"), "stages": dirs}
+             "rollout_gif": os.path.join(dirs["eval"], "rollout.gif"), "strips": metrics.get("strips", {}),
+             "stages": dirs}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(summary, f, indent=2)

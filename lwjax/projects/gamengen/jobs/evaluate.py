@@ -10,7 +10,9 @@ On `eval.num_windows` windows of the held-out episodes of the diffusion run's re
 - autoregressive: from the first `context` frames of a held-out stretch, the model feeds on its own frames
   under the recorded actions; PSNR of frame n for each n in `eval.horizons` (16/32/64 as episodes allow).
 Writes `<workdir>/metrics.json` (`psnr_teacher_forced`, `psnr_copy_last_frame`, `psnr_autoencoder`,
-`ssim_teacher_forced`, ...) and the first autoregressive rollout above the recorded frames as
+`ssim_teacher_forced`, ...); PNG strips of recorded frames above generated ones with the action under each
+column, `teacher_forced.png` (one held-out window per column) and `rollout.png` (the first autoregressive
+rollout, evenly spaced frames), also in TensorBoard; and that rollout above the recorded frames as
 `<workdir>/rollout.gif`, `rollout.mp4` (with imageio-ffmpeg) and a TensorBoard video (image strip without
 moviepy) under `<workdir>/tensorboard`. LPIPS and FVD need pretrained networks that cannot be fetched here:
 not reported.
@@ -29,6 +31,7 @@ import tqdm
 
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
 from lwjax.projects.gamengen import metrics as metrics_lib, video, world_model
+from lwjax.projects.gamengen.env import ACTION_NAMES
 from lwjax.projects.gamengen.record import EpisodeWindows, WindowSource, split_episodes
 
 SCHEMA = {
@@ -75,8 +78,10 @@ def _picks(num_windows: int, n: int) -> np.ndarray:
 
 
 def teacher_forced(model: world_model.WorldModel, windows: WindowSource, picks, *, batch_size: int, steps_list,
-                   key) -> dict:
-  """PSNR/SSIM of the next frame from the true context, per DDIM step count, and the two baselines."""
+                   key, strip_steps: int | None = None, strip_columns: int = 8) -> dict:
+  """PSNR/SSIM of the next frame from the true context, per DDIM step count, and the two baselines; with
+  `strip_steps`, "strip": (recorded, generated at that step count, actions) of the first `strip_columns`
+  windows."""
   shrink = model.geometry.shrink
   predicted = {s: [] for s in steps_list}
   copy, recon, targets = [], [], []
@@ -94,6 +99,11 @@ def teacher_forced(model: world_model.WorldModel, windows: WindowSource, picks, 
     copy.append(shrink(np.stack([w["frames"][-1] for w in chunk[:n]])))
     recon.append(model.reconstruct(target))
   targets, copy, recon = (np.concatenate(x) for x in (targets, copy, recon))
+  strip = None
+  if strip_steps is not None:
+    m = min(strip_columns, len(targets))
+    actions = [int(windows[int(j)]["actions"][-1]) for j in picks[:m]]
+    strip = (targets[:m], np.concatenate(predicted[strip_steps])[:m], actions)
   result = {"psnr_copy_last_frame": float(metrics_lib.psnr(copy, targets).mean()),
             "psnr_autoencoder": float(metrics_lib.psnr(recon, targets).mean()),
             "ssim_copy_last_frame": float(metrics_lib.ssim(copy, targets).mean()),
@@ -103,7 +113,22 @@ def teacher_forced(model: world_model.WorldModel, windows: WindowSource, picks, 
     frames = np.concatenate(chunks)
     result["psnr_by_ddim_steps"][str(s)] = float(metrics_lib.psnr(frames, targets).mean())
     result["ssim_by_ddim_steps"][str(s)] = float(metrics_lib.ssim(frames, targets).mean())
+  if strip is not None:
+    result["strip"] = strip
   return result
+
+
+def write_strip(out_dir: str, name: str, recorded, generated, actions, captions=None) -> str:
+  """`<out_dir>/<name>.png`: recorded frames above generated ones, each column's action under it; also into
+  `<out_dir>/tensorboard` as `strips/<name>`. Returns the PNG's path."""
+  from tensorboardX import SummaryWriter
+  captions = captions or [ACTION_NAMES[a] for a in actions]
+  image = video.labelled_strip({"recorded": np.asarray(recorded), "generated": np.asarray(generated)}, captions)
+  path = os.path.join(out_dir, f"{name}.png")
+  video.write_png(path, image)
+  with SummaryWriter(os.path.join(out_dir, "tensorboard")) as writer:
+    writer.add_image(f"strips/{name}", image, 0, dataformats="HWC")
+  return path
 
 
 def autoregressive(model: world_model.WorldModel, run_config: dict, horizons, num_rollouts: int, key,
@@ -130,6 +155,10 @@ def autoregressive(model: world_model.WorldModel, run_config: dict, horizons, nu
       psnrs.append(float(metrics_lib.psnr(generated[-1], truth[-1])))
       if out_dir and r == 0 and horizon == max(horizons):
         _write_rollout(out_dir, np.concatenate([generated, truth], axis=1))
+        cols = np.unique(np.linspace(0, len(generated) - 1, min(12, len(generated))).round().astype(int))
+        held = np.asarray(actions[context - 1:context - 1 + len(generated)])  # the action into each frame
+        write_strip(out_dir, "rollout", truth[cols], generated[cols], None,
+                    [f"{i + 1}:{ACTION_NAMES[int(held[i])]}" for i in cols])
     result[str(horizon)] = float(np.mean(psnrs))
   return result
 
@@ -156,8 +185,9 @@ def run(config, workdir: str) -> dict:
   key = jax.random.key(config.seed)
   steps_list = sorted({e.steps, *e.ddim_steps})
   tf = teacher_forced(model, windows, _picks(len(windows), e.num_windows), batch_size=e.batch_size,
-                      steps_list=steps_list, key=key)
+                      steps_list=steps_list, key=key, strip_steps=e.steps)
   os.makedirs(workdir, exist_ok=True)
+  strips = {"teacher_forced": write_strip(workdir, "teacher_forced", *tf.pop("strip"))}
   result = {"psnr_teacher_forced": tf["psnr_by_ddim_steps"][str(e.steps)],
             "ssim_teacher_forced": tf["ssim_by_ddim_steps"][str(e.steps)], **tf,
             "num_windows": int(len(_picks(len(windows), e.num_windows))), "ddim_steps": e.steps,
@@ -166,10 +196,14 @@ def run(config, workdir: str) -> dict:
   if e.horizons:
     result["psnr_autoregressive"] = autoregressive(model, run_config, e.horizons, e.num_rollouts,
                                                    jax.random.fold_in(key, 1), workdir)
+    if os.path.exists(os.path.join(workdir, "rollout.png")):
+      strips["rollout"] = os.path.join(workdir, "rollout.png")
+  result["strips"] = strips
   logging.info("teacher-forced PSNR %.2f dB (copy-last-frame %.2f, autoencoder %.2f), SSIM %.3f; by steps %s; "
                "autoregressive %s", result["psnr_teacher_forced"], result["psnr_copy_last_frame"],
                result["psnr_autoencoder"], result["ssim_teacher_forced"], tf["psnr_by_ddim_steps"],
                result.get("psnr_autoregressive"))
+  logging.info("frames to look at (recorded above generated): %s", ", ".join(strips.values()))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(result, f, indent=2)
