@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.tokenizer = {"kind": "bytes", "path": ""}
   config.engine = {"num_pages": 256, "page_size": 16, "max_num_seqs": 16, "max_batch_tokens": 256,
                    "prefill_chunk": 64, "max_model_len": 128, "nano_batches": 1, "async_scheduling": True,
+                   "mixed_batches": True,
                    "kv_offload": {"host_bytes": 0, "disk_dir": "", "disk_bytes": 0}}
   config.server = {"host": "127.0.0.1", "port": 8000, "model_name": "lwjax", "max_queued": 256}
   if scale == "cpu":

@@ -31,6 +31,8 @@ SCHEMA = {
         "max_batch_tokens": positive_int(), "prefill_chunk": positive_int(), "max_model_len": positive_int(),
         "nano_batches": positive_int("split each batch into this many nano-batches (NanoFlow §3; 1 on CPU)"),
         "async_scheduling": Field(bool, doc="prepare iteration i + 1 on the host while the device runs i"),
+        "mixed_batches": Field(bool, doc="an iteration's decodes and prefill chunks in one model call (off: one "
+                                         "call per group; hybrids and nano-batches always run one per group)"),
         "kv_offload": {
             "host_bytes": non_negative_int("host memory for offloaded KV blocks; 0 turns offload off"),
             "disk_dir": Field(str, doc="directory for blocks spilled from host memory; empty: none"),
@@ -99,7 +101,8 @@ def load_tokenizer(config):
 
 
 def make_engine(config, model: GPT, tokenizer):
-  """The engine `config.engine` describes: its sizes, nano-batches, asynchronous scheduling, KV offload."""
+  """The engine `config.engine` describes: its sizes, nano-batches, asynchronous scheduling, mixed batches, KV
+  offload."""
   from lwjax.serving.engine import Engine
   from lwjax.serving.offload import KVOffloadStore
   settings = config.engine.to_dict()

@@ -85,17 +85,20 @@ def test_missing_weights_name_the_key():
 
 def test_every_engine_switch_of_the_serve_config_reaches_the_engine(tmp_path):
   config = serve_experiment.get_config("scale=smoke")
-  config.engine.update(nano_batches=2, async_scheduling=False, max_batch_tokens=96, prefill_chunk=32)
+  config.engine.update(nano_batches=2, async_scheduling=False, max_batch_tokens=96, prefill_chunk=32,
+                       mixed_batches=False)
   config.engine.kv_offload.update(host_bytes=1 << 20, disk_dir=str(tmp_path / "kv"), disk_bytes=1 << 22)
   jobs.get(config)  # validates
   tokenizer = serve.load_tokenizer(config)
   engine = serve.make_engine(config, serve.load_model(config), tokenizer)
-  assert (engine.nano_batches, engine.async_scheduling) == (2, False)
+  assert (engine.nano_batches, engine.async_scheduling, engine.mixed_batches) == (2, False, False)
   assert (engine.scheduler.max_batch_tokens, engine.prefill_chunk) == (96, 32)
   store = engine.kv.offload
   assert (store.host_bytes, store.disk_dir, store.disk_bytes) == (1 << 20, str(tmp_path / "kv"), 1 << 22)
   config.engine.kv_offload.update(host_bytes=0, disk_dir="", disk_bytes=0)
-  assert serve.make_engine(config, serve.load_model(config), tokenizer).kv.offload is None
+  config.engine.update(nano_batches=1, mixed_batches=True)
+  engine = serve.make_engine(config, serve.load_model(config), tokenizer)
+  assert engine.kv.offload is None and engine.mixed_batches
 
 
 @pytest.mark.parametrize("key, value, field", [
