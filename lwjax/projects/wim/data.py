@@ -6,6 +6,8 @@ margin), a relevance row for each margin (and, for retrieval, one for a distract
 is not relevant), and three answer rows: after the context with the kept margins, after the context alone (full
 context), and after the relevant segments alone (retrieval-only). A row is built when its batch is drawn
 (`batches`: a checkpointable Grain pipeline over (document, row) pairs), so long documents cost no memory.
+Rows are packed first-fit into `seq_len` sequences (attention kept within each row by its segment id): most
+rows are far shorter than the longest, and each carries only a few target tokens.
 """
 
 from __future__ import annotations
@@ -75,16 +77,29 @@ def documents(num: int, *, seed: int, task_names: Sequence[str], num_segments: S
 
 def batches(records: Sequence[tasks.Record], tok: tasks.WiMTokenizer, *, seq_len: int, batch_size: int,
             seed: int, process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
-  """Shuffled, repeated batches of every row of every record; rows over seq_len are replaced by another row
-  of the same record (a short one: its relevance row), so every batch is full. `batch_size` is the global
+  """Shuffled, repeated batches of every row of every record, packed first-fit several to a sequence (fields as
+  `rows.lm_row`'s, segment ids 1..k per sequence, positions restarting at each row); rows over seq_len are
+  replaced by another row of the same record (a short one: its relevance row). `batch_size` is the global
   batch; on several processes each keeps its share (`pipeline.process_share`)."""
   specs = [(i, kind, index) for i, r in enumerate(records) for kind, index in row_specs(r)]
+  fields = ("inputs", "targets", "loss_mask")
 
   def make(spec):
     i, kind, index = spec
     row = build_row(tok, records[i], kind, index, seq_len)
-    return row if row is not None else build_row(tok, records[i], "relevance", 0, seq_len)
+    row = row if row is not None else build_row(tok, records[i], "relevance", 0, seq_len)
+    n = int(row["segment_ids"].sum())
+    return {k: row[k][:n] for k in fields}
 
-  ds = (grain.MapDataset.source(specs).shuffle(seed=seed).map(make).repeat().to_iter_dataset()
-        .batch(batch_size, drop_remainder=True))
+  rows = grain.MapDataset.source(specs).shuffle(seed=seed).map(make).repeat().to_iter_dataset()
+  packed = grain.experimental.FirstFitPackIterDataset(rows, length_struct={k: seq_len for k in fields},
+                                                      num_packing_bins=batch_size, shuffle_bins=False)
+  ds = packed.map(_packed_fields).batch(batch_size, drop_remainder=True)
   return pipeline.process_share(ds, batch_size, process_index=process_index, process_count=process_count)
+
+
+def _packed_fields(packed: dict) -> dict:
+  return {"inputs": packed["inputs"].astype("int32"), "targets": packed["targets"].astype("int32"),
+          "loss_mask": packed["loss_mask"].astype("float32"),
+          "segment_ids": packed["inputs_segment_ids"].astype("int32"),
+          "positions": packed["inputs_positions"].astype("int32")}
