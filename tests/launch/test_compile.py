@@ -59,6 +59,7 @@ def test_a_step_over_hbm_is_reported_as_not_fitting_not_a_crash():
   assert "DOES NOT FIT" in compile_lib.format_report(report) and "grad_accum_steps" in compile_lib.format_report(report)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not AVAILABLE, reason=f"libtpu unavailable: {WHY}")
 def test_gamengen_denoiser_step_compiles_for_tpu_from_the_configured_latent_grid():
   """No autoencoder checkpoint: the latent grid comes from `autoencoder.geometry` (smoke: 96x64 images, 12x8)."""
