@@ -80,8 +80,8 @@ def _picks(num_windows: int, n: int) -> np.ndarray:
 def teacher_forced(model: world_model.WorldModel, windows: WindowSource, picks, *, batch_size: int, steps_list,
                    key, strip_steps: int | None = None, strip_columns: int = 8) -> dict:
   """PSNR/SSIM of the next frame from the true context, per DDIM step count, and the two baselines; with
-  `strip_steps`, "strip": (recorded, generated at that step count, actions) of the first `strip_columns`
-  windows."""
+  `strip_steps`, "strip": (recorded, generated at that step count, the action names) of the first
+  `strip_columns` windows."""
   shrink = model.geometry.shrink
   predicted = {s: [] for s in steps_list}
   copy, recon, targets = [], [], []
@@ -102,8 +102,8 @@ def teacher_forced(model: world_model.WorldModel, windows: WindowSource, picks, 
   strip = None
   if strip_steps is not None:
     m = min(strip_columns, len(targets))
-    actions = [int(windows[int(j)]["actions"][-1]) for j in picks[:m]]
-    strip = (targets[:m], np.concatenate(predicted[strip_steps])[:m], actions)
+    captions = [ACTION_NAMES[int(windows[int(j)]["actions"][-1])] for j in picks[:m]]
+    strip = (targets[:m], np.concatenate(predicted[strip_steps])[:m], captions)
   result = {"psnr_copy_last_frame": float(metrics_lib.psnr(copy, targets).mean()),
             "psnr_autoencoder": float(metrics_lib.psnr(recon, targets).mean()),
             "ssim_copy_last_frame": float(metrics_lib.ssim(copy, targets).mean()),
@@ -118,11 +118,10 @@ def teacher_forced(model: world_model.WorldModel, windows: WindowSource, picks, 
   return result
 
 
-def write_strip(out_dir: str, name: str, recorded, generated, actions, captions=None) -> str:
-  """`<out_dir>/<name>.png`: recorded frames above generated ones, each column's action under it; also into
-  `<out_dir>/tensorboard` as `strips/<name>`. Returns the PNG's path."""
+def write_strip(out_dir: str, name: str, recorded, generated, captions) -> str:
+  """`<out_dir>/<name>.png`: recorded frames above generated ones, each column's caption (its action) under it;
+  also into `<out_dir>/tensorboard` as `strips/<name>`. Returns the PNG's path."""
   from tensorboardX import SummaryWriter
-  captions = captions or [ACTION_NAMES[a] for a in actions]
   image = video.labelled_strip({"recorded": np.asarray(recorded), "generated": np.asarray(generated)}, captions)
   path = os.path.join(out_dir, f"{name}.png")
   video.write_png(path, image)
@@ -155,9 +154,9 @@ def autoregressive(model: world_model.WorldModel, run_config: dict, horizons, nu
       psnrs.append(float(metrics_lib.psnr(generated[-1], truth[-1])))
       if out_dir and r == 0 and horizon == max(horizons):
         _write_rollout(out_dir, np.concatenate([generated, truth], axis=1))
-        cols = np.unique(np.linspace(0, len(generated) - 1, min(12, len(generated))).round().astype(int))
+        cols = _picks(len(generated), 12)
         held = np.asarray(actions[context - 1:context - 1 + len(generated)])  # the action into each frame
-        write_strip(out_dir, "rollout", truth[cols], generated[cols], None,
+        write_strip(out_dir, "rollout", truth[cols], generated[cols],
                     [f"{i + 1}:{ACTION_NAMES[int(held[i])]}" for i in cols])
     result[str(horizon)] = float(np.mean(psnrs))
   return result
