@@ -173,3 +173,29 @@ def test_every_scale_task_and_verifier_validates(scale, task):
     jobs.get(genrm.get_config(f"scale={scale},task={task},verifier={kind}"))
   if task != "igsm":
     jobs.get(genrm_solver.get_config(f"scale={scale},task={task}"))
+
+
+def test_report_over_seeds_is_the_mean_and_standard_error_of_each_seed(tmp_path):
+  def metrics(kind, verifier, majority, k_acc=None):
+    split = {"n": [1, 4], "auc": 0.5, "answer": {"verifier": [[v, 0.01] for v in verifier],
+                                                  "majority": [[v, 0.01] for v in majority],
+                                                  "pass": [[0.5, 0.0], [0.9, 0.0]], "first": [0.3, 0.01]}}
+    split["full"] = split["answer"]
+    if k_acc is not None:
+      split["cot_k"] = {"1": [k_acc[0], 0.0], "4": [k_acc[1], 0.0]}
+    return {"kind": kind, "test": split, "hard": split}
+
+  for seed, (a, b) in enumerate(((0.40, 0.60), (0.50, 0.80))):
+    for kind, k_acc in (("direct", None), ("cot", (a, b))):
+      run = tmp_path / f"s{seed}" / kind
+      run.mkdir(parents=True)
+      (run / "metrics.json").write_text(json.dumps(metrics(kind, [0.3, b], [0.3, a], k_acc)))
+  sweeps = [report.load_runs(str(tmp_path / f"s{s}")) for s in (0, 1)]
+  rows = report.seeds_table(sweeps, "test").splitlines()
+  # Best-of-4: 60 and 80 -> 70 ± 10; self-consistency 40 and 50 -> 45 ± 5.
+  assert rows[2] == "| direct | 30.0 ± 0.0 | 70.0 ± 10.0 | 0.500 |" and rows[3].startswith("| cot | 30.0 ± 0.0 |")
+  assert rows[4] == "| self-consistency | 30.0 ± 0.0 | 45.0 ± 5.0 | |"
+  assert rows[-1] == "| first sample | 30.0 ± 0.0 | 30.0 ± 0.0 | |"
+  assert report.cot_k_table(sweeps, "test").splitlines()[-1] == "| Best-of-4 | 45.0 ± 5.0 | 70.0 ± 10.0 |"
+  report.main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--png", str(tmp_path / "c.png")])
+  assert (tmp_path / "c_test.png").stat().st_size > 1000
