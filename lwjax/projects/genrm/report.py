@@ -29,6 +29,11 @@ def load_runs(sweep_dir: str) -> dict[str, dict]:
   return dict(sorted(runs.items(), key=lambda kv: (ORDER.index(kv[1]["kind"]), kv[0])))
 
 
+def _auc(value) -> str:
+  """AUC, or `n/a` where it is undefined (every candidate of the split right, or every one wrong)."""
+  return "n/a" if value is None or np.isnan(value) else f"{value:.3f}"
+
+
 def _pm(mean_se) -> str:
   return f"{100 * mean_se[0]:.1f} ± {100 * mean_se[1]:.1f}"
 
@@ -42,7 +47,7 @@ def table(runs: dict[str, dict], split: str, metric: str = "answer") -> str:
            "|---|" + "---|" * (len(ns) + 2)]
   for name, m in runs.items():
     lines.append(f"| {name} ({m['kind']}) | " + " | ".join(map(_pm, m[split][metric]["verifier"]))
-                 + f" | {m[split]['auc']:.3f} | {m[split]['verifier_accuracy']:.3f} |")
+                 + f" | {_auc(m[split]['auc'])} | {m[split]['verifier_accuracy']:.3f} |")
   for label, key in (("self-consistency", "majority"), ("pass@N (oracle)", "pass")):
     lines.append(f"| {label} | " + " | ".join(map(_pm, first[metric][key])) + " | | |")
   lines.append("| first sample | " + " | ".join([_pm(first[metric]["first"])] * len(ns)) + " | | |")
@@ -85,8 +90,8 @@ def seeds_table(sweeps: list[dict[str, dict]], split: str, metric: str = "answer
            "|---|" + "---|" * (len(ns) + 1)]
   for kind, runs in kinds.items():
     cells = [_over_seeds([m[split][metric]["verifier"][i][0] for m in runs]) for i in range(len(ns))]
-    auc = np.asarray([m[split]["auc"] for m in runs])
-    lines.append(f"| {kind} | " + " | ".join(cells) + f" | {auc.mean():.3f} |")
+    auc = np.asarray([m[split]["auc"] for m in runs], float)
+    lines.append(f"| {kind} | " + " | ".join(cells) + f" | {_auc(auc.mean())} |")
   for label, key in (("self-consistency", "majority"), ("pass@N (oracle)", "pass")):
     per_seed = [[np.mean([m[split][metric][key][i][0] for m in runs_of_seed]) for runs_of_seed in
                  zip(*kinds.values(), strict=True)] for i in range(len(ns))]

@@ -2,8 +2,9 @@
 aggregation as RULER's common-words extraction, single-hop retrieval), generated here in a symbolic vocabulary
 so a small model trained on 2 cores can read them.
 
-A document is a list of segments, each `segment_words` words of filler sentences (`w012 w201 w033 .`) among
-which the task's facts sit. Every record carries what WiM needs to be trained and scored exactly: the query,
+A document is a list of segments, each a `section` marker and `segment_words` words of filler sentences
+(`w012 w201 w033 .`) among which the task's facts sit. The marker lets a reader find where the segment it is
+asked about begins: a margin notes the last segment's facts, with every earlier segment still in the cache. Every record carries what WiM needs to be trained and scored exactly: the query,
 the answer, and per segment the margin a perfect reader writes (the segment's relevant facts, or `none`) and
 whether that margin is relevant.
 
@@ -36,6 +37,7 @@ KEYS = tuple(f"k{i:02d}" for i in range(NUM_KEYS))
 VALUES = tuple(f"v{i:02d}" for i in range(NUM_VALUES))
 FILLER = tuple(f"w{i:03d}" for i in range(NUM_FILLER))
 NONE, YES, NO = "none", "yes", "no"
+SECTION = "section"  # the first word of every segment
 # Prompt words: after a segment `? <query> note` asks for its margin; `query <q> | <margin> rel` asks whether a
 # margin is relevant; `margins <m1> | <m2> ... ? <q> ans` asks for the answer (after the context, or alone).
 STRUCTURE = (".", "=", "?", "|", "ans", "note", "rel", "query", "margins", "get", "find", "common", NONE, YES, NO)
@@ -46,7 +48,7 @@ class WiMTokenizer:
   pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
 
   def __init__(self):
-    self.words = (*STRUCTURE, *KEYS, *VALUES, *FILLER)
+    self.words = (*STRUCTURE, *KEYS, *VALUES, *FILLER, SECTION)
     self._ids = {w: 4 + i for i, w in enumerate(self.words)}
     self.vocab_size = 4 + len(self.words)
 
@@ -159,12 +161,17 @@ GENERATORS = {"retrieval": retrieval, "multihop": multihop, "aggregation": aggre
 
 
 def generate(task: str, num: int, *, seed: int, num_segments: int | Sequence[int], segment_words: int) -> list[Record]:
-  """`num` records of `task`, each of a number of segments drawn from `num_segments`."""
+  """`num` records of `task`, each of a number of segments drawn from `num_segments` (a length listed twice is
+  drawn twice as often), every segment led by the `section` marker."""
   if task not in GENERATORS:
     raise ValueError(f"task={task!r}: expected one of {TASKS}")
   rng = random.Random(f"{task}/{seed}")
   choices = [num_segments] if isinstance(num_segments, int) else list(num_segments)
-  return [GENERATORS[task](rng, rng.choice(choices), segment_words) for _ in range(num)]
+  return [_sectioned(GENERATORS[task](rng, rng.choice(choices), segment_words)) for _ in range(num)]
+
+
+def _sectioned(record: Record) -> Record:
+  return dataclasses.replace(record, segments=tuple(f"{SECTION} {s}" for s in record.segments))
 
 
 def score(task: str, predicted: str, answer: Sequence[str]) -> float:

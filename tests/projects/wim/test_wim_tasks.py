@@ -17,8 +17,9 @@ def test_answers_and_margins_follow_from_the_document(task, num_segments):
     assert tok.decode(tok.encode(record.context)) == record.context
     for segment, margin, relevant in zip(record.segments, record.margins, record.relevant, strict=True):
       assert relevant == (margin != tasks.NONE)
+      assert segment.split()[0] == tasks.SECTION and tasks.SECTION not in segment.split()[1:]
       if task != "aggregation":
-        assert len(segment.split()) == 48
+        assert len(segment.split()) == 49
         facts = [f.strip() + " ." for f in margin.split(" .") if f.strip()] if relevant else []
         assert all(f in segment for f in facts)
     words = record.context.split()
@@ -44,7 +45,7 @@ def test_answers_and_margins_follow_from_the_document(task, num_segments):
       assert " ".join(record.margins).count("=") == words.count("=")  # every link is in some margin
     else:
       for segment in record.segments:
-        counts = Counter(w for w in segment.split() if w != ".")
+        counts = Counter(w for w in segment.split()[1:] if w != ".")
         assert all(counts[w] == 3 for w in record.answer)
         assert all(n == 1 for w, n in counts.items() if w not in record.answer)
       assert all(m == " ".join(record.answer) for m in record.margins)

@@ -131,9 +131,10 @@ def write_strip(out_dir: str, name: str, recorded, generated, captions) -> str:
 
 
 def autoregressive(model: world_model.WorldModel, run_config: dict, horizons, num_rollouts: int, key,
-                   out_dir: str | None) -> dict:
-  """PSNR of generated frame n (n in `horizons`) under the recorded actions, from recorded contexts."""
-  context, result = model.context, {}
+                   out_dir: str | None) -> tuple[dict, str | None]:
+  """PSNR of generated frame n (n in `horizons`) under the recorded actions, from recorded contexts, and the
+  path of the first rollout's strip (written when `out_dir` is given and the longest horizon ran)."""
+  context, result, strip = model.context, {}, None
   for horizon in sorted(horizons):
     stretches = held_out_windows(run_config, context + horizon - 1)
     if not len(stretches):
@@ -156,10 +157,10 @@ def autoregressive(model: world_model.WorldModel, run_config: dict, horizons, nu
         _write_rollout(out_dir, np.concatenate([generated, truth], axis=1))
         cols = _picks(len(generated), 12)
         held = np.asarray(actions[context - 1:context - 1 + len(generated)])  # the action into each frame
-        write_strip(out_dir, "rollout", truth[cols], generated[cols],
-                    [f"{i + 1}:{ACTION_NAMES[int(held[i])]}" for i in cols])
+        strip = write_strip(out_dir, "rollout", truth[cols], generated[cols],
+                            [f"{i + 1}:{ACTION_NAMES[int(held[i])]}" for i in cols])
     result[str(horizon)] = float(np.mean(psnrs))
-  return result
+  return result, strip
 
 
 def _write_rollout(out_dir: str, frames_thwc: np.ndarray) -> None:
@@ -193,10 +194,10 @@ def run(config, workdir: str) -> dict:
             "guidance": e.guidance, "noise_augmentation": run_config["diffusion"]["noise_augmentation"],
             "context_frames": model.context, "diffusion_workdir": os.path.abspath(config.diffusion_workdir)}
   if e.horizons:
-    result["psnr_autoregressive"] = autoregressive(model, run_config, e.horizons, e.num_rollouts,
-                                                   jax.random.fold_in(key, 1), workdir)
-    if os.path.exists(os.path.join(workdir, "rollout.png")):
-      strips["rollout"] = os.path.join(workdir, "rollout.png")
+    result["psnr_autoregressive"], rollout_strip = autoregressive(model, run_config, e.horizons, e.num_rollouts,
+                                                                  jax.random.fold_in(key, 1), workdir)
+    if rollout_strip:
+      strips["rollout"] = rollout_strip
   result["strips"] = strips
   logging.info("teacher-forced PSNR %.2f dB (copy-last-frame %.2f, autoencoder %.2f), SSIM %.3f; by steps %s; "
                "autoregressive %s", result["psnr_teacher_forced"], result["psnr_copy_last_frame"],
