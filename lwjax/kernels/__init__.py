@@ -8,6 +8,7 @@ GPU form inside its module).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 
 import jax
@@ -27,25 +28,27 @@ from lwjax.kernels.pallas import (
 )
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
-_target_platform: str | None = None
+# Per thread and task (a context variable): one thread lowering for a TPU never changes another's kernels.
+_target_platform: contextvars.ContextVar[str | None] = contextvars.ContextVar("lwjax_target_platform", default=None)
 
 
 def backend() -> str:
   """The platform programs are built for: `jax.default_backend()`, or the one `target_platform` names while
   compiling ahead of time for another (a TPU slice lowered on a CPU host). "auto" kernels resolve by it."""
-  return _target_platform or jax.default_backend()
+  return _target_platform.get() or jax.default_backend()
 
 
 @contextlib.contextmanager
 def target_platform(platform: str):
   """Within the block, "auto" kernels and the models' backend-specific paths resolve for `platform` ("tpu",
   "gpu", "cpu") whatever this process runs on: `lwjax.launch.compile` lowers TPU steps on a CPU host with it."""
-  global _target_platform
-  previous, _target_platform = _target_platform, platform
+  token = _target_platform.set(platform)
   try:
     yield
   finally:
-    _target_platform = previous
+    _target_platform.reset(token)
+
+
 # Up to this length "auto" on CPU runs causal self-attention as `reference.blocked_causal_attention` (unrolled
 # over query blocks: longer sequences would grow the program).
 CPU_BLOCKED_MAX_LEN = 1024

@@ -90,3 +90,24 @@ def test_auto_kernels_resolve_for_the_target_platform_not_the_host():
     assert kernels.backend() == "tpu"
     assert "tpu_custom_call" in lowered_text()
   assert kernels.backend() == jax.default_backend()
+
+
+def test_target_platform_is_per_thread():
+  """One thread lowering for a TPU does not change the kernels another thread resolves meanwhile."""
+  import threading
+
+  import jax
+
+  from lwjax import kernels
+  inside, seen = threading.Event(), []
+
+  def other():
+    inside.wait(10)
+    seen.append(kernels.backend())
+  thread = threading.Thread(target=other)
+  thread.start()
+  with kernels.target_platform("tpu"):
+    inside.set()
+    thread.join(10)
+    assert kernels.backend() == "tpu"
+  assert seen == [jax.default_backend()]
