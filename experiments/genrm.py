@@ -16,6 +16,13 @@ labelled candidates, compared by Best-of-N with self-consistency, pass@N and LLM
         --workdir runs/genrm_cpu/igsm/$v
   done
   python -m lwjax.projects.genrm.report runs/genrm_cpu/igsm --png runs/genrm_cpu/igsm/bestofn.png
+  # a second seed of the verifiers (same candidates), then the table over both seeds:
+  for v in judge disc direct cot unified; do
+    python main.py --config \
+        experiments/genrm.py:scale=cpu,task=igsm,verifier=$v,base=runs/igsm_solver_cpu/weak,seed=1 \
+        --workdir runs/genrm_cpu/igsm_s1/$v
+  done
+  python -m lwjax.projects.genrm.report runs/genrm_cpu/igsm runs/genrm_cpu/igsm_s1 --png docs/img/genrm_igsm_cpu.png
 
 Arguments: `scale` smoke|cpu|gpu|paper; `task` igsm|last_letter|word_sort; `verifier` judge|disc|direct|
 cot|unified; `base` the solver's workdir (default runs/igsm_solver_<scale>/weak for iGSM,
