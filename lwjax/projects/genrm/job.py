@@ -207,6 +207,8 @@ def run(config, workdir: str) -> dict:
       return {}
   metrics = {"kind": kind, "task": task.name, "base": config.base, "base_step": step, "seed": config.seed,
              "steps": config.train.steps if kind != "judge" else 0}
+  if kind == "unified":
+    metrics["unified_lambda"] = config.verifier.unified_lambda
   for split in ("test", "hard"):
     scores_pn, extras = score(config, task, verifier, sets[split], split)
     metrics[split] = evaluate(config, scores_pn, sets[split], extras)
