@@ -6,6 +6,10 @@ margin), a relevance row for each margin (and, for retrieval, one for a distract
 is not relevant), and three answer rows: after the context with the kept margins, after the context alone (full
 context), and after the relevant segments alone (retrieval-only). A row is built when its batch is drawn
 (`batches`: a checkpointable Grain pipeline over (document, row) pairs), so long documents cost no memory.
+For documents whose facts are assignments (retrieval, multi-hop) one more row drills the skill every prompt
+leans on, binding a key to what it was assigned: after the context, every assignment's key is asked in turn
+(`? get k17 ans` -> `v42`, the loss on the answers only). It is ours, not the paper's: a from-scratch reader
+on 2 cores otherwise learns to copy some value of the context long before the right one.
 Rows are packed first-fit into `seq_len` sequences (attention kept within each row by its segment id): most
 rows are far shorter than the longest, and each carries only a few target tokens.
 """
@@ -15,11 +19,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grain
+import numpy as np
 
 from lwjax.data import pipeline, rows as rows_lib
 from lwjax.projects.wim import prompts, tasks
 
-KINDS = ("margin", "relevance", "distractor", "answer_margins", "answer_full", "answer_retrieval")
+KINDS = ("margin", "relevance", "distractor", "answer_margins", "answer_full", "answer_retrieval", "recall")
 
 
 def row_specs(record: tasks.Record) -> list[tuple[str, int]]:
@@ -28,7 +33,31 @@ def row_specs(record: tasks.Record) -> list[tuple[str, int]]:
   specs += [("relevance", i) for i in range(len(record.segments))]
   if record.task == "retrieval":
     specs += [("distractor", i) for i, s in enumerate(record.segments) if _distractor(record, i) is not None]
+  if _assignments(record):
+    specs.append(("recall", 0))
   return specs + [("answer_margins", 0), ("answer_full", 0), ("answer_retrieval", 0)]
+
+
+def _assignments(record: tasks.Record) -> list[tuple[str, str]]:
+  """(key, what it is assigned) of every `k = x .` of the document, in document order."""
+  words = record.context.split()
+  return [(words[i - 1], words[i + 1]) for i, w in enumerate(words) if w == "=" and words[i - 1] in tasks.KEYS]
+
+
+def _recall_row(tok: tasks.WiMTokenizer, record: tasks.Record, seq_len: int) -> dict | None:
+  """The context, then each assignment's key asked in turn (document order reversed: the first answer is not
+  simply the last fact read), the loss on the answers only."""
+  prompt = [tok.bos_id] + tok.encode(record.context)
+  tokens, is_answer = list(prompt), [False] * len(prompt)
+  for key, value in reversed(_assignments(record)):
+    query = tok.encode(f"? get {key} ans")
+    tokens += query + tok.encode(value)
+    is_answer += [False] * len(query) + [True]
+  row = rows_lib.lm_row(prompt, tokens[len(prompt):], seq_len)
+  if row is not None:  # loss_mask[i] is the loss on predicting tokens[i + 1]
+    n = len(tokens) - 1
+    row["loss_mask"][:n] = np.asarray(is_answer[1:], np.float32)
+  return row
 
 
 def _distractor(record: tasks.Record, index: int) -> str | None:
@@ -54,6 +83,8 @@ def build_row(tok: tasks.WiMTokenizer, record: tasks.Record, kind: str, index: i
     relevant = record.relevant[index] if kind == "relevance" else False
     return rows_lib.lm_row(prompts.classification(tok, record.query, margin),
                            tok.encode(tasks.YES if relevant else tasks.NO) + eos, seq_len)
+  if kind == "recall":
+    return _recall_row(tok, record, seq_len)
   if kind == "answer_margins":
     kept = [m for m, r in zip(record.margins, record.relevant, strict=True) if r]
     return rows_lib.lm_row(bos + tok.encode(record.context) + prompts.answer_with_margins(tok, record.query, kept),

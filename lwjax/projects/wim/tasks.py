@@ -4,9 +4,10 @@ so a small model trained on 2 cores can read them.
 
 A document is a list of segments, each a `section` marker and `segment_words` words of filler sentences
 (`w012 w201 w033 .`) among which the task's facts sit. The marker lets a reader find where the segment it is
-asked about begins: a margin notes the last segment's facts, with every earlier segment still in the cache. Every record carries what WiM needs to be trained and scored exactly: the query,
-the answer, and per segment the margin a perfect reader writes (the segment's relevant facts, or `none`) and
-whether that margin is relevant.
+asked about begins: a margin notes the last segment's facts, with every earlier segment still in the cache.
+Every record carries what WiM needs to be trained and scored exactly: the query, the answer, and per segment
+the margin a perfect reader writes (the segment's relevant facts, or `none`) and whether that margin is
+relevant.
 
 - `retrieval` (single hop): one fact `k17 = v42 .` somewhere, distractor facts about other keys; query
   `get k17`, answer `v42`. A segment's margin: the fact about the queried key, if it holds it.
