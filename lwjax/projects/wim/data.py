@@ -7,9 +7,8 @@ is not relevant), and three answer rows: after the context with the kept margins
 context), and after the relevant segments alone (retrieval-only). A row is built when its batch is drawn
 (`batches`: a checkpointable Grain pipeline over (document, row) pairs), so long documents cost no memory.
 For documents whose facts are assignments (retrieval, multi-hop) one more row drills the skill every prompt
-leans on, binding a key to what it was assigned: after the context, every assignment's key is asked in turn
-(`? get k17 ans` -> `v42`, the loss on the answers only). It is ours, not the paper's: a from-scratch reader
-on 2 cores otherwise learns to copy some value of the context long before the right one.
+leans on, finding which key was assigned a value: after the context, every assignment is asked in turn as a
+retrieval question (`? get v42 ans` -> `k17`, the loss on the answers only). It is ours, not the paper's.
 Rows are packed first-fit into `seq_len` sequences (attention kept within each row by its segment id): most
 rows are far shorter than the longest, and each carries only a few target tokens.
 """
@@ -45,13 +44,13 @@ def _assignments(record: tasks.Record) -> list[tuple[str, str]]:
 
 
 def _recall_row(tok: tasks.WiMTokenizer, record: tasks.Record, seq_len: int) -> dict | None:
-  """The context, then each assignment's key asked in turn (document order reversed: the first answer is not
-  simply the last fact read), the loss on the answers only."""
+  """The context, then each assignment asked in turn as `? get <value> ans` -> `<key>` (document order
+  reversed: the first answer is not simply the last fact read), the loss on the answers only."""
   prompt = [tok.bos_id] + tok.encode(record.context)
   tokens, is_answer = list(prompt), [False] * len(prompt)
   for key, value in reversed(_assignments(record)):
-    query = tok.encode(f"? get {key} ans")
-    tokens += query + tok.encode(value)
+    query = tok.encode(f"? get {value} ans")
+    tokens += query + tok.encode(key)
     is_answer += [False] * len(query) + [True]
   row = rows_lib.lm_row(prompt, tokens[len(prompt):], seq_len)
   if row is not None:  # loss_mask[i] is the loss on predicting tokens[i + 1]
@@ -61,11 +60,11 @@ def _recall_row(tok: tasks.WiMTokenizer, record: tasks.Record, seq_len: int) -> 
 
 
 def _distractor(record: tasks.Record, index: int) -> str | None:
-  """A fact of segment `index` about another key than the queried one (retrieval), or None."""
+  """A fact of segment `index` holding another value than the queried one (retrieval), or None."""
   words = record.segments[index].split()
-  key = record.query.split()[1]
+  value = record.query.split()[1]
   for i, w in enumerate(words):
-    if w == "=" and words[i - 1] != key:
+    if w == "=" and words[i + 1] != value:
       return f"{words[i - 1]} = {words[i + 1]} ."
   return None
 

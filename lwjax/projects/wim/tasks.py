@@ -9,8 +9,11 @@ Every record carries what WiM needs to be trained and scored exactly: the query,
 the margin a perfect reader writes (the segment's relevant facts, or `none`) and whether that margin is
 relevant.
 
-- `retrieval` (single hop): one fact `k17 = v42 .` somewhere, distractor facts about other keys; query
-  `get k17`, answer `v42`. A segment's margin: the fact about the queried key, if it holds it.
+- `retrieval` (single hop): one fact `k17 = v42 .` somewhere, distractor facts about other keys and values;
+  query `get v42`, answer `k17` (which key holds the value). A segment's margin: the fact holding the queried
+  value, if it holds it. Asked this way round the lookup is the one a small causal model learns first (match
+  the value, read what precedes it); asked for the value of a key (`get k17` -> `v42`), a 4 x 128 reader
+  trained here still answered at chance among the document's values after 4,000 steps.
 - `multihop` (variable tracking, as RULER's VT): a chain `k17 = v42 .`, `k05 = k17 .`, `k09 = k05 .` spread
   over the document in order, and a distractor chain with another value; query `find v42`, answer every key
   of the chain in order. A segment's margin: every assignment it holds (a reader of one segment cannot tell
@@ -108,7 +111,7 @@ def _fill(rng: random.Random, segment_words: int, facts: list[list[str]], words:
 
 def retrieval(rng: random.Random, num_segments: int, segment_words: int, num_distractors: int = 3) -> Record:
   keys = rng.sample(KEYS, 1 + num_distractors)
-  facts = [(k, rng.choice(VALUES)) for k in keys]
+  facts = list(zip(keys, rng.sample(VALUES, len(keys)), strict=True))
   where = [rng.randrange(num_segments) for _ in facts]
   segments, margins = [], []
   for s in range(num_segments):
@@ -116,7 +119,7 @@ def retrieval(rng: random.Random, num_segments: int, segment_words: int, num_dis
     rng.shuffle(mine)
     segments.append(" ".join(_fill(rng, segment_words, mine)))
     margins.append(f"{keys[0]} = {facts[0][1]} ." if where[0] == s else NONE)
-  return Record("retrieval", tuple(segments), f"get {keys[0]}", (facts[0][1],), tuple(margins),
+  return Record("retrieval", tuple(segments), f"get {facts[0][1]}", (keys[0],), tuple(margins),
                 tuple(m != NONE for m in margins))
 
 

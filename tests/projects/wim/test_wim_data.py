@@ -37,12 +37,12 @@ def test_recall_rows_ask_every_assignment_with_the_loss_on_the_answers_only():
   row = data.build_row(tok, record, "recall", 0, 512)
   n = int(row["segment_ids"].sum())
   words = record.context.split()
-  facts = {words[i - 1]: words[i + 1] for i, w in enumerate(words) if w == "="}
+  facts = {words[i + 1]: words[i - 1] for i, w in enumerate(words) if w == "="}  # value -> its key
   answered = row["targets"][:n][row["loss_mask"][:n] > 0]
   assert len(answered) == len(facts) == 4
   text = tok.decode(row["inputs"][:n]) + " " + tok.decode(row["targets"][n - 1:n])
   asked = text.split("?")[1:]
-  assert [a.split()[1] for a in asked] == list(facts)[::-1]  # every key, last fact first
+  assert [a.split()[1] for a in asked] == list(facts)[::-1]  # every value, last fact first
   assert [tok.decode([t]) for t in answered] == [facts[a.split()[1]] for a in asked]
   aggregation = tasks.generate("aggregation", 1, seed=3, num_segments=1, segment_words=48)[0]
   assert ("recall", 0) not in data.row_specs(aggregation)

@@ -24,9 +24,9 @@ def test_answers_and_margins_follow_from_the_document(task, num_segments):
         assert all(f in segment for f in facts)
     words = record.context.split()
     if task == "retrieval":
-      key = record.query.split()[1]
-      i = words.index(key)
-      assert words.count(key) == 1 and words[i + 1:i + 4] == ["=", record.answer[0], "."]
+      value = record.query.split()[1]
+      i = words.index(value)
+      assert words.count(value) == 1 and words[i - 2:i + 2] == [record.answer[0], "=", value, "."]
       assert sum(m != tasks.NONE for m in record.margins) == 1
     elif task == "multihop":
       value = record.query.split()[1]
