@@ -11,9 +11,9 @@ relevant.
 
 - `retrieval` (single hop): one fact `k17 = v42 .` somewhere, distractor facts about other keys and values;
   query `get v42`, answer `k17` (which key holds the value). A segment's margin: the fact holding the queried
-  value, if it holds it. Asked this way round the lookup is the one a small causal model learns first (match
-  the value, read what precedes it); asked for the value of a key (`get k17` -> `v42`), a 4 x 128 reader
-  trained here still answered at chance among the document's values after 4,000 steps.
+  value, if it holds it. Asked this way round the lookup is multi-hop's (match the value, read what precedes
+  it), which a 4 x 128 reader trained here had learned by 4,000 steps while it still answered the other way
+  round (`get k17` -> `v42`) at chance among the document's values.
 - `multihop` (variable tracking, as RULER's VT): a chain `k17 = v42 .`, `k05 = k17 .`, `k09 = k05 .` spread
   over the document in order, and a distractor chain with another value; query `find v42`, answer every key
   of the chain in order. A segment's margin: every assignment it holds (a reader of one segment cannot tell
