@@ -123,6 +123,15 @@ def retrieval(rng: random.Random, num_segments: int, segment_words: int, num_dis
                 tuple(m != NONE for m in margins))
 
 
+def _interleave(rng: random.Random, lists: list[list]) -> list:
+  """The lists merged in a random order that keeps each list's own order (which chain comes first is random:
+  a reader cannot answer by position)."""
+  order = [i for i, items in enumerate(lists) for _ in items]
+  rng.shuffle(order)
+  iters = [iter(items) for items in lists]
+  return [next(iters[i]) for i in order]
+
+
 def multihop(rng: random.Random, num_segments: int, segment_words: int, hops: int = 3) -> Record:
   keys = rng.sample(KEYS, 2 * hops)
   values = rng.sample(VALUES, 2)
@@ -134,8 +143,8 @@ def multihop(rng: random.Random, num_segments: int, segment_words: int, hops: in
   placed = [(sorted(rng.randrange(num_segments) for _ in range(hops)), chain) for chain in chains]
   segments, margins = [], []
   for s in range(num_segments):
-    mine = [link for spots, chain in placed for spot, link in zip(spots, chain, strict=True) if spot == s]
-    # Keep each chain's links in order within the segment (they were drawn in order); interleave the chains.
+    mine = _interleave(rng, [[link for spot, link in zip(spots, chain, strict=True) if spot == s]
+                             for spots, chain in placed])
     segments.append(" ".join(_fill(rng, segment_words, mine)))
     margins.append(" ".join(w for link in mine for w in link) if mine else NONE)
   return Record("multihop", tuple(segments), f"find {values[0]}", tuple(keys[:hops]), tuple(margins),

@@ -63,3 +63,14 @@ def test_scores_and_tokenizer_errors():
     tasks.generate("summary", 1, seed=0, num_segments=1, segment_words=48)
   assert tasks.generate("retrieval", 3, seed=5, num_segments=2, segment_words=48) == tasks.generate(
       "retrieval", 3, seed=5, num_segments=2, segment_words=48)
+
+
+@pytest.mark.parametrize("task", ["retrieval", "multihop"])
+def test_the_answer_is_not_at_a_fixed_place_among_the_facts(task):
+  """A reader must match the queried value: the answer's fact is not always the first (or last) assignment."""
+  places = Counter()
+  for record in tasks.generate(task, 200, seed=3, num_segments=1, segment_words=48):
+    words = record.context.split()
+    keys = [words[i - 1] for i, w in enumerate(words) if w == "="]
+    places[keys.index(record.answer[0])] += 1
+  assert len(places) >= 3 and max(places.values()) < 0.6 * 200, places
