@@ -7,7 +7,7 @@ fact asked in turn, the loss on the answers only; it reports the answer accuracy
 asked: the floor to beat), and `--copy` as the control every causal LM learns fast (repeat a random sequence).
 
   python -m lwjax.projects.wim.lookup_probe --steps 2000                       # value-first `? get v42 ans` -> k17
-  python -m lwjax.projects.wim.lookup_probe --steps 1500 --adjacent --key_first --no_ans   # MQAR: `k17 v42`, `? get k17` -> v42
+  python -m lwjax.projects.wim.lookup_probe --steps 1500 --adjacent --key_first --no_ans   # MQAR: `? get k17` -> v42
   python -m lwjax.projects.wim.lookup_probe --steps 500 --copy                 # the control
 
 Rows: `section` then 2-16 facts (`k17 = v42 .`, or `k17 v42 .` with `--adjacent`) without filler, or

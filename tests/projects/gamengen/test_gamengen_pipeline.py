@@ -46,6 +46,11 @@ def test_smoke_demo_runs_every_stage_and_reports_against_the_baselines(demo):
   assert (cwd / "run" / "eval" / "rollout.mp4").stat().st_size > 0  # imageio-ffmpeg is in the test extra
   assert list((cwd / "run" / "eval" / "tensorboard").iterdir())
   assert os.path.isdir(cwd / "run" / "autoencoder" / "decoder" / "checkpoints")  # the decoder fine-tuning stage
+  # Trained from scratch: the latents are scaled by the factor the run measured, not SD's 0.18215.
+  ae_metrics = json.loads((cwd / "run" / "autoencoder" / "metrics.json").read_text())
+  from lwjax.projects.gamengen.jobs import train_autoencoder
+  assert train_autoencoder.load(str(cwd / "run" / "autoencoder"))[0].cfg.scaling_factor == ae_metrics["scaling_factor"]
+  assert ae_metrics["scaling_factor"] != 0.18215
   assert list((cwd / "run" / "diffusion" / "tensorboard").iterdir())
   assert "recorded" in result.stderr and "teacher-forced PSNR" in result.stderr
   from PIL import Image
