@@ -2,8 +2,8 @@
 
 Scales (arXiv 2408.14837 sec. 4.2 for the paper's): frame geometry, autoencoder, denoiser and their training.
 - smoke: 80x60 frames padded to 96x64 (latents 12x8), tiny networks, a handful of steps: seconds.
-- cpu:   the same geometry, `ae_tiny` and `unet_tiny` at twice its width, trained for minutes on 2 cores (the
-         `make demo` scale).
+- cpu:   the same geometry, `ae_tiny` and `unet_cpu` (`unet_tiny` at twice the width: +1.2 dB; 4x: no more),
+         trained for minutes on 2 cores (the `make demo` scale).
 - gpu:   160x120 frames padded to 192x128 (latents 24x16), `ae_small` / `unet_small`, 16-frame context.
 - paper: 320x240 padded to 320x256 (latents 40x32), SD-v1.4 autoencoder and UNet, 64-frame context,
          batch 128, Adafactor lr 2e-5, 700k steps, bf16.
@@ -72,7 +72,7 @@ def diffusion(scale: str, recordings: list[str], autoencoder_workdir: str,
   # geometry: the latent grid when compiling ahead of time without a trained autoencoder (lwjax.launch.compile);
   # training always uses the autoencoder checkpoint's own.
   config.autoencoder = {"workdir": autoencoder_workdir, "geometry": geometry(scale)}
-  config.model = unet_presets.get({"smoke": "unet_tiny", "cpu": "unet_tiny", "gpu": "unet_small",
+  config.model = unet_presets.get({"smoke": "unet_tiny", "cpu": "unet_cpu", "gpu": "unet_small",
                                    "paper": "sd14"}[scale])
   config.init = {"unet": ""}  # SD-v1.4's unet/ (diffusers layout), enlarged as the paper (sec. 3.2)
   config.diffusion = {"noise_augmentation": noise_augmentation, "max_noise_level": 0.7, "context_dropout": 0.1}
@@ -88,7 +88,6 @@ def diffusion(scale: str, recordings: list[str], autoencoder_workdir: str,
     config.train.update(steps=4, global_batch_size=4, log_every=2, eval_every=4, eval_steps=1, checkpoint_every=4)
     config.optim.learning_rate = 1e-3
   elif scale == "cpu":
-    config.model.block_out_channels = (32, 64)  # unet_tiny at twice the width: +1.2 dB, (64, 128) no more
     # Minutes on 2 cores: Adafactor at 2e-5 would barely move a from-scratch net in a few hundred steps.
     config.train.update(steps=2500, global_batch_size=16, log_every=100, eval_every=1250, eval_steps=4,
                         checkpoint_every=1250)
