@@ -6,8 +6,9 @@ and the action-conditioned denoiser, evaluate on a held-out episode, roll out a 
   python main.py --config experiments/gamengen_play.py:diffusion=runs/demo/diffusion --workdir runs/play
 
 Arguments: `scale` in smoke|cpu|gpu|paper (configs/gamengen.py for the model side). The cpu scale records
-4 games of E1M1 for 4,800 frames (episodes of 400 tics, one held out), trains the tiny autoencoder and UNet
-at 80x60 for a few minutes each and evaluates on the held-out episode. Outputs: `<workdir>/metrics.json`,
+4 games of E1M1 for 4,800 frames (episodes of 400 tics, one held out), trains the tiny autoencoder and the
+`unet_cpu` denoiser at 80x60 for a few minutes each and evaluates on the held-out episode (about 8 minutes on
+2 cores; docs/RESULTS.md). Outputs: `<workdir>/metrics.json`,
 `<workdir>/eval/rollout.gif` (generated frames above the recorded ones), TensorBoard under each stage.
 Going bigger: scale=gpu (160x120, ae_small / unet_small) or the single-stage experiments at scale=paper on
 the agent's recordings (experiments/gamengen_agent.py records its play).
