@@ -169,7 +169,7 @@ def run(config, workdir: str) -> dict:
   cache_dir = os.path.join(workdir, "latents")
   if jax.process_index() == 0:  # one process encodes; the others wait for the whole cache
     latents_lib.build_cache(recordings, cache_dir, encode, geometry, batch_size=config.data.encode_batch_size,
-                            encoder=latents_lib.fingerprint(ae_params))
+                            encoder=f"{latents_lib.fingerprint(ae_params)}x{scale:.6g}")  # weights and latent scale
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("gamengen latent cache")
   num_episodes = len(EpisodeWindows(recordings, context=0).all_episodes)
