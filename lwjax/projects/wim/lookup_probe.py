@@ -11,8 +11,11 @@ asked: the floor to beat), and `--copy` as the control every causal LM learns fa
   python -m lwjax.projects.wim.lookup_probe --steps 500 --copy                 # the control
 
 Rows: `section` then 2-16 facts (`k17 = v42 .`, or `k17 v42 .` with `--adjacent`) without filler, or
-(`--filler`) one 48-word segment of `tasks.retrieval` holding 4 facts among filler sentences. Packed first-fit
-into `--seq_len` rows; AdamW, warmup 100, cosine, clipping 1.0, as the reader's config.
+(`--filler`) one 48-word segment of `tasks.retrieval` holding 4 facts among filler sentences, packed in order
+into `--seq_len` rows. The reader's model shape and peak learning rate; the optimizer is the probe's own (optax
+AdamW with its defaults, b2 0.999, weight decay 0.1 on every parameter, warmup 100, cosine to 0, clipping 1.0),
+not the reader's `training.optim` chain (b2 0.95, no decay on norms and biases, cosine to 0.1x): the figures
+in docs/RESULTS.md were measured with it.
 """
 
 from __future__ import annotations
