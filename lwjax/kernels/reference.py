@@ -108,14 +108,27 @@ def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None)
   """
   kv_heads, _, page_size, dim = k_pages.shape
   batch, max_pages = page_table.shape
-
-  def gather(pages):  # -> [batch, kv_heads, max_pages * page_size, dim], a KV cache's layout
-    kv_hbpsd = pages[:, page_table]
-    return kv_hbpsd.reshape(kv_heads, batch, max_pages * page_size, dim).swapaxes(0, 1)
-
-  q_offset = jnp.asarray(lengths, jnp.int32) - q.shape[1]
-  return attention(q, gather(k_pages), gather(v_pages), causal=True, q_offset=q_offset, sm_scale=sm_scale,
-                   kv_layout="bhsd")
+  q_len, heads = q.shape[1], q.shape[2]
+  if heads % kv_heads:
+    raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+  groups, kv_len = heads // kv_heads, max_pages * page_size
+  scale = dim ** -0.5 if sm_scale is None else sm_scale
+  # Gathered pages stay in the pools' head-major order, [kv_heads, batch, keys, dim], and the scores are
+  # computed with (kv_heads, batch) as the batch dims: no transposing copy of the gathered keys/values
+  # (on XLA:CPU the gather otherwise fuses into a strided transpose that costs several times the gather).
+  k = k_pages[:, page_table].reshape(kv_heads, batch, kv_len, dim)
+  v = v_pages[:, page_table].reshape(kv_heads, batch, kv_len, dim)
+  q_kbgqd = q.reshape(batch, q_len, kv_heads, groups, dim).transpose(2, 0, 3, 1, 4)
+  logits = jnp.einsum("kbgqd,kbsd->kbgqs", q_kbgqd, k, preferred_element_type=jnp.float32) * scale
+  lengths = jnp.asarray(lengths, jnp.int32)
+  q_pos = lengths[:, None] - q_len + jnp.arange(q_len)[None, :]  # [b, q]
+  kv_pos = jnp.arange(kv_len)
+  mask = q_pos[:, :, None] >= kv_pos  # [b, q, s]: causal, and so within the length
+  logits = jnp.where(mask[None, :, None], logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1)
+  probs = jnp.where(mask[None, :, None].any(-1, keepdims=True), probs, 0.0)  # no visible key: zeros
+  out = jnp.einsum("kbgqs,kbsd->kbgqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.transpose(1, 3, 0, 2, 4).reshape(batch, q_len, heads, dim).astype(q.dtype)
 
 
 # ---- Mamba selective state spaces (Mamba-1 selective scan, Mamba-2 SSD, decoding state update) ----

@@ -229,8 +229,8 @@ class Engine:
   def _dispatch(self, work: list[Work]):
     """Runs the iteration's decode rows and prefill chunks; returns [(sampling work, device tokens)]."""
     previous_tokens, previous_index = self._in_flight_tokens()
-    if self.hybrid:  # state slots of requests no longer running (preempted, finished) become free
-      running = {r.id for r in self.scheduler.running}
+    if self.hybrid:  # state slots of requests no longer running (preempted, finished, fully sampled) become free
+      running = {r.id for r in self.scheduler.running if not r.fully_sampled}
       for request_id in [i for i in self._state_slots if i not in running]:
         del self._state_slots[request_id]
     decodes = [w for w in work if len(w.tokens) == 1]

@@ -46,6 +46,12 @@ class Request:
     return self.prompt + self.output
 
   @property
+  def fully_sampled(self) -> bool:
+    """Every token max_tokens allows is sampled (some may still be in flight on the device): the request needs
+    no more model work, and ends once its last tokens are read."""
+    return len(self.output) >= self.params.max_tokens
+
+  @property
   def num_pending(self) -> int:
     """Tokens still to feed to the model before the next token can be sampled."""
     return len(self.prompt) + len(self.output) - self.num_computed
@@ -80,10 +86,14 @@ class Scheduler:
     return bool(self.waiting or self.running)
 
   def schedule(self) -> list[Work]:
-    """The work of the next iteration; reserves its KV slots."""
+    """The work of the next iteration; reserves its KV slots.
+
+    A running request that is `fully_sampled` (its last token sampled but not read yet: asynchronous
+    scheduling) gets no work and does not hold a batch row: a waiting request may take the row now rather than
+    one iteration later, once the token is read and the request finished."""
     budget, work = self.max_batch_tokens, []
     for request in list(self.running):
-      if request not in self.running:  # preempted by an earlier request of this loop
+      if request not in self.running or request.fully_sampled:  # preempted earlier in this loop, or done
         continue
       n = min(request.num_pending, self.prefill_chunk, budget)
       if n == 0:
@@ -93,7 +103,8 @@ class Scheduler:
         continue
       work.append(self._work(request, n, slots))
       budget -= n
-    while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+    active = sum(not r.fully_sampled for r in self.running)
+    while self.waiting and budget > 0 and active < self.max_num_seqs:
       request = self.waiting[0]
       if request.id not in self.kv:
         request.num_computed = self.kv.add_sequence(request.id, request.tokens)
@@ -104,6 +115,7 @@ class Scheduler:
       self.waiting.popleft()
       request.status = Status.RUNNING
       self.running.append(request)
+      active += 1
       work.append(self._work(request, n, self.kv.append(request.id, n)))
       budget -= n
     return work
@@ -118,8 +130,8 @@ class Scheduler:
     while True:
       try:
         return self.kv.append(request.id, n)
-      except OutOfPages:
-        victim = self.running[-1]
+      except OutOfPages:  # the newest request that still needs work (a fully sampled one ends within an iteration)
+        victim = next(r for r in reversed(self.running) if not r.fully_sampled)
         self.preempt(victim)
         if victim is request:
           return None

@@ -68,6 +68,26 @@ def test_mixed_batches_equal_single_sequence_greedy_decoding(model, engine_kwarg
     assert engine.num_model_calls > engine.num_iterations  # some iterations ran both groups
 
 
+def test_async_engine_frees_a_row_once_the_last_token_is_sampled(model):
+  """A request whose last token (by max_tokens) is in flight gets no more work and gives its row to a waiting
+  request at once: asynchronous scheduling then takes no more iterations than the synchronous engine (one
+  more, to read the last tokens), where it used to take one more per finished request."""
+  prompts = _prompts(6, seed=3)
+  lengths = [2, 7, 3, 5, 4, 6]
+  runs = {}
+  for async_scheduling in (False, True):
+    engine = Engine(model, num_pages=64, page_size=4, prefill_chunk=16, max_batch_tokens=64, max_num_seqs=2,
+                    async_scheduling=async_scheduling)
+    requests = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n))
+                for p, n in zip(prompts, lengths, strict=True)]
+    engine.run_until_done()
+    runs[async_scheduling] = engine.num_iterations
+    for prompt, n, request in zip(prompts, lengths, requests, strict=True):
+      assert request.output == _greedy(model, prompt, n)
+    assert engine.kv.allocator.num_free == 64
+  assert runs[True] <= runs[False] + 1, runs
+
+
 def test_grouped_paged_step_equals_one_call_per_group(model):
   """`paged_step_groups` (one pass over the weights for decodes and chunks) = `paged_step` per group."""
   rng = np.random.default_rng(0)
