@@ -1,4 +1,4 @@
-"""One dispatch function per kernel op: Pallas on TPU/GPU, the plain-JAX reference elsewhere.
+"""One dispatch function per kernel op: Pallas on TPU/GPU, the plain-JAX reference (or a native kernel) on CPU.
 
 The Pallas kernels (chunked flash attention, paged decode attention, Mamba selective scan, SSD and state
 update) plug in here, selected by `impl`. On GPU each runs as a Triton kernel (paged decode attention picks its
@@ -14,7 +14,7 @@ import functools
 import jax
 from jax.experimental.pallas import tpu as pltpu
 
-from lwjax.kernels import reference
+from lwjax.kernels import cpu, reference
 from lwjax.kernels.pallas import (
   attention as pallas_attention,
   attention_triton as pallas_attention_triton,
@@ -84,13 +84,16 @@ def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None,
   """Paged attention of the newest `q_tokens` tokens: `q [b, q_tokens, heads, d]` over KV pages
   `[kv_heads, num_pages, page_size, d]` found by `page_table [b, max_pages]`, `lengths [b]` keys each.
 
-  See `lwjax.kernels.reference.decode_attention` for the semantics. `impl`: "auto" (Pallas on TPU/GPU,
-  the reference elsewhere), "pallas", "interpret" (the Pallas kernel in interpret mode) or "reference".
+  See `lwjax.kernels.reference.decode_attention` for the semantics. `impl`: "auto" (Pallas on TPU/GPU; on CPU
+  the native kernel `lwjax.kernels.cpu.paged_attention` for float32 when it builds, else the reference),
+  "pallas", "interpret" (the Pallas kernel in interpret mode) or "reference".
   """
   if impl not in IMPLS:
     raise ValueError(f"decode_attention impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
     impl = "pallas" if backend() in ("tpu", "gpu") else "reference"
+    if impl == "reference" and backend() == "cpu" and cpu.supports(q, k_pages, v_pages):
+      return cpu.paged_attention(q, k_pages, v_pages, page_table, lengths, sm_scale=sm_scale)
   if impl == "reference":
     return reference.decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale=sm_scale)
   return pallas_decode_attention.decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale=sm_scale,

@@ -17,7 +17,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import Mesh, PartitionSpec as P
 
 from lwjax import kernels
-from lwjax.kernels import reference
+from lwjax.kernels import cpu as cpu_kernels, reference
 from lwjax.kernels.pallas import decode_attention as pallas_decode
 from lwjax.launch import aot
 
@@ -96,6 +96,32 @@ def test_dispatch_picks_the_kernel_and_the_reference(kernel_impl):
   np.testing.assert_allclose(run("auto"), want, atol=TOLERANCE[jnp.float32])
   with pytest.raises(ValueError, match="impl"):
     kernels.decode_attention(*inputs, impl="cuda")
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the native CPU kernel does not build here (no g++?)")
+@pytest.mark.parametrize("q_tokens,heads,kv_heads,lengths", [
+    (1, 8, 2, [1, 19, 24, 48]),
+    (4, 6, 3, [2, 9, 16, 33]),  # a sequence shorter than its new tokens: its first queries give zeros
+    (1, 4, 4, [0, 5]),  # an empty row (padding)
+])
+def test_native_cpu_kernel_matches_the_reference(q_tokens, heads, kv_heads, lengths):
+  """It reads only the pages within each length: the NaN pages and the -1 table entries past it never reach it."""
+  inputs = _paged_inputs(3, lengths, q_tokens=q_tokens, heads=heads, kv_heads=kv_heads)
+  got = jax.jit(functools.partial(cpu_kernels.paged_attention, sm_scale=0.3))(*inputs)
+  want = jax.jit(functools.partial(reference.decode_attention, sm_scale=0.3))(
+      inputs[0], jnp.nan_to_num(inputs[1]), jnp.nan_to_num(inputs[2]), *inputs[3:])
+  np.testing.assert_allclose(got, want, atol=TOLERANCE[jnp.float32], rtol=TOLERANCE[jnp.float32])
+  auto = jax.jit(kernels.decode_attention)(*inputs)  # "auto" on CPU picks it for float32
+  np.testing.assert_allclose(auto, jax.jit(cpu_kernels.paged_attention)(*inputs), atol=0)
+  with pytest.raises(ValueError, match="float32"):
+    cpu_kernels.paged_attention(inputs[0].astype(jnp.bfloat16), *inputs[1:])
+
+
+def test_native_cpu_kernel_build_failure_is_a_clear_error(monkeypatch, tmp_path):
+  monkeypatch.setenv("CXX", "no-such-compiler")
+  monkeypatch.setenv("LWJAX_KERNEL_CACHE", str(tmp_path))
+  with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-compiler'"):
+    cpu_kernels._build()
 
 
 @pytest.mark.parametrize("q_tokens", [1, 3])
