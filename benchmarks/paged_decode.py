@@ -7,10 +7,12 @@ PagedAttention): what the serving engine's page pool costs over a contiguous cac
 For each cache length L it times, in one process:
   - the model: `GPT.paged_step` with one token per row over per-layer page pools (the engine's decode call:
     `--num_pages` pages of `--page_size` tokens, each row's L / page_size pages scattered through the pool)
-    against `GPT.decode_step` over a contiguous cache of L positions, `--steps` steps in one compiled loop;
+    against `GPT.decode_step` over a contiguous cache of L positions (static batching's), each one jitted call
+    per step with its cache donated, `--steps` calls timed;
   - the attention alone: `kernels.decode_attention` (on CPU the reference, which gathers the pages) against
     the attention `GPT.decode_step` runs over a contiguous [rows, kv_heads, L, head_dim] cache, per layer.
-Reported: ms per step (per call) and the ratio paged / contiguous (1.00x: the pages cost nothing).
+Reported: ms per step (median of --repeats loops; per call for the attention, median of --iters) and the ratio
+paged / contiguous (1.00x: the pages cost nothing).
 """
 
 import dataclasses
@@ -24,7 +26,6 @@ from absl import app, flags
 from flax import nnx
 
 import configs.gpt
-from benchmarks import decode_timing
 from lwjax import kernels
 from lwjax.models.gpt import GPT
 
@@ -36,11 +37,24 @@ _PAGE = flags.DEFINE_integer("page_size", 16, "Tokens per page.")
 _PAGES = flags.DEFINE_integer("num_pages", 1024, "Pages in each layer's pool.")
 _STEPS = flags.DEFINE_integer("steps", 16, "Decode steps per timed loop.")
 _ITERS = flags.DEFINE_integer("iters", 50, "Timed calls of the attention alone (median reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed loops of each model step, alternated (median reported).")
+
+
+def _timed_calls(step, state, steps: int) -> float:
+  """ms per call of `state = step(state)` (each call donating the cache it updates), after two warm-up calls."""
+  for _ in range(2):
+    state = step(state)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state = step(state)
+  jax.block_until_ready(state)
+  return (time.perf_counter() - start) / steps * 1e3
 
 
 def paged_ms(model: GPT, rows: int, length: int, page_size: int, num_pages: int, steps: int, seed: int = 0) -> float:
-  """ms per step of `steps` one-token paged steps of `rows` rows whose pages are scattered through the pool;
-  the rows end the loop at `length` keys (the page table covers exactly their pages)."""
+  """ms per one-token `GPT.paged_step` of `rows` rows at `length` keys, whose pages are scattered through the
+  pool: one jitted call per step with the pools donated, as the serving engine runs it."""
   cfg = model.cfg
   pages = -(-length // page_size)
   if rows * pages > num_pages:
@@ -48,31 +62,35 @@ def paged_ms(model: GPT, rows: int, length: int, page_size: int, num_pages: int,
                      f"{rows * pages})")
   graphdef, params = nnx.split(model)
   shape = (cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
-  k_pools = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layers))
-  v_pools = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layers))
+  pools = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layers)), \
+      tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layers))
   table = jnp.asarray(np.random.default_rng(seed).permutation(num_pages)[:rows * pages].reshape(rows, pages),
                       jnp.int32)
+  lengths = jnp.full((rows,), length, jnp.int32)
+  slots = (table[:, (length - 1) // page_size][:, None], jnp.full((rows, 1), (length - 1) % page_size, jnp.int32))
 
-  @functools.partial(jax.jit, donate_argnums=(1, 2))
-  def run(params, k_pools, v_pools):
-    m = nnx.merge(graphdef, params)
+  @functools.partial(jax.jit, donate_argnums=1)
+  def step(params, state):
+    token, (k_pools, v_pools) = state
+    logits, k_pools, v_pools = nnx.merge(graphdef, params).paged_step(token[:, None], k_pools, v_pools, slots, table,
+                                                                      lengths, last_only=True)
+    return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), (k_pools, v_pools)
+  return _timed_calls(functools.partial(step, params), (jnp.zeros(rows, jnp.int32), pools), steps)
 
-    def body(i, carry):
-      token, k_pools, v_pools = carry
-      lengths = jnp.full((rows,), length - steps + 1, jnp.int32) + i
-      position = lengths - 1
-      slots = (jnp.take_along_axis(table, (position // page_size)[:, None], 1), (position % page_size)[:, None])
-      logits, k_pools, v_pools = m.paged_step(token[:, None], k_pools, v_pools, slots, table, lengths,
-                                              last_only=True)
-      return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), k_pools, v_pools
-    return jax.lax.fori_loop(0, steps, body, (jnp.zeros(rows, jnp.int32), k_pools, v_pools))
 
-  token, k_pools, v_pools = run(params, k_pools, v_pools)
-  token.block_until_ready()
-  start = time.perf_counter()
-  token, k_pools, v_pools = run(params, k_pools, v_pools)
-  token.block_until_ready()
-  return (time.perf_counter() - start) / steps * 1e3
+def contiguous_ms(model: GPT, rows: int, length: int, steps: int) -> float:
+  """ms per one-token `GPT.decode_step` of `rows` rows over a contiguous cache of `length` positions (each step
+  attends over all of them): one jitted call per step with the cache donated, as static batching runs it."""
+  graphdef, params = nnx.split(model)
+  cache = model.init_cache(rows, length)
+
+  @functools.partial(jax.jit, donate_argnums=1)
+  def step(params, state):
+    token, cache = state
+    cache = dataclasses.replace(cache, lengths=jnp.full_like(cache.lengths, length - 1))  # write the last slot
+    logits, cache = nnx.merge(graphdef, params).decode_step(token, cache)
+    return jnp.argmax(logits, -1).astype(jnp.int32), cache
+  return _timed_calls(functools.partial(step, params), (jnp.zeros(rows, jnp.int32), cache), steps)
 
 
 def attention_ms(cfg, rows: int, length: int, page_size: int, num_pages: int, iters: int) -> tuple[float, float]:
@@ -120,8 +138,11 @@ def main(argv):
   print(f"{'keys':>6} {'paged step':>11} {'contig step':>12} {'ratio':>7}   {'paged attn':>11} {'contig attn':>12}"
         f" {'ratio':>7}   (ms; attention: one layer)")
   for length in map(int, _LENGTHS.value):
-    paged = paged_ms(model, rows, length, _PAGE.value, _PAGES.value, steps)
-    contiguous = decode_timing.decode_ms(model, rows, filled=length - steps, capacity=length, steps=steps)
+    paged, contiguous = [], []
+    for _ in range(_REPEATS.value):  # alternated, so that a change in the machine's load hits both alike
+      paged.append(paged_ms(model, rows, length, _PAGE.value, _PAGES.value, steps))
+      contiguous.append(contiguous_ms(model, rows, length, steps))
+    paged, contiguous = float(np.median(paged)), float(np.median(contiguous))
     attn_paged, attn_contiguous = attention_ms(cfg, rows, length, _PAGE.value, _PAGES.value, _ITERS.value)
     print(f"{length:>6} {paged:>11.2f} {contiguous:>12.2f} {paged / contiguous:>6.2f}x   {attn_paged:>11.3f} "
           f"{attn_contiguous:>12.3f} {attn_paged / attn_contiguous:>6.2f}x", flush=True)
