@@ -115,6 +115,8 @@ def test_native_cpu_kernel_matches_the_reference(q_tokens, heads, kv_heads, leng
   np.testing.assert_allclose(auto, jax.jit(cpu_kernels.paged_attention)(*inputs), atol=0)
   with pytest.raises(ValueError, match="float32"):
     cpu_kernels.paged_attention(inputs[0].astype(jnp.bfloat16), *inputs[1:])
+  with pytest.raises(jax.errors.JaxRuntimeError, match="do not match"):  # the kernel checks its shapes
+    cpu_kernels.paged_attention(*inputs[:4], inputs[4][:1]).block_until_ready()
 
 
 def test_native_cpu_kernel_build_failure_is_a_clear_error(monkeypatch, tmp_path):

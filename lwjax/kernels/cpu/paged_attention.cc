@@ -187,8 +187,9 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   shared->problem = Problem{q.typed_data(), k.typed_data(), v.typed_data(), table.typed_data(),
                             lengths.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[0], kd[1],
                             kd[2], td[1], scale};
-  if (qd[3] != kd[3] || qd[2] % kd[0] != 0 || td[0] != qd[0]) {
-    return ffi::Error::InvalidArgument("paged_attention: head dims, GQA groups or batch do not match");
+  if (qd[3] != kd[3] || qd[2] % kd[0] != 0 || td[0] != qd[0] || lengths.element_count() != qd[0]) {
+    return ffi::Error::InvalidArgument("paged_attention: head dims, GQA groups, or the batch of q, page_table "
+                                       "and lengths do not match");
   }
   shared->items = qd[0] * kd[0];
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->items - 1);
