@@ -119,6 +119,16 @@ def test_native_cpu_kernel_matches_the_reference(q_tokens, heads, kv_heads, leng
     cpu_kernels.paged_attention(*inputs[:4], inputs[4][:1]).block_until_ready()
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the native CPU kernel does not build here (no g++?)")
+def test_native_cpu_kernel_build_replaces_earlier_builds(monkeypatch, tmp_path):
+  monkeypatch.setenv("LWJAX_KERNEL_CACHE", str(tmp_path))
+  stale = tmp_path / "paged_attention-0000000000000000.so"
+  stale.write_bytes(b"an earlier build")
+  library = cpu_kernels._build()
+  assert library.exists() and library.parent == tmp_path and not stale.exists()
+  assert cpu_kernels._build() == library  # cached: built once
+
+
 def test_native_cpu_kernel_build_failure_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setenv("CXX", "no-such-compiler")
   monkeypatch.setenv("LWJAX_KERNEL_CACHE", str(tmp_path))

@@ -8,7 +8,8 @@ CPU for float32 inputs, and falls back to the reference when it cannot be built.
 The source (`paged_attention.cc`) is compiled with `$CXX` (default g++) against the XLA FFI headers that jaxlib
 ships, once per source, compiler, jaxlib version and CPU, into `$LWJAX_KERNEL_CACHE` (default
 ~/.cache/lwjax/kernels); a build is written to a temporary file and renamed into place, so concurrent processes
-never load half a library. `LWJAX_NATIVE_KERNELS=0` turns the kernels off.
+never load half a library, and replaces the builds of earlier versions there. `LWJAX_NATIVE_KERNELS=0` turns
+the kernels off.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def _build() -> pathlib.Path:
     subprocess.run([compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", "-o", str(partial), str(_SOURCE)],
                    capture_output=True, text=True, check=True)
     os.replace(partial, library)
+    for stale in cache.glob(f"{_SOURCE.stem}-*.so"):  # builds of earlier sources, compilers or CPUs
+      if stale != library:
+        stale.unlink(missing_ok=True)  # a process that has one loaded keeps its mapping
   except subprocess.CalledProcessError as e:
     raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{e.stderr[-2000:]}") from e
   finally:
