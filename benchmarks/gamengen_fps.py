@@ -3,8 +3,8 @@ PyTorch/diffusers peer, and XLA's estimate for a TPU chip (GameNGen, arXiv 2408.
 
   python -m benchmarks.gamengen_fps                                  # sd14 at 256x320, bf16, k = 1, 2, 4
   python -m benchmarks.gamengen_fps --steps 1,4 --out /tmp/gamengen_fps.json
-  JAX_PLATFORMS=cpu python -m benchmarks.gamengen_fps --iters 0 --steps 4 --tpu_aot v5e:1x1   # sd14 for a v5e
-      # chip from a CPU host (2 cores: 7 minutes, 6.3 GB of RAM)
+  JAX_PLATFORMS=cpu python -m benchmarks.gamengen_fps --iters 0 --steps 4 --tpu_aot v5e:1x1 --nounroll  # sd14
+      # for a v5e chip from a CPU host (2 cores: 7 minutes, 6.3 GB of RAM)
   JAX_PLATFORMS=cpu python -m benchmarks.gamengen_fps --unet unet_tiny --autoencoder ae_tiny --context 4 \
       --downsample 4 --pad_multiple 32 --tpu_aot v5e:1x1 --out /tmp/gamengen_fps_smoke.json   # CPU smoke
 
@@ -16,10 +16,11 @@ FLOPs and bytes are XLA's `cost_analysis()` of the compiled programs (plus k - 1
 stay a loop, whose body XLA counts once); the roofline is max(FLOPs / peak bf16
 FLOP/s, bytes / HBM bandwidth) for known devices (none on CPU). Pallas attention kernels (the "auto" choice
 on GPU and TPU) are custom calls whose FLOPs XLA does not count: --attention_impl reference counts them all.
-The peer (--peer auto, when torch and diffusers import and torch sees a GPU) is the same frame built from
-diffusers' `UNet2DConditionModel` and `AutoencoderKL` with the same widths (the action tokens become random
-encoder_hidden_states), in --dtype, eager and with the UNet and `vae.decode` under
-`torch.compile(mode="reduce-overhead")` (CUDA graphs; compiling SD's UNet takes minutes).
+The peer (--peer auto, when torch and diffusers import) is the same frame built from diffusers'
+`UNet2DConditionModel` and `AutoencoderKL` with the same widths (the action tokens become random
+encoder_hidden_states), in --dtype, on the GPU when torch sees one and else on this CPU (torch's threads set to
+the cores this process may use), eager and with the UNet and `vae.decode` under `torch.compile` (on a GPU
+mode="reduce-overhead", CUDA graphs; compiling SD's UNet takes minutes; on CPU inductor's C++ code).
 --tpu_aot compiles the frame, the UNet call and the decode for a TPU topology on this host
 (`lwjax.launch.aot`, libtpu) and prints XLA's cost estimate, the ms it implies and the memory footprint.
 --iters 0 skips the timing on this device (what a CPU host does for sd14).
@@ -27,6 +28,7 @@ encoder_hidden_states), in --dtype, eager and with the UNet and `vae.decode` und
 
 import functools
 import json
+import os
 import sys
 import time
 
@@ -61,6 +63,8 @@ _GUIDANCE = flags.DEFINE_float("guidance", 1.5, "Guidance on past frames (the pa
 _DOWNSAMPLE = flags.DEFINE_integer("downsample", 1, "FrameGeometry.downsample (1: the paper's 240x320).")
 _PAD_MULTIPLE = flags.DEFINE_integer("pad_multiple", 64, "FrameGeometry.pad_multiple (64: 256x320 images).")
 _ATTENTION = flags.DEFINE_enum("attention_impl", "auto", kernels.IMPLS, "Attention kernel of both networks.")
+_UNROLL = flags.DEFINE_bool("unroll", True, "The k DDIM steps as straight-line code (--nounroll: a loop, "
+                             "compiled once: quicker to compile for sd14 on a TPU topology).")
 _TPU_AOT = flags.DEFINE_string("tpu_aot", "", "TPU topology to AOT-compile for, e.g. v5e:1x1 (empty: off).")
 _PEER = flags.DEFINE_enum("peer", "auto", ["auto", "off"], "Time the PyTorch/diffusers frame when importable.")
 _OUT = flags.DEFINE_string("out", "", "Write every number to this JSON file.")
@@ -99,13 +103,13 @@ def _num_params(module) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
-def _cost(compiled, steps: int, rows: dict) -> dict:
+def _cost(compiled, steps: int, rows: dict, looped: bool = False) -> dict:
   """XLA's FLOPs and bytes of a program. XLA counts a while loop's body once: a frame whose k steps stay a
-  loop (the sampler's `lax.scan`) gets the other k - 1 UNet calls of the UNet row in `rows` added."""
+  loop (`looped`: --nounroll) gets the other k - 1 UNet calls of the UNet row in `rows` added."""
   cost = compiled.cost_analysis()
   cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
   out = {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
-  if steps > 1 and "while(" in compiled.as_text():
+  if steps > 1 and looped:
     unet = next(r for name, r in rows.items() if name.startswith("unet"))
     out = {key: value + (steps - 1) * unet[key] for key, value in out.items()}
     out["loop_counted_once"] = True
@@ -175,7 +179,9 @@ def time_here(wm, progs, iters) -> dict:
     args = (*params, *args)
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
-    r = {"compile_s": time.perf_counter() - start, **_cost(compiled, steps, rows), **_latency(compiled, args, iters)}
+    looped = not wm.settings.unroll
+    r = {"compile_s": time.perf_counter() - start, **_cost(compiled, steps, rows, looped),
+         **_latency(compiled, args, iters)}
     seconds = r["median_ms"] / 1e3
     r["tflops_per_s"], r["gb_per_s"] = r["flops"] / seconds / 1e12, r["bytes"] / seconds / 1e9
     if peak:
@@ -206,7 +212,8 @@ def tpu_aot(wm, progs, topology: str) -> dict:
   for name, (fn, args, steps) in progs.items():
     start = time.perf_counter()
     compiled = aot.compile_for_tpu(fn, *_abstract((wm.unet_params, wm.ae_params, *args)), topology=topology)
-    r = {"compile_s": time.perf_counter() - start, **_cost(compiled, steps, out), "memory": _memory(compiled)}
+    r = {"compile_s": time.perf_counter() - start, **_cost(compiled, steps, out, not wm.settings.unroll),
+         "memory": _memory(compiled)}
     if peak and bandwidth:
       r["compute_ms"], r["memory_ms"] = r["flops"] / peak * 1e3, r["bytes"] / bandwidth * 1e3
       r["roofline_ms"] = max(r["compute_ms"], r["memory_ms"])
@@ -219,15 +226,16 @@ def tpu_aot(wm, progs, topology: str) -> dict:
 
 
 def peer(ucfg: UNetConfig, acfg: AutoencoderConfig, latent_hwc, steps, batch, guidance, dtype, iters) -> dict:
-  """The same frame from diffusers' UNet2DConditionModel + AutoencoderKL on a CUDA device: eager and compiled."""
+  """The same frame from diffusers' UNet2DConditionModel + AutoencoderKL, eager and compiled: on a CUDA device
+  when torch sees one, else on this host's CPU cores."""
   try:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
   except ImportError as e:
     return {"skipped": f"torch/diffusers not importable ({e})"}
-  if not torch.cuda.is_available():
-    return {"skipped": "torch sees no CUDA device"}
-  device, tdtype, (h, w, c) = "cuda", getattr(torch, dtype), latent_hwc
+  device, tdtype, (h, w, c) = "cuda" if torch.cuda.is_available() else "cpu", getattr(torch, dtype), latent_hwc
+  if device == "cpu":  # the cores this process may run on, as XLA's CPU client counts them (taskset included)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
   unet = UNet2DConditionModel(
       sample_size=(h, w), in_channels=ucfg.in_channels, out_channels=ucfg.latent_channels,
       down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in ucfg.attention_levels),
@@ -241,6 +249,8 @@ def peer(ucfg: UNetConfig, acfg: AutoencoderConfig, latent_hwc, steps, batch, gu
                       block_out_channels=acfg.block_out_channels, layers_per_block=acfg.layers_per_block,
                       latent_channels=acfg.latent_channels, norm_num_groups=acfg.norm_groups)
   unet, vae = (m.to(device=device, dtype=tdtype).eval() for m in (unet, vae))
+  print(f"peer: torch {torch.__version__}, diffusers UNet {sum(p.numel() for p in unet.parameters()):,} params, "
+        f"on {device}" + ("" if device == "cuda" else f" ({torch.get_num_threads()} threads)"), flush=True)
   gen = torch.Generator(device).manual_seed(0)
   context = torch.randn(batch, c * ucfg.context_frames, h, w, generator=gen, device=device)
   tokens = torch.randn(batch, ucfg.context_frames, ucfg.cross_attention_dim, generator=gen, device=device)
@@ -267,17 +277,18 @@ def peer(ucfg: UNetConfig, acfg: AutoencoderConfig, latent_hwc, steps, batch, gu
     return frame
 
   def sync(_):
-    torch.cuda.synchronize()
+    if device == "cuda":
+      torch.cuda.synchronize()
 
-  # As diffusers' pipelines are sped up: the UNet and the decoder compiled (one CUDA graph each, shared by
-  # every k and step), the DDIM arithmetic between them eager.
-  compiled = functools.partial(torch.compile, mode="reduce-overhead")
+  # As diffusers' pipelines are sped up: the UNet and the decoder compiled (on a GPU one CUDA graph each, shared
+  # by every k and step), the DDIM arithmetic between them eager.
+  compiled = functools.partial(torch.compile, mode="reduce-overhead" if device == "cuda" else "default")
   variants = {"eager": (unet, vae.decode), "compiled": (compiled(unet), compiled(vae.decode))}
   out = {mode: {} for mode in variants}
   with torch.inference_mode():
     for mode, (unet_fn, decode_fn) in variants.items():
       for k in steps:
-        try:  # CUDA graphs need a few recorded calls before the replays are timed
+        try:  # CUDA graphs (and inductor's first calls) need a few calls before the timed ones
           out[mode][k] = _latency(make_frame(k, unet_fn, decode_fn), (context, tokens, noise), iters, sync, warmup=3)
         except Exception as e:  # no Triton, an inductor bug: report what ran
           out[mode][k] = {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
@@ -303,7 +314,7 @@ def main(argv):
   latent_hwc = geometry.latent_shape(acfg.latent_channels, acfg.downsample_factor)
   unet = nnx.eval_shape(lambda: UNet(ucfg, rngs=nnx.Rngs(0)))
   ae = nnx.eval_shape(lambda: Autoencoder(acfg, rngs=nnx.Rngs(1)))
-  wm = WorldModel(unet, ae, geometry, SampleSettings(guidance=_GUIDANCE.value))
+  wm = WorldModel(unet, ae, geometry, SampleSettings(guidance=_GUIDANCE.value, unroll=_UNROLL.value))
   unet_n, decoder_n = _num_params(unet), _num_params(ae.decoder) + _num_params(ae.post_quant_conv)
   results = {"unet": _UNET.value, "autoencoder": _AUTOENCODER.value, "context": ucfg.context_frames,
              "steps": steps, "dtype": _DTYPE.value, "batch": _BATCH.value, "guidance": _GUIDANCE.value,

@@ -1,5 +1,5 @@
-"""UNet presets as ConfigDicts: `unet_tiny` (CPU tests), `unet_cpu` (the `make demo` denoiser), `unet_small` (GPU
-minutes), `sd14` (SD-v1.4 topology).
+"""UNet presets as ConfigDicts: `unet_tiny` (CPU tests), `unet_cpu` (the `make demo` denoiser), `unet_cpu_wide`
+(the cpu_long scale's), `unet_small` (GPU minutes), `sd14` (SD-v1.4 topology).
 
 `sd14` is GameNGen's model (arXiv 2408.14837, §3.2): SD-v1.4's UNet with a 64-frame context (260 input
 channels) and 64 action tokens. `num_actions` defaults to the 17 actions of `lwjax.projects.gamengen.env`.
@@ -14,6 +14,8 @@ PRESETS = {
                             layers_per_block=1, num_heads=2, cross_attention_dim=32, norm_groups=8),  # 206,820
     "unet_cpu": UNetConfig(context_frames=4, block_out_channels=(32, 64), attention_levels=(True, False),
                            layers_per_block=1, num_heads=2, cross_attention_dim=32, norm_groups=8),  # 799,524
+    "unet_cpu_wide": UNetConfig(context_frames=4, block_out_channels=(64, 128), attention_levels=(True, False),
+                                layers_per_block=1, num_heads=2, cross_attention_dim=32, norm_groups=8),
     "unet_small": UNetConfig(context_frames=16, block_out_channels=(64, 128, 256, 256), num_heads=4,
                              cross_attention_dim=256),  # 35,014,596
     "sd14": UNetConfig(),  # 860,333,252: diffusers' 859,520,964 + wider conv_in + action/slot/bucket embeddings

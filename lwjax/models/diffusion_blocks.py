@@ -102,13 +102,21 @@ class GroupNorm(nnx.Module):
     self.bias = param(rngs, (channels,), ("norm",), num.param_dtype, init="zeros")
 
   def __call__(self, x):
-    c = x.shape[-1]
-    g = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, c // self.groups)
-    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # every position, and the channels within a group
-    mean = jnp.mean(g, axes, keepdims=True)
-    var = jnp.mean(jnp.square(g - mean), axes, keepdims=True)
-    y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+    # Statistics over every position and the channels within a group, in two passes (mean, then the centred
+    # squares). Each pass first sums the positions per channel (`[b, p, c] -> [b, c]`, channels kept minor) and
+    # only then the channels of a group: XLA:CPU reduces that layout 3-5x faster, forward and backward, than
+    # one reduction over a `[b, p, groups, c / groups]` view (which kept a non-minor axis).
+    b, c, per = x.shape[0], x.shape[-1], x.shape[-1] // self.groups
+    x32 = x.astype(jnp.float32).reshape(b, -1, c)
+    count = x32.shape[1] * per
+
+    def group_mean(per_channel_sum):  # [b, c] -> each channel's group mean, [b, c]
+      return jnp.repeat(per_channel_sum.reshape(b, self.groups, per).sum(-1) / count, per, axis=-1)
+
+    centred = x32 - group_mean(x32.sum(1))[:, None]
+    inv_std = jax.lax.rsqrt(group_mean(jnp.square(centred).sum(1)) + self.eps)
+    y = centred * (inv_std * self.scale[...].astype(jnp.float32))[:, None] + self.bias[...].astype(jnp.float32)
+    return y.reshape(x.shape).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):

@@ -3,7 +3,8 @@
 // Same semantics as `lwjax.kernels.reference.decode_attention`: the newest q_tokens queries of each sequence
 // attend causally over its keys/values, which live in pages of per-layer pools found through a page table.
 // XLA has no fused gather-matmul on CPU, so the plain-JAX form copies every row's pages out of the pool before
-// its two matmuls (three passes over the keys and values); this kernel reads each key and value once, in place.
+// its two matmuls (three passes over the keys and values); this kernel reads each key and value page once, in
+// place, for every query head of its KV head and every new token (one pass, online softmax).
 //
 // Work is split over (sequence, KV head) pairs on XLA's intra-op thread pool. The calling thread takes pairs
 // too and waits only for pairs another thread has claimed, never for a task that has not started, so the call
@@ -75,84 +76,111 @@ inline float ExpNonPositive(float x) {
 
 constexpr int64_t kPrefetchPages = 2;  // how far ahead of the page being read
 
-// One (sequence, KV head): every query head of the group, every new token. A page at a time: the scores over
-// its keys (fetching the next pages' keys, and this page's values for the second pass), then the softmax, then
-// the weighted sum of the values.
-void AttendOne(const Problem& p, int64_t b, int64_t kvh, std::vector<float>& scores) {
+// Per-thread scratch of `AttendOne`, kept across the (sequence, KV head) items a thread takes.
+struct Scratch {
+  std::vector<float> scores, max, sum, acc;
+  std::vector<int64_t> keys;
+};
+
+// One (sequence, KV head): every query head of the group and every new token at once, in a single pass over
+// the row's pages with an online softmax (flash attention's running maximum and sum). Each key and value page
+// is read once for all of them, and its values while its keys are still in cache: the scores of one page, the
+// rescale of what was summed so far when the maximum grows, then that page's weighted values.
+void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
   const int64_t groups = p.heads / p.kv_heads;
+  const int64_t queries = p.q_tokens * groups;  // query index: token * groups + group
   const int64_t length = p.lengths[b];
   const int32_t* row_table = p.table + b * p.max_pages;
   const int64_t page_floats = p.page_size * p.dim;
   const float* k_head = p.k + kvh * p.num_pages * page_floats;
   const float* v_head = p.v + kvh * p.num_pages * page_floats;
+  s.keys.resize(queries);
+  s.max.assign(queries, -std::numeric_limits<float>::infinity());
+  s.sum.assign(queries, 0.0f);
+  s.acc.assign(queries * p.dim, 0.0f);
+  s.scores.resize(p.page_size);
+  int64_t most_keys = 0;
   for (int64_t t = 0; t < p.q_tokens; ++t) {
-    const int64_t position = length - p.q_tokens + t;  // the query's absolute position
-    const int64_t keys = std::min<int64_t>(position + 1, p.max_pages * p.page_size);
-    const int64_t pages = (keys + p.page_size - 1) / p.page_size;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t h = kvh * groups + g;
-      const float* q = p.q + ((b * p.q_tokens + t) * p.heads + h) * p.dim;
-      float* out = p.out + ((b * p.q_tokens + t) * p.heads + h) * p.dim;
-      if (keys <= 0) {  // no visible key (padding): zeros, as the reference
-        std::fill(out, out + p.dim, 0.0f);
-        continue;
-      }
-      scores.resize(keys);
-      for (int64_t slot = 0; slot < std::min(pages, kPrefetchPages); ++slot) {
-        Prefetch(PagePtr(p, k_head, row_table, slot), page_floats);
-      }
-      float max_score = -std::numeric_limits<float>::infinity();
-      for (int64_t slot = 0; slot < pages; ++slot) {
-        if (slot + kPrefetchPages < pages) Prefetch(PagePtr(p, k_head, row_table, slot + kPrefetchPages), page_floats);
-        Prefetch(PagePtr(p, v_head, row_table, slot), page_floats);
-        const float* page = PagePtr(p, k_head, row_table, slot);
-        const int64_t first = slot * p.page_size;
-        const int64_t n = std::min(p.page_size, keys - first);
-        int64_t i = 0;
-        for (; i + 4 <= n; i += 4) {  // four keys at once: four independent sums, q read once for them
-          const float *k0 = page + i * p.dim, *k1 = k0 + p.dim, *k2 = k1 + p.dim, *k3 = k2 + p.dim;
-          float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+    const int64_t position = length - p.q_tokens + t;  // the query's absolute position: it sees keys 0..position
+    const int64_t keys = std::clamp<int64_t>(position + 1, 0, p.max_pages * p.page_size);
+    for (int64_t g = 0; g < groups; ++g) s.keys[t * groups + g] = keys;
+    most_keys = std::max(most_keys, keys);
+  }
+  const int64_t pages = (most_keys + p.page_size - 1) / p.page_size;
+  for (int64_t slot = 0; slot < std::min(pages, kPrefetchPages); ++slot) {
+    Prefetch(PagePtr(p, k_head, row_table, slot), page_floats);
+  }
+  float* score = s.scores.data();
+  for (int64_t slot = 0; slot < pages; ++slot) {
+    if (slot + kPrefetchPages < pages) Prefetch(PagePtr(p, k_head, row_table, slot + kPrefetchPages), page_floats);
+    const float* k_page = PagePtr(p, k_head, row_table, slot);
+    const float* v_page = PagePtr(p, v_head, row_table, slot);
+    Prefetch(v_page, page_floats);
+    const int64_t first = slot * p.page_size;
+    for (int64_t query = 0; query < queries; ++query) {
+      const int64_t n = std::min(p.page_size, s.keys[query] - first);
+      if (n <= 0) continue;
+      const int64_t h = kvh * groups + query % groups;
+      const float* q = p.q + ((b * p.q_tokens + query / groups) * p.heads + h) * p.dim;
+      float page_max = -std::numeric_limits<float>::infinity();
+      int64_t i = 0;
+      for (; i + 4 <= n; i += 4) {  // four keys at once: four independent sums, q read once for them
+        const float *k0 = k_page + i * p.dim, *k1 = k0 + p.dim, *k2 = k1 + p.dim, *k3 = k2 + p.dim;
+        float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
 #pragma omp simd reduction(+ : d0, d1, d2, d3)
-          for (int64_t d = 0; d < p.dim; ++d) {
-            d0 += q[d] * k0[d];
-            d1 += q[d] * k1[d];
-            d2 += q[d] * k2[d];
-            d3 += q[d] * k3[d];
-          }
-          float* dst = &scores[first + i];
-          dst[0] = d0 * p.scale, dst[1] = d1 * p.scale, dst[2] = d2 * p.scale, dst[3] = d3 * p.scale;
-          max_score = std::max({max_score, dst[0], dst[1], dst[2], dst[3]});
+        for (int64_t d = 0; d < p.dim; ++d) {
+          d0 += q[d] * k0[d];
+          d1 += q[d] * k1[d];
+          d2 += q[d] * k2[d];
+          d3 += q[d] * k3[d];
         }
-        for (; i < n; ++i) {
-          const float* key = page + i * p.dim;
-          float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < p.dim; ++d) dot += q[d] * key[d];
-          scores[first + i] = dot * p.scale;
-          max_score = std::max(max_score, scores[first + i]);
-        }
+        score[i] = d0 * p.scale, score[i + 1] = d1 * p.scale, score[i + 2] = d2 * p.scale;
+        score[i + 3] = d3 * p.scale;
+        page_max = std::max({page_max, score[i], score[i + 1], score[i + 2], score[i + 3]});
       }
+      for (; i < n; ++i) {
+        const float* key = k_page + i * p.dim;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < p.dim; ++d) dot += q[d] * key[d];
+        score[i] = dot * p.scale;
+        page_max = std::max(page_max, score[i]);
+      }
+      float* acc = s.acc.data() + query * p.dim;
+      const float new_max = std::max(s.max[query], page_max);
+      if (new_max > s.max[query] && s.sum[query] > 0.0f) {  // what was summed under the old maximum shrinks
+        const float correction = ExpNonPositive(s.max[query] - new_max);
+        s.sum[query] *= correction;
+#pragma omp simd
+        for (int64_t d = 0; d < p.dim; ++d) acc[d] *= correction;
+      }
+      s.max[query] = new_max;
       float total = 0.0f;
-      float* score = scores.data();
 #pragma omp simd reduction(+ : total)
-      for (int64_t j = 0; j < keys; ++j) {
-        score[j] = ExpNonPositive(score[j] - max_score);
+      for (int64_t j = 0; j < n; ++j) {
+        score[j] = ExpNonPositive(score[j] - new_max);
         total += score[j];
       }
-      const float inverse = 1.0f / total;
-      std::fill(out, out + p.dim, 0.0f);
-      for (int64_t slot = 0; slot < pages; ++slot) {
-        const float* page = PagePtr(p, v_head, row_table, slot);
-        const int64_t first = slot * p.page_size;
-        const int64_t n = std::min(p.page_size, keys - first);
-        for (int64_t i = 0; i < n; ++i) {
-          const float* value = page + i * p.dim;
-          const float weight = scores[first + i] * inverse;
+      s.sum[query] += total;
+      for (int64_t j = 0; j < n; ++j) {
+        const float* value = v_page + j * p.dim;
+        const float weight = score[j];
 #pragma omp simd
-          for (int64_t d = 0; d < p.dim; ++d) out[d] += weight * value[d];
-        }
+        for (int64_t d = 0; d < p.dim; ++d) acc[d] += weight * value[d];
       }
     }
+  }
+  for (int64_t query = 0; query < queries; ++query) {
+    const int64_t h = kvh * groups + query % groups;
+    float* out = p.out + ((b * p.q_tokens + query / groups) * p.heads + h) * p.dim;
+    const float* acc = s.acc.data() + query * p.dim;
+    if (s.keys[query] <= 0) {  // no visible key (padding): zeros, as the reference
+      std::fill(out, out + p.dim, 0.0f);
+      continue;
+    }
+    const float inverse = 1.0f / s.sum[query];
+#pragma omp simd
+    for (int64_t d = 0; d < p.dim; ++d) out[d] = acc[d] * inverse;
   }
 }
 
@@ -164,9 +192,9 @@ struct Shared {
 };
 
 void Drain(Shared& s) {
-  std::vector<float> scores;
+  Scratch scratch;
   for (int64_t i = s.next.fetch_add(1); i < s.items; i = s.next.fetch_add(1)) {
-    AttendOne(s.problem, i / s.problem.kv_heads, i % s.problem.kv_heads, scores);
+    AttendOne(s.problem, i / s.problem.kv_heads, i % s.problem.kv_heads, scratch);
     s.done.fetch_add(1, std::memory_order_release);
   }
 }

@@ -67,8 +67,12 @@ def guided_v(denoise: DenoiseFn, params, x_t_bhwc: jax.Array, context_bthwc: jax
 
 def ddim_sample(denoise: DenoiseFn, params, context_latents_bthwc: jax.Array, actions_bt: jax.Array,
                 key: jax.Array, *, steps: int = 4, guidance: float = 1.5, noise_level: float = 0.0,
-                max_noise_level: float = 0.7, num_buckets: int = 10, alphas_cumprod=ALPHAS_CUMPROD) -> jax.Array:
-  """The next latent [b, h, w, c] given the context latents [b, context, h, w, c] and actions [b, context]."""
+                max_noise_level: float = 0.7, num_buckets: int = 10, alphas_cumprod=ALPHAS_CUMPROD,
+                unroll: bool = True) -> jax.Array:
+  """The next latent [b, h, w, c] given the context latents [b, context, h, w, c] and actions [b, context].
+
+  `unroll`: the steps as straight-line code (XLA:CPU ran a 4-step frame of the cpu-scale model 1.3x faster
+  than as a loop; compile time grows with the steps), else a loop whose denoiser compiles once."""
   b, _, h, w, c = context_latents_bthwc.shape
   noise_key, aug_key = jax.random.split(key)
   context = context_latents_bthwc.astype(jnp.float32)
@@ -82,25 +86,25 @@ def ddim_sample(denoise: DenoiseFn, params, context_latents_bthwc: jax.Array, ac
   # alpha_bar of the step each DDIM update lands on; the last lands on alpha_bar = 1 (the x0 prediction).
   a_prev = np.append(np.asarray(alphas_cumprod, np.float32)[timesteps[1:]], np.float32(1.0))
 
-  def ddim_step(x, step):  # a scan, so the denoiser compiles once whatever the step count
+  def ddim_step(x, step):
     t, a_next = step
     t_b = jnp.full((b,), t, jnp.int32)
     v = guided_v(denoise, params, x, context, t_b, bucket_b, actions_bt, guidance).astype(jnp.float32)
     x0, eps = x0_from_v(x, v, t_b, acp), eps_from_v(x, v, t_b, acp)
     return jnp.sqrt(a_next) * x0 + jnp.sqrt(1.0 - a_next) * eps, None
-  x, _ = jax.lax.scan(ddim_step, x, (jnp.asarray(timesteps), jnp.asarray(a_prev)))
+  x, _ = jax.lax.scan(ddim_step, x, (jnp.asarray(timesteps), jnp.asarray(a_prev)), unroll=unroll)
   return x
 
 
 def make_frame_fn(denoise: DenoiseFn, decode: DecodeFn, *, steps: int = 4, guidance: float = 1.5,
                   noise_level: float = 0.0, max_noise_level: float = 0.7, num_buckets: int = 10,
                   crop_rows: int | None = None, crop_cols: int | None = None,
-                  alphas_cumprod=ALPHAS_CUMPROD) -> FrameFn:
+                  alphas_cumprod=ALPHAS_CUMPROD, unroll: bool = True) -> FrameFn:
   """One jitted function: `steps` guided denoiser calls, then decode.
 
   frame(denoise_params, decode_params, context_latents_bthwc, actions_bt, key) -> (latent_bhwc, frame_bHW3)
   where frame is uint8, cropped to `crop_rows` rows and `crop_cols` columns (None keeps all; 240 rows undo
-  the paper's 320x240 -> 320x256 padding). It compiles once per input shape.
+  the paper's 320x240 -> 320x256 padding). It compiles once per input shape. `unroll` as `ddim_sample`'s.
   """
   ddim_timesteps(steps, len(alphas_cumprod))  # fail here, not at the first call, on a bad step count
   if not 0.0 <= noise_level <= max_noise_level:
@@ -109,7 +113,7 @@ def make_frame_fn(denoise: DenoiseFn, decode: DecodeFn, *, steps: int = 4, guida
   def frame(denoise_params, decode_params, context_latents_bthwc, actions_bt, key):
     latent = ddim_sample(denoise, denoise_params, context_latents_bthwc, actions_bt, key, steps=steps,
                          guidance=guidance, noise_level=noise_level, max_noise_level=max_noise_level,
-                         num_buckets=num_buckets, alphas_cumprod=alphas_cumprod)
+                         num_buckets=num_buckets, alphas_cumprod=alphas_cumprod, unroll=unroll)
     return latent, to_uint8(decode(decode_params, latent), crop_rows, crop_cols)
 
   return jax.jit(frame)

@@ -34,6 +34,7 @@ class SampleSettings:
   noise_level: float = 0.0
   max_noise_level: float = 0.7
   num_buckets: int = 10
+  unroll: bool = True  # the DDIM steps as straight-line code (`sampler.ddim_sample`); False: a loop
 
 
 class WorldModel:
@@ -74,7 +75,8 @@ class WorldModel:
       rows, cols, _ = self.geometry.frame_shape
       self._frame_fns[key] = sampler.make_frame_fn(
           self.denoise, self.decode, steps=key[0], guidance=key[1], noise_level=s.noise_level,
-          max_noise_level=s.max_noise_level, num_buckets=s.num_buckets, crop_rows=rows, crop_cols=cols)
+          max_noise_level=s.max_noise_level, num_buckets=s.num_buckets, crop_rows=rows, crop_cols=cols,
+          unroll=s.unroll)
     return self._frame_fns[key]
 
   def next_frame(self, context_bthwc, actions_bt, key, *, steps: int | None = None,

@@ -100,7 +100,7 @@ def test_frame_fn_compiles_once_is_deterministic_and_crops():
   context, actions = inputs()
   latent, img = frame(0.5, None, context, actions, jax.random.key(0))
   assert latent.shape == (B, H, W, C) and img.shape == (B, 6, 7, 3) and img.dtype == jnp.uint8
-  assert len(traces) == 1  # the DDIM steps run in a scan: the denoiser is traced once, whatever the steps
+  assert len(traces) == 1  # the DDIM steps are a scan (unrolled when lowered): the denoiser is traced once
   context2, actions2 = inputs(1)
   frame(0.7, None, context2, actions2, jax.random.key(5))
   again, img_again = frame(0.5, None, context, actions, jax.random.key(0))
@@ -109,6 +109,9 @@ def test_frame_fn_compiles_once_is_deterministic_and_crops():
   np.testing.assert_array_equal(img_again, img)
   other, _ = frame(0.5, None, context, actions, jax.random.key(1))
   assert not np.allclose(other, latent)
+  looped = sm.make_frame_fn(counting, decode, steps=4, guidance=1.5, noise_level=0.3, crop_rows=6, crop_cols=7,
+                            unroll=False)
+  np.testing.assert_allclose(looped(0.5, None, context, actions, jax.random.key(0))[0], latent, atol=1e-5)
 
 
 def test_to_uint8():
