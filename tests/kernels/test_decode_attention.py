@@ -25,8 +25,10 @@ TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 PAGE_SIZE = 8
 
 
-def _paged_inputs(seed, lengths, *, q_tokens, heads, kv_heads, dim=16, dtype=jnp.float32, max_pages=6):
-  """Random q and a shuffled page pool; pages no sequence uses hold NaN, slots past a length garbage."""
+def _paged_inputs(seed, lengths, *, q_tokens, heads, kv_heads, dim=16, dtype=jnp.float32, max_pages=6,
+                  key_growth=0.0):
+  """Random q and a shuffled page pool; pages no sequence uses hold NaN, slots past a length garbage. Keys grow
+  by `key_growth` per position (the scores' maximum then moves to later pages as they are read)."""
   rng = np.random.default_rng(seed)
   batch = len(lengths)
   num_pages = batch * max_pages + 3
@@ -40,7 +42,7 @@ def _paged_inputs(seed, lengths, *, q_tokens, heads, kv_heads, dim=16, dtype=jnp
     v_pages[:, used] = -1e3
     for pos in range(length):
       page, slot = page_table[b, pos // PAGE_SIZE], pos % PAGE_SIZE
-      k_pages[:, page, slot] = rng.normal(size=(kv_heads, dim))
+      k_pages[:, page, slot] = rng.normal(size=(kv_heads, dim)) * (1 + key_growth * pos)
       v_pages[:, page, slot] = rng.normal(size=(kv_heads, dim))
     page_table[b, num_used:] = -1  # table entries past the length are never read
   q = rng.normal(size=(batch, q_tokens, heads, dim))
@@ -99,14 +101,15 @@ def test_dispatch_picks_the_kernel_and_the_reference(kernel_impl):
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the native CPU kernel does not build here (no g++?)")
-@pytest.mark.parametrize("q_tokens,heads,kv_heads,lengths", [
-    (1, 8, 2, [1, 19, 24, 48]),
-    (4, 6, 3, [2, 9, 16, 33]),  # a sequence shorter than its new tokens: its first queries give zeros
-    (1, 4, 4, [0, 5]),  # an empty row (padding)
+@pytest.mark.parametrize("q_tokens,heads,kv_heads,lengths,key_growth", [
+    (1, 8, 2, [1, 19, 24, 48], 0.0),
+    (4, 6, 3, [2, 9, 16, 33], 0.0),  # a sequence shorter than its new tokens: its first queries give zeros
+    (1, 4, 4, [0, 5], 0.0),  # an empty row (padding)
+    (5, 4, 2, [13, 30, 47], 0.4),  # the running maximum grows page after page: the online softmax rescales
 ])
-def test_native_cpu_kernel_matches_the_reference(q_tokens, heads, kv_heads, lengths):
+def test_native_cpu_kernel_matches_the_reference(q_tokens, heads, kv_heads, lengths, key_growth):
   """It reads only the pages within each length: the NaN pages and the -1 table entries past it never reach it."""
-  inputs = _paged_inputs(3, lengths, q_tokens=q_tokens, heads=heads, kv_heads=kv_heads)
+  inputs = _paged_inputs(3, lengths, q_tokens=q_tokens, heads=heads, kv_heads=kv_heads, key_growth=key_growth)
   got = jax.jit(functools.partial(cpu_kernels.paged_attention, sm_scale=0.3))(*inputs)
   want = jax.jit(functools.partial(reference.decode_attention, sm_scale=0.3))(
       inputs[0], jnp.nan_to_num(inputs[1]), jnp.nan_to_num(inputs[2]), *inputs[3:])

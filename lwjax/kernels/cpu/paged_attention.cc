@@ -107,15 +107,19 @@ void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
     most_keys = std::max(most_keys, keys);
   }
   const int64_t pages = (most_keys + p.page_size - 1) / p.page_size;
+  // Keys are asked for kPrefetchPages pages ahead of their use, values one page less (they are read later).
   for (int64_t slot = 0; slot < std::min(pages, kPrefetchPages); ++slot) {
     Prefetch(PagePtr(p, k_head, row_table, slot), page_floats);
+    if (slot + 1 < kPrefetchPages) Prefetch(PagePtr(p, v_head, row_table, slot), page_floats);
   }
   float* score = s.scores.data();
   for (int64_t slot = 0; slot < pages; ++slot) {
     if (slot + kPrefetchPages < pages) Prefetch(PagePtr(p, k_head, row_table, slot + kPrefetchPages), page_floats);
+    if (slot + kPrefetchPages - 1 < pages) {
+      Prefetch(PagePtr(p, v_head, row_table, slot + kPrefetchPages - 1), page_floats);
+    }
     const float* k_page = PagePtr(p, k_head, row_table, slot);
     const float* v_page = PagePtr(p, v_head, row_table, slot);
-    Prefetch(v_page, page_floats);
     const int64_t first = slot * p.page_size;
     for (int64_t query = 0; query < queries; ++query) {
       const int64_t n = std::min(p.page_size, s.keys[query] - first);

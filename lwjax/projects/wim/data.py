@@ -8,13 +8,17 @@ context), and after the relevant segments alone (retrieval-only). A row is built
 (`batches`: a checkpointable Grain pipeline over (document, row) pairs), so long documents cost no memory.
 For documents whose facts are assignments (retrieval, multi-hop) one more row drills the skill every prompt
 leans on, finding which key was assigned a value: after the context, every assignment is asked in turn as a
-retrieval question (`? get v42 ans` -> `k17`, the loss on the answers only). It is ours, not the paper's.
+retrieval question (`? get v42 ans` -> `k17`, the loss on the answers only). It is ours, not the paper's, as
+are the copy rows (`copy_fraction` of all rows: a random run of keys and values, `?`, the run again, the loss on
+the repeat). Copying random sequences is what forms induction heads in a small causal LM, and with them the
+lookup every fact prompt needs (find the queried word, copy the word after it): docs/RESULTS.md measured it.
 Rows are packed first-fit into `seq_len` sequences (attention kept within each row by its segment id): most
 rows are far shorter than the longest, and each carries only a few target tokens.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import grain
@@ -23,7 +27,8 @@ import numpy as np
 from lwjax.data import pipeline, rows as rows_lib
 from lwjax.projects.wim import prompts, tasks
 
-KINDS = ("margin", "relevance", "distractor", "answer_margins", "answer_full", "answer_retrieval", "recall")
+KINDS = ("margin", "relevance", "distractor", "answer_margins", "answer_full", "answer_retrieval", "recall", "copy")
+COPY_WORDS = tasks.KEYS + tasks.VALUES
 
 
 def row_specs(record: tasks.Record) -> list[tuple[str, int]]:
@@ -38,9 +43,8 @@ def row_specs(record: tasks.Record) -> list[tuple[str, int]]:
 
 
 def _assignments(record: tasks.Record) -> list[tuple[str, str]]:
-  """(key, what it is assigned) of every `k = x .` of the document, in document order."""
-  words = record.context.split()
-  return [(words[i - 1], words[i + 1]) for i, w in enumerate(words) if w == "=" and words[i - 1] in tasks.KEYS]
+  """(key, what it is assigned) of every fact of the document, in document order."""
+  return [(target, source) for source, target in tasks.assignments(record.context)]
 
 
 def _recall_row(tok: tasks.WiMTokenizer, record: tasks.Record, seq_len: int) -> dict | None:
@@ -59,13 +63,19 @@ def _recall_row(tok: tasks.WiMTokenizer, record: tasks.Record, seq_len: int) -> 
   return row
 
 
+def copy_row(tok: tasks.WiMTokenizer, rng: random.Random, seq_len: int) -> dict | None:
+  """`<bos> w1 .. wn ? w1 .. wn` for 4-24 random keys and values, the loss on the repeat."""
+  n = min(rng.randint(4, 24), max(1, (seq_len - 2) // 2))
+  words = " ".join(rng.choice(COPY_WORDS) for _ in range(n))
+  return rows_lib.lm_row([tok.bos_id] + tok.encode(f"{words} ?"), tok.encode(words), seq_len)
+
+
 def _distractor(record: tasks.Record, index: int) -> str | None:
   """A fact of segment `index` holding another value than the queried one (retrieval), or None."""
-  words = record.segments[index].split()
   value = record.query.split()[1]
-  for i, w in enumerate(words):
-    if w == "=" and words[i + 1] != value:
-      return f"{words[i - 1]} = {words[i + 1]} ."
+  for source, target in tasks.assignments(record.segments[index]):
+    if source != value:
+      return " ".join(tasks.fact(source, target))
   return None
 
 
@@ -106,16 +116,25 @@ def documents(num: int, *, seed: int, task_names: Sequence[str], num_segments: S
 
 
 def batches(records: Sequence[tasks.Record], tok: tasks.WiMTokenizer, *, seq_len: int, batch_size: int,
-            seed: int, process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+            seed: int, copy_fraction: float = 0.0, process_index: int | None = None,
+            process_count: int | None = None) -> grain.IterDataset:
   """Shuffled, repeated batches of every row of every record, packed first-fit several to a sequence (fields as
   `rows.lm_row`'s, segment ids 1..k per sequence, positions restarting at each row); rows over seq_len are
-  replaced by another row of the same record (a short one: its relevance row). `batch_size` is the global
-  batch; on several processes each keeps its share (`pipeline.process_share`)."""
+  replaced by another row of the same record (a short one: its relevance row). `copy_fraction` of the rows are
+  copy rows (`copy_row`, each drawn from its own seed: a resumed pipeline makes the same ones). `batch_size` is
+  the global batch; on several processes each keeps its share (`pipeline.process_share`)."""
+  if not 0.0 <= copy_fraction < 1.0:
+    raise ValueError(f"copy_fraction={copy_fraction}: expected a share in [0, 1)")
   specs = [(i, kind, index) for i, r in enumerate(records) for kind, index in row_specs(r)]
+  specs += [(-1, "copy", j) for j in range(round(len(specs) * copy_fraction / (1.0 - copy_fraction)))]
   fields = ("inputs", "targets", "loss_mask")
 
   def make(spec):
     i, kind, index = spec
+    if kind == "copy":
+      row = copy_row(tok, random.Random(f"copy/{seed}/{index}"), seq_len)
+      n = int(row["segment_ids"].sum())
+      return {k: row[k][:n] for k in fields}
     row = build_row(tok, records[i], kind, index, seq_len)
     row = row if row is not None else build_row(tok, records[i], "relevance", 0, seq_len)
     n = int(row["segment_ids"].sum())

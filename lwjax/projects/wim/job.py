@@ -46,7 +46,8 @@ SCHEMA = {
     "model": MODEL_SCHEMA,
     "task": {"names": Field(str, check=_task_list), "segment_words": positive_int("words per segment"),
              "train_segments": int_list("document lengths in training, in segments")},
-    "data": {"seq_len": Field(int, min=8), "num_docs": positive_int("training documents per task")},
+    "data": {"seq_len": Field(int, min=8), "num_docs": positive_int("training documents per task"),
+             "copy_fraction": Field(float, min=0.0, max=0.9, doc="share of training rows that are copy rows")},
     "eval": {"segments": int_list("document lengths evaluated, in segments"),
              "num_docs": positive_int("documents per task and length"), "margin_tokens": positive_int(),
              "answer_tokens": positive_int(), "seed": Field(int)},
@@ -82,7 +83,8 @@ def train_reader(config, workdir: str) -> GPT | None:
   trainer = trainer_lib.Trainer(config, workdir, model_fn=lambda rngs: GPT(cfg, rngs=rngs), loss_fn=losses.lm_loss,
                                 flops_per_token=cfg.flops_per_token(config.data.seq_len), seq_len=config.data.seq_len)
   train_iter = iter(data_lib.batches(records, tok, seq_len=config.data.seq_len,
-                                     batch_size=config.train.global_batch_size, seed=config.seed))
+                                     batch_size=config.train.global_batch_size, seed=config.seed,
+                                     copy_fraction=config.data.copy_fraction))
   result = trainer.fit(train_iter, seed=config.seed)
   if result["step"] < config.train.steps:
     return None

@@ -9,13 +9,15 @@ asked: the floor to beat), and `--copy` as the control every causal LM learns fa
   python -m lwjax.projects.wim.lookup_probe --steps 2000                       # value-first `? get v42 ans` -> k17
   python -m lwjax.projects.wim.lookup_probe --steps 1500 --adjacent --key_first --no_ans   # MQAR: `? get k17` -> v42
   python -m lwjax.projects.wim.lookup_probe --steps 500 --copy                 # the control
+  python -m lwjax.projects.wim.lookup_probe --steps 500 --adjacent --key_first --no_ans --mix_copy 0.5  # + copy rows
 
 Rows: `section` then 2-16 facts (`k17 = v42 .`, or `k17 v42 .` with `--adjacent`) without filler, or
-(`--filler`) one 48-word segment of `tasks.retrieval` holding 4 facts among filler sentences, packed in order
-into `--seq_len` rows. The reader's model shape and peak learning rate; the optimizer is the probe's own (optax
-AdamW with its defaults, b2 0.999, weight decay 0.1 on every parameter, warmup 100, cosine to 0, clipping 1.0),
-not the reader's `training.optim` chain (b2 0.95, no decay on norms and biases, cosine to 0.1x): the figures
-in docs/RESULTS.md were measured with it.
+(`--filler`) one 48-word segment of `tasks.retrieval` holding 4 facts (`v42 k17 .`) among filler sentences,
+packed in order into `--seq_len` rows; `--mix_copy` mixes copy rows into training (held-out rows are fact rows).
+The reader's model shape and peak learning rate; the optimizer is the probe's own (optax AdamW with its
+defaults, b2 0.999, weight decay 0.1 on every parameter, warmup 100, cosine to 0, clipping 1.0), not the
+reader's `training.optim` chain (b2 0.95, no decay on norms and biases, cosine to 0.1x): the figures in
+docs/RESULTS.md were measured with it.
 """
 
 from __future__ import annotations
@@ -38,20 +40,18 @@ from lwjax.training import losses
 def fact_row(rng: random.Random, tok: tasks.WiMTokenizer, args, num_keys: int) -> tuple[list[int], list[int]]:
   """(tokens, 1 where the token is an answer) of one row."""
   keys, values = tasks.KEYS[:num_keys], tasks.VALUES[:num_keys]
-  if args.copy:
+  if args.copy or (args.mix_copy and rng.random() < args.mix_copy):
     seq = " ".join(rng.choice(values) for _ in range(rng.randint(4, 24)))
     n = len(seq.split())
     return [tok.bos_id] + tok.encode(f"{seq} ? {seq}"), [0] * (n + 2) + [1] * n
-  if args.filler:
+  if args.filler:  # the task's own layout, `v42 k17 .`
     words = f"{tasks.SECTION} {tasks.retrieval(rng, 1, 48).segments[0]}".split()
+    facts = [(key, value) for value, key in tasks.assignments(" ".join(words))]
   else:
     n = rng.randint(2, min(16, num_keys))
     facts = zip(rng.sample(keys, n), rng.sample(values, n), strict=True)
-    words = [tasks.SECTION] + [w for k, v in facts for w in (k, "=", v, ".")]
-  if args.adjacent:
-    words = [w for w in words if w != "="]
-  gap = 1 if args.adjacent else 2
-  facts = [(words[i - gap], w) for i, w in enumerate(words) if w in tasks.VALUES]
+    words = [tasks.SECTION] + [w for k, v in facts for w in ((k, v, ".") if args.adjacent else (k, "=", v, "."))]
+    facts = [(words[i - (1 if args.adjacent else 2)], w) for i, w in enumerate(words) if w in tasks.VALUES]
   rng.shuffle(facts)
   tokens = [tok.bos_id] + tok.encode(" ".join(words))
   is_answer = [0] * len(tokens)
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
   p.add_argument("--learning_rate", type=float, default=2e-3)
   p.add_argument("--num_keys", type=int, default=len(tasks.VALUES), help="keys and values drawn from the first N")
   p.add_argument("--every", type=int, default=250)
+  p.add_argument("--mix_copy", type=float, default=0.0,
+                 help="fraction of training rows that are copy rows (a curriculum: copying random sequences forms "
+                      "induction heads); held-out rows are all fact rows")
   for flag, doc in (("filler", "facts inside a 48-word retrieval segment"), ("adjacent", "`k17 v42` (no `=`)"),
                     ("key_first", "ask the key, answer the value"), ("no_ans", "the answer right after the query"),
                     ("copy", "control: repeat a random sequence")):
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     _, weight, metrics = losses.lm_loss(model, rows)
     return metrics["accuracy"] / weight
 
-  held_out = batch(random.Random(99), tok, args, num_keys)
+  held_out = batch(random.Random(99), tok, argparse.Namespace(**{**vars(args), "mix_copy": 0.0}), num_keys)
   floor = elimination_accuracy(held_out) if not args.copy else 0.0
   rng, start, curve = random.Random(0), time.perf_counter(), []
   for step in range(1, args.steps + 1):

@@ -9,15 +9,17 @@ Every record carries what WiM needs to be trained and scored exactly: the query,
 the margin a perfect reader writes (the segment's relevant facts, or `none`) and whether that margin is
 relevant.
 
-- `retrieval` (single hop): one fact `k17 = v42 .` somewhere, distractor facts about other keys and values;
+Facts are written source first, `v42 k17 .` ("k17 holds v42"; `fact`), with nothing between the two words:
+a reader finds a fact by the word it is asked about and copies the word after it, the pattern a small causal
+LM's induction heads read. (With `k17 = v42 .` asked value-first no 4 x 128 reader here learned the lookup in
+6,000 steps; in this layout, with copy rows in training, one did in 250: docs/RESULTS.md.)
+- `retrieval` (single hop): one fact `v42 k17 .` somewhere, distractor facts about other keys and values;
   query `get v42`, answer `k17` (which key holds the value). A segment's margin: the fact holding the queried
-  value, if it holds it. Asked this way round the lookup is multi-hop's (match the value, read what precedes
-  it), which a 4 x 128 reader trained here had learned by 4,000 steps while it still answered the other way
-  round (`get k17` -> `v42`) at chance among the document's values.
-- `multihop` (variable tracking, as RULER's VT): a chain `k17 = v42 .`, `k05 = k17 .`, `k09 = k05 .` spread
-  over the document in order, and a distractor chain with another value; query `find v42`, answer every key
-  of the chain in order. A segment's margin: every assignment it holds (a reader of one segment cannot tell
-  the chains apart; the answer joins the links); relevant when it holds one.
+  value, if it holds it.
+- `multihop` (variable tracking, as RULER's VT): a chain `v42 k17 .`, `k17 k05 .`, `k05 k09 .` (k17 = v42,
+  k05 = k17, k09 = k05) spread over the document in order, and a distractor chain with another value; query
+  `find v42`, answer every key of the chain in order. A segment's margin: every assignment it holds (a reader
+  of one segment cannot tell the chains apart; the answer joins the links); relevant when it holds one.
 - `aggregation` (common words, as RULER's CWE): filler only, `num_common` words repeated `common_repeats`
   times in every segment, the others at most once per segment (about `segment_words` words with the full
   stops); query `common`, answer the common words (alphabetical), scored by F1. A segment's margin: the words
@@ -109,16 +111,31 @@ def _fill(rng: random.Random, segment_words: int, facts: list[list[str]], words:
   return out
 
 
+_SOURCES, _TARGETS = frozenset(KEYS + VALUES), frozenset(KEYS)
+
+
+def fact(source: str, target: str) -> list[str]:
+  """The words of one assignment, `target` holds `source`: `v42 k17 .`."""
+  return [source, target, "."]
+
+
+def assignments(text: str) -> list[tuple[str, str]]:
+  """(source, target) of every fact of `text` (`fact`'s layout), in order. Filler holds no key or value."""
+  words = text.split()
+  return [(words[i], words[i + 1]) for i in range(len(words) - 2)
+          if words[i] in _SOURCES and words[i + 1] in _TARGETS and words[i + 2] == "."]
+
+
 def retrieval(rng: random.Random, num_segments: int, segment_words: int, num_distractors: int = 3) -> Record:
   keys = rng.sample(KEYS, 1 + num_distractors)
   facts = list(zip(keys, rng.sample(VALUES, len(keys)), strict=True))
   where = [rng.randrange(num_segments) for _ in facts]
   segments, margins = [], []
   for s in range(num_segments):
-    mine = [[k, "=", v, "."] for (k, v), w in zip(facts, where, strict=True) if w == s]
+    mine = [fact(v, k) for (k, v), w in zip(facts, where, strict=True) if w == s]
     rng.shuffle(mine)
     segments.append(" ".join(_fill(rng, segment_words, mine)))
-    margins.append(f"{keys[0]} = {facts[0][1]} ." if where[0] == s else NONE)
+    margins.append(" ".join(fact(facts[0][1], keys[0])) if where[0] == s else NONE)
   return Record("retrieval", tuple(segments), f"get {facts[0][1]}", (keys[0],), tuple(margins),
                 tuple(m != NONE for m in margins))
 
@@ -138,7 +155,7 @@ def multihop(rng: random.Random, num_segments: int, segment_words: int, hops: in
   chains = []
   for c in range(2):
     chain = keys[c * hops:(c + 1) * hops]
-    chains.append([[chain[0], "=", values[c], "."]] + [[chain[i], "=", chain[i - 1], "."] for i in range(1, hops)])
+    chains.append([fact(values[c], chain[0])] + [fact(chain[i - 1], chain[i]) for i in range(1, hops)])
   # Each chain's links in document order: non-decreasing segments.
   placed = [(sorted(rng.randrange(num_segments) for _ in range(hops)), chain) for chain in chains]
   segments, margins = [], []

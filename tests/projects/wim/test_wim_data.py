@@ -1,6 +1,7 @@
 """WiM training rows: packed several to a sequence, each row attending to itself only, and resumable."""
 
 import json
+import random
 
 import numpy as np
 
@@ -36,8 +37,7 @@ def test_recall_rows_ask_every_assignment_with_the_loss_on_the_answers_only():
   assert ("recall", 0) in data.row_specs(record)
   row = data.build_row(tok, record, "recall", 0, 512)
   n = int(row["segment_ids"].sum())
-  words = record.context.split()
-  facts = {words[i + 1]: words[i - 1] for i, w in enumerate(words) if w == "="}  # value -> its key
+  facts = dict(tasks.assignments(record.context))  # value -> its key
   answered = row["targets"][:n][row["loss_mask"][:n] > 0]
   assert len(answered) == len(facts) == 4
   text = tok.decode(row["inputs"][:n]) + " " + tok.decode(row["targets"][n - 1:n])
@@ -46,3 +46,26 @@ def test_recall_rows_ask_every_assignment_with_the_loss_on_the_answers_only():
   assert [tok.decode([t]) for t in answered] == [facts[a.split()[1]] for a in asked]
   aggregation = tasks.generate("aggregation", 1, seed=3, num_segments=1, segment_words=48)[0]
   assert ("recall", 0) not in data.row_specs(aggregation)
+
+
+def test_copy_rows_repeat_a_random_run_with_the_loss_on_the_repeat_and_resume_exactly():
+  tok = tasks.WiMTokenizer()
+  row = data.copy_row(tok, random.Random(0), 64)
+  n = int(row["segment_ids"].sum())
+  words = tok.decode(np.append(row["inputs"][:n], row["targets"][n - 1]))
+  first, second = words.split(" ? ")
+  assert first == second and 4 <= len(first.split()) <= 24
+  assert all(w in data.COPY_WORDS for w in first.split())
+  assert row["loss_mask"][:n].sum() == len(first.split())  # the repeat only (its first word follows the `?`)
+  records = data.documents(6, seed=0, task_names=["retrieval"], num_segments=[1], segment_words=24)
+  question = tok.encode("?")[0]
+  it = iter(data.batches(records, tok, seq_len=256, batch_size=4, seed=0, copy_fraction=0.5))
+  batches = [next(it) for _ in range(3)]
+  copies = sum(int((b["inputs"] == question).sum()) for b in batches)
+  assert copies > 0
+  state = json.loads(json.dumps(it.get_state()))
+  resumed = iter(data.batches(records, tok, seq_len=256, batch_size=4, seed=0, copy_fraction=0.5))
+  resumed.set_state(state)
+  expected, got = next(it), next(resumed)
+  for key in expected:
+    np.testing.assert_array_equal(got[key], expected[key])

@@ -11,8 +11,8 @@ from lwjax.projects.wim import lookup_probe, tasks
 
 
 def _args(**kw):
-  base = {"filler": False, "adjacent": False, "key_first": False, "no_ans": False, "copy": False, "batch": 2,
-          "seq_len": 128}
+  base = {"filler": False, "adjacent": False, "key_first": False, "no_ans": False, "copy": False, "mix_copy": 0.0,
+          "batch": 2, "seq_len": 128}
   return argparse.Namespace(**{**base, **kw})
 
 
@@ -25,6 +25,8 @@ def test_every_answer_is_the_other_half_of_a_fact_in_the_row(kw):
     first_question = words.index("?")
     gap = 1 if kw.get("adjacent") else 2
     facts = {(words[i - gap], w) for i, w in enumerate(words[:first_question]) if w in tasks.VALUES}
+    if kw.get("filler"):  # the retrieval task's layout: value, then the key holding it
+      facts = {(key, value) for value, key in tasks.assignments(" ".join(words[:first_question]))}
     answers = [tok.decode([t]) for t, a in zip(tokens, is_answer, strict=True) if a]
     asked = [words[i - 1 if kw.get("no_ans") else i - 2] for i, w in enumerate(words) if i > first_question and
              w in answers and (kw.get("no_ans") or words[i - 1] == "ans")]

@@ -26,14 +26,12 @@ def test_answers_and_margins_follow_from_the_document(task, num_segments):
     if task == "retrieval":
       value = record.query.split()[1]
       i = words.index(value)
-      assert words.count(value) == 1 and words[i - 2:i + 2] == [record.answer[0], "=", value, "."]
+      assert words.count(value) == 1 and words[i:i + 3] == [value, record.answer[0], "."]
+      assert len(tasks.assignments(record.context)) == 4
       assert sum(m != tasks.NONE for m in record.margins) == 1
     elif task == "multihop":
       value = record.query.split()[1]
-      assignments = {}
-      for i, w in enumerate(words):
-        if w == "=":
-          assignments[words[i - 1]] = words[i + 1]
+      assignments = {target: source for source, target in tasks.assignments(record.context)}
       chain, target = [], value
       while True:  # follow the chain from the value, in document order of the links
         nxt = [k for k, v in assignments.items() if v == target]
@@ -42,7 +40,8 @@ def test_answers_and_margins_follow_from_the_document(task, num_segments):
         chain += nxt
         target = nxt[0]
       assert tuple(chain) == record.answer
-      assert " ".join(record.margins).count("=") == words.count("=")  # every link is in some margin
+      margin_links = tasks.assignments(" ".join(m for m in record.margins if m != tasks.NONE))
+      assert len(margin_links) == len(assignments) == 6  # every link is in some margin
     else:
       for segment in record.segments:
         counts = Counter(w for w in segment.split()[1:] if w != ".")
@@ -70,7 +69,6 @@ def test_the_answer_is_not_at_a_fixed_place_among_the_facts(task):
   """A reader must match the queried value: the answer's fact is not always the first (or last) assignment."""
   places = Counter()
   for record in tasks.generate(task, 200, seed=3, num_segments=1, segment_words=48):
-    words = record.context.split()
-    keys = [words[i - 1] for i, w in enumerate(words) if w == "="]
+    keys = [target for _, target in tasks.assignments(record.context)]
     places[keys.index(record.answer[0])] += 1
   assert len(places) >= 3 and max(places.values()) < 0.6 * 200, places
