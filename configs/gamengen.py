@@ -123,12 +123,13 @@ def evaluation(scale: str, diffusion_workdir: str) -> ml_collections.ConfigDict:
   config.job = "gamengen_eval"
   config.seed = 0
   config.diffusion_workdir = diffusion_workdir
+  # Tuples, not lists: absl's config flags override tuples (`--config.eval.horizons='(16, 32)'`), never lists.
   config.eval = {"num_windows": 256, "batch_size": 16, "steps": 4, "guidance": 1.5, "noise_level": 0.0,
-                 "ddim_steps": [1, 2, 4, 8], "horizons": [16, 32, 64], "num_rollouts": 8}
+                 "ddim_steps": (1, 2, 4, 8), "horizons": (16, 32, 64), "num_rollouts": 8}
   if scale == "smoke":
-    config.eval.update(num_windows=4, batch_size=4, ddim_steps=[1], horizons=[4], num_rollouts=1)
+    config.eval.update(num_windows=4, batch_size=4, ddim_steps=(1,), horizons=(4,), num_rollouts=1)
   elif scale == "cpu":
-    config.eval.update(num_windows=64, batch_size=16, horizons=[16, 32], num_rollouts=4)
+    config.eval.update(num_windows=64, batch_size=16, horizons=(16, 32), num_rollouts=4)
   elif scale == "cpu_long":
-    config.eval.update(num_windows=128, batch_size=16, horizons=[16, 32, 64], num_rollouts=4)
+    config.eval.update(num_windows=128, batch_size=16, horizons=(16, 32, 64), num_rollouts=4)
   return config

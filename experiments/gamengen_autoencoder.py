@@ -10,7 +10,7 @@
       experiments/gamengen_autoencoder.py:scale=paper,data=runs/agent_paper/trajectories/from_update_000000 \
       --workdir runs/ae_paper --config.init.autoencoder=PATH/stable-diffusion-v1-4/vae   # as the paper
 
-Arguments: `scale` in smoke|cpu|gpu|paper (configs/gamengen.py), `data` a recording directory (several:
+Arguments: `scale` in smoke|cpu|cpu_long|gpu|paper (configs/gamengen.py), `data` a recording directory (several:
 `--config.data.recordings='["a", "b"]'`). The paper fine-tunes SD-1.4's pretrained decoder:
 `--config.init.autoencoder` = a diffusers AutoencoderKL directory does that (decoder stage only). Without it
 (nothing is downloaded here) stage one trains the whole autoencoder first.

@@ -15,7 +15,7 @@
   # before renting a slice: the same train step compiled for it here (memory fit, roofline MFU)
   python -m lwjax.launch.compile --config experiments/gamengen_diffusion.py:scale=paper --tpu v5p-8
 
-Arguments: `scale` in smoke|cpu|gpu|paper (configs/gamengen.py); `data` a recording directory; `autoencoder`
+Arguments: `scale` in smoke|cpu|cpu_long|gpu|paper (configs/gamengen.py); `data` a recording directory; `autoencoder`
 the workdir of a gamengen_autoencoder run; `noise_aug` on|off; `context` the number of past frames (the
 context-length ablation: `--config` arg context=1, 4, ...). Latents are cached in `<workdir>/latents`.
 `--config.init.unet`: a diffusers UNet2DConditionModel directory to start from, enlarged as the paper (conv_in

@@ -7,7 +7,7 @@
   python main.py --config experiments/gamengen_eval.py:scale=cpu,diffusion=runs/diffusion_cpu_no_aug \
       --workdir runs/eval_cpu_no_aug                                # the noise-augmentation ablation
 
-Arguments: `scale` in smoke|cpu|gpu|paper (window counts and horizons), `diffusion` the workdir of a
+Arguments: `scale` in smoke|cpu|cpu_long|gpu|paper (window counts and horizons), `diffusion` the workdir of a
 gamengen_diffusion run. Writes `<workdir>/metrics.json` and `<workdir>/rollout.gif`.
 """
 

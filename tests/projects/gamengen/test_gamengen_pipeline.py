@@ -68,6 +68,17 @@ def test_restart_reuses_the_recording_and_the_trained_stages(demo):
     assert f"reusing the finished {stage} stage" in again.stderr
 
 
+def test_rollout_strip_comes_from_the_longest_horizon_that_ran(demo, tmp_path):
+  cwd, _ = demo
+  result = _main(cwd, "gamengen_eval.py", f"scale=smoke,diffusion={cwd / 'run' / 'diffusion'}", str(tmp_path / "ev"),
+                 "--config.eval.horizons=(4, 100000)")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "horizon 100000 skipped" in result.stderr
+  metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+  assert set(metrics["psnr_autoregressive"]) == {"4"}
+  assert (tmp_path / "ev" / "rollout.png").is_file() and (tmp_path / "ev" / "rollout.gif").is_file()
+
+
 def test_headless_play_makes_changing_frames_from_the_model(demo, tmp_path):
   cwd, _ = demo
   actions = tmp_path / "actions.txt"

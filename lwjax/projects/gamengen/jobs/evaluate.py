@@ -133,13 +133,16 @@ def write_strip(out_dir: str, name: str, recorded, generated, captions) -> str:
 def autoregressive(model: world_model.WorldModel, run_config: dict, horizons, num_rollouts: int, key,
                    out_dir: str | None) -> tuple[dict, str | None]:
   """PSNR of generated frame n (n in `horizons`) under the recorded actions, from recorded contexts, and the
-  path of the first rollout's strip (written when `out_dir` is given and the longest horizon ran)."""
+  path of the first rollout's strip at the longest horizon the held-out episodes hold (when `out_dir` is given)."""
   context, result, strip = model.context, {}, None
+  stretches_by_horizon = {}
   for horizon in sorted(horizons):
-    stretches = held_out_windows(run_config, context + horizon - 1)
-    if not len(stretches):
+    stretches_by_horizon[horizon] = held_out_windows(run_config, context + horizon - 1)
+    if not len(stretches_by_horizon[horizon]):
       logging.warning("no held-out episode holds %d + %d frames: horizon %d skipped", context, horizon, horizon)
-      continue
+  runnable = [horizon for horizon, stretches in stretches_by_horizon.items() if len(stretches)]
+  for horizon in runnable:
+    stretches = stretches_by_horizon[horizon]
     psnrs = []
     for r, j in enumerate(_picks(len(stretches), num_rollouts)):
       w = stretches[int(j)]
@@ -153,7 +156,7 @@ def autoregressive(model: world_model.WorldModel, run_config: dict, horizons, nu
       generated = np.asarray(generated[0])
       truth = model.geometry.shrink(frames[context:])
       psnrs.append(float(metrics_lib.psnr(generated[-1], truth[-1])))
-      if out_dir and r == 0 and horizon == max(horizons):
+      if out_dir and r == 0 and horizon == runnable[-1]:
         _write_rollout(out_dir, np.concatenate([generated, truth], axis=1))
         cols = _picks(len(generated), 12)
         held = np.asarray(actions[context - 1:context - 1 + len(generated)])  # the action into each frame
