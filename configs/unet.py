@@ -15,7 +15,7 @@ PRESETS = {
     "unet_cpu": UNetConfig(context_frames=4, block_out_channels=(32, 64), attention_levels=(True, False),
                            layers_per_block=1, num_heads=2, cross_attention_dim=32, norm_groups=8),  # 799,524
     "unet_cpu_wide": UNetConfig(context_frames=4, block_out_channels=(64, 128), attention_levels=(True, False),
-                                layers_per_block=1, num_heads=2, cross_attention_dim=32, norm_groups=8),
+                                layers_per_block=1, num_heads=2, cross_attention_dim=32, norm_groups=8),  # 3,144,612
     "unet_small": UNetConfig(context_frames=16, block_out_channels=(64, 128, 256, 256), num_heads=4,
                              cross_attention_dim=256),  # 35,014,596
     "sd14": UNetConfig(),  # 860,333,252: diffusers' 859,520,964 + wider conv_in + action/slot/bucket embeddings

@@ -111,10 +111,15 @@ def read(config, model: GPT, docs: list[tasks.Record]) -> dict:
                          margin_params=SamplingParams(temperature=0.0, max_tokens=config.eval.margin_tokens),
                          classify_params=SamplingParams(temperature=0.0, max_tokens=2), answer_params=greedy)
           for d in docs]
-  for run in runs:  # the document's context starts with bos, as in training
-    run.segments[0] = [tok.bos_id] + run.segments[0]
-    run.start()
-  engine.run_until_done()
+  # A document keeps its context's KV between its turns: start as many at once as half the pool holds (the
+  # rest is for the margins, the classifications and preemption), not all of them.
+  per_doc = max(sum(map(len, r.segments)) for r in runs) + config.eval.margin_tokens + 64
+  wave = max(1, config.engine.num_pages * config.engine.page_size // (2 * per_doc))
+  for first in range(0, len(runs), wave):
+    for run in runs[first:first + wave]:  # the document's context starts with bos, as in training
+      run.segments[0] = [tok.bos_id] + run.segments[0]
+      run.start()
+    engine.run_until_done()
   wim_seconds = time.perf_counter() - start
   # Full context, and retrieval-only over the segments WiM kept, as ordinary requests in one batch.
   full = [engine.add_request([tok.bos_id] + tok.encode(d.context) + prompts.answer_direct(tok, d.query), greedy)
