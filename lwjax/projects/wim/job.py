@@ -101,11 +101,11 @@ def _strip(tokens, eos):
   return list(tokens[:-1]) if tokens and tokens[-1] == eos else list(tokens)
 
 
-def read(config, model: GPT, docs: list[tasks.Record]) -> dict:
+def read(config, model: GPT, docs: list[tasks.Record], engine: Engine | None = None) -> dict:
   """The three methods on `docs` (one task, one length): per method the scores and the compute per document."""
   tok = tasks.WiMTokenizer()
   greedy = SamplingParams(temperature=0.0, max_tokens=config.eval.answer_tokens)
-  engine = _engine(config, model, tok)
+  engine = engine or _engine(config, model, tok)
   start = time.perf_counter()
   runs = [wim.WiMRequest(engine, [tok.encode(s) for s in d.segments], d.query, prompts.wim_prompts(tok),
                          margin_params=SamplingParams(temperature=0.0, max_tokens=config.eval.margin_tokens),
@@ -184,13 +184,16 @@ def run(config, workdir: str) -> dict:
       logging.warning("stopped before the end of training; run again to resume")
       return {}
   lengths = parse_ints(config.eval.segments)
+  # One engine for every task and length: its compiled programs are reused (an engine per read compiled
+  # them again each time, and the JIT's code mappings ran out after ~10 engines).
+  engine = _engine(config, model, tasks.WiMTokenizer())
   metrics = {"base": config.base or workdir, "segment_words": config.task.segment_words, "results": {}}
   for task in config.task.names.split(","):
     metrics["results"][task] = {}
     for n in lengths:
       docs = tasks.generate(task, config.eval.num_docs, seed=config.eval.seed + 7919 * n, num_segments=n,
                             segment_words=config.task.segment_words)
-      result = read(config, model, docs)
+      result = read(config, model, docs, engine)
       metrics["results"][task][str(n)] = result
       logging.info("%s, %d segments: WiM %.3f, full context %.3f, retrieval-only %.3f (margins exact %.2f, "
                    "relevance %.2f; prefill tokens %.0f / %.0f / %.0f)", task, n, result["wim"]["score"],
