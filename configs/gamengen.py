@@ -5,7 +5,7 @@ Scales (arXiv 2408.14837 sec. 4.2 for the paper's): frame geometry, autoencoder,
 - cpu:   the same geometry, `ae_tiny` and `unet_cpu` (`unet_tiny` at twice the width: +1.2 dB; 4x: no more),
          trained for minutes on 2 cores (the `make demo` scale).
 - cpu_long: the cpu geometry and autoencoder, trained longer, and `unet_cpu_wide` (twice unet_cpu's width) on
-         ten times the frames: about 1.5 hours on 2 cores.
+         ten times the frames: about 75 minutes on 2 cores (docs/RESULTS.md).
 - gpu:   160x120 frames padded to 192x128 (latents 24x16), `ae_small` / `unet_small`, 16-frame context.
 - paper: 320x240 padded to 320x256 (latents 40x32), SD-v1.4 autoencoder and UNet, 64-frame context,
          batch 128, Adafactor lr 2e-5, 700k steps, bf16.
@@ -102,7 +102,7 @@ def diffusion(scale: str, recordings: list[str], autoencoder_workdir: str,
                         checkpoint_every=1250)
     config.optim.update(name="adamw", learning_rate=1e-3, schedule="warmup_cosine", warmup_steps=30, b1=0.9,
                         b2=0.99, eps=1e-8)
-  elif scale == "cpu_long":  # ~7 steps/s on 2 cores: ~50 minutes; ~30 passes over 10k model frames
+  elif scale == "cpu_long":  # 6-7 steps/s on one core: ~55 minutes; ~30 passes over 10k model frames
     config.data.held_out_episodes = 2
     config.train.update(steps=20000, global_batch_size=16, log_every=200, eval_every=5000, eval_steps=4,
                         checkpoint_every=2500)

@@ -3,7 +3,7 @@ and the action-conditioned denoiser, evaluate on a held-out episode, roll out a 
 
   python main.py --config experiments/gamengen_demo.py:scale=smoke --workdir runs/demo_smoke   # ~1 minute
   python main.py --config experiments/gamengen_demo.py:scale=cpu --workdir runs/demo           # make demo
-  python main.py --config experiments/gamengen_demo.py:scale=cpu_long --workdir runs/demo_long # ~1.5 hours
+  python main.py --config experiments/gamengen_demo.py:scale=cpu_long --workdir runs/demo_long # ~75 minutes
   python main.py --config experiments/gamengen_play.py:diffusion=runs/demo/diffusion --workdir runs/play
 
 Arguments: `scale` in smoke|cpu|cpu_long|gpu|paper (configs/gamengen.py for the model side); `policy` in

@@ -17,7 +17,8 @@ def test_smoke_mode_writes_positive_timings(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "benchmarks.gamengen_fps", "--unet", "unet_tiny", "--autoencoder", "ae_tiny",
        "--context", "2", "--downsample", "4", "--pad_multiple", "32", "--steps", "2", "--dtype", "float32",
-       "--iters", "2", "--peer", "off", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+       "--iters", "2", "--peer", "off", "--out", str(out)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "ratio" in result.stdout and "peer: skipped (--peer off)" in result.stdout, result.stdout
   results = json.loads(out.read_text())

@@ -184,8 +184,7 @@ def run(config, workdir: str) -> dict:
       logging.warning("stopped before the end of training; run again to resume")
       return {}
   lengths = parse_ints(config.eval.segments)
-  # One engine for every task and length: its compiled programs are reused (an engine per read compiled
-  # them again each time, and the JIT's code mappings ran out after ~10 engines).
+  # One engine for every task and length: its compiled programs are reused, not compiled again per length.
   engine = _engine(config, model, tasks.WiMTokenizer())
   metrics = {"base": config.base or workdir, "segment_words": config.task.segment_words, "results": {}}
   for task in config.task.names.split(","):
