@@ -37,12 +37,25 @@ class SampleSettings:
   unroll: bool = True  # the DDIM steps as straight-line code (`sampler.ddim_sample`); False: a loop
 
 
-def _plain(params):
-  return nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+class _PlainParams:
+  """An attribute holding parameters as plain nested dicts of arrays: jit flattens those in C++, where an
+  nnx.State's Variables are flattened in Python (~0.2 ms of each frame call of the cpu-scale model)."""
+
+  def __set_name__(self, owner, name):
+    self.slot = "_" + name
+
+  def __get__(self, obj, objtype=None):
+    return self if obj is None else getattr(obj, self.slot)
+
+  def __set__(self, obj, params):
+    setattr(obj, self.slot, nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params)
 
 
 class WorldModel:
   """Encode frames to latents, predict the next frame from a context of latents and actions."""
+
+  unet_params = _PlainParams()
+  ae_params = _PlainParams()
 
   def __init__(self, unet: UNet, autoencoder: Autoencoder, geometry: FrameGeometry,
                settings: SampleSettings = SampleSettings()):
@@ -52,24 +65,6 @@ class WorldModel:
     self.ae_graphdef, self.ae_params = nnx.split(autoencoder)
     self._encode = jax.jit(lambda params, x: nnx.merge(self.ae_graphdef, params).encode(x)[0] * self.scale)
     self._frame_fns = {}
-
-  # The parameters are kept as plain nested dicts of arrays: jit flattens those in C++, where an nnx.State's
-  # Variables are flattened in Python (~0.2 ms of each frame call of the cpu-scale model).
-  @property
-  def unet_params(self):
-    return self._unet_params
-
-  @unet_params.setter
-  def unet_params(self, params):
-    self._unet_params = _plain(params)
-
-  @property
-  def ae_params(self):
-    return self._ae_params
-
-  @ae_params.setter
-  def ae_params(self, params):
-    self._ae_params = _plain(params)
 
   @property
   def context(self) -> int:
