@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lwjax import memory_maps
 from lwjax.models.gpt import GPT
 from lwjax.serving.kv_cache import PagedKVCache
 from lwjax.serving.sampling import SamplingParams, batch_arrays, sample
@@ -131,6 +132,11 @@ class Engine:
     self.host_seconds = self.wait_seconds = 0.0
     self.async_scheduling, self.nano_batches = async_scheduling, nano_batches
     self._in_flight = None
+    # The previous iteration's sampled tokens travel padded to one size (at most two groups of rows), so that
+    # how many rows it sampled never makes a new shape to compile.
+    self._max_rows = -(-max(max_num_seqs, nano_batches) // nano_batches) * nano_batches
+    self._previous_size = 2 * self._max_rows
+    self._programs_checked = 0
 
   def add_request(self, prompt: Sequence[int], params: SamplingParams = DEFAULT_PARAMS,
                   on_token: Callable[[Request, int], None] | None = None, *,
@@ -198,6 +204,9 @@ class Engine:
       self.scheduler.finish(request, "cancelled")
     work = self.scheduler.schedule()
     dispatched = self._dispatch(work)
+    if self.num_compiled_programs > self._programs_checked:  # compiled a new shape: mind the JIT's mappings
+      self._programs_checked = self.num_compiled_programs
+      memory_maps.warn_if_near_limit("serving engine")
     if self.async_scheduling:
       previous, self._in_flight = self._in_flight, dispatched
       finished += self._resolve(previous)
@@ -217,6 +226,11 @@ class Engine:
         request.on_finish(request)
     self.host_seconds += time.perf_counter() - start - (self.wait_seconds - wait_before)
     return finished
+
+  @property
+  def num_compiled_programs(self) -> int:
+    """Programs compiled for this engine's model structure so far (one per distinct shape of a step)."""
+    return sum(f._cache_size() for f in (self._run, self._run_mixed) if f is not None)
 
   def has_work(self) -> bool:
     """Requests queued or running, or sampled tokens not yet read back."""
@@ -240,7 +254,13 @@ class Engine:
     chunk_width = _bucket(max((len(w.tokens) for w in chunks), default=1), self.prefill_chunk, MIN_CHUNK_WIDTH)
     groups = [(group, width) for group, width in ((decodes, 1), (chunks, chunk_width)) if group]
     if self.mixed_batches and len(groups) > 1:
-      prepared = [self._group_inputs(group, width, previous_index) for group, width in groups]
+      # Few shapes: a mixed program's shape would otherwise be the product of both groups' rows and page-table
+      # buckets with the chunk width (hundreds of programs in a long WiM read, each holding ~200 memory maps of
+      # JIT code that XLA:CPU never unmaps: the process reached vm.max_map_count). Both groups share one table
+      # width, and the decode group always has all rows: a padded decode row costs one token.
+      pages = max(self._table_pages(group) for group, _ in groups)
+      prepared = [self._group_inputs(group, width, previous_index, pages, self._max_rows if width == 1 else None)
+                  for group, width in groups]
       tokens, self.kv.k, self.kv.v = self._run_mixed(self.params, self.kv.k, self.kv.v, previous_tokens,
                                                      tuple(inputs for _, inputs in prepared))
       out = [(sampling, group_tokens) for (sampling, _), group_tokens in zip(prepared, tokens, strict=True)]
@@ -256,12 +276,14 @@ class Engine:
   def _in_flight_tokens(self):
     """The previous iteration's sampled tokens on device, and each request's index into them."""
     if not self._in_flight:
-      return jnp.zeros((1,), jnp.int32), {}
-    index, arrays = {}, []
+      return jnp.zeros((self._previous_size,), jnp.int32), {}
+    index, arrays, size = {}, [], 0
     for sampling, tokens in self._in_flight:
       for i, w in enumerate(sampling):
-        index[w.request.id] = sum(a.shape[0] for a in arrays) + i
+        index[w.request.id] = size + i
       arrays.append(tokens)
+      size += tokens.shape[0]
+    arrays.append(jnp.zeros((self._previous_size - size,), jnp.int32))
     return jnp.concatenate(arrays), index
 
   def _run_group(self, group: list[Work], width: int, previous_tokens, previous_index):
@@ -274,12 +296,19 @@ class Engine:
         self._recurrent_rows(group, rows) if self.hybrid else None)
     return sampling, new_tokens
 
-  def _group_inputs(self, group: list[Work], width: int, previous_index):
+  def _table_pages(self, group: list[Work]) -> int:
+    """The page-table width a group needs: the pages of its longest row after this iteration, bucketed."""
+    used = max(-(-self.kv.length(w.request.id) // self.kv.page_size) for w in group)
+    return _bucket(used, self.max_pages, MIN_TABLE_PAGES)
+
+  def _group_inputs(self, group: list[Work], width: int, previous_index, pages: int | None = None,
+                    rows: int | None = None):
     """The host arrays of one group of rows: (the works that sample, (tokens, placeholder sources, slot pages,
-    slot offsets, page table, lengths, sampling arrays, sample rows))."""
-    # Rows: a power of two (few shapes to compile) that the nano-batches split evenly.
-    rows = max(_bucket(len(group), self.max_num_seqs), self.nano_batches)
-    rows = -(-rows // self.nano_batches) * self.nano_batches
+    slot offsets, page table, lengths, sampling arrays, sample rows)); `pages`: the page-table width, at least
+    what the group needs (default: what it needs); `rows`: the rows, padded (default: a power of two)."""
+    if rows is None:  # a power of two (few shapes to compile) that the nano-batches split evenly
+      rows = max(_bucket(len(group), self.max_num_seqs), self.nano_batches)
+      rows = -(-rows // self.nano_batches) * self.nano_batches
     tokens = np.zeros((rows, width), np.int32)
     source = np.zeros((rows, width), np.int32)
     slot_pages = np.full((rows, width), self.kv.allocator.num_pages, np.int32)  # out of range: no write
@@ -292,8 +321,7 @@ class Engine:
       slot_offsets[row, width - n:] = [o for _, o in w.slots]
     # The page table as wide as the longest row needs (a power of two): attention reads those pages only.
     table, lengths = self.kv.page_table([w.request.id for w in group], self.max_pages)
-    used = max(-(-int(n) // self.kv.page_size) for n in lengths)
-    pages = _bucket(used, self.max_pages, MIN_TABLE_PAGES)
+    pages = max(pages or 0, self._table_pages(group))
     page_table = np.zeros((rows, pages), np.int32)
     page_table[:len(group)] = table[:, :pages]
     all_lengths = np.zeros(rows, np.int32)

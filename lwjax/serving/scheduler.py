@@ -18,6 +18,10 @@ from lwjax.serving.kv_cache import OutOfPages, PagedKVCache
 from lwjax.serving.sampling import SamplingParams
 
 
+class Stalled(RuntimeError):
+  """The next waiting request can never be admitted: nothing runs that could free the pages it needs."""
+
+
 class Status(enum.Enum):
   WAITING = "waiting"
   RUNNING = "running"
@@ -118,6 +122,13 @@ class Scheduler:
       active += 1
       work.append(self._work(request, n, self.kv.append(request.id, n)))
       budget -= n
+    if not work and not self.running and self.waiting:
+      request = self.waiting[0]
+      needed = self.kv.pages_needed(request.id, min(request.num_pending, self.prefill_chunk, budget))
+      raise Stalled(f"request {request.id} needs {needed} free KV pages, {self.kv.allocator.num_free} of "
+                    f"{self.kv.allocator.num_pages} are free, and no running request will free any: the rest are "
+                    "held by finished requests that retain their KV (release them with Engine.release) or the "
+                    "pool is too small (raise num_pages)")
     return work
 
   def _work(self, request: Request, n: int, slots) -> Work:

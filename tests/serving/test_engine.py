@@ -12,6 +12,7 @@ from flax import nnx
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.serving.engine import LLM, Engine
 from lwjax.serving.sampling import SamplingParams
+from lwjax.serving.scheduler import Stalled
 
 CFG = GPTConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
                 max_seq_len=64)
@@ -87,6 +88,41 @@ def test_async_engine_frees_a_row_once_the_last_token_is_sampled(model):
     assert engine.kv.allocator.num_free == 64
   assert outputs[True] == outputs[False]  # greedy: the same tokens (the first test checks them one by one)
   assert iterations[True] <= iterations[False] + 1, iterations
+
+
+def test_mixed_programs_do_not_multiply_with_the_decode_rows(model):
+  """An iteration of k decodes and one prompt chunk compiles one mixed program whatever k is (decode rows padded
+  to all rows, one page-table width, the previous tokens at one size): a long WiM read used to compile hundreds
+  of programs and exhaust the process's memory mappings."""
+  engine = Engine(model, num_pages=64, page_size=16, prefill_chunk=16, max_batch_tokens=64, max_num_seqs=8)
+  before = engine._run_mixed._cache_size()
+  rng = np.random.default_rng(5)
+  for k in (1, 2, 3, 5, 7):
+    requests = [engine.add_request(rng.integers(3, 61, size=3).tolist(), SamplingParams(temperature=0.0,
+                                                                                        max_tokens=12))
+                for _ in range(k)]
+    engine.step()
+    engine.step()  # the k requests decode now
+    late = engine.add_request(rng.integers(3, 61, size=10).tolist(), GREEDY)
+    engine.run_until_done()
+    assert all(len(r.output) == 12 for r in requests) and len(late.output) == 6
+  assert engine._run_mixed._cache_size() - before == 1
+  assert engine.num_compiled_programs >= 2
+
+
+def test_a_request_that_can_never_be_admitted_raises_stalled(model):
+  """Finished requests that retain their KV hold pages until released: with nothing running to free any, a
+  request that needs more pages than are free used to loop forever in run_until_done."""
+  engine = Engine(model, num_pages=8, page_size=4, prefill_chunk=16, max_batch_tokens=32, max_num_seqs=4)
+  kept = engine.add_request(list(range(3, 23)), SamplingParams(temperature=0.0, max_tokens=2), retain_kv=True)
+  engine.run_until_done()
+  assert engine.kv.allocator.num_free == 2  # 22 tokens in 6 pages of 4
+  engine.add_request(list(range(30, 46)), GREEDY)  # 16 prompt tokens: 4 pages
+  with pytest.raises(Stalled, match="Engine.release"):
+    engine.run_until_done()
+  engine.release(kept)
+  engine.run_until_done()
+  assert engine.kv.allocator.num_free == 8
 
 
 def test_grouped_paged_step_equals_one_call_per_group(model):

@@ -92,9 +92,12 @@ def train_reader(config, workdir: str) -> GPT | None:
 
 
 def _engine(config, model: GPT, tok) -> Engine:
+  """The engine reads up to `model.max_seq_len` positions of the config, which may exceed the reader's own (a
+  trained `base` read on documents longer than its training: RoPE positions have no table to outgrow)."""
   e = config.engine
   return Engine(model, num_pages=e.num_pages, page_size=e.page_size, max_num_seqs=e.max_num_seqs,
-                max_batch_tokens=e.max_batch_tokens, prefill_chunk=e.prefill_chunk, eos_id=tok.eos_id)
+                max_batch_tokens=e.max_batch_tokens, prefill_chunk=e.prefill_chunk, eos_id=tok.eos_id,
+                max_model_len=max(config.model.max_seq_len, model.cfg.max_seq_len))
 
 
 def _strip(tokens, eos):
