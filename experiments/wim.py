@@ -8,8 +8,9 @@ against full-context and retrieval-only reading of the same held-out documents o
 
 Arguments: `scale` smoke|cpu|gpu|paper; `base` a trained reader's workdir (no training); `seed`.
 cpu: a 4-layer GPT (d_model 128) trained on documents of 1-8 segments of 48 words (up to ~450 tokens), evaluated
-on 1, 2, 4 and 8 segments. gpu/paper: segments of 512 words, documents up to 16 segments (~9k tokens): the
-paper's 4k-token segments need a pretrained long-context model, which is not trained here.
+on 1-32 segments: 16 and 32 are longer than any training document, where full-context reading degrades
+(docs/RESULTS.md). gpu/paper: segments of 512 words, training documents up to 16 segments (~9k tokens), evaluated
+up to 32: the paper's 4k-token segments need a pretrained long-context model, which is not trained here.
 """
 
 import ml_collections
@@ -26,13 +27,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.job = "wim"
   config.seed = int(args["seed"])
   config.base = args["base"]
-  config.model = gpt.get("gpt_tiny", vocab_size=448, max_seq_len=768, d_model=128, n_layers=4, n_heads=4,
+  # max_seq_len: the positions the engine reads, past the training rows (RoPE has no table to outgrow).
+  config.model = gpt.get("gpt_tiny", vocab_size=448, max_seq_len=3072, d_model=128, n_layers=4, n_heads=4,
                          n_kv_heads=4, head_dim=32, d_ff=512)
   config.task = ml_collections.ConfigDict({"names": "retrieval,multihop,aggregation", "segment_words": 48,
                                           "train_segments": "1,2,3,4,6,8"})
   # copy_fraction: copy rows among the training rows, the curriculum that forms the reader's lookup (RESULTS.md)
   config.data = ml_collections.ConfigDict({"seq_len": 512, "num_docs": 4000, "copy_fraction": 0.3})
-  config.eval = ml_collections.ConfigDict({"segments": "1,2,4,8", "num_docs": 50, "margin_tokens": 40,
+  config.eval = ml_collections.ConfigDict({"segments": "1,2,4,8,16,32", "num_docs": 50, "margin_tokens": 40,
                                           "answer_tokens": 12, "seed": 1})
   config.engine = ml_collections.ConfigDict({"num_pages": 1024, "page_size": 16, "max_num_seqs": 32,
                                             "max_batch_tokens": 1024, "prefill_chunk": 256})
@@ -48,10 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.engine.update(num_pages=128, page_size=8, max_num_seqs=8, max_batch_tokens=128, prefill_chunk=64)
     config.train.update(steps=3, global_batch_size=4, log_every=1, checkpoint_every=3)
   elif scale in ("gpu", "paper"):
-    config.model = gpt.get("gpt_125m", vocab_size=448, max_seq_len=10240)
+    config.model = gpt.get("gpt_125m", vocab_size=448, max_seq_len=20480)
     config.task.update(segment_words=512, train_segments="1,2,4,8,16")
     config.data.update(seq_len=9216, num_docs=50000)
-    config.eval.update(segments="1,2,4,8,16", num_docs=200)
+    config.eval.update(segments="1,2,4,8,16,32", num_docs=200)
     config.engine.update(num_pages=8192, max_num_seqs=64, max_batch_tokens=8192, prefill_chunk=2048)
     config.train.update(steps=20000, global_batch_size=32, log_every=100, checkpoint_every=1000)
     config.optim.update(learning_rate=6e-4, warmup_steps=1000)

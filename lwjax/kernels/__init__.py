@@ -12,6 +12,7 @@ import contextvars
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from lwjax.kernels import cpu, reference
@@ -99,6 +100,13 @@ def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None,
   return pallas_decode_attention.decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale=sm_scale,
                                                   interpret=impl == "interpret",
                                                   backend="gpu" if backend() == "gpu" else "tpu")
+
+
+def decode_attention_ignores_table_width(dtype, impl="auto") -> bool:
+  """Whether `decode_attention(..., impl=impl)` on `dtype` inputs costs what the lengths ask whatever the page
+  table's width (the native CPU kernel reads a row's pages up to its length only): a caller can then pass every
+  table at its widest and compile one program where bucketed widths would compile several."""
+  return (impl == "auto" and backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and cpu.available())
 
 
 def _mamba_impl(op, impl):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lwjax import memory_maps
+from lwjax import kernels, memory_maps
 from lwjax.models.gpt import GPT
 from lwjax.serving.kv_cache import PagedKVCache
 from lwjax.serving.sampling import SamplingParams, batch_arrays, sample
@@ -35,6 +35,7 @@ def _bucket(n: int, limit: int, smallest: int = 1) -> int:
 
 
 MIN_CHUNK_WIDTH, MIN_TABLE_PAGES = 16, 8  # smallest buckets: fewer shapes to compile, little padding
+MAX_MAPS_FRACTION = 0.6  # of vm.max_map_count: past it the engine drops its compiled programs (lwjax.memory_maps)
 
 
 PLACEHOLDER = -1  # an output token sampled on the device but not yet read by the host
@@ -137,6 +138,9 @@ class Engine:
     self._max_rows = -(-max(max_num_seqs, nano_batches) // nano_batches) * nano_batches
     self._previous_size = 2 * self._max_rows
     self._programs_checked = 0
+    # Where attention's cost does not depend on the page table's width, every table is passed whole: one table
+    # shape, a few times fewer programs to compile (a long WiM read compiled hundreds with bucketed widths).
+    self._whole_tables = kernels.decode_attention_ignores_table_width(cfg.dtype, cfg.attention_impl)
 
   def add_request(self, prompt: Sequence[int], params: SamplingParams = DEFAULT_PARAMS,
                   on_token: Callable[[Request, int], None] | None = None, *,
@@ -205,8 +209,12 @@ class Engine:
     work = self.scheduler.schedule()
     dispatched = self._dispatch(work)
     if self.num_compiled_programs > self._programs_checked:  # compiled a new shape: mind the JIT's mappings
+      if memory_maps.near_limit(MAX_MAPS_FRACTION):
+        logging.warning("serving engine: %d compiled programs hold over %.0f%% of the memory mappings the system "
+                        "allows; dropping them (they compile again when next needed). To keep them, %s.",
+                        self.num_compiled_programs, 100 * MAX_MAPS_FRACTION, memory_maps.FIX)
+        self.drop_compiled_programs()
       self._programs_checked = self.num_compiled_programs
-      memory_maps.warn_if_near_limit("serving engine")
     if self.async_scheduling:
       previous, self._in_flight = self._in_flight, dispatched
       finished += self._resolve(previous)
@@ -231,6 +239,12 @@ class Engine:
   def num_compiled_programs(self) -> int:
     """Programs compiled for this engine's model structure so far (one per distinct shape of a step)."""
     return sum(f._cache_size() for f in (self._run, self._run_mixed) if f is not None)
+
+  def drop_compiled_programs(self) -> None:
+    """Frees every compiled step program of this model structure (and the JIT code mappings they hold)."""
+    for f in (self._run, self._run_mixed):
+      if f is not None:
+        f.clear_cache()
 
   def has_work(self) -> bool:
     """Requests queued or running, or sampled tokens not yet read back."""
@@ -297,7 +311,10 @@ class Engine:
     return sampling, new_tokens
 
   def _table_pages(self, group: list[Work]) -> int:
-    """The page-table width a group needs: the pages of its longest row after this iteration, bucketed."""
+    """The page-table width a group needs: the pages of its longest row after this iteration, bucketed (or
+    all pages, where the width costs nothing)."""
+    if self._whole_tables:
+      return self.max_pages
     used = max(-(-self.kv.length(w.request.id) // self.kv.page_size) for w in group)
     return _bucket(used, self.max_pages, MIN_TABLE_PAGES)
 

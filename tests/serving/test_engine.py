@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lwjax import memory_maps
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.serving.engine import LLM, Engine
 from lwjax.serving.sampling import SamplingParams
@@ -108,6 +109,18 @@ def test_mixed_programs_do_not_multiply_with_the_decode_rows(model):
     assert all(len(r.output) == 12 for r in requests) and len(late.output) == 6
   assert engine._run_mixed._cache_size() - before == 1
   assert engine.num_compiled_programs >= 2
+
+
+def test_engine_drops_its_programs_near_the_mapping_limit_and_still_decodes(model, monkeypatch):
+  """Past the share of vm.max_map_count the engine allows, it frees its compiled programs (XLA:CPU keeps their
+  code mapped until then) and compiles what it needs again; outputs are unchanged."""
+  monkeypatch.setattr(memory_maps, "near_limit", lambda fraction: True)
+  engine = Engine(model, num_pages=64, page_size=4, prefill_chunk=16, max_batch_tokens=64, max_num_seqs=4)
+  prompts = _prompts(3, seed=7)
+  requests = [engine.add_request(p, GREEDY) for p in prompts]
+  engine.run_until_done()
+  assert [r.output for r in requests] == [_greedy(model, p, 6) for p in prompts]
+  assert engine.num_compiled_programs <= 1  # dropped after every new compile
 
 
 def test_a_request_that_can_never_be_admitted_raises_stalled(model):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 
@@ -168,12 +169,13 @@ def read(config, model: GPT, docs: list[tasks.Record], engine: Engine | None = N
   return out
 
 
-def _plot(workdir: str, task: str, lengths, results: dict) -> None:
+def _plot(workdir: str, task: str, lengths, results: dict, train_segments: str) -> None:
   names = {"wim": "WiM (margins)", "full": "full context", "retrieval": "retrieval-only"}
-  series = {names[m]: [(n, results[str(n)][m]["score"]) for n in lengths] for m in METHODS}
+  series = {names[m]: [(math.log2(n), results[str(n)][m]["score"]) for n in lengths] for m in METHODS}
+  trained = parse_ints(train_segments)
   plots.line_chart(os.path.join(workdir, f"accuracy_{task}.png"), series,
-                   title=f"{task}: score vs document length", x_label="segments", y_label="exact match / F1",
-                   y_range=(0.0, 1.0))
+                   title=f"{task}: score vs document length (reader trained on {min(trained)}-{max(trained)} "
+                         "segments)", x_label="log2(segments)", y_label="exact match / F1", y_range=(0.0, 1.0))
 
 
 def run(config, workdir: str) -> dict:
@@ -198,15 +200,16 @@ def run(config, workdir: str) -> dict:
       result = read(config, model, docs, engine)
       metrics["results"][task][str(n)] = result
       logging.info("%s, %d segments: WiM %.3f, full context %.3f, retrieval-only %.3f (margins exact %.2f, "
-                   "relevance %.2f; prefill tokens %.0f / %.0f / %.0f)", task, n, result["wim"]["score"],
-                   result["full"]["score"], result["retrieval"]["score"], result["wim"]["margin_exact"],
-                   result["wim"]["relevance_accuracy"], result["wim"]["prefill_tokens"],
-                   result["full"]["prefill_tokens"], result["retrieval"]["prefill_tokens"])
+                   "relevance %.2f; prefill tokens %.0f / %.0f / %.0f; %d programs compiled so far)", task, n,
+                   result["wim"]["score"], result["full"]["score"], result["retrieval"]["score"],
+                   result["wim"]["margin_exact"], result["wim"]["relevance_accuracy"], result["wim"]["prefill_tokens"],
+                   result["full"]["prefill_tokens"], result["retrieval"]["prefill_tokens"],
+                   engine.num_compiled_programs)
   metrics["short_context"] = {t: metrics["results"][t][str(lengths[0])]["full"]["score"] for t in metrics["results"]}
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     for task, results in metrics["results"].items():
-      _plot(workdir, task, lengths, results)
+      _plot(workdir, task, lengths, results, config.task.train_segments)
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(metrics, f, indent=2)
   return metrics
