@@ -101,15 +101,20 @@ def test_dispatch_picks_the_kernel_and_the_reference(kernel_impl):
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the native CPU kernel does not build here (no g++?)")
-@pytest.mark.parametrize("q_tokens,heads,kv_heads,lengths,key_growth", [
-    (1, 8, 2, [1, 19, 24, 48], 0.0),
-    (4, 6, 3, [2, 9, 16, 33], 0.0),  # a sequence shorter than its new tokens: its first queries give zeros
-    (1, 4, 4, [0, 5], 0.0),  # an empty row (padding)
-    (5, 4, 2, [13, 30, 47], 0.4),  # the running maximum grows page after page: the online softmax rescales
+@pytest.mark.parametrize("q_tokens,heads,kv_heads,lengths,key_growth,dim", [
+    (1, 8, 2, [1, 19, 24, 48], 0.0, 16),
+    (4, 6, 3, [2, 9, 16, 33], 0.0, 16),  # a sequence shorter than its new tokens: its first queries give zeros
+    (1, 4, 4, [0, 5], 0.0, 16),  # an empty row (padding)
+    (5, 4, 2, [13, 30, 47], 0.4, 16),  # the running maximum grows page after page: the online softmax rescales
+    # the head sizes with code of their own (unrolled, the accumulator in registers)
+    (3, 4, 2, [17, 40], 0.4, 32),
+    (1, 4, 4, [0, 7, 33], 0.4, 64),
+    (2, 2, 1, [20, 47], 0.0, 128),
 ])
-def test_native_cpu_kernel_matches_the_reference(q_tokens, heads, kv_heads, lengths, key_growth):
+def test_native_cpu_kernel_matches_the_reference(q_tokens, heads, kv_heads, lengths, key_growth, dim):
   """It reads only the pages within each length: the NaN pages and the -1 table entries past it never reach it."""
-  inputs = _paged_inputs(3, lengths, q_tokens=q_tokens, heads=heads, kv_heads=kv_heads, key_growth=key_growth)
+  inputs = _paged_inputs(3, lengths, q_tokens=q_tokens, heads=heads, kv_heads=kv_heads, key_growth=key_growth,
+                         dim=dim)
   got = jax.jit(functools.partial(cpu_kernels.paged_attention, sm_scale=0.3))(*inputs)
   want = jax.jit(functools.partial(reference.decode_attention, sm_scale=0.3))(
       inputs[0], jnp.nan_to_num(inputs[1]), jnp.nan_to_num(inputs[2]), *inputs[3:])

@@ -10,6 +10,7 @@ asked: the floor to beat), and `--copy` as the control every causal LM learns fa
   python -m lwjax.projects.wim.lookup_probe --steps 1500 --adjacent --key_first --no_ans   # MQAR: `? get k17` -> v42
   python -m lwjax.projects.wim.lookup_probe --steps 500 --copy                 # the control
   python -m lwjax.projects.wim.lookup_probe --steps 500 --adjacent --key_first --no_ans --mix_copy 0.5  # + copy rows
+  python -m lwjax.projects.wim.lookup_probe --steps 1000 --aggregation first --mix_copy 0.3  # common words
 
 Rows: `section` then 2-16 facts (`k17 = v42 .`, or `k17 v42 .` with `--adjacent`) without filler, or
 (`--filler`) one 48-word segment of `tasks.retrieval` holding 4 facts (`v42 k17 .`) among filler sentences,
@@ -44,6 +45,12 @@ def fact_row(rng: random.Random, tok: tasks.WiMTokenizer, args, num_keys: int) -
     seq = " ".join(rng.choice(values) for _ in range(rng.randint(4, 24)))
     n = len(seq.split())
     return [tok.bos_id] + tok.encode(f"{seq} ? {seq}"), [0] * (n + 2) + [1] * n
+  if args.aggregation:  # one aggregation segment, `? common ans` -> its repeated words in the chosen order
+    record = tasks.aggregation(rng, 1, 48)
+    words = f"{tasks.SECTION} {record.segments[0]}".split()
+    answer = list(record.answer) if args.aggregation == "sorted" else sorted(record.answer, key=words.index)
+    tokens = [tok.bos_id] + tok.encode(" ".join(words) + " ? common ans")
+    return tokens + tok.encode(" ".join(answer)), [0] * len(tokens) + [1] * len(answer)
   if args.filler:  # the task's own layout, `v42 k17 .`
     words = f"{tasks.SECTION} {tasks.retrieval(rng, 1, 48).segments[0]}".split()
     facts = [(key, value) for value, key in tasks.assignments(" ".join(words))]
@@ -109,6 +116,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     ("key_first", "ask the key, answer the value"), ("no_ans", "the answer right after the query"),
                     ("copy", "control: repeat a random sequence")):
     p.add_argument(f"--{flag}", action="store_true", help=doc)
+  p.add_argument("--aggregation", choices=("sorted", "first"), default=None,
+                 help="rows are one common-words segment instead of facts, its answer in alphabetical order (the "
+                      "task's) or in order of first appearance; accuracy is per answer word, teacher-forced")
   args = p.parse_args(argv)
   if args.width % 32 or not 2 <= args.num_keys <= len(tasks.VALUES) or args.steps < 1:
     p.error("--width must be a multiple of 32, --num_keys in [2, 100], --steps >= 1")
@@ -137,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return metrics["accuracy"] / weight
 
   held_out = batch(random.Random(99), tok, argparse.Namespace(**{**vars(args), "mix_copy": 0.0}), num_keys)
-  floor = elimination_accuracy(held_out) if not args.copy else 0.0
+  floor = elimination_accuracy(held_out) if not (args.copy or args.aggregation) else 0.0
   rng, start, curve = random.Random(0), time.perf_counter(), []
   for step in range(1, args.steps + 1):
     loss = train_step(model, opt, {k: jnp.asarray(v) for k, v in batch(rng, tok, args, num_keys).items()})
