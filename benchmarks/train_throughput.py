@@ -12,8 +12,9 @@ separated, each a ","-separated list of key=value overrides) is timed in the sam
 is the baseline of the ratio line. MFU = model FLOPs (6N + attention, counted from the config) /
 (peak dense bf16 FLOP/s per device x devices); on CPU the peak is the fp32 matmul rate measured in the run.
 
-`--compare` times, interleaved in rounds in one process so that a changing machine load hits all alike
-(each reported step time is the median over rounds; warm-up is one pass per runner, then one interleaved):
+`--compare` times, interleaved in rounds in one process so that a changing machine load hits all alike, each
+round in the next order of the runners (each reported step time is the median over rounds; warm-up is one pass
+per runner, then one interleaved):
 the Trainer step; a minimal hand-written step on the same model and batch (`nnx.merge` + `losses.lm_loss`
 + `optax.adamw`, jitted with donation); and, when `torch` and `transformers` import, the PyTorch peer
 (`LlamaForCausalLM` of the same shape, fp32, `torch.optim.AdamW`, `torch.set_num_threads` = cores). On
@@ -23,6 +24,7 @@ d_ff follow d_model unless given (head_dim kept, half as many KV heads as heads,
 """
 
 import ast
+import itertools
 import os
 import sys
 import time
@@ -45,7 +47,8 @@ _STEPS = flags.DEFINE_integer("steps", None, "Timed steps per variant (default 1
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) per variant.")
 _VARIANTS = flags.DEFINE_string("variants", "", "';'-separated variants of ','-separated key=value overrides.")
 _COMPARE = flags.DEFINE_bool("compare", False, "Trainer vs a hand-written optax loop vs PyTorch, interleaved.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "--compare: the timed steps are split into this many rounds.")
+_ROUNDS = flags.DEFINE_integer("rounds", 6, "--compare: the timed steps are split into this many rounds (a multiple "
+                              "of 6 runs each order of three runners equally often).")
 _SHAPE = {name: flags.DEFINE_integer(name, None, f"Overrides model.{name}.")
           for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")}
 _BATCH = flags.DEFINE_integer("batch", None, "Overrides train.global_batch_size.")
@@ -224,8 +227,11 @@ def compare(config, steps: int):
     print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (jitted 2048^3 jnp.dot); load {_load()}")
   per_step = {name: [] for name in names}
   per_round = [steps // _ROUNDS.value + (i < steps % _ROUNDS.value) for i in range(_ROUNDS.value)]
+  # Each round runs the runners in the next of all their orders, so that every runner follows every other one
+  # equally often: a rotation made the Trainer always follow PyTorch, whose threads and heap it then paid for.
+  orders = list(itertools.permutations(names))
   for i, n in enumerate(per_round):
-    for name in names[i % len(names):] + names[:i % len(names)]:  # each round starts with the next runner
+    for name in orders[i % len(orders)]:
       time.sleep(0.5)  # the previous runner's worker threads go idle
       start = time.perf_counter()
       runners[name](n)
