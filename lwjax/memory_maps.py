@@ -1,10 +1,11 @@
 """The process's memory mappings against Linux's `vm.max_map_count`, which XLA:CPU's JIT can exhaust.
 
 XLA:CPU maps every compiled kernel's code and data into memory of its own (about 200 mappings for one 4-layer
-GPT serving step) and does not unmap them when the executable is dropped. A process that compiles a few hundred
-distinct programs, as a long serving run with many shapes can, reaches the kernel's limit on mappings (65,530 by
-default) and then fails in LLVM with "Cannot allocate memory" although RAM is free. Dropping the executables
-(`jax.jit(...).clear_cache()`) unmaps them: the serving engine does so when `near_limit` says it must.
+GPT serving step) for as long as the executable lives, and a jitted function's cache keeps every executable it
+compiled. A process that compiles a few hundred distinct programs, as a long serving run with many shapes can,
+reaches the kernel's limit on mappings (65,530 by default) and then fails in LLVM with "Cannot allocate memory"
+although RAM is free. Dropping the executables (`jax.jit(...).clear_cache()`) unmaps them: the serving engine
+does so when `near_limit` says it must.
 """
 
 from __future__ import annotations

@@ -270,8 +270,8 @@ class Engine:
     if self.mixed_batches and len(groups) > 1:
       # Few shapes: a mixed program's shape would otherwise be the product of both groups' rows and page-table
       # buckets with the chunk width (hundreds of programs in a long WiM read, each holding ~200 memory maps of
-      # JIT code that XLA:CPU never unmaps: the process reached vm.max_map_count). Both groups share one table
-      # width, and the decode group always has all rows: a padded decode row costs one token.
+      # JIT code while it is cached: the process reached vm.max_map_count). Both groups share one table width,
+      # and the decode group always has all rows: a padded decode row costs one token.
       pages = max(self._table_pages(group) for group, _ in groups)
       prepared = [self._group_inputs(group, width, previous_index, pages, self._max_rows if width == 1 else None)
                   for group, width in groups]
@@ -336,7 +336,7 @@ class Engine:
       source[row, width - n:] = previous_index.get(w.request.id, 0)
       slot_pages[row, width - n:] = [p for p, _ in w.slots]
       slot_offsets[row, width - n:] = [o for _, o in w.slots]
-    # The page table as wide as the longest row needs (a power of two): attention reads those pages only.
+    # The page table as wide as `_table_pages` says (attention reads the pages within each row's length only).
     table, lengths = self.kv.page_table([w.request.id for w in group], self.max_pages)
     pages = max(pages or 0, self._table_pages(group))
     page_table = np.zeros((rows, pages), np.int32)

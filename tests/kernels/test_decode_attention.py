@@ -106,7 +106,7 @@ def test_dispatch_picks_the_kernel_and_the_reference(kernel_impl):
     (4, 6, 3, [2, 9, 16, 33], 0.0, 16),  # a sequence shorter than its new tokens: its first queries give zeros
     (1, 4, 4, [0, 5], 0.0, 16),  # an empty row (padding)
     (5, 4, 2, [13, 30, 47], 0.4, 16),  # the running maximum grows page after page: the online softmax rescales
-    # the head sizes with code of their own (unrolled, the accumulator in registers)
+    # the models' head sizes
     (3, 4, 2, [17, 40], 0.4, 32),
     (1, 4, 4, [0, 7, 33], 0.4, 64),
     (2, 2, 1, [20, 47], 0.0, 128),

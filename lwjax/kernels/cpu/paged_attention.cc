@@ -86,20 +86,18 @@ struct Scratch {
 // the row's pages with an online softmax (flash attention's running maximum and sum). Each key and value page
 // is read once for all of them, and its values while its keys are still in cache: the scores of one page, the
 // rescale of what was summed so far when the maximum grows, then that page's weighted values.
-template <int64_t kDim>
 void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
-  const int64_t dim = kDim > 0 ? kDim : p.dim;  // a compile-time head size unrolls the loops over it
   const int64_t groups = p.heads / p.kv_heads;
   const int64_t queries = p.q_tokens * groups;  // query index: token * groups + group
   const int64_t length = p.lengths[b];
   const int32_t* row_table = p.table + b * p.max_pages;
-  const int64_t page_floats = p.page_size * dim;
+  const int64_t page_floats = p.page_size * p.dim;
   const float* k_head = p.k + kvh * p.num_pages * page_floats;
   const float* v_head = p.v + kvh * p.num_pages * page_floats;
   s.keys.resize(queries);
   s.max.assign(queries, -std::numeric_limits<float>::infinity());
   s.sum.assign(queries, 0.0f);
-  s.acc.assign(queries * dim, 0.0f);
+  s.acc.assign(queries * p.dim, 0.0f);
   s.scores.resize(p.page_size);
   int64_t most_keys = 0;
   for (int64_t t = 0; t < p.q_tokens; ++t) {
@@ -127,14 +125,14 @@ void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
       const int64_t n = std::min(p.page_size, s.keys[query] - first);
       if (n <= 0) continue;
       const int64_t h = kvh * groups + query % groups;
-      const float* q = p.q + ((b * p.q_tokens + query / groups) * p.heads + h) * dim;
+      const float* q = p.q + ((b * p.q_tokens + query / groups) * p.heads + h) * p.dim;
       float page_max = -std::numeric_limits<float>::infinity();
       int64_t i = 0;
       for (; i + 4 <= n; i += 4) {  // four keys at once: four independent sums, q read once for them
-        const float *k0 = k_page + i * dim, *k1 = k0 + dim, *k2 = k1 + dim, *k3 = k2 + dim;
+        const float *k0 = k_page + i * p.dim, *k1 = k0 + p.dim, *k2 = k1 + p.dim, *k3 = k2 + p.dim;
         float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
 #pragma omp simd reduction(+ : d0, d1, d2, d3)
-        for (int64_t d = 0; d < dim; ++d) {
+        for (int64_t d = 0; d < p.dim; ++d) {
           d0 += q[d] * k0[d];
           d1 += q[d] * k1[d];
           d2 += q[d] * k2[d];
@@ -145,20 +143,20 @@ void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
         page_max = std::max({page_max, score[i], score[i + 1], score[i + 2], score[i + 3]});
       }
       for (; i < n; ++i) {
-        const float* key = k_page + i * dim;
+        const float* key = k_page + i * p.dim;
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < dim; ++d) dot += q[d] * key[d];
+        for (int64_t d = 0; d < p.dim; ++d) dot += q[d] * key[d];
         score[i] = dot * p.scale;
         page_max = std::max(page_max, score[i]);
       }
-      float* acc = s.acc.data() + query * dim;
+      float* acc = s.acc.data() + query * p.dim;
       const float new_max = std::max(s.max[query], page_max);
       if (new_max > s.max[query] && s.sum[query] > 0.0f) {  // what was summed under the old maximum shrinks
         const float correction = ExpNonPositive(s.max[query] - new_max);
         s.sum[query] *= correction;
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) acc[d] *= correction;
+        for (int64_t d = 0; d < p.dim; ++d) acc[d] *= correction;
       }
       s.max[query] = new_max;
       float total = 0.0f;
@@ -168,37 +166,25 @@ void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
         total += score[j];
       }
       s.sum[query] += total;
-      if constexpr (kDim > 0) {  // the accumulator stays in registers over the page's values
-        float local[kDim];
-        std::memcpy(local, acc, sizeof(local));
-        for (int64_t j = 0; j < n; ++j) {
-          const float* value = v_page + j * kDim;
-          const float weight = score[j];
+      for (int64_t j = 0; j < n; ++j) {
+        const float* value = v_page + j * p.dim;
+        const float weight = score[j];
 #pragma omp simd
-          for (int64_t d = 0; d < kDim; ++d) local[d] += weight * value[d];
-        }
-        std::memcpy(acc, local, sizeof(local));
-      } else {
-        for (int64_t j = 0; j < n; ++j) {
-          const float* value = v_page + j * dim;
-          const float weight = score[j];
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) acc[d] += weight * value[d];
-        }
+        for (int64_t d = 0; d < p.dim; ++d) acc[d] += weight * value[d];
       }
     }
   }
   for (int64_t query = 0; query < queries; ++query) {
     const int64_t h = kvh * groups + query % groups;
-    float* out = p.out + ((b * p.q_tokens + query / groups) * p.heads + h) * dim;
-    const float* acc = s.acc.data() + query * dim;
+    float* out = p.out + ((b * p.q_tokens + query / groups) * p.heads + h) * p.dim;
+    const float* acc = s.acc.data() + query * p.dim;
     if (s.keys[query] <= 0) {  // no visible key (padding): zeros, as the reference
-      std::fill(out, out + dim, 0.0f);
+      std::fill(out, out + p.dim, 0.0f);
       continue;
     }
     const float inverse = 1.0f / s.sum[query];
 #pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) out[d] = acc[d] * inverse;
+    for (int64_t d = 0; d < p.dim; ++d) out[d] = acc[d] * inverse;
   }
 }
 
@@ -212,13 +198,7 @@ struct Shared {
 void Drain(Shared& s) {
   Scratch scratch;
   for (int64_t i = s.next.fetch_add(1); i < s.items; i = s.next.fetch_add(1)) {
-    const int64_t b = i / s.problem.kv_heads, kvh = i % s.problem.kv_heads;
-    switch (s.problem.dim) {  // the common head sizes get their own unrolled code
-      case 32: AttendOne<32>(s.problem, b, kvh, scratch); break;
-      case 64: AttendOne<64>(s.problem, b, kvh, scratch); break;
-      case 128: AttendOne<128>(s.problem, b, kvh, scratch); break;
-      default: AttendOne<0>(s.problem, b, kvh, scratch);
-    }
+    AttendOne(s.problem, i / s.problem.kv_heads, i % s.problem.kv_heads, scratch);
     s.done.fetch_add(1, std::memory_order_release);
   }
 }
