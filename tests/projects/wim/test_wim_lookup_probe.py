@@ -12,7 +12,7 @@ from lwjax.projects.wim import lookup_probe, tasks
 
 def _args(**kw):
   base = {"filler": False, "adjacent": False, "key_first": False, "no_ans": False, "copy": False, "mix_copy": 0.0,
-          "batch": 2, "seq_len": 128}
+          "aggregation": None, "batch": 2, "seq_len": 128}
   return argparse.Namespace(**{**base, **kw})
 
 
@@ -34,6 +34,21 @@ def test_every_answer_is_the_other_half_of_a_fact_in_the_row(kw):
     for question, answer in zip(asked, answers, strict=True):
       pair = (question, answer) if kw.get("key_first") else (answer, question)
       assert pair in facts
+
+
+@pytest.mark.parametrize("order", ["sorted", "first"])
+def test_aggregation_rows_answer_the_repeated_words_in_the_asked_order(order):
+  tok, rng = tasks.WiMTokenizer(), random.Random(2)
+  for _ in range(10):
+    tokens, is_answer = lookup_probe.fact_row(rng, tok, _args(aggregation=order), 100)
+    words = tok.decode(tokens).split()
+    question = words.index("?")
+    assert words[question:question + 3] == ["?", "common", "ans"]
+    segment = words[:question]
+    answers = [tok.decode([t]) for t, a in zip(tokens, is_answer, strict=True) if a]
+    assert answers == words[question + 3:]
+    assert set(answers) == {w for w in set(segment) if segment.count(w) >= 2 and w in tasks.FILLER}
+    assert answers == (sorted(answers) if order == "sorted" else sorted(answers, key=segment.index))
 
 
 def test_elimination_floor():
