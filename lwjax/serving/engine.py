@@ -135,7 +135,7 @@ class Engine:
     self._in_flight = None
     # The previous iteration's sampled tokens travel padded to one size (at most two groups of rows), so that
     # how many rows it sampled never makes a new shape to compile.
-    self._max_rows = -(-max(max_num_seqs, nano_batches) // nano_batches) * nano_batches
+    self._max_rows = self._padded_rows(max_num_seqs)
     self._previous_size = 2 * self._max_rows
     self._programs_checked = 0
     # Where attention's cost does not depend on the page table's width, every table is passed whole: one table
@@ -310,6 +310,11 @@ class Engine:
         self._recurrent_rows(group, rows) if self.hybrid else None)
     return sampling, new_tokens
 
+  def _padded_rows(self, n: int) -> int:
+    """The rows a group of `n` runs as: a power of two (few shapes to compile) that the nano-batches split evenly."""
+    rows = max(_bucket(n, self.max_num_seqs), self.nano_batches)
+    return -(-rows // self.nano_batches) * self.nano_batches
+
   def _table_pages(self, group: list[Work]) -> int:
     """The page-table width a group needs: the pages of its longest row after this iteration, bucketed (or
     all pages, where the width costs nothing)."""
@@ -323,9 +328,7 @@ class Engine:
     """The host arrays of one group of rows: (the works that sample, (tokens, placeholder sources, slot pages,
     slot offsets, page table, lengths, sampling arrays, sample rows)); `pages`: the page-table width, at least
     what the group needs (default: what it needs); `rows`: the rows, padded (default: a power of two)."""
-    if rows is None:  # a power of two (few shapes to compile) that the nano-batches split evenly
-      rows = max(_bucket(len(group), self.max_num_seqs), self.nano_batches)
-      rows = -(-rows // self.nano_batches) * self.nano_batches
+    rows = rows or self._padded_rows(len(group))
     tokens = np.zeros((rows, width), np.int32)
     source = np.zeros((rows, width), np.int32)
     slot_pages = np.full((rows, width), self.kv.allocator.num_pages, np.int32)  # out of range: no write

@@ -15,6 +15,8 @@ asked: the floor to beat), and `--copy` as the control every causal LM learns fa
 Rows: `section` then 2-16 facts (`k17 = v42 .`, or `k17 v42 .` with `--adjacent`) without filler, or
 (`--filler`) one 48-word segment of `tasks.retrieval` holding 4 facts (`v42 k17 .`) among filler sentences,
 packed in order into `--seq_len` rows; `--mix_copy` mixes copy rows into training (held-out rows are fact rows).
+`--aggregation` replaces the facts by one common-words segment asked `? common ans` (the aggregation task's skill
+alone), its answer alphabetical or in order of first appearance; no elimination floor is computed for it.
 The reader's model shape and peak learning rate; the optimizer is the probe's own (optax AdamW with its
 defaults, b2 0.999, weight decay 0.1 on every parameter, warmup 100, cosine to 0, clipping 1.0), not the
 reader's `training.optim` chain (b2 0.95, no decay on norms and biases, cosine to 0.1x): the figures in
@@ -38,8 +40,9 @@ from lwjax.projects.wim import tasks
 from lwjax.training import losses
 
 
-def fact_row(rng: random.Random, tok: tasks.WiMTokenizer, args, num_keys: int) -> tuple[list[int], list[int]]:
-  """(tokens, 1 where the token is an answer) of one row."""
+def probe_row(rng: random.Random, tok: tasks.WiMTokenizer, args, num_keys: int) -> tuple[list[int], list[int]]:
+  """(tokens, 1 where the token is an answer) of one probe row: a copy row, a common-words segment
+  (`--aggregation`), or facts and their questions."""
   keys, values = tasks.KEYS[:num_keys], tasks.VALUES[:num_keys]
   if args.copy or (args.mix_copy and rng.random() < args.mix_copy):
     seq = " ".join(rng.choice(values) for _ in range(rng.randint(4, 24)))
@@ -77,7 +80,7 @@ def batch(rng: random.Random, tok: tasks.WiMTokenizer, args, num_keys: int) -> d
   for b in range(args.batch):
     t, segment = 0, 1
     while True:
-      tokens, is_answer = fact_row(rng, tok, args, num_keys)
+      tokens, is_answer = probe_row(rng, tok, args, num_keys)
       n = len(tokens) - 1
       if t + n > args.seq_len:
         break

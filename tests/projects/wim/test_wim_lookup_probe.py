@@ -20,7 +20,7 @@ def _args(**kw):
 def test_every_answer_is_the_other_half_of_a_fact_in_the_row(kw):
   tok, rng = tasks.WiMTokenizer(), random.Random(1)
   for _ in range(20):
-    tokens, is_answer = lookup_probe.fact_row(rng, tok, _args(**kw), 100)
+    tokens, is_answer = lookup_probe.probe_row(rng, tok, _args(**kw), 100)
     words = tok.decode(tokens).split()  # bos is dropped by decode: word i is tokens[i + 1]
     first_question = words.index("?")
     gap = 1 if kw.get("adjacent") else 2
@@ -40,7 +40,7 @@ def test_every_answer_is_the_other_half_of_a_fact_in_the_row(kw):
 def test_aggregation_rows_answer_the_repeated_words_in_the_asked_order(order):
   tok, rng = tasks.WiMTokenizer(), random.Random(2)
   for _ in range(10):
-    tokens, is_answer = lookup_probe.fact_row(rng, tok, _args(aggregation=order), 100)
+    tokens, is_answer = lookup_probe.probe_row(rng, tok, _args(aggregation=order), 100)
     words = tok.decode(tokens).split()
     question = words.index("?")
     assert words[question:question + 3] == ["?", "common", "ans"]
