@@ -26,6 +26,7 @@ d_ff follow d_model unless given (head_dim kept, half as many KV heads as heads,
 import ast
 import itertools
 import os
+import resource
 import sys
 import time
 
@@ -170,7 +171,7 @@ def _torch_runner(config):
       if opt.clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_norm)
       optimizer.step()
-    float(loss)
+    float(loss.detach())
   return run
 
 
@@ -226,6 +227,7 @@ def compare(config, steps: int):
   if peak:
     print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (jitted 2048^3 jnp.dot); load {_load()}")
   per_step = {name: [] for name in names}
+  faults = {name: 0 for name in names}  # minor page faults while timed: a heap that grows or is trimmed shows here
   per_round = [steps // _ROUNDS.value + (i < steps % _ROUNDS.value) for i in range(_ROUNDS.value)]
   # Each round runs the runners in the next of all their orders, so that every runner follows every other one
   # equally often: a rotation made the Trainer always follow PyTorch, whose threads and heap it then paid for.
@@ -233,17 +235,21 @@ def compare(config, steps: int):
   for i, n in enumerate(per_round):
     for name in orders[i % len(orders)]:
       time.sleep(0.5)  # the previous runner's worker threads go idle
+      faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       start = time.perf_counter()
       runners[name](n)
       per_step[name].append((time.perf_counter() - start) / n)
+      faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
   print(f"load after timing: {_load()}")
-  print(f"{'step':<28} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'% peak':>7} {'vs Trainer':>10}")
+  print(f"{'step':<28} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'% peak':>7} {'vs Trainer':>10} "
+        f"{'faults/step':>11}  rounds (ms/step)")
   seconds = {name: float(np.median(times)) for name, times in per_step.items()}
   for name, step_s in seconds.items():
     gflops = flops_per_step / step_s / 1e9
     share = f"{gflops * 1e9 / peak:.1%}" if peak else "n/a"
     print(f"{name:<28} {step_s * 1e3:>9.1f} {tokens / step_s:>10,.0f} {gflops:>9.1f} {share:>7} "
-          f"{seconds['lwjax Trainer'] / step_s:>9.2f}x")
+          f"{seconds['lwjax Trainer'] / step_s:>9.2f}x {faults[name] / steps:>11,.0f}  "
+          + " ".join(f"{t * 1e3:.0f}" for t in per_step[name]))
   ratios = ", ".join(f"vs {name}: {step_s / seconds['lwjax Trainer']:.2f}x" for name, step_s in seconds.items()
                      if name != "lwjax Trainer")
   print(f"Trainer tokens/s {ratios}")
