@@ -26,22 +26,22 @@ PAGE_SIZE = 8
 
 
 def _paged_inputs(seed, lengths, *, q_tokens, heads, kv_heads, dim=16, dtype=jnp.float32, max_pages=6,
-                  key_growth=0.0):
+                  key_growth=0.0, page_size=PAGE_SIZE):
   """Random q and a shuffled page pool; pages no sequence uses hold NaN, slots past a length garbage. Keys grow
   by `key_growth` per position (the scores' maximum then moves to later pages as they are read)."""
   rng = np.random.default_rng(seed)
   batch = len(lengths)
   num_pages = batch * max_pages + 3
   page_table = rng.permutation(num_pages)[:batch * max_pages].reshape(batch, max_pages).astype(np.int32)
-  k_pages = np.full((kv_heads, num_pages, PAGE_SIZE, dim), np.nan, np.float32)
+  k_pages = np.full((kv_heads, num_pages, page_size, dim), np.nan, np.float32)
   v_pages = k_pages.copy()
   for b, length in enumerate(lengths):
-    num_used = -(-length // PAGE_SIZE)
+    num_used = -(-length // page_size)
     used = page_table[b, :num_used]
     k_pages[:, used] = 1e3  # garbage in the slots of the last page past the length
     v_pages[:, used] = -1e3
     for pos in range(length):
-      page, slot = page_table[b, pos // PAGE_SIZE], pos % PAGE_SIZE
+      page, slot = page_table[b, pos // page_size], pos % page_size
       k_pages[:, page, slot] = rng.normal(size=(kv_heads, dim)) * (1 + key_growth * pos)
       v_pages[:, page, slot] = rng.normal(size=(kv_heads, dim))
     page_table[b, num_used:] = -1  # table entries past the length are never read
@@ -101,20 +101,25 @@ def test_dispatch_picks_the_kernel_and_the_reference(kernel_impl):
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the native CPU kernel does not build here (no g++?)")
-@pytest.mark.parametrize("q_tokens,heads,kv_heads,lengths,key_growth,dim", [
-    (1, 8, 2, [1, 19, 24, 48], 0.0, 16),
-    (4, 6, 3, [2, 9, 16, 33], 0.0, 16),  # a sequence shorter than its new tokens: its first queries give zeros
-    (1, 4, 4, [0, 5], 0.0, 16),  # an empty row (padding)
-    (5, 4, 2, [13, 30, 47], 0.4, 16),  # the running maximum grows page after page: the online softmax rescales
-    # the models' head sizes
-    (3, 4, 2, [17, 40], 0.4, 32),
-    (1, 4, 4, [0, 7, 33], 0.4, 64),
-    (2, 2, 1, [20, 47], 0.0, 128),
+@pytest.mark.parametrize("q_tokens,heads,kv_heads,lengths,key_growth,dim,page_size", [
+    (1, 8, 2, [1, 19, 24, 48], 0.0, 16, PAGE_SIZE),
+    (4, 6, 3, [2, 9, 16, 33], 0.0, 16, PAGE_SIZE),  # a sequence shorter than its new tokens: its first queries
+    # give zeros
+    (1, 4, 4, [0, 5], 0.0, 16, PAGE_SIZE),  # an empty row (padding)
+    (5, 4, 2, [13, 30, 47], 0.4, 16, PAGE_SIZE),  # the running maximum grows page after page: the online softmax
+    # rescales
+    # the models' head sizes (the AVX-512 code where the CPU has it): pages of part of, one and several blocks
+    # of 16 keys
+    (3, 4, 2, [17, 40], 0.4, 32, PAGE_SIZE),
+    (1, 4, 4, [0, 7, 33], 0.4, 64, PAGE_SIZE),
+    (2, 2, 1, [20, 47], 0.0, 128, PAGE_SIZE),
+    (1, 4, 2, [1, 16, 17, 90], 0.4, 64, 16),
+    (2, 4, 4, [5, 40, 121], 0.4, 64, 40),
 ])
-def test_native_cpu_kernel_matches_the_reference(q_tokens, heads, kv_heads, lengths, key_growth, dim):
+def test_native_cpu_kernel_matches_the_reference(q_tokens, heads, kv_heads, lengths, key_growth, dim, page_size):
   """It reads only the pages within each length: the NaN pages and the -1 table entries past it never reach it."""
   inputs = _paged_inputs(3, lengths, q_tokens=q_tokens, heads=heads, kv_heads=kv_heads, key_growth=key_growth,
-                         dim=dim)
+                         dim=dim, page_size=page_size, max_pages=-(-max(lengths) // page_size) + 1)
   got = jax.jit(functools.partial(cpu_kernels.paged_attention, sm_scale=0.3))(*inputs)
   want = jax.jit(functools.partial(reference.decode_attention, sm_scale=0.3))(
       inputs[0], jnp.nan_to_num(inputs[1]), jnp.nan_to_num(inputs[2]), *inputs[3:])

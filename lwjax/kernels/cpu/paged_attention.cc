@@ -6,9 +6,10 @@
 // its two matmuls (three passes over the keys and values); this kernel reads each key and value page once, in
 // place, for every query head of its KV head and every new token (one pass, online softmax).
 //
-// Work is split over (sequence, KV head) pairs on XLA's intra-op thread pool. The calling thread takes pairs
-// too and waits only for pairs another thread has claimed, never for a task that has not started, so the call
-// cannot deadlock when every pool thread is busy.
+// Work is split over (sequence, KV head) pairs on XLA's intra-op thread pool: the calling thread and one task
+// fewer than the pool has threads (the pool has one per core; one more thread than cores only took turns with
+// the others). The calling thread waits only for pairs another thread has claimed, never for a task that has not
+// started, so the call cannot deadlock when every pool thread is busy.
 
 #include <algorithm>
 #include <atomic>
@@ -18,9 +19,14 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -74,6 +80,90 @@ inline float ExpNonPositive(float x) {
   return result;
 }
 
+#if defined(__AVX512F__)
+// AVX-512 code for head sizes of 16 x kChunks (32, 64, 128), which the models use; other sizes and CPUs without
+// AVX-512 take the generic loops of `AttendOne`. The generic loops sum each key's dot product horizontally
+// (GCC spills the vector and adds its 16 lanes one by one) and load and store the value accumulator once per
+// key; here 16 keys' dot products are summed together by a tree of shuffles into one vector of 16 scores,
+// and the accumulator stays in registers through a page.
+
+// One vector whose lane j is the sum of the 16 lanes of v[j].
+inline __m512 SumEachOf16(const __m512* v) {
+  __m512 half[8], quarter[4], lane_sums[4];
+  for (int i = 0; i < 8; ++i) {  // lanes 0-1 hold v[2i]'s partial sums, lanes 2-3 v[2i + 1]'s
+    const __m512 a = v[2 * i], b = v[2 * i + 1];
+    half[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                            _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  for (int i = 0; i < 4; ++i) {  // 128-bit lane L holds key 4i + L's four partial sums
+    const __m512 a = half[2 * i], b = half[2 * i + 1];
+    quarter[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                               _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  for (int i = 0; i < 2; ++i) {  // element pairs: lane L, floats (2e, 2e+1) -> keys 4(2i) + L and 4(2i+1) + L
+    const __m512 a = quarter[2 * i], b = quarter[2 * i + 1];
+    lane_sums[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  const __m512d lo = _mm512_castps_pd(lane_sums[0]), hi = _mm512_castps_pd(lane_sums[1]);
+  const __m512 sums = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi)),
+                                    _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi)));
+  // Lane 4L + e of `sums` is key 4e + L; put key j in lane j.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, sums);
+}
+
+// score[j] = scale * q . key j for the n <= page_size keys of one page (keys past n are never read).
+template <int kChunks>
+void PageScores(const float* q, const float* keys, int64_t n, float scale, float* score) {
+  __m512 query[kChunks];
+  for (int c = 0; c < kChunks; ++c) query[c] = _mm512_loadu_ps(q + 16 * c);
+  for (int64_t first = 0; first < n; first += 16) {
+    const int64_t count = std::min<int64_t>(16, n - first);
+    __m512 dots[16];
+    for (int j = 0; j < 16; ++j) {
+      __m512 dot = _mm512_setzero_ps();
+      if (j < count) {
+        const float* key = keys + (first + j) * 16 * kChunks;
+        for (int c = 0; c < kChunks; ++c) dot = _mm512_fmadd_ps(query[c], _mm512_loadu_ps(key + 16 * c), dot);
+      }
+      dots[j] = dot;
+    }
+    const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1u);
+    _mm512_mask_storeu_ps(score + first, valid, _mm512_mul_ps(SumEachOf16(dots), _mm512_set1_ps(scale)));
+  }
+}
+
+// acc += sum_j weight[j] * value j over the n values of one page, the accumulator in registers.
+template <int kChunks>
+void PageValues(const float* values, const float* weight, int64_t n, float* acc) {
+  __m512 sum[kChunks];
+  for (int c = 0; c < kChunks; ++c) sum[c] = _mm512_loadu_ps(acc + 16 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512 w = _mm512_set1_ps(weight[j]);
+    const float* value = values + j * 16 * kChunks;
+    for (int c = 0; c < kChunks; ++c) sum[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(value + 16 * c), sum[c]);
+  }
+  for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(acc + 16 * c, sum[c]);
+}
+
+using PageScoresFn = void (*)(const float*, const float*, int64_t, float, float*);
+using PageValuesFn = void (*)(const float*, const float*, int64_t, float*);
+
+// The AVX-512 page functions for this head size, or nullptrs (the generic loops).
+inline std::pair<PageScoresFn, PageValuesFn> FastPath(int64_t dim) {
+  switch (dim) {
+    case 32: return {PageScores<2>, PageValues<2>};
+    case 64: return {PageScores<4>, PageValues<4>};
+    case 128: return {PageScores<8>, PageValues<8>};
+    default: return {nullptr, nullptr};
+  }
+}
+#else
+using PageScoresFn = void (*)(const float*, const float*, int64_t, float, float*);
+using PageValuesFn = void (*)(const float*, const float*, int64_t, float*);
+inline std::pair<PageScoresFn, PageValuesFn> FastPath(int64_t) { return {nullptr, nullptr}; }
+#endif
+
 constexpr int64_t kPrefetchPages = 2;  // how far ahead of the page being read
 
 // Per-thread scratch of `AttendOne`, kept across the (sequence, KV head) items a thread takes.
@@ -98,7 +188,7 @@ void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
   s.max.assign(queries, -std::numeric_limits<float>::infinity());
   s.sum.assign(queries, 0.0f);
   s.acc.assign(queries * p.dim, 0.0f);
-  s.scores.resize(p.page_size);
+  s.scores.resize((p.page_size + 15) / 16 * 16);  // the AVX-512 path stores scores 16 at a time (masked)
   int64_t most_keys = 0;
   for (int64_t t = 0; t < p.q_tokens; ++t) {
     const int64_t position = length - p.q_tokens + t;  // the query's absolute position: it sees keys 0..position
@@ -113,6 +203,7 @@ void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
     if (slot + 1 < kPrefetchPages) Prefetch(PagePtr(p, v_head, row_table, slot), page_floats);
   }
   float* score = s.scores.data();
+  const auto [fast_scores, fast_values] = FastPath(p.dim);
   for (int64_t slot = 0; slot < pages; ++slot) {
     if (slot + kPrefetchPages < pages) Prefetch(PagePtr(p, k_head, row_table, slot + kPrefetchPages), page_floats);
     if (slot + kPrefetchPages - 1 < pages) {
@@ -128,6 +219,11 @@ void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
       const float* q = p.q + ((b * p.q_tokens + query / groups) * p.heads + h) * p.dim;
       float page_max = -std::numeric_limits<float>::infinity();
       int64_t i = 0;
+      if (fast_scores != nullptr) {
+        fast_scores(q, k_page, n, p.scale, score);
+        for (int64_t j = 0; j < n; ++j) page_max = std::max(page_max, score[j]);
+        i = n;
+      }
       for (; i + 4 <= n; i += 4) {  // four keys at once: four independent sums, q read once for them
         const float *k0 = k_page + i * p.dim, *k1 = k0 + p.dim, *k2 = k1 + p.dim, *k3 = k2 + p.dim;
         float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
@@ -166,6 +262,10 @@ void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
         total += score[j];
       }
       s.sum[query] += total;
+      if (fast_values != nullptr) {
+        fast_values(v_page, score, n, acc);
+        continue;
+      }
       for (int64_t j = 0; j < n; ++j) {
         const float* value = v_page + j * p.dim;
         const float weight = score[j];
@@ -224,7 +324,7 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
                                        "and lengths do not match");
   }
   shared->items = qd[0] * kd[0];
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->items - 1);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, shared->items - 1);
   for (int64_t i = 0; i < helpers; ++i) {
     pool.Schedule([shared] { Drain(*shared); });  // a task that starts late finds no work and returns
   }
