@@ -6,7 +6,9 @@ math in another summation order; 2e-7 seen in interpret mode); bfloat16 2e-2 (bf
 probabilities rounded to bf16 against a running rather than the final maximum; one bf16 ulp, 8e-3, seen).
 """
 
+import ctypes
 import functools
+import platform
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +132,25 @@ def test_native_cpu_kernel_matches_the_reference(q_tokens, heads, kv_heads, leng
     cpu_kernels.paged_attention(inputs[0].astype(jnp.bfloat16), *inputs[1:])
   with pytest.raises(jax.errors.JaxRuntimeError, match="do not match"):  # the kernel checks its shapes
     cpu_kernels.paged_attention(*inputs[:4], inputs[4][:1]).block_until_ready()
+
+
+@pytest.mark.skipif(not cpu_kernels.available() or platform.machine() != "x86_64",
+                    reason="the native CPU kernel does not build here, or -mno-avx512f means nothing to this CPU")
+def test_native_cpu_kernel_generic_loops_match_the_reference(monkeypatch, tmp_path):
+  """The loops that head sizes other than 32/64/128 and CPUs without AVX-512 run: built here without AVX-512, at
+  a head size the AVX-512 code would take."""
+  monkeypatch.setenv("LWJAX_KERNEL_CACHE", str(tmp_path))
+  library = ctypes.cdll.LoadLibrary(str(cpu_kernels._build(cpu_kernels._FLAGS + ("-mno-avx512f",))))
+  jax.ffi.register_ffi_target("lwjax_paged_attention_f32_generic", jax.ffi.pycapsule(library.LwjaxPagedAttentionF32),
+                              platform="cpu")
+  for q_tokens, heads, kv_heads, lengths, dim, page_size in [(1, 4, 4, [0, 7, 33], 64, PAGE_SIZE),
+                                                               (3, 4, 2, [5, 40, 61], 64, 16)]:
+    inputs = _paged_inputs(4, lengths, q_tokens=q_tokens, heads=heads, kv_heads=kv_heads, key_growth=0.4, dim=dim,
+                           page_size=page_size, max_pages=-(-max(lengths) // page_size) + 1)
+    got = jax.jit(functools.partial(cpu_kernels._call, "lwjax_paged_attention_f32_generic", sm_scale=0.3))(*inputs)
+    want = jax.jit(functools.partial(reference.decode_attention, sm_scale=0.3))(
+        inputs[0], jnp.nan_to_num(inputs[1]), jnp.nan_to_num(inputs[2]), *inputs[3:])
+    np.testing.assert_allclose(got, want, atol=TOLERANCE[jnp.float32], rtol=TOLERANCE[jnp.float32])
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the native CPU kernel does not build here (no g++?)")

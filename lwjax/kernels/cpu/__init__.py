@@ -46,13 +46,13 @@ def _cpu_flags() -> str:
   return platform.processor() or platform.machine()
 
 
-def _build() -> pathlib.Path:
-  """The compiled library's path, building it if this source, compiler, jaxlib and CPU have none yet."""
+def _build(flags: tuple[str, ...] = _FLAGS) -> pathlib.Path:
+  """The compiled library's path, building it if this source, compiler, flags, jaxlib and CPU have none yet."""
   compiler = os.environ.get("CXX", "g++")
   if shutil.which(compiler) is None:
     raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-  key = hashlib.sha256("\n".join([_SOURCE.read_text(), compiler, version, " ".join(_FLAGS), jaxlib.__version__,
+  key = hashlib.sha256("\n".join([_SOURCE.read_text(), compiler, version, " ".join(flags), jaxlib.__version__,
                                   platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
   cache = pathlib.Path(os.environ.get("LWJAX_KERNEL_CACHE", pathlib.Path.home() / ".cache" / "lwjax" / "kernels"))
   library = cache / f"{_SOURCE.stem}-{key}.so"
@@ -62,7 +62,7 @@ def _build() -> pathlib.Path:
   with tempfile.NamedTemporaryFile(dir=cache, suffix=".so.tmp", delete=False) as tmp:
     partial = pathlib.Path(tmp.name)
   try:
-    subprocess.run([compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", "-o", str(partial), str(_SOURCE)],
+    subprocess.run([compiler, *flags, f"-I{jax.ffi.include_dir()}", "-o", str(partial), str(_SOURCE)],
                    capture_output=True, text=True, check=True)
     os.replace(partial, library)
     for stale in cache.glob(f"{_SOURCE.stem}-*.so"):  # builds of earlier sources, compilers or CPUs
@@ -99,7 +99,12 @@ def paged_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None):
   [b, q_tokens, heads, d], pools [kv_heads, pages, page_size, d], page_table [b, max_pages], lengths [b]."""
   if not supports(q, k_pages, v_pages):
     raise ValueError("paged_attention: needs float32 q/k_pages/v_pages and the native kernel (see available())")
+  return _call(_TARGET, q, k_pages, v_pages, page_table, lengths, sm_scale)
+
+
+def _call(target: str, q, k_pages, v_pages, page_table, lengths, sm_scale=None):
+  """The custom call of a registered build of the kernel (`target`: its FFI name)."""
   scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
   return call(q, k_pages, v_pages, jnp.asarray(page_table, jnp.int32), jnp.asarray(lengths, jnp.int32),
               sm_scale=np.float32(scale))

@@ -89,7 +89,7 @@ inline float ExpNonPositive(float x) {
 
 // One vector whose lane j is the sum of the 16 lanes of v[j].
 inline __m512 SumEachOf16(const __m512* v) {
-  __m512 half[8], quarter[4], lane_sums[4];
+  __m512 half[8], quarter[4], lane_sums[2];
   for (int i = 0; i < 8; ++i) {  // lanes 0-1 hold v[2i]'s partial sums, lanes 2-3 v[2i + 1]'s
     const __m512 a = v[2 * i], b = v[2 * i + 1];
     half[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
