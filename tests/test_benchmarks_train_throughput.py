@@ -28,3 +28,5 @@ def test_compare_reports_the_trainer_the_hand_loop_and_the_peer_or_its_skip():
   assert "d_model 32, 1 layers, heads 2/1 x 16, d_ff 96" in out and "batch 2 x seq 16" in out, out
   assert "lwjax Trainer" in out and "hand-written optax loop" in out and "Trainer tokens/s vs hand" in out, out
   assert ("PyTorch (HF Llama + AdamW)" in out) != ("PyTorch peer skipped" in out), out
+  trainer_row = next(line for line in out.splitlines() if line.startswith("lwjax Trainer"))
+  assert "faults/step" in out and len(trainer_row.split()) == 8 + 2, trainer_row  # 8 columns, then the 2 rounds
