@@ -178,10 +178,20 @@ def _plot(workdir: str, task: str, lengths, results: dict, train_segments: str) 
                          "segments)", x_label="log2(segments)", y_label="exact match / F1", y_range=(0.0, 1.0))
 
 
+def reader_train_segments(config, base_config: dict | None) -> str:
+  """The document lengths the reader was trained on: its own run's (`base_config`, the config saved with a
+  `base` checkpoint) when it comes from one, not this config's."""
+  if base_config is not None:
+    return str(base_config.get("task", {}).get("train_segments", config.task.train_segments))
+  return config.task.train_segments
+
+
 def run(config, workdir: str) -> dict:
+  base_config = None
   if config.base:
-    model, _, step = checkpoint.load_model(os.path.join(config.base, "checkpoints"),
-                                           lambda saved: GPT(GPTConfig.from_dict(saved["model"]), rngs=nnx.Rngs(0)))
+    model, base_config, step = checkpoint.load_model(
+        os.path.join(config.base, "checkpoints"),
+        lambda saved: GPT(GPTConfig.from_dict(saved["model"]), rngs=nnx.Rngs(0)))
     logging.info("reader: %s (step %d)", config.base, step)
   else:
     model = train_reader(config, workdir)
@@ -191,7 +201,8 @@ def run(config, workdir: str) -> dict:
   lengths = parse_ints(config.eval.segments)
   # One engine for every task and length: its compiled programs are reused, not compiled again per length.
   engine = _engine(config, model, tasks.WiMTokenizer())
-  metrics = {"base": config.base or workdir, "segment_words": config.task.segment_words, "results": {}}
+  metrics = {"base": config.base or workdir, "segment_words": config.task.segment_words,
+             "train_segments": reader_train_segments(config, base_config), "results": {}}
   for task in config.task.names.split(","):
     metrics["results"][task] = {}
     for n in lengths:
@@ -209,7 +220,7 @@ def run(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     for task, results in metrics["results"].items():
-      _plot(workdir, task, lengths, results, config.task.train_segments)
+      _plot(workdir, task, lengths, results, metrics["train_segments"])
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(metrics, f, indent=2)
   return metrics

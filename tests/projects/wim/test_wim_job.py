@@ -28,6 +28,15 @@ def test_smoke_trains_and_reads_every_task_three_ways(tmp_path):
       assert methods["wim"]["prefill_tokens"] > methods["full"]["prefill_tokens"] > int(n) * 32
       assert methods["wim"]["first_margin_seconds"] > 0 and 0 <= methods["wim"]["relevance_accuracy"] <= 1
     assert (tmp_path / "run" / f"accuracy_{task}.png").stat().st_size > 1000
+  assert m["train_segments"] == "1,2"
+
+
+def test_a_base_readers_training_lengths_come_from_its_own_run():
+  from experiments import wim as wim_experiment
+  from lwjax.projects.wim import job
+  config = wim_experiment.get_config("scale=smoke")
+  assert job.reader_train_segments(config, None) == config.task.train_segments
+  assert job.reader_train_segments(config, {"task": {"train_segments": "1,2,4"}}) == "1,2,4"
 
 
 @pytest.mark.parametrize("scale", ["smoke", "cpu", "gpu", "paper"])
