@@ -12,6 +12,7 @@ drain.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import logging
@@ -42,7 +43,12 @@ class EngineThread:
     self.accepting = True
     self.counters = {"requests_total": 0, "requests_rejected_total": 0, "generated_tokens_total": 0,
                      "prompt_tokens_total": 0}
-    self._wim_runs: dict[int, tuple] = {}  # out queue -> (WiM document, its event loop)
+    self._wim_runs: dict[int, tuple] = {}  # out queue -> (WiM document, its event loop, the pages it reserves)
+    # WiM documents not started yet: (make_run, out queue, event loop, pages), and the pages the started ones
+    # reserve. A document keeps its context's pages between its turns, so the documents started at once must
+    # leave pages for their turns: more than the pool holds would leave nothing running that frees any.
+    self._wim_waiting: collections.deque = collections.deque()
+    self._wim_pages = 0
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._loop, name="lwjax-engine", daemon=True)
     self._thread.start()
@@ -77,12 +83,17 @@ class EngineThread:
     """Stops the WiM document whose events go to `out` (its client left); its pages are freed."""
     self._inbox.put(("cancel_wim", out))
 
-  def submit_wim(self, make_run, prompt_tokens: int, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
+  def submit_wim(self, make_run, prompt_tokens: int, loop: asyncio.AbstractEventLoop,
+                 reserve_tokens: int | None = None) -> asyncio.Queue:
     """Queues a WiM document: `make_run(engine, on_event)` builds its `wim.WiMRequest` on the engine thread;
-    ("margin", Margin), ("answer", tokens), ("exit", margin) and finally ("done", run) arrive on the queue."""
+    ("margin", Margin), ("answer", tokens), ("exit", margin) and finally ("done", run) arrive on the queue.
+
+    The document starts once the pages of `reserve_tokens` (its longest request; default its context) fit, with
+    those of the documents already started, in half the pool (the rest is for their turns), or at once when no
+    other document runs; until then it waits, in arrival order."""
     self._admit(prompt_tokens)
     out: asyncio.Queue = asyncio.Queue()
-    self._inbox.put(("wim", make_run, out, loop))
+    self._inbox.put(("wim", make_run, out, loop, reserve_tokens or prompt_tokens))
     return out
 
   def _loop(self) -> None:
@@ -116,30 +127,49 @@ class EngineThread:
       self._retire_wim_runs()
 
   def _retire_wim_runs(self) -> None:
-    for out in [o for o, (run, _) in self._wim_runs.items() if run.done]:
-      run, loop = self._wim_runs.pop(out)
+    for out in [o for o, (run, _, _) in self._wim_runs.items() if run.done]:
+      run, loop, pages = self._wim_runs.pop(out)
+      self._wim_pages -= pages
       loop.call_soon_threadsafe(out.put_nowait, ("done", run))
       with self._lock:
         self._outstanding -= 1
+    self._start_waiting_wim()
 
-  def _handle(self, item, by_queue) -> None:
-    if item[0] == "wim":
-      _, make_run, out, loop = item
+  def _start_waiting_wim(self) -> None:
+    budget = self.engine.kv.allocator.num_pages // 2
+    while self._wim_waiting:
+      make_run, out, loop, pages = self._wim_waiting[0]
+      if self._wim_runs and self._wim_pages + pages > budget:
+        return
+      self._wim_waiting.popleft()
 
       def on_event(kind, payload, out=out, loop=loop):
         loop.call_soon_threadsafe(out.put_nowait, (kind, payload))
       try:
         run = make_run(self.engine, on_event)
-        self._wim_runs[out] = (run, loop)
+        self._wim_runs[out] = (run, loop, pages)
+        self._wim_pages += pages
         run.start()
       except Exception as e:  # e.g. a prompt over the context length: the document fails, not the server
         logging.exception("WiM document refused")
-        self._wim_runs.pop(out, None)
+        if self._wim_runs.pop(out, None) is not None:
+          self._wim_pages -= pages
         loop.call_soon_threadsafe(out.put_nowait, ("error", str(e)))
         with self._lock:
           self._outstanding -= 1
+
+  def _handle(self, item, by_queue) -> None:
+    if item[0] == "wim":
+      _, make_run, out, loop, tokens = item
+      self._wim_waiting.append((make_run, out, loop, -(-tokens // self.engine.kv.allocator.page_size)))
+      self._start_waiting_wim()
       return
     if item[0] == "cancel_wim":
+      waiting = [w for w in self._wim_waiting if w[1] is item[1]]
+      for w in waiting:  # its client left before it started
+        self._wim_waiting.remove(w)
+        with self._lock:
+          self._outstanding -= 1
       entry = self._wim_runs.get(item[1])
       if entry is not None and not entry[0].done:
         entry[0].cancel()
@@ -319,7 +349,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
     def make_run(eng, on_event):
       return wim.WiMRequest(eng, segments, req.query, prompts, margin_params=margin_p, classify_params=classify_p,
                             answer_params=answer_p, on_event=on_event)
-    out = worker.submit_wim(make_run, len(context), asyncio.get_running_loop())
+    out = worker.submit_wim(make_run, len(context), asyncio.get_running_loop(), longest + req.max_tokens)
     rid = f"wim-{uuid.uuid4().hex[:24]}"
 
     def margin_event(m):

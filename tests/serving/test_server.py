@@ -229,3 +229,25 @@ def test_wim_client_leaving_early_cancels_the_document_and_frees_its_pages(model
     assert c.get("/health").json()["outstanding"] == 0 and not engine.requests
     assert engine.kv.allocator.num_free == 64
     assert next(engine._ids) < 13  # a whole document: 6 turns, 6 relevance requests and the answer
+
+
+def test_wim_documents_beyond_what_the_pool_holds_wait_for_their_turn(model):
+  """Each document keeps its context's pages between its turns: eight at once on a pool for about two would
+  leave nothing running that could free pages (the engine's `Stalled`). The server starts documents only while
+  their pages fit in half the pool; the rest wait, and every one is answered as if read alone."""
+  engine = Engine(model, num_pages=16, page_size=4, max_num_seqs=8, eos_id=TOK.eos_id, detokenize=TOK.decode)
+  margins, answer = _offline_wim(model)
+  with TestClient(create_app(engine, TOK, model_name="tiny")) as c:
+    bodies = [None] * 8
+
+    def read(i):
+      bodies[i] = c.post("/v1/wim", json={**WIM_BODY, "stream": False})
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(timeout=180)
+    assert all(b is not None and b.status_code == 200 for b in bodies), [b and b.text for b in bodies]
+    for b in bodies:
+      assert [(m["text"], m["relevant"]) for m in b.json()["margins"]] == margins and b.json()["answer"] == answer
+    assert engine.kv.allocator.num_free == 16 and c.get("/health").json()["outstanding"] == 0
