@@ -105,13 +105,11 @@ def test_dispatch_picks_the_kernel_and_the_reference(kernel_impl):
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the native CPU kernel does not build here (no g++?)")
 @pytest.mark.parametrize("q_tokens,heads,kv_heads,lengths,key_growth,dim,page_size", [
     (1, 8, 2, [1, 19, 24, 48], 0.0, 16, PAGE_SIZE),
-    (4, 6, 3, [2, 9, 16, 33], 0.0, 16, PAGE_SIZE),  # a sequence shorter than its new tokens: its first queries
-    # give zeros
+    (4, 6, 3, [2, 9, 16, 33], 0.0, 16, PAGE_SIZE),  # shorter than its new tokens: the first queries give zeros
     (1, 4, 4, [0, 5], 0.0, 16, PAGE_SIZE),  # an empty row (padding)
-    (5, 4, 2, [13, 30, 47], 0.4, 16, PAGE_SIZE),  # the running maximum grows page after page: the online softmax
-    # rescales
-    # the models' head sizes (the AVX-512 code where the CPU has it): pages of part of, one and several blocks
-    # of 16 keys
+    (5, 4, 2, [13, 30, 47], 0.4, 16, PAGE_SIZE),  # the maximum grows page after page: the online softmax rescales
+    # the models' head sizes (the AVX-512 code where the CPU has it), pages of part of, one and several blocks of
+    # 16 keys
     (3, 4, 2, [17, 40], 0.4, 32, PAGE_SIZE),
     (1, 4, 4, [0, 7, 33], 0.4, 64, PAGE_SIZE),
     (2, 2, 1, [20, 47], 0.0, 128, PAGE_SIZE),
