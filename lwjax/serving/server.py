@@ -44,11 +44,10 @@ class EngineThread:
     self.counters = {"requests_total": 0, "requests_rejected_total": 0, "generated_tokens_total": 0,
                      "prompt_tokens_total": 0}
     self._wim_runs: dict[int, tuple] = {}  # out queue -> (WiM document, its event loop, the pages it reserves)
-    # WiM documents not started yet: (make_run, out queue, event loop, pages), and the pages the started ones
-    # reserve. A document keeps its context's pages between its turns, so the documents started at once must
-    # leave pages for their turns: more than the pool holds would leave nothing running that frees any.
+    # WiM documents not started yet: (make_run, out queue, event loop, pages). A document keeps its context's
+    # pages between its turns, so the documents started at once must leave pages for their turns: more than the
+    # pool holds would leave nothing running that frees any.
     self._wim_waiting: collections.deque = collections.deque()
-    self._wim_pages = 0
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._loop, name="lwjax-engine", daemon=True)
     self._thread.start()
@@ -128,8 +127,7 @@ class EngineThread:
 
   def _retire_wim_runs(self) -> None:
     for out in [o for o, (run, _, _) in self._wim_runs.items() if run.done]:
-      run, loop, pages = self._wim_runs.pop(out)
-      self._wim_pages -= pages
+      run, loop, _ = self._wim_runs.pop(out)
       loop.call_soon_threadsafe(out.put_nowait, ("done", run))
       with self._lock:
         self._outstanding -= 1
@@ -139,7 +137,8 @@ class EngineThread:
     budget = self.engine.kv.allocator.num_pages // 2
     while self._wim_waiting:
       make_run, out, loop, pages = self._wim_waiting[0]
-      if self._wim_runs and self._wim_pages + pages > budget:
+      reserved = sum(r[2] for r in self._wim_runs.values())
+      if self._wim_runs and reserved + pages > budget:
         return
       self._wim_waiting.popleft()
 
@@ -148,12 +147,10 @@ class EngineThread:
       try:
         run = make_run(self.engine, on_event)
         self._wim_runs[out] = (run, loop, pages)
-        self._wim_pages += pages
         run.start()
       except Exception as e:  # e.g. a prompt over the context length: the document fails, not the server
         logging.exception("WiM document refused")
-        if self._wim_runs.pop(out, None) is not None:
-          self._wim_pages -= pages
+        self._wim_runs.pop(out, None)
         loop.call_soon_threadsafe(out.put_nowait, ("error", str(e)))
         with self._lock:
           self._outstanding -= 1

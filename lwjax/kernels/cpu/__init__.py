@@ -6,7 +6,7 @@ the kernel reads each key and value once where it lies. `lwjax.kernels.decode_at
 CPU for float32 inputs, and falls back to the reference when it cannot be built.
 
 The source (`paged_attention.cc`) is compiled with `$CXX` (default g++) against the XLA FFI headers that jaxlib
-ships, once per source, compiler, jaxlib version and CPU, into `$LWJAX_KERNEL_CACHE` (default
+ships, once per source, compiler, flags, jaxlib version and CPU, into `$LWJAX_KERNEL_CACHE` (default
 ~/.cache/lwjax/kernels); a build is written to a temporary file and renamed into place, so concurrent processes
 never load half a library, and replaces the builds of earlier versions there. `LWJAX_NATIVE_KERNELS=0` turns
 the kernels off.

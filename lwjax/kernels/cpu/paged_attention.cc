@@ -80,6 +80,10 @@ inline float ExpNonPositive(float x) {
   return result;
 }
 
+// A page's scores (q, keys, n, scale -> score[n]) and its weighted values (values, weights, n -> acc += ...).
+using PageScoresFn = void (*)(const float*, const float*, int64_t, float, float*);
+using PageValuesFn = void (*)(const float*, const float*, int64_t, float*);
+
 #if defined(__AVX512F__)
 // AVX-512 code for head sizes of 16 x kChunks (32, 64, 128), which the models use; other sizes and CPUs without
 // AVX-512 take the generic loops of `AttendOne`. The generic loops sum each key's dot product horizontally
@@ -146,9 +150,6 @@ void PageValues(const float* values, const float* weight, int64_t n, float* acc)
   for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(acc + 16 * c, sum[c]);
 }
 
-using PageScoresFn = void (*)(const float*, const float*, int64_t, float, float*);
-using PageValuesFn = void (*)(const float*, const float*, int64_t, float*);
-
 // The AVX-512 page functions for this head size, or nullptrs (the generic loops).
 inline std::pair<PageScoresFn, PageValuesFn> FastPath(int64_t dim) {
   switch (dim) {
@@ -159,8 +160,6 @@ inline std::pair<PageScoresFn, PageValuesFn> FastPath(int64_t dim) {
   }
 }
 #else
-using PageScoresFn = void (*)(const float*, const float*, int64_t, float, float*);
-using PageValuesFn = void (*)(const float*, const float*, int64_t, float*);
 inline std::pair<PageScoresFn, PageValuesFn> FastPath(int64_t) { return {nullptr, nullptr}; }
 #endif
 
@@ -217,35 +216,33 @@ void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
       if (n <= 0) continue;
       const int64_t h = kvh * groups + query % groups;
       const float* q = p.q + ((b * p.q_tokens + query / groups) * p.heads + h) * p.dim;
-      float page_max = -std::numeric_limits<float>::infinity();
-      int64_t i = 0;
       if (fast_scores != nullptr) {
         fast_scores(q, k_page, n, p.scale, score);
-        for (int64_t j = 0; j < n; ++j) page_max = std::max(page_max, score[j]);
-        i = n;
-      }
-      for (; i + 4 <= n; i += 4) {  // four keys at once: four independent sums, q read once for them
-        const float *k0 = k_page + i * p.dim, *k1 = k0 + p.dim, *k2 = k1 + p.dim, *k3 = k2 + p.dim;
-        float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+      } else {
+        int64_t i = 0;
+        for (; i + 4 <= n; i += 4) {  // four keys at once: four independent sums, q read once for them
+          const float *k0 = k_page + i * p.dim, *k1 = k0 + p.dim, *k2 = k1 + p.dim, *k3 = k2 + p.dim;
+          float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
 #pragma omp simd reduction(+ : d0, d1, d2, d3)
-        for (int64_t d = 0; d < p.dim; ++d) {
-          d0 += q[d] * k0[d];
-          d1 += q[d] * k1[d];
-          d2 += q[d] * k2[d];
-          d3 += q[d] * k3[d];
+          for (int64_t d = 0; d < p.dim; ++d) {
+            d0 += q[d] * k0[d];
+            d1 += q[d] * k1[d];
+            d2 += q[d] * k2[d];
+            d3 += q[d] * k3[d];
+          }
+          score[i] = d0 * p.scale, score[i + 1] = d1 * p.scale, score[i + 2] = d2 * p.scale;
+          score[i + 3] = d3 * p.scale;
         }
-        score[i] = d0 * p.scale, score[i + 1] = d1 * p.scale, score[i + 2] = d2 * p.scale;
-        score[i + 3] = d3 * p.scale;
-        page_max = std::max({page_max, score[i], score[i + 1], score[i + 2], score[i + 3]});
-      }
-      for (; i < n; ++i) {
-        const float* key = k_page + i * p.dim;
-        float dot = 0.0f;
+        for (; i < n; ++i) {
+          const float* key = k_page + i * p.dim;
+          float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < p.dim; ++d) dot += q[d] * key[d];
-        score[i] = dot * p.scale;
-        page_max = std::max(page_max, score[i]);
+          for (int64_t d = 0; d < p.dim; ++d) dot += q[d] * key[d];
+          score[i] = dot * p.scale;
+        }
       }
+      float page_max = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) page_max = std::max(page_max, score[j]);
       float* acc = s.acc.data() + query * p.dim;
       const float new_max = std::max(s.max[query], page_max);
       if (new_max > s.max[query] && s.sum[query] > 0.0f) {  // what was summed under the old maximum shrinks
@@ -264,13 +261,13 @@ void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
       s.sum[query] += total;
       if (fast_values != nullptr) {
         fast_values(v_page, score, n, acc);
-        continue;
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        const float* value = v_page + j * p.dim;
-        const float weight = score[j];
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          const float* value = v_page + j * p.dim;
+          const float weight = score[j];
 #pragma omp simd
-        for (int64_t d = 0; d < p.dim; ++d) acc[d] += weight * value[d];
+          for (int64_t d = 0; d < p.dim; ++d) acc[d] += weight * value[d];
+        }
       }
     }
   }
