@@ -173,15 +173,55 @@ class Downsample(nnx.Module):
     return constrain(self.conv(x_bhwc), ACT_BHWC)
 
 
+def nearest_upsample_conv(x_bhwc, kernel_hwio):
+  """A 3x3 'same' convolution of the nearest-neighbour 2x upsampling of `x`, without upsampling: [b, 2h, 2w, o].
+
+  Output pixel (2i + a, 2j + b) reads only source rows i - 1 + a, i + a and columns j - 1 + b, j + b, so each of
+  the four phases is a 2x2 convolution of the source with summed taps. One 2x2 convolution of the source padded
+  by one, with the four phases' kernels side by side as 4 x o output channels, makes all of them; the phases
+  are then interleaved. 4 / 9 of the multiply-adds of `nearest_upsample_conv_reference`, the same sums.
+  """
+  b, h, w, _ = x_bhwc.shape
+  out = kernel_hwio.shape[-1]
+
+  def phase_taps(k):  # [3, ...] -> [phase, 2, ...]: phase 0 reads offsets -1, 0 of the source, phase 1 0, +1
+    return jnp.stack([jnp.stack([k[0], k[1] + k[2]]), jnp.stack([k[0] + k[1], k[2]])])
+
+  rows = phase_taps(kernel_hwio)  # [a, y, 3, i, o]
+  taps = phase_taps(jnp.moveaxis(rows, 2, 0))  # [c, x, a, y, i, o]
+  kernel = taps.transpose(3, 1, 4, 2, 0, 5).reshape(2, 2, -1, 4 * out)  # [y, x, i, (a, c, o)]
+  y = jax.lax.conv_general_dilated(x_bhwc, kernel, (1, 1), ((1, 1), (1, 1)),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(b, h + 1, w + 1, 2, 2, out)
+  phases = jnp.stack([jnp.stack([y[:, a:a + h, c:c + w, a, c] for c in (0, 1)], axis=3) for a in (0, 1)], axis=2)
+  return phases.reshape(b, 2 * h, 2 * w, out)  # [b, h, a, w, c, o] -> rows 2i + a, columns 2j + c
+
+
+def nearest_upsample_conv_reference(x_bhwc, kernel_hwio):
+  """`nearest_upsample_conv` as written: repeat every pixel 2x2, then the 3x3 'same' convolution."""
+  x = jnp.repeat(jnp.repeat(x_bhwc, 2, axis=1), 2, axis=2)
+  return jax.lax.conv_general_dilated(x, kernel_hwio, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# Below this many source pixels x in x out channels (b * h * w * c * o) the upsampled conv is cheaper as written:
+# on 2 CPU cores `nearest_upsample_conv` is 2x faster at [1, 32, 48, 32] -> 32, level at [1, 16, 24, 32], and
+# slower at [1, 8, 12, 32], where its extra ops cost more than the multiply-adds they save.
+SUBPIXEL_MIN_WORK = 2 ** 19
+
+
 class Upsample(nnx.Module):
-  """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
+  """Nearest-neighbour 2x upsampling, then a 3x3 conv: as `nearest_upsample_conv` at sizes where that is faster."""
 
   def __init__(self, channels: int, num: Numerics, *, rngs: nnx.Rngs):
     self.conv = Conv(channels, channels, num, rngs=rngs)
 
   def __call__(self, x_bhwc):
-    x = jnp.repeat(jnp.repeat(x_bhwc, 2, axis=1), 2, axis=2)
-    return constrain(self.conv(x), ACT_BHWC)
+    dtype, kernel = self.conv.dtype, self.conv.kernel[...]
+    b, h, w, c = x_bhwc.shape
+    if b * h * w * c * kernel.shape[-1] < SUBPIXEL_MIN_WORK:
+      return constrain(self.conv(jnp.repeat(jnp.repeat(x_bhwc, 2, axis=1), 2, axis=2)), ACT_BHWC)
+    y = nearest_upsample_conv(x_bhwc.astype(dtype), kernel.astype(dtype))
+    return constrain(y + self.conv.bias[...].astype(dtype), ACT_BHWC)
 
 
 def attend(q, k, v, impl: str):
