@@ -8,10 +8,12 @@ PyTorch/diffusers peer, and XLA's estimate for a TPU chip (GameNGen, arXiv 2408.
   JAX_PLATFORMS=cpu python -m benchmarks.gamengen_fps --unet unet_tiny --autoencoder ae_tiny --context 4 \
       --downsample 4 --pad_multiple 32 --tpu_aot v5e:1x1 --out /tmp/gamengen_fps_smoke.json   # CPU smoke
 
-One frame is `WorldModel.frame_fn(k)`: k DDIM steps, each one UNet call of batch 2 x --batch (classifier-free
-guidance on the context), then one decode; random weights (`random_params`), stored and computed in --dtype
-(inference keeps no fp32 master copy). It is timed frame by frame after warm-up (`block_until_ready`: latency,
-not throughput), as are one UNet call and one decode; k x UNet + decode vs the frame is the sampler's overhead.
+One frame is `WorldModel.bound_frame_fn(k)`, as `NeuralEngine` plays it (the parameters compiled in as
+constants; "frame k=K (args)" is `frame_fn(k)`, taking them as arguments): k DDIM steps, each one UNet call of
+batch 2 x --batch (classifier-free guidance on the context), then one decode; random weights
+(`random_params`), stored and computed in --dtype (inference keeps no fp32 master copy). It is timed frame by
+frame after warm-up (`block_until_ready`: latency, not throughput), as are one UNet call and one decode; k x
+UNet + decode vs the frame is the sampler's overhead.
 FLOPs and bytes are XLA's `cost_analysis()` of the compiled programs (plus k - 1 UNet calls where the k steps
 stay a loop, whose body XLA counts once); the roofline is max(FLOPs / peak bf16
 FLOP/s, bytes / HBM bandwidth) for known devices (none on CPU). Pallas attention kernels (the "auto" choice
@@ -19,14 +21,14 @@ on GPU and TPU) are custom calls whose FLOPs XLA does not count: --attention_imp
 The peer (--peer auto, when torch and diffusers import) is the same frame built from diffusers'
 `UNet2DConditionModel` and `AutoencoderKL` with the same widths (the action tokens become random
 encoder_hidden_states), in --dtype, on the GPU when torch sees one and else on this CPU (torch's threads set to
-the cores this process may use), eager and with the UNet and `vae.decode` under `torch.compile` (on a GPU
-mode="reduce-overhead", CUDA graphs; compiling SD's UNet takes minutes; on CPU inductor's C++ code).
+the cores this process may use), eager, with the UNet and `vae.decode` under `torch.compile` (on a GPU
+mode="reduce-overhead", CUDA graphs; compiling SD's UNet takes minutes; on CPU inductor's C++ code), and
+compiled with inductor's `freezing` (weights as constants), as ours are in the played frame.
 --tpu_aot compiles the frame, the UNet call and the decode for a TPU topology on this host
 (`lwjax.launch.aot`, libtpu) and prints XLA's cost estimate, the ms it implies and the memory footprint.
 --iters 0 skips the timing on this device (what a CPU host does for sd14).
 """
 
-import functools
 import json
 import os
 import sys
@@ -147,10 +149,11 @@ def _latency(fn, args, iters, sync=jax.block_until_ready, warmup=2) -> dict:
   return _stats(seconds)
 
 
-def programs(wm: WorldModel, steps: list[int], batch: int, latent_hwc, key) -> dict:
-  """name -> (jitted fn(unet_params, ae_params, *args), args, k): one UNet call, one decode, the frames.
-
-  jit drops the parameters a program does not read (`keep_unused=False`): they cost it nothing."""
+def programs(wm: WorldModel, steps: list[int], batch: int, latent_hwc, key, *, bound: bool = False) -> dict:
+  """name -> (jitted fn, args, k): one UNet call, one decode, the frames, each taking the world model's parameters
+  as arguments. `bound` adds each frame as `NeuralEngine` plays it (`WorldModel.bound_frame_fn`: the parameters
+  compiled in; needs concrete parameters), named "frame k=K" while the argument-taking one becomes "frame k=K
+  (args)". jit drops the parameters a program does not read (`keep_unused=False`): they cost it nothing."""
   cfg, (h, w, c) = wm.cfg, latent_hwc
   k1, k2, k3 = jax.random.split(key, 3)
   context = jax.random.normal(k1, (batch, cfg.context_frames, h, w, c), jnp.float32)
@@ -159,9 +162,14 @@ def programs(wm: WorldModel, steps: list[int], batch: int, latent_hwc, key) -> d
   unet_args = (jax.random.normal(k3, (unet_batch, h, w, cfg.in_channels), jnp.float32),
                jnp.full((unet_batch,), 999, jnp.int32), jnp.zeros((unet_batch,), jnp.int32),
                jnp.tile(actions, (unet_batch // batch, 1)))
-  out = {f"unet b={unet_batch}": (jax.jit(lambda u, a, *x: wm.denoise(u, *x)), unet_args, 1),
-         f"decode b={batch}": (jax.jit(lambda u, a, z: wm.decode(a, z)), (context[:, -1],), 1)}
-  out.update({f"frame k={k}": (wm.frame_fn(k), (context, actions, jax.random.key(0)), k) for k in steps})
+  params = (wm.unet_params, wm.ae_params)
+  frame_args = (context, actions, jax.random.key(0))
+  out = {f"unet b={unet_batch}": (jax.jit(lambda u, a, *x: wm.denoise(u, *x)), (*params, *unet_args), 1),
+         f"decode b={batch}": (jax.jit(lambda u, a, z: wm.decode(a, z)), (*params, context[:, -1]), 1)}
+  for k in steps:
+    if bound:
+      out[f"frame k={k}"] = (wm.bound_frame_fn(k), frame_args, k)
+    out[f"frame k={k}" + (" (args)" if bound else "")] = (wm.frame_fn(k), (*params, *frame_args), k)
   return out
 
 
@@ -173,10 +181,8 @@ def time_here(wm, progs, iters) -> dict:
         f"{_fmt(peak and peak / 1e12, '.0f')} TFLOP/s bf16, HBM {_fmt(bandwidth and bandwidth / 1e9, '.0f')} GB/s")
   print(f"{'program':<12} {'median ms':>10} {'p90 ms':>9} {'FPS':>8} {'GFLOP':>9} {'GB':>7} {'TFLOP/s':>8} "
         f"{'%peak':>6} {'roof ms':>8} {'%roof':>6}", flush=True)
-  params = random_params(wm.unet_params, 0), random_params(wm.ae_params, 1)
   rows = {}
   for name, (fn, args, steps) in progs.items():
-    args = (*params, *args)
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     looped = not wm.settings.unroll
@@ -211,7 +217,7 @@ def tpu_aot(wm, progs, topology: str) -> dict:
         f"{'compile s':>9}", flush=True)
   for name, (fn, args, steps) in progs.items():
     start = time.perf_counter()
-    compiled = aot.compile_for_tpu(fn, *_abstract((wm.unet_params, wm.ae_params, *args)), topology=topology)
+    compiled = aot.compile_for_tpu(fn, *_abstract(args), topology=topology)
     r = {"compile_s": time.perf_counter() - start, **_cost(compiled, steps, out, not wm.settings.unroll),
          "memory": _memory(compiled)}
     if peak and bandwidth:
@@ -281,17 +287,27 @@ def peer(ucfg: UNetConfig, acfg: AutoencoderConfig, latent_hwc, steps, batch, gu
       torch.cuda.synchronize()
 
   # As diffusers' pipelines are sped up: the UNet and the decoder compiled (on a GPU one CUDA graph each, shared
-  # by every k and step), the DDIM arithmetic between them eager.
-  compiled = functools.partial(torch.compile, mode="reduce-overhead" if device == "cuda" else "default")
-  variants = {"eager": (unet, vae.decode), "compiled": (compiled(unet), compiled(vae.decode))}
-  out = {mode: {} for mode in variants}
+  # by every k and step), the DDIM arithmetic between them eager. "frozen" adds inductor's `freezing`: the weights
+  # become constants of the compiled code (folded, and prepacked for oneDNN on a CPU), as ours are in the frame
+  # `NeuralEngine` plays.
+  import torch._dynamo
+  import torch._inductor.config
+
+  mode = "reduce-overhead" if device == "cuda" else "default"
+  variants = {"eager": None, "compiled": False, "frozen": True}
+  out = {name: {} for name in variants}
   with torch.inference_mode():
-    for mode, (unet_fn, decode_fn) in variants.items():
-      for k in steps:
-        try:  # CUDA graphs (and inductor's first calls) need a few calls before the timed ones
-          out[mode][k] = _latency(make_frame(k, unet_fn, decode_fn), (context, tokens, noise), iters, sync, warmup=3)
-        except Exception as e:  # no Triton, an inductor bug: report what ran
-          out[mode][k] = {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+    for name, freezing in variants.items():
+      torch._dynamo.reset()  # each variant compiles afresh, under its own inductor settings
+      unet_fn, decode_fn = ((unet, vae.decode) if freezing is None else
+                            (torch.compile(unet, mode=mode), torch.compile(vae.decode, mode=mode)))
+      with torch._inductor.config.patch(freezing=bool(freezing)):
+        for k in steps:
+          try:  # CUDA graphs (and inductor's first calls) need a few calls before the timed ones
+            out[name][k] = _latency(make_frame(k, unet_fn, decode_fn), (context, tokens, noise), iters, sync,
+                                    warmup=3)
+          except Exception as e:  # no Triton, an inductor bug: report what ran
+            out[name][k] = {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
   return out
 
 
@@ -321,14 +337,14 @@ def main(argv):
              "image_hw": geometry.image_shape[:2], "latent_hwc": latent_hwc, "unet_params": unet_n,
              "decoder_params": decoder_n, "device_kind": jax.devices()[0].device_kind,
              "backend": jax.default_backend(), "iters": iters}
+  key = jax.random.key(0)
   print(f"GameNGen frame: UNet {_UNET.value} ({unet_n:,} params, {ucfg.in_channels} input channels) + decoder "
         f"{_AUTOENCODER.value} ({decoder_n:,} params) = {unet_n + decoder_n:,}; image {geometry.image_shape[:2]}, "
         f"latents {latent_hwc}, {_DTYPE.value}, batch {_BATCH.value}, guidance {_GUIDANCE.value}")
-  progs = programs(wm, steps, _BATCH.value, latent_hwc, jax.random.key(0))
-
   ours = {}
-  if iters > 0:
-    ours = results["here"] = time_here(wm, progs, iters)
+  if iters > 0:  # random weights, then every program, the played frames with them compiled in
+    wm.unet_params, wm.ae_params = random_params(wm.unet_params, 0), random_params(wm.ae_params, 1)
+    ours = results["here"] = time_here(wm, programs(wm, steps, _BATCH.value, latent_hwc, key, bound=True), iters)
     unet_ms = next(r["median_ms"] for n, r in ours.items() if n.startswith("unet"))
     decode_ms = next(r["median_ms"] for n, r in ours.items() if n.startswith("decode"))
     results["overhead"] = {k: ours[f"frame k={k}"]["median_ms"] / (k * unet_ms + decode_ms) for k in steps}
@@ -349,7 +365,7 @@ def main(argv):
                                           f"{r['median_ms']:.3f} ms median, {r['p90_ms']:.3f} p90, {r['fps']:.2f} FPS"))
 
   if _TPU_AOT.value:
-    results["tpu_aot"] = tpu_aot(wm, progs, _TPU_AOT.value)
+    results["tpu_aot"] = tpu_aot(wm, programs(wm, steps, _BATCH.value, latent_hwc, key), _TPU_AOT.value)
 
   ratios = [f"frame / (k x UNet + decode) k={k}: {v:.3f}x" for k, v in results.get("overhead", {}).items()]
   for mode, rows in ({} if "skipped" in results["peer"] else results["peer"]).items():

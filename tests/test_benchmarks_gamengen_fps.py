@@ -23,7 +23,7 @@ def test_smoke_mode_writes_positive_timings(tmp_path):
   assert "ratio" in result.stdout and "peer: skipped (--peer off)" in result.stdout, result.stdout
   results = json.loads(out.read_text())
   assert results["steps"] == [2] and results["context"] == 2 and results["unet_params"] > 0
-  assert set(results["here"]) == {"frame k=2", "unet b=2", "decode b=1"}
+  assert set(results["here"]) == {"frame k=2", "frame k=2 (args)", "unet b=2", "decode b=1"}
   for row in results["here"].values():
     assert row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"] and row["fps"] > 0
     assert row["flops"] > 0 and row["bytes"] > 0

@@ -2,10 +2,11 @@
 neural game engine built on it (arXiv 2408.14837, sec. 3.3: the model is the game engine).
 
 `WorldModel` binds the two networks' parameters (pure pytrees, so one jitted frame function serves every
-call) to `sampler.make_frame_fn`. `NeuralEngine` is a `play.FrameEngine`: its context ring buffer
+call) to `sampler.make_frame_fn`; `bound_frame_fn` compiles them into the program for play. `NeuralEngine` is a
+`play.FrameEngine`: its context ring buffer
 (latents [1, context, h, w, c] and actions [1, context]) stays on device, `reset` starts from a recorded
 window (the paper's model needs a context to start from), and `step(action)` makes one frame: k guided
-DDIM steps + decode, one compiled call.
+DDIM steps + decode, one compiled call with the parameters compiled in.
 """
 
 from __future__ import annotations
@@ -37,9 +38,15 @@ class SampleSettings:
   unroll: bool = True  # the DDIM steps as straight-line code (`sampler.ddim_sample`); False: a loop
 
 
+# Parameters up to this many bytes are compiled into the played frame program as constants
+# (`WorldModel.bound_frame_fn`); larger ones (SD-1.4's 3.4 GB) are passed to it as arguments.
+BIND_MAX_BYTES = 64 * 2 ** 20
+
+
 class _PlainParams:
   """An attribute holding parameters as plain nested dicts of arrays: jit flattens those in C++, where an
-  nnx.State's Variables are flattened in Python (~0.2 ms of each frame call of the cpu-scale model)."""
+  nnx.State's Variables are flattened in Python (~0.2 ms of each frame call of the cpu-scale model). Setting
+  it drops the frame functions compiled with the old parameters (`WorldModel.bound_frame_fn`)."""
 
   def __set_name__(self, owner, name):
     self.slot = "_" + name
@@ -49,6 +56,7 @@ class _PlainParams:
 
   def __set__(self, obj, params):
     setattr(obj, self.slot, nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params)
+    obj.__dict__["_bound_frame_fns"] = {}
 
 
 class WorldModel:
@@ -96,6 +104,26 @@ class WorldModel:
           unroll=s.unroll)
     return self._frame_fns[key]
 
+  def bound_frame_fn(self, steps: int | None = None, guidance: float | None = None):
+    """`frame_fn` with this model's parameters bound: fn(context_bthwc, actions_bt, key) -> (latent, frame).
+
+    What `NeuralEngine` plays. Parameters up to BIND_MAX_BYTES are compiled in as constants (as inductor's
+    `freezing` does for PyTorch): a call then hands XLA three arrays instead of one per parameter (~400 at the
+    cpu scale, about 1 ms of a 12 ms frame on 2 cores), and XLA folds what depends on the parameters and the
+    fixed timesteps alone. Larger models pass their parameters as arguments. Setting `unet_params` or
+    `ae_params` drops these functions; the next call compiles with the new parameters.
+    """
+    s = self.settings
+    key = (steps or s.steps, s.guidance if guidance is None else guidance)
+    if key not in self._bound_frame_fns:
+      frame, params = self.frame_fn(*key), (self.unet_params, self.ae_params)
+      nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+      if nbytes <= BIND_MAX_BYTES:
+        self._bound_frame_fns[key] = jax.jit(lambda context, actions, rng: frame(*params, context, actions, rng))
+      else:
+        self._bound_frame_fns[key] = lambda context, actions, rng: frame(*params, context, actions, rng)
+    return self._bound_frame_fns[key]
+
   def next_frame(self, context_bthwc, actions_bt, key, *, steps: int | None = None,
                  guidance: float | None = None) -> tuple[jax.Array, jax.Array]:
     """(latent [b, h, w, c], frame uint8 [b, rows, cols, 3]) after the context."""
@@ -132,7 +160,7 @@ class NeuralEngine:
       raise RuntimeError("reset() the engine before stepping it")
     # The newest context slot's action is the one held from the last frame shown to the next.
     actions = self._actions.at[0, -1].set(action)
-    latent, frame = self.model.next_frame(self._latents, actions, jax.random.fold_in(self._key, self._step))
+    latent, frame = self.model.bound_frame_fn()(self._latents, actions, jax.random.fold_in(self._key, self._step))
     self._latents, self._actions = sampler.push_context(self._latents, actions, latent, jnp.asarray([action]))
     self._step += 1
     return np.asarray(frame[0])

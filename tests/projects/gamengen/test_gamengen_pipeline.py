@@ -92,6 +92,35 @@ def test_headless_play_makes_changing_frames_from_the_model(demo, tmp_path):
   assert len({f.tobytes() for f in frames}) > 1 and summary["fps"] > 0
 
 
+def test_bound_frame_function_is_the_frame_with_the_current_parameters(demo, monkeypatch):
+  import jax
+
+  from lwjax.projects.gamengen import world_model
+
+  cwd, _ = demo
+  model, _ = world_model.load(str(cwd / "run" / "diffusion"))
+  h, w, c = model.geometry.latent_shape(4, 8)
+  context = jax.random.normal(jax.random.key(0), (1, model.context, h, w, c))
+  actions = jax.numpy.arange(model.context, dtype=jax.numpy.int32)[None] % model.cfg.num_actions
+  rng = jax.random.key(1)
+
+  def same(got, want):  # XLA folds the parameter-only parts of the bound program: the last digits may differ
+    np.testing.assert_allclose(got[0], want[0], atol=1e-4, rtol=1e-4)
+    assert np.abs(np.asarray(got[1], np.int32) - np.asarray(want[1], np.int32)).max() <= 1
+
+  bound = model.bound_frame_fn(2)
+  same(bound(context, actions, rng), model.next_frame(context, actions, rng, steps=2))
+  assert model.bound_frame_fn(2) is bound
+  before = np.asarray(bound(context, actions, rng)[0])
+  model.unet_params = jax.tree.map(lambda x: 0.5 * x, model.unet_params)  # new weights: recompiled with them
+  after = model.bound_frame_fn(2)(context, actions, rng)
+  assert model.bound_frame_fn(2) is not bound and not np.allclose(after[0], before, atol=1e-3)
+  same(after, model.next_frame(context, actions, rng, steps=2))
+  monkeypatch.setattr(world_model, "BIND_MAX_BYTES", 0)  # too large to compile in: passed as arguments
+  model.ae_params = model.ae_params
+  same(model.bound_frame_fn(2)(context, actions, rng), after)
+
+
 @pytest.mark.parametrize("scale", gamengen.SCALES)
 def test_every_scale_validates(scale):
   for module, arg in ((gamengen_autoencoder, "data=x"), (gamengen_diffusion, "data=x,autoencoder=y"),
