@@ -173,6 +173,7 @@ class Downsample(nnx.Module):
     return constrain(self.conv(x_bhwc), ACT_BHWC)
 
 
+@jax.custom_vjp
 def nearest_upsample_conv(x_bhwc, kernel_hwio):
   """A 3x3 'same' convolution of the nearest-neighbour 2x upsampling of `x`, without upsampling: [b, 2h, 2w, o].
 
@@ -180,7 +181,13 @@ def nearest_upsample_conv(x_bhwc, kernel_hwio):
   the four phases is a 2x2 convolution of the source with summed taps. One 2x2 convolution of the source padded
   by one, with the four phases' kernels side by side as 4 x o output channels, makes all of them; the phases
   are then interleaved. 4 / 9 of the multiply-adds of `nearest_upsample_conv_reference`, the same sums.
+  Differentiated, it is the reference, forward and backward: the phase form's gradient made an autoencoder
+  training step 2.4x slower on CPU, and the phase forward with the reference's backward still 4% slower.
   """
+  return _phase_conv(x_bhwc, kernel_hwio)
+
+
+def _phase_conv(x_bhwc, kernel_hwio):
   b, h, w, _ = x_bhwc.shape
   out = kernel_hwio.shape[-1]
 
@@ -194,6 +201,17 @@ def nearest_upsample_conv(x_bhwc, kernel_hwio):
                                    dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(b, h + 1, w + 1, 2, 2, out)
   phases = jnp.stack([jnp.stack([y[:, a:a + h, c:c + w, a, c] for c in (0, 1)], axis=3) for a in (0, 1)], axis=2)
   return phases.reshape(b, 2 * h, 2 * w, out)  # [b, h, a, w, c, o] -> rows 2i + a, columns 2j + c
+
+
+def _phase_conv_fwd(x_bhwc, kernel_hwio):  # differentiated (training): the reference form, forward and backward
+  return nearest_upsample_conv_reference(x_bhwc, kernel_hwio), (x_bhwc, kernel_hwio)
+
+
+def _phase_conv_bwd(residuals, cotangent):
+  return jax.vjp(nearest_upsample_conv_reference, *residuals)[1](cotangent)
+
+
+nearest_upsample_conv.defvjp(_phase_conv_fwd, _phase_conv_bwd)
 
 
 def nearest_upsample_conv_reference(x_bhwc, kernel_hwio):
