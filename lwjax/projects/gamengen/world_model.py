@@ -2,11 +2,11 @@
 neural game engine built on it (arXiv 2408.14837, sec. 3.3: the model is the game engine).
 
 `WorldModel` binds the two networks' parameters (pure pytrees, so one jitted frame function serves every
-call) to `sampler.make_frame_fn`; `bound_frame_fn` compiles them into the program for play. `NeuralEngine` is a
-`play.FrameEngine`: its context ring buffer
-(latents [1, context, h, w, c] and actions [1, context]) stays on device, `reset` starts from a recorded
-window (the paper's model needs a context to start from), and `step(action)` makes one frame: k guided
-DDIM steps + decode, one compiled call with the parameters compiled in.
+call) to `sampler.make_frame_fn`; `bound_frame_fn` compiles them into the program for play. `NeuralEngine`
+is a `play.FrameEngine`: its context ring buffer (latents [1, context, h, w, c] and actions [1, context])
+stays on device, `reset` starts from a recorded window (the paper's model needs a context to start from),
+and `step(action)` makes one frame: k guided DDIM steps + decode, one compiled call with the parameters
+compiled in.
 """
 
 from __future__ import annotations
