@@ -203,15 +203,15 @@ def _phase_conv(x_bhwc, kernel_hwio):
   return phases.reshape(b, 2 * h, 2 * w, out)  # [b, h, a, w, c, o] -> rows 2i + a, columns 2j + c
 
 
-def _phase_conv_fwd(x_bhwc, kernel_hwio):  # differentiated (training): the reference form, forward and backward
+def _reference_fwd(x_bhwc, kernel_hwio):  # differentiated (training): the reference form, forward and backward
   return nearest_upsample_conv_reference(x_bhwc, kernel_hwio), (x_bhwc, kernel_hwio)
 
 
-def _phase_conv_bwd(residuals, cotangent):
+def _reference_bwd(residuals, cotangent):
   return jax.vjp(nearest_upsample_conv_reference, *residuals)[1](cotangent)
 
 
-nearest_upsample_conv.defvjp(_phase_conv_fwd, _phase_conv_bwd)
+nearest_upsample_conv.defvjp(_reference_fwd, _reference_bwd)
 
 
 def nearest_upsample_conv_reference(x_bhwc, kernel_hwio):
@@ -236,9 +236,9 @@ class Upsample(nnx.Module):
   def __call__(self, x_bhwc):
     dtype, kernel = self.conv.dtype, self.conv.kernel[...]
     b, h, w, c = x_bhwc.shape
-    if b * h * w * c * kernel.shape[-1] < SUBPIXEL_MIN_WORK:
-      return constrain(self.conv(jnp.repeat(jnp.repeat(x_bhwc, 2, axis=1), 2, axis=2)), ACT_BHWC)
-    y = nearest_upsample_conv(x_bhwc.astype(dtype), kernel.astype(dtype))
+    fast = b * h * w * c * kernel.shape[-1] >= SUBPIXEL_MIN_WORK
+    upsample_conv = nearest_upsample_conv if fast else nearest_upsample_conv_reference
+    y = upsample_conv(x_bhwc.astype(dtype), kernel.astype(dtype))
     return constrain(y + self.conv.bias[...].astype(dtype), ACT_BHWC)
 
 

@@ -117,8 +117,7 @@ class WorldModel:
     key = (steps or s.steps, s.guidance if guidance is None else guidance)
     if key not in self._bound_frame_fns:
       frame, params = self.frame_fn(*key), (self.unet_params, self.ae_params)
-      nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-      if nbytes <= BIND_MAX_BYTES:
+      if sum(x.nbytes for x in jax.tree.leaves(params)) <= BIND_MAX_BYTES:
         self._bound_frame_fns[key] = jax.jit(lambda context, actions, rng: frame(*params, context, actions, rng))
       else:
         self._bound_frame_fns[key] = lambda context, actions, rng: frame(*params, context, actions, rng)

@@ -117,7 +117,7 @@ def test_bound_frame_function_is_the_frame_with_the_current_parameters(demo, mon
   assert model.bound_frame_fn(2) is not bound and not np.allclose(after[0], before, atol=1e-3)
   same(after, model.next_frame(context, actions, rng, steps=2))
   monkeypatch.setattr(world_model, "BIND_MAX_BYTES", 0)  # too large to compile in: passed as arguments
-  model.ae_params = model.ae_params
+  model.ae_params = model.ae_params  # setting the parameters drops the compiled functions
   same(model.bound_frame_fn(2)(context, actions, rng), after)
 
 
