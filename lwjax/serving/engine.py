@@ -15,6 +15,7 @@ import functools
 import itertools
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 
 import jax
@@ -26,7 +27,7 @@ from lwjax import kernels, memory_maps
 from lwjax.models.gpt import GPT
 from lwjax.serving.kv_cache import PagedKVCache
 from lwjax.serving.sampling import SamplingParams, batch_arrays, sample
-from lwjax.serving.scheduler import Request, Scheduler, Status, Work
+from lwjax.serving.scheduler import Request, RequestError, Scheduler, Stalled, Status, Work
 
 
 def _bucket(n: int, limit: int, smallest: int = 1) -> int:
@@ -36,6 +37,8 @@ def _bucket(n: int, limit: int, smallest: int = 1) -> int:
 
 MIN_CHUNK_WIDTH, MIN_TABLE_PAGES = 16, 8  # smallest buckets: fewer shapes to compile, little padding
 MAX_MAPS_FRACTION = 0.6  # of vm.max_map_count: past it the engine drops its compiled programs (lwjax.memory_maps)
+SEED_MODULUS = 2**32  # every integer seed is accepted, taken modulo this (the sampler's keys are uint32)
+MAX_FAILED_ITERATIONS = 3  # consecutive failed iterations with no request to blame: every request fails
 
 
 PLACEHOLDER = -1  # an output token sampled on the device but not yet read by the host
@@ -93,6 +96,14 @@ class Engine:
   KV cache, its Mamba layers a recurrent state per running sequence, kept in a slot of a state pool on the
   device for as long as the sequence runs (a preempted sequence recomputes from its first token). The prefix
   cache is off for hybrids: a shared KV prefix would not bring the Mamba state at its end with it.
+
+  A failure fails requests, never the engine: `step` does not raise. A request the scheduler can never admit
+  ends with finish_reason "error" and a 503 `RequestError`; a callback that raises fails its request. A failed
+  iteration rolls every running request back to recompute (tokens already streamed are kept; the ones sampled
+  but not read are sampled again, identically: a token depends only on its request's seed and index), then
+  runs each request of that iteration alone, one iteration each: one that fails alone fails (500, with the
+  error id the log names), the others go on with the output they would have had. `leaks()` lists what an idle
+  engine still holds.
   """
 
   def __init__(self, model: GPT, *, num_pages: int = 256, page_size: int = 16, max_num_seqs: int = 16,
@@ -141,6 +152,12 @@ class Engine:
     # Where attention's cost does not depend on the page table's width, every table is passed whole: one table
     # shape, a few times fewer programs to compile (a long WiM read compiled hundreds with bucketed widths).
     self._whole_tables = kernels.decode_attention_ignores_table_width(cfg.dtype, cfg.attention_impl)
+    # Failure isolation: requests of a failed iteration, each to be run alone once before rejoining the batch.
+    self._suspects: list[Request] = []
+    self._iteration_requests: list[Request] = []
+    self._ran_alone = False
+    self._failed_iterations = 0
+    self.num_failed_iterations = 0
 
   def add_request(self, prompt: Sequence[int], params: SamplingParams = DEFAULT_PARAMS,
                   on_token: Callable[[Request, int], None] | None = None, *,
@@ -155,6 +172,8 @@ class Engine:
     """
     if not prompt:
       raise ValueError("prompt: empty (valid: at least one token)")
+    if not all(isinstance(t, (int, np.integer)) and 0 <= t < self.vocab_size for t in prompt):
+      raise ValueError(f"prompt: token ids must be integers in [0, {self.vocab_size})")
     prefix: list[int] = []
     if parent is not None and self.hybrid:
       raise ValueError("parent: a hybrid's Mamba state is kept for a sequence's end only, not per position, so it "
@@ -168,11 +187,9 @@ class Engine:
       if not 0 <= keep <= cached:
         raise ValueError(f"keep: {keep} outside [0, {cached}], the parent's cached tokens")
       prefix = parent.tokens[:keep]
-    if len(prefix) + len(prompt) + params.max_tokens > self.max_model_len:
-      raise ValueError(f"prompt: {len(prefix) + len(prompt)} tokens + max_tokens {params.max_tokens} exceed the "
-                       f"context of {self.max_model_len} (valid: a shorter prompt or fewer max_tokens)")
+    self.check_length(len(prefix) + len(prompt), params.max_tokens)
     request_id = next(self._ids)
-    seed = params.seed if params.seed is not None else request_id
+    seed = (params.seed if params.seed is not None else request_id) % SEED_MODULUS
     request = Request(request_id, prefix + list(prompt), params, seed=seed, on_token=on_token, on_finish=on_finish,
                       retain_kv=retain_kv)
     if parent is not None:
@@ -183,6 +200,25 @@ class Engine:
     self.scheduler.add(request)
     return request
 
+  def check_length(self, prompt_tokens: int, max_tokens: int, field: str = "prompt") -> None:
+    """ValueError naming `field` unless a request of `prompt_tokens` + `max_tokens` fits the context length and
+    (with a copy-on-write page to spare) the KV pool."""
+    total = prompt_tokens + max_tokens
+    if total > self.max_model_len:
+      raise ValueError(f"{field}: {prompt_tokens} tokens + max_tokens {max_tokens} exceed the context of "
+                       f"{self.max_model_len} (valid: a shorter prompt or fewer max_tokens)")
+    pages = -(-total // self.kv.page_size) + 1
+    if pages > self.kv.allocator.num_pages:
+      raise ValueError(f"{field}: {prompt_tokens} tokens + max_tokens {max_tokens} need {pages} KV pages, more than "
+                       f"the pool's {self.kv.allocator.num_pages} (valid: a shorter request, or a larger engine "
+                       "num_pages)")
+
+  def fail_request(self, request: Request, status: int, message: str, error_id: str = "") -> None:
+    """Ends a request now with finish_reason "error" (its pages freed, its `on_finish` run), e.g. at shutdown."""
+    if request.status != Status.FINISHED:
+      self._fail(request, status, message, error_id)
+      self._retire([request])
+
   def release(self, request: Request) -> None:
     """Frees the KV a finished `retain_kv` request kept (its continuations keep the pages they share)."""
     if request.status != Status.FINISHED:
@@ -191,22 +227,45 @@ class Engine:
       self.kv.free(request.id)
 
   def cancel(self, request_id: int) -> None:
-    """Stops a request at the next iteration; its pages are freed then."""
-    self.requests[request_id].cancelled = True
+    """Stops a request at the next iteration; its pages are freed then (a finished one: nothing to do)."""
+    request = self.requests.get(request_id)
+    if request is not None:
+      request.cancelled = True
 
   def step(self) -> list[Request]:
-    """One iteration; returns the requests that finished in it.
+    """One iteration; returns the requests that finished in it (finish_reason "error" for failed ones).
 
     With asynchronous scheduling, this iteration is dispatched before the previous one's tokens are
     read: the host prepares iteration i + 1 while the device runs i. Sampled tokens enter the next
     batch on the device (placeholders), stop conditions are seen one iteration late, and the one extra
     token a finished request got meanwhile is discarded.
     """
+    try:
+      finished = self._step()
+      self._failed_iterations = 0
+    except Exception as e:  # noqa: BLE001 - any failure fails requests, never the engine
+      finished = self._recover(e)
+    return self._retire(finished)
+
+  def _step(self) -> list[Request]:
     start, wait_before = time.perf_counter(), self.wait_seconds
+    self._iteration_requests, self._ran_alone = [], False
     finished = [r for r in self.requests.values() if r.cancelled and r.status != Status.FINISHED]
     for request in finished:
       self.scheduler.finish(request, "cancelled")
-    work = self.scheduler.schedule()
+    alone = next((r for r in self._suspects if r.status != Status.FINISHED), None)
+    self._suspects = [r for r in self._suspects if r.status != Status.FINISHED]
+    try:
+      work = self.scheduler.schedule(only=alone)
+    except Stalled as e:
+      self._fail(e.request, 503, str(e))
+      finished.append(e.request)
+      work = []
+    if alone is not None:
+      self._suspects.remove(alone)
+      self._ran_alone = True
+    self._iteration_requests = [w.request for w in work] + [w.request for sampling, _ in self._in_flight or ()
+                                                            for w in sampling]
     dispatched = self._dispatch(work)
     if self.num_compiled_programs > self._programs_checked:  # compiled a new shape: mind the JIT's mappings
       if memory_maps.near_limit(MAX_MAPS_FRACTION):
@@ -215,25 +274,100 @@ class Engine:
                         self.num_compiled_programs, 100 * MAX_MAPS_FRACTION, memory_maps.FIX)
         self.drop_compiled_programs()
       self._programs_checked = self.num_compiled_programs
-    if self.async_scheduling:
+    if self.async_scheduling and alone is None:
       previous, self._in_flight = self._in_flight, dispatched
       finished += self._resolve(previous)
-    else:
-      finished += self._resolve(dispatched)
+    else:  # a request run alone is resolved in its own iteration: a failure there is its own
+      finished += self._resolve(self._in_flight) + self._resolve(dispatched)
+      self._in_flight = None
     for w in work:
       if len(w.tokens) > 1 and w.request.status != Status.FINISHED:  # publish prefilled full blocks
         self.kv.commit_blocks(w.request.id, [t for t in w.request.tokens[:w.request.num_computed]
                                              if t != PLACEHOLDER])
     self.kv.retire_offloads()  # file the KV offload copies that have landed; never waits
     self.num_iterations += 1
+    self.host_seconds += time.perf_counter() - start - (self.wait_seconds - wait_before)
+    return finished
+
+  def _retire(self, finished: list[Request]) -> list[Request]:
+    """Drops finished requests from the engine's books, then runs their `on_finish` callbacks (which may add
+    requests: a continuation); a callback that raises fails nothing else."""
+    finished = list({r.id: r for r in finished}.values())
     for request in finished:
       self.requests.pop(request.id, None)
       self._state_slots.pop(request.id, None)
-    for request in finished:  # after the bookkeeping: a callback may add requests (a continuation)
+    for request in finished:
       if request.on_finish is not None:
-        request.on_finish(request)
-    self.host_seconds += time.perf_counter() - start - (self.wait_seconds - wait_before)
+        try:
+          request.on_finish(request)
+        except Exception:  # noqa: BLE001
+          logging.exception("on_finish of request %d raised", request.id)
     return finished
+
+  def _fail(self, request: Request, status: int, message: str, error_id: str = "") -> None:
+    """Ends `request` with finish_reason "error"; its pages are freed (a failed request retains no KV)."""
+    if request.status == Status.FINISHED:
+      return
+    if PLACEHOLDER in request.output:
+      request.output[:] = [t for t in request.output if t != PLACEHOLDER]
+    request.error = RequestError(status, message, error_id)
+    self.scheduler.finish(request, "error")
+
+  def _recover(self, error: Exception) -> list[Request]:
+    """After a failed iteration: every running request rolled back to recompute, the iteration's requests to
+    be run alone (or failed, if this iteration ran one alone), the KV pools rebuilt if the failure took them."""
+    error_id = uuid.uuid4().hex[:12]
+    self.num_failed_iterations += 1
+    self._failed_iterations += 1
+    logging.exception("engine iteration %d failed (error id %s)", self.num_iterations, error_id)
+    message = f"the engine failed while serving this request (error id {error_id}): {type(error).__name__}: {error}"
+    suspects = [r for r in {r.id: r for r in self._iteration_requests}.values() if r.status != Status.FINISHED]
+    self._in_flight = None
+    finished = [r for r in self.requests.values() if r.status == Status.FINISHED]  # ended before the failure
+    for request in list(self.scheduler.running):
+      request.output[:] = [t for t in request.output if t != PLACEHOLDER]
+      self.scheduler.running.remove(request)
+      self.kv.free(request.id)
+      request.num_computed, request.status = 0, Status.WAITING
+      self.scheduler.waiting.appendleft(request)
+    self._state_slots.clear()
+    if self.hybrid:
+      self.states = jax.tree.map(jnp.zeros_like, self.states)
+    blamed = []
+    self.kv.allocator.clear_prefix_cache()  # blocks committed for the failed work may hold no KV: recompute them
+    if self._ran_alone:
+      blamed = suspects
+    elif self._failed_iterations > MAX_FAILED_ITERATIONS or (not suspects and self._failed_iterations > 1):
+      blamed = [r for r in self.requests.values() if r.status != Status.FINISHED]
+    else:
+      self._suspects += [r for r in suspects if r.id not in {s.id for s in self._suspects}]
+    if any(pool.is_deleted() for pool in self.kv.k + self.kv.v):  # donated to the failed call: the KV is gone
+      logging.error("engine iteration failed after its KV pools were donated: every request with KV fails")
+      self.kv.reset_pools()
+      blamed = [r for r in self.requests.values() if r.status != Status.FINISHED]
+      self._suspects = []
+    for request in blamed:
+      self._fail(request, 500, message, error_id)
+      finished.append(request)
+    return finished
+
+  def leaks(self) -> list[str]:
+    """What an idle engine still holds: requests, scheduled or in-flight work, KV sequences, referenced pages.
+    Empty when every request has finished or failed and every retained KV was released; cached prefix blocks
+    that nothing references count as free."""
+    problems = []
+    if self.requests:
+      problems.append(f"{len(self.requests)} requests in the engine: {sorted(self.requests)[:8]}")
+    if self.scheduler.waiting or self.scheduler.running:
+      problems.append(f"scheduler: {len(self.scheduler.waiting)} waiting, {len(self.scheduler.running)} running")
+    if self._in_flight:
+      problems.append("sampled tokens in flight")
+    held = self.kv.sequence_ids()
+    if held:
+      problems.append(f"KV held by {len(held)} sequences: {held[:8]}")
+    if self.kv.allocator.num_free != self.kv.allocator.num_pages:
+      problems.append(f"{self.kv.allocator.num_free} of {self.kv.allocator.num_pages} KV pages free")
+    return problems
 
   @property
   def num_compiled_programs(self) -> int:
@@ -382,7 +516,13 @@ class Engine:
           continue  # the extra token of a request that finished one iteration late
         request.output[request.output.index(PLACEHOLDER)] = token
         if request.on_token is not None:
-          request.on_token(request, token)
+          try:
+            request.on_token(request, token)
+          except Exception as e:  # noqa: BLE001 - its consumer failed: that request alone ends
+            logging.exception("on_token of request %d raised", request.id)
+            self._fail(request, 500, f"streaming the output failed: {type(e).__name__}: {e}")
+            finished.append(request)
+            continue
         if self._finished(request):
           finished.append(request)
     return finished

@@ -103,6 +103,13 @@ class PageAllocator:
       self._cached[block_hash] = page
       self._hash_of_page[page] = block_hash
 
+  def clear_prefix_cache(self) -> None:
+    """Forgets every cached block (their content is gone); unreferenced cached pages become free."""
+    self._free.extend(self._evictable)
+    self._evictable.clear()
+    self._cached.clear()
+    self._hash_of_page.clear()
+
   def forget(self, page: int) -> None:
     """Drops `page` from the prefix cache (its content is about to change)."""
     block_hash = self._hash_of_page.pop(page, None)
@@ -153,6 +160,16 @@ class PagedKVCache:
 
   def __contains__(self, seq_id: int) -> bool:
     return seq_id in self._seqs
+
+  def sequence_ids(self) -> list[int]:
+    return sorted(self._seqs)
+
+  def reset_pools(self) -> None:
+    """Zeroed pools in place of pools whose buffers are gone (donated to a call that failed); the prefix cache
+    is forgotten. Sequences keep their pages (released as usual) but their KV content is lost."""
+    self.k = tuple(jnp.zeros(p.shape, p.dtype) for p in self.k)
+    self.v = tuple(jnp.zeros(p.shape, p.dtype) for p in self.v)
+    self.allocator.clear_prefix_cache()
 
   def length(self, seq_id: int) -> int:
     return self._seqs[seq_id].length

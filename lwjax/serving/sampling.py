@@ -73,6 +73,7 @@ def sample(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, step_b):
 
 def batch_arrays(params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int]) -> tuple:
   """The per-row arrays `sample` takes, for requests' params, resolved seeds and token indices."""
-  return (np.array([p.temperature for p in params], np.float32), np.array([p.top_k for p in params], np.int32),
+  top_k = [min(p.top_k, np.iinfo(np.int32).max) for p in params]  # past the vocabulary, any k keeps every token
+  return (np.array([p.temperature for p in params], np.float32), np.array(top_k, np.int32),
           np.array([p.top_p for p in params], np.float32), np.array(seeds, np.uint32),
           np.array(steps, np.int32))

@@ -21,6 +21,19 @@ from lwjax.serving.sampling import SamplingParams
 class Stalled(RuntimeError):
   """The next waiting request can never be admitted: nothing runs that could free the pages it needs."""
 
+  def __init__(self, message: str, request: Request):
+    super().__init__(message)
+    self.request = request
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestError:
+  """Why a request failed: an HTTP-style `status` (4xx: its input; 5xx: the server), the message, and the id
+  under which the server logged it."""
+  status: int
+  message: str
+  error_id: str = ""
+
 
 class Status(enum.Enum):
   WAITING = "waiting"
@@ -41,8 +54,9 @@ class Request:
   output: list[int] = dataclasses.field(default_factory=list)
   num_computed: int = 0  # leading tokens of prompt + output whose keys/values are cached
   status: Status = Status.WAITING
-  finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+  finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
   cancelled: bool = False
+  error: RequestError | None = None  # set with finish_reason "error"
   text: str = ""
 
   @property
@@ -89,12 +103,21 @@ class Scheduler:
   def has_work(self) -> bool:
     return bool(self.waiting or self.running)
 
-  def schedule(self) -> list[Work]:
+  def schedule(self, only: Request | None = None) -> list[Work]:
     """The work of the next iteration; reserves its KV slots.
 
     A running request that is `fully_sampled` (its last token sampled but not read yet: asynchronous
     scheduling) gets no work and does not hold a batch row: a waiting request may take the row now rather than
-    one iteration later, once the token is read and the request finished."""
+    one iteration later, once the token is read and the request finished.
+
+    When nothing runs and the first waiting request does not fit, a later one that fits is admitted out of
+    order (a continuation whose parent's pages it shares, say): nothing running could ever free pages for the
+    first, so waiting in order would wait forever. `Stalled` only when no waiting request fits at all.
+
+    `only`: the work of that request alone (the engine isolating a request suspected of failing iterations).
+    """
+    if only is not None:
+      return self._schedule_alone(only)
     budget, work = self.max_batch_tokens, []
     for request in list(self.running):
       if request not in self.running or request.fully_sampled:  # preempted earlier in this loop, or done
@@ -123,13 +146,40 @@ class Scheduler:
       work.append(self._work(request, n, self.kv.append(request.id, n)))
       budget -= n
     if not work and not self.running and self.waiting:
+      for request in list(self.waiting)[1:]:
+        if self._fits(request, budget):
+          return self._schedule_alone(request)
       request = self.waiting[0]
       needed = self.kv.pages_needed(request.id, min(request.num_pending, self.prefill_chunk, budget))
       raise Stalled(f"request {request.id} needs {needed} free KV pages, {self.kv.allocator.num_free} of "
                     f"{self.kv.allocator.num_pages} are free, and no running request will free any: the rest are "
                     "held by finished requests that retain their KV (release them with Engine.release) or the "
-                    "pool is too small (raise num_pages)")
+                    "pool is too small (raise num_pages)", request)
     return work
+
+  def _fits(self, request: Request, budget: int) -> bool:
+    if request.id not in self.kv:
+      request.num_computed = self.kv.add_sequence(request.id, request.tokens)
+      self.num_prefix_hit_tokens += request.num_computed
+    n = min(request.num_pending, self.prefill_chunk, budget)
+    return self.kv.pages_needed(request.id, n) <= self.kv.allocator.num_free
+
+  def _schedule_alone(self, request: Request) -> list[Work]:
+    """The work of `request` only, admitting it out of order if it waits; Stalled if its pages do not fit."""
+    if request in self.waiting:
+      if not self._fits(request, self.max_batch_tokens):
+        raise Stalled(f"request {request.id} needs more KV pages than the {self.kv.allocator.num_free} free",
+                      request)
+      self.waiting.remove(request)
+      request.status = Status.RUNNING
+      self.running.append(request)
+      n = min(request.num_pending, self.prefill_chunk, self.max_batch_tokens)
+      return [self._work(request, n, self.kv.append(request.id, n))]
+    if request not in self.running or request.fully_sampled:
+      return []
+    n = min(request.num_pending, self.prefill_chunk, self.max_batch_tokens)
+    slots = self._reserve(request, n) if n else None
+    return [self._work(request, n, slots)] if slots is not None else []
 
   def _work(self, request: Request, n: int, slots) -> Work:
     start = request.num_computed
@@ -161,9 +211,11 @@ class Scheduler:
       self.running.remove(request)
     elif request in self.waiting:
       self.waiting.remove(request)
-    if request.id in self.kv:
+    if request.id in self.kv and reason == "error":  # its KV may be partly unwritten: publish none of it
+      self.kv.free(request.id)
+    elif request.id in self.kv:
       self.kv.commit_blocks(request.id, request.tokens)
       self.kv.offload_blocks(request.id, request.tokens)
-      if not (request.retain_kv and reason != "cancelled"):
+      if not (request.retain_kv and reason in ("stop", "length")):  # a cancelled or failed one keeps nothing
         self.kv.free(request.id)
     request.status, request.finish_reason = Status.FINISHED, reason

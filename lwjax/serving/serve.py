@@ -42,6 +42,8 @@ SCHEMA = {
     "server": {
         "host": Field(str), "port": Field(int, min=0, max=65535), "model_name": Field(str),
         "max_queued": positive_int("requests waiting or running before new ones get 429"),
+        "drain_seconds": Field((int, float), min=0, doc="on SIGTERM: how long running requests may take to finish "
+                               "before they are answered 503 and the server exits"),
     },
 }
 
@@ -115,11 +117,10 @@ def make_engine(config, model: GPT, tokenizer):
 
 
 def run(config, workdir: str) -> None:
-  import uvicorn
-
-  from lwjax.serving.server import create_app
+  from lwjax.serving.server import create_app, make_server
   tokenizer = load_tokenizer(config)
   engine = make_engine(config, load_model(config), tokenizer)
-  app = create_app(engine, tokenizer, model_name=config.server.model_name, max_queued=config.server.max_queued)
+  app = create_app(engine, tokenizer, model_name=config.server.model_name, max_queued=config.server.max_queued,
+                   drain_seconds=config.server.drain_seconds)
   logging.info("serving %s on http://%s:%d/v1", config.server.model_name, config.server.host, config.server.port)
-  uvicorn.run(app, host=config.server.host, port=config.server.port, log_level="info")
+  make_server(app, host=config.server.host, port=config.server.port).run()

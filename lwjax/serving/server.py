@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,31 +25,43 @@ from typing import Any
 
 import fastapi
 import pydantic
+import uvicorn
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from lwjax.serving import wim
 from lwjax.serving.engine import Engine
 from lwjax.serving.sampling import SamplingParams
+from lwjax.serving.scheduler import RequestError
+from lwjax.serving.templates import PromptTemplate, TemplateError
 
 
 class EngineThread:
-  """Owns the engine: submissions, cancellations and iterations all happen on its thread."""
+  """Owns the engine: submissions, cancellations and iterations all happen on its thread.
 
-  def __init__(self, engine: Engine, *, max_queued: int):
-    self.engine, self.max_queued = engine, max_queued
+  Every admitted request gets exactly one end on its queue: ("done", request) (a failed request carries its
+  `RequestError`) or ("error", RequestError) when the engine refused it, and for a WiM document ("done", run)
+  after its events. Nothing one request does can stop the thread: a refused submission, a failed iteration or a
+  callback that raises ends that request alone.
+  """
+
+  def __init__(self, engine: Engine, *, max_queued: int, drain_seconds: float = 30.0):
+    self.engine, self.max_queued, self.drain_seconds = engine, max_queued, drain_seconds
     self._inbox: queue.Queue = queue.Queue()
     self._outstanding = 0
     self._lock = threading.Lock()
     self.accepting = True
-    self.counters = {"requests_total": 0, "requests_rejected_total": 0, "generated_tokens_total": 0,
-                     "prompt_tokens_total": 0}
-    self._wim_runs: dict[int, tuple] = {}  # out queue -> (WiM document, its event loop, the pages it reserves)
+    self.counters = {"requests_total": 0, "requests_rejected_total": 0, "requests_failed_total": 0,
+                     "generated_tokens_total": 0, "prompt_tokens_total": 0}
+    self._requests: dict[int, tuple] = {}  # id(request) -> (out queue, event loop)
+    self._by_out: dict[int, Any] = {}  # id(out queue) -> its request (ordinary requests, for cancellation)
+    self._wim_runs: dict[int, tuple] = {}  # id(out queue) -> (WiM document, out, its event loop, pages reserved)
     # WiM documents not started yet: (make_run, out queue, event loop, pages). A document keeps its context's
     # pages between its turns, so the documents started at once must leave pages for their turns: more than the
     # pool holds would leave nothing running that frees any.
     self._wim_waiting: collections.deque = collections.deque()
     self._stop = threading.Event()
+    self._drain_lock = threading.Lock()
     self._thread = threading.Thread(target=self._loop, name="lwjax-engine", daemon=True)
     self._thread.start()
 
@@ -56,24 +69,39 @@ class EngineThread:
   def outstanding(self) -> int:
     return self._outstanding
 
-  def _admit(self, prompt_tokens: int) -> None:
-    """Counts one more outstanding request, or refuses it: 503 while draining, 429 when the queue is full."""
+  def _admit(self, prompt_tokens: int, count: int = 1) -> None:
+    """Counts `count` more outstanding requests (all or none), or refuses: 503 while draining, 429 past
+    max_queued (with Retry-After, as OpenAI and vLLM do)."""
     with self._lock:
       if not self.accepting:
-        raise fastapi.HTTPException(503, "server is shutting down")
-      if self._outstanding >= self.max_queued:
+        raise fastapi.HTTPException(503, "server is shutting down", headers={"Retry-After": "5"})
+      if self._outstanding + count > self.max_queued:
         self.counters["requests_rejected_total"] += 1
-        raise fastapi.HTTPException(429, f"queue full ({self.max_queued} requests); retry later")
-      self._outstanding += 1
-      self.counters["requests_total"] += 1
-      self.counters["prompt_tokens_total"] += prompt_tokens
+        raise fastapi.HTTPException(429, f"queue full ({self._outstanding} of {self.max_queued} requests "
+                                    "outstanding); retry later", headers={"Retry-After": "1"})
+      self._outstanding += count
+      self.counters["requests_total"] += count
+      self.counters["prompt_tokens_total"] += prompt_tokens * count
+
+  def _done(self, count: int = 1, failed: bool = False) -> None:
+    with self._lock:
+      self._outstanding -= count
+      if failed:
+        self.counters["requests_failed_total"] += count
 
   def submit(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
     """Queues a request; its tokens, then ("done", request) arrive on the returned asyncio queue."""
-    self._admit(len(prompt))
-    out: asyncio.Queue = asyncio.Queue()
-    self._inbox.put(("add", prompt, params, out, loop))
-    return out
+    return self.submit_many([(prompt, params)], loop)[0]
+
+  def submit_many(self, requests: list[tuple[list[int], SamplingParams]], loop) -> list[asyncio.Queue]:
+    """Queues requests admitted together (the n choices of one API call): all of them, or a 429 for all."""
+    self._admit(len(requests[0][0]), len(requests))
+    queues = []
+    for prompt, params in requests:
+      out: asyncio.Queue = asyncio.Queue()
+      self._inbox.put(("add", prompt, params, out, loop))
+      queues.append(out)
+    return queues
 
   def cancel(self, out: asyncio.Queue) -> None:
     self._inbox.put(("cancel", out))
@@ -85,7 +113,8 @@ class EngineThread:
   def submit_wim(self, make_run, prompt_tokens: int, loop: asyncio.AbstractEventLoop,
                  reserve_tokens: int | None = None) -> asyncio.Queue:
     """Queues a WiM document: `make_run(engine, on_event)` builds its `wim.WiMRequest` on the engine thread;
-    ("margin", Margin), ("answer", tokens), ("exit", margin) and finally ("done", run) arrive on the queue.
+    ("margin", Margin), ("answer", tokens), ("exit", margin), ("error", RequestError) and finally ("done", run)
+    arrive on the queue.
 
     The document starts once the pages of `reserve_tokens` (its longest request; default its context) fit, with
     those of the documents already started, in half the pool (the rest is for their turns), or at once when no
@@ -95,106 +124,178 @@ class EngineThread:
     self._inbox.put(("wim", make_run, out, loop, reserve_tokens or prompt_tokens))
     return out
 
+  def leaks(self, timeout: float = 30.0) -> list[str]:
+    """What the server still holds (checked on the engine thread between iterations): outstanding requests,
+    WiM documents, and the engine's `leaks()`. Empty once every request has finished or failed."""
+    result: list[str] = []
+    checked = threading.Event()
+    self._inbox.put(("check", result, checked))
+    if not checked.wait(timeout):
+      return ["the engine thread did not answer"]
+    return result
+
+  # -- the engine thread --
+
   def _loop(self) -> None:
-    by_queue: dict[int, Any] = {}
     while not self._stop.is_set():
-      block = not self.engine.scheduler.has_work()
       try:
-        while True:
-          self._handle(self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait(), by_queue)
-          block = False
-      except queue.Empty:
-        pass
-      if not self.engine.scheduler.has_work():
+        self._iterate()
+      except Exception:  # noqa: BLE001 - a bug here must not leave every client hanging
+        error_id = uuid.uuid4().hex[:12]
+        logging.exception("engine thread: unexpected failure (error id %s); failing every request", error_id)
+        self._abort_all(500, f"internal error (error id {error_id})", error_id)
+
+  def _iterate(self) -> None:
+    block = not self.engine.has_work()
+    try:
+      while True:
+        item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+        block = False
+        self._handle(item)
+    except queue.Empty:
+      pass
+    if self.engine.has_work():
+      self._deliver(self.engine.step())
+    self._retire_wim_runs()
+
+  def _deliver(self, finished) -> None:
+    for request in finished:
+      entry = self._requests.pop(id(request), None)
+      if entry is None:  # a turn of a WiM document: its events go through the document
         continue
-      try:
-        finished = self.engine.step()
-      except Exception:  # a failed iteration must not hang its clients: fail them all
-        logging.exception("engine iteration failed")
-        finished = list(self.engine.requests.values())
-        for request in finished:
-          self.engine.scheduler.finish(request, "error")
-          del self.engine.requests[request.id]
-      for request in finished:
-        entry = by_queue.pop(id(request), None)
-        if entry is None:  # a turn of a WiM document: its events go through the document
-          continue
-        out, loop = entry
-        loop.call_soon_threadsafe(out.put_nowait, ("done", request))
-        with self._lock:
-          self._outstanding -= 1
-      self._retire_wim_runs()
+      out, loop = entry
+      self._by_out.pop(id(out), None)
+      _post(loop, out, ("done", request))
+      self._done(failed=request.error is not None)
 
   def _retire_wim_runs(self) -> None:
-    for out in [o for o, (run, _, _) in self._wim_runs.items() if run.done]:
-      run, loop, _ = self._wim_runs.pop(out)
-      loop.call_soon_threadsafe(out.put_nowait, ("done", run))
-      with self._lock:
-        self._outstanding -= 1
+    for key in [k for k, (run, *_) in self._wim_runs.items() if run.done]:
+      run, out, loop, _ = self._wim_runs.pop(key)
+      _post(loop, out, ("done", run))
+      self._done(failed=run.error is not None)
     self._start_waiting_wim()
 
   def _start_waiting_wim(self) -> None:
     budget = self.engine.kv.allocator.num_pages // 2
     while self._wim_waiting:
       make_run, out, loop, pages = self._wim_waiting[0]
-      reserved = sum(r[2] for r in self._wim_runs.values())
+      reserved = sum(entry[3] for entry in self._wim_runs.values())
       if self._wim_runs and reserved + pages > budget:
         return
       self._wim_waiting.popleft()
 
       def on_event(kind, payload, out=out, loop=loop):
-        loop.call_soon_threadsafe(out.put_nowait, (kind, payload))
+        _post(loop, out, (kind, payload))
       try:
         run = make_run(self.engine, on_event)
-        self._wim_runs[out] = (run, loop, pages)
+        self._wim_runs[id(out)] = (run, out, loop, pages)
         run.start()
-      except Exception as e:  # e.g. a prompt over the context length: the document fails, not the server
-        logging.exception("WiM document refused")
-        self._wim_runs.pop(out, None)
-        loop.call_soon_threadsafe(out.put_nowait, ("error", str(e)))
-        with self._lock:
-          self._outstanding -= 1
+      except Exception as e:  # noqa: BLE001 - e.g. a turn over the context length: the document fails, not the server
+        error_id = uuid.uuid4().hex[:12]
+        logging.exception("WiM document refused (error id %s)", error_id)
+        entry = self._wim_runs.pop(id(out), None)
+        if entry is not None:
+          entry[0].cancel()  # whatever it submitted
+        status = 400 if isinstance(e, ValueError) else 500
+        _post(loop, out, ("error", RequestError(status, str(e), error_id)))
+        _post(loop, out, ("done", None))
+        self._done(failed=True)
 
-  def _handle(self, item, by_queue) -> None:
-    if item[0] == "wim":
-      _, make_run, out, loop, tokens = item
-      self._wim_waiting.append((make_run, out, loop, -(-tokens // self.engine.kv.allocator.page_size)))
-      self._start_waiting_wim()
-      return
-    if item[0] == "cancel_wim":
-      waiting = [w for w in self._wim_waiting if w[1] is item[1]]
-      for w in waiting:  # its client left before it started
-        self._wim_waiting.remove(w)
-        with self._lock:
-          self._outstanding -= 1
-      entry = self._wim_runs.get(item[1])
-      if entry is not None and not entry[0].done:
-        entry[0].cancel()
-      self._retire_wim_runs()
-      return
-    if item[0] == "add":
+  def _handle(self, item) -> None:
+    kind = item[0]
+    if kind == "add":
       _, prompt, params, out, loop = item
 
       def on_token(request, token, out=out, loop=loop):
         self.counters["generated_tokens_total"] += 1
-        loop.call_soon_threadsafe(out.put_nowait, ("token", token))
-      request = self.engine.add_request(prompt, params, on_token=on_token)
-      request.out_queue = out
-      by_queue[id(request)] = (out, loop)
-    else:
-      for request in self.engine.requests.values():
-        if getattr(request, "out_queue", None) is item[1]:
-          self.engine.cancel(request.id)
+        _post(loop, out, ("token", token))
+      try:
+        request = self.engine.add_request(prompt, params, on_token=on_token)
+      except Exception as e:  # noqa: BLE001 - what validation missed: this request fails, alone
+        error_id = uuid.uuid4().hex[:12]
+        logging.warning("request refused by the engine (error id %s): %s", error_id, e)
+        _post(loop, out, ("error", RequestError(400 if isinstance(e, ValueError) else 500, str(e), error_id)))
+        self._done(failed=True)
+        return
+      self._requests[id(request)] = (out, loop)
+      self._by_out[id(out)] = request
+    elif kind == "cancel":
+      request = self._by_out.get(id(item[1]))
+      if request is not None:
+        self.engine.cancel(request.id)
+    elif kind == "wim":
+      _, make_run, out, loop, tokens = item
+      self._wim_waiting.append((make_run, out, loop, -(-tokens // self.engine.kv.allocator.page_size)))
+      self._start_waiting_wim()
+    elif kind == "cancel_wim":
+      for waiting in [w for w in self._wim_waiting if w[1] is item[1]]:  # its client left before it started
+        self._wim_waiting.remove(waiting)
+        _post(waiting[2], waiting[1], ("done", None))
+        self._done()
+      entry = self._wim_runs.get(id(item[1]))
+      if entry is not None and not entry[0].done:
+        entry[0].cancel()
+      self._retire_wim_runs()
+    elif kind == "abort":
+      self._abort_all(*item[1:])
+    elif kind == "check":
+      _, result, checked = item
+      result += self._leaks()
+      checked.set()
 
-  def drain(self, timeout: float = 60.0) -> None:
-    """Refuses new requests, waits for the outstanding ones, stops the thread."""
-    with self._lock:
-      self.accepting = False
-    deadline = time.monotonic() + timeout
-    while self._outstanding and time.monotonic() < deadline:
-      time.sleep(0.02)
-    self._stop.set()
-    self._thread.join(timeout=5)
+  def _leaks(self) -> list[str]:
+    problems = []
+    if self._outstanding:
+      problems.append(f"{self._outstanding} requests outstanding")
+    if self._requests or self._by_out:
+      problems.append(f"{len(self._requests)} requests awaiting delivery")
+    if self._wim_runs or self._wim_waiting:
+      problems.append(f"WiM documents: {len(self._wim_runs)} running, {len(self._wim_waiting)} waiting")
+    return problems + self.engine.leaks()
+
+  def _abort_all(self, status: int, message: str, error_id: str = "") -> None:
+    """Fails every request and document now (shutdown past its deadline, or a failure of this thread)."""
+    error = RequestError(status, message, error_id)
+    for run, *_ in list(self._wim_runs.values()):
+      run.fail(error)
+    while self._wim_waiting:
+      _, out, loop, _ = self._wim_waiting.popleft()
+      _post(loop, out, ("error", error))
+      _post(loop, out, ("done", None))
+      self._done(failed=True)
+    for request in list(self.engine.requests.values()):
+      self.engine.fail_request(request, status, message, error_id)
+    self.engine.run_until_done()  # the cancellations the failed documents made
+    self._deliver([r for r in list(self._by_out.values())])
+    self._retire_wim_runs()
+
+  def drain(self, timeout: float | None = None) -> None:
+    """Refuses new requests (503), lets the outstanding ones finish until the deadline (`drain_seconds`), answers
+    what is left with 503, and stops the thread. Safe to call more than once (a signal and the app's shutdown)."""
+    with self._drain_lock:
+      if self._stop.is_set():
+        return
+      with self._lock:
+        self.accepting = False
+      deadline = time.monotonic() + (self.drain_seconds if timeout is None else timeout)
+      while self._outstanding and time.monotonic() < deadline and self._thread.is_alive():
+        time.sleep(0.02)
+      if self._outstanding:
+        logging.warning("shutdown: %d requests still running at the drain deadline; answering them 503",
+                        self._outstanding)
+        self._inbox.put(("abort", 503, "the server shut down before the request finished"))
+        until = time.monotonic() + 10
+        while self._outstanding and time.monotonic() < until and self._thread.is_alive():
+          time.sleep(0.02)
+      self._stop.set()
+      self._thread.join(timeout=10)
+
+
+def _post(loop: asyncio.AbstractEventLoop, out: asyncio.Queue, item) -> None:
+  """Puts `item` on an asyncio queue from the engine thread; a loop already closed (its client gone with the
+  app) drops it."""
+  with contextlib.suppress(RuntimeError):
+    loop.call_soon_threadsafe(out.put_nowait, item)
 
 
 class CompletionRequest(pydantic.BaseModel):
@@ -250,14 +351,26 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
   return "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages) + "<|assistant|>\n"
 
 
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-  kind = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error"}.get(status, "server_error")
-  return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status)
+def _error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+  return JSONResponse({"error": _error_body(status, message, param)}, status_code=status, headers=headers)
 
 
-def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 256) -> fastapi.FastAPI:
-  """The app; the engine thread starts now and drains when the app shuts down."""
-  worker = EngineThread(engine, max_queued=max_queued)
+def _error_body(status: int, message: str, param: str | None = None) -> dict:
+  kind = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
+          503: "service_unavailable"}.get(status, "server_error")
+  return {"message": message, "type": kind, "param": param, "code": status}
+
+
+def _request_error(error: RequestError) -> JSONResponse:
+  param = error.message.split(":")[0] if error.status == 400 and ":" in error.message else None
+  return _error(error.status, error.message, param if param and param.isidentifier() else None)
+
+
+def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 256,
+               drain_seconds: float = 30.0) -> fastapi.FastAPI:
+  """The app; the engine thread starts now and drains when the app shuts down (`drain_seconds`: how long the
+  running requests may take to finish before they are answered 503)."""
+  worker = EngineThread(engine, max_queued=max_queued, drain_seconds=drain_seconds)
   app = fastapi.FastAPI(title="lwjax", on_shutdown=[worker.drain])
   app.state.worker = worker
 
@@ -265,33 +378,34 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
   async def invalid(_, exc: RequestValidationError):
     first = exc.errors()[0]
     param = ".".join(str(p) for p in first["loc"] if p != "body")
-    return _error(400, f"{param}: {first['msg']}", param)
+    return _error(400, f"{param}: {first['msg']}" if param else first["msg"], param or None)
 
   @app.exception_handler(fastapi.HTTPException)
   async def http_error(_, exc: fastapi.HTTPException):
-    return _error(exc.status_code, str(exc.detail))
+    return _error(exc.status_code, str(exc.detail), headers=exc.headers)
 
   def encode(prompt) -> list[int]:
     if isinstance(prompt, list):
       if any(not 0 <= t < engine.vocab_size for t in prompt):
         raise _Invalid("prompt", f"token ids must be in [0, {engine.vocab_size})")
-      return prompt
-    ids = tokenizer.encode(prompt)
-    return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids
+      ids = prompt
+    else:
+      ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
+    if not ids:
+      raise _Invalid("prompt", "empty: the prompt has no tokens (valid: a non-empty string or token list)")
+    return ids
 
   def sampling(req: CompletionRequest, prompt_len: int) -> SamplingParams:
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     try:
       params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
                               top_p=req.top_p, seed=req.seed, stop=stop)
+      engine.check_length(prompt_len, req.max_tokens)
     except ValueError as e:
       raise _Invalid(str(e).split(":")[0], str(e)) from None
-    if prompt_len + req.max_tokens > engine.max_model_len:
-      raise _Invalid("prompt", f"{prompt_len} prompt tokens + max_tokens {req.max_tokens} exceed the context "
-                     f"length {engine.max_model_len}")
     return params
 
-  async def generate(req: CompletionRequest, prompt, chat: bool):
+  async def generate(http: fastapi.Request, req: CompletionRequest, prompt, chat: bool):
     if req.model != model_name:
       return _error(404, f"model {req.model!r} not found (valid: {model_name!r})", "model")
     try:
@@ -300,53 +414,46 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
     except _Invalid as e:
       return _error(400, e.message, e.param)
     loop = asyncio.get_running_loop()
-    queues = [worker.submit(ids, _seeded(params, req.seed, i), loop) for i in range(req.n)]
+    queues = worker.submit_many([(ids, _seeded(params, req.seed, i)) for i in range(req.n)], loop)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if req.stream:
       return StreamingResponse(_stream(worker, queues, rid, req, chat, tokenizer), media_type="text/event-stream")
-    requests = [await _drain(q) for q in queues]
+    requests = await _unless_disconnected(http, asyncio.gather(*(_drain(q) for q in queues)))
+    if requests is None:  # the client left: stop generating for it
+      for q in queues:
+        worker.cancel(q)
+      return _error(499, "client closed the request")
+    errors = [r for r in requests if isinstance(r, RequestError)] + [r.error for r in requests
+                                                                       if not isinstance(r, RequestError) and r.error]
+    if errors:
+      return _request_error(errors[0])
     choices = [_choice(i, _final_text(r, tokenizer), r.finish_reason, chat) for i, r in enumerate(requests)]
     usage = {"prompt_tokens": len(ids), "completion_tokens": sum(len(r.output) for r in requests)}
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model_name, "choices": choices, "usage": {**usage, "total_tokens": sum(usage.values())}}
 
   @app.post("/v1/completions")
-  async def completions(req: CompletionRequest):
-    return await generate(req, req.prompt, chat=False)
+  async def completions(req: CompletionRequest, http: fastapi.Request):
+    return await generate(http, req, req.prompt, chat=False)
 
   @app.post("/v1/chat/completions")
-  async def chat_completions(req: ChatRequest):
-    return await generate(req, chat_prompt(req.messages), chat=True)
+  async def chat_completions(req: ChatRequest, http: fastapi.Request):
+    return await generate(http, req, chat_prompt(req.messages), chat=True)
 
   @app.post("/v1/wim")
-  async def writing_in_the_margins(req: WiMBody):
+  async def writing_in_the_margins(req: WiMBody, http: fastapi.Request):
     if req.model != model_name:
       return _error(404, f"model {req.model!r} not found (valid: {model_name!r})", "model")
     if getattr(engine, "hybrid", False):
       return _error(400, "a hybrid (Mamba) model cannot cut its state back to a segment's end", "model")
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    context = bos + tokenizer.encode(req.context)
-    segments = [context[i:i + req.segment_tokens] for i in range(0, len(context), req.segment_tokens)]
-    prompts = wim.WiMPrompts(
-        extraction=lambda query: tokenizer.encode(req.extraction_template.format(query=query)),
-        classification=lambda query, margin: bos + tokenizer.encode(
-            req.classification_template.format(query=query, margin=tokenizer.decode(margin))),
-        answer=lambda query, margins: tokenizer.encode(req.answer_template.format(
-            query=query, margins="\n".join(tokenizer.decode(m) for m in margins))),
-        is_relevant=lambda output: tokenizer.decode(output).strip().upper().startswith(req.relevant_prefix.upper()))
-    longest = len(context) + len(prompts.answer(req.query, [[0] * req.max_margin_tokens] * len(segments)))
-    if longest + req.max_tokens > engine.max_model_len:
-      return _error(400, f"context: {len(context)} tokens, with the margins and the answer up to {longest} + "
-                    f"max_tokens {req.max_tokens}, exceed the context length {engine.max_model_len}", "context")
-    sample = {"temperature": req.temperature}
-    margin_p = SamplingParams(max_tokens=req.max_margin_tokens, **sample)
-    classify_p = SamplingParams(max_tokens=4, temperature=0.0)
-    answer_p = SamplingParams(max_tokens=req.max_tokens, **sample)
-
-    def make_run(eng, on_event):
-      return wim.WiMRequest(eng, segments, req.query, prompts, margin_params=margin_p, classify_params=classify_p,
-                            answer_params=answer_p, on_event=on_event)
-    out = worker.submit_wim(make_run, len(context), asyncio.get_running_loop(), longest + req.max_tokens)
+    try:
+      run_spec = _wim_document(req, engine, tokenizer)
+    except TemplateError as e:
+      return _error(400, str(e), e.field)
+    except _Invalid as e:
+      return _error(400, e.message, e.param)
+    segments, make_run, longest = run_spec
+    out = worker.submit_wim(make_run, sum(map(len, segments)), asyncio.get_running_loop(), longest)
     rid = f"wim-{uuid.uuid4().hex[:24]}"
 
     def margin_event(m):
@@ -355,19 +462,29 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
     if req.stream:
       return StreamingResponse(_stream_wim(worker, out, rid, margin_event, tokenizer),
                                media_type="text/event-stream")
-    margins, answer = [], None
-    while True:
-      kind, value = await out.get()
-      if kind == "margin":
-        margins.append(margin_event(value))
-      elif kind == "answer":
-        answer = tokenizer.decode(value)
-      elif kind == "error":
-        return _error(400, value, "context")
-      elif kind == "done":
-        return {"id": rid, "object": "wim", "model": model_name, "segments": len(segments), "margins": margins,
-                "answer": answer, "usage": {"prompt_tokens": value.stats.prefill_tokens,
-                                            "completion_tokens": value.stats.decode_tokens}}
+    margins, answer, error = [], None, None
+
+    async def read():
+      nonlocal answer, error
+      while True:
+        kind, value = await out.get()
+        if kind == "margin":
+          margins.append(margin_event(value))
+        elif kind == "answer":
+          answer = tokenizer.decode(value)
+        elif kind == "error":
+          error = value
+        elif kind == "done":
+          return value or True
+    run = await _unless_disconnected(http, read())
+    if run is None:
+      worker.cancel_wim(out)
+      return _error(499, "client closed the request")
+    if error is not None:
+      return _request_error(error)
+    return {"id": rid, "object": "wim", "model": model_name, "segments": len(segments), "margins": margins,
+            "answer": answer, "usage": {"prompt_tokens": run.stats.prefill_tokens,
+                                        "completion_tokens": run.stats.decode_tokens}}
 
   @app.get("/v1/models")
   async def models():
@@ -383,10 +500,93 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
     lines += [f"lwjax_requests_outstanding {worker.outstanding}",
               f"lwjax_kv_pages_free {engine.kv.allocator.num_free}",
               f"lwjax_preemptions_total {engine.scheduler.num_preemptions}",
-              f"lwjax_prefix_hit_tokens_total {engine.scheduler.num_prefix_hit_tokens}"]
+              f"lwjax_prefix_hit_tokens_total {engine.scheduler.num_prefix_hit_tokens}",
+              f"lwjax_engine_failed_iterations_total {engine.num_failed_iterations}"]
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
   return app
+
+
+class DrainingServer(uvicorn.Server):
+  """uvicorn's server, whose SIGTERM (or first SIGINT) starts the engine's drain at once: new requests get 503,
+  running ones finish until `drain_seconds`, the rest are answered 503. uvicorn waits for open connections before
+  the app's shutdown runs, so without this a request that never finished kept the process alive."""
+
+  def __init__(self, config: uvicorn.Config, worker: EngineThread):
+    super().__init__(config)
+    self.worker = worker
+
+  def handle_exit(self, sig, frame) -> None:
+    if not self.should_exit:
+      threading.Thread(target=self.worker.drain, name="lwjax-drain", daemon=True).start()
+    super().handle_exit(sig, frame)
+
+
+def make_server(app: fastapi.FastAPI, *, host: str = "127.0.0.1", port: int = 8000,
+                log_level: str = "info") -> DrainingServer:
+  """The uvicorn server for `create_app`'s app; connections still open past the drain deadline (plus 5 s) are
+  closed."""
+  worker = app.state.worker
+  config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          timeout_graceful_shutdown=int(worker.drain_seconds) + 5)
+  return DrainingServer(config, worker)
+
+
+CLASSIFY_MAX_TOKENS = 4  # a relevance request's answer ("YES" / "NO")
+
+
+def _wim_document(req: WiMBody, engine: Engine, tokenizer):
+  """(segments, make_run, tokens of the document's longest turn) for a WiM body, every check done: templates
+  parsed with their real placeholders, and every turn the document will make (each margin turn, each relevance
+  turn, the answer) within the context length and the KV pool, margins at their longest."""
+  extraction = PromptTemplate(req.extraction_template, "extraction_template", text_fields=("query",),
+                              required=("query",))
+  classification = PromptTemplate(req.classification_template, "classification_template", text_fields=("query",),
+                                  token_fields=("margin",), required=("margin",))
+  answer = PromptTemplate(req.answer_template, "answer_template", text_fields=("query",), token_fields=("margins",),
+                          required=("margins",))
+  enc = tokenizer.encode
+  bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+  context = bos + enc(req.context)
+  if not context:
+    raise _Invalid("context", "empty: the context has no tokens")
+  segments = [context[i:i + req.segment_tokens] for i in range(0, len(context), req.segment_tokens)]
+  query = {"query": req.query}
+  separator = enc("\n")
+  margin_max = req.max_margin_tokens
+  turns = {  # (prompt tokens, max_tokens) of the longest turn of each kind
+      "margin": (len(context) + extraction.length(enc, query), margin_max),
+      "relevance": (len(bos) + classification.length(enc, query, {"margin": margin_max}), CLASSIFY_MAX_TOKENS),
+      "answer": (len(context) + answer.length(
+          enc, query, {"margins": len(segments) * margin_max + (len(segments) - 1) * len(separator)}), req.max_tokens),
+  }
+  for kind, (prompt_tokens, max_tokens) in turns.items():
+    try:
+      engine.check_length(prompt_tokens, max_tokens, field="context")
+    except ValueError as e:
+      raise _Invalid("context", f"{e} (the document's longest {kind} turn: context {len(context)} tokens, margins of "
+                     f"up to max_margin_tokens {margin_max})") from None
+  longest = max(p + m for p, m in turns.values())
+
+  def margins_joined(margins):
+    joined: list[int] = []
+    for i, m in enumerate(margins):
+      joined += (separator if i else []) + list(m)
+    return joined
+  prompts = wim.WiMPrompts(
+      extraction=lambda q: extraction.render(enc, {"query": q}),
+      classification=lambda q, margin: bos + classification.render(enc, {"query": q}, {"margin": margin}),
+      answer=lambda q, margins: answer.render(enc, {"query": q}, {"margins": margins_joined(margins)}),
+      is_relevant=lambda output: tokenizer.decode(output).strip().upper().startswith(req.relevant_prefix.upper()))
+  sample = {"temperature": req.temperature}
+  margin_p = SamplingParams(max_tokens=margin_max, **sample)
+  classify_p = SamplingParams(max_tokens=CLASSIFY_MAX_TOKENS, temperature=0.0)
+  answer_p = SamplingParams(max_tokens=req.max_tokens, **sample)
+
+  def make_run(eng, on_event):
+    return wim.WiMRequest(eng, segments, req.query, prompts, margin_params=margin_p, classify_params=classify_p,
+                          answer_params=answer_p, on_event=on_event)
+  return segments, make_run, longest
 
 
 class _Invalid(Exception):
@@ -405,10 +605,23 @@ def _final_text(request, tokenizer) -> str:
 
 
 async def _drain(q: asyncio.Queue):
+  """The request's end: the finished request, or the RequestError the engine refused it with."""
   while True:
     kind, value = await q.get()
-    if kind == "done":
+    if kind in ("done", "error"):
       return value
+
+
+async def _unless_disconnected(http: fastapi.Request, awaitable, poll_seconds: float = 0.25):
+  """The awaitable's result, or None (the awaitable cancelled) once the client has disconnected."""
+  task = asyncio.ensure_future(awaitable)
+  while True:
+    done, _ = await asyncio.wait({task}, timeout=poll_seconds)
+    if done:
+      return task.result()
+    if await http.is_disconnected():
+      task.cancel()
+      return None
 
 
 def _choice(index: int, text: str, finish_reason: str | None, chat: bool) -> dict:
@@ -416,8 +629,13 @@ def _choice(index: int, text: str, finish_reason: str | None, chat: bool) -> dic
   return {"index": index, **body, "finish_reason": finish_reason}
 
 
+def _error_event(error: RequestError) -> str:
+  return f"data: {json.dumps({'error': _error_body(error.status, error.message)})}\n\n"
+
+
 async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, tokenizer):
-  """SSE events: one per new text piece of each choice, then the finish reasons, then [DONE].
+  """SSE events: one per new text piece of each choice, then the finish reasons, then [DONE]. A choice that fails
+  sends an `error` event (OpenAI's error object; the others are cancelled) before [DONE].
 
   Text that could still turn into a stop string is held back until it cannot, so a stream never
   shows text that the final, stop-truncated answer does not have.
@@ -428,8 +646,9 @@ async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, token
   pending = {i: q for i, q in enumerate(queues)}
   emitted = {i: "" for i in pending}
   tokens = {i: [] for i in pending}
+  failed = False
   try:
-    while pending:
+    while pending and not failed:
       getters = {asyncio.ensure_future(q.get()): i for i, q in pending.items()}
       done, rest = await asyncio.wait(getters, return_when=asyncio.FIRST_COMPLETED)
       for fut in rest:
@@ -447,6 +666,11 @@ async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, token
             continue
         else:
           del pending[i]
+          error = value if kind == "error" else value.error
+          if error is not None:
+            yield _error_event(error)
+            failed = True
+            break
           piece, finish = _final_text(value, tokenizer)[len(emitted[i]):], value.finish_reason
         emitted[i] += piece
         delta = {"delta": {"content": piece}} if chat else {"text": piece}
@@ -455,13 +679,14 @@ async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, token
         yield f"data: {json.dumps(chunk)}\n\n"
     yield "data: [DONE]\n\n"
   finally:
-    for q in pending.values():  # the client went away: stop generating for it
+    for q in pending.values():  # the client went away, or a choice failed: stop generating the rest
       worker.cancel(q)
 
 
 async def _stream_wim(worker: EngineThread, out: asyncio.Queue, rid: str, margin_event, tokenizer):
   """SSE events of a WiM document: each margin (in segment order, with its relevance), then the answer, then
-  [DONE]. A client that closes the stream early (its question answered by a margin) cancels the document."""
+  [DONE]; a failed document sends an `error` event instead of what is left. A client that closes the stream
+  early (its question answered by a margin) cancels the document."""
   finished = False
   try:
     while True:
@@ -471,9 +696,7 @@ async def _stream_wim(worker: EngineThread, out: asyncio.Queue, rid: str, margin
       elif kind == "answer":
         yield f"data: {json.dumps({'id': rid, 'object': 'wim.answer', 'text': tokenizer.decode(value)})}\n\n"
       elif kind == "error":
-        yield f"data: {json.dumps({'id': rid, 'object': 'error', 'message': value})}\n\n"
-        finished = True
-        break
+        yield _error_event(value)
       elif kind == "done":
         finished = True
         break

@@ -21,11 +21,14 @@ is in flight and freeing its pages. What the prompts say is the task's business 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 
 from lwjax.serving.sampling import SamplingParams
-from lwjax.serving.scheduler import Request, Status
+from lwjax.serving.scheduler import Request, RequestError, Status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +62,29 @@ class WiMStats:
     self.requests += 1
 
 
+
+def _guarded(callback):
+  """A turn's callback that fails its document, not the engine step it runs in: a ValueError (a turn the engine
+  refuses, e.g. longer than the context) is the document's input (400); anything else a server error (500)."""
+  @functools.wraps(callback)
+  def run(self: WiMRequest, *args):
+    try:
+      callback(self, *args)
+    except Exception as e:  # noqa: BLE001
+      error_id = uuid.uuid4().hex[:12]
+      logging.exception("WiM document failed (error id %s)", error_id)
+      self.fail(RequestError(400 if isinstance(e, ValueError) else 500, f"{type(e).__name__}: {e}", error_id))
+  return run
+
+
 class WiMRequest:
   """One document read with margins on `engine`; `start()` submits its first turn, the engine does the rest.
 
-  `done` turns True when the answer is written (`answer` tokens), or at an early exit / cancel (`exited`).
+  `done` turns True when the answer is written (`answer` tokens), at an early exit / cancel (`exited`), or when
+  the document fails (`error`: one of its turns failed in the engine, or could not be submitted); a document
+  that ends keeps no pages (its in-flight turns are cancelled, its retained context released).
   Events to `on_event(kind, payload)`: ("margin", Margin) in segment order, ("answer", tokens),
-  ("exit", Margin | None).
+  ("exit", Margin | None), ("error", RequestError).
   """
 
   def __init__(self, engine, segments: Sequence[Sequence[int]], query: str, prompts: WiMPrompts, *,
@@ -79,6 +99,7 @@ class WiMRequest:
     self.margins: list[Margin | None] = [None] * len(self.segments)
     self.answer: list[int] | None = None
     self.done = self.exited = False
+    self.error: RequestError | None = None
     self.stats = WiMStats()
     self._context_end = 0
     self._last_turn: Request | None = None
@@ -110,11 +131,15 @@ class WiMRequest:
   # -- callbacks (run inside Engine.step) --
 
   def _finished(self, request: Request) -> bool:
-    """Bookkeeping of a finished request; False when the document no longer wants its result."""
+    """Bookkeeping of a finished request; False when the document no longer wants its result (a failed turn
+    fails the document)."""
     self._in_flight.pop(request.id, None)
     self.stats.add(request, self._fed.pop(request.id, 0))
-    return not self.done and request.finish_reason != "cancelled"
+    if request.finish_reason == "error" and not self.done:
+      self.fail(request.error or RequestError(500, f"turn {request.id} failed"))
+    return not self.done and request.finish_reason not in ("cancelled", "error")
 
+  @_guarded
   def _margin_written(self, index: int, request: Request) -> None:
     if not self._finished(request):
       self.engine.release(request)
@@ -130,6 +155,7 @@ class WiMRequest:
       self._last_turn = request
       self._maybe_answer()
 
+  @_guarded
   def _classified(self, index: int, request: Request) -> None:
     if not self._finished(request):
       return
@@ -157,6 +183,7 @@ class WiMRequest:
                  keep=self._context_end)
     self.engine.release(parent)
 
+  @_guarded
   def _answered(self, request: Request) -> None:
     if not self._finished(request):
       return
@@ -166,11 +193,18 @@ class WiMRequest:
 
   # -- stopping --
 
+  def fail(self, error: RequestError) -> None:
+    """Ends the document with `error` (its turns cancelled, its pages released) and reports it."""
+    if self.done:
+      return
+    self.error = error
+    self._stop(None, event=("error", error))
+
   def cancel(self) -> None:
     """Stops the document: in-flight requests are cancelled (their pages freed at the engine's next step)."""
     self._stop(None)
 
-  def _stop(self, margin: Margin | None) -> None:
+  def _stop(self, margin: Margin | None, event: tuple[str, object] | None = None) -> None:
     self.done = self.exited = True
     for request in list(self._in_flight.values()):
       if request.status != Status.FINISHED:  # one finished in this very step has its callback still to run
@@ -178,7 +212,7 @@ class WiMRequest:
     if self._last_turn is not None:
       self.engine.release(self._last_turn)
       self._last_turn = None
-    self._emit("exit", margin)
+    self._emit(*(event or ("exit", margin)))
 
   def _emit(self, kind: str, payload) -> None:
     if self.on_event is not None:
@@ -187,3 +221,4 @@ class WiMRequest:
   def _strip(self, tokens: list[int]) -> list[int]:
     eos = self.engine.eos_id
     return list(tokens[:-1]) if tokens and tokens[-1] == eos else list(tokens)
+

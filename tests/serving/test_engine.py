@@ -13,7 +13,6 @@ from lwjax import memory_maps
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.serving.engine import LLM, Engine
 from lwjax.serving.sampling import SamplingParams
-from lwjax.serving.scheduler import Stalled
 
 CFG = GPTConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
                 max_seq_len=64)
@@ -123,19 +122,25 @@ def test_engine_drops_its_programs_near_the_mapping_limit_and_still_decodes(mode
   assert engine.num_compiled_programs <= 1  # dropped after every new compile
 
 
-def test_a_request_that_can_never_be_admitted_raises_stalled(model):
+def test_a_request_that_can_never_be_admitted_fails_alone(model):
   """Finished requests that retain their KV hold pages until released: with nothing running to free any, a
-  request that needs more pages than are free used to loop forever in run_until_done."""
+  request that needs more pages than are free used to loop forever in run_until_done, then raised `Stalled` out
+  of the engine (failing everything the server ran). It now ends alone, with a 503 naming the fix; a waiting
+  request that fits is admitted past it."""
   engine = Engine(model, num_pages=8, page_size=4, prefill_chunk=16, max_batch_tokens=32, max_num_seqs=4)
   kept = engine.add_request(list(range(3, 23)), SamplingParams(temperature=0.0, max_tokens=2), retain_kv=True)
   engine.run_until_done()
   assert engine.kv.allocator.num_free == 2  # 22 tokens in 6 pages of 4
-  engine.add_request(list(range(30, 46)), GREEDY)  # 16 prompt tokens: 4 pages
-  with pytest.raises(Stalled, match="Engine.release"):
-    engine.run_until_done()
-  engine.release(kept)
+  big = engine.add_request(list(range(30, 46)), GREEDY)  # 16 prompt tokens: 4 pages
+  small = engine.add_request([5, 6], SamplingParams(temperature=0.0, max_tokens=2))  # 1 page: fits past it
   engine.run_until_done()
-  assert engine.kv.allocator.num_free == 8
+  assert small.finish_reason == "length" and small.output == _greedy(model, [5, 6], 2)
+  assert big.finish_reason == "error" and big.error.status == 503 and "Engine.release" in big.error.message
+  engine.release(kept)
+  again = engine.add_request(list(range(30, 46)), GREEDY)
+  engine.run_until_done()
+  assert again.output == _greedy(model, list(range(30, 46)), 6)
+  assert engine.kv.allocator.num_free == 8 and not engine.leaks()
 
 
 def test_grouped_paged_step_equals_one_call_per_group(model):
