@@ -156,6 +156,7 @@ class Engine:
     self._suspects: list[Request] = []
     self._iteration_requests: list[Request] = []
     self._ran_alone = False
+    self._failed_alone: dict[int, int] = {}  # request id -> iterations it failed alone, in a row
     self._failed_iterations = 0
     self.num_failed_iterations = 0
 
@@ -243,6 +244,8 @@ class Engine:
     try:
       finished = self._step()
       self._failed_iterations = 0
+      if self._ran_alone:
+        self._failed_alone.clear()
     except Exception as e:  # noqa: BLE001 - any failure fails requests, never the engine
       finished = self._recover(e)
     return self._retire(finished)
@@ -335,8 +338,12 @@ class Engine:
       self.states = jax.tree.map(jnp.zeros_like, self.states)
     blamed = []
     self.kv.allocator.clear_prefix_cache()  # blocks committed for the failed work may hold no KV: recompute them
-    if self._ran_alone:
-      blamed = suspects
+    if self._ran_alone:  # a request failing alone twice in a row fails (once might be a transient fault)
+      blamed = [r for r in suspects if self._failed_alone.pop(r.id, 0) >= 1]
+      for r in suspects:
+        if all(r is not b for b in blamed):
+          self._failed_alone[r.id] = 1
+          self._suspects.insert(0, r)
     elif self._failed_iterations > MAX_FAILED_ITERATIONS or (not suspects and self._failed_iterations > 1):
       blamed = [r for r in self.requests.values() if r.status != Status.FINISHED]
     else:

@@ -39,22 +39,25 @@ from lwjax.serving.templates import PromptTemplate, TemplateError
 class EngineThread:
   """Owns the engine: submissions, cancellations and iterations all happen on its thread.
 
-  Every admitted request gets exactly one end on its queue: ("done", request) (a failed request carries its
-  `RequestError`) or ("error", RequestError) when the engine refused it, and for a WiM document ("done", run)
-  after its events. Nothing one request does can stop the thread: a refused submission, a failed iteration or a
-  callback that raises ends that request alone.
+  Every admitted unit (a request, or a WiM document) is answered exactly once: its queue gets ("done", request)
+  (a failed request carries its `RequestError`), or ("error", RequestError) then ("done", None) when it was refused
+  or aborted; a WiM document gets its events, then ("done", run). Nothing one request does can stop the thread: a
+  refused submission, a failed iteration or a callback that raises ends that request alone. At shutdown, what is
+  still running past the deadline is answered 503 from the draining thread, even while the engine thread is busy
+  (compiling a new shape, say).
   """
 
   def __init__(self, engine: Engine, *, max_queued: int, drain_seconds: float = 30.0):
     self.engine, self.max_queued, self.drain_seconds = engine, max_queued, drain_seconds
     self._inbox: queue.Queue = queue.Queue()
-    self._outstanding = 0
     self._lock = threading.Lock()
+    self._unanswered: dict[int, tuple] = {}  # id(out queue) -> (out, loop): admitted, not answered yet
     self.accepting = True
     self.counters = {"requests_total": 0, "requests_rejected_total": 0, "requests_failed_total": 0,
                      "generated_tokens_total": 0, "prompt_tokens_total": 0}
-    self._requests: dict[int, tuple] = {}  # id(request) -> (out queue, event loop)
-    self._by_out: dict[int, Any] = {}  # id(out queue) -> its request (ordinary requests, for cancellation)
+    # The engine thread's own books.
+    self._requests: dict[int, asyncio.Queue] = {}  # id(request) -> its out queue (ordinary requests)
+    self._by_out: dict[int, Any] = {}  # id(out queue) -> its request, for cancellation
     self._wim_runs: dict[int, tuple] = {}  # id(out queue) -> (WiM document, out, its event loop, pages reserved)
     # WiM documents not started yet: (make_run, out queue, event loop, pages). A document keeps its context's
     # pages between its turns, so the documents started at once must leave pages for their turns: more than the
@@ -67,27 +70,34 @@ class EngineThread:
 
   @property
   def outstanding(self) -> int:
-    return self._outstanding
+    return len(self._unanswered)
 
-  def _admit(self, prompt_tokens: int, count: int = 1) -> None:
-    """Counts `count` more outstanding requests (all or none), or refuses: 503 while draining, 429 past
-    max_queued (with Retry-After, as OpenAI and vLLM do)."""
+  def _admit(self, prompt_tokens: int, outs: list, loop) -> None:
+    """Registers `outs` as outstanding (all or none), or refuses: 503 while draining, 429 past max_queued (with
+    Retry-After, as OpenAI and vLLM do)."""
     with self._lock:
       if not self.accepting:
         raise fastapi.HTTPException(503, "server is shutting down", headers={"Retry-After": "5"})
-      if self._outstanding + count > self.max_queued:
+      if len(self._unanswered) + len(outs) > self.max_queued:
         self.counters["requests_rejected_total"] += 1
-        raise fastapi.HTTPException(429, f"queue full ({self._outstanding} of {self.max_queued} requests "
+        raise fastapi.HTTPException(429, f"queue full ({len(self._unanswered)} of {self.max_queued} requests "
                                     "outstanding); retry later", headers={"Retry-After": "1"})
-      self._outstanding += count
-      self.counters["requests_total"] += count
-      self.counters["prompt_tokens_total"] += prompt_tokens * count
+      for out in outs:
+        self._unanswered[id(out)] = (out, loop)
+      self.counters["requests_total"] += len(outs)
+      self.counters["prompt_tokens_total"] += prompt_tokens * len(outs)
 
-  def _done(self, count: int = 1, failed: bool = False) -> None:
+  def _answer(self, out: asyncio.Queue, *items, failed: bool = False) -> bool:
+    """Posts the last `items` of `out`'s unit and counts it answered; False (nothing posted) if it already was."""
     with self._lock:
-      self._outstanding -= count
+      entry = self._unanswered.pop(id(out), None)
+      if entry is None:
+        return False
       if failed:
-        self.counters["requests_failed_total"] += count
+        self.counters["requests_failed_total"] += 1
+    for item in items:
+      _post(entry[1], out, item)
+    return True
 
   def submit(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
     """Queues a request; its tokens, then ("done", request) arrive on the returned asyncio queue."""
@@ -95,12 +105,10 @@ class EngineThread:
 
   def submit_many(self, requests: list[tuple[list[int], SamplingParams]], loop) -> list[asyncio.Queue]:
     """Queues requests admitted together (the n choices of one API call): all of them, or a 429 for all."""
-    self._admit(len(requests[0][0]), len(requests))
-    queues = []
-    for prompt, params in requests:
-      out: asyncio.Queue = asyncio.Queue()
+    queues = [asyncio.Queue() for _ in requests]
+    self._admit(len(requests[0][0]), queues, loop)
+    for (prompt, params), out in zip(requests, queues, strict=True):
       self._inbox.put(("add", prompt, params, out, loop))
-      queues.append(out)
     return queues
 
   def cancel(self, out: asyncio.Queue) -> None:
@@ -119,14 +127,14 @@ class EngineThread:
     The document starts once the pages of `reserve_tokens` (its longest request; default its context) fit, with
     those of the documents already started, in half the pool (the rest is for their turns), or at once when no
     other document runs; until then it waits, in arrival order."""
-    self._admit(prompt_tokens)
     out: asyncio.Queue = asyncio.Queue()
+    self._admit(prompt_tokens, [out], loop)
     self._inbox.put(("wim", make_run, out, loop, reserve_tokens or prompt_tokens))
     return out
 
   def leaks(self, timeout: float = 30.0) -> list[str]:
-    """What the server still holds (checked on the engine thread between iterations): outstanding requests,
-    WiM documents, and the engine's `leaks()`. Empty once every request has finished or failed."""
+    """What the server still holds (checked on the engine thread between iterations): unanswered requests, WiM
+    documents, and the engine's `leaks()`. Empty once every request has finished or failed."""
     result: list[str] = []
     checked = threading.Event()
     self._inbox.put(("check", result, checked))
@@ -143,7 +151,12 @@ class EngineThread:
       except Exception:  # noqa: BLE001 - a bug here must not leave every client hanging
         error_id = uuid.uuid4().hex[:12]
         logging.exception("engine thread: unexpected failure (error id %s); failing every request", error_id)
-        self._abort_all(500, f"internal error (error id {error_id})", error_id)
+        try:
+          self._abort_all(500, f"internal error (error id {error_id})", error_id)
+        except Exception:  # noqa: BLE001
+          logging.exception("engine thread: failing the requests failed too (error id %s)", error_id)
+          self._answer_all(RequestError(500, f"internal error (error id {error_id})", error_id))
+          time.sleep(0.1)  # no tight loop of failures
 
   def _iterate(self) -> None:
     block = not self.engine.has_work()
@@ -160,19 +173,16 @@ class EngineThread:
 
   def _deliver(self, finished) -> None:
     for request in finished:
-      entry = self._requests.pop(id(request), None)
-      if entry is None:  # a turn of a WiM document: its events go through the document
+      out = self._requests.pop(id(request), None)
+      if out is None:  # a turn of a WiM document: its events go through the document
         continue
-      out, loop = entry
       self._by_out.pop(id(out), None)
-      _post(loop, out, ("done", request))
-      self._done(failed=request.error is not None)
+      self._answer(out, ("done", request), failed=request.error is not None)
 
   def _retire_wim_runs(self) -> None:
     for key in [k for k, (run, *_) in self._wim_runs.items() if run.done]:
-      run, out, loop, _ = self._wim_runs.pop(key)
-      _post(loop, out, ("done", run))
-      self._done(failed=run.error is not None)
+      run, out, _, _ = self._wim_runs.pop(key)
+      self._answer(out, ("done", run), failed=run.error is not None)
     self._start_waiting_wim()
 
   def _start_waiting_wim(self) -> None:
@@ -197,14 +207,14 @@ class EngineThread:
         if entry is not None:
           entry[0].cancel()  # whatever it submitted
         status = 400 if isinstance(e, ValueError) else 500
-        _post(loop, out, ("error", RequestError(status, str(e), error_id)))
-        _post(loop, out, ("done", None))
-        self._done(failed=True)
+        self._answer(out, ("error", RequestError(status, str(e), error_id)), ("done", None), failed=True)
 
   def _handle(self, item) -> None:
     kind = item[0]
     if kind == "add":
       _, prompt, params, out, loop = item
+      if id(out) not in self._unanswered:  # answered already (aborted at shutdown)
+        return
 
       def on_token(request, token, out=out, loop=loop):
         self.counters["generated_tokens_total"] += 1
@@ -214,10 +224,10 @@ class EngineThread:
       except Exception as e:  # noqa: BLE001 - what validation missed: this request fails, alone
         error_id = uuid.uuid4().hex[:12]
         logging.warning("request refused by the engine (error id %s): %s", error_id, e)
-        _post(loop, out, ("error", RequestError(400 if isinstance(e, ValueError) else 500, str(e), error_id)))
-        self._done(failed=True)
+        status = 400 if isinstance(e, ValueError) else 500
+        self._answer(out, ("error", RequestError(status, str(e), error_id)), failed=True)
         return
-      self._requests[id(request)] = (out, loop)
+      self._requests[id(request)] = out
       self._by_out[id(out)] = request
     elif kind == "cancel":
       request = self._by_out.get(id(item[1]))
@@ -225,13 +235,13 @@ class EngineThread:
         self.engine.cancel(request.id)
     elif kind == "wim":
       _, make_run, out, loop, tokens = item
-      self._wim_waiting.append((make_run, out, loop, -(-tokens // self.engine.kv.allocator.page_size)))
-      self._start_waiting_wim()
+      if id(out) in self._unanswered:
+        self._wim_waiting.append((make_run, out, loop, -(-tokens // self.engine.kv.allocator.page_size)))
+        self._start_waiting_wim()
     elif kind == "cancel_wim":
       for waiting in [w for w in self._wim_waiting if w[1] is item[1]]:  # its client left before it started
         self._wim_waiting.remove(waiting)
-        _post(waiting[2], waiting[1], ("done", None))
-        self._done()
+        self._answer(waiting[1], ("done", None))
       entry = self._wim_runs.get(id(item[1]))
       if entry is not None and not entry[0].done:
         entry[0].cancel()
@@ -245,8 +255,8 @@ class EngineThread:
 
   def _leaks(self) -> list[str]:
     problems = []
-    if self._outstanding:
-      problems.append(f"{self._outstanding} requests outstanding")
+    if self._unanswered:
+      problems.append(f"{len(self._unanswered)} requests not answered")
     if self._requests or self._by_out:
       problems.append(f"{len(self._requests)} requests awaiting delivery")
     if self._wim_runs or self._wim_waiting:
@@ -254,41 +264,53 @@ class EngineThread:
     return problems + self.engine.leaks()
 
   def _abort_all(self, status: int, message: str, error_id: str = "") -> None:
-    """Fails every request and document now (shutdown past its deadline, or a failure of this thread)."""
+    """Fails every request and document now, on the engine thread (shutdown past its deadline, or a failure of
+    this thread): their pages freed, their clients answered if they were not already."""
     error = RequestError(status, message, error_id)
     for run, *_ in list(self._wim_runs.values()):
       run.fail(error)
     while self._wim_waiting:
-      _, out, loop, _ = self._wim_waiting.popleft()
-      _post(loop, out, ("error", error))
-      _post(loop, out, ("done", None))
-      self._done(failed=True)
+      _, out, _, _ = self._wim_waiting.popleft()
+      self._answer(out, ("error", error), ("done", None), failed=True)
     for request in list(self.engine.requests.values()):
       self.engine.fail_request(request, status, message, error_id)
     self.engine.run_until_done()  # the cancellations the failed documents made
     self._deliver([r for r in list(self._by_out.values())])
     self._retire_wim_runs()
+    self._answer_all(error)
+
+  def _answer_all(self, error: RequestError) -> None:
+    """Answers every unanswered unit with `error` (from any thread)."""
+    with self._lock:
+      outs = [out for out, _ in self._unanswered.values()]
+    for out in outs:
+      self._answer(out, ("error", error), ("done", None), failed=True)
 
   def drain(self, timeout: float | None = None) -> None:
     """Refuses new requests (503), lets the outstanding ones finish until the deadline (`drain_seconds`), answers
-    what is left with 503, and stops the thread. Safe to call more than once (a signal and the app's shutdown)."""
+    what is left with 503 at once (the engine thread frees their pages when it next can), and stops the thread.
+    Safe to call more than once (a signal and the app's shutdown)."""
     with self._drain_lock:
       if self._stop.is_set():
         return
       with self._lock:
         self.accepting = False
       deadline = time.monotonic() + (self.drain_seconds if timeout is None else timeout)
-      while self._outstanding and time.monotonic() < deadline and self._thread.is_alive():
+      while self._unanswered and time.monotonic() < deadline and self._thread.is_alive():
         time.sleep(0.02)
-      if self._outstanding:
+      if self._unanswered:
         logging.warning("shutdown: %d requests still running at the drain deadline; answering them 503",
-                        self._outstanding)
-        self._inbox.put(("abort", 503, "the server shut down before the request finished"))
-        until = time.monotonic() + 10
-        while self._outstanding and time.monotonic() < until and self._thread.is_alive():
+                        len(self._unanswered))
+        message = "the server shut down before the request finished"
+        self._inbox.put(("abort", 503, message))
+        self._answer_all(RequestError(503, message))
+        until = time.monotonic() + 2  # let the engine thread free what it held, if it is not busy
+        while self._thread.is_alive() and time.monotonic() < until and not self._inbox.empty():
           time.sleep(0.02)
       self._stop.set()
-      self._thread.join(timeout=10)
+      self._thread.join(timeout=5)
+      if not self._thread.is_alive():  # the engine is ours now: free what the last requests held
+        self._abort_all(503, "the server shut down before the request finished")
 
 
 def _post(loop: asyncio.AbstractEventLoop, out: asyncio.Queue, item) -> None:

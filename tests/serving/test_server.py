@@ -96,10 +96,11 @@ def test_bad_requests_get_4xx_naming_the_field(client, body, status, param):
 def test_a_full_queue_gets_429(model):
   app = create_app(_engine(model), TOK, model_name="tiny", max_queued=1)
   with TestClient(app) as c:
-    app.state.worker._outstanding = 1  # as if one request were in flight
+    app.state.worker._unanswered[0] = (None, None)  # as if one request were in flight
     r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
-    app.state.worker._outstanding = 0
+    del app.state.worker._unanswered[0]
   assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+  assert r.headers["retry-after"] == "1"
 
 
 def _free_port():

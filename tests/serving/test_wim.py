@@ -149,8 +149,8 @@ def test_wim_turns_share_batches_with_ordinary_requests(model):
   batches = []
   schedule = engine.scheduler.schedule
 
-  def recording():
-    work = schedule()
+  def recording(only=None):
+    work = schedule(only)
     batches.append({w.request.id for w in work})
     return work
   engine.scheduler.schedule = recording
