@@ -39,7 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    "prefill_chunk": 64, "max_model_len": 128, "nano_batches": 1, "async_scheduling": True,
                    "mixed_batches": True,
                    "kv_offload": {"host_bytes": 0, "disk_dir": "", "disk_bytes": 0}}
-  config.server = {"host": "127.0.0.1", "port": 8000, "model_name": "lwjax", "max_queued": 256, "drain_seconds": 30.0}
+  config.server = {"host": "127.0.0.1", "port": 8000, "model_name": "lwjax", "max_queued": 256, "drain_seconds": 30.0,
+                   "ignore_unknown_fields": False, "api_key": ""}
   if scale == "cpu":
     config.model.update(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
                         d_ff=384, max_seq_len=256)

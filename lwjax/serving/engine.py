@@ -26,7 +26,7 @@ from flax import nnx
 from lwjax import kernels, memory_maps
 from lwjax.models.gpt import GPT
 from lwjax.serving.kv_cache import PagedKVCache
-from lwjax.serving.sampling import SamplingParams, batch_arrays, sample
+from lwjax.serving.sampling import MAX_TOP_LOGPROBS, SamplingParams, batch_arrays, sample, sample_with_logprobs
 from lwjax.serving.scheduler import Request, RequestError, Scheduler, Stalled, Status, Work
 
 
@@ -45,8 +45,16 @@ PLACEHOLDER = -1  # an output token sampled on the device but not yet read by th
 DEFAULT_PARAMS = SamplingParams()  # frozen, so one instance can be every call's default
 
 
+def _sample(logits, sampling_arrays, num_logprobs: int):
+  """Tokens, or (tokens, (logprobs, top ids, top logprobs)) when a row asks for logprobs (`num_logprobs` > 0)."""
+  if num_logprobs:
+    return sample_with_logprobs(logits, *sampling_arrays, num_logprobs)
+  return sample(logits, *sampling_arrays)
+
+
 def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, page_table, lengths,
-         previous_tokens, previous_index, sampling_arrays, sample_rows, nano_batches, states, recurrent_rows):
+         previous_tokens, previous_index, sampling_arrays, sample_rows, nano_batches, states, recurrent_rows,
+         num_logprobs=0):
   """One group of rows: fill placeholders from the previous iteration's device tokens, run, sample.
 
   A hybrid (Mamba layers) also takes its per-slot recurrent `states` and, per row, (state slot, fresh,
@@ -61,10 +69,10 @@ def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, p
     logits, k_pools, v_pools, states = model.paged_step(
         tokens, k_pools, v_pools, (slot_pages, slot_offsets), page_table, lengths, nano_batches, last_only=True,
         states=states, state_slots=state_slots, fresh=fresh, num_new=num_new)
-  return sample(logits[sample_rows, -1], *sampling_arrays), k_pools, v_pools, states
+  return _sample(logits[sample_rows, -1], sampling_arrays, num_logprobs), k_pools, v_pools, states
 
 
-def _run_mixed(graphdef, params, k_pools, v_pools, previous_tokens, groups):
+def _run_mixed(graphdef, params, k_pools, v_pools, previous_tokens, groups, num_logprobs=0):
   """Decodes and prefill chunks in one model call: `groups` holds per group (tokens, placeholder sources,
   slot pages, slot offsets, page table, lengths, sampling arrays, sample rows); returns (the sampled tokens
   of each group, k_pools, v_pools)."""
@@ -72,21 +80,26 @@ def _run_mixed(graphdef, params, k_pools, v_pools, previous_tokens, groups):
   inputs = [(jnp.where(tokens == PLACEHOLDER, previous_tokens[source], tokens), (pages, offsets), table, lengths)
             for tokens, source, pages, offsets, table, lengths, _, _ in groups]
   logits, k_pools, v_pools = model.paged_step_groups(inputs, k_pools, v_pools)
-  sampled = tuple(sample(group_logits[rows], *arrays)
+  sampled = tuple(_sample(group_logits[rows], arrays, num_logprobs)
                   for group_logits, (*_, arrays, rows) in zip(logits, groups, strict=True))
   return sampled, k_pools, v_pools
 
 
 @functools.lru_cache(maxsize=16)
 def _compiled_mixed(graphdef):
-  return jax.jit(functools.partial(_run_mixed, graphdef), donate_argnums=(1, 2))
+  return jax.jit(functools.partial(_run_mixed, graphdef), donate_argnums=(1, 2), static_argnums=5)
 
 
 @functools.lru_cache(maxsize=16)
 def _compiled_step(graphdef):
   """The jitted step for one model structure, shared by engines of that structure. The graph definition
   is bound here once: hashing it as a static argument on every call costs ~0.3 ms."""
-  return jax.jit(functools.partial(_run, graphdef), static_argnums=12, donate_argnums=(2, 3, 13))
+  return jax.jit(functools.partial(_run, graphdef), static_argnums=(12, 15), donate_argnums=(2, 3, 13))
+
+
+def _tokens_of(sampled):
+  """The sampled tokens of a group's step output: tokens, or (tokens, logprob arrays)."""
+  return sampled[0] if isinstance(sampled, tuple) else sampled
 
 
 class Engine:
@@ -408,6 +421,8 @@ class Engine:
     # Chunks padded to the power of two that holds the longest (a 6-token prompt is not run as 64 tokens).
     chunk_width = _bucket(max((len(w.tokens) for w in chunks), default=1), self.prefill_chunk, MIN_CHUNK_WIDTH)
     groups = [(group, width) for group, width in ((decodes, 1), (chunks, chunk_width)) if group]
+    # Logprobs only where a row asks for them (another program; none of their cost otherwise).
+    num_logprobs = MAX_TOP_LOGPROBS if any(w.samples and w.request.params.logprobs is not None for w in work) else 0
     if self.mixed_batches and len(groups) > 1:
       # Few shapes: a mixed program's shape would otherwise be the product of both groups' rows and page-table
       # buckets with the chunk width (hundreds of programs in a long WiM read, each holding ~200 memory maps of
@@ -417,11 +432,11 @@ class Engine:
       prepared = [self._group_inputs(group, width, previous_index, pages, self._max_rows if width == 1 else None)
                   for group, width in groups]
       tokens, self.kv.k, self.kv.v = self._run_mixed(self.params, self.kv.k, self.kv.v, previous_tokens,
-                                                     tuple(inputs for _, inputs in prepared))
+                                                     tuple(inputs for _, inputs in prepared), num_logprobs)
       out = [(sampling, group_tokens) for (sampling, _), group_tokens in zip(prepared, tokens, strict=True)]
       self.num_model_calls += 1
     else:
-      out = [self._run_group(group, width, previous_tokens, previous_index) for group, width in groups]
+      out = [self._run_group(group, width, previous_tokens, previous_index, num_logprobs) for group, width in groups]
       self.num_model_calls += len(groups)
     for sampling, _ in out:
       for w in sampling:
@@ -433,7 +448,8 @@ class Engine:
     if not self._in_flight:
       return jnp.zeros((self._previous_size,), jnp.int32), {}
     index, arrays, size = {}, [], 0
-    for sampling, tokens in self._in_flight:
+    for sampling, sampled in self._in_flight:
+      tokens = _tokens_of(sampled)
       for i, w in enumerate(sampling):
         index[w.request.id] = size + i
       arrays.append(tokens)
@@ -441,14 +457,14 @@ class Engine:
     arrays.append(jnp.zeros((self._previous_size - size,), jnp.int32))
     return jnp.concatenate(arrays), index
 
-  def _run_group(self, group: list[Work], width: int, previous_tokens, previous_index):
+  def _run_group(self, group: list[Work], width: int, previous_tokens, previous_index, num_logprobs: int = 0):
     sampling, (tokens, source, slot_pages, slot_offsets, page_table, lengths, arrays, sample_rows) = \
         self._group_inputs(group, width, previous_index)
     rows = tokens.shape[0]
     new_tokens, self.kv.k, self.kv.v, self.states = self._run(
         self.params, tokens, self.kv.k, self.kv.v, slot_pages, slot_offsets, page_table, lengths,
         previous_tokens, source, arrays, sample_rows, self.nano_batches, self.states,
-        self._recurrent_rows(group, rows) if self.hybrid else None)
+        self._recurrent_rows(group, rows) if self.hybrid else None, num_logprobs)
     return sampling, new_tokens
 
   def _padded_rows(self, n: int) -> int:
@@ -513,15 +529,20 @@ class Engine:
   def _resolve(self, dispatched) -> list[Request]:
     """Reads sampled tokens, replaces placeholders, streams them, and retires finished requests."""
     finished = []
-    for sampling, device_tokens in dispatched or ():
+    for sampling, sampled in dispatched or ():
       start = time.perf_counter()
-      host_tokens = np.asarray(device_tokens).tolist()
+      host_tokens = np.asarray(_tokens_of(sampled)).tolist()
       self.wait_seconds += time.perf_counter() - start
-      for w, token in zip(sampling, host_tokens, strict=False):
+      logprobs = [np.asarray(a) for a in sampled[1]] if isinstance(sampled, tuple) else None
+      for row, (w, token) in enumerate(zip(sampling, host_tokens, strict=False)):
         request = w.request
         if request.status == Status.FINISHED:
           continue  # the extra token of a request that finished one iteration late
         request.output[request.output.index(PLACEHOLDER)] = token
+        if logprobs is not None and request.params.logprobs is not None:
+          chosen, top_ids, top_logprobs = logprobs
+          k = request.params.logprobs
+          request.logprobs.append((float(chosen[row]), top_ids[row, :k].tolist(), top_logprobs[row, :k].tolist()))
         if request.on_token is not None:
           try:
             request.on_token(request, token)

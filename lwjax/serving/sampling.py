@@ -8,11 +8,14 @@ token it generates, never on which other requests share the batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+MAX_TOP_LOGPROBS = 20  # the most alternatives a token's logprobs report (OpenAI's limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +29,7 @@ class SamplingParams:
   stop: tuple[str, ...] = ()
   n: int = 1
   ignore_eos: bool = False
+  logprobs: int | None = None  # report each generated token's logprob and this many top alternatives (0-20)
 
   def __post_init__(self):
     object.__setattr__(self, "stop", tuple(self.stop) if not isinstance(self.stop, str) else (self.stop,))
@@ -35,6 +39,7 @@ class SamplingParams:
         ("top_k", self.top_k >= 0, ">= 0 (0 = no limit)"),
         ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
         ("n", 1 <= self.n <= 128, "1 to 128"),
+        ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, f"0 to {MAX_TOP_LOGPROBS}"),
     ):
       if not ok:
         raise ValueError(f"{name}: {getattr(self, name)!r} is invalid (valid: {valid})")
@@ -69,6 +74,18 @@ def sample(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, step_b):
     return jnp.where(temperature_b > 0, sampled, greedy).astype(jnp.int32)
 
   return jax.lax.cond(jnp.any(temperature_b > 0), stochastic, lambda _: greedy, None)
+
+
+@functools.partial(jax.jit, static_argnums=6)
+def sample_with_logprobs(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, step_b, num_top: int):
+  """`sample`'s tokens, and from the same logits: each token's logprob [b] and the `num_top` most likely tokens
+  [b, num_top] with their logprobs. The logprobs are the model's own log-softmax, before temperature, top-k and
+  top-p (vLLM's default `raw_logprobs`): a token's probability under the model, whatever the sampling."""
+  tokens = sample(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, step_b)
+  logprobs = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
+  chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+  top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
+  return tokens, (chosen, top_ids.astype(jnp.int32), top_logprobs)
 
 
 def batch_arrays(params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int]) -> tuple:

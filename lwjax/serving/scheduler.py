@@ -57,6 +57,8 @@ class Request:
   finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
   cancelled: bool = False
   error: RequestError | None = None  # set with finish_reason "error"
+  # With params.logprobs: per output token, (its logprob, the top token ids, their logprobs).
+  logprobs: list[tuple[float, list[int], list[float]]] = dataclasses.field(default_factory=list)
   text: str = ""
 
   @property

@@ -44,6 +44,10 @@ SCHEMA = {
         "max_queued": positive_int("requests waiting or running before new ones get 429"),
         "drain_seconds": Field((int, float), min=0, doc="on SIGTERM: how long running requests may take to finish "
                                "before they are answered 503 and the server exits"),
+        "ignore_unknown_fields": Field(bool, doc="ignore request fields the API does not know (vLLM's behaviour; "
+                                       "logged once per field) instead of answering 400"),
+        "api_key": Field(str, doc="required as 'Authorization: Bearer <key>' on every endpoint but /health; empty: "
+                         "the LWJAX_API_KEY environment variable, or none"),
     },
 }
 
@@ -120,7 +124,12 @@ def run(config, workdir: str) -> None:
   from lwjax.serving.server import create_app, make_server
   tokenizer = load_tokenizer(config)
   engine = make_engine(config, load_model(config), tokenizer)
+  api_key = config.server.api_key or os.environ.get("LWJAX_API_KEY", "")
+  if not api_key and config.server.host not in ("127.0.0.1", "localhost", "::1"):
+    logging.warning("serving on %s without an API key: anyone who reaches it can use it (set server.api_key or "
+                    "LWJAX_API_KEY)", config.server.host)
   app = create_app(engine, tokenizer, model_name=config.server.model_name, max_queued=config.server.max_queued,
-                   drain_seconds=config.server.drain_seconds)
+                   drain_seconds=config.server.drain_seconds,
+                   ignore_unknown_fields=config.server.ignore_unknown_fields, api_key=api_key or None)
   logging.info("serving %s on http://%s:%d/v1", config.server.model_name, config.server.host, config.server.port)
   make_server(app, host=config.server.host, port=config.server.port).run()

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import queue
@@ -31,7 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from lwjax.serving import wim
 from lwjax.serving.engine import Engine
-from lwjax.serving.sampling import SamplingParams
+from lwjax.serving.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from lwjax.serving.scheduler import RequestError
 from lwjax.serving.templates import PromptTemplate, TemplateError
 
@@ -73,6 +74,7 @@ class EngineThread:
     return len(self._unanswered)
 
   def _admit(self, prompt_tokens: int, outs: list, loop) -> None:
+    """`prompt_tokens`: of all `outs` together."""
     """Registers `outs` as outstanding (all or none), or refuses: 503 while draining, 429 past max_queued (with
     Retry-After, as OpenAI and vLLM do)."""
     with self._lock:
@@ -85,7 +87,7 @@ class EngineThread:
       for out in outs:
         self._unanswered[id(out)] = (out, loop)
       self.counters["requests_total"] += len(outs)
-      self.counters["prompt_tokens_total"] += prompt_tokens * len(outs)
+      self.counters["prompt_tokens_total"] += prompt_tokens
 
   def _answer(self, out: asyncio.Queue, *items, failed: bool = False) -> bool:
     """Posts the last `items` of `out`'s unit and counts it answered; False (nothing posted) if it already was."""
@@ -106,7 +108,7 @@ class EngineThread:
   def submit_many(self, requests: list[tuple[list[int], SamplingParams]], loop) -> list[asyncio.Queue]:
     """Queues requests admitted together (the n choices of one API call): all of them, or a 429 for all."""
     queues = [asyncio.Queue() for _ in requests]
-    self._admit(len(requests[0][0]), queues, loop)
+    self._admit(sum(len(prompt) for prompt, _ in requests), queues, loop)
     for (prompt, params), out in zip(requests, queues, strict=True):
       self._inbox.put(("add", prompt, params, out, loop))
     return queues
@@ -320,11 +322,18 @@ def _post(loop: asyncio.AbstractEventLoop, out: asyncio.Queue, item) -> None:
     loop.call_soon_threadsafe(out.put_nowait, item)
 
 
-class CompletionRequest(pydantic.BaseModel):
-  model_config = pydantic.ConfigDict(extra="ignore")
+class StreamOptions(pydantic.BaseModel):
+  model_config = pydantic.ConfigDict(extra="forbid")
+  include_usage: bool = False
+
+
+class _Generation(pydantic.BaseModel):
+  """The sampling fields completions and chat share (OpenAI's, with vLLM's `top_k` and `ignore_eos`). Fields
+  OpenAI defines that this server does not implement yet are declared, so that setting one is a 400 naming it
+  (`_unsupported`) rather than silently ignored; unknown fields are refused the same way unless the server runs
+  with `server.ignore_unknown_fields` (`model_extra`)."""
+  model_config = pydantic.ConfigDict(extra="allow")
   model: str
-  prompt: str | list[int]
-  max_tokens: int = pydantic.Field(16, ge=1)
   temperature: float = pydantic.Field(1.0, ge=0.0, le=100.0)
   top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
   top_k: int = pydantic.Field(0, ge=0)
@@ -332,6 +341,26 @@ class CompletionRequest(pydantic.BaseModel):
   stop: str | list[str] | None = None
   seed: int | None = None
   stream: bool = False
+  stream_options: StreamOptions | None = None
+  ignore_eos: bool = False
+  user: str | None = pydantic.Field(None, description="accepted; no effect (OpenAI uses it for abuse monitoring)")
+  presence_penalty: float = pydantic.Field(0.0, description="only 0 (penalties are not implemented yet)")
+  frequency_penalty: float = pydantic.Field(0.0, description="only 0 (penalties are not implemented yet)")
+  repetition_penalty: float = pydantic.Field(1.0, description="only 1 (penalties are not implemented yet)")
+  logit_bias: dict[str, float] | None = pydantic.Field(None, description="only empty (not implemented yet)")
+  min_tokens: int = pydantic.Field(0, description="only 0 (not implemented yet)")
+
+
+class CompletionRequest(_Generation):
+  prompt: str | list[str] | list[int] | list[list[int]] = pydantic.Field(
+      description="a string, a list of strings, a list of token ids, or a list of token-id lists (one choice per "
+                  "prompt and n, indexed prompt-major)")
+  max_tokens: int = pydantic.Field(16, ge=1)
+  logprobs: int | None = pydantic.Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                        description="each generated token's logprob and this many top alternatives")
+  echo: bool = pydantic.Field(False, description="only false (prompt logprobs are not implemented yet)")
+  best_of: int | None = pydantic.Field(None, description="only unset or equal to n")
+  suffix: str | None = pydantic.Field(None, description="refused: no insertion mode")
 
 
 WIM_EXTRACTION = ('\n\nGiven the above context, extract all information relevant to the query: "{query}". '
@@ -359,13 +388,26 @@ class WiMBody(pydantic.BaseModel):
 
 
 class ChatMessage(pydantic.BaseModel):
-  role: str = pydantic.Field(pattern="^(system|user|assistant)$")
+  model_config = pydantic.ConfigDict(extra="forbid")
+  role: str = pydantic.Field(pattern="^(system|user|assistant)$",
+                             description="system, user or assistant (the chat template has no tool or developer turn)")
   content: str
+  name: str | None = None
 
 
-class ChatRequest(CompletionRequest):
-  prompt: str | list[int] = ""
+class ChatRequest(_Generation):
   messages: list[ChatMessage] = pydantic.Field(min_length=1)
+  max_tokens: int | None = pydantic.Field(None, ge=1)
+  max_completion_tokens: int | None = pydantic.Field(None, ge=1, description="max_tokens under its newer name")
+  logprobs: bool = False
+  top_logprobs: int | None = pydantic.Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+  tools: list | None = pydantic.Field(None, description="refused: no tool calling")
+  tool_choice: Any = pydantic.Field(None, description="refused: no tool calling")
+  response_format: dict | None = pydantic.Field(None, description="refused: no constrained decoding")
+
+  @property
+  def max_new_tokens(self) -> int:
+    return self.max_completion_tokens or self.max_tokens or 16
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
@@ -378,7 +420,7 @@ def _error(status: int, message: str, param: str | None = None, headers: dict | 
 
 
 def _error_body(status: int, message: str, param: str | None = None) -> dict:
-  kind = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
+  kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
           503: "service_unavailable"}.get(status, "server_error")
   return {"message": message, "type": kind, "param": param, "code": status}
 
@@ -388,13 +430,28 @@ def _request_error(error: RequestError) -> JSONResponse:
   return _error(error.status, error.message, param if param and param.isidentifier() else None)
 
 
-def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 256,
-               drain_seconds: float = 30.0) -> fastapi.FastAPI:
+def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 256, drain_seconds: float = 30.0,
+               ignore_unknown_fields: bool = False, api_key: str | None = None) -> fastapi.FastAPI:
   """The app; the engine thread starts now and drains when the app shuts down (`drain_seconds`: how long the
-  running requests may take to finish before they are answered 503)."""
+  running requests may take to finish before they are answered 503). A field the API does not know is a 400,
+  or with `ignore_unknown_fields` (vLLM's behaviour) ignored and logged once per field name. With `api_key`,
+  every endpoint but /health needs `Authorization: Bearer <api_key>` (401 otherwise)."""
   worker = EngineThread(engine, max_queued=max_queued, drain_seconds=drain_seconds)
   app = fastapi.FastAPI(title="lwjax", on_shutdown=[worker.drain])
   app.state.worker = worker
+
+  if api_key:
+    expected = api_key.encode()
+
+    @app.middleware("http")
+    async def require_api_key(http: fastapi.Request, call_next):
+      if http.url.path != "/health":
+        header = http.headers.get("authorization", "")
+        given = header[len("bearer "):].strip() if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), expected):  # constant time
+          return _error(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                        headers={"WWW-Authenticate": "Bearer"})
+      return await call_next(http)
 
   @app.exception_handler(RequestValidationError)
   async def invalid(_, exc: RequestValidationError):
@@ -405,6 +462,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
   @app.exception_handler(fastapi.HTTPException)
   async def http_error(_, exc: fastapi.HTTPException):
     return _error(exc.status_code, str(exc.detail), headers=exc.headers)
+
+  ignored_fields: set[str] = set()
 
   def encode(prompt) -> list[int]:
     if isinstance(prompt, list):
@@ -417,29 +476,49 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
       raise _Invalid("prompt", "empty: the prompt has no tokens (valid: a non-empty string or token list)")
     return ids
 
-  def sampling(req: CompletionRequest, prompt_len: int) -> SamplingParams:
+  def check_fields(req: _Generation, chat: bool) -> None:
+    """400 for a field set to what this server does not do, or a field it does not know."""
+    for field, message in _unsupported(req, chat):
+      raise _Invalid(field, f"{field}: {message}")
+    for field in req.model_extra or {}:
+      if not ignore_unknown_fields:
+        known = ", ".join(sorted(type(req).model_fields))
+        raise _Invalid(field, f"{field}: unknown field (this server's fields: {known}; or start it with "
+                       "server.ignore_unknown_fields=true to ignore unknown fields, as vLLM does)")
+      if field not in ignored_fields:
+        ignored_fields.add(field)
+        logging.warning("ignoring the unknown request field %r (server.ignore_unknown_fields)", field)
+
+  def sampling(req: _Generation, max_tokens: int, logprobs: int | None, prompts: list[list[int]]) -> SamplingParams:
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     try:
-      params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_k=req.top_k,
-                              top_p=req.top_p, seed=req.seed, stop=stop)
-      engine.check_length(prompt_len, req.max_tokens)
+      params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                              seed=req.seed, stop=stop, ignore_eos=req.ignore_eos, logprobs=logprobs)
+      for ids in prompts:
+        engine.check_length(len(ids), max_tokens)
     except ValueError as e:
       raise _Invalid(str(e).split(":")[0], str(e)) from None
     return params
 
-  async def generate(http: fastapi.Request, req: CompletionRequest, prompt, chat: bool):
+  async def generate(http: fastapi.Request, req: _Generation, chat: bool):
     if req.model != model_name:
       return _error(404, f"model {req.model!r} not found (valid: {model_name!r})", "model")
     try:
-      ids = encode(prompt)
-      params = sampling(req, len(ids))
+      check_fields(req, chat)
+      texts = [chat_prompt(req.messages)] if chat else _prompt_list(req.prompt)
+      prompts = [encode(p) for p in texts]
+      max_tokens = req.max_new_tokens if chat else req.max_tokens
+      logprobs = ((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs
+      params = sampling(req, max_tokens, logprobs, prompts)
     except _Invalid as e:
       return _error(400, e.message, e.param)
     loop = asyncio.get_running_loop()
-    queues = worker.submit_many([(ids, _seeded(params, req.seed, i)) for i in range(req.n)], loop)
+    queues = worker.submit_many([(ids, _seeded(params, req.seed, i)) for ids in prompts for i in range(req.n)], loop)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    prompt_tokens = sum(len(ids) * req.n for ids in prompts)
     if req.stream:
-      return StreamingResponse(_stream(worker, queues, rid, req, chat, tokenizer), media_type="text/event-stream")
+      return StreamingResponse(_stream(worker, queues, rid, req, chat, tokenizer, prompt_tokens),
+                               media_type="text/event-stream")
     requests = await _unless_disconnected(http, asyncio.gather(*(_drain(q) for q in queues)))
     if requests is None:  # the client left: stop generating for it
       for q in queues:
@@ -449,18 +528,24 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
                                                                        if not isinstance(r, RequestError) and r.error]
     if errors:
       return _request_error(errors[0])
-    choices = [_choice(i, _final_text(r, tokenizer), r.finish_reason, chat) for i, r in enumerate(requests)]
-    usage = {"prompt_tokens": len(ids), "completion_tokens": sum(len(r.output) for r in requests)}
+    choices = []
+    for k, r in enumerate(requests):
+      choice = _choice(k, _final_text(r, tokenizer), r.finish_reason, chat)
+      if logprobs is not None:
+        prompt_chars = 0 if chat or not isinstance(texts[k // req.n], str) else len(texts[k // req.n])
+        choice["logprobs"] = (_chat_logprobs if chat else _completion_logprobs)(r, tokenizer, prompt_chars)
+      choices.append(choice)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(len(r.output) for r in requests)}
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model_name, "choices": choices, "usage": {**usage, "total_tokens": sum(usage.values())}}
 
   @app.post("/v1/completions")
   async def completions(req: CompletionRequest, http: fastapi.Request):
-    return await generate(http, req, req.prompt, chat=False)
+    return await generate(http, req, chat=False)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(req: ChatRequest, http: fastapi.Request):
-    return await generate(http, req, chat_prompt(req.messages), chat=True)
+    return await generate(http, req, chat=True)
 
   @app.post("/v1/wim")
   async def writing_in_the_margins(req: WiMBody, http: fastapi.Request):
@@ -617,6 +702,72 @@ class _Invalid(Exception):
     self.param, self.message = param, message
 
 
+def _prompt_list(prompt) -> list:
+  """A completion's prompts: a string or a token-id list is one prompt; a list of either, one each."""
+  if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+    return [prompt]
+  if not prompt:
+    raise _Invalid("prompt", "prompt: empty (valid: a string, a list of strings, token ids or token-id lists)")
+  return list(prompt)
+
+
+def _unsupported(req: _Generation, chat: bool) -> list[tuple[str, str]]:
+  """(field, why) for each field set to something this server does not do; empty when it does all of it."""
+  problems = []
+  for field, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
+                         ("min_tokens", 0)):
+    if getattr(req, field) != default:
+      problems.append((field, f"only {default} is supported (not implemented yet)"))
+  if req.logit_bias:
+    problems.append(("logit_bias", "only an empty bias is supported (not implemented yet)"))
+  if req.stream_options is not None and not req.stream:
+    problems.append(("stream_options", "only with stream=true"))
+  wants_logprobs = req.logprobs if chat else req.logprobs is not None
+  if req.stream and wants_logprobs:
+    problems.append(("logprobs", "not with stream=true yet (ask without streaming)"))
+  if chat:
+    for field in ("tools", "tool_choice", "response_format"):
+      if getattr(req, field) is not None:
+        problems.append((field, "not supported by this server"))
+    if req.top_logprobs is not None and not req.logprobs:
+      problems.append(("top_logprobs", "needs logprobs=true"))
+  else:
+    if req.echo:
+      problems.append(("echo", "prompt logprobs are not implemented yet (only echo=false)"))
+    if req.best_of not in (None, req.n):
+      problems.append(("best_of", f"only unset or equal to n ({req.n})"))
+    if req.suffix is not None:
+      problems.append(("suffix", "no insertion mode: refused"))
+  return problems
+
+
+def _token_text(tokenizer, token: int) -> str:
+  return tokenizer.decode([token])
+
+
+def _completion_logprobs(request, tokenizer, prompt_chars: int) -> dict:
+  """OpenAI's completions `logprobs`: tokens, token_logprobs, top_logprobs ({token: logprob}) and text_offset
+  (character offsets into prompt + completion)."""
+  tokens = [_token_text(tokenizer, t) for t in request.output]
+  offsets, at = [], prompt_chars
+  for text in tokens:
+    offsets.append(at)
+    at += len(text)
+  return {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in request.logprobs],
+          "top_logprobs": [{_token_text(tokenizer, i): v for i, v in zip(ids, values, strict=True)}
+                           for _, ids, values in request.logprobs],
+          "text_offset": offsets}
+
+
+def _chat_logprobs(request, tokenizer, _prompt_chars: int = 0) -> dict:
+  """OpenAI's chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+  def entry(token: int, logprob: float) -> dict:
+    text = _token_text(tokenizer, token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+  return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in zip(ids, values, strict=True)]}
+                      for t, (lp, ids, values) in zip(request.output, request.logprobs, strict=True)]}
+
+
 def _seeded(params: SamplingParams, seed: int | None, i: int) -> SamplingParams:
   return dataclasses.replace(params, seed=None if seed is None else seed + i)
 
@@ -655,9 +806,10 @@ def _error_event(error: RequestError) -> str:
   return f"data: {json.dumps({'error': _error_body(error.status, error.message)})}\n\n"
 
 
-async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, tokenizer):
-  """SSE events: one per new text piece of each choice, then the finish reasons, then [DONE]. A choice that fails
-  sends an `error` event (OpenAI's error object; the others are cancelled) before [DONE].
+async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, tokenizer, prompt_tokens: int = 0):
+  """SSE events: one per new text piece of each choice (chat: a first delta with the role), then the finish
+  reasons, with `stream_options.include_usage` a last chunk with the usage and no choices, then [DONE]. A choice
+  that fails sends an `error` event (OpenAI's error object; the others are cancelled) before [DONE].
 
   Text that could still turn into a stop string is held back until it cannot, so a stream never
   shows text that the final, stop-truncated answer does not have.
@@ -668,8 +820,16 @@ async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, token
   pending = {i: q for i, q in enumerate(queues)}
   emitted = {i: "" for i in pending}
   tokens = {i: [] for i in pending}
+  completion_tokens = 0
   failed = False
+
+  def chunk(i, delta, finish):
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": req.model,
+            "choices": [{"index": i, **delta, "finish_reason": finish}]}
   try:
+    if chat:
+      for i in pending:
+        yield f"data: {json.dumps(chunk(i, {'delta': {'role': 'assistant', 'content': ''}}, None))}\n\n"
     while pending and not failed:
       getters = {asyncio.ensure_future(q.get()): i for i, q in pending.items()}
       done, rest = await asyncio.wait(getters, return_when=asyncio.FIRST_COMPLETED)
@@ -694,11 +854,14 @@ async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, token
             failed = True
             break
           piece, finish = _final_text(value, tokenizer)[len(emitted[i]):], value.finish_reason
+          completion_tokens += len(value.output)
         emitted[i] += piece
         delta = {"delta": {"content": piece}} if chat else {"text": piece}
-        chunk = {"id": rid, "object": obj, "created": int(time.time()), "model": req.model,
-                 "choices": [{"index": i, **delta, "finish_reason": finish}]}
-        yield f"data: {json.dumps(chunk)}\n\n"
+        yield f"data: {json.dumps(chunk(i, delta, finish))}\n\n"
+    if not failed and req.stream_options is not None and req.stream_options.include_usage:
+      usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+               "total_tokens": prompt_tokens + completion_tokens}
+      yield f"data: {json.dumps({**chunk(0, {}, None), 'choices': [], 'usage': usage})}\n\n"
     yield "data: [DONE]\n\n"
   finally:
     for q in pending.values():  # the client went away, or a choice failed: stop generating the rest

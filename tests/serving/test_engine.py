@@ -4,6 +4,7 @@ stop strings and seeded sampling."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -212,3 +213,27 @@ def test_bad_requests_name_the_field(model):
     engine.add_request(list(range(60)), SamplingParams(max_tokens=10))
   with pytest.raises(ValueError, match="^prompt: empty"):
     engine.add_request([], GREEDY)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, max_tokens=6, logprobs=3),
+                                    SamplingParams(temperature=1.0, max_tokens=6, seed=5, logprobs=0)])
+def test_logprobs_equal_the_models_log_softmax(model, params):
+  """Each generated token's logprob and its top alternatives are the model's own log-softmax at that position
+  (before temperature), through chunked prefill and batching with requests that ask for none."""
+  engine = Engine(model, num_pages=64, page_size=4, prefill_chunk=4, max_batch_tokens=16, max_num_seqs=4)
+  prompts = _prompts(3, seed=3)
+  asking = engine.add_request(prompts[0] + [7, 8, 9], params)
+  others = [engine.add_request(p, GREEDY) for p in prompts[1:]]
+  engine.run_until_done()
+  assert all(r.logprobs == [] for r in others)
+  assert [r.output for r in others] == [_greedy(model, p, 6) for p in prompts[1:]]
+  tokens = asking.prompt + asking.output
+  logits, _ = model.prefill(jnp.array([tokens[:-1]]), model.init_cache(1, 64))
+  reference = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1))
+  assert len(asking.logprobs) == len(asking.output) == 6
+  k = params.logprobs
+  for i, (logprob, top_ids, top_logprobs) in enumerate(asking.logprobs):
+    row = reference[len(asking.prompt) - 1 + i]
+    np.testing.assert_allclose(logprob, row[asking.output[i]], atol=1e-4)
+    assert top_ids == np.argsort(-row)[:k].tolist()
+    np.testing.assert_allclose(top_logprobs, np.sort(row)[::-1][:k], atol=1e-4)
