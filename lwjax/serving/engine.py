@@ -26,7 +26,14 @@ from flax import nnx
 from lwjax import kernels, memory_maps
 from lwjax.models.gpt import GPT
 from lwjax.serving.kv_cache import PagedKVCache
-from lwjax.serving.sampling import MAX_TOP_LOGPROBS, SamplingParams, batch_arrays, sample, sample_with_logprobs
+from lwjax.serving.sampling import (
+  MAX_TOP_LOGPROBS,
+  SamplingParams,
+  batch_arrays,
+  sample,
+  sample_with_logprobs,
+  token_logprobs,
+)
 from lwjax.serving.scheduler import Request, RequestError, Scheduler, Stalled, Status, Work
 
 
@@ -54,22 +61,28 @@ def _sample(logits, sampling_arrays, num_logprobs: int):
 
 def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, page_table, lengths,
          previous_tokens, previous_index, sampling_arrays, sample_rows, nano_batches, states, recurrent_rows,
-         num_logprobs=0):
+         num_logprobs=0, prompt_targets=None):
   """One group of rows: fill placeholders from the previous iteration's device tokens, run, sample.
 
   A hybrid (Mamba layers) also takes its per-slot recurrent `states` and, per row, (state slot, fresh,
-  number of real tokens); a GPT gets None for both."""
+  number of real tokens); a GPT gets None for both. `prompt_targets` [b, t] (the next prompt token of each
+  position): the logits of every position are kept and the prompt logprobs returned, {"tokens": what `_sample`
+  gives, "prompt": `token_logprobs`}."""
   tokens = jnp.where(tokens == PLACEHOLDER, previous_tokens[previous_index], tokens)
   model = nnx.merge(graphdef, params)
+  last_only = prompt_targets is None
   if states is None:
     logits, k_pools, v_pools = model.paged_step(tokens, k_pools, v_pools, (slot_pages, slot_offsets),
-                                                page_table, lengths, nano_batches, last_only=True)
+                                                page_table, lengths, nano_batches, last_only=last_only)
   else:
     state_slots, fresh, num_new = recurrent_rows
     logits, k_pools, v_pools, states = model.paged_step(
-        tokens, k_pools, v_pools, (slot_pages, slot_offsets), page_table, lengths, nano_batches, last_only=True,
+        tokens, k_pools, v_pools, (slot_pages, slot_offsets), page_table, lengths, nano_batches, last_only=last_only,
         states=states, state_slots=state_slots, fresh=fresh, num_new=num_new)
-  return _sample(logits[sample_rows, -1], sampling_arrays, num_logprobs), k_pools, v_pools, states
+  sampled = _sample(logits[sample_rows, -1], sampling_arrays, num_logprobs)
+  if prompt_targets is not None:
+    sampled = {"tokens": sampled, "prompt": token_logprobs(logits, prompt_targets, MAX_TOP_LOGPROBS)}
+  return sampled, k_pools, v_pools, states
 
 
 def _run_mixed(graphdef, params, k_pools, v_pools, previous_tokens, groups, num_logprobs=0):
@@ -98,7 +111,10 @@ def _compiled_step(graphdef):
 
 
 def _tokens_of(sampled):
-  """The sampled tokens of a group's step output: tokens, or (tokens, logprob arrays)."""
+  """The sampled tokens of a group's step output: tokens, (tokens, logprob arrays), or a dict of either and the
+  prompt logprobs."""
+  if isinstance(sampled, dict):
+    sampled = sampled["tokens"]
   return sampled[0] if isinstance(sampled, tuple) else sampled
 
 
@@ -169,6 +185,7 @@ class Engine:
     self._suspects: list[Request] = []
     self._iteration_requests: list[Request] = []
     self._ran_alone = False
+    self._prompt_logprobs_in_flight: list = []  # (group, width, device arrays) of chunks run, not yet read
     self._failed_alone: dict[int, int] = {}  # request id -> iterations it failed alone, in a row
     self._failed_iterations = 0
     self.num_failed_iterations = 0
@@ -283,6 +300,8 @@ class Engine:
     self._iteration_requests = [w.request for w in work] + [w.request for sampling, _ in self._in_flight or ()
                                                             for w in sampling]
     dispatched = self._dispatch(work)
+    if self._prompt_logprobs_in_flight:  # read now (a wait for this iteration only): the request may end next
+      self._record_prompt_logprobs()
     if self.num_compiled_programs > self._programs_checked:  # compiled a new shape: mind the JIT's mappings
       if memory_maps.near_limit(MAX_MAPS_FRACTION):
         logging.warning("serving engine: %d compiled programs hold over %.0f%% of the memory mappings the system "
@@ -339,6 +358,7 @@ class Engine:
     message = f"the engine failed while serving this request (error id {error_id}): {type(error).__name__}: {error}"
     suspects = [r for r in {r.id: r for r in self._iteration_requests}.values() if r.status != Status.FINISHED]
     self._in_flight = None
+    self._prompt_logprobs_in_flight = []
     finished = [r for r in self.requests.values() if r.status == Status.FINISHED]  # ended before the failure
     for request in list(self.scheduler.running):
       request.output[:] = [t for t in request.output if t != PLACEHOLDER]
@@ -423,7 +443,8 @@ class Engine:
     groups = [(group, width) for group, width in ((decodes, 1), (chunks, chunk_width)) if group]
     # Logprobs only where a row asks for them (another program; none of their cost otherwise).
     num_logprobs = MAX_TOP_LOGPROBS if any(w.samples and w.request.params.logprobs is not None for w in work) else 0
-    if self.mixed_batches and len(groups) > 1:
+    prompt_logprobs = any(self._wants_prompt_logprobs(w) for w in chunks)
+    if self.mixed_batches and len(groups) > 1 and not prompt_logprobs:
       # Few shapes: a mixed program's shape would otherwise be the product of both groups' rows and page-table
       # buckets with the chunk width (hundreds of programs in a long WiM read, each holding ~200 memory maps of
       # JIT code while it is cached: the process reached vm.max_map_count). Both groups share one table width,
@@ -436,7 +457,8 @@ class Engine:
       out = [(sampling, group_tokens) for (sampling, _), group_tokens in zip(prepared, tokens, strict=True)]
       self.num_model_calls += 1
     else:
-      out = [self._run_group(group, width, previous_tokens, previous_index, num_logprobs) for group, width in groups]
+      out = [self._run_group(group, width, previous_tokens, previous_index, num_logprobs,
+                             prompt_logprobs and width > 1) for group, width in groups]
       self.num_model_calls += len(groups)
     for sampling, _ in out:
       for w in sampling:
@@ -457,15 +479,46 @@ class Engine:
     arrays.append(jnp.zeros((self._previous_size - size,), jnp.int32))
     return jnp.concatenate(arrays), index
 
-  def _run_group(self, group: list[Work], width: int, previous_tokens, previous_index, num_logprobs: int = 0):
+  def _run_group(self, group: list[Work], width: int, previous_tokens, previous_index, num_logprobs: int = 0,
+                 prompt_logprobs: bool = False):
     sampling, (tokens, source, slot_pages, slot_offsets, page_table, lengths, arrays, sample_rows) = \
         self._group_inputs(group, width, previous_index)
     rows = tokens.shape[0]
+    targets = None
+    if prompt_logprobs:  # per column, the prompt token after it (left-padded rows, as the tokens)
+      targets = np.zeros((rows, width), np.int32)
+      for row, w in enumerate(group):
+        following = w.request.tokens[w.start + 1:w.start + 1 + len(w.tokens)]
+        targets[row, width - len(w.tokens):width - len(w.tokens) + len(following)] = following
     new_tokens, self.kv.k, self.kv.v, self.states = self._run(
         self.params, tokens, self.kv.k, self.kv.v, slot_pages, slot_offsets, page_table, lengths,
         previous_tokens, source, arrays, sample_rows, self.nano_batches, self.states,
-        self._recurrent_rows(group, rows) if self.hybrid else None, num_logprobs)
+        self._recurrent_rows(group, rows) if self.hybrid else None, num_logprobs, targets)
+    if prompt_logprobs:
+      self._prompt_logprobs_in_flight.append((group, width, new_tokens["prompt"]))
     return sampling, new_tokens
+
+  @staticmethod
+  def _wants_prompt_logprobs(w: Work) -> bool:
+    return w.request.params.prompt_logprobs is not None and w.start + 1 < len(w.request.prompt)
+
+  def _record_prompt_logprobs(self) -> None:
+    """Files the prompt logprobs of the chunks run so far: position p of the prompt gets the logprob of its token
+    given the tokens before it (p >= 1)."""
+    for group, width, (chosen, top_ids, top_logprobs) in self._prompt_logprobs_in_flight:
+      chosen, top_ids, top_logprobs = np.asarray(chosen), np.asarray(top_ids), np.asarray(top_logprobs)
+      for row, w in enumerate(group):
+        request, k = w.request, w.request.params.prompt_logprobs
+        if k is None or request.status == Status.FINISHED:
+          continue
+        first = width - len(w.tokens)
+        for column in range(len(w.tokens)):
+          position = w.start + column + 1  # the token this column's logits predict
+          if position < len(request.prompt):
+            request.prompt_logprobs[position] = (float(chosen[row, first + column]),
+                                                 top_ids[row, first + column, :k].tolist(),
+                                                 top_logprobs[row, first + column, :k].tolist())
+    self._prompt_logprobs_in_flight = []
 
   def _padded_rows(self, n: int) -> int:
     """The rows a group of `n` runs as: a power of two (few shapes to compile) that the nano-batches split evenly."""
@@ -533,6 +586,8 @@ class Engine:
       start = time.perf_counter()
       host_tokens = np.asarray(_tokens_of(sampled)).tolist()
       self.wait_seconds += time.perf_counter() - start
+      if isinstance(sampled, dict):
+        sampled = sampled["tokens"]
       logprobs = [np.asarray(a) for a in sampled[1]] if isinstance(sampled, tuple) else None
       for row, (w, token) in enumerate(zip(sampling, host_tokens, strict=False)):
         request = w.request

@@ -188,16 +188,18 @@ class PagedKVCache:
               and self.allocator.refcount[seq.pages[-1]] > 1)
     return extra + cow
 
-  def add_sequence(self, seq_id: int, prompt: Sequence[int]) -> int:
+  def add_sequence(self, seq_id: int, prompt: Sequence[int], share: bool = True) -> int:
     """Registers a sequence for `prompt`; returns how many leading tokens are already cached.
 
     Full blocks found in the prefix cache are shared, not recomputed; the caller prefills only
-    `prompt[cached:]` (at least the last token, so the model yields logits for the next one).
+    `prompt[cached:]` (at least the last token, so the model yields logits for the next one). `share=False`:
+    nothing is shared (every prompt token computed again: its logits are wanted).
     """
     if seq_id in self._seqs:
       raise ValueError(f"sequence {seq_id} already exists")
     # Recompute at least the last prompt token: its logits start generation.
-    hashes = block_hashes(prompt, self.page_size)[:(len(prompt) - 1) // self.page_size] if self.prefix_caching else []
+    hashes = (block_hashes(prompt, self.page_size)[:(len(prompt) - 1) // self.page_size]
+              if self.prefix_caching and share else [])
     shared = []
     for block_hash in hashes:
       page = self.allocator.lookup(block_hash)

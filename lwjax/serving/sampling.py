@@ -30,6 +30,7 @@ class SamplingParams:
   n: int = 1
   ignore_eos: bool = False
   logprobs: int | None = None  # report each generated token's logprob and this many top alternatives (0-20)
+  prompt_logprobs: int | None = None  # the same for each prompt token after the first (no prefix-cache sharing)
 
   def __post_init__(self):
     object.__setattr__(self, "stop", tuple(self.stop) if not isinstance(self.stop, str) else (self.stop,))
@@ -40,6 +41,8 @@ class SamplingParams:
         ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
         ("n", 1 <= self.n <= 128, "1 to 128"),
         ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, f"0 to {MAX_TOP_LOGPROBS}"),
+        ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+         f"0 to {MAX_TOP_LOGPROBS}"),
     ):
       if not ok:
         raise ValueError(f"{name}: {getattr(self, name)!r} is invalid (valid: {valid})")
@@ -86,6 +89,16 @@ def sample_with_logprobs(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, ste
   chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
   top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
   return tokens, (chosen, top_ids.astype(jnp.int32), top_logprobs)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def token_logprobs(logits_btv, targets_bt, num_top: int):
+  """Per position of [b, t] logits: the logprob of `targets_bt` (the next prompt token) and the `num_top` most
+  likely tokens with their logprobs (the model's log-softmax, as `sample_with_logprobs`)."""
+  logprobs = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+  chosen = jnp.take_along_axis(logprobs, targets_bt[..., None], axis=-1)[..., 0]
+  top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
+  return chosen, top_ids.astype(jnp.int32), top_logprobs
 
 
 def batch_arrays(params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int]) -> tuple:

@@ -59,6 +59,13 @@ class Request:
   error: RequestError | None = None  # set with finish_reason "error"
   # With params.logprobs: per output token, (its logprob, the top token ids, their logprobs).
   logprobs: list[tuple[float, list[int], list[float]]] = dataclasses.field(default_factory=list)
+  # With params.prompt_logprobs: per prompt position p >= 1, the same for prompt token p given the tokens before.
+  prompt_logprobs: dict[int, tuple[float, list[int], list[float]]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def shares_prefix(self) -> bool:
+    """Whether cached prefix blocks may stand in for its prompt: not when the prompt's logprobs are wanted."""
+    return self.params.prompt_logprobs is None
   text: str = ""
 
   @property
@@ -84,6 +91,7 @@ class Work:
   tokens: list[int]
   slots: list[tuple[int, int]]
   samples: bool
+  start: int = 0  # the position of tokens[0] in the request's sequence
 
 
 class Scheduler:
@@ -136,7 +144,7 @@ class Scheduler:
     while self.waiting and budget > 0 and active < self.max_num_seqs:
       request = self.waiting[0]
       if request.id not in self.kv:
-        request.num_computed = self.kv.add_sequence(request.id, request.tokens)
+        request.num_computed = self.kv.add_sequence(request.id, request.tokens, share=request.shares_prefix)
         self.num_prefix_hit_tokens += request.num_computed
       n = min(request.num_pending, self.prefill_chunk, budget)
       if self.kv.pages_needed(request.id, n) > self.kv.allocator.num_free:
@@ -161,7 +169,7 @@ class Scheduler:
 
   def _fits(self, request: Request, budget: int) -> bool:
     if request.id not in self.kv:
-      request.num_computed = self.kv.add_sequence(request.id, request.tokens)
+      request.num_computed = self.kv.add_sequence(request.id, request.tokens, share=request.shares_prefix)
       self.num_prefix_hit_tokens += request.num_computed
     n = min(request.num_pending, self.prefill_chunk, budget)
     return self.kv.pages_needed(request.id, n) <= self.kv.allocator.num_free
@@ -186,7 +194,7 @@ class Scheduler:
   def _work(self, request: Request, n: int, slots) -> Work:
     start = request.num_computed
     request.num_computed += n
-    return Work(request, request.tokens[start:start + n], slots, samples=request.num_pending == 0)
+    return Work(request, request.tokens[start:start + n], slots, samples=request.num_pending == 0, start=start)
 
   def _reserve(self, request: Request, n: int):
     """Slots for `request`, preempting the newest other requests while pages are short; None if it was."""

@@ -355,10 +355,10 @@ class CompletionRequest(_Generation):
   prompt: str | list[str] | list[int] | list[list[int]] = pydantic.Field(
       description="a string, a list of strings, a list of token ids, or a list of token-id lists (one choice per "
                   "prompt and n, indexed prompt-major)")
-  max_tokens: int = pydantic.Field(16, ge=1)
+  max_tokens: int = pydantic.Field(16, ge=0, description="0 (with echo): score the prompt, generate nothing")
   logprobs: int | None = pydantic.Field(None, ge=0, le=MAX_TOP_LOGPROBS,
-                                        description="each generated token's logprob and this many top alternatives")
-  echo: bool = pydantic.Field(False, description="only false (prompt logprobs are not implemented yet)")
+                                        description="each token's logprob and this many top alternatives")
+  echo: bool = pydantic.Field(False, description="the prompt before the completion, in the text and the logprobs")
   best_of: int | None = pydantic.Field(None, description="only unset or equal to n")
   suffix: str | None = pydantic.Field(None, description="refused: no insertion mode")
 
@@ -509,7 +509,11 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
       prompts = [encode(p) for p in texts]
       max_tokens = req.max_new_tokens if chat else req.max_tokens
       logprobs = ((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs
-      params = sampling(req, max_tokens, logprobs, prompts)
+      echo = not chat and req.echo
+      # max_tokens 0 (scoring): the engine samples one token, dropped below.
+      params = sampling(req, max(1, max_tokens), logprobs, prompts)
+      if echo and logprobs is not None:
+        params = dataclasses.replace(params, prompt_logprobs=logprobs)
     except _Invalid as e:
       return _error(400, e.message, e.param)
     loop = asyncio.get_running_loop()
@@ -530,10 +534,15 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
       return _request_error(errors[0])
     choices = []
     for k, r in enumerate(requests):
-      choice = _choice(k, _final_text(r, tokenizer), r.finish_reason, chat)
+      if max_tokens == 0:
+        r.output, r.logprobs, r.text, r.finish_reason = [], [], "", "length"
+      text = _final_text(r, tokenizer)
+      prompt = texts[k // req.n]
+      prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+      choice = _choice(k, prompt_text + text if echo else text, r.finish_reason, chat)
       if logprobs is not None:
-        prompt_chars = 0 if chat or not isinstance(texts[k // req.n], str) else len(texts[k // req.n])
-        choice["logprobs"] = (_chat_logprobs if chat else _completion_logprobs)(r, tokenizer, prompt_chars)
+        choice["logprobs"] = (_chat_logprobs(r, tokenizer) if chat else _completion_logprobs(
+            r, tokenizer, 0 if echo else len(prompt_text), prompts[k // req.n] if echo else None))
       choices.append(choice)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(len(r.output) for r in requests)}
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
@@ -732,8 +741,10 @@ def _unsupported(req: _Generation, chat: bool) -> list[tuple[str, str]]:
     if req.top_logprobs is not None and not req.logprobs:
       problems.append(("top_logprobs", "needs logprobs=true"))
   else:
-    if req.echo:
-      problems.append(("echo", "prompt logprobs are not implemented yet (only echo=false)"))
+    if req.max_tokens == 0 and not req.echo:
+      problems.append(("max_tokens", "0 only with echo=true (scoring the prompt)"))
+    if req.echo and req.stream:
+      problems.append(("echo", "not with stream=true yet"))
     if req.best_of not in (None, req.n):
       problems.append(("best_of", f"only unset or equal to n ({req.n})"))
     if req.suffix is not None:
@@ -745,21 +756,27 @@ def _token_text(tokenizer, token: int) -> str:
   return tokenizer.decode([token])
 
 
-def _completion_logprobs(request, tokenizer, prompt_chars: int) -> dict:
+def _completion_logprobs(request, tokenizer, prompt_chars: int, prompt_ids: list[int] | None = None) -> dict:
   """OpenAI's completions `logprobs`: tokens, token_logprobs, top_logprobs ({token: logprob}) and text_offset
-  (character offsets into prompt + completion)."""
-  tokens = [_token_text(tokenizer, t) for t in request.output]
+  (character offsets into prompt + completion). With `prompt_ids` (echo) the prompt's tokens come first, the
+  first with no logprob (None), as OpenAI and vLLM give it."""
+  entries = list(request.logprobs)
+  ids = list(request.output)
+  if prompt_ids is not None:
+    ids = list(prompt_ids) + ids
+    entries = [None] + [request.prompt_logprobs.get(p) for p in range(1, len(prompt_ids))] + entries
+  tokens = [_token_text(tokenizer, t) for t in ids]
   offsets, at = [], prompt_chars
   for text in tokens:
     offsets.append(at)
     at += len(text)
-  return {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in request.logprobs],
-          "top_logprobs": [{_token_text(tokenizer, i): v for i, v in zip(ids, values, strict=True)}
-                           for _, ids, values in request.logprobs],
+  return {"tokens": tokens, "token_logprobs": [e and e[0] for e in entries],
+          "top_logprobs": [e and {_token_text(tokenizer, i): v for i, v in zip(e[1], e[2], strict=True)}
+                           for e in entries],
           "text_offset": offsets}
 
 
-def _chat_logprobs(request, tokenizer, _prompt_chars: int = 0) -> dict:
+def _chat_logprobs(request, tokenizer) -> dict:
   """OpenAI's chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
   def entry(token: int, logprob: float) -> dict:
     text = _token_text(tokenizer, token)

@@ -237,3 +237,28 @@ def test_logprobs_equal_the_models_log_softmax(model, params):
     np.testing.assert_allclose(logprob, row[asking.output[i]], atol=1e-4)
     assert top_ids == np.argsort(-row)[:k].tolist()
     np.testing.assert_allclose(top_logprobs, np.sort(row)[::-1][:k], atol=1e-4)
+
+
+@pytest.mark.parametrize("engine_kwargs", [dict(prefill_chunk=4, max_batch_tokens=16),
+                                           pytest.param(dict(prefill_chunk=16, max_batch_tokens=32,
+                                                             async_scheduling=False), marks=pytest.mark.slow)])
+def test_prompt_logprobs_through_chunked_prefill_and_a_cached_prefix(model, engine_kwargs):
+  """Every prompt token after the first gets its logprob given the tokens before it, across prefill chunks, and
+  even when its prefix is in the prefix cache (a request that wants them recomputes it); decodes share the batch."""
+  engine = Engine(model, num_pages=64, page_size=4, max_num_seqs=4, **engine_kwargs)
+  prompt = list(range(5, 19))  # 14 tokens: 4 chunks of 4
+  warm = engine.add_request(prompt, GREEDY)  # puts the prompt's full blocks in the prefix cache
+  engine.run_until_done()
+  other = engine.add_request([9, 8, 7], SamplingParams(temperature=0.0, max_tokens=8))
+  scored = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=2))
+  engine.run_until_done()
+  assert other.output == _greedy(model, [9, 8, 7], 8) and scored.output == warm.output[:1]
+  logits, _ = model.prefill(jnp.array([prompt]), model.init_cache(1, 64))
+  reference = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1))
+  assert sorted(scored.prompt_logprobs) == list(range(1, len(prompt)))
+  for position, (logprob, top_ids, top_logprobs) in scored.prompt_logprobs.items():
+    row = reference[position - 1]
+    np.testing.assert_allclose(logprob, row[prompt[position]], atol=1e-4)
+    assert top_ids == np.argsort(-row)[:2].tolist()
+    np.testing.assert_allclose(top_logprobs, np.sort(row)[::-1][:2], atol=1e-4)
+  assert engine.leaks() == []

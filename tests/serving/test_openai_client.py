@@ -82,6 +82,21 @@ def test_completions_batched_prompts_and_logprobs(client, model):
   assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 5
 
 
+def test_echo_with_max_tokens_0_scores_a_batch_of_token_prompts(client, model):
+  """lm-eval-harness's loglikelihood request: token-id prompts (context + continuation), echo, max_tokens 0,
+  logprobs 1: each prompt token's logprob given the tokens before it (the first: None), nothing generated."""
+  prompts = [[1, 40, 41, 42, 43, 44, 45, 46, 47, 48], [1, 70, 71, 72]]
+  r = client.completions.create(model="tiny", prompt=prompts, max_tokens=0, echo=True, logprobs=1, temperature=0)
+  assert r.usage.completion_tokens == 0
+  for prompt, choice in zip(prompts, r.choices, strict=True):
+    assert choice.text == TOK.decode(prompt)
+    values = choice.logprobs.token_logprobs
+    assert len(values) == len(prompt) and values[0] is None and choice.logprobs.top_logprobs[0] is None
+    reference = _log_softmax(model, prompt)
+    np.testing.assert_allclose(values[1:], [reference[p - 1, prompt[p]] for p in range(1, len(prompt))], atol=1e-4)
+    assert all(len(top) == 1 for top in choice.logprobs.top_logprobs[1:])
+
+
 def test_chat_logprobs_and_a_stream_with_role_and_usage(client, model):
   messages = [{"role": "user", "content": "hi"}]
   expected = _offline(model, chat_prompt([ChatMessage(role="user", content="hi")]), 5)
@@ -100,13 +115,13 @@ def test_chat_logprobs_and_a_stream_with_role_and_usage(client, model):
 
 @pytest.mark.parametrize("kwargs, param", [
     ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": -1.0}, "frequency_penalty"),
-    ({"logit_bias": {"5": 100}}, "logit_bias"), ({"echo": True}, "echo"), ({"best_of": 3}, "best_of"),
+    ({"logit_bias": {"5": 100}}, "logit_bias"), ({"max_tokens": 0}, "max_tokens"), ({"best_of": 3}, "best_of"),
     ({"suffix": "end"}, "suffix"), ({"extra_body": {"foo": 1}}, "foo"),
     ({"logprobs": 1, "stream": True}, "logprobs"),
 ])
 def test_what_the_server_does_not_do_is_a_400_naming_the_field(client, kwargs, param):
   with pytest.raises(openai.BadRequestError) as raised:
-    result = client.completions.create(model="tiny", prompt="x", max_tokens=2, **kwargs)
+    result = client.completions.create(model="tiny", prompt="x", **{"max_tokens": 2, **kwargs})
     if kwargs.get("stream"):
       list(result)
   assert raised.value.body["param"] == param, raised.value.body
