@@ -216,7 +216,8 @@ def test_bad_requests_name_the_field(model):
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, max_tokens=6, logprobs=3),
-                                    SamplingParams(temperature=1.0, max_tokens=6, seed=5, logprobs=0)])
+                                    pytest.param(SamplingParams(temperature=1.0, max_tokens=6, seed=5, logprobs=0),
+                                                 marks=pytest.mark.slow)])
 def test_logprobs_equal_the_models_log_softmax(model, params):
   """Each generated token's logprob and its top alternatives are the model's own log-softmax at that position
   (before temperature), through chunked prefill and batching with requests that ask for none."""

@@ -38,7 +38,7 @@ def _params(i):
 
 
 @pytest.mark.parametrize("where, async_scheduling", [
-    ("before", True), ("after", True),
+    ("before", True), pytest.param("after", True, marks=pytest.mark.slow),
     pytest.param("before", False, marks=pytest.mark.slow), pytest.param("after", False, marks=pytest.mark.slow)])
 def test_failed_iterations_fail_no_request(model, where, async_scheduling):
   """Three iterations raise; every request is rolled back, retried alone, and ends with its own output (greedy
