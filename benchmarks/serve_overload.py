@@ -50,8 +50,8 @@ async def _wave(url: str, clients: int, max_tokens: int, timeout: float) -> dict
     while not stop.is_set():
       text = (await client.get("/metrics")).text
       for line in text.splitlines():
-        if line.startswith("lwjax_requests_outstanding "):
-          depth[0] = max(depth[0], int(line.split()[1]))
+        if line.startswith("lwjax_requests_outstanding"):
+          depth[0] = max(depth[0], int(float(line.split()[-1])))
       await asyncio.sleep(0.01)
 
   async def one(client, i):

@@ -28,10 +28,11 @@ import fastapi
 import pydantic
 import uvicorn
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lwjax.serving import wim
 from lwjax.serving.engine import Engine
+from lwjax.serving.metrics import ServerMetrics
 from lwjax.serving.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from lwjax.serving.scheduler import RequestError
 from lwjax.serving.templates import PromptTemplate, TemplateError
@@ -48,14 +49,15 @@ class EngineThread:
   (compiling a new shape, say).
   """
 
-  def __init__(self, engine: Engine, *, max_queued: int, drain_seconds: float = 30.0):
+  def __init__(self, engine: Engine, *, max_queued: int, drain_seconds: float = 30.0, model_name: str = "lwjax"):
     self.engine, self.max_queued, self.drain_seconds = engine, max_queued, drain_seconds
+    self.metrics = ServerMetrics(model_name)
+    self._m = model_name
     self._inbox: queue.Queue = queue.Queue()
     self._lock = threading.Lock()
     self._unanswered: dict[int, tuple] = {}  # id(out queue) -> (out, loop): admitted, not answered yet
     self.accepting = True
-    self.counters = {"requests_total": 0, "requests_rejected_total": 0, "requests_failed_total": 0,
-                     "generated_tokens_total": 0, "prompt_tokens_total": 0}
+    self._admitted_at: dict[int, float] = {}  # id(out queue) -> when it was admitted (latency metrics)
     # The engine thread's own books.
     self._requests: dict[int, asyncio.Queue] = {}  # id(request) -> its out queue (ordinary requests)
     self._by_out: dict[int, Any] = {}  # id(out queue) -> its request, for cancellation
@@ -81,13 +83,14 @@ class EngineThread:
       if not self.accepting:
         raise fastapi.HTTPException(503, "server is shutting down", headers={"Retry-After": "5"})
       if len(self._unanswered) + len(outs) > self.max_queued:
-        self.counters["requests_rejected_total"] += 1
+        self.metrics.rejected.labels(self._m).inc()
         raise fastapi.HTTPException(429, f"queue full ({len(self._unanswered)} of {self.max_queued} requests "
                                     "outstanding); retry later", headers={"Retry-After": "1"})
       for out in outs:
         self._unanswered[id(out)] = (out, loop)
-      self.counters["requests_total"] += len(outs)
-      self.counters["prompt_tokens_total"] += prompt_tokens
+        self._admitted_at[id(out)] = time.monotonic()
+    self.metrics.requests.labels(self._m).inc(len(outs))
+    self.metrics.prompt_tokens.labels(self._m).inc(prompt_tokens)
 
   def _answer(self, out: asyncio.Queue, *items, failed: bool = False) -> bool:
     """Posts the last `items` of `out`'s unit and counts it answered; False (nothing posted) if it already was."""
@@ -95,8 +98,15 @@ class EngineThread:
       entry = self._unanswered.pop(id(out), None)
       if entry is None:
         return False
-      if failed:
-        self.counters["requests_failed_total"] += 1
+      admitted = self._admitted_at.pop(id(out), None)
+    if failed:
+      self.metrics.failed.labels(self._m).inc()
+    else:
+      if admitted is not None:
+        self.metrics.e2e.labels(self._m).observe(time.monotonic() - admitted)
+      ends = [value for kind, value in items if kind == "done" and value is not None]
+      reason = getattr(ends[0], "finish_reason", None) if ends else None
+      self.metrics.success.labels(self._m, reason or "stop").inc()
     for item in items:
       _post(entry[1], out, item)
     return True
@@ -218,8 +228,13 @@ class EngineThread:
       if id(out) not in self._unanswered:  # answered already (aborted at shutdown)
         return
 
-      def on_token(request, token, out=out, loop=loop):
-        self.counters["generated_tokens_total"] += 1
+      last = [self._admitted_at.get(id(out), time.monotonic()), True]  # (time of the last event, first token?)
+
+      def on_token(request, token, out=out, loop=loop, last=last):
+        now = time.monotonic()
+        (self.metrics.ttft if last[1] else self.metrics.itl).labels(self._m).observe(now - last[0])
+        last[0], last[1] = now, False
+        self.metrics.generation_tokens.labels(self._m).inc()
         _post(loop, out, ("token", token))
       try:
         request = self.engine.add_request(prompt, params, on_token=on_token)
@@ -436,7 +451,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
   running requests may take to finish before they are answered 503). A field the API does not know is a 400,
   or with `ignore_unknown_fields` (vLLM's behaviour) ignored and logged once per field name. With `api_key`,
   every endpoint but /health needs `Authorization: Bearer <api_key>` (401 otherwise)."""
-  worker = EngineThread(engine, max_queued=max_queued, drain_seconds=drain_seconds)
+  worker = EngineThread(engine, max_queued=max_queued, drain_seconds=drain_seconds, model_name=model_name)
   app = fastapi.FastAPI(title="lwjax", on_shutdown=[worker.drain])
   app.state.worker = worker
 
@@ -612,13 +627,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
 
   @app.get("/metrics")
   async def metrics():
-    lines = [f"lwjax_{k} {v}" for k, v in worker.counters.items()]
-    lines += [f"lwjax_requests_outstanding {worker.outstanding}",
-              f"lwjax_kv_pages_free {engine.kv.allocator.num_free}",
-              f"lwjax_preemptions_total {engine.scheduler.num_preemptions}",
-              f"lwjax_prefix_hit_tokens_total {engine.scheduler.num_prefix_hit_tokens}",
-              f"lwjax_engine_failed_iterations_total {engine.num_failed_iterations}"]
-    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    body = worker.metrics.exposition(engine, worker.outstanding)
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
   return app
 

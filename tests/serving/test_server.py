@@ -73,7 +73,8 @@ def test_n_choices_and_the_model_list(client):
   assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
   assert client.get("/health").json()["status"] == "ok"
   metrics = client.get("/metrics").text
-  assert "lwjax_requests_total" in metrics and "lwjax_kv_pages_free 64" in metrics
+  assert 'lwjax_requests_total{model_name="tiny"}' in metrics
+  assert 'lwjax_kv_pages_free{model_name="tiny"} 64.0' in metrics
 
 
 @pytest.mark.parametrize("body,status,param", [
@@ -252,3 +253,28 @@ def test_wim_documents_beyond_what_the_pool_holds_wait_for_their_turn(model):
     for b in bodies:
       assert [(m["text"], m["relevant"]) for m in b.json()["margins"]] == margins and b.json()["answer"] == answer
     assert engine.kv.allocator.num_free == 16 and c.get("/health").json()["outstanding"] == 0
+
+
+def test_metrics_count_the_requests_sent(client):
+  """/metrics in Prometheus text (vLLM's names where vLLM has one): after 3 requests of 4 tokens (one with n=2),
+  the counters and the latency histograms moved by exactly that."""
+  from prometheus_client.parser import text_string_to_metric_families
+
+  def scrape():
+    values = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+      for sample in family.samples:
+        values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+  before = scrape()
+  for body in ({"prompt": "ab"}, {"prompt": "cd", "n": 2}):
+    r = client.post("/v1/completions", json={"model": "tiny", "max_tokens": 4, "ignore_eos": True, **body})
+    assert r.status_code == 200, r.text
+  after = scrape()
+  moved = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
+  assert moved["lwjax_requests_total"] == 3 and moved["vllm:request_success_total"] == 3
+  assert moved["vllm:prompt_tokens_total"] == 3 + 3 * 2  # BOS + 2 bytes, once plus twice
+  assert moved["vllm:generation_tokens_total"] == 12
+  assert moved["vllm:time_to_first_token_seconds_count"] == 3 and moved["vllm:inter_token_latency_seconds_count"] == 9
+  assert moved["vllm:e2e_request_latency_seconds_count"] == 3
+  assert after["vllm:num_requests_running"] == 0 and after["vllm:kv_cache_usage_perc"] == 0.0

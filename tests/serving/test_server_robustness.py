@@ -271,6 +271,7 @@ def _mixed_load(model, clients: int, seed: int = 0):
            "malformed", "failing"]
   plan = [kinds[i % len(kinds)] for i in range(clients)]
   rng.shuffle(plan)
+  leave_after = [rng.randint(1, 3) for _ in plan]  # where a leaving client closes its stream
 
   async def one(client, kind, i):
     prompt = prompts[i % len(prompts)]
@@ -281,15 +282,16 @@ def _mixed_load(model, clients: int, seed: int = 0):
     if kind in ("stream", "chat_stream", "leave"):
       endpoint, body = ("/v1/completions", {"prompt": prompt}) if kind != "chat_stream" else (
           "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
-      text = ""
+      text, pieces = "", 0
       async with client.stream("POST", endpoint, json={"model": "tiny", "max_tokens": 5, "temperature": 0,
                                                        "stream": True, **body}) as r:
         async for line in r.aiter_lines():
           if line.startswith("data: {"):
             choice = json.loads(line[6:])["choices"][0]
             text += choice.get("text", choice.get("delta", {}).get("content", ""))
-            if kind == "leave":
-              return True, "left"  # closes the stream after its first piece
+            pieces += 1
+            if kind == "leave" and pieces >= leave_after[i]:
+              return True, "left"  # closes the stream part way
       return text == (expected_chat if kind == "chat_stream" else expected[prompt]), text
     if kind == "chat":
       r = await client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 5, "temperature": 0,
@@ -310,7 +312,7 @@ def _mixed_load(model, clients: int, seed: int = 0):
         async for line in r.aiter_lines():
           if line.startswith("data: {"):
             events.append(json.loads(line[6:]))
-            if kind == "wim_leave":
+            if kind == "wim_leave" and len(events) >= leave_after[i]:
               return True, "left"
       margins = [(e["text"], e["relevant"]) for e in events if e.get("object") == "wim.margin"]
       return (margins, events[-1].get("text") if events else None) == expected_wim, events
