@@ -15,7 +15,9 @@ For each workload (length statistics of Splitwise, LMSYS-Chat and ShareGPT from 
 It prints processed tokens/s (prompt + output, the unit of NanoFlow's optimum), output tokens/s, % of
 optimal (peak FLOP/s measured by a matmul in this run / (2 x parameters)), p50/p99 request latency,
 the ratio of each system to static batching, the engine's host time per iteration, and a multi-round chat
-workload with and without KV offload. Every system runs twice and only the second pass is timed; the
+workload with and without KV offload. `--logprobs k` also times the full engine with every request asking for
+its tokens' logprobs and k alternatives (the cost of logprobs; without it no request asks and none are computed).
+Every system runs twice and only the second pass is timed; the
 benchmark counts XLA compilations in the timed passes and fails if there is any (a shape not bucketed).
 """
 
@@ -52,6 +54,8 @@ _NANO = flags.DEFINE_integer("nano_batches", 0, "Nano-batches of the full engine
                              "(XLA:CPU runs a step's ops in turn, so splitting the batch only adds work).")
 _UNMIXED = flags.DEFINE_bool("compare_unmixed", False, "Also time the sync engine with one model call per group "
                               "of rows (decodes, prefill chunks) instead of one per iteration.")
+_LOGPROBS = flags.DEFINE_integer("logprobs", -1, "Also time the full engine with every request asking for this many "
+                                 "top logprobs per token (-1: not timed).")
 _WORKLOADS = flags.DEFINE_list("workloads", list(WORKLOADS), "Workloads to run.")
 
 
@@ -119,12 +123,13 @@ def static_batching(model: GPT, prompts, outputs, batch: int) -> tuple[float, li
   return time.perf_counter() - start, latencies
 
 
-def engine_run(model: GPT, prompts, outputs, **kwargs) -> tuple[float, list[float], Engine]:
+def engine_run(model: GPT, prompts, outputs, logprobs: int | None = None, **kwargs
+               ) -> tuple[float, list[float], Engine]:
   engine = Engine(model, num_pages=_PAGES.value, page_size=_PAGE.value, max_num_seqs=_SEQS.value,
                   max_batch_tokens=_BATCH_TOKENS.value, prefill_chunk=_CHUNK.value, **kwargs)
   done_at = {}
   start = time.perf_counter()
-  requests = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True))
+  requests = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True, logprobs=logprobs))
               for p, o in zip(prompts, outputs, strict=False)]
   while engine.has_work():
     for r in engine.step():
@@ -211,6 +216,8 @@ def main(argv):
                  (f"engine (async, nano={nano})", {"nano_batches": nano})]
       if _UNMIXED.value:
         engines.insert(1, ("call per group", {"async_scheduling": False, "mixed_batches": False}))
+      if _LOGPROBS.value >= 0:
+        engines.append((f"engine, logprobs={_LOGPROBS.value}", {"nano_batches": nano, "logprobs": _LOGPROBS.value}))
       for system, kwargs in engines:
         seconds, latencies, engine = engine_run(model, prompts, outputs, **kwargs)
         systems[system] = seconds, latencies

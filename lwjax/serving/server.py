@@ -531,6 +531,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
         params = dataclasses.replace(params, prompt_logprobs=logprobs)
     except _Invalid as e:
       return _error(400, e.message, e.param)
+    except UnicodeEncodeError as e:
+      return _error(400, f"text is not valid Unicode (a lone surrogate at {e.start}): {e.reason}")
     loop = asyncio.get_running_loop()
     queues = worker.submit_many([(ids, _seeded(params, req.seed, i)) for ids in prompts for i in range(req.n)], loop)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -583,6 +585,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
       return _error(400, str(e), e.field)
     except _Invalid as e:
       return _error(400, e.message, e.param)
+    except UnicodeEncodeError as e:
+      return _error(400, f"text is not valid Unicode (a lone surrogate at {e.start}): {e.reason}")
     segments, make_run, longest = run_spec
     out = worker.submit_wim(make_run, sum(map(len, segments)), asyncio.get_running_loop(), longest)
     rid = f"wim-{uuid.uuid4().hex[:24]}"

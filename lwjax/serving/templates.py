@@ -71,6 +71,8 @@ class PromptTemplate:
 
   def length(self, encode: Callable[[str], list[int]], text: Mapping[str, str],
              token_lengths: Mapping[str, int] | None = None) -> int:
-    """len(render(...)) for token fields of the given lengths (whatever their ids)."""
+    """len(render(...)) for token fields of the given lengths (whatever their ids), counted, not built (a length
+    may be anything a client sends)."""
     lengths = token_lengths or {}
-    return len(self.render(encode, text, {name: [0] * lengths.get(name, 0) for name in self.token_fields}))
+    spliced = sum(lengths.get(name, 0) for _, name in self._parts if name in self.token_fields)
+    return len(self.render(encode, text, {name: [] for name in self.token_fields})) + spliced

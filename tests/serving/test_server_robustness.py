@@ -85,14 +85,18 @@ def client(model):
     ("/v1/wim", {**WIM, "answer_template": "{margins} {query"}, 400, "answer_template"),
     ("/v1/wim", {**WIM, "extraction_template": "{{query}} {query}"}, 200, None),  # a literal brace is fine
     ("/v1/wim", {**WIM, "max_margin_tokens": 40}, 400, "context"),  # a margin turn past the context
+    ("/v1/wim", {**WIM, "max_margin_tokens": 10**15}, 400, "context"),  # counted, never built (it was: 8 PB)
+    ("/v1/completions", {"model": "tiny", "prompt": "a\ud800b"}, 400, None),  # a lone surrogate: not UTF-8
+    ("/v1/wim", {**WIM, "query": "\udfff"}, 400, None),
 ])
 def test_reported_cases_answer_within_a_second_and_leave_nothing(client, endpoint, body, status, param):
-  start = time.monotonic()
-  r = client.post(endpoint, json=body)
+  start = time.monotonic()  # json.dumps escapes a lone surrogate (\ud800), as a client may send it
+  r = client.post(endpoint, content=json.dumps(body), headers={"content-type": "application/json"})
   assert time.monotonic() - start < 1.0 or status == 200  # a valid one may compile a new shape first
   assert r.status_code == status, r.text
   if status != 200:
     assert r.json()["error"]["param"] == param, r.text
+    assert 400 <= r.status_code < 500
   assert _clean(client.app.state.worker) == []
 
 
