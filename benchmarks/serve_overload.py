@@ -81,6 +81,27 @@ async def _wave(url: str, clients: int, max_tokens: int, timeout: float) -> dict
           "latency_ms_accepted": _percentiles(ok), "latency_ms_refused": _percentiles(refused)}
 
 
+def start_server(workdir: str, *overrides: str, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+  """`python main.py --config experiments/serve.py:scale=smoke` with `overrides` (`--config.x=y`), in its own
+  process on a free port, once /health answers: (the process, its URL)."""
+  port = _free_port()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, "main.py", "--config", "experiments/serve.py:scale=smoke", "--workdir", workdir,
+             f"--config.server.port={port}", *overrides]
+  server = subprocess.Popen(command, cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.time() + timeout
+  while time.time() < deadline and server.poll() is None:
+    try:
+      if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+        return server, url
+    except httpx.HTTPError:
+      time.sleep(0.2)
+  server.kill()
+  raise RuntimeError(f"the server did not answer /health within {timeout} s: {' '.join(command)}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--max_queued", type=int, default=32)
@@ -91,22 +112,10 @@ def main() -> None:
   parser.add_argument("--out", default="")
   args = parser.parse_args()
 
-  port = _free_port()
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  command = [sys.executable, "main.py", "--config", "experiments/serve.py:scale=smoke",
-             "--workdir", "/tmp/lwjax_overload",
-             f"--config.server.port={port}", f"--config.server.max_queued={args.max_queued}",
-             f"--config.server.drain_seconds={args.drain_seconds}"]
-  server = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  url = f"http://127.0.0.1:{port}"
+  server, url = start_server("/tmp/lwjax_overload", f"--config.server.max_queued={args.max_queued}",
+                             f"--config.server.drain_seconds={args.drain_seconds}")
+  command = server.args
   try:
-    deadline = time.time() + 180
-    while time.time() < deadline:
-      try:
-        if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-          break
-      except httpx.HTTPError:
-        time.sleep(0.2)
     asyncio.run(_wave(url, args.max_queued, args.max_tokens, args.timeout))  # compile the shapes first
     report = {"command": " ".join(command[1:]), "max_queued": args.max_queued, "max_tokens": args.max_tokens,
               "waves": []}

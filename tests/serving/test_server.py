@@ -178,8 +178,10 @@ def _offline_wim(model):
   engine = _engine(model)
   bos, enc = [TOK.bos_id], TOK.encode
   context = bos + enc(WIM_BODY["context"])
-  prompts = wim.WiMPrompts(extraction=lambda q: enc(f"?{q}"), classification=lambda q, m: bos + enc(TOK.decode(m)),
-                           answer=lambda q, ms: enc("\n".join(TOK.decode(m) for m in ms) + f"|{q}"),
+  # The margins spliced into the relevance and answer prompts as the tokens the model wrote (lwjax.serving.templates).
+  prompts = wim.WiMPrompts(extraction=lambda q: enc(f"?{q}"), classification=lambda q, m: bos + list(m),
+                           answer=lambda q, ms: sum(([*([] if i == 0 else enc("\n")), *m] for i, m in enumerate(ms)),
+                                                    []) + enc(f"|{q}"),
                            is_relevant=lambda out: TOK.decode(out).strip().upper().startswith("A"))
   greedy = SamplingParams(temperature=0.0, max_tokens=3)
   run = wim.WiMRequest(engine, [context[i:i + 4] for i in range(0, len(context), 4)], "q", prompts,

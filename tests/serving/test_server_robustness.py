@@ -9,8 +9,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,13 +17,14 @@ import pytest
 from fastapi.testclient import TestClient
 from flax import nnx
 
+from benchmarks.serve_overload import start_server
 from lwjax.data.tokenizer import ByteTokenizer
 from lwjax.models.gpt import GPT, GPTConfig
-from lwjax.serving import wim
 from lwjax.serving.engine import LLM, Engine
 from lwjax.serving.faults import FaultInjectingEngine
 from lwjax.serving.sampling import SamplingParams
 from lwjax.serving.server import ChatMessage, chat_prompt, create_app, make_server
+from tests.serving.test_server import _offline_wim
 
 CFG = GPTConfig(vocab_size=272, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
                 max_seq_len=64)
@@ -228,23 +227,6 @@ def _offline(model, prompt: str, max_tokens: int, seed: int | None = None, n: in
   return [r.text for r in llm.generate([prompt], params)[0]]
 
 
-def _offline_wim(model):
-  """The WiM body read by `wim.WiMRequest` alone, margins spliced as tokens: what the endpoint must answer."""
-  engine = _engine(model)
-  bos, enc = [TOK.bos_id], TOK.encode
-  context = bos + enc(WIM["context"])
-  prompts = wim.WiMPrompts(extraction=lambda q: enc(f"?{q}"), classification=lambda q, m: bos + list(m),
-                           answer=lambda q, ms: sum(([*([] if i == 0 else enc("\n")), *m] for i, m in enumerate(ms)),
-                                                    []) + enc(f"|{q}"),
-                           is_relevant=lambda out: TOK.decode(out).strip().upper().startswith("A"))
-  greedy = SamplingParams(temperature=0.0, max_tokens=3)
-  run = wim.WiMRequest(engine, [context[i:i + 4] for i in range(0, len(context), 4)], "q", prompts,
-                       margin_params=greedy, classify_params=SamplingParams(temperature=0.0, max_tokens=4),
-                       answer_params=greedy).start()
-  engine.run_until_done()
-  return [(TOK.decode(m.tokens), m.relevant) for m in run.margins], TOK.decode(run.answer)
-
-
 MALFORMED = [
     ("/v1/completions", b"{not json"), ("/v1/completions", {"model": "tiny"}),
     ("/v1/completions", {"model": "tiny", "prompt": []}), ("/v1/completions", {"model": "tiny", "prompt": [-1]}),
@@ -372,21 +354,8 @@ def test_a_mixed_load_of_200_clients_with_faults_answers_every_client(model):
 def test_sigterm_under_load_exits_within_the_drain_deadline(tmp_path):
   """The real process: `main.py` serving the smoke model, 40 streams and 8 WiM documents running, SIGTERM: it
   exits by the deadline (3 s) plus shutdown, and every client got a response (200, or 503 past the deadline)."""
-  port = _free_port()
-  process = subprocess.Popen(
-      [sys.executable, "main.py", "--config", "experiments/serve.py:scale=smoke", "--workdir", str(tmp_path),
-       f"--config.server.port={port}", "--config.server.drain_seconds=3"],
-      cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-      env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  url = f"http://127.0.0.1:{port}"
+  process, url = start_server(str(tmp_path), "--config.server.drain_seconds=3")
   try:
-    deadline = time.time() + 120
-    while time.time() < deadline:
-      try:
-        if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-          break
-      except httpx.HTTPError:
-        time.sleep(0.2)
     httpx.post(f"{url}/v1/completions", json={"model": "lwjax", "prompt": "warm", "max_tokens": 2}, timeout=120)
     statuses = []
 
