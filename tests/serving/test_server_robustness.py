@@ -364,13 +364,12 @@ def test_sigterm_under_load_exits_within_the_drain_deadline(tmp_path):
         async def stream():
           async with client.stream("POST", "/v1/completions", json={
               "model": "lwjax", "prompt": "go", "max_tokens": 100, "stream": True}) as r:
-            lines = [line async for line in r.aiter_lines()]
+            lines = [line async for line in r.aiter_lines() if line]
             statuses.append(("stream", r.status_code, lines[-1] if lines else ""))
 
         async def document():
-          r = await client.post("/v1/wim", json={"model": "lwjax", "context": "y" * 60, "query": "q",
-                                                 "segment_tokens": 16, "max_margin_tokens": 8, "max_tokens": 8,
-                                                 "stream": False})
+          r = await client.post("/v1/wim", json={**WIM, "model": "lwjax", "context": "y" * 60,
+                                                 "segment_tokens": 16, "max_margin_tokens": 8, "max_tokens": 8})
           statuses.append(("wim", r.status_code, ""))
         await asyncio.gather(*[stream() for _ in range(40)], *[document() for _ in range(8)])
     clients = threading.Thread(target=lambda: asyncio.run(load()))
