@@ -362,10 +362,7 @@ class Engine:
     finished = [r for r in self.requests.values() if r.status == Status.FINISHED]  # ended before the failure
     for request in list(self.scheduler.running):
       request.output[:] = [t for t in request.output if t != PLACEHOLDER]
-      self.scheduler.running.remove(request)
-      self.kv.free(request.id)
-      request.num_computed, request.status = 0, Status.WAITING
-      self.scheduler.waiting.appendleft(request)
+      self.scheduler.preempt(request)
     self._state_slots.clear()
     if self.hybrid:
       self.states = jax.tree.map(jnp.zeros_like, self.states)

@@ -143,18 +143,11 @@ class Scheduler:
     active = sum(not r.fully_sampled for r in self.running)
     while self.waiting and budget > 0 and active < self.max_num_seqs:
       request = self.waiting[0]
-      if request.id not in self.kv:
-        request.num_computed = self.kv.add_sequence(request.id, request.tokens, share=request.shares_prefix)
-        self.num_prefix_hit_tokens += request.num_computed
-      n = min(request.num_pending, self.prefill_chunk, budget)
-      if self.kv.pages_needed(request.id, n) > self.kv.allocator.num_free:
+      if not self._fits(request, budget):
         break  # admission by free pages: wait for running requests to finish
-      self.waiting.popleft()
-      request.status = Status.RUNNING
-      self.running.append(request)
+      work.append(self._admit(request, budget))
       active += 1
-      work.append(self._work(request, n, self.kv.append(request.id, n)))
-      budget -= n
+      budget -= len(work[-1].tokens)
     if not work and not self.running and self.waiting:
       for request in list(self.waiting)[1:]:
         if self._fits(request, budget):
@@ -168,6 +161,8 @@ class Scheduler:
     return work
 
   def _fits(self, request: Request, budget: int) -> bool:
+    """Whether the waiting `request`'s next chunk (within `budget` tokens) fits the free pages; registers its
+    sequence (and its prefix-cache hits) first."""
     if request.id not in self.kv:
       request.num_computed = self.kv.add_sequence(request.id, request.tokens, share=request.shares_prefix)
       self.num_prefix_hit_tokens += request.num_computed
@@ -180,16 +175,20 @@ class Scheduler:
       if not self._fits(request, self.max_batch_tokens):
         raise Stalled(f"request {request.id} needs more KV pages than the {self.kv.allocator.num_free} free",
                       request)
-      self.waiting.remove(request)
-      request.status = Status.RUNNING
-      self.running.append(request)
-      n = min(request.num_pending, self.prefill_chunk, self.max_batch_tokens)
-      return [self._work(request, n, self.kv.append(request.id, n))]
+      return [self._admit(request, self.max_batch_tokens)]
     if request not in self.running or request.fully_sampled:
       return []
     n = min(request.num_pending, self.prefill_chunk, self.max_batch_tokens)
     slots = self._reserve(request, n) if n else None
     return [self._work(request, n, slots)] if slots is not None else []
+
+  def _admit(self, request: Request, budget: int) -> Work:
+    """Moves a waiting request that `_fits` to running; the work of its first chunk."""
+    self.waiting.remove(request)
+    request.status = Status.RUNNING
+    self.running.append(request)
+    n = min(request.num_pending, self.prefill_chunk, budget)
+    return self._work(request, n, self.kv.append(request.id, n))
 
   def _work(self, request: Request, n: int, slots) -> Work:
     start = request.num_computed

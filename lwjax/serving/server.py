@@ -52,7 +52,7 @@ class EngineThread:
   def __init__(self, engine: Engine, *, max_queued: int, drain_seconds: float = 30.0, model_name: str = "lwjax"):
     self.engine, self.max_queued, self.drain_seconds = engine, max_queued, drain_seconds
     self.metrics = ServerMetrics(model_name)
-    self._m = model_name
+    self._model_name = model_name  # the metrics label
     self._inbox: queue.Queue = queue.Queue()
     self._lock = threading.Lock()
     self._unanswered: dict[int, tuple] = {}  # id(out queue) -> (out, loop): admitted, not answered yet
@@ -83,14 +83,14 @@ class EngineThread:
       if not self.accepting:
         raise fastapi.HTTPException(503, "server is shutting down", headers={"Retry-After": "5"})
       if len(self._unanswered) + len(outs) > self.max_queued:
-        self.metrics.rejected.labels(self._m).inc()
+        self.metrics.rejected.labels(self._model_name).inc()
         raise fastapi.HTTPException(429, f"queue full ({len(self._unanswered)} of {self.max_queued} requests "
                                     "outstanding); retry later", headers={"Retry-After": "1"})
       for out in outs:
         self._unanswered[id(out)] = (out, loop)
         self._admitted_at[id(out)] = time.monotonic()
-    self.metrics.requests.labels(self._m).inc(len(outs))
-    self.metrics.prompt_tokens.labels(self._m).inc(prompt_tokens)
+    self.metrics.requests.labels(self._model_name).inc(len(outs))
+    self.metrics.prompt_tokens.labels(self._model_name).inc(prompt_tokens)
 
   def _answer(self, out: asyncio.Queue, *items, failed: bool = False) -> bool:
     """Posts the last `items` of `out`'s unit and counts it answered; False (nothing posted) if it already was."""
@@ -100,13 +100,13 @@ class EngineThread:
         return False
       admitted = self._admitted_at.pop(id(out), None)
     if failed:
-      self.metrics.failed.labels(self._m).inc()
+      self.metrics.failed.labels(self._model_name).inc()
     else:
       if admitted is not None:
-        self.metrics.e2e.labels(self._m).observe(time.monotonic() - admitted)
+        self.metrics.e2e.labels(self._model_name).observe(time.monotonic() - admitted)
       ends = [value for kind, value in items if kind == "done" and value is not None]
       reason = getattr(ends[0], "finish_reason", None) if ends else None
-      self.metrics.success.labels(self._m, reason or "stop").inc()
+      self.metrics.success.labels(self._model_name, reason or "stop").inc()
     for item in items:
       _post(entry[1], out, item)
     return True
@@ -232,9 +232,9 @@ class EngineThread:
 
       def on_token(request, token, out=out, loop=loop, last=last):
         now = time.monotonic()
-        (self.metrics.ttft if last[1] else self.metrics.itl).labels(self._m).observe(now - last[0])
+        (self.metrics.ttft if last[1] else self.metrics.itl).labels(self._model_name).observe(now - last[0])
         last[0], last[1] = now, False
-        self.metrics.generation_tokens.labels(self._m).inc()
+        self.metrics.generation_tokens.labels(self._model_name).inc()
         _post(loop, out, ("token", token))
       try:
         request = self.engine.add_request(prompt, params, on_token=on_token)
