@@ -1,5 +1,10 @@
 """Llama-3-style decoder-only transformer (RMSNorm, RoPE, SwiGLU, grouped-query attention) in Flax NNX.
 
+The other families are options of the same model, named as transformers names them (`GPTConfig`): q/k/v
+biases (Qwen2), sliding-window attention on every layer or on alternate ones (Mistral, Gemma-2), attention-
+and final-logit soft-capping, a query scale, RMSNorm with `1 + w`, norms after attention and MLP, GeGLU and
+embeddings scaled by sqrt(d_model) (Gemma-2).
+
 Training forward over packed sequences (causal mask + segment ids) and an inference API over a KV cache:
 `prefill` (also chunked: it appends a chunk to an existing cache) and `decode_step`. Every parameter
 carries `logical_axes` metadata and activations are constrained by logical names (`lwjax.models.logical`).
@@ -28,6 +33,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama), GeGLU with tanh-approximated GELU (Gemma)
 
 
 def _even(value: int) -> str | None:
@@ -62,6 +68,18 @@ class GPTConfig:
   param_dtype: str = option("float32", choices=DTYPES)
   remat: str = option("none", choices=REMAT_POLICIES)
   attention_impl: str = option("auto", choices=kernels.IMPLS)
+  qkv_bias: bool = option(False, doc="biases on the query, key and value projections (Qwen2)")
+  sliding_window: int | None = option(None, min=1, doc="windowed layers attend to this many keys up to the query")
+  full_attention_every: int = option(0, min=0, doc="with sliding_window: layer i attends to the whole context "
+                                     "when i % k == k - 1 (Gemma-2: 2); 0: every layer is windowed (Mistral)")
+  attn_logit_softcap: float | None = option(None, min=1e-6, doc="attention scores s -> c tanh(s / c) (Gemma-2)")
+  final_logit_softcap: float | None = option(None, min=1e-6, doc="output logits z -> c tanh(z / c) (Gemma-2)")
+  query_pre_attn_scalar: float | None = option(None, min=1e-6, doc="softmax scale is this ** -0.5 (default: "
+                                               "head_dim; Gemma-2 27B: d_model / n_heads)")
+  norm_offset: float = option(0.0, doc="RMSNorm multiplies by offset + weight (Gemma: 1.0, weights stored as w)")
+  post_norms: bool = option(False, doc="RMSNorms on the attention and MLP outputs too (Gemma-2)")
+  activation: str = option("silu", choices=ACTIVATIONS)
+  embed_scale: bool = option(False, doc="embeddings multiplied by sqrt(d_model) (Gemma)")
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -70,6 +88,19 @@ class GPTConfig:
       raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+
+  def layer_window(self, layer: int) -> int | None:
+    """The sliding window of layer `layer` (None: it attends to the whole context)."""
+    if self.sliding_window is None:
+      return None
+    k = self.full_attention_every
+    return None if k and layer % k == k - 1 else self.sliding_window
+
+  @property
+  def sm_scale(self) -> float:
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
@@ -86,7 +117,9 @@ class GPTConfig:
 
   def num_params(self, include_embedding: bool = True) -> int:
     attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-    layer = attn + 3 * self.d_model * self.d_ff + 2 * self.d_model
+    if self.qkv_bias:
+      attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
+    layer = attn + 3 * self.d_model * self.d_ff + (4 if self.post_norms else 2) * self.d_model
     embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
     return self.n_layers * layer + self.d_model + (embed if include_embedding else 0)
 
@@ -101,8 +134,8 @@ CONFIG_SCHEMA = schema_of(GPTConfig)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int | None = None, init: str = "normal"):
-  if init == "ones":
-    value = jnp.ones(shape, dtype)
+  if init in ("ones", "zeros"):
+    value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
   else:
     std = 1.0 if fan_in is None else fan_in ** -0.5
     value = (std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape)).astype(dtype)
@@ -126,14 +159,18 @@ def dense(x, w, in_dims: int = 1):
 
 
 class RMSNorm(nnx.Module):
+  """x / rms(x) * (offset + scale), in float32: Llama's (offset 0, scale initialised to 1) or Gemma's (offset 1,
+  scale initialised to 0)."""
+
   def __init__(self, dim: int, eps: float, cfg: GPTConfig, *, rngs: nnx.Rngs):
-    self.eps = eps
-    self.scale = _param(rngs, (dim,), ("norm",), cfg.param_dtype, init="ones")
+    self.eps, self.offset = eps, cfg.norm_offset
+    self.scale = _param(rngs, (dim,), ("norm",), cfg.param_dtype, init="zeros" if self.offset == 1.0 else "ones")
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    scale = self.scale[...].astype(jnp.float32)
+    return (y * (scale + self.offset if self.offset else scale)).astype(x.dtype)
 
 
 def rope_frequencies(cfg: GPTConfig) -> jax.Array:
@@ -161,19 +198,32 @@ def apply_rope(x, positions, inv_freq):
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+  """Grouped-query attention of layer `layer` (which fixes its sliding window, if any)."""
+
+  def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, layer: int = 0):
     self.cfg = cfg
+    self.window = cfg.layer_window(layer)
     d, h, kvh, hd, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
     self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd, fan_in=d)
     self.wk = _param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), pd, fan_in=d)
     self.wv = _param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), pd, fan_in=d)
     self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd, fan_in=h * hd)
+    if cfg.qkv_bias:
+      self.bq = _param(rngs, (h, hd), ("heads", "head_dim"), pd, init="zeros")
+      self.bk = _param(rngs, (kvh, hd), ("kv_heads", "head_dim"), pd, init="zeros")
+      self.bv = _param(rngs, (kvh, hd), ("kv_heads", "head_dim"), pd, init="zeros")
+
+  def _scores(self) -> dict:
+    """The score options every attention kernel takes: scale, this layer's window, soft-cap."""
+    return dict(sm_scale=self.cfg.sm_scale, window=self.window, softcap=self.cfg.attn_logit_softcap)
 
   def _project(self, x_btd, positions_bt, inv_freq):
     dt = self.cfg.dtype
     q = dense(x_btd, self.wq[...].astype(dt))  # [b, t, heads, head_dim]
     k = dense(x_btd, self.wk[...].astype(dt))
     v = dense(x_btd, self.wv[...].astype(dt))
+    if self.cfg.qkv_bias:
+      q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     q = constrain(apply_rope(q, positions_bt, inv_freq), ("batch", "length", "heads", "head_dim"))
     k = constrain(apply_rope(k, positions_bt, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
     return q, k, constrain(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -199,7 +249,7 @@ class Attention(nnx.Module):
     v_cache = write(cache_kv[1], jnp.swapaxes(v, 1, 2).astype(cache_kv[1].dtype), offsets)
     if kernels.backend() == "cpu" and self.cfg.attention_impl in ("auto", "reference"):
       out = kernels.reference.attention(q, k_cache.astype(dt), v_cache.astype(dt), segment_ids=segment_ids,
-                                        q_offset=q_offset, kv_layout="bhsd")
+                                        q_offset=q_offset, kv_layout="bhsd", **self._scores())
     else:  # the accelerator kernels take [b, s, kv_heads, hd]
       out = self._attend(q, jnp.swapaxes(k_cache, 1, 2).astype(dt), jnp.swapaxes(v_cache, 1, 2).astype(dt),
                          segment_ids, q_offset)
@@ -212,7 +262,7 @@ class Attention(nnx.Module):
     split as the rules say, heads split only where query and key/value heads split alike (otherwise a
     shard's GQA groups would not line up), the sequence whole.
     """
-    attend = functools.partial(kernels.attention, causal=True, impl=self.cfg.attention_impl)
+    attend = functools.partial(kernels.attention, causal=True, impl=self.cfg.attention_impl, **self._scores())
     mesh = logical.current_mesh()
     if mesh is None or mesh.size == 1:
       return attend(q, k, v, segment_ids=segment_ids, q_offset=q_offset)
@@ -260,7 +310,7 @@ class Attention(nnx.Module):
       q_group = q[0, start:start + b * t].reshape(b, t, *q.shape[2:])
       start += b * t
       out = kernels.decode_attention(q_group, k_pool.astype(dt), v_pool.astype(dt), table, lens,
-                                     impl=self.cfg.attention_impl)
+                                     impl=self.cfg.attention_impl, **self._scores())
       outs.append(out.reshape(1, b * t, *out.shape[2:]))
     out = self._output(jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0])
     return _unflatten(out, xs), (k_pool, v_pool)
@@ -283,8 +333,10 @@ def _unflatten(flat_1n, like_bt):
 
 
 class MLP(nnx.Module):
+  """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU or GeGLU (`GPTConfig.activation`)."""
+
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-    self.dtype = cfg.dtype
+    self.dtype, self.activation = cfg.dtype, cfg.activation
     d, f, pd = cfg.d_model, cfg.d_ff, cfg.param_dtype
     self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), pd, fan_in=d)
     self.w_up = _param(rngs, (d, f), ("embed", "mlp"), pd, fan_in=d)
@@ -294,29 +346,40 @@ class MLP(nnx.Module):
     dt = self.dtype
     gate = dense(x_btd, self.w_gate[...].astype(dt))
     up = dense(x_btd, self.w_up[...].astype(dt))
-    h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    h = constrain(act * up, ("batch", "length", "mlp"))
     return dense(h, self.w_down[...].astype(dt))
 
 
 def embed_tokens(model, cfg: GPTConfig, tokens_bt):
   """[b, t] ids -> [b, t, d] embeddings of `model.embed` (a GPT or a model with its embedding, e.g. a hybrid)."""
   x = jnp.take(model.embed[...], tokens_bt, axis=0).astype(cfg.dtype)
+  if cfg.embed_scale:  # Gemma rounds the factor to the compute dtype first
+    x = x * jnp.asarray(cfg.d_model ** 0.5, cfg.dtype)
   return constrain(x, ("batch", "length", "embed"))
 
 
 def output_logits(model, cfg: GPTConfig, x_btd):
   """Final norm and the LM head (the tied embedding or `model.lm_head`): float32 logits [b, t, vocab]."""
   head = model.embed[...].T if cfg.tie_embeddings else model.lm_head[...]
-  logits = dense(model.final_norm(x_btd), head.astype(cfg.dtype))
-  return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+  logits = dense(model.final_norm(x_btd), head.astype(cfg.dtype)).astype(jnp.float32)
+  if cfg.final_logit_softcap is not None:
+    logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+  return constrain(logits, ("batch", "length", "vocab"))
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+  """Layer `layer`: x + attn(norm(x)), then + mlp(norm(x)); with `post_norms`, each output normed too."""
+
+  def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, layer: int = 0):
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg, rngs=rngs)
-    self.attn = Attention(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs, layer=layer)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
+    self.post_norms = cfg.post_norms
+    if cfg.post_norms:
+      self.attn_post_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg, rngs=rngs)
+      self.mlp_post_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg, rngs=rngs)
 
   def __call__(self, x, positions, inv_freq, segment_ids=None, cache_kv=None, q_offset=0):
     h, kv = self.attn(self.attn_norm(x), positions, inv_freq, segment_ids=segment_ids,
@@ -334,8 +397,13 @@ class Block(nnx.Module):
     return _unflatten(self._mlp_residual(_flatten(xs), _flatten(hs)), xs), pools
 
   def _mlp_residual(self, x, attn_out):
+    if self.post_norms:
+      attn_out = self.attn_post_norm(attn_out)
     x = constrain(x + attn_out, ("batch", "length", "embed"))
-    return constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "embed"))
+    mlp_out = self.mlp(self.mlp_norm(x))
+    if self.post_norms:
+      mlp_out = self.mlp_post_norm(mlp_out)
+    return constrain(x + mlp_out, ("batch", "length", "embed"))
 
 
 @jax.tree_util.register_dataclass
@@ -366,7 +434,7 @@ class GPT(nnx.Module):
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype)
-    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.layers = nnx.List([Block(cfg, rngs=rngs, layer=i) for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg, rngs=rngs)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype,
@@ -509,6 +577,6 @@ class GPT(nnx.Module):
 
 
 def load_hf_checkpoint(path, **overrides):
-  """Reads a Hugging Face Llama checkpoint directory (config.json + *.safetensors) into a `GPT`."""
-  from lwjax.models import hf_llama
-  return hf_llama.load(path, **overrides)
+  """Reads a Hugging Face checkpoint directory (config.json + *.safetensors) of a supported family into a `GPT`."""
+  from lwjax.models import hf_checkpoint
+  return hf_checkpoint.load(path, **overrides)

@@ -300,7 +300,7 @@ class HybridGPT(nnx.Module):
     g = cfg.gpt
     self.cfg, self.gpt_cfg = cfg, g
     self.embed = gpt._param(rngs, (g.vocab_size, g.d_model), ("vocab", "embed"), g.param_dtype)
-    self.layers = nnx.List([MambaBlock(cfg, rngs=rngs) if i in cfg.mamba_layers else gpt.Block(g, rngs=rngs)
+    self.layers = nnx.List([MambaBlock(cfg, rngs=rngs) if i in cfg.mamba_layers else gpt.Block(g, rngs=rngs, layer=i)
                             for i in range(g.n_layers)])
     self.final_norm = gpt.RMSNorm(g.d_model, g.norm_eps, g, rngs=rngs)
     if not g.tie_embeddings:

@@ -13,7 +13,7 @@ from flax import nnx
 
 from lwjax.config import ConfigError, Field, non_negative_int, positive_int, validate as validate_schema
 from lwjax.data import tokenizer as tokenizer_lib
-from lwjax.models import hf_llama, mamba_hybrid
+from lwjax.models import hf_checkpoint, mamba_hybrid
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.training import checkpoint
 
@@ -85,7 +85,7 @@ def load_model(config) -> GPT | mamba_hybrid.HybridGPT:
   checkpoint of an lwjax training workdir (its model shape comes from the config saved beside it)."""
   source, path = config.weights.source, config.weights.path
   if source == "hf_checkpoint":
-    return hf_llama.load(path)
+    return hf_checkpoint.load(path)
   if source == "random":
     return GPT(GPTConfig.from_dict(config.model), rngs=nnx.Rngs(config.seed))
   if _is_hybrid(config):

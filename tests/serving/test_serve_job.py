@@ -11,7 +11,7 @@ from flax import nnx
 
 from lwjax import jobs
 from lwjax.config import ConfigError
-from lwjax.models import hf_llama, mamba_hybrid as mh
+from lwjax.models import hf_checkpoint, mamba_hybrid as mh
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.projects.lm import pretrain
 from lwjax.serving import serve, speculative
@@ -41,7 +41,7 @@ def test_lwjax_checkpoint_is_served_with_its_saved_shape(tmp_path):
 def test_hf_checkpoint_round_trips_through_the_serve_job(tmp_path):
   cfg = GPTConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48)
   model = GPT(cfg, rngs=nnx.Rngs(3))
-  hf_llama.save(model, str(tmp_path))
+  hf_checkpoint.save(model, str(tmp_path))
   config = serve_experiment.get_config("scale=smoke")
   config.weights.update(source="hf_checkpoint", path=str(tmp_path))
   np.testing.assert_allclose(serve.load_model(config)(TOKENS), model(TOKENS), atol=1e-6)

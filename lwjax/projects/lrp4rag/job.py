@@ -33,7 +33,7 @@ from lwjax import plots
 from lwjax.config import ConfigError, DefaultedGroup, Field, positive_int, validate as validate_schema
 from lwjax.data import rows as rows_lib, tokenizer as tokenizer_lib
 from lwjax.launch import distributed
-from lwjax.models import hf_llama
+from lwjax.models import hf_checkpoint
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, DTYPES, GPT, GPTConfig
 from lwjax.projects.lrp4rag import classifiers, detectors, signals
 from lwjax.projects.lrp4rag.task import SCHEMA as TASK_SCHEMA, RagTask, TaskConfig, check as check_task
@@ -91,8 +91,8 @@ def _validate_hf(config) -> None:
     raise ConfigError("hf.checkpoint", "required without a model group (the paper scale)",
                       "a HF Llama checkpoint directory, e.g. experiments/lrp4rag.py:scale=paper,"
                       "checkpoint=/models/Llama-2-7b-chat-hf,tokenizer=/models/Llama-2-7b-chat-hf")
-  if not os.path.isfile(os.path.join(hf.checkpoint, hf_llama.CONFIG_FILE)):
-    raise ConfigError("hf.checkpoint", f"no {hf_llama.CONFIG_FILE} in {hf.checkpoint!r}",
+  if not os.path.isfile(os.path.join(hf.checkpoint, hf_checkpoint.CONFIG_FILE)):
+    raise ConfigError("hf.checkpoint", f"no {hf_checkpoint.CONFIG_FILE} in {hf.checkpoint!r}",
                       "a HF Llama checkpoint directory (config.json + safetensors)")
   if not hf.tokenizer or not os.path.isfile(_tokenizer_file(hf.tokenizer)):
     raise ConfigError("hf.tokenizer", f"no sentencepiece tokenizer.model at {hf.tokenizer!r}",
@@ -154,7 +154,7 @@ def _train(config, workdir: str, task: RagTask) -> GPT | None:
 def load_generator(config, workdir: str, task_cfg: TaskConfig):
   """(model, task, {"source": ...}): the HF checkpoint, the reused base run, or a GPT trained here."""
   if config.hf.checkpoint:
-    model = hf_llama.load(config.hf.checkpoint, dtype=config.hf.dtype)
+    model = hf_checkpoint.load(config.hf.checkpoint, dtype=config.hf.dtype)
     tokenizer = tokenizer_lib.load(_tokenizer_file(config.hf.tokenizer))
     return model, RagTask(task_cfg, tokenizer), {"source": "hf", "checkpoint": config.hf.checkpoint}
   task = RagTask(task_cfg)

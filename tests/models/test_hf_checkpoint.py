@@ -1,4 +1,5 @@
-"""Tests HF Llama import/export against a NumPy Llama forward written from the HF weight layout."""
+"""HF checkpoint import/export: Llama against a NumPy forward written from the HF weight layout, sharded files,
+round trips and errors."""
 
 import json
 import math
@@ -12,7 +13,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lwjax.models import hf_llama
+from lwjax.models import hf_checkpoint, hf_families
 from lwjax.models.gpt import GPTConfig, RopeScaling
 
 HF_CONFIG = {
@@ -161,7 +162,7 @@ def assert_same_params(a, b):
 def test_load_matches_numpy_llama(tmp_path, tied):
   c = {**HF_CONFIG, "tie_word_embeddings": tied}
   tensors = random_hf_tensors(c)
-  model = hf_llama.load(write_checkpoint(tmp_path, c, tensors))
+  model = hf_checkpoint.load(write_checkpoint(tmp_path, c, tensors))
   assert model.cfg.tie_embeddings == tied and hasattr(model, "lm_head") != tied
   tokens, positions = tokens_and_positions(c)
   np.testing.assert_allclose(model_logits(model, tokens, positions),
@@ -172,20 +173,20 @@ def test_llama3_rope_scaling_matches_numpy_llama(tmp_path):
   c = {**HF_CONFIG, "rope_scaling": LLAMA3_SCALING}
   tensors = random_hf_tensors(c)
   path = write_checkpoint(tmp_path, c, tensors)
-  model = hf_llama.load(path)
+  model = hf_checkpoint.load(path)
   assert model.cfg.rope_scaling == RopeScaling(8.0, 1.0, 8.0, 256)
   tokens, positions = tokens_and_positions(c, offset=90)
   got = model_logits(model, tokens, positions)
   np.testing.assert_allclose(got, reference_logits(c, tensors, tokens, positions), atol=1e-4, rtol=1e-4)
-  unscaled = model_logits(hf_llama.load(path, rope_scaling=None), tokens, positions)
+  unscaled = model_logits(hf_checkpoint.load(path, rope_scaling=None), tokens, positions)
   assert np.abs(got - unscaled).max() > 1e-2  # the scaling is visible at these positions
 
 
 def test_sharded_checkpoint_loads(tmp_path):
   tensors = random_hf_tensors(HF_CONFIG)
-  sharded = hf_llama.load(write_checkpoint(tmp_path / "sharded", HF_CONFIG, tensors, shards=3))
+  sharded = hf_checkpoint.load(write_checkpoint(tmp_path / "sharded", HF_CONFIG, tensors, shards=3))
   old_buffers = {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}  # ignored
-  single = hf_llama.load(write_checkpoint(tmp_path / "single", HF_CONFIG, {**tensors, **old_buffers}))
+  single = hf_checkpoint.load(write_checkpoint(tmp_path / "single", HF_CONFIG, {**tensors, **old_buffers}))
   assert_same_params(sharded, single)
   tokens, positions = tokens_and_positions(HF_CONFIG)
   np.testing.assert_allclose(model_logits(sharded, tokens, positions),
@@ -196,8 +197,8 @@ def test_sharded_checkpoint_loads(tmp_path):
 def test_export_import_round_trip(tmp_path, tied):
   c = {**HF_CONFIG, "tie_word_embeddings": tied, "rope_scaling": LLAMA3_SCALING}
   tensors = random_hf_tensors(c)
-  model = hf_llama.load(write_checkpoint(tmp_path / "in", c, tensors))
-  hf_llama.save(model, tmp_path / "out")
+  model = hf_checkpoint.load(write_checkpoint(tmp_path / "in", c, tensors))
+  hf_checkpoint.save(model, tmp_path / "out")
   written = read_tensors(tmp_path / "out")
   assert sorted(written) == sorted(tensors)
   for key, x in tensors.items():
@@ -205,20 +206,20 @@ def test_export_import_round_trip(tmp_path, tied):
   config = json.loads((tmp_path / "out" / "config.json").read_text())
   assert {k: config[k] for k in c} == c
   assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
-  assert_same_params(hf_llama.load(tmp_path / "out"), model)
+  assert_same_params(hf_checkpoint.load(tmp_path / "out"), model)
 
 
 def test_bfloat16_checkpoint_round_trip(tmp_path):
   c = {**HF_CONFIG, "torch_dtype": "bfloat16"}
   tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in random_hf_tensors(c).items()}
-  model = hf_llama.load(write_checkpoint(tmp_path / "in", c, tensors))
+  model = hf_checkpoint.load(write_checkpoint(tmp_path / "in", c, tensors))
   assert model.cfg.param_dtype == "bfloat16" and model.embed[...].dtype == jnp.bfloat16
-  hf_llama.save(model, tmp_path / "out")
+  hf_checkpoint.save(model, tmp_path / "out")
   with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="np") as f:
     assert f.get_slice("model.norm.weight").get_dtype() == "BF16"
   for key, x in read_tensors(tmp_path / "out").items():
     np.testing.assert_array_equal(x, tensors[key], strict=True, err_msg=key)
-  upcast = hf_llama.load(tmp_path / "out", param_dtype="float32")
+  upcast = hf_checkpoint.load(tmp_path / "out", param_dtype="float32")
   assert upcast.embed[...].dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(upcast.embed[...]), tensors["model.embed_tokens.weight"].astype(
       np.float32))
@@ -226,9 +227,9 @@ def test_bfloat16_checkpoint_round_trip(tmp_path):
 
 def test_sharded_export_writes_index_and_reloads(tmp_path):
   tensors = random_hf_tensors(HF_CONFIG)
-  model = hf_llama.load(write_checkpoint(tmp_path / "in", HF_CONFIG, tensors))
+  model = hf_checkpoint.load(write_checkpoint(tmp_path / "in", HF_CONFIG, tensors))
   out = tmp_path / "out"
-  hf_llama.save(model, out, max_shard_bytes=10_000)
+  hf_checkpoint.save(model, out, max_shard_bytes=10_000)
   index = json.loads((out / "model.safetensors.index.json").read_text())
   shard_files = sorted(p.name for p in out.glob("*.safetensors"))
   assert len(shard_files) > 2 and not (out / "model.safetensors").exists()
@@ -239,11 +240,11 @@ def test_sharded_export_writes_index_and_reloads(tmp_path):
     with safe_open(str(out / name), framework="np") as f:
       sizes = [f.get_tensor(k).nbytes for k in f.keys()]  # noqa: SIM118  safe_open is not iterable
     assert sum(sizes) <= 10_000 or len(sizes) == 1
-  assert_same_params(hf_llama.load(out), model)
+  assert_same_params(hf_checkpoint.load(out), model)
 
-  hf_llama.save(model, out)  # an unsharded save over it removes the stale index and shards
+  hf_checkpoint.save(model, out)  # an unsharded save over it removes the stale index and shards
   assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-  assert_same_params(hf_llama.load(out), model)
+  assert_same_params(hf_checkpoint.load(out), model)
 
 
 @pytest.mark.parametrize("edit, key", [
@@ -257,15 +258,15 @@ def test_bad_tensors_raise_naming_the_key(tmp_path, edit, key):
   tensors = random_hf_tensors(HF_CONFIG)
   edit(tensors)
   with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-    hf_llama.load(write_checkpoint(tmp_path, HF_CONFIG, tensors))
+    hf_checkpoint.load(write_checkpoint(tmp_path, HF_CONFIG, tensors))
 
 
 def test_tied_checkpoint_with_lm_head_raises_with_hint(tmp_path):
   tensors = random_hf_tensors(HF_CONFIG)
   path = write_checkpoint(tmp_path, {**HF_CONFIG, "tie_word_embeddings": True}, tensors)
   with pytest.raises(ValueError, match=r"lm_head\.weight.*tie_embeddings=False"):
-    hf_llama.load(path)
-  assert not hf_llama.load(path, tie_embeddings=False).cfg.tie_embeddings
+    hf_checkpoint.load(path)
+  assert not hf_checkpoint.load(path, tie_embeddings=False).cfg.tie_embeddings
 
 
 def test_index_pointing_at_wrong_shard_raises(tmp_path):
@@ -274,7 +275,7 @@ def test_index_pointing_at_wrong_shard_raises(tmp_path):
   index["weight_map"]["model.norm.weight"] = "model-00001-of-00002.safetensors"
   (path / "model.safetensors.index.json").write_text(json.dumps(index))
   with pytest.raises(ValueError, match=r"model\.norm\.weight"):
-    hf_llama.load(path)
+    hf_checkpoint.load(path)
 
 
 @pytest.mark.parametrize("change, key", [
@@ -284,33 +285,33 @@ def test_index_pointing_at_wrong_shard_raises(tmp_path):
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"model_type": "qwen2"}, "model_type"),
+    ({"model_type": "gpt_neox"}, "model_type"),
     ({"torch_dtype": "float64"}, "torch_dtype"),
 ])
 def test_unsupported_config_raises_naming_the_key(change, key):
   with pytest.raises(ValueError, match=key):
-    hf_llama.config_from_hf({**HF_CONFIG, **change})
+    hf_families.config_from_hf({**HF_CONFIG, **change})
 
 
 def test_unknown_override_raises():
   with pytest.raises(ValueError, match="n_experts"):
-    hf_llama.config_from_hf(HF_CONFIG, n_experts=8)
+    hf_families.config_from_hf(HF_CONFIG, n_experts=8)
 
 
 def test_config_defaults_and_round_trip():
   minimal = {k: HF_CONFIG[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers",
                                        "num_attention_heads", "intermediate_size")}
-  cfg = hf_llama.config_from_hf(minimal)
+  cfg = hf_families.config_from_hf(minimal)
   assert (cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype, cfg.rope_scaling) == (4, 8, "float32", None)
   cfg = GPTConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=16, d_ff=48,
                   max_seq_len=4096, rope_theta=5e5, rope_scaling=RopeScaling(), norm_eps=1e-6,
                   tie_embeddings=True, param_dtype="bfloat16")
-  hf = hf_llama.config_to_hf(cfg)
+  hf = hf_families.config_to_hf(cfg)
   assert hf["architectures"] == ["LlamaForCausalLM"] and hf["torch_dtype"] == "bfloat16"
   assert hf["rope_scaling"]["rope_type"] == "llama3"
-  assert hf_llama.config_from_hf(json.loads(json.dumps(hf))) == cfg
+  assert hf_families.config_from_hf(json.loads(json.dumps(hf))) == cfg
   v5 = {**minimal, "rope_parameters": {"rope_theta": 5e5, **hf["rope_scaling"]}}  # transformers >= 5
-  assert hf_llama.config_from_hf(v5).rope_scaling == RopeScaling() and hf_llama.config_from_hf(
+  assert hf_families.config_from_hf(v5).rope_scaling == RopeScaling() and hf_families.config_from_hf(
       v5).rope_theta == 5e5
 
 
@@ -319,8 +320,8 @@ def test_matches_transformers_llama(tmp_path):
   transformers = pytest.importorskip("transformers")
   c = {**HF_CONFIG, "rope_scaling": LLAMA3_SCALING}
   path = write_checkpoint(tmp_path / "in", c, random_hf_tensors(c))
-  model = hf_llama.load(path)
-  hf_llama.save(model, tmp_path / "out", max_shard_bytes=20_000)
+  model = hf_checkpoint.load(path)
+  hf_checkpoint.save(model, tmp_path / "out", max_shard_bytes=20_000)
   tokens, positions = tokens_and_positions(c)
   want = model_logits(model, tokens, positions)
   for checkpoint in (path, tmp_path / "out"):

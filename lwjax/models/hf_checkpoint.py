@@ -1,0 +1,200 @@
+"""Hugging Face checkpoints (`config.json` + safetensors, one file or sharded) to and from a `GPT`.
+
+Reading is tensor by tensor: each safetensors tensor is read, laid out as the model holds it, cast, and
+placed straight onto its sharding (from the parameter's logical axes and the rules, on `mesh`); the model is
+never whole on one device or on the host. Writing goes one shard at a time. The families and their layouts
+are `lwjax.models.hf_families`. Tensors pass through numpy: jax registers ml_dtypes' `bfloat16` with numpy,
+which safetensors uses for BF16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from lwjax.models import hf_families
+from lwjax.models.gpt import GPT, GPTConfig
+from lwjax.models.logical import Rules, logical_to_spec
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' `save_pretrained` default ("5GB")
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# Non-persistent RoPE buffers that old checkpoints still carry; recomputed from the config.
+_DERIVED_KEY = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that cannot be read: the message names the file and key."""
+
+
+def read_config(path: str | os.PathLike) -> dict:
+  """The `config.json` of a HF checkpoint directory, or a `CheckpointError` naming what is missing."""
+  file = os.path.join(os.fspath(path), CONFIG_FILE)
+  if not os.path.isfile(file):
+    raise CheckpointError(f"{file}: not found; a Hugging Face checkpoint directory holds config.json")
+  with open(file) as fh:
+    try:
+      return json.load(fh)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def config_from_dir(path: str | os.PathLike, **overrides) -> GPTConfig:
+  """The `GPTConfig` of a HF checkpoint directory (`hf_families.config_from_hf` of its config.json)."""
+  try:
+    return hf_families.config_from_hf(read_config(path), **overrides)
+  except hf_families.UnsupportedCheckpoint as e:
+    raise CheckpointError(f"{os.path.join(os.fspath(path), CONFIG_FILE)}: {e}") from None
+
+
+def _weight_files(path: str) -> dict[str, str]:
+  """HF key -> safetensors file name, from the shard index or the single file's header."""
+  index = os.path.join(path, INDEX_FILE)
+  if os.path.exists(index):
+    with open(index) as fh:
+      weight_map = json.load(fh).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise CheckpointError(f"{index}: no 'weight_map' dict")
+    missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(path, f))})
+    if missing:
+      raise CheckpointError(f"{index}: lists shard(s) {missing} that are not in {path}")
+    return dict(weight_map)
+  single = os.path.join(path, SINGLE_FILE)
+  if not os.path.exists(single):
+    raise CheckpointError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+  with safe_open(single, framework="np") as f:
+    return {key: SINGLE_FILE for key in f.keys()}  # noqa: SIM118  safe_open is not iterable
+
+
+def _check_keys(path: str, layout: dict, available, cfg: GPTConfig) -> None:
+  available = {k for k in available if not _DERIVED_KEY.fullmatch(k)}
+  missing = sorted(set(layout) - available)
+  if missing:
+    raise CheckpointError(f"{path}: the checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:5]}")
+  unexpected = sorted(available - set(layout))
+  if unexpected:
+    hint = ""
+    if cfg.tie_embeddings and "lm_head.weight" in unexpected:
+      hint = " (lm_head.weight with tie_word_embeddings=true: load with tie_embeddings=False to keep it)"
+    raise CheckpointError(f"{path}: the checkpoint has {len(unexpected)} unexpected tensor(s), "
+                          f"e.g. {unexpected[:5]}{hint}")
+
+
+def _get(tree: dict, path: tuple):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _placer(abstract_state, mesh: Mesh | None, rules: Rules):
+  """path -> function placing a host array as that parameter: on its mesh sharding, or the default device."""
+  if mesh is None:
+    return lambda path, x: jnp.asarray(x)
+  from lwjax.training import sharding
+  axes = sharding.logical_axes(abstract_state)
+
+  def place(path, x):
+    spec = logical_to_spec(_get(axes, path), rules, mesh, x.shape)
+    return jax.device_put(x, NamedSharding(mesh, spec))
+  return place
+
+
+def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules = (), **overrides) -> GPT:
+  """Reads a HF checkpoint directory of a supported family into a `GPT`, tensor by tensor.
+
+  `overrides` replace `GPTConfig` fields (e.g. `param_dtype="float32"`, `max_seq_len=8192`); parameters are
+  cast to `param_dtype`. With `mesh`, each parameter goes straight onto the sharding its logical axes get
+  under `rules` (`configs.mesh.DEFAULT_RULES` shards weights over fsdp and tensor).
+  """
+  path = os.fspath(path)
+  raw = read_config(path)
+  cfg = config_from_dir(path, **overrides)
+  family = raw.get("model_type", "llama")
+  layout = hf_families.tensor_layout(cfg, family)
+  files = _weight_files(path)
+  _check_keys(path, layout, files, cfg)
+
+  abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  values = nnx.to_pure_dict(state)
+  place = _placer(state, mesh, rules)
+  dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+  by_file: dict[str, list[str]] = {}
+  for key in layout:
+    by_file.setdefault(files[key], []).append(key)
+  for file_name, keys in by_file.items():
+    with safe_open(os.path.join(path, file_name), framework="np") as f:
+      present = set(f.keys())
+      for key in keys:
+        if key not in present:
+          raise CheckpointError(f"{key}: listed in {INDEX_FILE} under {file_name}, which does not contain it")
+        x = f.get_tensor(key)
+        tensor = layout[key]
+        if tuple(x.shape) != tensor.hf_shape:
+          raise CheckpointError(f"{os.path.join(path, file_name)}: {key} has shape {tuple(x.shape)}, "
+                                f"expected {tensor.hf_shape} from config.json")
+        for part in tensor.parts:
+          _get(values, part.path[:-1])[part.path[-1]] = place(part.path, part.from_hf(x).astype(dtype))
+        del x
+  nnx.replace_by_pure_dict(state, values)
+  return nnx.merge(graphdef, state)
+
+
+def _remove_stale_weights(path: str) -> None:
+  """Deletes weights a previous save left, so an old index can't point the loader at old shards."""
+  for name in os.listdir(path):
+    if name in (SINGLE_FILE, INDEX_FILE) or _SHARD_FILE.fullmatch(name):
+      os.remove(os.path.join(path, name))
+
+
+def save(model: GPT, path: str | os.PathLike, *, family: str | None = None,
+         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+  """Writes `model` as a HF checkpoint of `family` (default: the one its options name): `config.json` and
+  safetensors in `param_dtype`.
+
+  Above `max_shard_bytes` the tensors go to `model-0000i-of-0000n.safetensors` shards with a
+  `model.safetensors.index.json`, as `save_pretrained` does. Earlier weight files in `path` are removed.
+  """
+  path = os.fspath(path)
+  cfg = model.cfg
+  family = family or hf_families.family_of(cfg)
+  hf_config = hf_families.config_to_hf(cfg, family)
+  layout = hf_families.tensor_layout(cfg, family)
+  itemsize = jnp.dtype(cfg.param_dtype).itemsize
+  shards: list[list[str]] = [[]]
+  shard_bytes, total = 0, 0
+  for key, tensor in layout.items():
+    nbytes = int(np.prod(tensor.hf_shape)) * itemsize
+    if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+      shards.append([])
+      shard_bytes = 0
+    shards[-1].append(key)
+    shard_bytes += nbytes
+    total += nbytes
+
+  os.makedirs(path, exist_ok=True)
+  _remove_stale_weights(path)
+  with open(os.path.join(path, CONFIG_FILE), "w") as fh:
+    json.dump(hf_config, fh, indent=2)
+  values = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  names = [SINGLE_FILE] if len(shards) == 1 else [
+      f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  for name, keys in zip(names, shards, strict=False):  # one shard on the host at a time
+    tensors = {key: layout[key].to_hf([np.asarray(jax.device_get(_get(values, p.path))) for p in layout[key].parts])
+               for key in keys}
+    save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})  # transformers needs the tag
+  if len(shards) > 1:
+    weight_map = {key: name for name, keys in zip(names, shards, strict=False) for key in keys}
+    with open(os.path.join(path, INDEX_FILE), "w") as fh:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
