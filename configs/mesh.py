@@ -1,20 +1,8 @@
-"""Mesh presets and the default logical-axis rules (logical name -> mesh axes)."""
+"""Mesh presets with the default logical-axis rules (logical name -> mesh axes, `lwjax.training.mesh`)."""
 
 import ml_collections
 
-# FSDP shards the embed dimension of weights; tensor parallelism shards heads and the MLP hidden
-# dimension; the batch is split over every data-parallel axis.
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("norm", None),
-)
+from lwjax.training.mesh import DEFAULT_RULES
 
 
 def get(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:

@@ -97,12 +97,13 @@ def _get(tree: dict, path: tuple):
   return tree
 
 
-def _placer(abstract_state, mesh: Mesh | None, rules: Rules):
+def _placer(abstract_state, mesh: Mesh | None, rules: Rules | None):
   """path -> function placing a host array as that parameter: on its mesh sharding, or the default device."""
   if mesh is None:
     return lambda path, x: jnp.asarray(x)
-  from lwjax.training import sharding
+  from lwjax.training import mesh as mesh_lib, sharding
   axes = sharding.logical_axes(abstract_state)
+  rules = mesh_lib.DEFAULT_RULES if rules is None else rules
 
   def place(path, x):
     spec = logical_to_spec(_get(axes, path), rules, mesh, x.shape)
@@ -110,12 +111,12 @@ def _placer(abstract_state, mesh: Mesh | None, rules: Rules):
   return place
 
 
-def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules = (), **overrides) -> GPT:
+def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules | None = None, **overrides) -> GPT:
   """Reads a HF checkpoint directory of a supported family into a `GPT`, tensor by tensor.
 
   `overrides` replace `GPTConfig` fields (e.g. `param_dtype="float32"`, `max_seq_len=8192`); parameters are
   cast to `param_dtype`. With `mesh`, each parameter goes straight onto the sharding its logical axes get
-  under `rules` (`configs.mesh.DEFAULT_RULES` shards weights over fsdp and tensor).
+  under `rules` (default `lwjax.training.mesh.DEFAULT_RULES`: weights over the fsdp and tensor axes).
   """
   path = os.fspath(path)
   raw = read_config(path)

@@ -17,6 +17,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from lwjax.training import sharding
+from lwjax.training.mesh import DEFAULT_RULES
+
 
 class Checkpointer:
   """Keeps the last `keep` checkpoints of `{state, data iterator, config}` under `directory`."""
@@ -86,18 +89,26 @@ def load_config(directory: str, step: int | None = None) -> dict:
   return config
 
 
-def load_model(directory: str, build: Callable[[dict], Any], step: int | None = None) -> tuple[Any, dict, int]:
-  """The NNX model of a training run's checkpoint, on the default device: (model, run config, step).
+def load_model(directory: str, build: Callable[[dict], Any], step: int | None = None, *, mesh=None,
+               rules=None) -> tuple[Any, dict, int]:
+  """The NNX model of a training run's checkpoint: (model, run config, step).
 
   `directory` is a run's `checkpoints/` folder; `build(config)` makes the model from the run config
-  saved beside the state (only its shape is used); the parameters of `step` (default: latest) fill it.
+  saved beside the state (only its shape is used); the parameters of `step` (default: latest) fill it, on the
+  default device, or with `mesh` each restored straight onto the sharding its logical axes get under `rules`
+  (default `DEFAULT_RULES`).
   """
   manager, step, config = _open(directory, step)
   try:
     graphdef, state = nnx.split(nnx.eval_shape(lambda: build(config)))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                     nnx.to_pure_dict(state))}
+    params = nnx.to_pure_dict(state)
+    if mesh is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: device, params)
+    else:
+      shardings = sharding.param_shardings(params, sharding.logical_axes(state), mesh, rules or DEFAULT_RULES)
+    target = {"params": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                     params, shardings)}
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
   finally:

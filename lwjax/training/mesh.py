@@ -12,6 +12,19 @@ from jax.sharding import Mesh
 from lwjax.config import ConfigError, Field
 
 AXES = ("data", "fsdp", "tensor")
+# FSDP shards the embed dimension of weights; tensor parallelism shards heads and the MLP hidden
+# dimension; the batch is split over every data-parallel axis.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
 SCHEMA = {
     "shape": {axis: Field(int, check=lambda v: None if v == -1 or v >= 1 else "must be >= 1 or -1 (fill)",
                           doc="-1 fills with the remaining devices") for axis in AXES},

@@ -1,0 +1,94 @@
+"""One entry point for a pretrained model: a Hugging Face checkpoint directory or an lwjax training workdir ->
+(model, tokenizer), its parameters placed straight onto a device mesh when given one.
+
+Jobs take it as `model.pretrained=PATH`:
+- a Hugging Face directory (`config.json` + safetensors, one file or sharded) of a family `hf_families` reads,
+  with its tokenizer (`tokenizer.json`, or a sentencepiece `tokenizer.model`) beside it;
+- an lwjax workdir (`checkpoints/`): its latest checkpoint, a Mamba hybrid when `hybrid.json` is beside it,
+  and the tokenizer file the run wrote there (`tokenizer.json`, `tokenizer.model`), if any: runs on the
+  synthetic tasks build theirs from the task, and get None.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from lwjax.data import hf_tokenizer, tokenizer as tokenizer_lib
+from lwjax.models import hf_checkpoint, mamba_hybrid
+from lwjax.models.gpt import GPT, GPTConfig
+from lwjax.models.logical import Rules
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class PretrainedError(ValueError):
+  """A path that holds no model lwjax can load, or a model that cannot be loaded as asked: names path and fix."""
+
+
+def kind(path: str) -> str:
+  """"hf" (a Hugging Face checkpoint directory) or "workdir" (an lwjax run); PretrainedError otherwise."""
+  if os.path.isfile(os.path.join(path, hf_checkpoint.CONFIG_FILE)):
+    return "hf"
+  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+    return "workdir"
+  if not os.path.isdir(path):
+    raise PretrainedError(f"{path}: no such directory; give a Hugging Face checkpoint directory (config.json + "
+                          "safetensors) or an lwjax workdir (checkpoints/)")
+  raise PretrainedError(f"{path}: holds neither {hf_checkpoint.CONFIG_FILE} (a Hugging Face checkpoint) nor "
+                        f"{CHECKPOINTS_DIR}/ (an lwjax workdir)")
+
+
+def check(path: str) -> str:
+  """What `load_pretrained` checks before any heavy work: the kind of `path`, its config (family and options)
+  and, for a Hugging Face directory, that a tokenizer is there. Returns the kind."""
+  found = kind(path)
+  if found == "hf":
+    hf_checkpoint.config_from_dir(path)
+    _tokenizer_file(path, required=True)
+  return found
+
+
+def _tokenizer_file(path: str, required: bool) -> str | None:
+  for name in (hf_tokenizer.TOKENIZER_FILE, tokenizer_lib.MODEL_FILENAME):
+    if os.path.isfile(os.path.join(path, name)):
+      return os.path.join(path, name)
+  if required:
+    raise PretrainedError(f"{path}: no tokenizer ({hf_tokenizer.TOKENIZER_FILE} or {tokenizer_lib.MODEL_FILENAME}); "
+                          "copy the model's tokenizer files into the checkpoint directory")
+  return None
+
+
+def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules | None = None,
+                    dtype: str | None = None, param_dtype: str | None = None, **overrides):
+  """(model, tokenizer) of a Hugging Face directory or an lwjax workdir (see the module docstring).
+
+  `mesh`: each parameter is read and placed onto the sharding its logical axes get under `rules` (default
+  `lwjax.training.mesh.DEFAULT_RULES`: weights over the fsdp and tensor axes); the whole model is never on one
+  device. `dtype` (compute), `param_dtype` (stored; default the checkpoint's) and `overrides` replace
+  `GPTConfig` fields, e.g. `max_seq_len`. A checkpoint that cannot be read raises an error naming file and key.
+  """
+  path = os.fspath(path)
+  found = check(path)
+  fields = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype, **overrides).items() if v is not None}
+  if found == "hf":
+    tokenizer = tokenizer_lib.load_tokenizer(path)
+    return hf_checkpoint.load(path, mesh=mesh, rules=rules, **fields), tokenizer
+  file = _tokenizer_file(path, required=False)
+  tokenizer = tokenizer_lib.load_tokenizer(path if file and file.endswith(".json") else file) if file else None
+  if os.path.isfile(os.path.join(path, mamba_hybrid.HYBRID_CONFIG_FILE)):
+    if mesh is not None or fields:
+      raise PretrainedError(f"{path}: a Mamba hybrid loads on one device with its saved config; drop mesh and "
+                            f"the GPTConfig overrides {sorted(fields)}")
+    return mamba_hybrid.load(path), tokenizer
+  from lwjax.training import checkpoint
+
+  def build(saved):
+    return GPT(GPTConfig.from_dict({**saved["model"], **fields}), rngs=nnx.Rngs(0))
+  try:
+    model, _, _ = checkpoint.load_model(os.path.join(path, CHECKPOINTS_DIR), build, mesh=mesh, rules=rules)
+  except FileNotFoundError:
+    raise PretrainedError(f"{path}/{CHECKPOINTS_DIR}: holds no complete checkpoint") from None
+  return model, tokenizer
