@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lwjax.models import hf_families
@@ -73,8 +72,51 @@ def _weight_files(path: str) -> dict[str, str]:
   single = os.path.join(path, SINGLE_FILE)
   if not os.path.exists(single):
     raise CheckpointError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
-  with safe_open(single, framework="np") as f:
-    return {key: SINGLE_FILE for key in f.keys()}  # noqa: SIM118  safe_open is not iterable
+  with _SafetensorsFile(single) as f:
+    return dict.fromkeys(f.keys(), SINGLE_FILE)
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
+
+
+class _SafetensorsFile:
+  """Reads tensors of one safetensors file with `pread` into fresh arrays: unlike a memory map, the pages of
+  tensors already placed do not stay in this process's resident memory."""
+
+  def __init__(self, file: str):
+    self.file = file
+    self.fd = os.open(file, os.O_RDONLY)
+    (size,) = np.frombuffer(os.pread(self.fd, 8, 0), "<u8")
+    self.header = json.loads(os.pread(self.fd, int(size), 8))
+    self.header.pop("__metadata__", None)
+    self.data_start = 8 + int(size)
+
+  def keys(self):
+    return self.header.keys()
+
+  def read(self, key: str) -> np.ndarray:
+    entry = self.header[key]
+    if entry["dtype"] not in _SAFETENSORS_DTYPES:
+      raise CheckpointError(f"{self.file}: {key} has dtype {entry['dtype']}; allowed: {sorted(_SAFETENSORS_DTYPES)}")
+    begin, end = entry["data_offsets"]
+    out = np.empty(entry["shape"], _SAFETENSORS_DTYPES[entry["dtype"]])
+    if out.nbytes != end - begin:
+      raise CheckpointError(f"{self.file}: {key} holds {end - begin} bytes for shape {entry['shape']}")
+    view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+    while done < out.nbytes:  # pread returns at most 2 GiB at a time
+      n = os.preadv(self.fd, [view[done:]], self.data_start + begin + done)
+      if n <= 0:
+        raise CheckpointError(f"{self.file}: ends inside {key}")
+      done += n
+    return out
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    os.close(self.fd)
 
 
 def _check_keys(path: str, layout: dict, available, cfg: GPTConfig) -> None:
@@ -135,18 +177,18 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules | No
   for key in layout:
     by_file.setdefault(files[key], []).append(key)
   for file_name, keys in by_file.items():
-    with safe_open(os.path.join(path, file_name), framework="np") as f:
+    with _SafetensorsFile(os.path.join(path, file_name)) as f:
       present = set(f.keys())
       for key in keys:
         if key not in present:
           raise CheckpointError(f"{key}: listed in {INDEX_FILE} under {file_name}, which does not contain it")
-        x = f.get_tensor(key)
+        x = f.read(key)
         tensor = layout[key]
         if tuple(x.shape) != tensor.hf_shape:
           raise CheckpointError(f"{os.path.join(path, file_name)}: {key} has shape {tuple(x.shape)}, "
                                 f"expected {tensor.hf_shape} from config.json")
         for part in tensor.parts:
-          _get(values, part.path[:-1])[part.path[-1]] = place(part.path, part.from_hf(x).astype(dtype))
+          _get(values, part.path[:-1])[part.path[-1]] = place(part.path, part.from_hf(x).astype(dtype, copy=False))
         del x
   nnx.replace_by_pure_dict(state, values)
   return nnx.merge(graphdef, state)
