@@ -6,9 +6,10 @@ from lwjax.models.presets import PRESETS
 
 
 def get(name: str, **overrides) -> ml_collections.ConfigDict:
-  """The named preset as a ConfigDict (every GPTConfig field present), with `overrides` applied."""
+  """The named preset as a ConfigDict (every GPTConfig field present, and `pretrained`: a checkpoint to start
+  from instead, `lwjax.models.pretrained`), with `overrides` applied."""
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r} (valid: {', '.join(PRESETS)})")
-  config = ml_collections.ConfigDict(PRESETS[name].to_dict())
+  config = ml_collections.ConfigDict({**PRESETS[name].to_dict(), "pretrained": ""})
   config.update(overrides)
   return config

@@ -9,13 +9,18 @@
   python main.py --config experiments/serve.py:scale=cpu --workdir runs/serve \
       --config.weights.source=lwjax_checkpoint --config.weights.path=runs/distill_cpu50/attention/sft \
       --config.tokenizer.kind=sentencepiece --config.tokenizer.path=runs/lm_cpu/tokenizer.model
+  # a Hugging Face checkpoint with its own tokenizer (tokenizer.json): chats use its chat template and stop at
+  # any of its stop ids (generation_config's eos_token_id, e.g. Llama-3's <|eot_id|>):
   python main.py --config experiments/serve.py:scale=gpu --workdir runs/serve \
-      --config.weights.source=hf_checkpoint --config.weights.path=/ckpt/Llama-3.2-1B
+      --config.weights.source=hf_checkpoint --config.weights.path=/ckpt/Llama-3.2-1B-Instruct \
+      --config.tokenizer.kind=hf --config.tokenizer.path=/ckpt/Llama-3.2-1B-Instruct
 
   curl http://127.0.0.1:8000/v1/completions -H 'content-type: application/json' \
       -d '{"model": "lwjax", "prompt": "Once", "max_tokens": 16}'
 
-Arguments: `scale` in smoke|cpu|gpu|paper, `model` a preset of configs/gpt.py.
+Arguments: `scale` in smoke|cpu|gpu|paper, `model` a preset of configs/gpt.py. `tokenizer.kind`: bytes (default),
+sentencepiece (`tokenizer.path` a model file) or hf (`tokenizer.path` a Hugging Face tokenizer directory:
+tokenizer.json, or only a sentencepiece tokenizer.model; see docs/API.md "Chat templates").
 """
 
 import ml_collections

@@ -1,7 +1,8 @@
 """The jobs `main.py` can run, by the name a config gives in `config.job`.
 
-Each job module defines `validate(config)` (raises ConfigError) and `run(config, workdir)`. Modules are
-imported lazily so that validating a config never pays for another project's imports.
+Each job module defines `validate(config)` (raises ConfigError) and `run(config, workdir)`, and
+`TAKES_PRETRAINED = True` when its model can start from `model.pretrained` (`lwjax.models.pretrained`). Modules
+are imported lazily so that validating a config never pays for another project's imports.
 """
 
 from __future__ import annotations
@@ -36,5 +37,14 @@ def get(config):
   if name not in JOBS:
     raise ConfigError("job", f"unknown job {name!r}", ", ".join(sorted(JOBS)))
   module = importlib.import_module(JOBS[name])
+  model = config.get("model")
+  if model is not None and hasattr(model, "get") and model.get("pretrained") and not getattr(
+      module, "TAKES_PRETRAINED", False):
+    raise ConfigError("model.pretrained", f"the {name} job does not start from a pretrained checkpoint",
+                      "leave it empty; jobs that take one: " + ", ".join(_taking_pretrained()))
   module.validate(config)
   return module
+
+
+def _taking_pretrained() -> list[str]:
+  return sorted(n for n, m in JOBS.items() if getattr(importlib.import_module(m), "TAKES_PRETRAINED", False))

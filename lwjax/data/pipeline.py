@@ -105,14 +105,15 @@ def tfds_text(name: str, *, split: str, text_key: str = "text", data_dir: str | 
 
 
 class Tokenize(grain.transforms.Map):
-  """Document str -> {"tokens": [bos] + ids + [eos]} as int32 [doc_len + 2]."""
+  """Document str -> {"tokens": [bos] + ids + [eos]} as int32 (no bos for a tokenizer without one: Qwen)."""
 
   def __init__(self, tokenizer):
     self.tokenizer = tokenizer
 
   def map(self, text: str) -> dict[str, np.ndarray]:
     t = self.tokenizer
-    return {"tokens": np.asarray([t.bos_id, *t.encode(text), t.eos_id], np.int32)}
+    bos = [] if t.bos_id is None else [t.bos_id]
+    return {"tokens": np.asarray([*bos, *t.encode(text), t.eos_id], np.int32)}
 
 
 class PackedToExample(grain.transforms.Map):

@@ -1,8 +1,10 @@
-"""Tokenizers: sentencepiece training and loading, and exact byte and word-list tokenizers for synthetic tasks.
+"""Tokenizers: sentencepiece training and loading, and exact byte and word-list tokenizers for synthetic tasks;
+`load_tokenizer(path)` also reads Hugging Face tokenizer directories (`lwjax.data.hf_tokenizer`).
 
-Both share one interface: `encode(str) -> list[int]` (no bos/eos; the pipeline adds them),
+All share one interface: `encode(str) -> list[int]` (no bos/eos; the pipeline adds them),
 `decode(ids) -> str` (special ids dropped), `vocab_size`, `pad_id`, `bos_id`, `eos_id`, with the same
-special ids everywhere: pad 0 (so zero-filled padding is pad), bos 1, eos 2.
+special ids everywhere: pad 0 (so zero-filled padding is pad), bos 1, eos 2 (a Hugging Face tokenizer keeps
+its model's ids).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 from etils import epath
+
+from lwjax.data import hf_tokenizer
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 MODEL_FILENAME = "tokenizer.model"
@@ -112,6 +116,23 @@ def train_sentencepiece(text_iterator: Iterator[str], model_prefix: str, vocab_s
 def load(path: str) -> SentencePieceTokenizer:
   """Loads a sentencepiece model from any path `etils.epath` reads (local or cloud)."""
   return SentencePieceTokenizer(epath.Path(path).read_bytes())
+
+
+def load_tokenizer(path: str) -> SentencePieceTokenizer | hf_tokenizer.HFTokenizer:
+  """The tokenizer at `path`: a sentencepiece model file, or a directory holding a Hugging Face `tokenizer.json`
+  (an `HFTokenizer`) or only a sentencepiece `tokenizer.model`. Anything else raises ValueError naming `path`."""
+  root = epath.Path(path)
+  if not root.is_dir():
+    if not root.exists():
+      raise ValueError(f"{path}: does not exist; provide a sentencepiece model file or a Hugging Face tokenizer "
+                       f"directory ({hf_tokenizer.TOKENIZER_FILE}, {hf_tokenizer.CONFIG_FILE})")
+    return load(path)
+  if (root / hf_tokenizer.TOKENIZER_FILE).exists():
+    return hf_tokenizer.load(path)
+  if (root / MODEL_FILENAME).exists():
+    return load(str(root / MODEL_FILENAME))
+  raise ValueError(f"{path}: holds neither {hf_tokenizer.TOKENIZER_FILE} (Hugging Face) nor {MODEL_FILENAME} "
+                   "(sentencepiece); provide one of them")
 
 
 def get_or_train(workdir: str, spec_path: str | None, text_iterator_fn: Callable[[], Iterator[str]],

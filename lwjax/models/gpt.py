@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from lwjax import kernels
-from lwjax.config import option, schema_of
+from lwjax.config import Field, option, schema_of
 from lwjax.models import logical
 from lwjax.models.logical import constrain
 
@@ -104,8 +104,10 @@ class GPTConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-    """From a (Config)dict; a `rope_scaling` group with factor 1.0 (or none) means no scaling."""
+    """From a (Config)dict; a `rope_scaling` group with factor 1.0 (or none) means no scaling. The job key
+    `pretrained` (the checkpoint a run starts from, `lwjax.models.pretrained`) is not a field and is skipped."""
     d = dict(d)
+    d.pop(PRETRAINED_KEY, None)
     scaling = dict(d.get("rope_scaling") or {})
     d["rope_scaling"] = RopeScaling(**scaling) if scaling and scaling.get("factor", 1.0) != 1.0 else None
     return cls(**d)
@@ -130,7 +132,11 @@ class GPTConfig:
     return 6.0 * dense + 6.0 * attention
 
 
-CONFIG_SCHEMA = schema_of(GPTConfig)
+PRETRAINED_KEY = "pretrained"
+# A job's `model` section: the GPTConfig fields, and the checkpoint to start from (empty: random initialisation).
+CONFIG_SCHEMA = {**schema_of(GPTConfig), PRETRAINED_KEY: Field(
+    str, has_default=True, doc="Hugging Face checkpoint directory or lwjax workdir to start from; its shape "
+    "replaces the shape fields here (empty: random initialisation)")}
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int | None = None, init: str = "normal"):

@@ -12,6 +12,7 @@ Jobs take it as `model.pretrained=PATH`:
 from __future__ import annotations
 
 import os
+import shutil
 
 from flax import nnx
 from jax.sharding import Mesh
@@ -47,11 +48,37 @@ def check(path: str) -> str:
   found = kind(path)
   if found == "hf":
     hf_checkpoint.config_from_dir(path)
-    _tokenizer_file(path, required=True)
+    tokenizer_file(path, required=True)
   return found
 
 
-def _tokenizer_file(path: str, required: bool) -> str | None:
+# What a job's `model` section still decides for a pretrained model: how it computes, not its shape.
+RUNTIME_FIELDS = ("dtype", "remat", "attention_impl")
+
+
+def model_config(model_section) -> GPTConfig:
+  """The `GPTConfig` a job's `model` section names: its own fields, or with `pretrained` set, the checkpoint's
+  (read from its config.json or saved run config, no weights) with the section's `RUNTIME_FIELDS` applied."""
+  path = model_section.get("pretrained") or ""
+  if not path:
+    return GPTConfig.from_dict(model_section)
+  runtime = {k: model_section[k] for k in RUNTIME_FIELDS if k in model_section}
+  if kind(path) == "hf":
+    return hf_checkpoint.config_from_dir(path, **runtime)
+  if os.path.isfile(os.path.join(path, mamba_hybrid.HYBRID_CONFIG_FILE)):
+    raise PretrainedError(f"{path}: a Mamba hybrid; this job starts from a GPT (a Hugging Face directory or an "
+                          "lwjax GPT workdir)")
+  from lwjax.training import checkpoint
+  try:
+    saved = checkpoint.load_config(os.path.join(path, CHECKPOINTS_DIR))
+  except FileNotFoundError:
+    raise PretrainedError(f"{path}/{CHECKPOINTS_DIR}: holds no complete checkpoint") from None
+  return GPTConfig.from_dict({**saved["model"], **runtime})
+
+
+def tokenizer_file(path: str, required: bool = False) -> str | None:
+  """The tokenizer file in `path` (`tokenizer.json`, else a sentencepiece `tokenizer.model`); None, or with
+  `required` a PretrainedError, when there is none."""
   for name in (hf_tokenizer.TOKENIZER_FILE, tokenizer_lib.MODEL_FILENAME):
     if os.path.isfile(os.path.join(path, name)):
       return os.path.join(path, name)
@@ -59,6 +86,27 @@ def _tokenizer_file(path: str, required: bool) -> str | None:
     raise PretrainedError(f"{path}: no tokenizer ({hf_tokenizer.TOKENIZER_FILE} or {tokenizer_lib.MODEL_FILENAME}); "
                           "copy the model's tokenizer files into the checkpoint directory")
   return None
+
+
+TOKENIZER_FILES = (hf_tokenizer.TOKENIZER_FILE, hf_tokenizer.CONFIG_FILE, hf_tokenizer.SPECIAL_TOKENS_FILE,
+                   hf_tokenizer.GENERATION_CONFIG_FILE, hf_tokenizer.CHAT_TEMPLATE_FILE, tokenizer_lib.MODEL_FILENAME)
+
+
+def copy_tokenizer(path: str, workdir: str) -> None:
+  """Copies the tokenizer files of checkpoint `path` into a run's `workdir`, so the run's checkpoints load with
+  the tokenizer they were trained with (`load_pretrained(workdir)`)."""
+  os.makedirs(workdir, exist_ok=True)
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(path, name)) and os.path.abspath(path) != os.path.abspath(workdir):
+      shutil.copyfile(os.path.join(path, name), os.path.join(workdir, name))
+
+
+def load_tokenizer(path: str, required: bool = False):
+  """The tokenizer stored in checkpoint directory `path` (see `tokenizer_file`), or None."""
+  file = tokenizer_file(path, required)
+  if file is None:
+    return None
+  return tokenizer_lib.load_tokenizer(path if file.endswith(".json") else file)
 
 
 def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules | None = None,
@@ -73,11 +121,9 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules:
   path = os.fspath(path)
   found = check(path)
   fields = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype, **overrides).items() if v is not None}
+  tokenizer = load_tokenizer(path, required=found == "hf")
   if found == "hf":
-    tokenizer = tokenizer_lib.load_tokenizer(path)
     return hf_checkpoint.load(path, mesh=mesh, rules=rules, **fields), tokenizer
-  file = _tokenizer_file(path, required=False)
-  tokenizer = tokenizer_lib.load_tokenizer(path if file and file.endswith(".json") else file) if file else None
   if os.path.isfile(os.path.join(path, mamba_hybrid.HYBRID_CONFIG_FILE)):
     if mesh is not None or fields:
       raise PretrainedError(f"{path}: a Mamba hybrid loads on one device with its saved config; drop mesh and "

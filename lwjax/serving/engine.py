@@ -139,9 +139,11 @@ class Engine:
                max_batch_tokens: int = 512, prefill_chunk: int = 128, max_model_len: int | None = None,
                eos_id: int | None = None, detokenize: Callable[[list[int]], str] | None = None,
                kv_dtype=None, offload=None, async_scheduling: bool = True, nano_batches: int = 1,
-               mixed_batches: bool = True):
+               mixed_batches: bool = True, stop_ids: Sequence[int] = ()):
     """`mixed_batches`: an iteration's decodes and prefill chunks in one model call (a GPT with nano_batches=1;
-    False: one call per group, as hybrids and nano-batches always run)."""
+    False: one call per group, as hybrids and nano-batches always run). `stop_ids`: ids that end a request as
+    `eos_id` does (a chat model's end of turn: Llama-3's <|eot_id|> beside <|end_of_text|>); `ignore_eos`
+    ignores them too."""
     self.hybrid = hasattr(model, "init_slot_states")
     cfg = model.gpt_cfg if self.hybrid else model.cfg
     if self.hybrid and (offload is not None or nano_batches != 1):
@@ -153,6 +155,7 @@ class Engine:
     self.mixed_batches = mixed_batches and not self.hybrid and nano_batches == 1
     self._run_mixed = _compiled_mixed(self.graphdef) if self.mixed_batches else None
     self.eos_id, self.detokenize, self.vocab_size = eos_id, detokenize, cfg.vocab_size
+    self.stop_ids = frozenset(stop_ids) | ({eos_id} if eos_id is not None else set())
     self.max_model_len = max_model_len or cfg.max_seq_len
     self.max_pages = -(-self.max_model_len // page_size)
     self.max_num_seqs, self.prefill_chunk = max_num_seqs, prefill_chunk
@@ -612,7 +615,7 @@ class Engine:
     resolved = len(request.output) - (request.output[-1] == PLACEHOLDER)
     output, params = request.output[:resolved], request.params
     reason = None
-    if output[-1] == self.eos_id and not params.ignore_eos:
+    if output[-1] in self.stop_ids and not params.ignore_eos:
       reason = "stop"
     elif params.stop and self.detokenize is not None:
       request.text = self.detokenize(output)
@@ -637,6 +640,7 @@ class LLM:
     self.tokenizer = tokenizer
     if tokenizer is not None:
       engine_kwargs.setdefault("eos_id", tokenizer.eos_id)
+      engine_kwargs.setdefault("stop_ids", getattr(tokenizer, "eos_ids", ()))
       engine_kwargs.setdefault("detokenize", tokenizer.decode)
     self.engine = Engine(model, **engine_kwargs)
 

@@ -12,7 +12,7 @@ import os
 from flax import nnx
 
 from lwjax.config import ConfigError, Field, non_negative_int, positive_int, validate as validate_schema
-from lwjax.data import tokenizer as tokenizer_lib
+from lwjax.data import hf_tokenizer, tokenizer as tokenizer_lib
 from lwjax.models import hf_checkpoint, mamba_hybrid
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.training import checkpoint
@@ -24,8 +24,10 @@ SCHEMA = {
         "source": Field(str, choices=SOURCES),
         "path": Field(str, doc="lwjax workdir (its checkpoints/) or HF directory; unused for random"),
     },
-    "tokenizer": {"kind": Field(str, choices=("bytes", "sentencepiece")),
-                  "path": Field(str, doc="sentencepiece model (kind=sentencepiece)")},
+    "tokenizer": {"kind": Field(str, choices=("bytes", "sentencepiece", "hf")),
+                  "path": Field(str, doc="sentencepiece model (kind=sentencepiece); a Hugging Face tokenizer "
+                                         "directory, e.g. the checkpoint's (kind=hf: tokenizer.json with the chat "
+                                         "template and stop ids, or only a sentencepiece tokenizer.model)")},
     "engine": {
         "num_pages": positive_int(), "page_size": positive_int(), "max_num_seqs": positive_int(),
         "max_batch_tokens": positive_int(), "prefill_chunk": positive_int(), "max_model_len": positive_int(),
@@ -73,6 +75,12 @@ def validate(config) -> None:
                         "0")
   if config.tokenizer.kind == "sentencepiece" and not os.path.exists(config.tokenizer.path):
     raise ConfigError("tokenizer.path", f"{config.tokenizer.path!r} does not exist", "a sentencepiece model file")
+  hf_files = (hf_tokenizer.TOKENIZER_FILE, tokenizer_lib.MODEL_FILENAME)
+  if config.tokenizer.kind == "hf" and not any(os.path.isfile(os.path.join(config.tokenizer.path, name))
+                                               for name in hf_files):
+    raise ConfigError("tokenizer.path", f"{config.tokenizer.path!r} is not a directory holding {' or '.join(hf_files)}",
+                      f"a Hugging Face tokenizer directory ({hf_tokenizer.TOKENIZER_FILE}, {hf_tokenizer.CONFIG_FILE}; "
+                      "e.g. the hf_checkpoint's weights.path)")
 
 
 def _is_hybrid(config) -> bool:
@@ -103,6 +111,8 @@ def load_model(config) -> GPT | mamba_hybrid.HybridGPT:
 def load_tokenizer(config):
   if config.tokenizer.kind == "bytes":
     return tokenizer_lib.ByteTokenizer()
+  if config.tokenizer.kind == "hf":
+    return tokenizer_lib.load_tokenizer(config.tokenizer.path)
   return tokenizer_lib.load(config.tokenizer.path)
 
 
@@ -117,7 +127,8 @@ def make_engine(config, model: GPT, tokenizer):
   if offload["host_bytes"]:
     store = KVOffloadStore(host_bytes=offload["host_bytes"], disk_dir=offload["disk_dir"] or None,
                            disk_bytes=offload["disk_bytes"])
-  return Engine(model, eos_id=tokenizer.eos_id, detokenize=tokenizer.decode, offload=store, **settings)
+  return Engine(model, eos_id=tokenizer.eos_id, stop_ids=getattr(tokenizer, "eos_ids", ()),
+                detokenize=tokenizer.decode, offload=store, **settings)
 
 
 def run(config, workdir: str) -> None:

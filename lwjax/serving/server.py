@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP API over the engine (NanoFlow §4 serving front end), on FastAPI.
 
-`/v1/completions`, `/v1/chat/completions` (both with SSE streaming), `/v1/wim` (Writing in the Margins over
-a long context: each margin and its relevance streamed as an event while the context is still being read;
+`/v1/completions`, `/v1/chat/completions` (both with SSE streaming; a chat is rendered by the tokenizer's chat
+template when it has one, a Hugging Face tokenizer's, else by `chat_prompt`), `/v1/wim` (Writing in the Margins
+over a long context: each margin and its relevance streamed as an event while the context is still being read;
 the client exits early by closing the stream), `/v1/models`, `/health` and Prometheus `/metrics`. The engine
 runs in one background thread (`EngineThread`); request handlers talk to it through a submission queue and
 per-request asyncio queues, so the event loop never blocks on the device. Bad input gets a 400 naming the
@@ -30,6 +31,7 @@ import uvicorn
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from lwjax.data.chat_template import ChatTemplateError
 from lwjax.serving import wim
 from lwjax.serving.engine import Engine
 from lwjax.serving.metrics import ServerMetrics
@@ -430,6 +432,20 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
   return "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages) + "<|assistant|>\n"
 
 
+def has_chat_template(tokenizer) -> bool:
+  return getattr(tokenizer, "chat_template", None) is not None
+
+
+def chat_text(tokenizer, messages: list[ChatMessage]) -> str:
+  """The chat's prompt text: the tokenizer's chat template with the generation prompt (the template writes BOS
+  and the special tokens itself), or `chat_prompt` for a tokenizer without one. A template that refuses the
+  conversation raises `ChatTemplateError`."""
+  if has_chat_template(tokenizer):
+    return tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in messages],
+                                         add_generation_prompt=True)
+  return chat_prompt(messages)
+
+
 def _error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
   return JSONResponse({"error": _error_body(status, message, param)}, status_code=status, headers=headers)
 
@@ -480,13 +496,14 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
 
   ignored_fields: set[str] = set()
 
-  def encode(prompt) -> list[int]:
+  def encode(prompt, add_bos: bool = True) -> list[int]:
     if isinstance(prompt, list):
       if any(not 0 <= t < engine.vocab_size for t in prompt):
         raise _Invalid("prompt", f"token ids must be in [0, {engine.vocab_size})")
       ids = prompt
     else:
-      ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
+      bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and add_bos else []
+      ids = bos + tokenizer.encode(prompt)
     if not ids:
       raise _Invalid("prompt", "empty: the prompt has no tokens (valid: a non-empty string or token list)")
     return ids
@@ -520,8 +537,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
       return _error(404, f"model {req.model!r} not found (valid: {model_name!r})", "model")
     try:
       check_fields(req, chat)
-      texts = [chat_prompt(req.messages)] if chat else _prompt_list(req.prompt)
-      prompts = [encode(p) for p in texts]
+      texts = [chat_text(tokenizer, req.messages)] if chat else _prompt_list(req.prompt)
+      prompts = [encode(p, add_bos=not (chat and has_chat_template(tokenizer))) for p in texts]
       max_tokens = req.max_new_tokens if chat else req.max_tokens
       logprobs = ((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs
       echo = not chat and req.echo
@@ -531,6 +548,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
         params = dataclasses.replace(params, prompt_logprobs=logprobs)
     except _Invalid as e:
       return _error(400, e.message, e.param)
+    except ChatTemplateError as e:
+      return _error(400, f"messages: the model's chat template refused them: {e}", "messages")
     except UnicodeEncodeError as e:
       return _error(400, f"text is not valid Unicode (a lone surrogate at {e.start}): {e.reason}")
     loop = asyncio.get_running_loop()

@@ -219,6 +219,5 @@ class WiMRequest:
       self.on_event(kind, payload)
 
   def _strip(self, tokens: list[int]) -> list[int]:
-    eos = self.engine.eos_id
-    return list(tokens[:-1]) if tokens and tokens[-1] == eos else list(tokens)
+    return list(tokens[:-1]) if tokens and tokens[-1] in self.engine.stop_ids else list(tokens)
 

@@ -220,8 +220,9 @@ class Trainer:
 
     `train_iter` is a checkpointable (Grain) iterator of local numpy batches; `eval_batches()` returns
     a fresh iterator over the evaluation batches. A fresh run starts from `init_params` (a finetune:
-    params of the same structure, e.g. another run's final ones) with a new optimizer state, else from
-    the model's initialisation. `eval_hook(step, params)` runs after each evaluation (e.g. image
+    params of the same structure, e.g. another run's final ones, or a function returning them, called only
+    when the run starts fresh: a resumed run reads no pretrained checkpoint) with a new optimizer state, else
+    from the model's initialisation. `eval_hook(step, params)` runs after each evaluation (e.g. image
     summaries). Returns the last train and eval metrics.
     """
     cfg = self.config.train
@@ -230,7 +231,7 @@ class Trainer:
     if ckpt.latest_step() is not None:
       step, state = ckpt.restore(self.abstract_state, train_iter)
     elif init_params is not None:
-      step, state = 0, self.state_from_params(init_params)
+      step, state = 0, self.state_from_params(init_params() if callable(init_params) else init_params)
     else:
       step, state = 0, self.init_state(jax.random.key(seed))
     progress = Progress(self.workdir, total_steps=cfg.steps, start_step=step,

@@ -3,6 +3,7 @@ directory; a hybrid answers over the OpenAI API as its own greedy decoding does.
 
 import dataclasses
 import importlib
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +82,22 @@ def test_missing_weights_name_the_key():
   with pytest.raises(ConfigError, match="^weights.path:"):
     jobs.get(config)
 
+
+
+def test_an_hf_tokenizer_directory_is_checked_and_its_stop_ids_reach_the_engine(tmp_path):
+  config = serve_experiment.get_config("scale=smoke")
+  config.tokenizer.update(kind="hf", path=str(tmp_path))
+  with pytest.raises(ConfigError, match="^tokenizer.path: .* not a directory holding tokenizer.json"):
+    jobs.get(config)
+  config.tokenizer.path = os.path.join(os.path.dirname(__file__), os.pardir, "fixtures", "hf", "tokenizers",
+                                       "llama3_style")
+  jobs.get(config)
+  tokenizer, model = serve.load_tokenizer(config), serve.load_model(config)
+  engine = serve.make_engine(config, model, tokenizer)
+  stops = {tokenizer.token_to_id("<|end_of_text|>"), tokenizer.token_to_id("<|eot_id|>")}
+  assert engine.stop_ids == stops and engine.eos_id == tokenizer.token_to_id("<|end_of_text|>")
+  config.tokenizer.update(kind="bytes", path="")
+  assert serve.make_engine(config, model, serve.load_tokenizer(config)).stop_ids == {2}
 
 
 def test_every_engine_switch_of_the_serve_config_reaches_the_engine(tmp_path):

@@ -2,17 +2,22 @@
 concurrent streaming clients over real HTTP, draining on shutdown."""
 
 import asyncio
+import dataclasses
 import json
+import os
 import socket
 import threading
 import time
 
 import httpx
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 from flax import nnx
 
+from lwjax.data import hf_tokenizer
 from lwjax.data.tokenizer import ByteTokenizer
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.serving.engine import LLM, Engine
@@ -280,3 +285,65 @@ def test_metrics_count_the_requests_sent(client):
   assert moved["vllm:time_to_first_token_seconds_count"] == 3 and moved["vllm:inter_token_latency_seconds_count"] == 9
   assert moved["vllm:e2e_request_latency_seconds_count"] == 3
   assert after["vllm:num_requests_running"] == 0 and after["vllm:kv_cache_usage_perc"] == 0.0
+
+
+HF_TOKENIZERS = os.path.join(os.path.dirname(__file__), os.pardir, "fixtures", "hf", "tokenizers")
+
+
+def _answers_a_then_stops(tok) -> GPT:
+  """A tiny GPT whose greedy continuation of any prompt is "A" then <|eot_id|>: its blocks add nothing to the
+  residual stream, so the next token depends on the last one alone, through a hand-set embedding and head."""
+  cfg = GPTConfig(vocab_size=tok.vocab_size, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=16,
+                  max_seq_len=160)
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+  for block in model.layers:
+    block.attn.wo[...] = jnp.zeros_like(block.attn.wo[...])
+    block.mlp.w_down[...] = jnp.zeros_like(block.mlp.w_down[...])
+  a, eot = tok.token_to_id("A"), tok.token_to_id("<|eot_id|>")
+  embed = np.zeros((cfg.vocab_size, cfg.d_model), np.float32)
+  embed[:, 0], embed[a] = 1.0, np.eye(cfg.d_model)[1]  # every token points along axis 0, "A" along axis 1
+  head = np.zeros((cfg.d_model, cfg.vocab_size), np.float32)
+  head[0, a], head[1, eot] = 1.0, 1.0  # after any token "A", after "A" <|eot_id|>
+  model.embed[...], model.lm_head[...] = jnp.asarray(embed), jnp.asarray(head)
+  return model
+
+
+def test_chat_renders_the_tokenizers_template_and_stops_at_its_end_of_turn():
+  """With the llama3_style tokenizer (eos <|end_of_text|>; <|eot_id|> a stop id through generation_config only),
+  the engine gets the chat template's ids (one BOS, the template's) and generation ends at <|eot_id|>: without
+  the stop ids it would go on "A", <|eot_id|>, "A", ... to max_tokens."""
+  tok = hf_tokenizer.load(os.path.join(HF_TOKENIZERS, "llama3_style"))
+  assert tok.eos_id != tok.token_to_id("<|eot_id|>") and tok.token_to_id("<|eot_id|>") in tok.eos_ids
+  engine = Engine(_answers_a_then_stops(tok), num_pages=64, page_size=4, max_num_seqs=4, eos_id=tok.eos_id,
+                  stop_ids=tok.eos_ids, detokenize=tok.decode)
+  received = []
+  add_request = engine.add_request
+
+  def recording(prompt, *args, **kwargs):
+    received.append(list(prompt))
+    return add_request(prompt, *args, **kwargs)
+  engine.add_request = recording
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say A."}]
+  with TestClient(create_app(engine, tok, model_name="tiny")) as c:
+    r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 8,
+                                             "temperature": 0})
+  assert r.status_code == 200, r.text
+  expected = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+  assert received == [expected] and expected.count(tok.bos_id) == 1
+  assert tok.decode(expected, skip_special_tokens=False).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+  choice = r.json()["choices"][0]
+  assert (choice["message"]["content"], choice["finish_reason"]) == ("A", "stop")
+  assert r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_400_naming_it():
+  tok = hf_tokenizer.load(os.path.join(HF_TOKENIZERS, "gemma_style"))
+  engine = Engine(GPT(dataclasses.replace(CFG, vocab_size=tok.vocab_size), rngs=nnx.Rngs(0)), num_pages=16,
+                  page_size=4, eos_id=tok.eos_id, stop_ids=tok.eos_ids, detokenize=tok.decode)
+  messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+  with TestClient(create_app(engine, tok, model_name="tiny")) as c:
+    r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": messages})
+  assert r.status_code == 400, r.text
+  error = r.json()["error"]
+  assert error["param"] == "messages" and "System role not supported" in error["message"]
+  assert "gemma_style/chat_template.jinja" in error["message"]

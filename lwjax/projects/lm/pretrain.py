@@ -1,4 +1,6 @@
-"""Pretrains the core GPT on packed text: generated corpus, local text files, or a TFDS data set.
+"""Pretrains the core GPT on packed text: generated corpus, local text files, or a TFDS data set; with
+`model.pretrained` (a Hugging Face directory or an lwjax workdir), continues pretraining or finetunes that
+model, all weights, with its own tokenizer.
 
 Reports eval loss next to the unigram cross-entropy of the same held-out tokens (the baseline any LM
 must beat), both in nats per token, in the log and in `<workdir>/metrics.json`.
@@ -14,14 +16,17 @@ import os
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from lwjax.config import ConfigError, Field, non_negative_int, positive_int, validate as validate_schema
 from lwjax.data import corpus, pipeline, tokenizer as tokenizer_lib
 from lwjax.launch import distributed
+from lwjax.models import hf_checkpoint, pretrained
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.training import losses, mesh, optim, trainer as trainer_lib
 
+TAKES_PRETRAINED = True
 SOURCES = ("generated", "text_files", "tfds")
 TOKENIZERS = ("bytes", "sentencepiece")
 DATA_SCHEMA = {
@@ -50,14 +55,15 @@ SCHEMA = {
 def validate(config) -> None:
   """Schema plus the cross-field rules; raises ConfigError naming the key."""
   validate_schema(config, SCHEMA)
-  try:
-    GPTConfig.from_dict(config.model)
-  except ValueError as e:
-    raise ConfigError("model", str(e), "n_kv_heads dividing n_heads, even head_dim") from None
-  if config.data.seq_len > config.model.max_seq_len:
-    raise ConfigError("data.seq_len", f"{config.data.seq_len} exceeds model.max_seq_len",
-                      f"<= {config.model.max_seq_len}")
-  if config.data.tokenizer == "bytes" and config.model.vocab_size < tokenizer_lib.ByteTokenizer.vocab_size:
+  model_cfg = _model_config(config)
+  if config.model.pretrained and not pretrained.tokenizer_file(config.model.pretrained):
+    raise ConfigError("model.pretrained", f"{config.model.pretrained} holds no tokenizer file",
+                      "a workdir of a run that wrote its tokenizer (sentencepiece), or a Hugging Face directory")
+  if config.data.seq_len > model_cfg.max_seq_len:
+    raise ConfigError("data.seq_len", f"{config.data.seq_len} exceeds the model's max_seq_len",
+                      f"<= {model_cfg.max_seq_len}")
+  if not config.model.pretrained and config.data.tokenizer == "bytes" and (
+      config.model.vocab_size < tokenizer_lib.ByteTokenizer.vocab_size):
     raise ConfigError("model.vocab_size", "too small for the byte tokenizer",
                       f">= {tokenizer_lib.ByteTokenizer.vocab_size}")
   if config.train.global_batch_size % config.train.grad_accum_steps:
@@ -68,6 +74,16 @@ def validate(config) -> None:
                       f"0 or a divisor of {config.train.global_batch_size}")
   if config.data.source == "text_files" and not glob.glob(config.data.train_files):
     raise ConfigError("data.train_files", f"no file matches {config.data.train_files!r}", "a glob of text files")
+
+
+def _model_config(config) -> GPTConfig:
+  """The model's config: `config.model`, or the pretrained checkpoint's shape; a ConfigError naming the key."""
+  try:
+    return pretrained.model_config(config.model)
+  except (pretrained.PretrainedError, hf_checkpoint.CheckpointError) as e:
+    raise ConfigError("model.pretrained", str(e), "a Hugging Face checkpoint directory or an lwjax workdir") from None
+  except ValueError as e:
+    raise ConfigError("model", str(e), "n_kv_heads dividing n_heads, even head_dim") from None
 
 
 def _sources(config, workdir):
@@ -89,6 +105,12 @@ def _sources(config, workdir):
 
 def _tokenizer(config, workdir, train_docs):
   data = config.data
+  if config.model.pretrained:
+    tok = pretrained.load_tokenizer(config.model.pretrained, required=True)
+    if tok.vocab_size > config.model.vocab_size:
+      raise ConfigError("model.pretrained", f"its tokenizer has {tok.vocab_size} ids, its model "
+                        f"{config.model.vocab_size}", "a checkpoint whose tokenizer fits its embedding")
+    return tok
   if data.tokenizer == "bytes":
     return tokenizer_lib.ByteTokenizer()
   def texts():
@@ -106,7 +128,11 @@ def _tokenizer(config, workdir, train_docs):
 
 def run(config, workdir: str) -> dict:
   """Trains, evaluates, and writes `<workdir>/metrics.json`; returns the metrics."""
-  model_cfg = GPTConfig.from_dict(config.model)
+  model_cfg = _model_config(config)
+  if config.model.pretrained:  # the run's saved config then names the shape it trains, beside its tokenizer
+    config.model.update(model_cfg.to_dict())
+    if jax.process_index() == 0:
+      pretrained.copy_tokenizer(config.model.pretrained, workdir)
   train_docs, eval_docs = _sources(config, workdir)
   tok = _tokenizer(config, workdir, train_docs)
   data, batch = config.data, config.train.global_batch_size
@@ -122,7 +148,13 @@ def run(config, workdir: str) -> dict:
   trainer = trainer_lib.Trainer(config, workdir, model_fn=lambda rngs: GPT(model_cfg, rngs=rngs),
                                 loss_fn=losses.lm_loss, flops_per_token=model_cfg.flops_per_token(data.seq_len),
                                 seq_len=data.seq_len)
-  result = trainer.fit(iter(train_ds), eval_batches, seed=config.seed)
+  def start():
+    logging.info("starting from %s", config.model.pretrained)
+    model, _ = pretrained.load_pretrained(config.model.pretrained, mesh=trainer.mesh, rules=trainer.rules,
+                                          **{k: config.model[k] for k in pretrained.RUNTIME_FIELDS})
+    return nnx.to_pure_dict(nnx.state(model))
+  result = trainer.fit(iter(train_ds), eval_batches, seed=config.seed,
+                       init_params=start if config.model.pretrained else None)
 
   # The baseline: unigram cross-entropy of the very eval targets the model was scored on, with counts
   # summed over all processes.
