@@ -1,5 +1,6 @@
-"""The `serve` job: loads a model (random, an lwjax checkpoint, or a Hugging Face Llama directory) and
-serves it over the OpenAI-compatible API on 127.0.0.1 (NanoFlow §4 front end).
+"""The `serve` job: loads a model (random; `model.pretrained`: a Hugging Face directory of a supported family
+with its tokenizer and chat template, or an lwjax workdir) and serves it over the OpenAI-compatible API on
+127.0.0.1 (NanoFlow §4 front end). `weights.source` / `weights.path` name a checkpoint the older way.
 
 An lwjax checkpoint directory with a `hybrid.json` beside its checkpoints/ (a stage of the Mamba
 distillation, e.g. `runs/distill_cpu50/attention/sft`) is served as the hybrid it holds."""
@@ -13,10 +14,11 @@ from flax import nnx
 
 from lwjax.config import ConfigError, Field, non_negative_int, positive_int, validate as validate_schema
 from lwjax.data import hf_tokenizer, tokenizer as tokenizer_lib
-from lwjax.models import hf_checkpoint, mamba_hybrid
+from lwjax.models import hf_checkpoint, mamba_hybrid, pretrained
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.training import checkpoint
 
+TAKES_PRETRAINED = True
 SOURCES = ("random", "lwjax_checkpoint", "hf_checkpoint")
 SCHEMA = {
     "job": Field(str), "seed": Field(int), "model": MODEL_SCHEMA,
@@ -65,6 +67,14 @@ def validate(config) -> None:
   if offload.disk_dir and not offload.host_bytes:
     raise ConfigError("engine.kv_offload.host_bytes", "is 0 while disk_dir is set (blocks reach disk through "
                       "host memory)", "> 0, or disk_dir=''")
+  if config.model.get("pretrained"):
+    if config.weights.source != "random":
+      raise ConfigError("weights.source", f"{config.weights.source!r} as well as model.pretrained",
+                        "one of them: model.pretrained=PATH alone")
+    try:
+      pretrained.check(config.model.pretrained)
+    except (pretrained.PretrainedError, hf_checkpoint.CheckpointError) as e:
+      raise ConfigError("model.pretrained", str(e), "a Hugging Face checkpoint directory or an lwjax workdir") from None
   if config.weights.source != "random" and not os.path.exists(config.weights.path):
     raise ConfigError("weights.path", f"{config.weights.path!r} does not exist", "an existing directory")
   if _is_hybrid(config):
@@ -83,17 +93,27 @@ def validate(config) -> None:
                       "e.g. the hf_checkpoint's weights.path)")
 
 
+def _weights(config) -> tuple[str, str]:
+  """(source, path) of the served weights: `model.pretrained` (its kind read from the directory), else
+  `config.weights`."""
+  path = config.model.get("pretrained") or ""
+  if path:
+    return ("hf_checkpoint" if pretrained.kind(path) == "hf" else "lwjax_checkpoint"), path
+  return config.weights.source, config.weights.path
+
+
 def _is_hybrid(config) -> bool:
-  return config.weights.source == "lwjax_checkpoint" and os.path.isfile(
-      os.path.join(config.weights.path, mamba_hybrid.HYBRID_CONFIG_FILE))
+  source, path = _weights(config)
+  return source == "lwjax_checkpoint" and os.path.isfile(os.path.join(path, mamba_hybrid.HYBRID_CONFIG_FILE))
 
 
 def load_model(config) -> GPT | mamba_hybrid.HybridGPT:
-  """The served model from `config.weights`: random (`config.model`), an HF directory, or the latest
-  checkpoint of an lwjax training workdir (its model shape comes from the config saved beside it)."""
-  source, path = config.weights.source, config.weights.path
+  """The served model from `model.pretrained` or `config.weights`: random (`config.model`), an HF directory,
+  or the latest checkpoint of an lwjax training workdir (its model shape comes from the config saved beside
+  it)."""
+  source, path = _weights(config)
   if source == "hf_checkpoint":
-    return hf_checkpoint.load(path)
+    return hf_checkpoint.load(path, **{k: config.model[k] for k in pretrained.RUNTIME_FIELDS})
   if source == "random":
     return GPT(GPTConfig.from_dict(config.model), rngs=nnx.Rngs(config.seed))
   if _is_hybrid(config):
@@ -109,6 +129,11 @@ def load_model(config) -> GPT | mamba_hybrid.HybridGPT:
 
 
 def load_tokenizer(config):
+  """The checkpoint's own tokenizer with `model.pretrained` (when it holds one), else `config.tokenizer`'s."""
+  if config.model.get("pretrained"):
+    tokenizer = pretrained.load_tokenizer(config.model.pretrained)
+    if tokenizer is not None:
+      return tokenizer
   if config.tokenizer.kind == "bytes":
     return tokenizer_lib.ByteTokenizer()
   if config.tokenizer.kind == "hf":

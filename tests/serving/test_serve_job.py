@@ -134,3 +134,31 @@ def test_offload_to_disk_without_a_directory_names_the_field():
   config.engine.kv_offload.update(host_bytes=1024, disk_bytes=4096)
   with pytest.raises(ConfigError, match="^engine.kv_offload.disk_dir:"):
     jobs.get(config)
+
+
+def test_model_pretrained_serves_the_checkpoint_with_its_tokenizer(tmp_path):
+  """`model.pretrained` alone: the family's weights (transformers' logits), the checkpoint's tokenizer; naming
+  weights.source too, or a directory that holds no model, is a config error."""
+  import json
+  import pathlib
+  import shutil
+
+  from lwjax.data.hf_tokenizer import HFTokenizer
+  fixtures = pathlib.Path(__file__).parents[1] / "fixtures" / "hf"
+  shutil.copytree(fixtures / "models" / "qwen2", tmp_path / "qwen2")
+  shutil.copytree(fixtures / "tokenizers" / "qwen_style", tmp_path / "qwen2", dirs_exist_ok=True,
+                  ignore=shutil.ignore_patterns("expected.json"))
+  config = serve_experiment.get_config("scale=smoke")
+  config.model.pretrained = str(tmp_path / "qwen2")
+  jobs.get(config)
+  model, tokenizer = serve.load_model(config), serve.load_tokenizer(config)
+  assert isinstance(tokenizer, HFTokenizer) and tokenizer.bos_id is None and tokenizer.chat_template
+  expected = json.loads((tmp_path / "qwen2" / "expected.json").read_text())
+  np.testing.assert_allclose(model(jnp.asarray(expected["input_ids"])), np.asarray(expected["logits"]), atol=1e-4)
+  config.weights.update(source="hf_checkpoint", path=str(tmp_path / "qwen2"))
+  with pytest.raises(ConfigError, match="^weights.source:"):
+    jobs.get(config)
+  config.weights.update(source="random", path="")
+  config.model.pretrained = str(tmp_path)
+  with pytest.raises(ConfigError, match=r"^model.pretrained: .*neither config\.json"):
+    jobs.get(config)
