@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -55,11 +56,26 @@ def target_platform(platform: str):
 CPU_BLOCKED_MAX_LEN = 1024
 
 
-def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None,
+def _window_and_softcap(op, window, softcap):
+  """(window as an int, softcap as a float), or None for either: static values the kernels specialise on.
+  Rejects a window that is not a positive integer and a softcap that is not a positive number."""
+  if window is not None:
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+      raise ValueError(f"{op} window must be a positive int or None, got {window!r}")
+    window = int(window)
+  if softcap is not None:
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap > 0:
+      raise ValueError(f"{op} softcap must be a positive number or None, got {softcap!r}")
+    softcap = float(softcap)
+  return window, softcap
+
+
+def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None, softcap=None,
               impl="auto"):
   """Attention `[b, q_len, heads, d] x [b, kv_len, kv_heads, d] -> [b, q_len, heads, d]`.
 
-  See `lwjax.kernels.reference.attention` for the argument semantics. `impl`: "auto" (the Pallas flash
+  See `lwjax.kernels.reference.attention` for the argument semantics (`window`: Mistral's sliding window, a
+  positive int; `softcap`: Gemma-2's logit soft-capping, a positive number). `impl`: "auto" (the Pallas flash
   kernel on TPU and GPU; elsewhere the reference, or its block-causal form for causal self-attention from
   position 0 up to `CPU_BLOCKED_MAX_LEN` tokens), "pallas" (the Mosaic kernel on TPU, the Triton one on
   GPU), "interpret" (the TPU kernel in Pallas' TPU interpret mode, on CPU: how the tests run it) or
@@ -67,37 +83,43 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
   """
   if impl not in IMPLS:
     raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+  window, softcap = _window_and_softcap("attention", window, softcap)
   if impl == "auto":
     impl = "pallas" if backend() in ("tpu", "gpu") else "reference"
     self_attention = q.shape[1] == k.shape[1] <= CPU_BLOCKED_MAX_LEN and isinstance(q_offset, int) and not q_offset
-    if impl == "reference" and causal and window is None and self_attention and not isinstance(segment_ids, tuple):
-      return reference.blocked_causal_attention(q, k, v, segment_ids=segment_ids, sm_scale=sm_scale)
+    if impl == "reference" and causal and self_attention and not isinstance(segment_ids, tuple):
+      return reference.blocked_causal_attention(q, k, v, segment_ids=segment_ids, sm_scale=sm_scale, window=window,
+                                                softcap=softcap)
   if impl == "reference":
     return reference.attention(q, k, v, causal=causal, segment_ids=segment_ids, q_offset=q_offset,
-                               sm_scale=sm_scale, window=window)
+                               sm_scale=sm_scale, window=window, softcap=softcap)
   gpu = impl == "pallas" and backend() == "gpu"
   return (pallas_attention_triton if gpu else pallas_attention).attention(
       q, k, v, causal=causal, segment_ids=segment_ids, q_offset=q_offset, sm_scale=sm_scale, window=window,
-      interpret=pltpu.InterpretParams() if impl == "interpret" else False)
+      softcap=softcap, interpret=pltpu.InterpretParams() if impl == "interpret" else False)
 
 
-def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None, impl="auto"):
+def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None, window=None, softcap=None,
+                     impl="auto"):
   """Paged attention of the newest `q_tokens` tokens: `q [b, q_tokens, heads, d]` over KV pages
   `[kv_heads, num_pages, page_size, d]` found by `page_table [b, max_pages]`, `lengths [b]` keys each.
 
-  See `lwjax.kernels.reference.decode_attention` for the semantics. `impl`: "auto" (Pallas on TPU/GPU; on CPU
-  the native kernel `lwjax.kernels.cpu.paged_attention` for float32 when it builds, else the reference),
-  "pallas", "interpret" (the Pallas kernel in interpret mode) or "reference".
+  See `lwjax.kernels.reference.decode_attention` for the semantics (`window` and `softcap` as in `attention`).
+  `impl`: "auto" (Pallas on TPU/GPU; on CPU the native kernel `lwjax.kernels.cpu.paged_attention` for float32
+  when it builds, else the reference), "pallas", "interpret" (the Pallas kernel in interpret mode) or
+  "reference".
   """
   if impl not in IMPLS:
     raise ValueError(f"decode_attention impl must be one of {IMPLS}, got {impl!r}")
+  window, softcap = _window_and_softcap("decode_attention", window, softcap)
+  options = dict(sm_scale=sm_scale, window=window, softcap=softcap)
   if impl == "auto":
     impl = "pallas" if backend() in ("tpu", "gpu") else "reference"
     if impl == "reference" and backend() == "cpu" and cpu.supports(q, k_pages, v_pages):
-      return cpu.paged_attention(q, k_pages, v_pages, page_table, lengths, sm_scale=sm_scale)
+      return cpu.paged_attention(q, k_pages, v_pages, page_table, lengths, **options)
   if impl == "reference":
-    return reference.decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale=sm_scale)
-  return pallas_decode_attention.decode_attention(q, k_pages, v_pages, page_table, lengths, sm_scale=sm_scale,
+    return reference.decode_attention(q, k_pages, v_pages, page_table, lengths, **options)
+  return pallas_decode_attention.decode_attention(q, k_pages, v_pages, page_table, lengths, **options,
                                                   interpret=impl == "interpret",
                                                   backend="gpu" if backend() == "gpu" else "tpu")
 

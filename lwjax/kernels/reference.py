@@ -11,9 +11,15 @@ import jax.numpy as jnp
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None,
+def soft_cap(logits, softcap):
+  """Gemma-2's logit soft-capping, `softcap * tanh(logits / softcap)`; the logits unchanged when it is None."""
+  return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
+
+
+def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None, softcap=None,
               kv_layout="bshd"):
-  """Softmax attention with GQA, causal masking from a query offset, segment ids and a sliding window.
+  """Softmax attention with GQA, causal masking from a query offset, segment ids, a sliding window (Mistral) and
+  logit soft-capping (Gemma-2), as Hugging Face transformers computes them.
 
   Args:
     q: [batch, q_len, heads, dim]; k, v: [batch, kv_len, kv_heads, dim] with heads % kv_heads == 0.
@@ -22,7 +28,9 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
       kv_segment_ids); tokens attend only within their segment.
     q_offset: absolute position of the first query; int or int array [batch] (chunked prefill, decode).
     sm_scale: softmax scale, default dim ** -0.5.
-    window: if set, a query attends only to the last `window` keys up to itself (sliding window).
+    window: if set, a query attends only to the last `window` keys up to itself (sliding window): the query
+      at position i sees key j iff i - j < window (and j <= i when causal).
+    softcap: if set, the scaled scores s become `softcap * tanh(s / softcap)` before masking.
     kv_layout: "bshd" (k, v as above) or "bhsd" ([batch, kv_heads, kv_len, dim]: a KV cache's layout).
   Returns:
     [batch, q_len, heads, dim] in q's dtype; softmax computed in float32.
@@ -37,7 +45,8 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
   groups = heads // kv_heads
   scale = dim ** -0.5 if sm_scale is None else sm_scale
   q_bqkgd = q.reshape(batch, q_len, kv_heads, groups, dim)
-  logits = jnp.einsum(f"bqkgd,{kv}->bkgqs", q_bqkgd, k, preferred_element_type=jnp.float32) * scale
+  logits = soft_cap(jnp.einsum(f"bqkgd,{kv}->bkgqs", q_bqkgd, k, preferred_element_type=jnp.float32) * scale,
+                    softcap)
 
   mask = jnp.ones((batch, q_len, kv_len), dtype=bool)
   q_pos = jnp.reshape(jnp.asarray(q_offset), (-1, 1)) + jnp.arange(q_len)[None, :]  # [b or 1, q]
@@ -57,13 +66,14 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
   return out.reshape(batch, q_len, heads, dim).astype(q.dtype)
 
 
-def blocked_causal_attention(q, k, v, *, segment_ids=None, sm_scale=None, block=None):
+def blocked_causal_attention(q, k, v, *, segment_ids=None, sm_scale=None, window=None, softcap=None, block=None):
   """Causal self-attention (q_len == kv_len, from position 0) over query blocks: `attention`'s CPU fast path.
 
   Query block i attends only to keys [0, (i + 1) * block), so the masked triangle above the block diagonal
   is never computed (with the default of 4 blocks, 5/8 of the full [q, s] logits), and the mask is added as
-  a bias. Same arguments and result as `attention(q, k, v, causal=True, segment_ids=segment_ids,
-  sm_scale=sm_scale)` with a single segment-id array; every query sees itself, so no row is empty.
+  a bias; with a `window`, nor are the keys before the window of the block's first query. Same arguments and
+  result as `attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=sm_scale, window=window,
+  softcap=softcap)` with a single segment-id array; every query sees itself, so no row is empty.
   `block` (default: a quarter of the length, at least 32) is the query block size.
   """
   batch, length, heads, dim = q.shape
@@ -79,20 +89,23 @@ def blocked_causal_attention(q, k, v, *, segment_ids=None, sm_scale=None, block=
   outs = []
   for start in range(0, length, block):
     end = min(start + block, length)
-    logits = jnp.einsum("bkgqd,bksd->bkgqs", q_bkgqd[:, :, :, start:end], k_bksd[:, :, :end],
-                        preferred_element_type=jnp.float32) * scale
-    mask = positions[start:end, None] >= positions[None, :end]  # [q, s]
+    first = 0 if window is None else max(0, start - window + 1)  # the first key the block's first query sees
+    logits = soft_cap(jnp.einsum("bkgqd,bksd->bkgqs", q_bkgqd[:, :, :, start:end], k_bksd[:, :, first:end],
+                                 preferred_element_type=jnp.float32) * scale, softcap)
+    mask = positions[start:end, None] >= positions[None, first:end]  # [q, s]
+    if window is not None:
+      mask = mask & (positions[start:end, None] - positions[None, first:end] < window)
     if segment_ids is not None:
-      mask = mask & (segment_ids[:, start:end, None] == segment_ids[:, None, :end])  # [b, q, s]
-    mask = jnp.broadcast_to(mask, (batch, end - start, end))
+      mask = mask & (segment_ids[:, start:end, None] == segment_ids[:, None, first:end])  # [b, q, s]
+    mask = jnp.broadcast_to(mask, (batch, end - start, end - first))
     probs = jax.nn.softmax(logits + jnp.where(mask, 0.0, _MASK_VALUE)[:, None, None], axis=-1)
-    outs.append(jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(v.dtype), v_bksd[:, :, :end],
+    outs.append(jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(v.dtype), v_bksd[:, :, first:end],
                            preferred_element_type=jnp.float32))
   out_bkgqd = jnp.concatenate(outs, axis=3)
   return out_bkgqd.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, dim).astype(q.dtype)
 
 
-def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None):
+def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None, window=None, softcap=None):
   """Attention of the newest `q_tokens` queries of each sequence over its paged KV cache.
 
   Args:
@@ -103,6 +116,7 @@ def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None)
       page_table[b, p // page_size] at slot p % page_size. Entries past the length are ignored.
     lengths: [batch] int32, valid keys per sequence including the new tokens.
     sm_scale: softmax scale, default dim ** -0.5.
+    window, softcap: a sliding window and logit soft-capping, as in `attention`.
   Returns:
     [batch, q_tokens, heads, dim] in q's dtype.
   """
@@ -119,11 +133,14 @@ def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None)
   k = k_pages[:, page_table].reshape(kv_heads, batch, kv_len, dim)
   v = v_pages[:, page_table].reshape(kv_heads, batch, kv_len, dim)
   q_kbgqd = q.reshape(batch, q_len, kv_heads, groups, dim).transpose(2, 0, 3, 1, 4)
-  logits = jnp.einsum("kbgqd,kbsd->kbgqs", q_kbgqd, k, preferred_element_type=jnp.float32) * scale
+  logits = soft_cap(jnp.einsum("kbgqd,kbsd->kbgqs", q_kbgqd, k, preferred_element_type=jnp.float32) * scale,
+                    softcap)
   lengths = jnp.asarray(lengths, jnp.int32)
   q_pos = lengths[:, None] - q_len + jnp.arange(q_len)[None, :]  # [b, q]
   kv_pos = jnp.arange(kv_len)
   mask = q_pos[:, :, None] >= kv_pos  # [b, q, s]: causal, and so within the length
+  if window is not None:
+    mask &= q_pos[:, :, None] - kv_pos < window
   logits = jnp.where(mask[None, :, None], logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = jnp.where(mask[None, :, None].any(-1, keepdims=True), probs, 0.0)  # no visible key: zeros

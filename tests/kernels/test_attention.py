@@ -26,18 +26,27 @@ from lwjax.models.gpt import GPT, GPTConfig
 
 TOL = {"float32": 2e-5, "bfloat16": 2e-2}
 
-# name -> (batch, q_len, kv_len, heads, kv_heads, dim, q_offset, causal, window, segments)
+# name -> (batch, q_len, kv_len, heads, kv_heads, dim, q_offset, causal, window, segments, softcap)
 CASES = {
-    "prefill_gqa4_offsets": (2, 19, 53, 8, 2, 128, [34, 20], True, None, None),
-    "packed_gqa8_window": (2, 40, 40, 8, 1, 16, 0, True, 11, "packed"),
-    "cross_segment_pairs": (2, 13, 29, 4, 4, 16, 0, False, None, "pairs"),
-    "decode_window_offsets": (3, 1, 45, 4, 1, 16, [44, 7, 30], True, 16, None),
+    "prefill_gqa4_offsets": (2, 19, 53, 8, 2, 128, [34, 20], True, None, None, None),
+    "packed_gqa8_window": (2, 40, 40, 8, 1, 16, 0, True, 11, "packed", None),
+    "cross_segment_pairs": (2, 13, 29, 4, 4, 16, 0, False, None, "pairs", None),
+    "decode_window_offsets": (3, 1, 45, 4, 1, 16, [44, 7, 30], True, 16, None, None),
 }
+# Gemma-2's capped scores with a window that starts and ends inside key blocks (a Gemma-2 sliding layer), GQA;
+# the shapes of "prefill_gqa4_offsets" (no new random-number programs to compile).
+SOFTCAP_CASE = (2, 19, 53, 8, 2, 128, [17, 5], True, 9, None, 0.8)
 SLOW_CASES = {
-    "self_ragged": (2, 37, 37, 4, 4, 64, 0, True, None, None),
-    "long_prefill_gqa8": (2, 70, 200, 8, 1, 16, [130, 3], True, None, None),
-    "noncausal_window_gqa4_dim128": (1, 64, 64, 4, 1, 128, 0, False, 20, None),
-    "packed_prefill_window_dim128": (2, 12, 40, 4, 2, 128, [28, 9], True, 12, "pairs"),
+    "self_ragged": (2, 37, 37, 4, 4, 64, 0, True, None, None, None),
+    "long_prefill_gqa8": (2, 70, 200, 8, 1, 16, [130, 3], True, None, None, None),
+    "noncausal_window_gqa4_dim128": (1, 64, 64, 4, 1, 128, 0, False, 20, None, None),
+    "packed_prefill_window_dim128": (2, 12, 40, 4, 2, 128, [28, 9], True, 12, "pairs", None),
+    "softcap_window_gqa4_offsets": SOFTCAP_CASE,
+    "softcap_prefill_gqa8_dim128": (2, 19, 53, 8, 1, 128, [34, 20], True, None, None, 50.0),
+    "softcap_packed_window_gqa2": (2, 40, 40, 4, 2, 64, 0, True, 7, "packed", 1.0),
+    "softcap_noncausal_pairs": (2, 13, 29, 4, 4, 16, 0, False, None, "pairs", 0.5),
+    # a window of 2, not 1: a query that sees itself only has an output independent of k (dk: rounding noise)
+    "softcap_window_2_decode": (3, 1, 45, 4, 1, 16, [44, 7, 30], True, 2, None, 2.0),
 }
 
 
@@ -52,9 +61,9 @@ def kernel_under_test(kernel_impl):
 
 
 def inputs(case, dtype, seed=0):
-  batch, q_len, kv_len, heads, kv_heads, dim, q_offset, causal, window, segments = case
+  batch, q_len, kv_len, heads, kv_heads, dim, q_offset, causal, window, segments, softcap = case
   keys = jax.random.split(jax.random.key(seed), 6)
-  q = jax.random.normal(keys[0], (batch, q_len, heads, dim), dtype)
+  q = jax.random.normal(keys[0], (batch, q_len, heads, dim), dtype)  # scores of about 1: a cap of 0.8 saturates
   k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, dim), dtype)
   v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, dim), dtype)
   d_out = jax.random.normal(keys[3], q.shape, dtype)
@@ -66,6 +75,8 @@ def inputs(case, dtype, seed=0):
   else:
     segment_ids = None
   options = dict(causal=causal, window=window, segment_ids=segment_ids, q_offset=jnp.asarray(q_offset))
+  if softcap is not None:
+    options["softcap"] = softcap
   return (q, k, v), d_out, options
 
 
@@ -97,6 +108,13 @@ def test_forward_and_gradients_match_reference(kernel_impl, name, dtype):
   check_against_reference(kernel, CASES[name], dtype, **options)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
+def test_softcap_and_window_match_reference(kernel_impl, dtype):
+  """Forward and the gradients through the cap (1 - tanh^2); more soft-capped cases in SLOW_CASES."""
+  kernel, options = kernel_under_test(kernel_impl)
+  check_against_reference(kernel, SOFTCAP_CASE, dtype, **options)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("blocks", [dict(block_q=8, block_k=32), dict(block_q=32, block_k=16), {}])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -111,7 +129,7 @@ def test_tpu_interpreter_agrees(kernel_impl):
   the clamped index maps must never cause; slower than the generic interpreter the grid runs on."""
   if kernel_impl == "pallas":
     pytest.skip("a CPU simulation of the TPU kernel")
-  case = (2, 12, 40, 2, 1, 128, [28, 9], True, 12, "pairs")
+  case = (2, 12, 40, 2, 1, 128, [28, 9], True, 12, "pairs", None)
   check_against_reference(pallas_attention.attention, case, jnp.float32, interpret=pltpu.InterpretParams(),
                           block_q=16, block_k=8)
 
@@ -122,7 +140,7 @@ def test_invisible_blocks_are_neither_computed_nor_differentiated(kernel_impl):
   n = 8 if kernel_impl == "interpret" else 16 if jax.default_backend() == "gpu" else 128
   kernel, options = kernel_under_test(kernel_impl)
   options.update(block_q=n, block_k=n)
-  qkv, d_out, case_options = inputs((1, 2 * n, 8 * n, 4, 2, 16, 4 * n, True, n, None), jnp.float32)
+  qkv, d_out, case_options = inputs((1, 2 * n, 8 * n, 4, 2, 16, 4 * n, True, n, None, None), jnp.float32)
   q, k, v = qkv
   poison = jnp.zeros(k.shape).at[:, :3 * n].set(jnp.nan).at[:, 6 * n:].set(jnp.nan)
   out, pullback = jax.vjp(lambda q, k, v: kernel(q, k, v, **options, **case_options), q, k + poison, v + poison)
@@ -164,7 +182,7 @@ AOT_AVAILABLE, AOT_WHY = aot.libtpu_available()
 @pytest.mark.parametrize("topology,dim", [("v5e:1x1", 64), ("v5p:2x2x1", 128)])
 def test_forward_and_backward_compile_for_tpu(topology, dim):
   """The Mosaic lowering of all three kernels: bf16, GQA 4, segment ids, per-sequence offsets, a window,
-  and a ragged length (the blocks of 512 pad 1000 to 1024).
+  Gemma-2's soft cap and a ragged length (the blocks of 512 pad 1000 to 1024).
 
   On several chips a Mosaic call must sit inside `shard_map` (XLA cannot partition it): here the batch is
   split over the chips, as data parallelism would.
@@ -176,7 +194,8 @@ def test_forward_and_backward_compile_for_tpu(topology, dim):
 
   def per_shard(q, k, v, segment_ids, q_offset):
     def loss(q, k, v):
-      out = pallas_attention.attention(q, k, v, segment_ids=segment_ids, q_offset=q_offset, window=512)
+      out = pallas_attention.attention(q, k, v, segment_ids=segment_ids, q_offset=q_offset, window=512,
+                                       softcap=50.0)
       return jnp.sum(out.astype(jnp.float32) ** 2)
     value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
     return value[None], grads

@@ -11,7 +11,7 @@ import pytest
 from jax import export
 
 from lwjax.kernels.pallas import attention_triton
-from tests.kernels.test_attention import CASES, SLOW_CASES, check_against_reference
+from tests.kernels.test_attention import CASES, SLOW_CASES, SOFTCAP_CASE, check_against_reference
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +27,11 @@ def test_forward_and_gradients_match_reference(name, dtype):
                           block_k=16)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
+def test_softcap_and_window_match_reference(dtype):
+  check_against_reference(attention_triton.attention, SOFTCAP_CASE, dtype, interpret=True, block_q=16, block_k=16)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("blocks", [dict(block_q=16, block_k=32), dict(block_q=32, block_k=16), {}])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -36,14 +41,14 @@ def test_forward_and_gradients_match_reference_larger_grid(name, dtype, blocks):
                           **blocks)
 
 
-@pytest.mark.parametrize("dim,window,segments", [(128, None, False), (64, 256, True)])
-def test_forward_and_backward_lower_to_triton(dim, window, segments):
+@pytest.mark.parametrize("dim,window,segments,softcap", [(128, None, False, None), (64, 256, True, 50.0)])
+def test_forward_and_backward_lower_to_triton(dim, window, segments, softcap):
   """bf16, causal, GQA 4, per-sequence offsets, length 1000 (padded to the blocks): three Triton kernels."""
   batch, length, heads, kv_heads = 2, 1000, 8, 2
 
   def loss(q, k, v, segment_ids, q_offset):
     out = attention_triton.attention(q, k, v, q_offset=q_offset, segment_ids=segment_ids if segments else None,
-                                     window=window)
+                                     window=window, softcap=softcap)
     return jnp.sum(out.astype(jnp.float32) ** 2)
 
   shapes = [jax.ShapeDtypeStruct((batch, length, heads, dim), jnp.bfloat16)]

@@ -94,17 +94,22 @@ def supports(q, k_pages, v_pages) -> bool:
   return all(x.dtype == jnp.float32 for x in (q, k_pages, v_pages)) and available()
 
 
-def paged_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None):
+def paged_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None, window=None, softcap=None):
   """`lwjax.kernels.reference.decode_attention` (same arguments and result) as the native kernel: float32 q
-  [b, q_tokens, heads, d], pools [kv_heads, pages, page_size, d], page_table [b, max_pages], lengths [b]."""
+  [b, q_tokens, heads, d], pools [kv_heads, pages, page_size, d], page_table [b, max_pages], lengths [b]; a
+  sliding `window` (a positive int) and logit `softcap` (a positive number) are static attributes."""
   if not supports(q, k_pages, v_pages):
     raise ValueError("paged_attention: needs float32 q/k_pages/v_pages and the native kernel (see available())")
-  return _call(_TARGET, q, k_pages, v_pages, page_table, lengths, sm_scale)
+  return _call(_TARGET, q, k_pages, v_pages, page_table, lengths, sm_scale, window=window, softcap=softcap)
 
 
-def _call(target: str, q, k_pages, v_pages, page_table, lengths, sm_scale=None):
-  """The custom call of a registered build of the kernel (`target`: its FFI name)."""
+def _call(target: str, q, k_pages, v_pages, page_table, lengths, sm_scale=None, *, window=None, softcap=None):
+  """The custom call of a registered build of the kernel (`target`: its FFI name). The kernel reads a window
+  or softcap of 0 as none."""
+  if window is not None and window < 1 or softcap is not None and not softcap > 0:
+    raise ValueError(f"paged_attention: window must be a positive int and softcap a positive number, or None; "
+                     f"got window={window!r}, softcap={softcap!r}")
   scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
   call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
   return call(q, k_pages, v_pages, jnp.asarray(page_table, jnp.int32), jnp.asarray(lengths, jnp.int32),
-              sm_scale=np.float32(scale))
+              sm_scale=np.float32(scale), window=np.int64(window or 0), softcap=np.float32(softcap or 0.0))

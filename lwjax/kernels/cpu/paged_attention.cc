@@ -1,7 +1,9 @@
 // Paged decode attention for XLA:CPU, an XLA FFI custom call (vLLM's PagedAttention, as a CPU kernel).
 //
 // Same semantics as `lwjax.kernels.reference.decode_attention`: the newest q_tokens queries of each sequence
-// attend causally over its keys/values, which live in pages of per-layer pools found through a page table.
+// attend causally over its keys/values, which live in pages of per-layer pools found through a page table,
+// optionally within a sliding window (Mistral; pages before every query's window are not read) and with
+// soft-capped scores (Gemma-2).
 // XLA has no fused gather-matmul on CPU, so the plain-JAX form copies every row's pages out of the pool before
 // its two matmuls (three passes over the keys and values); this kernel reads each key and value page once, in
 // place, for every query head of its KV head and every new token (one pass, online softmax).
@@ -41,6 +43,8 @@ struct Problem {
   float* out;            // [batch, q_tokens, heads, dim]
   int64_t batch, q_tokens, heads, dim, kv_heads, num_pages, page_size, max_pages;
   float scale;
+  int64_t window;  // a query at position i sees keys j > i - window; 0: no window
+  float softcap;   // scores s -> softcap * tanh(s / softcap); 0: no cap
 };
 
 // The first float of a row's `slot`-th page in one head's pool (a table entry is clamped into the pool: a bad
@@ -78,6 +82,26 @@ inline float ExpNonPositive(float x) {
   float result;
   std::memcpy(&result, &bits, sizeof(result));
   return result;
+}
+
+// tanh(x), vectorisable (libm's tanhf is a scalar call): Eigen's rational approximation (`ptanh_float`, a
+// degree-13 odd over a degree-6 even polynomial on [-7.9, 7.9], where tanh rounds to +-1 in float beyond),
+// within a few ulp; x itself below 4e-4.
+inline float Tanh(float x) {
+  const float clamped = std::clamp(x, -7.90531110763549805f, 7.90531110763549805f);
+  const float x2 = clamped * clamped;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 - 8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return std::fabs(x) < 4e-4f ? x : clamped * p / q;
 }
 
 // A page's scores (q, keys, n, scale -> score[n]) and its weighted values (values, weights, n -> acc += ...).
@@ -168,7 +192,7 @@ constexpr int64_t kPrefetchPages = 2;  // how far ahead of the page being read
 // Per-thread scratch of `AttendOne`, kept across the (sequence, KV head) items a thread takes.
 struct Scratch {
   std::vector<float> scores, max, sum, acc;
-  std::vector<int64_t> keys;
+  std::vector<int64_t> keys, first;  // each query sees keys [first, keys)
 };
 
 // One (sequence, KV head): every query head of the group and every new token at once, in a single pass over
@@ -184,36 +208,45 @@ void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
   const float* k_head = p.k + kvh * p.num_pages * page_floats;
   const float* v_head = p.v + kvh * p.num_pages * page_floats;
   s.keys.resize(queries);
+  s.first.resize(queries);
   s.max.assign(queries, -std::numeric_limits<float>::infinity());
   s.sum.assign(queries, 0.0f);
   s.acc.assign(queries * p.dim, 0.0f);
   s.scores.resize((p.page_size + 15) / 16 * 16);  // the AVX-512 path stores scores 16 at a time (masked)
-  int64_t most_keys = 0;
+  int64_t most_keys = 0, fewest_skipped = std::numeric_limits<int64_t>::max();
   for (int64_t t = 0; t < p.q_tokens; ++t) {
-    const int64_t position = length - p.q_tokens + t;  // the query's absolute position: it sees keys 0..position
+    // The query's absolute position: it sees keys first..position (first = 0 without a window).
+    const int64_t position = length - p.q_tokens + t;
     const int64_t keys = std::clamp<int64_t>(position + 1, 0, p.max_pages * p.page_size);
-    for (int64_t g = 0; g < groups; ++g) s.keys[t * groups + g] = keys;
+    const int64_t first = p.window > 0 ? std::clamp<int64_t>(position + 1 - p.window, 0, keys) : 0;
+    for (int64_t g = 0; g < groups; ++g) s.keys[t * groups + g] = keys, s.first[t * groups + g] = first;
     most_keys = std::max(most_keys, keys);
+    fewest_skipped = std::min(fewest_skipped, first);
   }
   const int64_t pages = (most_keys + p.page_size - 1) / p.page_size;
+  const int64_t first_page = p.q_tokens > 0 ? fewest_skipped / p.page_size : 0;
   // Keys are asked for kPrefetchPages pages ahead of their use, values one page less (they are read later).
-  for (int64_t slot = 0; slot < std::min(pages, kPrefetchPages); ++slot) {
+  for (int64_t slot = first_page; slot < std::min(pages, first_page + kPrefetchPages); ++slot) {
     Prefetch(PagePtr(p, k_head, row_table, slot), page_floats);
-    if (slot + 1 < kPrefetchPages) Prefetch(PagePtr(p, v_head, row_table, slot), page_floats);
+    if (slot + 1 < first_page + kPrefetchPages) Prefetch(PagePtr(p, v_head, row_table, slot), page_floats);
   }
   float* score = s.scores.data();
   const auto [fast_scores, fast_values] = FastPath(p.dim);
-  for (int64_t slot = 0; slot < pages; ++slot) {
+  for (int64_t slot = first_page; slot < pages; ++slot) {
     if (slot + kPrefetchPages < pages) Prefetch(PagePtr(p, k_head, row_table, slot + kPrefetchPages), page_floats);
     if (slot + kPrefetchPages - 1 < pages) {
       Prefetch(PagePtr(p, v_head, row_table, slot + kPrefetchPages - 1), page_floats);
     }
-    const float* k_page = PagePtr(p, k_head, row_table, slot);
-    const float* v_page = PagePtr(p, v_head, row_table, slot);
+    const float* page_keys = PagePtr(p, k_head, row_table, slot);
+    const float* page_values = PagePtr(p, v_head, row_table, slot);
     const int64_t first = slot * p.page_size;
     for (int64_t query = 0; query < queries; ++query) {
-      const int64_t n = std::min(p.page_size, s.keys[query] - first);
+      // The query's keys on this page: slots [begin, begin + n).
+      const int64_t begin = std::max<int64_t>(s.first[query] - first, 0);
+      const int64_t n = std::min(p.page_size, s.keys[query] - first) - begin;
       if (n <= 0) continue;
+      const float* k_page = page_keys + begin * p.dim;
+      const float* v_page = page_values + begin * p.dim;
       const int64_t h = kvh * groups + query % groups;
       const float* q = p.q + ((b * p.q_tokens + query / groups) * p.heads + h) * p.dim;
       if (fast_scores != nullptr) {
@@ -240,6 +273,11 @@ void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
           for (int64_t d = 0; d < p.dim; ++d) dot += q[d] * key[d];
           score[i] = dot * p.scale;
         }
+      }
+      if (p.softcap > 0.0f) {
+        const float cap = p.softcap, inverse_cap = 1.0f / p.softcap;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) score[j] = cap * Tanh(score[j] * inverse_cap);
       }
       float page_max = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) page_max = std::max(page_max, score[j]);
@@ -275,7 +313,7 @@ void AttendOne(const Problem& p, int64_t b, int64_t kvh, Scratch& s) {
     const int64_t h = kvh * groups + query % groups;
     float* out = p.out + ((b * p.q_tokens + query / groups) * p.heads + h) * p.dim;
     const float* acc = s.acc.data() + query * p.dim;
-    if (s.keys[query] <= 0) {  // no visible key (padding): zeros, as the reference
+    if (s.keys[query] <= s.first[query]) {  // no visible key (padding): zeros, as the reference
       std::fill(out, out + p.dim, 0.0f);
       continue;
     }
@@ -302,7 +340,7 @@ void Drain(Shared& s) {
 
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> lengths,
-                          float scale, ffi::ResultBuffer<ffi::F32> out) {
+                          float scale, int64_t window, float softcap, ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions();
   auto kd = k.dimensions();
   auto td = table.dimensions();
@@ -315,7 +353,10 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   auto shared = std::make_shared<Shared>();
   shared->problem = Problem{q.typed_data(), k.typed_data(), v.typed_data(), table.typed_data(),
                             lengths.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[0], kd[1],
-                            kd[2], td[1], scale};
+                            kd[2], td[1], scale, window, softcap};
+  if (window < 0 || softcap < 0.0f) {
+    return ffi::Error::InvalidArgument("paged_attention: window and softcap must be positive (0: none)");
+  }
   if (qd[3] != kd[3] || qd[2] % kd[0] != 0 || td[0] != qd[0] || lengths.element_count() != qd[0]) {
     return ffi::Error::InvalidArgument("paged_attention: head dims, GQA groups, or the batch of q, page_table "
                                        "and lengths do not match");
@@ -341,4 +382,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LwjaxPagedAttentionF32, PagedAttention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<float>("sm_scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap")
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -14,7 +14,9 @@ of the current query block can see (above the causal diagonal, outside the slidi
 computed (`pl.when`) nor fetched (its index map repeats the previous block, and the pipeline skips a copy
 whose block index is unchanged). Blocks entirely visible take a path without mask arithmetic. GQA reads kv
 head `head // groups` through the index map; repeated K/V are never built. bf16/fp32 matmul inputs, fp32
-accumulation. Lengths are padded to the block size; padded keys are masked, padded queries sliced off.
+accumulation. Gemma-2's logit soft-capping, `softcap * tanh(s / softcap)`, applies to each block's scores
+before the mask; the backward pass recomputes the tanh and takes the gradient through it (1 - tanh^2).
+Lengths are padded to the block size; padded keys are masked, padded queries sliced off.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ from lwjax.kernels.pallas.attention_blocks import (
   pad_to,
   q_block_range,
   round_up,
+  scores,
   shape_like,
+  uncap,
   visible,
 )
 
 
-def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None,
+def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None, softcap=None,
               block_q=512, block_k=512, interpret=False):
   """Flash attention; same arguments and result as `lwjax.kernels.reference.attention`.
 
@@ -55,9 +59,10 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
   if heads % kv_heads:
     raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
   bq, bk = min(block_q, round_up(q_len, 8)), min(block_k, round_up(kv_len, 8))
-  cfg = FlashConfig(causal=causal, window=window, sm_scale=dim ** -0.5 if sm_scale is None else float(sm_scale),
-                    block_q=bq, block_k=bk, kv_len=kv_len, groups=heads // kv_heads, dim=dim,
-                    segments=segment_ids is not None, interpret=interpret)
+  cfg = FlashConfig(causal=causal, window=window, softcap=None if softcap is None else float(softcap),
+                    sm_scale=dim ** -0.5 if sm_scale is None else float(sm_scale), block_q=bq, block_k=bk,
+                    kv_len=kv_len, groups=heads // kv_heads, dim=dim, segments=segment_ids is not None,
+                    interpret=interpret)
   offsets = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (batch,))
   segs = None
   if segment_ids is not None:
@@ -168,7 +173,7 @@ def _cost(cfg, q, k, passes):
   (batch, heads, q_len), kv_len = q.shape[:3], k.shape[2]
   kv_bytes = k.size * k.dtype.itemsize * cfg.groups
   return pl.CostEstimate(flops=2 * passes * batch * heads * q_len * kv_len * cfg.dim,
-                         transcendentals=batch * heads * q_len * kv_len,
+                         transcendentals=batch * heads * q_len * kv_len * (1 if cfg.softcap is None else 2),
                          bytes_accessed=passes * (2 * q.size * q.dtype.itemsize + kv_bytes))
 
 
@@ -186,7 +191,7 @@ def _forward_kernel(cfg, offsets_ref, q_ref, k_ref, v_ref, *refs):
     acc_ref[...] = jnp.zeros(acc_ref.shape, F32)
 
   def step(masked):
-    s = dot_nt(q_ref[...], k_ref[...]) * cfg.sm_scale  # [bq, bk]
+    s = scores(cfg, dot_nt(q_ref[...], k_ref[...]) * cfg.sm_scale)[0]  # [bq, bk]
     if masked:
       mask = visible(cfg, s.shape, 0, q_first, k_first, *([r[...] for r in seg_refs] or [None, None]))
       s = jnp.where(mask, s, MASK_VALUE)
@@ -236,13 +241,13 @@ def _backward_dq_kernel(cfg, offsets_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
     acc_ref[...] = jnp.zeros(acc_ref.shape, F32)
 
   def step(masked):
-    s = dot_nt(q_ref[...], k_ref[...]) * cfg.sm_scale  # [bq, bk]
+    s, t = scores(cfg, dot_nt(q_ref[...], k_ref[...]) * cfg.sm_scale)  # [bq, bk]
     p = jnp.exp(s - lse_ref[...].reshape(cfg.block_q, 1))
     if masked:
       segs = [r[...] for r in seg_refs] or [None, None]
       p = jnp.where(visible(cfg, s.shape, 0, q_first, k_first, *segs), p, 0.0)
     dp = dot_nt(do_ref[...], v_ref[...])  # [bq, bk]
-    ds = p * (dp - delta_ref[...].reshape(cfg.block_q, 1))
+    ds = uncap(p * (dp - delta_ref[...].reshape(cfg.block_q, 1)), t)
     acc_ref[...] += dot(ds.astype(k_ref.dtype), k_ref[...])
 
   _for_visible_block(cfg, q_first, k_first, step)
@@ -278,12 +283,13 @@ def _backward_dkv_kernel(cfg, offsets_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
   def step(masked):
     q, d_out = q_ref[...], do_ref[...]
-    p_t = jnp.exp(dot_nt(k_ref[...], q) * cfg.sm_scale - lse_ref[...])  # [bk, bq]
+    s_t, t_t = scores(cfg, dot_nt(k_ref[...], q) * cfg.sm_scale)  # [bk, bq]
+    p_t = jnp.exp(s_t - lse_ref[...])
     if masked:
       q_seg, kv_seg = [r[...] for r in seg_refs] or [None, None]  # q [1, bq], kv [bk, 1]
       p_t = jnp.where(visible(cfg, p_t.shape, 1, q_first, k_first, q_seg, kv_seg), p_t, 0.0)
     dv_acc[...] += dot(p_t.astype(d_out.dtype), d_out)
-    ds_t = p_t * (dot_nt(v_ref[...], d_out) - delta_ref[...])  # [bk, bq]
+    ds_t = uncap(p_t * (dot_nt(v_ref[...], d_out) - delta_ref[...]), t_t)  # [bk, bq]
     dk_acc[...] += dot(ds_t.astype(q.dtype), q)
 
   _for_visible_block(cfg, q_first, k_first, step)

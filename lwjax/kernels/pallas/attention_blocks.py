@@ -25,6 +25,7 @@ class FlashConfig:
   """Everything the kernels specialise on (hashable: a `custom_vjp` non-differentiable argument)."""
   causal: bool
   window: int | None
+  softcap: float | None  # Gemma-2's logit soft-capping
   sm_scale: float
   block_q: int
   block_k: int
@@ -120,6 +121,20 @@ def visible(cfg, shape, q_axis, q_first, k_first, q_seg, kv_seg):
   if cfg.segments:
     conditions.append(q_seg == kv_seg)
   return functools.reduce(jnp.logical_and, conditions)
+
+
+def scores(cfg, s):
+  """Scaled scores `s` soft-capped as `softcap * tanh(s / softcap)` (Gemma-2), and tanh(s / softcap) for the
+  backward pass (d capped / d s = 1 - tanh^2); without a cap, `s` and None."""
+  if cfg.softcap is None:
+    return s, None
+  t = jnp.tanh(s / cfg.softcap)
+  return cfg.softcap * t, t
+
+
+def uncap(ds, t):
+  """The gradient `ds` of capped scores taken back through the cap (`t` from `scores`; None: no cap)."""
+  return ds if t is None else ds * (1.0 - t * t)
 
 
 def dot_nt(a, b):

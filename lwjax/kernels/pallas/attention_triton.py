@@ -3,7 +3,8 @@
 FlashAttention-2 (Dao 2023, arXiv:2307.08691), Algorithms 1 and 2, written the GPU way: one program per
 (query block, batch, head) loops over the key blocks it can see, so the causal diagonal and the sliding
 window are loop bounds and invisible blocks cost nothing; the loop is split into the blocks that need a
-mask and the fully visible ones in between, which run without mask arithmetic. dk/dv: one program per
+mask and the fully visible ones in between, which run without mask arithmetic. Logit soft-capping (Gemma-2)
+as in the TPU kernel. dk/dv: one program per
 (key block, batch, kv head) loops over the query blocks of every query head of its group (GQA without
 repeating K/V, and no atomics). Arrays stay `[batch, len, heads, dim]` (Triton addresses strided blocks).
 Block ranges, masks and the static configuration are shared with the TPU kernel (`attention_blocks.py`).
@@ -32,12 +33,14 @@ from lwjax.kernels.pallas.attention_blocks import (
   needs_mask,
   pad_to,
   q_block_range,
+  scores,
   shape_like,
+  uncap,
   visible,
 )
 
 
-def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None,
+def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=None, window=None, softcap=None,
               block_q=128, block_k=64, interpret=False):
   """Flash attention on GPU; same arguments and result as `lwjax.kernels.reference.attention`.
 
@@ -51,9 +54,10 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
     raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
   bq, bk = min(block_q, _pow2_at_least(q_len)), min(block_k, _pow2_at_least(kv_len))
   padded_dim = _pow2_at_least(dim)
-  cfg = FlashConfig(causal=causal, window=window, sm_scale=dim ** -0.5 if sm_scale is None else float(sm_scale),
-                    block_q=bq, block_k=bk, kv_len=kv_len, groups=heads // kv_heads, dim=padded_dim,
-                    segments=segment_ids is not None, interpret=interpret)
+  cfg = FlashConfig(causal=causal, window=window, softcap=None if softcap is None else float(softcap),
+                    sm_scale=dim ** -0.5 if sm_scale is None else float(sm_scale), block_q=bq, block_k=bk,
+                    kv_len=kv_len, groups=heads // kv_heads, dim=padded_dim, segments=segment_ids is not None,
+                    interpret=interpret)
   offsets = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (batch,))
   segs = None
   if segment_ids is not None:
@@ -119,7 +123,7 @@ def _forward_kernel(cfg, offsets_ref, q_ref, k_ref, v_ref, *refs):
     def step(ki, carry):
       m, row_sum, acc = carry
       keys = pl.ds(ki * bk, bk)
-      s = dot_nt(q, k_ref[keys, :]) * cfg.sm_scale  # [bq, bk]
+      s = scores(cfg, dot_nt(q, k_ref[keys, :]) * cfg.sm_scale)[0]  # [bq, bk]
       if masked:
         kv_seg = seg_refs[1][keys][None, :] if cfg.segments else None
         mask = visible(cfg, s.shape, 0, q_first, ki * bk, q_seg, kv_seg)
@@ -181,11 +185,12 @@ def _backward_dq_kernel(cfg, offsets_ref, q_ref, k_ref, v_ref, *refs):
     def step(ki, dq):
       keys = pl.ds(ki * bk, bk)
       k = k_ref[keys, :]
-      p = jnp.exp(dot_nt(q, k) * cfg.sm_scale - lse)  # [bq, bk]
+      s, t = scores(cfg, dot_nt(q, k) * cfg.sm_scale)  # [bq, bk]
+      p = jnp.exp(s - lse)
       if masked:
         kv_seg = seg_refs[1][keys][None, :] if cfg.segments else None
         p = jnp.where(visible(cfg, p.shape, 0, q_first, ki * bk, q_seg, kv_seg), p, 0.0)
-      ds = p * (dot_nt(d_out, v_ref[keys, :]) - delta)
+      ds = uncap(p * (dot_nt(d_out, v_ref[keys, :]) - delta), t)
       return dq + dot(ds.astype(k.dtype), k)
     return step
 
@@ -223,12 +228,13 @@ def _backward_dkv_kernel(cfg, offsets_ref, q_ref, k_ref, v_ref, *refs):
         dk, dv = carry
         queries = pl.ds(qi * bq, bq)
         q, d_out = q_ref[queries, g, :], do_ref[queries, g, :]
-        p_t = jnp.exp(dot_nt(k, q) * cfg.sm_scale - lse_ref[g, queries][None, :])  # [bk, bq]
+        s_t, t_t = scores(cfg, dot_nt(k, q) * cfg.sm_scale)  # [bk, bq]
+        p_t = jnp.exp(s_t - lse_ref[g, queries][None, :])
         if masked:
           q_seg = seg_refs[0][queries][None, :] if cfg.segments else None
           p_t = jnp.where(visible(cfg, p_t.shape, 1, offset + qi * bq, k_first, q_seg, kv_seg), p_t, 0.0)
         dv = dv + dot(p_t.astype(d_out.dtype), d_out)
-        ds_t = p_t * (dot_nt(v, d_out) - delta_ref[g, queries][None, :])
+        ds_t = uncap(p_t * (dot_nt(v, d_out) - delta_ref[g, queries][None, :]), t_t)
         return dk + dot(ds_t.astype(q.dtype), q), dv
       return step
     return with_mask

@@ -12,7 +12,10 @@ read from HBM once per kv head: decode is bound by that read. Pages are found th
   K and V through the page table.
 
 With several splits each covers a contiguous range of keys and returns its output normalised with its
-log-sum-exp; XLA combines them. `interpret=True` runs either kernel on CPU (how the tests run them).
+log-sum-exp; XLA combines them. With a sliding window, key blocks before the window of a sequence's earliest
+new token are skipped like those past its length (TPU: neither fetched nor computed; GPU: outside the loop).
+Logit soft-capping (Gemma-2) applies to the scores before the mask. `interpret=True` runs either kernel on CPU
+(how the tests run them).
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu, triton as pltriton
 
+from lwjax.kernels.reference import soft_cap
+
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # Programs that fill an H100/H200 (132 SMs) about twice; fewer (sequence, kv head) pairs get split-K.
 _GPU_PROGRAMS = 256
 
 
-def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None, backend=None, num_splits=None,
-                     block_kv=None, interpret=False):
+def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None, window=None, softcap=None,
+                     backend=None, num_splits=None, block_kv=None, interpret=False):
   """Paged attention of the newest tokens; arguments and result as `reference.decode_attention`.
 
   Args:
@@ -56,8 +61,8 @@ def decode_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None,
   kernel = _tpu_decode if backend == "tpu" else _gpu_decode
   o_bksrd, lse_bksr1 = kernel(
       q_bkrd, k_pages, v_pages, jnp.asarray(page_table, jnp.int32), jnp.asarray(lengths, jnp.int32),
-      scale=dim ** -0.5 if sm_scale is None else sm_scale, q_tokens=q_tokens, groups=groups,
-      num_splits=num_splits, block_kv=block_kv, interpret=interpret)
+      scale=dim ** -0.5 if sm_scale is None else sm_scale, window=window, softcap=softcap, q_tokens=q_tokens,
+      groups=groups, num_splits=num_splits, block_kv=block_kv, interpret=interpret)
   out_bkrd = _combine_splits(o_bksrd, lse_bksr1)
   out = out_bkrd.reshape(batch, kv_heads, q_tokens, groups, dim).transpose(0, 2, 1, 3, 4)
   return out.reshape(batch, q_tokens, heads, dim).astype(q.dtype)
@@ -73,15 +78,23 @@ def _combine_splits(o_bksrd, lse_bksr1):
   return (weights * o_bksrd).sum(axis=2) / jnp.where(total > 0, total, 1.0)
 
 
-def _online_softmax_step(carry, q_rd, k_nd, v_nd, first_key, length, *, q_tokens, groups, scale):
+def _first_visible_key(length, q_tokens, window):
+  """The first key any of a sequence's new tokens sees: 0, or with a window that of its earliest new token."""
+  return 0 if window is None else jnp.maximum(length - q_tokens - window + 1, 0)
+
+
+def _online_softmax_step(carry, q_rd, k_nd, v_nd, first_key, length, *, q_tokens, groups, scale, window, softcap):
   """One block of keys at positions first_key + [0, n) folded into (max, sum, acc) for every query row."""
   m_r1, l_r1, acc_rd = carry
   precision = lax.Precision.HIGHEST if q_rd.dtype == jnp.float32 else None
   logits = lax.dot_general(q_rd, k_nd, (((1,), (1,)), ((), ())), precision=precision,
                            preferred_element_type=jnp.float32) * scale  # [rows, n]
+  logits = soft_cap(logits, softcap)
   key_pos = first_key + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
   query_pos = length - q_tokens + lax.div(lax.broadcasted_iota(jnp.int32, logits.shape, 0), groups)
   visible = key_pos <= query_pos  # causal; also hides keys >= length and slots past the last page
+  if window is not None:
+    visible &= query_pos - key_pos < window
   logits = jnp.where(visible, logits, _MASK_VALUE)
   m_new = jnp.maximum(m_r1, logits.max(axis=1, keepdims=True))
   # Masked keys get exactly 0 even in rows that have seen no visible key yet (m_new == mask value).
@@ -99,8 +112,8 @@ def _normalise(m_r1, l_r1, acc_rd):
   return acc_rd / l_safe, jnp.where(has_keys, m_r1 + jnp.log(l_safe), -jnp.inf)
 
 
-def _tpu_decode(q_bkrd, k_pages, v_pages, page_table, lengths, *, scale, q_tokens, groups, num_splits, block_kv,
-                interpret):
+def _tpu_decode(q_bkrd, k_pages, v_pages, page_table, lengths, *, scale, window, softcap, q_tokens, groups,
+                num_splits, block_kv, interpret):
   batch, kv_heads, rows, dim = q_bkrd.shape
   page_size = k_pages.shape[2]
   max_pages = page_table.shape[1]
@@ -113,10 +126,15 @@ def _tpu_decode(q_bkrd, k_pages, v_pages, page_table, lengths, *, scale, q_token
 
   # lax.div, not //: floor division lowers through `sign`, whose Mosaic rule asks the current device for its
   # TPU generation (none when compiling ahead of time on CPU); truncation differs only below 0, clipped here.
+  # Blocks past the length, or before the window, map to the nearest block that is read: no copy for them.
   def page_index_map(j):
     def index_map(b, h, s, i, lengths_ref, pages_ref):
-      last_page = jnp.clip(lax.div(lengths_ref[b] - 1, page_size), 0, max_pages - 1)
+      length = lengths_ref[b]
+      last_page = jnp.clip(lax.div(length - 1, page_size), 0, max_pages - 1)
       block = jnp.minimum(s * blocks_per_split + i, lax.div(last_page, pages_per_block))
+      if window is not None:
+        first_page = jnp.minimum(lax.div(_first_visible_key(length, q_tokens, window), page_size), last_page)
+        block = jnp.maximum(block, lax.div(first_page, pages_per_block))
       return h, pages_ref[b * max_pages + jnp.minimum(block * pages_per_block + j, last_page)], 0, 0
     return index_map
 
@@ -132,7 +150,8 @@ def _tpu_decode(q_bkrd, k_pages, v_pages, page_table, lengths, *, scale, q_token
       scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
                       pltpu.VMEM((rows, dim), jnp.float32)])
   kernel = functools.partial(_tpu_kernel, pages_per_block=pages_per_block, page_size=page_size,
-                             blocks_per_split=blocks_per_split, q_tokens=q_tokens, groups=groups, scale=scale)
+                             blocks_per_split=blocks_per_split, q_tokens=q_tokens, groups=groups, scale=scale,
+                             window=window, softcap=softcap)
   out_dtype = q_bkrd.dtype if splits == 1 else jnp.float32
   return pl.pallas_call(
       kernel, grid_spec=grid_spec,
@@ -144,7 +163,7 @@ def _tpu_decode(q_bkrd, k_pages, v_pages, page_table, lengths, *, scale, q_token
 
 
 def _tpu_kernel(lengths_ref, pages_ref, q_ref, *refs, pages_per_block, page_size, blocks_per_split, q_tokens,
-                groups, scale):
+                groups, scale, window, softcap):
   del pages_ref  # used by the index maps only
   k_refs, v_refs = refs[:pages_per_block], refs[pages_per_block:2 * pages_per_block]
   o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[2 * pages_per_block:]
@@ -158,12 +177,17 @@ def _tpu_kernel(lengths_ref, pages_ref, q_ref, *refs, pages_per_block, page_size
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  @pl.when(first_key < length)
+  in_range = first_key < length
+  if window is not None:
+    in_range &= first_key + pages_per_block * page_size > _first_visible_key(length, q_tokens, window)
+
+  @pl.when(in_range)
   def _step():
     k_nd = jnp.concatenate([r[...] for r in k_refs], axis=0)  # [pages_per_block * page_size, dim]
     v_nd = jnp.concatenate([r[...] for r in v_refs], axis=0)
     carry = _online_softmax_step((m_ref[...], l_ref[...], acc_ref[...]), q_ref[...], k_nd, v_nd, first_key,
-                                 length, q_tokens=q_tokens, groups=groups, scale=scale)
+                                 length, q_tokens=q_tokens, groups=groups, scale=scale, window=window,
+                                 softcap=softcap)
     m_ref[...], l_ref[...], acc_ref[...] = carry
 
   @pl.when(i == blocks_per_split - 1)
@@ -173,8 +197,8 @@ def _tpu_kernel(lengths_ref, pages_ref, q_ref, *refs, pages_per_block, page_size
     lse_ref[...] = lse_r1
 
 
-def _gpu_decode(q_bkrd, k_pages, v_pages, page_table, lengths, *, scale, q_tokens, groups, num_splits, block_kv,
-                interpret):
+def _gpu_decode(q_bkrd, k_pages, v_pages, page_table, lengths, *, scale, window, softcap, q_tokens, groups,
+                num_splits, block_kv, interpret):
   batch, kv_heads, rows, dim = q_bkrd.shape
   page_size = k_pages.shape[2]
   max_pages = page_table.shape[1]
@@ -195,7 +219,8 @@ def _gpu_decode(q_bkrd, k_pages, v_pages, page_table, lengths, *, scale, q_token
     return pl.BlockSpec((None, None, None, rows_pad, last_dim), lambda b, h, s: (b, h, s, 0, 0))
 
   kernel = functools.partial(_gpu_kernel, block_kv=block_kv, page_size=page_size, max_pages=max_pages,
-                             blocks_per_split=blocks_per_split, q_tokens=q_tokens, groups=groups, scale=scale)
+                             blocks_per_split=blocks_per_split, q_tokens=q_tokens, groups=groups, scale=scale,
+                             window=window, softcap=softcap)
   o_bksrd, lse_bksr1 = pl.pallas_call(
       kernel, grid=(batch, kv_heads, splits),
       in_specs=[whole(lengths), whole(page_table),
@@ -211,7 +236,7 @@ def _gpu_decode(q_bkrd, k_pages, v_pages, page_table, lengths, *, scale, q_token
 
 
 def _gpu_kernel(lengths_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_kv, page_size, max_pages,
-                blocks_per_split, q_tokens, groups, scale):
+                blocks_per_split, q_tokens, groups, scale, window, softcap):
   b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   length = lengths_ref[b]
   last_page = jnp.clip(lax.div(length - 1, page_size), 0, max_pages - 1)
@@ -223,13 +248,16 @@ def _gpu_kernel(lengths_ref, pages_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
     page_n = pages_ref[b, jnp.minimum(lax.div(key_pos_n, page_size), last_page)]
     slot_n = lax.rem(key_pos_n, page_size)
     return _online_softmax_step(carry, q_rd, k_ref[h, page_n, slot_n, :], v_ref[h, page_n, slot_n, :],
-                                i * block_kv, length, q_tokens=q_tokens, groups=groups, scale=scale)
+                                i * block_kv, length, q_tokens=q_tokens, groups=groups, scale=scale,
+                                window=window, softcap=softcap)
 
   rows, dim = q_rd.shape
   init = (jnp.full((rows, 1), _MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
           jnp.zeros((rows, dim), jnp.float32))
   first = s * blocks_per_split
   last = jnp.minimum(first + blocks_per_split, lax.div(length + block_kv - 1, block_kv))
+  if window is not None:
+    first = jnp.maximum(first, lax.div(_first_visible_key(length, q_tokens, window), block_kv))
   o_rd, lse_r1 = _normalise(*lax.fori_loop(first, last, body, init))
   o_ref[...] = o_rd
   lse_ref[...] = lse_r1
