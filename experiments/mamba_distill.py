@@ -35,7 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                               "preset": "llama3_8b" if scale == "paper" else ""})
   config.hybrid = ml_collections.ConfigDict({"schedule": args["schedule"].replace("-", ","), "init": args["init"],
                                              "d_conv": 4, "chunk_size": 64, "scan_impl": "auto"})
-  config.data = ml_collections.ConfigDict({"seq_len": 128, "num_train_docs": 20000, "num_eval_docs": 400})
+  config.data = ml_collections.ConfigDict({"seq_len": 128, "num_train_docs": 20000, "num_eval_docs": 400,
+                                           "train_files": "", "eval_files": ""})
   config.distill = ml_collections.ConfigDict({"kl_weight": 0.1, "ce_weight": 1.0, "freeze_mlp": True,
                                               "prompt_len": 16, "temperature": 1.0, "num_sequences": 2048,
                                               "steps": 300})

@@ -1,7 +1,8 @@
 """Distilling a trained GPT into Mamba/attention hybrids (The Mamba in the Llama, arXiv 2408.15237, Sec. 2-3).
 
 Job "mamba_distill". The teacher is a finished `lm_pretrain` run (`teacher.workdir`: its checkpoint, the
-run's config, its corpus and tokenizer). Then, as the paper:
+run's config, its corpus and tokenizer), or a Hugging Face checkpoint of the paper's kind (Llama-3, Zephyr:
+Mistral) with its tokenizer, reading the documents of `data.train_files` / `data.eval_files`. Then, as the paper:
 1. Pseudo-labels: the teacher continues the first `distill.prompt_len` tokens of training documents
    (temperature `distill.temperature`); these sequences are the stage-1 data (sequence-level distillation).
 2. Progressive replacement: one stage per attention fraction in `hybrid.schedule` (e.g. 0.5, 0.25, 0.125,
@@ -17,6 +18,7 @@ loss and accuracy, and agreement with the teacher's argmax) into `<workdir>/metr
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
 from lwjax.data import pipeline, rows as rows_lib, tokenizer as tokenizer_lib
-from lwjax.models import mamba_hybrid as mh
+from lwjax.models import hf_checkpoint, mamba_hybrid as mh, pretrained
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.serving import batch_sampler
 from lwjax.training import checkpoint, mesh, optim, trainer as trainer_lib
@@ -38,7 +40,8 @@ INITS = ("attention", "random")
 SCHEMA = {
     "job": Field(str), "seed": Field(int),
     "teacher": {"workdir": Field(str, doc="a finished lm_pretrain run (python main.py --config "
-                                          "experiments/lm_pretrain.py:scale=cpu --workdir runs/lm_cpu)"),
+                                          "experiments/lm_pretrain.py:scale=cpu --workdir runs/lm_cpu), or a "
+                                          "Hugging Face checkpoint directory with its tokenizer (Llama, Mistral)"),
                 "preset": Field(str, doc="the teacher's shape by name (lwjax.models.presets) where its workdir has "
                                          "no checkpoint yet: ahead-of-time compilation only; empty: the checkpoint's")},
     "hybrid": {
@@ -51,6 +54,9 @@ SCHEMA = {
         "seq_len": Field(int, min=8, doc="tokens per row (one document per row, padded)"),
         "num_train_docs": positive_int("training documents read (pseudo-label prompts and SFT rows)"),
         "num_eval_docs": positive_int("held-out documents every model is evaluated on"),
+        "train_files": Field(str, doc="text files, one document per line, for a Hugging Face teacher (an "
+                             "lm_pretrain teacher brings its own corpus)"),
+        "eval_files": Field(str, doc="held-out text files, one document per line, for a Hugging Face teacher"),
     },
     "distill": {
         "kl_weight": Field(float, min=0.0), "ce_weight": Field(float, min=0.0),
@@ -77,6 +83,8 @@ def aot_step(config, devices):
     if config.teacher.preset not in presets.PRESETS:
       raise ConfigError("teacher.preset", f"unknown shape {config.teacher.preset!r}", ", ".join(presets.PRESETS))
     gpt_cfg = presets.PRESETS[config.teacher.preset]
+  elif _is_hf(config.teacher.workdir):
+    gpt_cfg = hf_checkpoint.config_from_dir(config.teacher.workdir)
   elif os.path.isdir(path):
     gpt_cfg = GPTConfig.from_dict(checkpoint.load_config(path)["model"])
   else:
@@ -108,15 +116,46 @@ def validate(config) -> None:
   if not fractions or any(not 0.0 <= f <= 1.0 for f in fractions) or fractions != sorted(fractions, reverse=True):
     raise ConfigError("hybrid.schedule", f"{config.hybrid.schedule!r} is not a decreasing list of fractions",
                       "e.g. '0.5,0.25,0.125,0' (attention kept per stage)")
-  if not os.path.isdir(os.path.join(config.teacher.workdir, "checkpoints")):
-    raise ConfigError("teacher.workdir", f"{config.teacher.workdir!r} holds no checkpoints",
-                      "a finished lm_pretrain run's --workdir")
+  teacher = config.teacher.workdir
+  if _is_hf(teacher):
+    try:
+      pretrained.check(teacher)
+      teacher_cfg = hf_checkpoint.config_from_dir(teacher)
+    except (pretrained.PretrainedError, hf_checkpoint.CheckpointError) as e:
+      raise ConfigError("teacher.workdir", str(e), "a Hugging Face checkpoint directory with its tokenizer") from None
+    _check_teacher(teacher_cfg)
+    for key in ("train_files", "eval_files"):
+      if not glob.glob(config.data[key]):
+        raise ConfigError(f"data.{key}", f"no file matches {config.data[key]!r} (a Hugging Face teacher brings no "
+                          "corpus)", "a glob of text files, one document per line")
+  elif not os.path.isdir(os.path.join(teacher, "checkpoints")):
+    raise ConfigError("teacher.workdir", f"{teacher!r} holds no checkpoints",
+                      "a finished lm_pretrain run's --workdir, or a Hugging Face checkpoint directory")
   if config.distill.prompt_len >= config.data.seq_len:
     raise ConfigError("distill.prompt_len", "must be shorter than data.seq_len", f"< {config.data.seq_len}")
 
 
-def load_teacher(workdir: str):
-  """(teacher GPT, its run config, tokenizer, (train docs, eval docs)) of an lm_pretrain run."""
+def _is_hf(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, hf_checkpoint.CONFIG_FILE))
+
+
+def _check_teacher(cfg: GPTConfig) -> None:
+  """The options a Mamba layer cannot take over from the attention it replaces (the paper's teachers, Llama and
+  Mistral/Zephyr, have none of them)."""
+  for option, value in (("qkv_bias", cfg.qkv_bias), ("post_norms", cfg.post_norms)):
+    if value:
+      raise ConfigError("teacher.workdir", f"the teacher has {option} (a Qwen2 or Gemma-2 checkpoint), which the "
+                        "Mamba layers initialised from its attention do not carry", "a Llama or Mistral teacher")
+
+
+def load_teacher(workdir: str, data_config=None):
+  """(teacher GPT, its run config, tokenizer, (train docs, eval docs)) of an lm_pretrain run, or of a Hugging Face
+  checkpoint directory (its tokenizer; the documents of `data_config.train_files` / `eval_files`)."""
+  if _is_hf(workdir):
+    teacher, tok = pretrained.load_pretrained(workdir)
+    _check_teacher(teacher.cfg)
+    docs = tuple(pipeline.TextLineSource(data_config[key]) for key in ("train_files", "eval_files"))
+    return teacher, {"model": teacher.cfg.to_dict(), "pretrained": workdir}, tok, docs
   teacher, run, _ = checkpoint.load_model(os.path.join(workdir, "checkpoints"),
                                           lambda saved: GPT(GPTConfig.from_dict(saved["model"]), rngs=nnx.Rngs(0)))
   data = run["data"]
@@ -136,7 +175,8 @@ def load_teacher(workdir: str):
 
 def document_rows(docs, tok, seq_len: int, limit: int) -> list[dict]:
   """One document per row ([bos] + tokens + [eos], cut to seq_len + 1 tokens), the loss on every token."""
-  return [rows_lib.lm_row([tok.bos_id], (tok.encode(docs[i]) + [tok.eos_id])[:seq_len], seq_len)
+  bos = [] if tok.bos_id is None else [tok.bos_id]
+  return [rows_lib.lm_row(bos, (tok.encode(docs[i]) + [tok.eos_id])[:seq_len], seq_len)
           for i in range(min(limit, len(docs)))]
 
 
@@ -240,7 +280,7 @@ def _stage_params(teacher, cfg: mh.HybridConfig, previous: dict | None, previous
 
 
 def run(config, workdir: str) -> dict:
-  teacher, run_config, tok, (train_docs, eval_docs) = load_teacher(config.teacher.workdir)
+  teacher, run_config, tok, (train_docs, eval_docs) = load_teacher(config.teacher.workdir, config.data)
   gpt_cfg = teacher.cfg
   seq_len, d = config.data.seq_len, config.distill
   if seq_len > gpt_cfg.max_seq_len:

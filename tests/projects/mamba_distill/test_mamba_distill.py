@@ -1,5 +1,6 @@
 """Distillation into hybrids (arXiv 2408.15237): progressive stages start from the right parameters; end to end."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -66,3 +67,61 @@ def test_smoke_distillation_end_to_end_and_resume(tmp_path):
   again = main("--config", config, "--workdir", "distill")  # every stage finished: nothing retrains
   assert "first step took" not in again.stderr
   assert json.loads((tmp_path / "distill" / "metrics.json").read_text())["results"] == results
+
+
+def _hf_teacher(tmp_path):
+  """A Mistral-family checkpoint (a window on every layer) with the llama3_style fixture tokenizer, and two text
+  files of documents, as a user brings a Hugging Face teacher."""
+  import pathlib
+  import shutil
+
+  from lwjax.models import hf_checkpoint
+  fixtures = pathlib.Path(__file__).parents[2] / "fixtures" / "hf" / "tokenizers" / "llama3_style"
+  shutil.copytree(fixtures, tmp_path / "teacher", ignore=shutil.ignore_patterns("expected.json"))
+  cfg = gpt.GPTConfig(vocab_size=448, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                      max_seq_len=128, sliding_window=24)
+  hf_checkpoint.save(nnx.jit(lambda: gpt.GPT(cfg, rngs=nnx.Rngs(0)))(), tmp_path / "teacher")
+  for name, n in (("train.txt", 64), ("eval.txt", 16)):
+    (tmp_path / name).write_text("".join(f"the model {i} reads the page {i % 7} and writes {i * 3}\n"
+                                         for i in range(n)))
+  config = importlib.import_module("experiments.mamba_distill").get_config(
+      f"scale=smoke,teacher={tmp_path / 'teacher'},schedule=0.5-0")
+  config.data.update(train_files=str(tmp_path / "train.txt"), eval_files=str(tmp_path / "eval.txt"))
+  return config
+
+
+def test_a_hugging_face_teacher_brings_its_tokenizer_and_needs_documents(tmp_path):
+  from lwjax import jobs
+  from lwjax.config import ConfigError
+  from lwjax.data.hf_tokenizer import HFTokenizer
+  config = _hf_teacher(tmp_path)
+  jobs.get(config)
+  teacher, run, tok, (train_docs, eval_docs) = job.load_teacher(config.teacher.workdir, config.data)
+  assert isinstance(tok, HFTokenizer) and teacher.cfg.sliding_window == 24 and run["model"]["vocab_size"] == 448
+  rows = job.document_rows(train_docs, tok, 48, 4)
+  assert rows[0]["inputs"][0] == tok.bos_id and len(eval_docs) == 16
+  config.data.eval_files = str(tmp_path / "absent*.txt")
+  with pytest.raises(ConfigError, match="^data.eval_files: no file matches"):
+    jobs.get(config)
+  config.data.eval_files = str(tmp_path / "eval.txt")
+  hf = json.loads((tmp_path / "teacher" / "config.json").read_text())
+  (tmp_path / "teacher" / "config.json").write_text(json.dumps({**hf, "model_type": "qwen2"}))
+  with pytest.raises(ConfigError, match="^teacher.workdir: the teacher has qkv_bias"):
+    jobs.get(config)
+
+
+@pytest.mark.slow
+def test_smoke_distillation_from_a_hugging_face_teacher(tmp_path):
+  """End to end through main.py on one device, as a user runs it."""
+  config = _hf_teacher(tmp_path)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  experiment = os.path.join(ROOT, "experiments/mamba_distill.py")
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "main.py"), "--config",
+       f"{experiment}:scale=smoke,teacher={config.teacher.workdir},schedule=0.5-0",
+       "--workdir", str(tmp_path / "run"), f"--config.data.train_files={config.data.train_files}",
+       f"--config.data.eval_files={config.data.eval_files}"], env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((tmp_path / "run" / "metrics.json").read_text())["results"]
+  assert set(results) == {"teacher", "stage0_attention0.5", "stage1_attention0", "sft"}
+  assert results["teacher"]["teacher_agreement"] == 1.0
