@@ -153,6 +153,29 @@ def _placer(abstract_state, mesh: Mesh | None, rules: Rules | None):
   return place
 
 
+def check(path: str | os.PathLike, **overrides) -> GPTConfig:
+  """Everything `load` checks before reading a weight: config.json (family, options), the shard index, and every
+  tensor's presence, file and shape from the safetensors headers. Returns the config; CheckpointError naming the
+  file and key otherwise."""
+  path = os.fspath(path)
+  cfg = config_from_dir(path, **overrides)
+  layout = hf_families.tensor_layout(cfg, read_config(path).get("model_type", "llama"))
+  files = _weight_files(path)
+  _check_keys(path, layout, files, cfg)
+  for file_name in sorted(set(files.values())):
+    with _SafetensorsFile(os.path.join(path, file_name)) as f:
+      for key in layout:
+        if files[key] != file_name:
+          continue
+        if key not in f.header:
+          raise CheckpointError(f"{key}: listed in {INDEX_FILE} under {file_name}, which does not contain it")
+        shape = tuple(f.header[key]["shape"])
+        if shape != layout[key].hf_shape:
+          raise CheckpointError(f"{os.path.join(path, file_name)}: {key} has shape {shape}, expected "
+                                f"{layout[key].hf_shape} from config.json")
+  return cfg
+
+
 def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules | None = None, **overrides) -> GPT:
   """Reads a HF checkpoint directory of a supported family into a `GPT`, tensor by tensor.
 
@@ -161,12 +184,9 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules | No
   under `rules` (default `lwjax.training.mesh.DEFAULT_RULES`: weights over the fsdp and tensor axes).
   """
   path = os.fspath(path)
-  raw = read_config(path)
-  cfg = config_from_dir(path, **overrides)
-  family = raw.get("model_type", "llama")
-  layout = hf_families.tensor_layout(cfg, family)
+  cfg = check(path, **overrides)
+  layout = hf_families.tensor_layout(cfg, read_config(path).get("model_type", "llama"))
   files = _weight_files(path)
-  _check_keys(path, layout, files, cfg)
 
   abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
@@ -178,15 +198,8 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules | No
     by_file.setdefault(files[key], []).append(key)
   for file_name, keys in by_file.items():
     with _SafetensorsFile(os.path.join(path, file_name)) as f:
-      present = set(f.keys())
       for key in keys:
-        if key not in present:
-          raise CheckpointError(f"{key}: listed in {INDEX_FILE} under {file_name}, which does not contain it")
-        x = f.read(key)
-        tensor = layout[key]
-        if tuple(x.shape) != tensor.hf_shape:
-          raise CheckpointError(f"{os.path.join(path, file_name)}: {key} has shape {tuple(x.shape)}, "
-                                f"expected {tensor.hf_shape} from config.json")
+        x, tensor = f.read(key), layout[key]
         for part in tensor.parts:
           _get(values, part.path[:-1])[part.path[-1]] = place(part.path, part.from_hf(x).astype(dtype, copy=False))
         del x

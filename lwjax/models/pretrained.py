@@ -43,11 +43,12 @@ def kind(path: str) -> str:
 
 
 def check(path: str) -> str:
-  """What `load_pretrained` checks before any heavy work: the kind of `path`, its config (family and options)
-  and, for a Hugging Face directory, that a tokenizer is there. Returns the kind."""
+  """What `load_pretrained` checks before any heavy work: the kind of `path`, and for a Hugging Face directory its
+  config (family and options), its shards and tensor shapes (from the file headers) and its tokenizer. Returns
+  the kind."""
   found = kind(path)
   if found == "hf":
-    hf_checkpoint.config_from_dir(path)
+    hf_checkpoint.check(path)
     tokenizer_file(path, required=True)
   return found
 

@@ -137,3 +137,15 @@ def test_regenerated_fixtures_match(tmp_path):
     np.testing.assert_allclose(logits, np.asarray(exp["logits"], np.float32), atol=1e-4, rtol=1e-4, err_msg=name)
     for prompt, want in zip(exp["prompt_ids"], exp["greedy_ids"], strict=True):
       assert speculative.greedy(model, prompt, len(want), fused=True).tolist() == want, name
+
+
+def test_a_tensor_of_the_wrong_shape_is_found_from_the_headers(tmp_path):
+  from safetensors.numpy import save_file
+  for file in (FIXTURES / "models" / "qwen2").iterdir():
+    (tmp_path / file.name).write_bytes(file.read_bytes())
+  tensors = read_tensors(tmp_path)
+  tensors["model.layers.1.self_attn.k_proj.bias"] = np.zeros(8, np.float32)
+  save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(hf_checkpoint.CheckpointError,
+                     match=r"model\.safetensors: model\.layers\.1\.self_attn\.k_proj\.bias has shape \(8,\), expected"):
+    hf_checkpoint.check(tmp_path)

@@ -79,6 +79,8 @@ def validate(config) -> None:
 def _model_config(config) -> GPTConfig:
   """The model's config: `config.model`, or the pretrained checkpoint's shape; a ConfigError naming the key."""
   try:
+    if config.model.pretrained:  # config.json, the shards and tensor shapes, the tokenizer: before heavy work
+      pretrained.check(config.model.pretrained)
     return pretrained.model_config(config.model)
   except (pretrained.PretrainedError, hf_checkpoint.CheckpointError) as e:
     raise ConfigError("model.pretrained", str(e), "a Hugging Face checkpoint directory or an lwjax workdir") from None
