@@ -26,6 +26,7 @@ from flax import nnx
 from lwjax import kernels, memory_maps
 from lwjax.models.gpt import GPT
 from lwjax.serving.kv_cache import PagedKVCache
+from lwjax.serving.logits_processors import batch_processing, process_logits, uses_processing
 from lwjax.serving.sampling import (
   MAX_TOP_LOGPROBS,
   SamplingParams,
@@ -52,8 +53,14 @@ PLACEHOLDER = -1  # an output token sampled on the device but not yet read by th
 DEFAULT_PARAMS = SamplingParams()  # frozen, so one instance can be every call's default
 
 
-def _sample(logits, sampling_arrays, num_logprobs: int):
-  """Tokens, or (tokens, (logprobs, top ids, top logprobs)) when a row asks for logprobs (`num_logprobs` > 0)."""
+def _sample(logits, sampling_arrays, num_logprobs: int, processing=None, previous_tokens=None):
+  """Tokens, or (tokens, (logprobs, top ids, top logprobs)) when a row asks for logprobs (`num_logprobs` > 0).
+  With `processing` (`batch_processing`'s arrays and each row's placeholder source), the logits are processed
+  first; an output token still in flight is read from `previous_tokens`."""
+  if processing is not None:
+    in_flight = previous_tokens[processing["output_source"]][:, None]
+    output_ids = jnp.where(processing["output_ids"] == PLACEHOLDER, in_flight, processing["output_ids"])
+    logits = process_logits(logits, {**processing, "output_ids": output_ids})
   if num_logprobs:
     return sample_with_logprobs(logits, *sampling_arrays, num_logprobs)
   return sample(logits, *sampling_arrays)
@@ -61,7 +68,7 @@ def _sample(logits, sampling_arrays, num_logprobs: int):
 
 def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, page_table, lengths,
          previous_tokens, previous_index, sampling_arrays, sample_rows, nano_batches, states, recurrent_rows,
-         num_logprobs=0, prompt_targets=None):
+         num_logprobs=0, prompt_targets=None, processing=None):
   """One group of rows: fill placeholders from the previous iteration's device tokens, run, sample.
 
   A hybrid (Mamba layers) also takes its per-slot recurrent `states` and, per row, (state slot, fresh,
@@ -79,7 +86,7 @@ def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, p
     logits, k_pools, v_pools, states = model.paged_step(
         tokens, k_pools, v_pools, (slot_pages, slot_offsets), page_table, lengths, nano_batches, last_only=last_only,
         states=states, state_slots=state_slots, fresh=fresh, num_new=num_new)
-  sampled = _sample(logits[sample_rows, -1], sampling_arrays, num_logprobs)
+  sampled = _sample(logits[sample_rows, -1], sampling_arrays, num_logprobs, processing, previous_tokens)
   if prompt_targets is not None:
     sampled = {"tokens": sampled, "prompt": token_logprobs(logits, prompt_targets, MAX_TOP_LOGPROBS)}
   return sampled, k_pools, v_pools, states
@@ -87,14 +94,14 @@ def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, p
 
 def _run_mixed(graphdef, params, k_pools, v_pools, previous_tokens, groups, num_logprobs=0):
   """Decodes and prefill chunks in one model call: `groups` holds per group (tokens, placeholder sources,
-  slot pages, slot offsets, page table, lengths, sampling arrays, sample rows); returns (the sampled tokens
-  of each group, k_pools, v_pools)."""
+  slot pages, slot offsets, page table, lengths, sampling arrays, sample rows, logit processing or None);
+  returns (the sampled tokens of each group, k_pools, v_pools)."""
   model = nnx.merge(graphdef, params)
   inputs = [(jnp.where(tokens == PLACEHOLDER, previous_tokens[source], tokens), (pages, offsets), table, lengths)
-            for tokens, source, pages, offsets, table, lengths, _, _ in groups]
+            for tokens, source, pages, offsets, table, lengths, *_ in groups]
   logits, k_pools, v_pools = model.paged_step_groups(inputs, k_pools, v_pools)
-  sampled = tuple(_sample(group_logits[rows], arrays, num_logprobs)
-                  for group_logits, (*_, arrays, rows) in zip(logits, groups, strict=True))
+  sampled = tuple(_sample(group_logits[rows], arrays, num_logprobs, processing, previous_tokens)
+                  for group_logits, (*_, arrays, rows, processing) in zip(logits, groups, strict=True))
   return sampled, k_pools, v_pools
 
 
@@ -221,6 +228,7 @@ class Engine:
       if not 0 <= keep <= cached:
         raise ValueError(f"keep: {keep} outside [0, {cached}], the parent's cached tokens")
       prefix = parent.tokens[:keep]
+    self.check_params(params)
     self.check_length(len(prefix) + len(prompt), params.max_tokens)
     request_id = next(self._ids)
     seed = (params.seed if params.seed is not None else request_id) % SEED_MODULUS
@@ -233,6 +241,15 @@ class Engine:
     self.requests[request_id] = request
     self.scheduler.add(request)
     return request
+
+  def check_params(self, params: SamplingParams) -> None:
+    """ValueError naming the field unless every token id of `params` (logit_bias, stop_token_ids) is in the
+    vocabulary."""
+    for field, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+      outside = [t for t in ids if not 0 <= t < self.vocab_size]
+      if outside:
+        raise ValueError(f"{field}: token id {outside[0]} is outside the vocabulary (valid: 0 to "
+                         f"{self.vocab_size - 1})")
 
   def check_length(self, prompt_tokens: int, max_tokens: int, field: str = "prompt") -> None:
     """ValueError naming `field` unless a request of `prompt_tokens` + `max_tokens` fits the context length and
@@ -481,7 +498,7 @@ class Engine:
 
   def _run_group(self, group: list[Work], width: int, previous_tokens, previous_index, num_logprobs: int = 0,
                  prompt_logprobs: bool = False):
-    sampling, (tokens, source, slot_pages, slot_offsets, page_table, lengths, arrays, sample_rows) = \
+    sampling, (tokens, source, slot_pages, slot_offsets, page_table, lengths, arrays, sample_rows, processing) = \
         self._group_inputs(group, width, previous_index)
     rows = tokens.shape[0]
     targets = None
@@ -493,7 +510,7 @@ class Engine:
     new_tokens, self.kv.k, self.kv.v, self.states = self._run(
         self.params, tokens, self.kv.k, self.kv.v, slot_pages, slot_offsets, page_table, lengths,
         previous_tokens, source, arrays, sample_rows, self.nano_batches, self.states,
-        self._recurrent_rows(group, rows) if self.hybrid else None, num_logprobs, targets)
+        self._recurrent_rows(group, rows) if self.hybrid else None, num_logprobs, targets, processing)
     if prompt_logprobs:
       self._prompt_logprobs_in_flight.append((group, width, new_tokens["prompt"]))
     return sampling, new_tokens
@@ -536,7 +553,8 @@ class Engine:
   def _group_inputs(self, group: list[Work], width: int, previous_index, pages: int | None = None,
                     rows: int | None = None):
     """The host arrays of one group of rows: (the works that sample, (tokens, placeholder sources, slot pages,
-    slot offsets, page table, lengths, sampling arrays, sample rows)); `pages`: the page-table width, at least
+    slot offsets, page table, lengths, sampling arrays, sample rows, logit processing or None: `batch_processing`'s
+    arrays and each sampled row's placeholder source)); `pages`: the page-table width, at least
     what the group needs (default: what it needs); `rows`: the rows, padded (default: a power of two)."""
     rows = rows or self._padded_rows(len(group))
     tokens = np.zeros((rows, width), np.int32)
@@ -559,10 +577,18 @@ class Engine:
     sampling = [w for w in group if w.samples]
     sample_rows = np.zeros(rows, np.int32)  # static shape: rows past len(sampling) are ignored
     sample_rows[:len(sampling)] = [group.index(w) for w in sampling]
-    padded = sampling + [sampling[0]] * (rows - len(sampling)) if sampling else group[:1] * rows
-    arrays = batch_arrays([w.request.params for w in padded], [w.request.seed for w in padded],
-                          [len(w.request.output) for w in padded])
-    return sampling, (tokens, source, slot_pages, slot_offsets, page_table, all_lengths, arrays, sample_rows)
+    # Rows past the sampling works repeat one (a group that samples nothing: one that processes its logits, if any,
+    # so that its chunks run the program its last chunk will).
+    filler = sampling[:1] or [next((w for w in group if uses_processing(w.request.params)), group[0])]
+    padded = sampling + filler * (rows - len(sampling))
+    requests = [w.request for w in padded]
+    arrays = batch_arrays([r.params for r in requests], [r.seed for r in requests], [len(r.output) for r in requests])
+    processing = batch_processing([r.params for r in requests], [r.prompt for r in requests],
+                                  [r.output for r in requests], self.stop_ids, self.vocab_size)
+    if processing is not None:
+      processing["output_source"] = np.array([previous_index.get(r.id, 0) for r in requests], np.int32)
+    return sampling, (tokens, source, slot_pages, slot_offsets, page_table, all_lengths, arrays, sample_rows,
+                      processing)
 
   def _recurrent_rows(self, group: list[Work], rows: int):
     """Per row of a hybrid's batch: its state slot, whether its sequence starts here, its real tokens."""
@@ -611,24 +637,32 @@ class Engine:
     return finished
 
   def _finished(self, request: Request) -> bool:
-    """Applies the stop rules to the resolved tokens; a finished request drops any in-flight extra token."""
+    """Applies the stop rules to the resolved tokens; a finished request drops any in-flight extra token. None
+    applies before `min_tokens` tokens (vLLM's; the sampler masked the stop ids until then); a token that stops
+    is kept in the output, not in the text (vLLM's)."""
     resolved = len(request.output) - (request.output[-1] == PLACEHOLDER)
     output, params = request.output[:resolved], request.params
-    reason = None
-    if output[-1] in self.stop_ids and not params.ignore_eos:
+    reason, text = None, None
+    if resolved <= params.min_tokens:
+      pass
+    elif output[-1] in params.stop_token_ids or (output[-1] in self.stop_ids and not params.ignore_eos):
       reason = "stop"
+      if self.detokenize is not None:
+        text = self.detokenize(output[:-1])
     elif params.stop and self.detokenize is not None:
       request.text = self.detokenize(output)
-      hits = [request.text.find(s) for s in params.stop if s in request.text]
+      # A stop string counts where it ends past the text of the first min_tokens tokens.
+      held = len(self.detokenize(output[:params.min_tokens])) if params.min_tokens else 0
+      hits = [i for i in (request.text.find(s, max(0, held - len(s) + 1)) for s in params.stop) if i >= 0]
       if hits:
-        request.text, reason = request.text[:min(hits)], "stop"
+        reason, text = "stop", request.text[:min(hits)]
     if reason is None and resolved >= params.max_tokens:
       reason = "length"
     if reason is not None:
       del request.output[resolved:]
       self.scheduler.finish(request, reason)
-      if self.detokenize is not None and not (params.stop and reason == "stop"):
-        request.text = self.detokenize(output)
+      if self.detokenize is not None:
+        request.text = text if text is not None else self.detokenize(output)
       logging.debug("request %d finished (%s) after %d tokens", request.id, reason, resolved)
     return reason is not None
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lwjax.serving.logits_processors import MAX_ABS_LOGIT_BIAS, MAX_ABS_PENALTY, MAX_LOGIT_BIAS
 
 MAX_TOP_LOGPROBS = 20  # the most alternatives a token's logprobs report (OpenAI's limit)
 
@@ -31,9 +34,19 @@ class SamplingParams:
   ignore_eos: bool = False
   logprobs: int | None = None  # report each generated token's logprob and this many top alternatives (0-20)
   prompt_logprobs: int | None = None  # the same for each prompt token after the first (no prefix-cache sharing)
+  # Logit processing (`lwjax.serving.logits_processors`): OpenAI's bias ({token id: bias}, kept as sorted
+  # (id, bias) pairs) and penalties over the output so far; vLLM's repetition penalty over prompt and output.
+  logit_bias: tuple[tuple[int, float], ...] = ()
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  repetition_penalty: float = 1.0
+  min_tokens: int = 0  # the stop ids (the engine's unless ignore_eos, and stop_token_ids) are masked until then
+  stop_token_ids: tuple[int, ...] = ()  # ids that end generation (vLLM's), beside the engine's stop ids
 
   def __post_init__(self):
     object.__setattr__(self, "stop", tuple(self.stop) if not isinstance(self.stop, str) else (self.stop,))
+    object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+    object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
     for name, ok, valid in (
         ("max_tokens", self.max_tokens >= 1, ">= 1"),
         ("temperature", 0.0 <= self.temperature <= 100.0, "0 (greedy) to 100"),
@@ -43,11 +56,40 @@ class SamplingParams:
         ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, f"0 to {MAX_TOP_LOGPROBS}"),
         ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
          f"0 to {MAX_TOP_LOGPROBS}"),
+        ("presence_penalty", -MAX_ABS_PENALTY <= self.presence_penalty <= MAX_ABS_PENALTY,
+         f"-{MAX_ABS_PENALTY} to {MAX_ABS_PENALTY}"),
+        ("frequency_penalty", -MAX_ABS_PENALTY <= self.frequency_penalty <= MAX_ABS_PENALTY,
+         f"-{MAX_ABS_PENALTY} to {MAX_ABS_PENALTY}"),
+        ("repetition_penalty", 0.0 < self.repetition_penalty < math.inf, "> 0 and finite (1: none)"),
+        ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, f"0 to max_tokens ({self.max_tokens})"),
+        ("stop_token_ids", all(isinstance(t, (int, np.integer)) and t >= 0 for t in self.stop_token_ids),
+         "token ids >= 0"),
     ):
       if not ok:
         raise ValueError(f"{name}: {getattr(self, name)!r} is invalid (valid: {valid})")
     if any(not s for s in self.stop):
       raise ValueError("stop: empty stop strings are invalid (valid: non-empty strings)")
+
+
+def _bias_pairs(bias) -> tuple[tuple[int, float], ...]:
+  """A logit_bias ({token id (an int, or its decimal string): bias} or (id, bias) pairs) as sorted (int, float)
+  pairs; ValueError naming `logit_bias` for a key that is no token id, a bias outside [-100, 100], or more than
+  300 entries (OpenAI's limits)."""
+  items = bias.items() if isinstance(bias, dict) else bias
+  pairs = {}
+  for key, value in items:
+    if not (isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.isascii() and key.isdigit())):
+      raise ValueError(f"logit_bias: key {key!r} is not a token id (valid: a token id >= 0, as a decimal string)")
+    token = int(key)
+    if not -MAX_ABS_LOGIT_BIAS <= value <= MAX_ABS_LOGIT_BIAS:
+      raise ValueError(f"logit_bias: the bias {value!r} of token {token} is outside [-{MAX_ABS_LOGIT_BIAS:g}, "
+                       f"{MAX_ABS_LOGIT_BIAS:g}]")
+    pairs[token] = float(value)
+  if len(pairs) > MAX_LOGIT_BIAS:
+    raise ValueError(f"logit_bias: {len(pairs)} entries (valid: at most {MAX_LOGIT_BIAS})")
+  if any(t < 0 for t in pairs):
+    raise ValueError("logit_bias: token ids must be >= 0")
+  return tuple(sorted(pairs.items()))
 
 
 @jax.jit

@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 import fastapi
 import pydantic
@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from lwjax.data.chat_template import ChatTemplateError
 from lwjax.serving import wim
 from lwjax.serving.engine import Engine
+from lwjax.serving.logits_processors import MAX_ABS_LOGIT_BIAS, MAX_ABS_PENALTY, MAX_LOGIT_BIAS
 from lwjax.serving.metrics import ServerMetrics
 from lwjax.serving.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from lwjax.serving.scheduler import RequestError
@@ -237,7 +238,7 @@ class EngineThread:
         (self.metrics.ttft if last[1] else self.metrics.itl).labels(self._model_name).observe(now - last[0])
         last[0], last[1] = now, False
         self.metrics.generation_tokens.labels(self._model_name).inc()
-        _post(loop, out, ("token", token))
+        _post(loop, out, ("token", (token, request.logprobs[-1] if request.params.logprobs is not None else None)))
       try:
         request = self.engine.add_request(prompt, params, on_token=on_token)
       except Exception as e:  # noqa: BLE001 - what validation missed: this request fails, alone
@@ -345,7 +346,8 @@ class StreamOptions(pydantic.BaseModel):
 
 
 class _Generation(pydantic.BaseModel):
-  """The sampling fields completions and chat share (OpenAI's, with vLLM's `top_k` and `ignore_eos`). Fields
+  """The sampling fields completions and chat share (OpenAI's, with vLLM's `top_k`, `ignore_eos`,
+  `repetition_penalty`, `min_tokens` and `stop_token_ids`). Fields
   OpenAI defines that this server does not implement yet are declared, so that setting one is a 400 naming it
   (`_unsupported`) rather than silently ignored; unknown fields are refused the same way unless the server runs
   with `server.ignore_unknown_fields` (`model_extra`)."""
@@ -361,11 +363,21 @@ class _Generation(pydantic.BaseModel):
   stream_options: StreamOptions | None = None
   ignore_eos: bool = False
   user: str | None = pydantic.Field(None, description="accepted; no effect (OpenAI uses it for abuse monitoring)")
-  presence_penalty: float = pydantic.Field(0.0, description="only 0 (penalties are not implemented yet)")
-  frequency_penalty: float = pydantic.Field(0.0, description="only 0 (penalties are not implemented yet)")
-  repetition_penalty: float = pydantic.Field(1.0, description="only 1 (penalties are not implemented yet)")
-  logit_bias: dict[str, float] | None = pydantic.Field(None, description="only empty (not implemented yet)")
-  min_tokens: int = pydantic.Field(0, description="only 0 (not implemented yet)")
+  presence_penalty: float = pydantic.Field(
+      0.0, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY, allow_inf_nan=False,
+      description="subtracted from the logit of each token the output holds already")
+  frequency_penalty: float = pydantic.Field(
+      0.0, ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY, allow_inf_nan=False,
+      description="times its count in the output so far, subtracted from each token's logit")
+  repetition_penalty: float = pydantic.Field(
+      1.0, gt=0.0, allow_inf_nan=False,
+      description="a token of the prompt or the output: a positive logit divided by it, a negative one multiplied")
+  logit_bias: dict[str, Annotated[float, pydantic.Field(ge=-MAX_ABS_LOGIT_BIAS, le=MAX_ABS_LOGIT_BIAS,
+                                                        allow_inf_nan=False)]] | None = pydantic.Field(
+      None, max_length=MAX_LOGIT_BIAS, description="{token id: bias added to its logit before sampling}")
+  min_tokens: int = pydantic.Field(0, ge=0, description="no stop token or string ends the output before this many")
+  stop_token_ids: list[Annotated[int, pydantic.Field(ge=0)]] | None = pydantic.Field(
+      None, description="token ids that end the output, beside the tokenizer's EOS ids")
 
 
 class CompletionRequest(_Generation):
@@ -525,7 +537,11 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     try:
       params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                              seed=req.seed, stop=stop, ignore_eos=req.ignore_eos, logprobs=logprobs)
+                              seed=req.seed, stop=stop, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                              logit_bias=req.logit_bias or (), presence_penalty=req.presence_penalty,
+                              frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                              min_tokens=req.min_tokens, stop_token_ids=req.stop_token_ids or ())
+      engine.check_params(params)
       for ids in prompts:
         engine.check_length(len(ids), max_tokens)
     except ValueError as e:
@@ -557,7 +573,9 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     prompt_tokens = sum(len(ids) * req.n for ids in prompts)
     if req.stream:
-      return StreamingResponse(_stream(worker, queues, rid, req, chat, tokenizer, prompt_tokens),
+      prompt_chars = [len(texts[k // req.n]) if isinstance(texts[k // req.n], str)
+                      else len(tokenizer.decode(texts[k // req.n])) for k in range(len(queues))]
+      return StreamingResponse(_stream(worker, queues, rid, req, chat, tokenizer, prompt_tokens, prompt_chars),
                                media_type="text/event-stream")
     requests = await _unless_disconnected(http, asyncio.gather(*(_drain(q) for q in queues)))
     if requests is None:  # the client left: stop generating for it
@@ -577,7 +595,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
       prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
       choice = _choice(k, prompt_text + text if echo else text, r.finish_reason, chat)
       if logprobs is not None:
-        choice["logprobs"] = (_chat_logprobs(r, tokenizer) if chat else _completion_logprobs(
+        choice["logprobs"] = (_chat_logprobs(r.output, r.logprobs, tokenizer) if chat else _completion_logprobs(
             r, tokenizer, 0 if echo else len(prompt_text), prompts[k // req.n] if echo else None))
       choices.append(choice)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(len(r.output) for r in requests)}
@@ -756,17 +774,8 @@ def _prompt_list(prompt) -> list:
 def _unsupported(req: _Generation, chat: bool) -> list[tuple[str, str]]:
   """(field, why) for each field set to something this server does not do; empty when it does all of it."""
   problems = []
-  for field, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
-                         ("min_tokens", 0)):
-    if getattr(req, field) != default:
-      problems.append((field, f"only {default} is supported (not implemented yet)"))
-  if req.logit_bias:
-    problems.append(("logit_bias", "only an empty bias is supported (not implemented yet)"))
   if req.stream_options is not None and not req.stream:
     problems.append(("stream_options", "only with stream=true"))
-  wants_logprobs = req.logprobs if chat else req.logprobs is not None
-  if req.stream and wants_logprobs:
-    problems.append(("logprobs", "not with stream=true yet (ask without streaming)"))
   if chat:
     for field in ("tools", "tool_choice", "response_format"):
       if getattr(req, field) is not None:
@@ -789,6 +798,9 @@ def _token_text(tokenizer, token: int) -> str:
   return tokenizer.decode([token])
 
 
+MIN_REPORTED_LOGPROB = -9999.0  # a token the sampler masked (-inf) is reported as this, as vLLM does: JSON has no -inf
+
+
 def _completion_logprobs(request, tokenizer, prompt_chars: int, prompt_ids: list[int] | None = None) -> dict:
   """OpenAI's completions `logprobs`: tokens, token_logprobs, top_logprobs ({token: logprob}) and text_offset
   (character offsets into prompt + completion). With `prompt_ids` (echo) the prompt's tokens come first, the
@@ -798,24 +810,35 @@ def _completion_logprobs(request, tokenizer, prompt_chars: int, prompt_ids: list
   if prompt_ids is not None:
     ids = list(prompt_ids) + ids
     entries = [None] + [request.prompt_logprobs.get(p) for p in range(1, len(prompt_ids))] + entries
+  return _completion_logprobs_of(ids, entries, tokenizer, prompt_chars)
+
+
+def _completion_logprobs_of(ids: list[int], entries: list, tokenizer, first_offset: int) -> dict:
+  """`_completion_logprobs` of tokens `ids` with their (logprob, top ids, top logprobs) entries (None: no logprob),
+  the first token at character `first_offset`."""
   tokens = [_token_text(tokenizer, t) for t in ids]
-  offsets, at = [], prompt_chars
+  offsets, at = [], first_offset
   for text in tokens:
     offsets.append(at)
     at += len(text)
-  return {"tokens": tokens, "token_logprobs": [e and e[0] for e in entries],
-          "top_logprobs": [e and {_token_text(tokenizer, i): v for i, v in zip(e[1], e[2], strict=True)}
+  return {"tokens": tokens, "token_logprobs": [e and _reported(e[0]) for e in entries],
+          "top_logprobs": [e and {_token_text(tokenizer, i): _reported(v) for i, v in zip(e[1], e[2], strict=True)}
                            for e in entries],
           "text_offset": offsets}
 
 
-def _chat_logprobs(request, tokenizer) -> dict:
-  """OpenAI's chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+def _chat_logprobs(ids: list[int], entries: list, tokenizer) -> dict:
+  """OpenAI's chat `logprobs` of tokens `ids` with their (logprob, top ids, top logprobs) entries:
+  {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
   def entry(token: int, logprob: float) -> dict:
     text = _token_text(tokenizer, token)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-  return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in zip(ids, values, strict=True)]}
-                      for t, (lp, ids, values) in zip(request.output, request.logprobs, strict=True)]}
+    return {"token": text, "logprob": _reported(logprob), "bytes": list(text.encode("utf-8"))}
+  return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in zip(top_ids, values, strict=True)]}
+                      for t, (lp, top_ids, values) in zip(ids, entries, strict=True)]}
+
+
+def _reported(logprob: float) -> float:
+  return max(logprob, MIN_REPORTED_LOGPROB)
 
 
 def _seeded(params: SamplingParams, seed: int | None, i: int) -> SamplingParams:
@@ -823,8 +846,10 @@ def _seeded(params: SamplingParams, seed: int | None, i: int) -> SamplingParams:
 
 
 def _final_text(request, tokenizer) -> str:
-  """The request's text: cut at a stop string by the engine, else the detokenized output."""
-  return request.text if request.text or not request.output else tokenizer.decode(request.output)
+  """The request's text: the engine's (cut at a stop string, without a stop token), else the detokenized output."""
+  if request.text or not request.output or request.finish_reason == "stop":
+    return request.text
+  return tokenizer.decode(request.output)
 
 
 async def _drain(q: asyncio.Queue):
@@ -856,22 +881,41 @@ def _error_event(error: RequestError) -> str:
   return f"data: {json.dumps({'error': _error_body(error.status, error.message)})}\n\n"
 
 
-async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, tokenizer, prompt_tokens: int = 0):
+async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, tokenizer, prompt_tokens: int = 0,
+                  prompt_chars: list[int] | None = None):
   """SSE events: one per new text piece of each choice (chat: a first delta with the role), then the finish
   reasons, with `stream_options.include_usage` a last chunk with the usage and no choices, then [DONE]. A choice
   that fails sends an `error` event (OpenAI's error object; the others are cancelled) before [DONE].
 
   Text that could still turn into a stop string is held back until it cannot, so a stream never
-  shows text that the final, stop-truncated answer does not have.
+  shows text that the final, stop-truncated answer does not have. With logprobs, each chunk carries those of the
+  tokens received since the previous chunk of its choice (completions: `logprobs` with text offsets continuing
+  from the prompt's length, `prompt_chars`; chat: `logprobs.content`), the last chunk the rest: together, the
+  non-streamed answer's.
   """
   stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+  stop_token_ids = set(req.stop_token_ids or ())
   holdback = max((len(s) for s in stops), default=1) - 1
   obj = "chat.completion.chunk" if chat else "text_completion"
   pending = {i: q for i, q in enumerate(queues)}
   emitted = {i: "" for i in pending}
   tokens = {i: [] for i in pending}
+  entries = {i: [] for i in pending}  # the logprob entry of each token received
+  reported = {i: 0 for i in pending}  # tokens whose logprobs a chunk carried
+  offsets = {i: (prompt_chars or [0] * len(queues))[i] for i in pending}  # text offset of the next reported token
+  wants_logprobs = req.logprobs if chat else req.logprobs is not None
   completion_tokens = 0
   failed = False
+
+  def logprobs_until(i, ids, all_entries):
+    """The logprobs of choice i's tokens `ids` (`all_entries` theirs) after the last reported."""
+    new_ids, new_entries = ids[reported[i]:], all_entries[reported[i]:]
+    reported[i] = len(ids)
+    if chat:
+      return _chat_logprobs(new_ids, new_entries, tokenizer)
+    body = _completion_logprobs_of(new_ids, new_entries, tokenizer, offsets[i])
+    offsets[i] += sum(len(t) for t in body["tokens"])
+    return body
 
   def chunk(i, delta, finish):
     return {"id": rid, "object": obj, "created": int(time.time()), "model": req.model,
@@ -889,11 +933,13 @@ async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, token
         i = getters[fut]
         kind, value = fut.result()
         if kind == "token":
-          tokens[i].append(value)
+          tokens[i].append(value[0])
+          entries[i].append(value[1])
           # A trailing replacement character may be the start of a multi-byte character: hold it back.
-          text = tokenizer.decode(tokens[i]).rstrip("\ufffd")
+          shown = tokens[i][:-1] if tokens[i][-1] in stop_token_ids else tokens[i]  # it ends the output, unshown
+          text = tokenizer.decode(shown).rstrip("\ufffd")
           safe = "" if any(s in text for s in stops) else text[len(emitted[i]):len(text) - holdback]
-          piece, finish = safe, None
+          piece, finish, ids = safe, None, (tokens[i], entries[i])
           if not piece:
             continue
         else:
@@ -904,9 +950,12 @@ async def _stream(worker: EngineThread, queues, rid: str, req, chat: bool, token
             failed = True
             break
           piece, finish = _final_text(value, tokenizer)[len(emitted[i]):], value.finish_reason
+          ids = (value.output, value.logprobs)
           completion_tokens += len(value.output)
         emitted[i] += piece
         delta = {"delta": {"content": piece}} if chat else {"text": piece}
+        if wants_logprobs:
+          delta["logprobs"] = logprobs_until(i, *ids)
         yield f"data: {json.dumps(chunk(i, delta, finish))}\n\n"
     if not failed and req.stream_options is not None and req.stream_options.include_usage:
       usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -2,6 +2,7 @@
 hybrid's own single-sequence decoding through chunked prefill, preemption and asynchronous scheduling; the
 prefix cache stays off; what a hybrid cannot use is refused clearly."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -87,3 +88,35 @@ def test_no_prefix_cache_and_what_a_hybrid_refuses(model):
     Engine(model, nano_batches=2)
   with pytest.raises(ValueError, match="without KV offload"):
     Engine(model, offload=KVOffloadStore(host_bytes=1 << 20))
+
+
+def test_the_engines_logprobs_of_a_hybrid_are_its_own_forward_log_softmax(model):
+  """Chunked prefill (the Mamba state carried across chunks) and decodes: every prompt and output token's logprob
+  and top alternatives equal the log-softmax of the hybrid's own forward over the whole sequence; a request with a
+  repetition penalty in the same batch gets that log-softmax penalised (and the other none of it)."""
+  prompt = [5, 9, 13, 7, 22, 3, 40, 9, 5, 30]
+  engine = Engine(model, num_pages=32, page_size=4, max_num_seqs=4, prefill_chunk=4, max_batch_tokens=16)
+  plain = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=5, logprobs=3, prompt_logprobs=3))
+  penalised = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=5, logprobs=3,
+                                                        repetition_penalty=1.7))
+  engine.run_until_done()
+  sequences = [prompt + r.output[:-1] for r in (plain, penalised)]
+  logits_btv = np.asarray(nnx.jit(lambda m, tokens: m(tokens))(model, jnp.array(sequences)), np.float32)
+  for request, repetition, logits in ((plain, 1.0, logits_btv[0]), (penalised, 1.7, logits_btv[1])):
+    tokens = prompt + request.output
+    for i, (token, (logprob, top_ids, top_logprobs)) in enumerate(zip(request.output, request.logprobs, strict=True)):
+      step = logits[len(prompt) - 1 + i]
+      seen = np.zeros(CFG.vocab_size, bool)
+      seen[tokens[:len(prompt) + i]] = True
+      step = np.where(seen, np.where(step > 0, step / repetition, step * repetition), step)
+      reference = step - step.max() - np.log(np.exp(step - step.max()).sum())
+      assert token == np.argmax(reference)
+      np.testing.assert_allclose(logprob, reference[token], atol=1e-4)
+      np.testing.assert_allclose(top_logprobs, np.sort(reference)[::-1][:3], atol=1e-4)
+      assert top_ids[0] == token
+  reference = np.asarray(jax.nn.log_softmax(logits_btv[0]))  # the prompt's: a prefix of the plain sequence's
+  assert sorted(plain.prompt_logprobs) == list(range(1, len(prompt)))
+  for p, (logprob, _, top_logprobs) in plain.prompt_logprobs.items():
+    np.testing.assert_allclose(logprob, reference[p - 1, prompt[p]], atol=1e-4)
+    np.testing.assert_allclose(top_logprobs, np.sort(reference[p - 1])[::-1][:3], atol=1e-4)
+  assert plain.output != penalised.output

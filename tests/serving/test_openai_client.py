@@ -1,5 +1,7 @@
 """The server as the official `openai` SDK drives it: completions (batched prompts, logprobs equal to the model's own
 log-softmax), chat (logprobs, a streamed answer whose first delta carries the role and whose last chunk the usage),
+logit_bias, presence / frequency / repetition penalties (the logprobs the model's log-softmax of the penalised
+logits), min_tokens and stop_token_ids (vLLM's, through extra_body), streamed logprobs equal to the non-streamed,
 fields the server does not implement refused with a 400 naming them, unknown fields refused, and the API key."""
 
 import socket
@@ -59,9 +61,13 @@ def _offline(model, prompt: str, max_tokens: int) -> str:
   return llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=max_tokens))[0][0].text
 
 
-def _log_softmax(model, tokens: list[int]) -> np.ndarray:
+def _logits(model, tokens: list[int]) -> np.ndarray:
   logits, _ = model.prefill(jnp.array([tokens]), model.init_cache(1, 64))
-  return np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1))
+  return np.asarray(logits[0].astype(jnp.float32))
+
+
+def _log_softmax(model, tokens: list[int]) -> np.ndarray:
+  return np.asarray(jax.nn.log_softmax(_logits(model, tokens), axis=-1))
 
 
 def test_completions_batched_prompts_and_logprobs(client, model):
@@ -114,10 +120,16 @@ def test_chat_logprobs_and_a_stream_with_role_and_usage(client, model):
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": -1.0}, "frequency_penalty"),
-    ({"logit_bias": {"5": 100}}, "logit_bias"), ({"max_tokens": 0}, "max_tokens"), ({"best_of": 3}, "best_of"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3.0}, "frequency_penalty"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+    ({"logit_bias": {"272": 1}}, "logit_bias"),  # past the vocabulary (272 ids)
+    ({"logit_bias": {"5": 101}}, "logit_bias.5"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),  # OpenAI's limit: 300 entries
+    ({"extra_body": {"min_tokens": 3}}, "min_tokens"),  # past max_tokens (2)
+    ({"extra_body": {"stop_token_ids": [272]}}, "stop_token_ids"),
+    ({"max_tokens": 0}, "max_tokens"), ({"best_of": 3}, "best_of"),
     ({"suffix": "end"}, "suffix"), ({"extra_body": {"foo": 1}}, "foo"),
-    ({"logprobs": 1, "stream": True}, "logprobs"),
+    ({"echo": True, "stream": True}, "echo"),
 ])
 def test_what_the_server_does_not_do_is_a_400_naming_the_field(client, kwargs, param):
   with pytest.raises(openai.BadRequestError) as raised:
@@ -143,3 +155,117 @@ def test_the_api_key_is_required_except_for_health(served):
   assert httpx.get(f"{url}/v1/models").status_code == 401
   assert httpx.get(f"{url}/health").status_code == 200
   assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+LETTERS = TOK.encode("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# The tests below ask for logprobs whenever they process logits, and use the shapes of the tests above: on CPU
+# most of their time is compiling the engine's step for a new shape.
+
+
+def test_logit_bias_of_100_forces_a_token_and_of_minus_100_forbids_it(client):
+  z = str(TOK.encode("z")[0])
+  r = client.completions.create(model="tiny", prompt="Once", max_tokens=6, temperature=1.0, seed=3, logit_bias={z: 100},
+                                logprobs=1)
+  assert r.choices[0].text == "z" * 6 and r.choices[0].logprobs.token_logprobs == pytest.approx([0.0] * 6, abs=1e-4)
+  chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                        temperature=1.0, seed=3, logit_bias={z: 100}, logprobs=True)
+  assert chat.choices[0].message.content == "zzzz"
+  # Every id but the 52 letters' (220 entries): the greedy answer of a random model is letters alone.
+  banned = {str(t): -100 for t in range(CFG.vocab_size) if t not in LETTERS}
+  unbiased = client.completions.create(model="tiny", prompt="Once", max_tokens=8, temperature=0).choices[0].text
+  assert not unbiased.isalpha()
+  text = client.completions.create(model="tiny", prompt="Once", max_tokens=8, temperature=0, logit_bias=banned,
+                                   logprobs=1, extra_body={"ignore_eos": True}).choices[0].text
+  assert len(text) == 8 and text.isalpha() and text.isascii(), text
+
+
+def _penalised(logits: np.ndarray, prompt: list[int], output: list[int], presence=0.0, frequency=0.0,
+               repetition=1.0) -> np.ndarray:
+  """The log-softmax of one step's logits with OpenAI's and vLLM's penalties applied by hand."""
+  counts = np.bincount(output, minlength=logits.shape[-1]).astype(np.float32)
+  seen = counts > 0
+  seen[prompt] = True
+  logits = np.where(seen, np.where(logits > 0, logits / repetition, logits * repetition), logits)
+  logits = logits - frequency * counts - presence * (counts > 0)
+  shifted = logits - logits.max()
+  return shifted - np.log(np.exp(shifted).sum())
+
+
+@pytest.mark.parametrize("penalty", [  # each changes this random model's greedy answer (none repeats a token)
+    {"presence_penalty": -2.0}, {"frequency_penalty": -2.0}, {"repetition_penalty": 0.3},
+    {"presence_penalty": -2.0, "frequency_penalty": 0.7, "repetition_penalty": 2.0}])
+def test_each_penalty_changes_the_next_token_distribution_as_its_formula_says(client, model, penalty):
+  """Greedy under the penalty, logprobs of the penalised distribution: each token is the argmax of the model's
+  own logits penalised by hand over the prompt and the tokens before it, and its logprob theirs, to 1e-4."""
+  prompt = [1, 40, 41, 42, 40, 41]
+  params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3, **penalty)  # the server's
+  output = LLM(model, tokenizer=TOK, **ENGINE).generate([prompt], params)[0][0].output
+  r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, logprobs=3,
+                                extra_body={"ignore_eos": True, **penalty})
+  assert r.choices[0].text == TOK.decode(output)
+  logits = _logits(model, prompt + output[:-1])
+  plain_argmax = []
+  for i, token in enumerate(output):
+    reference = _penalised(logits[len(prompt) - 1 + i], prompt, output[:i], penalty.get("presence_penalty", 0.0),
+                           penalty.get("frequency_penalty", 0.0), penalty.get("repetition_penalty", 1.0))
+    assert token == np.argmax(reference)
+    np.testing.assert_allclose(r.choices[0].logprobs.token_logprobs[i], reference[token], atol=1e-4)
+    top = np.sort(reference)[-3:]  # (the answer's alternatives are keyed by text: bytes past ASCII share a key)
+    assert all(np.abs(top - v).min() < 1e-4 for v in r.choices[0].logprobs.top_logprobs[i].values())
+    plain_argmax.append(np.argmax(logits[len(prompt) - 1 + i]))
+  assert plain_argmax != output  # the penalty changed the greedy answer (a test of nothing otherwise)
+  if "frequency_penalty" in penalty:
+    assert max(np.bincount(output)) > 1  # counts past 1 were penalised
+
+
+def test_min_tokens_holds_eos_back_and_stop_token_ids_stop(client, model):
+  eos = {str(TOK.eos_id): 100}  # the model would stop at once
+  r = client.completions.create(model="tiny", prompt="Once", max_tokens=8, temperature=0, logit_bias=eos, logprobs=1)
+  assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1 and r.choices[0].text == ""
+  r = client.completions.create(model="tiny", prompt="Once", max_tokens=8, temperature=0, logit_bias=eos, logprobs=1,
+                                extra_body={"min_tokens": 4})
+  assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 5  # 4 held back, then EOS
+  assert r.choices[0].logprobs.token_logprobs[-1] == pytest.approx(0.0, abs=1e-4)
+  output = LLM(model, tokenizer=TOK, **ENGINE).generate(
+      ["Once"], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0][0].output
+  stop = next(t for i, t in enumerate(output) if i >= 2 and t not in output[:i])
+  cut = output.index(stop)
+  for stream in (False, True):
+    r = client.completions.create(model="tiny", prompt="Once", max_tokens=8, temperature=0, stream=stream,
+                                  extra_body={"stop_token_ids": [stop], "ignore_eos": True})
+    if stream:
+      chunks = list(r)
+      text, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+    else:
+      text, finish = r.choices[0].text, r.choices[0].finish_reason
+      assert r.usage.completion_tokens == cut + 1  # the stop token is in the output, not in the text
+    assert (text, finish) == (TOK.decode(output[:cut]), "stop")
+
+
+def test_streamed_logprobs_equal_the_non_streamed_ones(client):
+  body = dict(model="tiny", prompt=["Once", "Twice"], max_tokens=5, temperature=1.0, seed=5, logprobs=3, stop=["q"])
+  whole = client.completions.create(**body)
+  streamed = {}
+  for chunk in client.completions.create(**body, stream=True):
+    for c in chunk.choices:
+      got = streamed.setdefault(c.index, {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []})
+      for key in got:
+        got[key] += getattr(c.logprobs, key)
+  assert len(streamed) == 2
+  for c in whole.choices:
+    expected = c.logprobs.model_dump()
+    assert streamed[c.index]["tokens"] == expected["tokens"]
+    assert streamed[c.index]["text_offset"] == expected["text_offset"]
+    np.testing.assert_allclose(streamed[c.index]["token_logprobs"], expected["token_logprobs"], atol=1e-6)
+    for got, want in zip(streamed[c.index]["top_logprobs"], expected["top_logprobs"], strict=True):
+      assert got == pytest.approx(want, abs=1e-6)
+  chat = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=1.0, seed=9,
+              logprobs=True, top_logprobs=2)
+  content = client.chat.completions.create(**chat).choices[0].logprobs.content
+  chunks = list(client.chat.completions.create(**chat, stream=True))
+  streamed_content = [entry for c in chunks if c.choices and c.choices[0].logprobs
+                      for entry in c.choices[0].logprobs.content]
+  assert len(streamed_content) == len(content) == 5
+  for got, want in zip(streamed_content, content, strict=True):
+    assert (got.token, got.bytes) == (want.token, want.bytes) and got.logprob == pytest.approx(want.logprob, abs=1e-6)
+    assert [t.logprob for t in got.top_logprobs] == pytest.approx([t.logprob for t in want.top_logprobs], abs=1e-6)
