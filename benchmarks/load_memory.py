@@ -20,9 +20,7 @@ import sys
 import time
 
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  registers bfloat16 with numpy
 import numpy as np
-from safetensors.numpy import save_file
 
 from lwjax.models import hf_checkpoint, hf_families
 from lwjax.models.presets import PRESETS
@@ -34,32 +32,10 @@ GIB = 2**30
 def write_checkpoint(path: str, preset: str, dtype: str) -> dict:
   """Random weights of `preset` in `dtype`, written shard by shard; returns the sizes the budget needs."""
   cfg = dataclasses.replace(PRESETS[preset], param_dtype=dtype)
-  layout = hf_families.tensor_layout(cfg)
+  hf_checkpoint.save_random(cfg, path, max_shard_bytes=SHARD_BYTES)
   itemsize = jnp.dtype(dtype).itemsize
-  sizes = {key: int(np.prod(t.hf_shape)) * itemsize for key, t in layout.items()}
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, hf_checkpoint.CONFIG_FILE), "w") as fh:
-    json.dump(hf_families.config_to_hf(cfg), fh, indent=2)
-  shards, current, size = [], [], 0
-  for key in layout:
-    if current and size + sizes[key] > SHARD_BYTES:
-      shards.append(current)
-      current, size = [], 0
-    current.append(key)
-    size += sizes[key]
-  shards.append(current)
-  rng = np.random.default_rng(0)
-  weight_map = {}
-  for i, keys in enumerate(shards):
-    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    tensors = {key: (0.02 * rng.standard_normal(layout[key].hf_shape, np.float32)).astype(jnp.dtype(dtype))
-               for key in keys}
-    save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
-    del tensors
-    weight_map.update({key: name for key in keys})
-  with open(os.path.join(path, hf_checkpoint.INDEX_FILE), "w") as fh:
-    json.dump({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, fh)
-  return {"model_bytes": sum(sizes.values()), "largest_tensor_bytes": max(sizes.values())}
+  sizes = [int(np.prod(t.hf_shape)) * itemsize for t in hf_families.tensor_layout(cfg).values()]
+  return {"model_bytes": sum(sizes), "largest_tensor_bytes": max(sizes)}
 
 
 def _peak_rss_bytes() -> int:

@@ -222,16 +222,42 @@ def save(model: GPT, path: str | os.PathLike, *, family: str | None = None,
   Above `max_shard_bytes` the tensors go to `model-0000i-of-0000n.safetensors` shards with a
   `model.safetensors.index.json`, as `save_pretrained` does. Earlier weight files in `path` are removed.
   """
+  values = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  layout = hf_families.tensor_layout(model.cfg, family or hf_families.family_of(model.cfg))
+
+  def tensor(key):
+    return layout[key].to_hf([np.asarray(jax.device_get(_get(values, p.path))) for p in layout[key].parts])
+  _write(path, model.cfg, family, tensor, max_shard_bytes)
+
+
+def save_random(cfg: GPTConfig, path: str | os.PathLike, *, family: str | None = None, seed: int = 0,
+                scale: float = 0.02, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+  """Writes a checkpoint of `cfg`'s shape with N(0, scale^2) weights (norm weights 1, or 0 where the family
+  stores 1 + w), tensor by tensor, without building the model: for tests, and for benchmarks of models larger
+  than the host holds twice."""
+  rng = np.random.default_rng(seed)
+  layout = hf_families.tensor_layout(cfg, family or hf_families.family_of(cfg))
+  dtype = jnp.dtype(cfg.param_dtype)
+
+  def tensor(key):
+    shape = layout[key].hf_shape
+    if key.endswith("norm.weight"):
+      return np.full(shape, 0.0 if cfg.norm_offset else 1.0, dtype)
+    return (scale * rng.standard_normal(shape, np.float32)).astype(dtype)
+  _write(path, cfg, family, tensor, max_shard_bytes)
+
+
+def _write(path, cfg: GPTConfig, family: str | None, tensor, max_shard_bytes: int) -> None:
+  """config.json and the safetensors of `tensor(key)` for every key of the family's layout, shard by shard."""
   path = os.fspath(path)
-  cfg = model.cfg
   family = family or hf_families.family_of(cfg)
   hf_config = hf_families.config_to_hf(cfg, family)
   layout = hf_families.tensor_layout(cfg, family)
   itemsize = jnp.dtype(cfg.param_dtype).itemsize
   shards: list[list[str]] = [[]]
   shard_bytes, total = 0, 0
-  for key, tensor in layout.items():
-    nbytes = int(np.prod(tensor.hf_shape)) * itemsize
+  for key, spec in layout.items():
+    nbytes = int(np.prod(spec.hf_shape)) * itemsize
     if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
       shards.append([])
       shard_bytes = 0
@@ -243,13 +269,11 @@ def save(model: GPT, path: str | os.PathLike, *, family: str | None = None,
   _remove_stale_weights(path)
   with open(os.path.join(path, CONFIG_FILE), "w") as fh:
     json.dump(hf_config, fh, indent=2)
-  values = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   names = [SINGLE_FILE] if len(shards) == 1 else [
       f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
   for name, keys in zip(names, shards, strict=False):  # one shard on the host at a time
-    tensors = {key: layout[key].to_hf([np.asarray(jax.device_get(_get(values, p.path))) for p in layout[key].parts])
-               for key in keys}
-    save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})  # transformers needs the tag
+    save_file({key: tensor(key) for key in keys}, os.path.join(path, name),
+              metadata={"format": "pt"})  # transformers needs the tag
   if len(shards) > 1:
     weight_map = {key: name for name, keys in zip(names, shards, strict=False) for key in keys}
     with open(os.path.join(path, INDEX_FILE), "w") as fh:

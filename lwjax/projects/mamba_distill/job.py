@@ -119,11 +119,10 @@ def validate(config) -> None:
   teacher = config.teacher.workdir
   if _is_hf(teacher):
     try:
+      _check_teacher(hf_checkpoint.config_from_dir(teacher))
       pretrained.check(teacher)
-      teacher_cfg = hf_checkpoint.config_from_dir(teacher)
     except (pretrained.PretrainedError, hf_checkpoint.CheckpointError) as e:
       raise ConfigError("teacher.workdir", str(e), "a Hugging Face checkpoint directory with its tokenizer") from None
-    _check_teacher(teacher_cfg)
     for key in ("train_files", "eval_files"):
       if not glob.glob(config.data[key]):
         raise ConfigError(f"data.{key}", f"no file matches {config.data[key]!r} (a Hugging Face teacher brings no "

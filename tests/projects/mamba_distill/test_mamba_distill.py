@@ -80,7 +80,7 @@ def _hf_teacher(tmp_path):
   shutil.copytree(fixtures, tmp_path / "teacher", ignore=shutil.ignore_patterns("expected.json"))
   cfg = gpt.GPTConfig(vocab_size=448, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
                       max_seq_len=128, sliding_window=24)
-  hf_checkpoint.save(nnx.jit(lambda: gpt.GPT(cfg, rngs=nnx.Rngs(0)))(), tmp_path / "teacher")
+  hf_checkpoint.save_random(cfg, tmp_path / "teacher", scale=0.3)
   for name, n in (("train.txt", 64), ("eval.txt", 16)):
     (tmp_path / name).write_text("".join(f"the model {i} reads the page {i % 7} and writes {i * 3}\n"
                                          for i in range(n)))
