@@ -41,7 +41,9 @@ def best_of_n(scores_pn: np.ndarray, correct_pn: np.ndarray, n: int, *, draws: i
 def majority_vote(answers_pn: list[list[str | None]], correct_pn: np.ndarray, n: int, *, draws: int = 64,
                   seed: int = 0) -> tuple[float, float]:
   """Self-consistency: the most frequent final answer among n candidates (ties: the first seen; candidates
-  without an answer do not vote); right when a candidate with that answer is right."""
+  without an answer do not vote), then one pick, as a verifier makes one: the first drawn candidate with that
+  answer, scored by `correct_pn` (the same for every candidate of an answer when correctness is the answer's;
+  on the whole-solution metric a wrong solution with the right answer loses)."""
   rng = np.random.default_rng(seed)
   per_problem = []
   for answers, correct in zip(answers_pn, correct_pn, strict=True):
@@ -52,8 +54,8 @@ def majority_vote(answers_pn: list[list[str | None]], correct_pn: np.ndarray, n:
         wins.append(0.0)
         continue
       top = max(votes.values())
-      answer = next(answers[i] for i in subset if answers[i] is not None and votes[answers[i]] == top)
-      wins.append(float(any(correct[i] for i in subset if answers[i] == answer)))
+      picked = next(i for i in subset if answers[i] is not None and votes[answers[i]] == top)
+      wins.append(float(correct[picked]))
     per_problem.append(np.mean(wins))
   return _mean_se(np.asarray(per_problem, np.float64))
 

@@ -81,6 +81,9 @@ def test_best_of_n_majority_pass_and_auc_on_planted_sets():
   correct_answers = np.array([[1, 0, 1, 1], [0, 1, 1, 0]], bool)
   assert bestofn.majority_vote(answers, correct_answers, 4)[0] == pytest.approx(1.0)
   assert bestofn.majority_vote([["1", "2", "2", "1"]], np.array([[1, 0, 0, 1]], bool), 4)[0] == 1.0  # tie: first
+  # Whole-solution correctness: the majority answer "7" picked once, through its first candidate (a wrong
+  # solution with the right answer), not credited because another candidate with "7" is right.
+  assert bestofn.majority_vote([["7", "7", "3"]], np.array([[0, 1, 0]], bool), 3)[0] == 0.0
   # pass@2 of 1 right in 4: 1 - C(3,2)/C(4,2) = 0.5; of 2 right: 1 - C(2,2)/C(4,2) = 5/6.
   assert bestofn.pass_at_n(correct, 2)[0] == pytest.approx((0.5 + 5 / 6) / 2)
   assert bestofn.roc_auc(np.array([0.9, 0.8, 0.1, 0.2]), np.array([1, 1, 0, 0])) == 1.0
