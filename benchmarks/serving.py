@@ -16,7 +16,9 @@ It prints processed tokens/s (prompt + output, the unit of NanoFlow's optimum), 
 optimal (peak FLOP/s measured by a matmul in this run / (2 x parameters)), p50/p99 request latency,
 the ratio of each system to static batching, the engine's host time per iteration, and a multi-round chat
 workload with and without KV offload. `--logprobs k` also times the full engine with every request asking for
-its tokens' logprobs and k alternatives (the cost of logprobs; without it no request asks and none are computed).
+its tokens' logprobs and k alternatives (the cost of logprobs; without it no request asks and none are computed);
+`--penalties` the full engine with every request setting presence, frequency and repetition penalties and a
+16-token logit_bias (the cost of logit processing; without it no request asks and the sampler runs without it).
 Every system runs twice and only the second pass is timed; the
 benchmark counts XLA compilations in the timed passes and fails if there is any (a shape not bucketed).
 """
@@ -56,6 +58,10 @@ _UNMIXED = flags.DEFINE_bool("compare_unmixed", False, "Also time the sync engin
                               "of rows (decodes, prefill chunks) instead of one per iteration.")
 _LOGPROBS = flags.DEFINE_integer("logprobs", -1, "Also time the full engine with every request asking for this many "
                                  "top logprobs per token (-1: not timed).")
+_PENALTIES = flags.DEFINE_bool("penalties", False, "Also time the full engine with every request setting penalties "
+                                "and a logit_bias.")
+PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1,
+             "logit_bias": {str(t): 1.0 for t in range(3, 19)}}
 _WORKLOADS = flags.DEFINE_list("workloads", list(WORKLOADS), "Workloads to run.")
 
 
@@ -123,13 +129,14 @@ def static_batching(model: GPT, prompts, outputs, batch: int) -> tuple[float, li
   return time.perf_counter() - start, latencies
 
 
-def engine_run(model: GPT, prompts, outputs, logprobs: int | None = None, **kwargs
+def engine_run(model: GPT, prompts, outputs, logprobs: int | None = None, sampling: dict | None = None, **kwargs
                ) -> tuple[float, list[float], Engine]:
   engine = Engine(model, num_pages=_PAGES.value, page_size=_PAGE.value, max_num_seqs=_SEQS.value,
                   max_batch_tokens=_BATCH_TOKENS.value, prefill_chunk=_CHUNK.value, **kwargs)
   done_at = {}
   start = time.perf_counter()
-  requests = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True, logprobs=logprobs))
+  requests = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True, logprobs=logprobs,
+                                                   **(sampling or {})))
               for p, o in zip(prompts, outputs, strict=False)]
   while engine.has_work():
     for r in engine.step():
@@ -218,6 +225,8 @@ def main(argv):
         engines.insert(1, ("call per group", {"async_scheduling": False, "mixed_batches": False}))
       if _LOGPROBS.value >= 0:
         engines.append((f"engine, logprobs={_LOGPROBS.value}", {"nano_batches": nano, "logprobs": _LOGPROBS.value}))
+      if _PENALTIES.value:
+        engines.append(("engine, penalties", {"nano_batches": nano, "sampling": PENALTIES}))
       for system, kwargs in engines:
         seconds, latencies, engine = engine_run(model, prompts, outputs, **kwargs)
         systems[system] = seconds, latencies

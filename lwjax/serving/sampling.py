@@ -2,7 +2,8 @@
 
 Every row of a dense batch carries its own parameters, so one jitted `sample` serves a batch that mixes
 greedy and stochastic requests. A request's randomness depends only on its seed and the index of the
-token it generates, never on which other requests share the batch.
+token it generates, never on which other requests share the batch. The logits a request's bias, penalties and
+min_tokens change are processed before `sample` (`lwjax.serving.logits_processors`).
 """
 
 from __future__ import annotations

@@ -838,7 +838,9 @@ def _chat_logprobs(ids: list[int], entries: list, tokenizer) -> dict:
 
 
 def _reported(logprob: float) -> float:
-  return max(logprob, MIN_REPORTED_LOGPROB)
+  """A logprob JSON can carry: -inf (a masked token) and NaN (logits a tiny repetition_penalty overflowed) as the
+  floor."""
+  return logprob if logprob >= MIN_REPORTED_LOGPROB else MIN_REPORTED_LOGPROB
 
 
 def _seeded(params: SamplingParams, seed: int | None, i: int) -> SamplingParams:

@@ -1,7 +1,9 @@
 """Failures end only the requests they belong to: iterations that raise (before or after the model call), a request
 that fails wherever it runs, KV pools lost with a failed call, callbacks that raise, and a WiM document whose turn
-fails. Every other request's output equals the output it has alone, and an idle engine holds nothing
-(`Engine.leaks`)."""
+fails. Every other request's output equals the output it has alone (penalties, whose counts the rolled-back tokens
+must leave, included), and an idle engine holds nothing (`Engine.leaks`)."""
+
+import dataclasses
 
 import pytest
 from flax import nnx
@@ -19,6 +21,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
 SAMPLED = SamplingParams(temperature=1.0, max_tokens=6, seed=11)
 MARKER = 60  # a prompt starting with it is the request that always fails
 PROMPTS = [[5 + i, 6, 7 + 2 * i][: 1 + i % 3] * (1 + i % 4) for i in range(8)]
+PENALTIES = dict(presence_penalty=-1.5, frequency_penalty=0.5, repetition_penalty=1.3, logit_bias={"7": 3.0},
+                 min_tokens=3)
 
 
 @pytest.fixture(scope="module")
@@ -33,23 +37,27 @@ def _alone(model, prompt, params):
   return request.output
 
 
-def _params(i):
-  return GREEDY if i % 2 else SAMPLED
+def _params(i, penalised=False):
+  params = GREEDY if i % 2 else SAMPLED
+  return dataclasses.replace(params, **PENALTIES) if penalised and i % 4 < 2 else params
 
 
-@pytest.mark.parametrize("where, async_scheduling", [
-    ("before", True), pytest.param("after", True, marks=pytest.mark.slow),
-    pytest.param("before", False, marks=pytest.mark.slow), pytest.param("after", False, marks=pytest.mark.slow)])
-def test_failed_iterations_fail_no_request(model, where, async_scheduling):
+@pytest.mark.parametrize("where, async_scheduling, penalised", [
+    ("before", True, False), pytest.param("before", True, True, marks=pytest.mark.slow),
+    pytest.param("after", True, True, marks=pytest.mark.slow),
+    pytest.param("before", False, False, marks=pytest.mark.slow),
+    pytest.param("after", False, True, marks=pytest.mark.slow)])
+def test_failed_iterations_fail_no_request(model, where, async_scheduling, penalised):
   """Three iterations raise; every request is rolled back, retried alone, and ends with its own output (greedy
-  and seeded sampling alike: a token depends on the seed and its index only)."""
+  and seeded sampling alike: a token depends on the seed and its index only; with penalties for half of them,
+  counted from the tokens kept)."""
   engine = FaultInjectingEngine(model, fail_iterations={2, 5, 9}, where=where, async_scheduling=async_scheduling,
                                 **SETTINGS)
-  requests = [engine.add_request(p, _params(i)) for i, p in enumerate(PROMPTS)]
+  requests = [engine.add_request(p, _params(i, penalised)) for i, p in enumerate(PROMPTS)]
   engine.run_until_done()
   assert engine.num_injected == 3 and engine.num_failed_iterations == 3
   assert [r.finish_reason for r in requests] == ["length"] * len(PROMPTS)
-  assert [r.output for r in requests] == [_alone(model, p, _params(i)) for i, p in enumerate(PROMPTS)]
+  assert [r.output for r in requests] == [_alone(model, p, _params(i, penalised)) for i, p in enumerate(PROMPTS)]
   assert engine.leaks() == []
 
 

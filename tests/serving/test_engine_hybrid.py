@@ -91,11 +91,12 @@ def test_no_prefix_cache_and_what_a_hybrid_refuses(model):
 
 
 def test_the_engines_logprobs_of_a_hybrid_are_its_own_forward_log_softmax(model):
-  """Chunked prefill (the Mamba state carried across chunks) and decodes: every prompt and output token's logprob
+  """Prefill and decodes (the Mamba state carried from one to the next): every prompt and output token's logprob
   and top alternatives equal the log-softmax of the hybrid's own forward over the whole sequence; a request with a
-  repetition penalty in the same batch gets that log-softmax penalised (and the other none of it)."""
+  repetition penalty in the same batch gets that log-softmax penalised (and the other none of it). (Chunked
+  prefill: `test_mixed_batches_equal_the_hybrids_own_greedy_decoding`.)"""
   prompt = [5, 9, 13, 7, 22, 3, 40, 9, 5, 30]
-  engine = Engine(model, num_pages=32, page_size=4, max_num_seqs=4, prefill_chunk=4, max_batch_tokens=16)
+  engine = Engine(model, num_pages=32, page_size=4, max_num_seqs=4, prefill_chunk=16, max_batch_tokens=32)
   plain = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=5, logprobs=3, prompt_logprobs=3))
   penalised = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=5, logprobs=3,
                                                         repetition_penalty=1.7))
