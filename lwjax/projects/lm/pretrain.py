@@ -60,8 +60,8 @@ def validate(config) -> None:
     raise ConfigError("model.pretrained", f"{config.model.pretrained} holds no tokenizer file",
                       "a workdir of a run that wrote its tokenizer (sentencepiece), or a Hugging Face directory")
   if config.data.seq_len > model_cfg.max_seq_len:
-    raise ConfigError("data.seq_len", f"{config.data.seq_len} exceeds the model's max_seq_len",
-                      f"<= {model_cfg.max_seq_len}")
+    source = "the checkpoint's max_seq_len" if config.model.pretrained else "model.max_seq_len"
+    raise ConfigError("data.seq_len", f"{config.data.seq_len} exceeds {source}", f"<= {model_cfg.max_seq_len}")
   if not config.model.pretrained and config.data.tokenizer == "bytes" and (
       config.model.vocab_size < tokenizer_lib.ByteTokenizer.vocab_size):
     raise ConfigError("model.vocab_size", "too small for the byte tokenizer",
