@@ -11,12 +11,12 @@ import sys
 
 import numpy as np
 import pytest
-from safetensors import safe_open
 
 from lwjax.models import hf_checkpoint, hf_families
 from lwjax.serving import speculative
 from lwjax.serving.engine import Engine
 from lwjax.serving.sampling import SamplingParams
+from tests.models.test_hf_checkpoint import read_tensors
 
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "hf"
 FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "phi3")
@@ -24,14 +24,6 @@ FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "phi3")
 
 def expected(path):
   return json.loads((path / "expected.json").read_text())
-
-
-def read_tensors(path):
-  out = {}
-  for file in sorted(path.glob("*.safetensors")):
-    with safe_open(str(file), framework="np") as f:
-      out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118  safe_open is not iterable
-  return out
 
 
 @functools.cache
