@@ -4,9 +4,10 @@
 Applied to a batch's float32 logits [b, vocab] inside the jitted step, before temperature, top-k and top-p (and
 before the logprobs a request asks for: vLLM's `processed_logprobs`), in vLLM's order: the bias, then the
 penalties, then the stop ids a row may not sample yet set to -inf. Nothing is kept between steps: each step
-counts a row's output tokens from their ids (a scatter into [b, vocab]), so preemption, failure recovery and
-tokens still in flight on the device (placeholders, which the engine fills before `process_logits`) need no
-bookkeeping. A batch where no row asks for any of it passes no arrays and runs the program without them.
+reads a row's prompt and output ids (gathers and scatters at those ids, no [b, vocab] array), so preemption,
+failure recovery and tokens still in flight on the device (placeholders, which the engine fills before
+`process_logits`) need no bookkeeping. A batch where no row asks for any of it passes no arrays and runs the
+program without them.
 """
 
 from __future__ import annotations
@@ -76,13 +77,19 @@ def process_logits(logits_bv, arrays: dict):
 
   Penalties, per row: a token seen in the prompt or the output so far (repetition) has a positive logit divided
   by `repetition`, a negative one multiplied (HF's and vLLM's); then OpenAI's
-  logit[j] -= presence * (count[j] > 0) + frequency * count[j] over the output's counts."""
+  logit[j] -= presence * (count[j] > 0) + frequency * count[j] over the output's counts. Every step reads and
+  writes the logits at the rows' ids only, never a [b, vocab] count array (a 32k-128k vocabulary made that most
+  of a step on CPU): a repeated id sets the same value again (the repetition and presence terms, once per id) or
+  adds once per occurrence (the frequency term, the count)."""
   rows = jnp.arange(logits_bv.shape[0])[:, None]
   logits = jnp.asarray(logits_bv, jnp.float32).at[rows, arrays["bias_ids"]].add(arrays["bias"], mode="drop")
-  counts = jnp.zeros(logits.shape, jnp.int32).at[rows, arrays["output_ids"]].add(1, mode="drop")
+  output_ids = arrays["output_ids"]
   if arrays["prompt_ids"].shape[1]:  # some row has a repetition penalty
-    seen = (counts > 0).at[rows, arrays["prompt_ids"]].set(True, mode="drop")
+    seen = jnp.concatenate([arrays["prompt_ids"], output_ids], axis=1)
+    value = logits.at[rows, seen].get(mode="fill", fill_value=0.0)
     repetition = arrays["repetition"][:, None]
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / repetition, logits * repetition), logits)
-  logits = logits - arrays["frequency"][:, None] * counts - arrays["presence"][:, None] * (counts > 0)
+    logits = logits.at[rows, seen].set(jnp.where(value > 0, value / repetition, value * repetition), mode="drop")
+  logits = logits.at[rows, output_ids].add(-arrays["frequency"][:, None], mode="drop")
+  value = logits.at[rows, output_ids].get(mode="fill", fill_value=0.0)
+  logits = logits.at[rows, output_ids].set(value - arrays["presence"][:, None], mode="drop")
   return logits.at[rows, arrays["banned_ids"]].set(-jnp.inf, mode="drop")

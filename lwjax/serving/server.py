@@ -573,8 +573,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str, max_queued: int = 
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     prompt_tokens = sum(len(ids) * req.n for ids in prompts)
     if req.stream:
-      prompt_chars = [len(texts[k // req.n]) if isinstance(texts[k // req.n], str)
-                      else len(tokenizer.decode(texts[k // req.n])) for k in range(len(queues))]
+      prompt_chars = [len(t if isinstance(t, str) else tokenizer.decode(t)) for t in texts for _ in range(req.n)]
       return StreamingResponse(_stream(worker, queues, rid, req, chat, tokenizer, prompt_tokens, prompt_chars),
                                media_type="text/event-stream")
     requests = await _unless_disconnected(http, asyncio.gather(*(_drain(q) for q in queues)))
