@@ -157,7 +157,11 @@ def check(path: str | os.PathLike, **overrides) -> GPTConfig:
   """Everything `load` checks before reading a weight: config.json (family, options), the shard index, and every
   tensor's presence, file and shape from the safetensors headers. Returns the config; CheckpointError naming the
   file and key otherwise."""
-  path = os.fspath(path)
+  return _plan(os.fspath(path), **overrides)[0]
+
+
+def _plan(path: str, **overrides) -> tuple[GPTConfig, dict, dict[str, str]]:
+  """(config, layout, HF key -> file) of a checkpoint directory, every check of `check` done."""
   cfg = config_from_dir(path, **overrides)
   layout = hf_families.tensor_layout(cfg, read_config(path).get("model_type", "llama"))
   files = _weight_files(path)
@@ -173,7 +177,7 @@ def check(path: str | os.PathLike, **overrides) -> GPTConfig:
         if shape != layout[key].hf_shape:
           raise CheckpointError(f"{os.path.join(path, file_name)}: {key} has shape {shape}, expected "
                                 f"{layout[key].hf_shape} from config.json")
-  return cfg
+  return cfg, layout, files
 
 
 def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules | None = None, **overrides) -> GPT:
@@ -184,9 +188,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules | No
   under `rules` (default `lwjax.training.mesh.DEFAULT_RULES`: weights over the fsdp and tensor axes).
   """
   path = os.fspath(path)
-  cfg = check(path, **overrides)
-  layout = hf_families.tensor_layout(cfg, read_config(path).get("model_type", "llama"))
-  files = _weight_files(path)
+  cfg, layout, files = _plan(path, **overrides)
 
   abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)

@@ -29,9 +29,14 @@ class PretrainedError(ValueError):
   """A path that holds no model lwjax can load, or a model that cannot be loaded as asked: names path and fix."""
 
 
+def is_hf_directory(path: str) -> bool:
+  """Whether `path` holds a Hugging Face checkpoint's config.json."""
+  return os.path.isfile(os.path.join(path, hf_checkpoint.CONFIG_FILE))
+
+
 def kind(path: str) -> str:
   """"hf" (a Hugging Face checkpoint directory) or "workdir" (an lwjax run); PretrainedError otherwise."""
-  if os.path.isfile(os.path.join(path, hf_checkpoint.CONFIG_FILE)):
+  if is_hf_directory(path):
     return "hf"
   if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
     return "workdir"

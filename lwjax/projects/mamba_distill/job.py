@@ -83,7 +83,7 @@ def aot_step(config, devices):
     if config.teacher.preset not in presets.PRESETS:
       raise ConfigError("teacher.preset", f"unknown shape {config.teacher.preset!r}", ", ".join(presets.PRESETS))
     gpt_cfg = presets.PRESETS[config.teacher.preset]
-  elif _is_hf(config.teacher.workdir):
+  elif pretrained.is_hf_directory(config.teacher.workdir):
     gpt_cfg = hf_checkpoint.config_from_dir(config.teacher.workdir)
   elif os.path.isdir(path):
     gpt_cfg = GPTConfig.from_dict(checkpoint.load_config(path)["model"])
@@ -117,7 +117,7 @@ def validate(config) -> None:
     raise ConfigError("hybrid.schedule", f"{config.hybrid.schedule!r} is not a decreasing list of fractions",
                       "e.g. '0.5,0.25,0.125,0' (attention kept per stage)")
   teacher = config.teacher.workdir
-  if _is_hf(teacher):
+  if pretrained.is_hf_directory(teacher):
     try:
       _check_teacher(hf_checkpoint.config_from_dir(teacher))
       pretrained.check(teacher)
@@ -134,10 +134,6 @@ def validate(config) -> None:
     raise ConfigError("distill.prompt_len", "must be shorter than data.seq_len", f"< {config.data.seq_len}")
 
 
-def _is_hf(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, hf_checkpoint.CONFIG_FILE))
-
-
 def _check_teacher(cfg: GPTConfig) -> None:
   """The options a Mamba layer cannot take over from the attention it replaces (the paper's teachers, Llama and
   Mistral/Zephyr, have none of them)."""
@@ -150,7 +146,7 @@ def _check_teacher(cfg: GPTConfig) -> None:
 def load_teacher(workdir: str, data_config=None):
   """(teacher GPT, its run config, tokenizer, (train docs, eval docs)) of an lm_pretrain run, or of a Hugging Face
   checkpoint directory (its tokenizer; the documents of `data_config.train_files` / `eval_files`)."""
-  if _is_hf(workdir):
+  if pretrained.is_hf_directory(workdir):
     teacher, tok = pretrained.load_pretrained(workdir)
     _check_teacher(teacher.cfg)
     docs = tuple(pipeline.TextLineSource(data_config[key]) for key in ("train_files", "eval_files"))
