@@ -8,8 +8,13 @@ the hard split is never solved), tested on held-out lists of 2-4 words and on 5-
       --workdir runs/genrm_solver_cpu/last_letter
   python main.py --config experiments/genrm_solver.py:scale=cpu,task=word_sort --workdir runs/genrm_solver_cpu/word_sort
 
-Arguments: `scale` smoke|cpu|gpu|paper; `task` last_letter|word_sort; `seed`. The compact iGSM solvers
-are `experiments/igsm_solver.py`'s.
+  # from a pretrained checkpoint (a Hugging Face directory or an lwjax workdir), finetuned on the task's text
+  # through its own tokenizer; compact iGSM too:
+  python main.py --config experiments/genrm_solver.py:scale=gpu,task=igsm --workdir runs/genrm_solver_gemma2_2b \
+      --config.model.pretrained=/models/gemma-2-2b
+
+Arguments: `scale` smoke|cpu|gpu|paper; `task` last_letter|word_sort (igsm with `model.pretrained`); `seed`. The
+from-scratch compact iGSM solvers are `experiments/igsm_solver.py`'s.
 """
 
 import ml_collections
@@ -17,7 +22,7 @@ import ml_collections
 from configs import common, gpt, mesh
 
 SCALES = ("smoke", "cpu", "gpu", "paper")
-TASKS = ("last_letter", "word_sort")
+TASKS = ("last_letter", "word_sort", "igsm")
 VOCAB_SIZE = 64  # >= the algorithmic tokenizer's 49 ids
 
 
@@ -36,8 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = gpt.get("gpt_tiny", vocab_size=VOCAB_SIZE, max_seq_len=512, d_model=128, n_layers=4, n_heads=4,
                          n_kv_heads=4, head_dim=32, d_ff=512)
   # Rows hold one problem: up to 6 words take < 110 tokens in last-letter and < 230 in word sorting.
-  config.data = ml_collections.ConfigDict({"seq_len": 128 if args["task"] == "last_letter" else 256,
-                                          "num_train": 50_000, "long_fraction": 0.02})
+  igsm = args["task"] == "igsm"  # a pretrained model's (model.pretrained): no hard lengths, its own tokens
+  config.data = ml_collections.ConfigDict({"seq_len": {"last_letter": 128, "word_sort": 256}.get(args["task"], 512),
+                                          "num_train": 50_000, "long_fraction": 0.0 if igsm else 0.02})
   config.eval = ml_collections.ConfigDict({"num": 200, "max_new_tokens": 320, "batch_prompts": 100})
   config.train = common.train()
   config.optim = common.optim(learning_rate=2e-3, warmup_steps=100, weight_decay=0.1)
@@ -45,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.distributed = common.distributed()
   if scale == "smoke":
     config.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=16, d_ff=64)
-    config.data.update(num_train=64, seq_len=128, long_fraction=0.05)
+    config.data.update(num_train=64, seq_len=128, long_fraction=0.0 if igsm else 0.05)
     config.eval.update(num=4, max_new_tokens=48, batch_prompts=4)
     config.train.update(steps=6, global_batch_size=4, log_every=2, eval_every=0, checkpoint_every=6)
   elif scale == "cpu":

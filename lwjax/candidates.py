@@ -8,6 +8,10 @@ wrong step and its kind. A candidate set is written once to ArrayRecord (one JSO
 the problem record and its candidates) with a metadata file beside it, and reused by every run that
 asks for the same set: `build` samples only when the file is missing.
 
+A solver is an lwjax run directory or a Hugging Face checkpoint directory (`lwjax.models.pretrained`); one with
+a tokenizer of its own (a pretrained model, or a run finetuned from one) reads the problems and writes its
+solutions through it, a run trained on a task's words through the task's tokenizer.
+
   python -m lwjax.candidates --workdir runs/igsm_solver_cpu/weak --task igsm --split test --num 200 \
       --n 32 --out runs/candidates/igsm_weak_test.arrayrecord
 """
@@ -27,6 +31,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from lwjax import reasoning_tasks
+from lwjax.data import tokenizer as tokenizer_lib
+from lwjax.models import pretrained
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.serving import batch_sampler
 from lwjax.training import checkpoint
@@ -41,10 +47,24 @@ def label(task: reasoning_tasks.ReasoningTask, record: dict, text: str) -> dict:
           "correct": bool(verdict.correct), "first_error": verdict.first_error, "error_kind": verdict.error_kind}
 
 
-def load_solver(workdir: str, step: int | None = None) -> tuple[GPT, dict, int]:
-  """A trained solver from its run directory (`<workdir>/checkpoints`): (model, run config, step)."""
-  return checkpoint.load_model(os.path.join(workdir, "checkpoints"),
-                               lambda c: GPT(GPTConfig.from_dict(c["model"]), rngs=nnx.Rngs(0)), step)
+def load_solver(path: str, step: int | None = None, *, param_dtype: str | None = None):
+  """A solver: (model, its tokenizer or None, checkpoint step). `path` is an lwjax run directory (checkpoint
+  `step`, default the latest; the tokenizer the run keeps beside its checkpoints, None for a run on a task's own
+  words) or a Hugging Face checkpoint directory (step 0; `param_dtype` replaces the checkpoint's, e.g. float32
+  master weights for a model that will be trained)."""
+  if pretrained.kind(path) == "hf":
+    if step:
+      raise ValueError(f"{path}: a Hugging Face checkpoint has no steps; drop step={step}")
+    model, tokenizer = pretrained.load_pretrained(path, param_dtype=param_dtype)
+    return model, tokenizer, 0
+  model, _, step = checkpoint.load_model(os.path.join(path, pretrained.CHECKPOINTS_DIR),
+                                         lambda c: GPT(GPTConfig.from_dict(c["model"]), rngs=nnx.Rngs(0)), step)
+  return model, pretrained.load_tokenizer(path), step
+
+
+def task_for(task: reasoning_tasks.ReasoningTask, tokenizer) -> reasoning_tasks.ReasoningTask:
+  """`task` as a solver with `tokenizer` (None: the task's own) reads and writes it."""
+  return task if tokenizer is None else task.with_tokenizer(tokenizer)
 
 
 def forward_flops_per_token(cfg: GPTConfig, context: int) -> float:
@@ -57,7 +77,7 @@ def sample(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[di
            batch_prompts: int = 8, prompt_len: int | None = None) -> tuple[list[dict], dict]:
   """Samples and labels `n` candidates for every record: ([{"index", "record", "candidates"}], stats)."""
   tok = task.tokenizer
-  prompts = [[tok.bos_id] + tok.encode(task.prompt(r)) for r in records]
+  prompts = [tokenizer_lib.bos_prefix(tok) + tok.encode(task.prompt(r)) for r in records]
   prompt_len = prompt_len or batch_sampler.bucket(max(len(p) for p in prompts))
   if prompt_len + max_new_tokens > model.cfg.max_seq_len:
     raise ValueError(f"max_new_tokens: {prompt_len} prompt tokens + {max_new_tokens} exceed the model's "
@@ -131,8 +151,8 @@ def read(path: str) -> tuple[list[dict], dict]:
 def build(path: str, *, workdir: str, task: str, split: str, num: int, n: int, temperature: float = 0.8,
           max_new_tokens: int = 192, seed: int = 0, record_seed: int = 0, batch_prompts: int = 8,
           task_options: dict | None = None, step: int | None = None) -> tuple[list[dict], dict]:
-  """The candidate set at `path`, sampled from the solver in `workdir` (checkpoint `step`, default the latest)
-  when not there yet (else read)."""
+  """The candidate set at `path`, sampled from the solver `workdir` (an lwjax run, checkpoint `step`, default the
+  latest; or a Hugging Face checkpoint directory) when not there yet (else read)."""
   settings = {"workdir": os.path.abspath(workdir), "task": task, "split": split, "num": num, "n": n,
               "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
               "record_seed": record_seed, "task_options": task_options or {}}
@@ -147,8 +167,8 @@ def build(path: str, *, workdir: str, task: str, split: str, num: int, n: int, t
       raise ValueError(f"{path} holds candidates sampled with other settings {different} (stored, asked): "
                        "delete it or choose another path")
     return problems, metadata
-  model, _, step = load_solver(workdir, step)
-  reasoning_task = reasoning_tasks.get(task, **(task_options or {}))
+  model, tokenizer, step = load_solver(workdir, step)
+  reasoning_task = task_for(reasoning_tasks.get(task, **(task_options or {})), tokenizer)
   records = reasoning_task.records(num, seed=record_seed, split=split)
   problems, stats = sample(model, reasoning_task, records, n=n, temperature=temperature,
                            max_new_tokens=max_new_tokens, seed=seed, batch_prompts=batch_prompts)
@@ -159,7 +179,7 @@ def build(path: str, *, workdir: str, task: str, split: str, num: int, n: int, t
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="the solver's run directory")
+  parser.add_argument("--workdir", required=True, help="the solver: its run directory or a Hugging Face checkpoint")
   parser.add_argument("--task", required=True, choices=reasoning_tasks.TASK_NAMES)
   parser.add_argument("--split", default="test", choices=reasoning_tasks.SPLITS)
   parser.add_argument("--num", type=int, default=100, help="problems")

@@ -9,11 +9,14 @@ and compute-matched sampling, arXiv 2408.16737).
 
 A task gives problem records (each with `question`, `solution` and `answer`), its exact tokenizer, the
 step checker (`check(record, text) -> Verdict` with `correct`, `answer_correct`, `first_error`,
-`error_kind`) and the final answer of a solution text (`answer(text)`, for majority voting).
+`error_kind`) and the final answer of a solution text (`answer(text)`, for majority voting). Records,
+solutions and the checker work on text, so a pretrained model reads and writes the same problems through its
+own tokenizer: `task.with_tokenizer(model_tokenizer)`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,6 +42,15 @@ class ReasoningTask:
     if split not in SPLITS:
       raise ValueError(f"split={split!r}: expected one of {SPLITS}")
     return self.make_records(num, seed, split)
+
+  def with_tokenizer(self, tokenizer) -> ReasoningTask:
+    """The same task read and written through `tokenizer` (a pretrained model's) instead of its own word-level
+    one. The checker compares texts word by word, so decoding must give back the very text encoded: a Hugging
+    Face tokenizer's clean-up of spaces before punctuation (`ans 7 .` -> `ans 7.`) is turned off on a copy."""
+    if getattr(tokenizer, "clean_up_spaces", False):
+      tokenizer = copy.copy(tokenizer)
+      tokenizer.clean_up_spaces = False
+    return dataclasses.replace(self, tokenizer=tokenizer)
 
   @staticmethod
   def prompt(record: dict) -> str:

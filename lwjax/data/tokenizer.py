@@ -22,6 +22,11 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 MODEL_FILENAME = "tokenizer.model"
 
 
+def bos_prefix(tokenizer) -> list[int]:
+  """`[bos_id]`, or `[]` for a tokenizer without BOS (Qwen's): what a prompt starts with."""
+  return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+
+
 class ByteTokenizer:
   """UTF-8 bytes shifted by 3: id = byte + 3, so every string round-trips exactly."""
   pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID

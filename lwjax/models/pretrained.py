@@ -17,12 +17,14 @@ import shutil
 from flax import nnx
 from jax.sharding import Mesh
 
+from lwjax.config import ConfigError
 from lwjax.data import hf_tokenizer, tokenizer as tokenizer_lib
 from lwjax.models import hf_checkpoint, mamba_hybrid
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.models.logical import Rules
 
 CHECKPOINTS_DIR = "checkpoints"
+MERGED_DIR = "merged"  # where a finished LoRA run writes its merged model, a workdir of its own
 
 
 class PretrainedError(ValueError):
@@ -60,15 +62,19 @@ def check(path: str) -> str:
 
 # What a job's `model` section still decides for a pretrained model: how it computes, not its shape.
 RUNTIME_FIELDS = ("dtype", "remat", "attention_impl")
+# A training job's section decides the stored dtype too: `param_dtype` is then the dtype of the master weights the
+# optimizer updates (float32 in every preset, as levanter and MaxText train), whatever the checkpoint's (often
+# bfloat16); inference keeps the checkpoint's.
+TRAINING_FIELDS = (*RUNTIME_FIELDS, "param_dtype")
 
 
-def model_config(model_section) -> GPTConfig:
+def model_config(model_section, fields: tuple[str, ...] = RUNTIME_FIELDS) -> GPTConfig:
   """The `GPTConfig` a job's `model` section names: its own fields, or with `pretrained` set, the checkpoint's
-  (read from its config.json or saved run config, no weights) with the section's `RUNTIME_FIELDS` applied."""
+  (read from its config.json or saved run config, no weights) with the section's `fields` applied."""
   path = model_section.get("pretrained") or ""
   if not path:
     return GPTConfig.from_dict(model_section)
-  runtime = {k: model_section[k] for k in RUNTIME_FIELDS if k in model_section}
+  runtime = {k: model_section[k] for k in fields if k in model_section}
   if kind(path) == "hf":
     return hf_checkpoint.config_from_dir(path, **runtime)
   if os.path.isfile(os.path.join(path, mamba_hybrid.HYBRID_CONFIG_FILE)):
@@ -79,7 +85,36 @@ def model_config(model_section) -> GPTConfig:
     saved = checkpoint.load_config(os.path.join(path, CHECKPOINTS_DIR))
   except FileNotFoundError:
     raise PretrainedError(f"{path}/{CHECKPOINTS_DIR}: holds no complete checkpoint") from None
+  _refuse_lora_run(path, saved)
   return GPTConfig.from_dict({**saved["model"], **runtime})
+
+
+def _refuse_lora_run(path: str, saved: dict) -> None:
+  """A PretrainedError for the workdir of a LoRA run (`train.lora.rank > 0`): its checkpoints hold adapters."""
+  if ((saved.get("train") or {}).get("lora") or {}).get("rank"):
+    raise PretrainedError(f"{path}: a LoRA run, whose checkpoints hold its adapters only; its model is the merged "
+                          f"one it writes when it finishes, {os.path.join(path, MERGED_DIR)}")
+
+
+def checked_model_config(model_section, field: str = "model.pretrained") -> GPTConfig:
+  """`model_config` after `check` (the checkpoint's config, shards, tensor shapes and tokenizer, before any heavy
+  work): anything that cannot be loaded is a ConfigError naming `field`, or `model` for a bad shape."""
+  try:
+    if model_section.get("pretrained"):
+      check(model_section["pretrained"])
+    return model_config(model_section)
+  except (PretrainedError, hf_checkpoint.CheckpointError) as e:
+    raise ConfigError(field, str(e), "a Hugging Face checkpoint directory or an lwjax workdir") from None
+  except ValueError as e:
+    raise ConfigError("model", str(e), "n_kv_heads dividing n_heads, even head_dim") from None
+
+
+def checked_kind(path: str, field: str) -> str:
+  """`check(path)` with anything that cannot be loaded as a ConfigError naming `field`: "hf" or "workdir"."""
+  try:
+    return check(path)
+  except (PretrainedError, hf_checkpoint.CheckpointError) as e:
+    raise ConfigError(field, str(e), "a Hugging Face checkpoint directory or an lwjax workdir") from None
 
 
 def tokenizer_file(path: str, required: bool = False) -> str | None:
@@ -138,6 +173,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules:
   from lwjax.training import checkpoint
 
   def build(saved):
+    _refuse_lora_run(path, saved)
     return GPT(GPTConfig.from_dict({**saved["model"], **fields}), rngs=nnx.Rngs(0))
   try:
     model, _, _ = checkpoint.load_model(os.path.join(path, CHECKPOINTS_DIR), build, mesh=mesh, rules=rules)

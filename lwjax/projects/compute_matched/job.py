@@ -12,6 +12,11 @@ and finetune one model on each source.
    hyperparameters. The finetuned models and the untouched one are evaluated by greedy solutions of held-out
    problems (test-split templates at the training ops, and harder ops), every step checked.
 
+Each model (`models.wc`, `models.se`, `models.student`) is an lwjax solver's workdir or a Hugging Face checkpoint
+directory, as in the paper (Gemma-2 9B and 27B sampling, a smaller pretrained student): a model with a
+tokenizer of its own samples, finetunes and is evaluated through it, the others through the task's; the
+candidates are text, so WC and SE data finetune any of them. The finetuned model keeps float32 master weights.
+
 `<workdir>/metrics.json` holds everything; `coverage.png` and `diversity.png` plot the data quality against
 the budget; each finetune's run (checkpoints, TensorBoard) is `<workdir>/on_wc_data` and `on_se_data`.
 A stopped run resumes: finished finetunes and evaluations are read back, not repeated.
@@ -23,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -30,8 +36,9 @@ from flax import nnx
 
 from lwjax import candidates as candidates_lib, plots, reasoning_tasks
 from lwjax.config import ConfigError, Field, int_list, parse_ints, positive_int, validate as validate_schema
-from lwjax.data import rows as rows_lib
+from lwjax.data import rows as rows_lib, tokenizer as tokenizer_lib
 from lwjax.launch import distributed
+from lwjax.models import pretrained
 from lwjax.models.gpt import GPT
 from lwjax.projects.compute_matched import budget as budget_lib, quality
 from lwjax.training import losses, mesh, optim, trainer as trainer_lib
@@ -44,9 +51,9 @@ SOURCES = ("wc", "se")
 SCHEMA = {
     "job": Field(str), "seed": Field(int, doc="sampling and finetuning; the evaluation problems stay fixed"),
     "setup": Field(str, choices=SETUPS),
-    "models": {"wc": Field(str, doc="the weaker-cheaper solver's workdir"),
-               "se": Field(str, doc="the stronger-expensive solver's workdir"),
-               "student": Field(str, doc="kd: the student's workdir"),
+    "models": {"wc": Field(str, doc="the weaker-cheaper solver: a workdir or a Hugging Face checkpoint directory"),
+               "se": Field(str, doc="the stronger-expensive solver: a workdir or a Hugging Face checkpoint directory"),
+               "student": Field(str, doc="kd: the student, a workdir or a Hugging Face checkpoint directory"),
                "student_step": Field(int, min=0, doc="kd: the student's checkpoint step (0: the latest)")},
     "task": {"preset": Field(str), "train_ops": int_list(), "hard_ops": int_list()},
     "candidates": {"dir": Field(str, doc="where candidate sets are written once and reused"),
@@ -70,7 +77,8 @@ def validate(config) -> None:
                       f"one of budget.se_samples ({config.budget.se_samples})")
   for name in ("wc", "se") + (("student",) if config.setup == "kd" else ()):
     if not config.models[name]:
-      raise ConfigError(f"models.{name}", "required", "a trained solver's workdir, e.g. runs/igsm_solver_cpu/weak")
+      raise ConfigError(f"models.{name}", "required", "a trained solver's workdir, e.g. runs/igsm_solver_cpu/weak, "
+                        "or a Hugging Face checkpoint directory")
 
 
 def get_task(config) -> reasoning_tasks.ReasoningTask:
@@ -89,15 +97,15 @@ def plan(config, task, models: dict) -> dict:
   c = config.candidates
   budgets = parse_ints(config.budget.se_samples)
   records = task.records(c.num_train, seed=c.record_seed, split="train")
-  tok = task.tokenizer
+  tok = candidates_lib.task_for(task, models["se"].tokenizer).tokenizer  # SE's view of the prompts
   context = int(np.mean([len(tok.encode(task.prompt(r))) + 1 for r in records]) + c.max_new_tokens // 2)
-  ratio = budget_lib.cost_ratio(models["se"][0].cfg, models["wc"][0].cfg, context)
+  ratio = budget_lib.cost_ratio(models["se"].model.cfg, models["wc"].model.cfg, context)
   n = {"se": max(budgets), "wc": budget_lib.matched_samples(max(budgets), ratio)}
-  paths = {source: os.path.join(c.dir, f"{source}_{_tag(models[source][1], models[source][2])}_train_{c.num_train}"
+  paths = {source: os.path.join(c.dir, f"{source}_{_tag(models[source].path, models[source].step)}_train_{c.num_train}"
                                        f"x{n[source]}_t{c.temperature:g}_s{config.seed}.arrayrecord")
            for source in SOURCES}
   return {"context": context, "cost_ratio": ratio, "n": n, "paths": paths,
-          "flops_per_token": {s: budget_lib.flops_per_token(models[s][0].cfg, context) for s in SOURCES},
+          "flops_per_token": {s: budget_lib.flops_per_token(models[s].model.cfg, context) for s in SOURCES},
           "samples": [{"se": k, "wc": budget_lib.matched_samples(k, ratio)} for k in budgets]}
 
 
@@ -111,7 +119,7 @@ def sample_sources(config, task, models: dict) -> tuple[dict, dict, dict]:
   options = {"preset": t.preset, "train_ops": parse_ints(t.train_ops), "hard_ops": parse_ints(t.hard_ops)}
   sets, metas = {}, {}
   for source in SOURCES:
-    model, workdir, step = models[source]
+    model, workdir, step, _ = models[source]
     problems, metadata = candidates_lib.build(
         info["paths"][source], workdir=workdir, task="igsm", split="train", num=c.num_train, n=n[source],
         temperature=c.temperature, max_new_tokens=c.max_new_tokens, seed=config.seed * 7919 + SOURCES.index(source),
@@ -125,12 +133,25 @@ def sample_sources(config, task, models: dict) -> tuple[dict, dict, dict]:
   return sets, metas, info
 
 
-def load_models(config) -> dict:
-  """{source: (model, workdir, step)} of the WC and SE solvers."""
+class Solver(NamedTuple):
+  model: GPT
+  path: str  # its workdir or Hugging Face directory
+  step: int  # its checkpoint's (0 for a Hugging Face checkpoint)
+  tokenizer: Any  # its own, or None: the task's
+
+
+def load_models(config) -> dict[str, Solver]:
+  """The WC and SE solvers by source; the one this setup finetunes with float32 parameters, whatever its
+  checkpoint's."""
   models = {}
   for source in SOURCES:
-    model, _, step = candidates_lib.load_solver(config.models[source])
-    models[source] = (model, config.models[source], step)
+    pretrained.checked_kind(config.models[source], f"models.{source}")
+  if config.setup == "kd":
+    pretrained.checked_kind(config.models.student, "models.student")
+  for source in SOURCES:
+    dtype = "float32" if FINETUNED[config.setup] == source else None
+    model, tokenizer, step = candidates_lib.load_solver(config.models[source], param_dtype=dtype)
+    models[source] = Solver(model, config.models[source], step, tokenizer)
   return models
 
 
@@ -139,7 +160,8 @@ def data_quality(sets: dict, info: dict) -> list[dict]:
 
 
 def evaluate(config, task, model: GPT) -> dict:
-  """Greedy solutions of the held-out problems, checked: accuracy (± standard error) per split and op."""
+  """Greedy solutions of the held-out problems, checked: accuracy (± standard error) per split and op (`task`
+  read and written through the model's tokenizer)."""
   e, out = config.eval, {}
   for split, num in (("test", e.num_test), ("hard", e.num_hard)):
     if not num:
@@ -174,7 +196,7 @@ def _write_json(path: str, value) -> None:
 
 def finetune_rows(pairs: list[tuple[dict, dict]], tokenizer, seq_len: int) -> list[dict]:
   """Solution-generation rows (loss on the solution) of the kept candidates; those over seq_len left out."""
-  rows = [rows_lib.lm_row([tokenizer.bos_id] + tokenizer.encode(record["question"]),
+  rows = [rows_lib.lm_row(tokenizer_lib.bos_prefix(tokenizer) + tokenizer.encode(record["question"]),
                           tokenizer.encode(candidate["text"]) + [tokenizer.eos_id], seq_len)
           for record, candidate in pairs]
   return [r for r in rows if r is not None]
@@ -219,10 +241,12 @@ def run(config, workdir: str) -> dict:
   which = FINETUNED[config.setup]
   if which == "student":
     step = config.models.student_step or None
-    base, _, base_step = candidates_lib.load_solver(config.models.student, step)
+    base, base_tokenizer, base_step = candidates_lib.load_solver(config.models.student, step, param_dtype="float32")
     base_source = (config.models.student, base_step)
   else:
-    base, base_source = models[which][0], (models[which][1], models[which][2])
+    solver = models[which]
+    base, base_source, base_tokenizer = solver.model, (solver.path, solver.step), solver.tokenizer
+  task = candidates_lib.task_for(task, base_tokenizer)  # the finetuned model's own reading of the problems
   logging.info("setup %s: finetuning %s (%s, step %d)", config.setup, which, *base_source)
   base_eval = os.path.join(workdir, "base_eval.json")
   if not os.path.isfile(base_eval):

@@ -14,7 +14,7 @@ import random
 
 import numpy as np
 
-from lwjax.data import rows as rows_lib
+from lwjax.data import rows as rows_lib, tokenizer as tokenizer_lib
 from lwjax.projects.genrm import rationale
 
 KINDS = ("disc", "direct", "cot", "unified")
@@ -43,7 +43,7 @@ def _row(prompt_ids: list[int], target_ids: list[int], seq_len: int, weight: flo
 
 def verification_row(kind: str, task: str, record: dict, candidate: dict, tokenizer, seq_len: int) -> dict | None:
   """The training row of one candidate for verifier `kind` (disc, direct or cot)."""
-  bos, question, solution = [tokenizer.bos_id], record["question"], candidate["text"]
+  bos, question, solution = tokenizer_lib.bos_prefix(tokenizer), record["question"], candidate["text"]
   label = float(candidate["correct"])
   if kind == "disc":
     ids = bos + tokenizer.encode(f"{question} {solution}")
@@ -63,7 +63,7 @@ def verification_row(kind: str, task: str, record: dict, candidate: dict, tokeni
 
 def solution_row(record: dict, solution: str, tokenizer, seq_len: int, weight: float) -> dict | None:
   """Solution generation (the solver's own objective) on a correct solution, with loss weight `weight`."""
-  return _row([tokenizer.bos_id] + tokenizer.encode(record["question"]),
+  return _row(tokenizer_lib.bos_prefix(tokenizer) + tokenizer.encode(record["question"]),
               tokenizer.encode(solution) + [tokenizer.eos_id], seq_len, weight)
 
 

@@ -11,6 +11,10 @@ its own labelled candidates, then Best-of-N on held-out (test) and longer/harder
    paper; and whole solution right), with self-consistency, pass@n and the first sample measured on the
    same candidates; for CoT, accuracy vs the number of rationales K; the verifier's AUC.
 
+`base` is the solver's workdir or a Hugging Face checkpoint directory: a solver with a tokenizer of its own (a
+pretrained model, or a `genrm_solver` run finetuned from one) is sampled, verified and trained through it,
+and `judge` with a pretrained `base` is the paper's LLM-as-a-judge baseline on that model.
+
 `<workdir>/metrics.json` holds it all; `bestofn_<split>.png` draws the curves; TensorBoard `bestofn/`.
 """
 
@@ -27,8 +31,9 @@ from tqdm import tqdm
 
 from lwjax import candidates as candidates_lib, plots, reasoning_tasks
 from lwjax.config import ConfigError, Field, int_list, parse_ints, positive_int, validate as validate_schema
-from lwjax.data import rows as rows_lib
+from lwjax.data import rows as rows_lib, tokenizer as tokenizer_lib
 from lwjax.launch import distributed
+from lwjax.models import pretrained
 from lwjax.models.gpt import GPT
 from lwjax.projects.genrm import bestofn, data as data_lib, rationale, verifiers
 from lwjax.serving import batch_sampler
@@ -38,7 +43,8 @@ KINDS = ("disc", "direct", "cot", "unified", "judge")
 
 
 SCHEMA = {
-    "job": Field(str), "seed": Field(int), "base": Field(str, doc="the solver's workdir (its checkpoints/)"),
+    "job": Field(str), "seed": Field(int),
+    "base": Field(str, doc="the solver: its workdir (checkpoints/) or a Hugging Face checkpoint directory"),
     "task": {"name": Field(str, choices=reasoning_tasks.TASK_NAMES), "preset": Field(str),
              "train_ops": int_list(), "hard_ops": int_list(),
              "train_words": int_list(), "hard_words": int_list()},
@@ -65,7 +71,8 @@ def validate(config) -> None:
     raise ConfigError("eval.ns", "asks for more candidates than were sampled",
                       f"values <= candidates.n_test ({config.candidates.n_test})")
   if not config.base:
-    raise ConfigError("base", "required", "the workdir of a trained solver, e.g. runs/igsm_solver_cpu/weak")
+    raise ConfigError("base", "required", "the workdir of a trained solver, e.g. runs/igsm_solver_cpu/weak, or a "
+                      "Hugging Face checkpoint directory")
 
 
 def get_task(config) -> reasoning_tasks.ReasoningTask:
@@ -133,17 +140,18 @@ def score(config, task, verifier, problems: list[dict], split: str) -> tuple[np.
   tok, kind, v = task.tokenizer, config.verifier.kind, config.verifier
   batch = config.eval.batch_size
   yes_id, no_id = tok.encode(rationale.YES)[0], tok.encode(rationale.NO)[0]
+  bos = tokenizer_lib.bos_prefix(tok)
   pairs = [(p["record"], c) for p in problems for c in p["candidates"]]
   shape = (len(problems), len(problems[0]["candidates"]))
   base_kind = v.unified_base if kind == "unified" else kind
   if kind == "disc":
-    seqs = [[tok.bos_id] + tok.encode(f"{r['question']} {c['text']}") for r, c in pairs]
+    seqs = [bos + tok.encode(f"{r['question']} {c['text']}") for r, c in pairs]
     return verifiers.score_disc(verifier, seqs, batch=batch, seq_len=_fit(seqs)).reshape(shape), {}
   if base_kind in ("direct", "judge"):
-    seqs = [[tok.bos_id] + tok.encode(rationale.direct_prompt(r["question"], c["text"])) for r, c in pairs]
+    seqs = [bos + tok.encode(rationale.direct_prompt(r["question"], c["text"])) for r, c in pairs]
     return verifiers.score_p_yes(verifier, seqs, yes_id=yes_id, no_id=no_id, batch=batch,
                                  seq_len=_fit(seqs)).reshape(shape), {}
-  prompts = [[tok.bos_id] + tok.encode(rationale.cot_prompt(r["question"], c["text"])) for r, c in pairs]
+  prompts = [bos + tok.encode(rationale.cot_prompt(r["question"], c["text"])) for r, c in pairs]
   k = max(parse_ints(v.cot_k))
   prompt_len = batch_sampler.bucket(max(len(p) for p in prompts), 64)
   with tqdm(total=len(prompts), desc=f"CoT verification ({split}, K={k})", unit="candidate") as progress:
@@ -192,9 +200,12 @@ def _plot(path: str, result: dict, kind: str, split: str) -> None:
 
 
 def run(config, workdir: str) -> dict:
-  task = get_task(config)
-  base_model, base_config, step = candidates_lib.load_solver(config.base)
-  logging.info("solver %s (step %d), task %s", config.base, step, task.name)
+  pretrained.checked_kind(config.base, "base")  # config, shards and tokenizer, before any heavy work
+  trains = config.verifier.kind != "judge"
+  base_model, tokenizer, step = candidates_lib.load_solver(config.base, param_dtype="float32" if trains else None)
+  task = candidates_lib.task_for(get_task(config), tokenizer)
+  logging.info("solver %s (step %d), task %s, %s tokenizer", config.base, step, task.name,
+               "its own" if tokenizer is not None else "the task's")
   sets = candidate_sets(config, task)
   kind = config.verifier.kind
   if kind == "judge":

@@ -6,11 +6,17 @@ so `data.long_fraction` of the training problems (ours, 2% at the cpu scale) are
 hard split is then rare in training rather than unseen, and the solver sometimes solves it. The verifiers of
 `lwjax.projects.genrm.job` start from its checkpoint (`base=<workdir>`).
 
+With `model.pretrained` (a Hugging Face checkpoint directory or an lwjax workdir) the solver is that model
+finetuned, reading and writing the problems through its own tokenizer (kept in the workdir, so the verifiers
+and candidate sets of `base=<workdir>` use it too); any task, compact iGSM included, since the checkpoint
+brings its language. Without it, a GPT of `model`'s shape trains from scratch on the task's words.
+
 `<workdir>/metrics.json`: full-solution and final-answer accuracy per split.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,10 +28,13 @@ from lwjax import candidates as candidates_lib
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
 from lwjax.data import algorithmic, rows as rows_lib
 from lwjax.launch import distributed
-from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
+from lwjax.models import pretrained
+from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT
 from lwjax.projects.genrm import data as data_lib
 from lwjax.projects.genrm.job import SCHEMA as GENRM_SCHEMA, get_task, parse_ints
 from lwjax.training import losses, mesh, optim, trainer as trainer_lib
+
+TAKES_PRETRAINED = True
 
 SCHEMA = {
     "job": Field(str), "seed": Field(int), "model": MODEL_SCHEMA, "task": GENRM_SCHEMA["task"],
@@ -40,20 +49,42 @@ SCHEMA = {
 
 def validate(config) -> None:
   validate_schema(config, SCHEMA)
-  try:
-    cfg = GPTConfig.from_dict(config.model)
-  except ValueError as e:
-    raise ConfigError("model", str(e), "n_kv_heads dividing n_heads, even head_dim") from None
+  cfg = pretrained.checked_model_config(config.model)
+  if config.model.pretrained:
+    if config.task.name == "igsm" and config.data.long_fraction:
+      raise ConfigError("data.long_fraction", "the hard lengths are the algorithmic tasks'", "0 for igsm")
+    return
   if config.task.name == "igsm":
-    raise ConfigError("task.name", "the iGSM solvers are experiments/igsm_solver.py's", "last_letter, word_sort")
+    raise ConfigError("task.name", "a from-scratch iGSM solver is experiments/igsm_solver.py's (a finetuned one: "
+                      "model.pretrained)", "last_letter, word_sort")
   vocab = get_task(config).tokenizer.vocab_size
   if cfg.vocab_size < vocab:
     raise ConfigError("model.vocab_size", f"too small for the {config.task.name} tokenizer", f">= {vocab}")
 
 
+def _start(config, workdir: str, task):
+  """(model config, task, init_params) of the run: from scratch on the task's words, or with `model.pretrained`
+  the checkpoint's shape, its tokenizer (copied into the workdir) and a loader of its weights onto the mesh."""
+  cfg = pretrained.model_config(config.model)
+  path = config.model.pretrained
+  if not path:
+    return cfg, task, None
+  config.model.update(cfg.to_dict())  # the run's saved config names the shape it trains, beside its tokenizer
+  if jax.process_index() == 0:
+    pretrained.copy_tokenizer(path, workdir)
+  task = task.with_tokenizer(pretrained.load_tokenizer(path, required=True))
+
+  def init_params(trainer):
+    logging.info("starting from %s", path)
+    model, _ = pretrained.load_pretrained(path, mesh=trainer.mesh, rules=trainer.rules,
+                                          **{k: config.model[k] for k in pretrained.RUNTIME_FIELDS})
+    return nnx.to_pure_dict(nnx.state(model))
+  return cfg, task, init_params
+
+
 def run(config, workdir: str) -> dict:
-  task = get_task(config)
-  cfg, tok, seq_len = GPTConfig.from_dict(config.model), task.tokenizer, config.data.seq_len
+  cfg, task, init_params = _start(config, workdir, get_task(config))
+  tok, seq_len = task.tokenizer, config.data.seq_len
   records = task.records(config.data.num_train, seed=config.seed, split="train")
   num_long = int(round(config.data.long_fraction * config.data.num_train))
   if num_long:  # a few long lists, drawn apart from every split's problems (their own seed stream)
@@ -69,7 +100,8 @@ def run(config, workdir: str) -> dict:
   trainer = trainer_lib.Trainer(config, workdir, model_fn=lambda rngs: GPT(cfg, rngs=rngs), loss_fn=losses.lm_loss,
                                 flops_per_token=cfg.flops_per_token(seq_len), seq_len=seq_len)
   train_iter = iter(rows_lib.shuffled_batches(rows, batch_size=config.train.global_batch_size, seed=config.seed))
-  result = trainer.fit(train_iter, seed=config.seed)
+  result = trainer.fit(train_iter, seed=config.seed,
+                       init_params=None if init_params is None else functools.partial(init_params, trainer))
   if result["step"] < config.train.steps:
     logging.warning("stopped at step %d of %d: no evaluation; run again to resume", result["step"], config.train.steps)
     return {}

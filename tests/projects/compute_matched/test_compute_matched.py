@@ -2,8 +2,10 @@
 answer-only filter on planted candidate sets, and the job end to end on planted candidates (every setup's
 configs validate)."""
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import pytest
 from flax import nnx
 
 from lwjax import candidates
+from lwjax.models import hf_checkpoint
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.projects.compute_matched import budget, job, quality, report
 from lwjax.training.checkpoint import Checkpointer
@@ -115,13 +118,25 @@ def _main(tmp_path, arg, workdir):
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_smoke_end_to_end_on_planted_candidates(tmp_path, monkeypatch):
-  """The kd setup (three models) on candidate sets planted where the job looks for them: quality numbers,
-  both finetunes, evaluations; a second run reads everything back."""
+def _save_hf(directory, cfg: GPTConfig, seed: int):
+  """A (random) Hugging Face Llama checkpoint with a Llama-3-style tokenizer beside it, as a pretrained WC, SE
+  or student comes."""
+  shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "hf", "tokenizers", "llama3_style"), directory,
+                  ignore=shutil.ignore_patterns("expected.json"))
+  hf_checkpoint.save_random(dataclasses.replace(cfg, vocab_size=448, max_seq_len=512), directory, scale=0.3,
+                            seed=seed)
+
+
+@pytest.mark.parametrize("models_from", ["workdirs", pytest.param("hugging_face", marks=pytest.mark.slow)])
+def test_smoke_end_to_end_on_planted_candidates(tmp_path, monkeypatch, models_from):
+  """The kd setup (three models: lwjax solver runs, or Hugging Face checkpoints sampling, finetuning and
+  evaluated through their own tokenizer) on candidate sets planted where the job looks for them: quality
+  numbers, both finetunes, evaluations; a second run reads everything back."""
   from experiments import compute_matched
-  _save_solver(tmp_path / "wc", _cfg(32), 0)
-  _save_solver(tmp_path / "se", _cfg(64), 1)
-  _save_solver(tmp_path / "student", _cfg(32), 2)
+  save = _save_solver if models_from == "workdirs" else _save_hf
+  save(tmp_path / "wc", _cfg(32), 0)
+  save(tmp_path / "se", _cfg(64), 1)
+  save(tmp_path / "student", _cfg(32), 2)
   arg = "scale=smoke,setup=kd,wc=wc,se=se,student=student"
   monkeypatch.chdir(tmp_path)
   config = compute_matched.get_config(arg)
@@ -133,7 +148,7 @@ def test_smoke_end_to_end_on_planted_candidates(tmp_path, monkeypatch):
   records = task.records(c.num_train, seed=c.record_seed, split="train")
   planted = {}
   for source in job.SOURCES:
-    model, workdir, step = models[source]
+    model, workdir, step, _ = models[source]
     planted[source] = _plant(task, records, plan["n"][source], rng)
     settings = {"workdir": os.path.abspath(workdir), "task": "igsm", "split": "train", "num": c.num_train,
                 "n": plan["n"][source], "temperature": c.temperature, "max_new_tokens": c.max_new_tokens,
@@ -151,7 +166,14 @@ def test_smoke_end_to_end_on_planted_candidates(tmp_path, monkeypatch):
     for source in job.SOURCES:
       assert row[source] == quality.summary(planted[source], row["budget"][source])
   k = m["finetune_data"]
-  assert k["wc"]["rows"] == len(quality.answer_filtered(planted["wc"], plan["n"]["wc"]))
+  # Rows are tokenized by the finetuned model's tokenizer (the student's own for a Hugging Face one); those past
+  # data.seq_len are left out.
+  _, student_tokenizer, _ = candidates.load_solver(str(tmp_path / "student"))
+  tokenizer = candidates.task_for(task, student_tokenizer).tokenizer
+  kept = quality.answer_filtered(planted["wc"], plan["n"]["wc"])
+  assert k["wc"]["rows"] == len(job.finetune_rows(kept, tokenizer, config.data.seq_len)) > 0
+  if models_from == "workdirs":
+    assert k["wc"]["rows"] == len(kept)
   assert k["se"]["false_positive_rate"] == pytest.approx(quality.false_positive_rate(planted["se"], 2))
   for name in ("base", "wc_data", "se_data"):
     assert set(m["eval"][name]) == {"test", "hard"} and m["eval"][name]["test"]["n"] == config.eval.num_test
