@@ -147,13 +147,13 @@ class Trainer:
 
   def state_from_params(self, params) -> dict:
     """A step-0 train state holding `params` (placed in the parameter shardings) and a new optimizer state."""
-    shardings = self.state_shardings
-    # A copy: the train step donates its state, and `params` may share buffers with arrays the caller keeps
-    # (a teacher whose embeddings the student starts from, a base model).
-    params = jax.device_put(params, shardings["params"], may_alias=False)
-    opt_state = jax.jit(self.tx.init, out_shardings=shardings["opt_state"])(params)
-    return {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]), "params": params,
-            "opt_state": opt_state}
+    # The train step donates its state, and `params` may share buffers with arrays the caller keeps (a teacher
+    # whose embeddings the student starts from, also placed as the `reference`; a base model), so the state
+    # holds a copy made on the devices: `device_put(..., may_alias=False)` does not copy when it reshards (jax
+    # 0.10: a single-device array put on a replicated mesh sharding keeps the source buffer as device 0's shard).
+    placed = jax.device_put(params, self.state_shardings["params"])
+    return jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": jax.tree.map(jnp.copy, p),
+                              "opt_state": self.tx.init(p)}, out_shardings=self.state_shardings)(placed)
 
   def _call_loss(self, params, batch, reference):
     model = nnx.merge(self.graphdef, params)

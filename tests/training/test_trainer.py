@@ -4,6 +4,7 @@ import importlib
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -114,6 +115,20 @@ def test_fit_starts_a_finetune_from_given_params_and_calls_the_eval_hook(tmp_pat
   first = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
            if json.loads(line)["split"] == "train"][0]
   np.testing.assert_allclose(first["loss"], expected, rtol=1e-5)
+
+
+def test_state_from_params_copies_arrays_the_caller_keeps_onto_a_replicated_mesh():
+  """The train step donates its state: a start whose arrays the caller keeps (a teacher's, also the reference)
+  must not lend them to it, though `device_put(may_alias=False)` keeps device 0's buffer when it reshards."""
+  config = _config(mesh_shape=(8, 1, 1))
+  model_cfg = GPTConfig.from_dict(config.model)
+  trainer = Trainer(config, "/tmp/unused", model_fn=lambda rngs: GPT(model_cfg, rngs=rngs), loss_fn=losses.lm_loss)
+  start = jax.tree.map(lambda a: jnp.full(a.shape, 0.5, a.dtype), trainer.abstract_state["params"])  # on device 0
+  kept = {leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(start)}
+  state = trainer.state_from_params(start)
+  placed = {shard.data.unsafe_buffer_pointer() for leaf in jax.tree.leaves(state) for shard in leaf.addressable_shards}
+  assert not kept & placed
+  np.testing.assert_array_equal(jax.device_get(state["params"]["embed"]), jax.device_get(start["embed"]))
 
 
 def test_frozen_parameters_keep_their_values_and_the_reference_model_reaches_the_loss():

@@ -125,3 +125,19 @@ def test_smoke_distillation_from_a_hugging_face_teacher(tmp_path):
   results = json.loads((tmp_path / "run" / "metrics.json").read_text())["results"]
   assert set(results) == {"teacher", "stage0_attention0.5", "stage1_attention0", "sft"}
   assert results["teacher"]["teacher_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_a_distillation_stage_trains_on_a_mesh_of_eight_devices(tmp_path):
+  """The stage's start shares the teacher's arrays (embeddings, norms, MLPs, attention), which are also the
+  reference every step reads: on a mesh the donated state must hold copies of them, not device 0's buffers."""
+  config = _hf_teacher(tmp_path)
+  config.hybrid.schedule = "0.5"
+  config.mesh.shape.update(data=2, fsdp=2, tensor=2)
+  config.data.update(num_train_docs=8, num_eval_docs=8)
+  config.distill.update(num_sequences=8, steps=2)
+  config.sft.steps = 0
+  metrics = job.run(config, str(tmp_path / "run"))
+  results = metrics["results"]
+  assert set(results) == {"teacher", "stage0_attention0.5"} and results["stage0_attention0.5"]["mamba_layers"] == [0]
+  assert results["teacher"]["teacher_agreement"] == 1.0 and np.isfinite(results["stage0_attention0.5"]["loss"])
