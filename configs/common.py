@@ -1,4 +1,4 @@
-"""Config groups every training experiment shares: train loop, optimizer, distributed start-up."""
+"""Config groups every training experiment shares: train loop, LoRA, optimizer, distributed start-up."""
 
 import ml_collections
 
@@ -8,6 +8,14 @@ def train(**overrides) -> ml_collections.ConfigDict:
       "steps": 1000, "global_batch_size": 32, "grad_accum_steps": 1, "log_every": 50, "eval_every": 500,
       "eval_steps": 10, "checkpoint_every": 500, "keep_checkpoints": 3, "async_checkpointing": True,
   })
+  config.update(overrides)
+  return config
+
+
+def lora(**overrides) -> ml_collections.ConfigDict:
+  """`train.lora` (lwjax.training.lora): off at rank 0. The targets are PEFT's default for Llama-style models and
+  the paper's choice at a fixed budget (Hu et al. 2021, Section 7.1): the query and value projections."""
+  config = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "targets": "wq,wv"})
   config.update(overrides)
   return config
 

@@ -8,6 +8,9 @@
 
 Arguments: `scale` in smoke|cpu|gpu|paper, `model` a preset of configs/gpt.py (default per scale).
 Overrides: `--config.train.steps=100`, `--config.mesh.shape.fsdp=4`, ...
+From a checkpoint: `--config.model.pretrained=PATH` (a Hugging Face directory or an lwjax workdir) finetunes all its
+weights in `--config.model.param_dtype` (default float32); add `--config.train.lora.rank=8` (and `.alpha`, `.targets`)
+to train LoRA adapters instead, the merged model written to `<workdir>/merged`.
 The smoke and cpu scales train on a generated corpus (lwjax.data.corpus) that the run writes into its
 workdir; the cpu scale's eval loss lands far below the unigram cross-entropy of the held-out text.
 """
@@ -33,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "text_key": "text", "tokenizer": "sentencepiece", "tokenizer_path": "", "seq_len": 128,
       "shuffle_seed": 0, "num_shards": 0,
   })
-  config.train = common.train()
+  config.train = common.train(lora=common.lora())
   config.optim = common.optim()
   config.mesh = mesh.get()
   config.distributed = common.distributed()

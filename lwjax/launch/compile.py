@@ -87,9 +87,11 @@ def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
   abstract_batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
                     for name, (shape, dtype) in step.batch.items()}
   with kernels.target_platform("tpu"):  # "auto" kernels as on the TPU (the Pallas flash attention), not the host's
-    lowered = trainer.jitted_train_step.lower(trainer.abstract_state, abstract_batch, trainer.reference)
+    lowered = trainer.jitted_train_step.lower(trainer.abstract_state, abstract_batch, trainer.base,
+                                              trainer.reference)
   peak_flops, bandwidth = CHIP_PEAKS[slice_.generation.name]
-  num_params = int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(trainer.abstract_state["params"])))
+  model_params = trainer.abstract_state["params"] if trainer.base is None else trainer.base  # LoRA: the base's
+  num_params = int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(model_params)))
   hbm = slice_.generation.hbm_gib * 2**30
   base = {"slice": slice_.describe(), "mesh": dict(trainer.mesh.shape), "parameters": num_params,
           "global_batch": config.train.global_batch_size, "batch": step.batch_text,

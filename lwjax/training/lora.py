@@ -1,7 +1,8 @@
 """LoRA adapters over a params pytree (Hu et al. 2021, arXiv 2106.09685; the LoRA arm of Physics of LMs 2.2, Result 7).
 
 A pure transform: the base params stay frozen and outside the optimizer; the trainable pytree holds one
-(a, b) pair per adapted weight, and the forward uses `merge(base, adapters)`, i.e. W + (alpha / rank) a b:
+(a, b) pair per adapted weight, nested like the params ({"layers": {0: {"attn": {"wq": {"a", "b"}}}}}), and the
+forward uses `merge(base, adapters)`, i.e. W + (alpha / rank) a b:
 
   adapters = lora.init(base, config, key)              # b = 0: the model is unchanged at the start
   loss = lambda ad: loss_fn(nnx.merge(graphdef, lora.merge(base, ad, config)), batch)
@@ -9,9 +10,12 @@ A pure transform: the base params stay frozen and outside the optimizer; the tra
   serving_params = lora.merge(base, adapters, config)   # one plain pytree, same shapes as `base`
 
 The GPT's weights keep their head axes (wq [d, h, k], wo [h, k, d]), so `a` covers a weight's input axes
-and `b` its output axes: wq/wk/wv and the MLP take one input axis, wo two ([h, k] is its input).
+and `b` its output axes: wq/wk/wv and the MLP take one input axis, wo two ([h, k] is its input). Each factor
+takes the logical axes of the axes it covers (the rank axis is replicated), so `a b` comes out sharded like W.
 Materialising W + s a b costs d_in * d_out * rank per weight and step, small next to the matmuls over a
-batch of tokens, and keeps the model code free of adapter logic.
+batch of tokens, and keeps the model code free of adapter logic; the price is that the backward still forms
+the weight gradient of each adapted W (x^T dy) before projecting it onto a and b, where a factored forward
+(x a) b would not. No LoRA dropout: it acts on the input of `a`, which the merged form has no place for.
 """
 
 from __future__ import annotations
@@ -23,16 +27,23 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from lwjax.config import Field, positive_int
+from lwjax.config import Field, non_negative_int
 
 TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 _INPUT_AXES = {"wo": 2}  # input axes of a weight when not 1
 
+
+def _check_targets(value: str) -> str | None:
+  names = value.split(",")
+  if not value or not set(names) <= set(TARGETS) or len(set(names)) != len(names):
+    return f"{value!r} is not a comma-separated list of distinct weights of {TARGETS}"
+  return None
+
+
 SCHEMA = {
-    "rank": positive_int(),
+    "rank": non_negative_int("adapter rank r; 0 = off (all weights train)"),
     "alpha": Field(float, min=0.0, doc="the update is scaled by alpha / rank"),
-    "targets": Field(str, check=lambda v: None if v and set(v.split(",")) <= set(TARGETS) else
-                     f"{v!r} names a weight outside the targets", doc="comma-separated: " + ",".join(TARGETS)),
+    "targets": Field(str, check=_check_targets, doc="comma-separated: " + ",".join(TARGETS)),
 }
 
 
@@ -56,28 +67,49 @@ class LoRAConfig:
     return cls(rank=d["rank"], alpha=float(d["alpha"]), targets=tuple(d["targets"].split(",")))
 
 
-def _key(path: tuple) -> str:
-  return "/".join(str(k) for k in path)
+def from_section(section) -> LoRAConfig | None:
+  """The LoRA of a config group with `SCHEMA`'s keys (e.g. `train.lora`); None when absent or rank 0."""
+  if section is None or not section["rank"]:
+    return None
+  return LoRAConfig.from_dict(section)
 
 
-def init(params, config: LoRAConfig, key: jax.Array) -> dict[str, dict[str, jax.Array]]:
-  """Adapters {"layers/0/attn/wq": {"a": [*in, r], "b": [r, *out]}} for every targeted weight of `params`;
-  `a` ~ N(0, 1 / fan_in) and `b` = 0, in float32."""
-  adapters = {}
-  flat = traverse_util.flatten_dict(params)
-  targeted = [path for path in flat if path[-1] in config.targets]
+def _targeted(params, config: LoRAConfig) -> list[tuple]:
+  """Paths (tuples of dict keys) of the weights of `params` that `config` adapts, in flatten order."""
+  targeted = [path for path in traverse_util.flatten_dict(params) if path[-1] in config.targets]
   if not targeted:
     raise ValueError(f"no weight of the params is named one of {config.targets}")
-  for path, k in zip(targeted, jax.random.split(key, len(targeted)), strict=False):
-    w = flat[path]
-    n_in = _INPUT_AXES.get(path[-1], 1)
-    in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
-    fan_in = math.prod(in_shape)
-    adapters[_key(path)] = {
-        "a": jax.random.normal(k, (*in_shape, config.rank), jnp.float32) * fan_in ** -0.5,
-        "b": jnp.zeros((config.rank, *out_shape), jnp.float32),
-    }
-  return adapters
+  return targeted
+
+
+def _split(path: tuple, shape: tuple) -> tuple[tuple, tuple]:
+  """(input axes, output axes) of the weight at `path`."""
+  n_in = _INPUT_AXES.get(path[-1], 1)
+  return shape[:n_in], shape[n_in:]
+
+
+def init(params, config: LoRAConfig, key: jax.Array) -> dict:
+  """Adapters {"a": [*in, r], "b": [r, *out]} at the path of every targeted weight of `params` (only the shapes
+  are read: abstract params do); `a` ~ N(0, 1 / fan_in) and `b` = 0, in float32."""
+  flat = traverse_util.flatten_dict(params)
+  targeted = _targeted(params, config)
+  adapters = {}
+  for path, k in zip(targeted, jax.random.split(key, len(targeted)), strict=True):
+    in_shape, out_shape = _split(path, flat[path].shape)
+    adapters[path + ("a",)] = jax.random.normal(k, (*in_shape, config.rank), jnp.float32) * math.prod(in_shape) ** -0.5
+    adapters[path + ("b",)] = jnp.zeros((config.rank, *out_shape), jnp.float32)
+  return traverse_util.unflatten_dict(adapters)
+
+
+def logical_axes(param_axes, config: LoRAConfig) -> dict:
+  """The adapters' logical axes from the params' (a tree of axis-name tuples shaped like the params): `a` takes
+  the weight's input axes, `b` its output axes, the rank axis none (replicated)."""
+  flat = traverse_util.flatten_dict(param_axes)
+  axes = {}
+  for path in _targeted(param_axes, config):
+    in_axes, out_axes = _split(path, tuple(flat[path]))
+    axes[path + ("a",)], axes[path + ("b",)] = (*in_axes, None), (None, *out_axes)
+  return traverse_util.unflatten_dict(axes)
 
 
 def delta(adapter: dict[str, jax.Array], config: LoRAConfig) -> jax.Array:
@@ -89,13 +121,12 @@ def merge(params, adapters: dict, config: LoRAConfig):
   """`params` with each adapted weight replaced by W + (alpha / rank) a b (in W's dtype); the whole base is a
   constant (stop_gradient), so gradients flow to the adapters only."""
   flat = {path: jax.lax.stop_gradient(w) for path, w in traverse_util.flatten_dict(params).items()}
-  names = {_key(path): path for path in flat}
-  missing = set(adapters) - set(names)
-  if missing:
-    raise ValueError(f"adapters for weights the params lack: {sorted(missing)}")
-  for name, adapter in adapters.items():
-    w = flat[names[name]]
-    flat[names[name]] = (w.astype(jnp.float32) + delta(adapter, config)).astype(w.dtype)
+  pairs = traverse_util.flatten_dict(adapters, is_leaf=lambda _, node: set(node) == {"a", "b"})
+  if missing := set(pairs) - set(flat):
+    raise ValueError(f"adapters for weights the params lack: {sorted(map(str, missing))}")
+  for path, adapter in pairs.items():
+    w = flat[path]
+    flat[path] = (w.astype(jnp.float32) + delta(adapter, config)).astype(w.dtype)
   return traverse_util.unflatten_dict(flat)
 
 

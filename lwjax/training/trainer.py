@@ -4,6 +4,11 @@ State is built as `eval_shape -> shardings -> jit(init, out_shardings)` (big_vis
 jitted with explicit in/out shardings and donates the old state. Gradient accumulation scans over
 micro-batches and normalises by the total loss weight, so any accumulation or sharding gives the same
 update. SIGTERM/SIGINT checkpoint and exit cleanly; a run restarted in the same workdir resumes exactly.
+
+With `train.lora.rank > 0` the state holds LoRA adapters (`lwjax.training.lora`) instead of the model's
+parameters: the base is a frozen input of every step (no gradients, no optimizer state, never donated), read
+again when a run resumes, since the checkpoints hold the adapters only; a finished run writes the merged model
+to `<workdir>/merged`, a workdir `lwjax.models.load_pretrained` reads.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lwjax.config import Field, non_negative_int, positive_int
+from lwjax.config import DefaultedGroup, Field, non_negative_int, positive_int
 from lwjax.data.pipeline import global_batch
 from lwjax.models.logical import axis_rules
-from lwjax.training import checkpoint, mesh as mesh_lib, optim, sharding
+from lwjax.models.pretrained import CHECKPOINTS_DIR, MERGED_DIR
+from lwjax.training import checkpoint, lora, mesh as mesh_lib, optim, sharding
 from lwjax.training.progress import Progress
 
 SCHEMA = {
@@ -37,12 +43,17 @@ SCHEMA = {
     "checkpoint_every": positive_int(),
     "keep_checkpoints": positive_int(),
     "async_checkpointing": Field(bool),
+    "lora": DefaultedGroup(lora.SCHEMA),  # absent: rank 0
 }
 
 # A loss function maps (model, batch) to (loss sum, weight sum, {metric name: sum}); the trainer
 # divides by the weight summed over the whole global batch. With a `reference` model (a distillation
 # teacher) it is called as loss_fn(model, batch, reference).
 LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
+
+
+def _count(tree) -> str:
+  return f"{sum(np.prod(a.shape) for a in jax.tree.leaves(tree)):,}"
 
 
 class _StopRequest:
@@ -83,6 +94,9 @@ class Trainer:
     self.config, self.workdir = config, workdir
     self.frozen = frozen
     train = config.train
+    self.lora = lora.from_section(train.get("lora"))
+    if self.lora is not None and frozen is not None:
+      raise ValueError("train.lora freezes every base weight already; pass no `frozen`")
     if train.global_batch_size % train.grad_accum_steps:
       raise ValueError(f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
                        f"train.grad_accum_steps ({train.grad_accum_steps})")
@@ -97,10 +111,20 @@ class Trainer:
     self.graphdef, abstract_variables = nnx.split(abstract_model)
     axes = sharding.logical_axes(abstract_variables)
 
+    def init_model(rng):
+      return nnx.to_pure_dict(nnx.state(model_fn(nnx.Rngs(rng))))
+    abstract_model_params = jax.eval_shape(init_model, jax.random.key(0))
+    self.base, base_sh = None, None
+    if self.lora is not None:  # the state trains adapters over a frozen base (`load_base`, or `fit`)
+      base_sh = sharding.param_shardings(abstract_model_params, axes, self.mesh, self.rules)
+      self._base_shardings, self._init_model = base_sh, jax.jit(init_model, out_shardings=base_sh)
+      self.base = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                               abstract_model_params, base_sh)  # shapes only until loaded, for AOT lowering
+      axes = lora.logical_axes(axes, self.lora)
+
     def init(rng):
-      params = nnx.to_pure_dict(nnx.state(model_fn(nnx.Rngs(rng))))
+      params = lora.init(abstract_model_params, self.lora, rng) if self.lora else init_model(rng)
       return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
-    self._init_fn = init
 
     abstract_state = jax.eval_shape(init, jax.random.key(0))
     replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -125,23 +149,41 @@ class Trainer:
       else:
         self.reference = jax.device_put(ref_params, ref_sh)
     self.init_state = jax.jit(init, out_shardings=self.state_shardings)
-    train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding, ref_sh),
+    train_step = jax.jit(self._train_step,
+                         in_shardings=(self.state_shardings, self.batch_sharding, base_sh, ref_sh),
                          out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(self._eval_step, in_shardings=(params_sh, self.batch_sharding, ref_sh),
+    model_sh = params_sh if base_sh is None else base_sh
+    eval_step = jax.jit(self._eval_step, in_shardings=(model_sh, self.batch_sharding, ref_sh),
                         out_shardings=replicated)
-    # The jitted steps take (state or params, batch, reference params or None); `lower` them for AOT.
+    # The jitted steps take (state, batch, LoRA base or None, reference params or None) and (model params, batch,
+    # reference params or None); `lower` them for AOT.
     self.jitted_train_step, self.jitted_eval_step = train_step, eval_step
-    self.train_step = lambda state, batch: train_step(state, batch, self.reference)
+    self.train_step = lambda state, batch: train_step(state, batch, self.base, self.reference)
     self.eval_step = lambda params, batch: eval_step(params, batch, self.reference)
-    logging.info("trainer: mesh %s, %s parameters", dict(self.mesh.shape),
-                 f"{sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_state['params'])):,}")
+    logging.info("trainer: mesh %s, %s parameters%s", dict(self.mesh.shape), _count(abstract_model_params),
+                 f"; trains {_count(abstract_state['params'])} in LoRA adapters ({self.lora})" if self.lora else "")
+
+  def load_base(self, params) -> None:
+    """Under LoRA: `params` (the model's, e.g. a pretrained checkpoint's) become the frozen base the adapters
+    train over, placed in their logical shardings (no copy when they are there already)."""
+    self.base = jax.device_put(params, self._base_shardings)
+
+  def model_params(self, params):
+    """The model's parameters for trainable `params` (a state's): under LoRA the base with the adapters merged
+    into the weights they adapt (the other weights are the base's arrays, not copies), else `params`."""
+    if self.lora is None:
+      return params
+    if isinstance(jax.tree.leaves(self.base)[0], jax.ShapeDtypeStruct):
+      raise ValueError("no LoRA base loaded yet: call load_base(params) or fit first")
+    return jax.device_put(lora.merge(self.base, params, self.lora), self._base_shardings)
 
   def restore_params(self, workdir: str | None = None):
-    """The parameters of the latest checkpoint of `workdir` (default: this run's), in this trainer's
-    shardings: a finished run's final params, or another run's of the same model (a finetune's base)."""
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir or self.workdir, "checkpoints"))
+    """The model parameters of the latest checkpoint of `workdir` (default: this run's), in this trainer's
+    shardings: a finished run's final params, or another run's of the same model (a finetune's base). Under
+    LoRA the checkpoint's adapters come merged into the loaded base (`model_params`)."""
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir or self.workdir, CHECKPOINTS_DIR))
     try:
-      return ckpt.restore(self.abstract_state)[1]["params"]
+      return self.model_params(ckpt.restore(self.abstract_state)[1]["params"])
     finally:
       ckpt.close()
 
@@ -155,34 +197,34 @@ class Trainer:
     return jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": jax.tree.map(jnp.copy, p),
                               "opt_state": self.tx.init(p)}, out_shardings=self.state_shardings)(placed)
 
-  def _call_loss(self, params, batch, reference):
-    model = nnx.merge(self.graphdef, params)
+  def _call_loss(self, params, batch, base, reference):
+    model = nnx.merge(self.graphdef, params if base is None else lora.merge(base, params, self.lora))
     if reference is None:
       return self.loss_fn(model, batch)
     return self.loss_fn(model, batch, nnx.merge(self.reference_graphdef, jax.lax.stop_gradient(reference)))
 
-  def _loss_and_grad(self, params, batch, reference=None):
-    def loss(p):
-      loss_sum, weight, metrics = self._call_loss(p, batch, reference)
+  def _loss_and_grad(self, params, batch, base=None, reference=None):
+    def loss(p):  # the base is no argument of the gradient: none is computed for it
+      loss_sum, weight, metrics = self._call_loss(p, batch, base, reference)
       return loss_sum, (weight, metrics)
     (loss_sum, (weight, metrics)), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return grads, loss_sum, weight, metrics
 
-  def _train_step(self, state, batch, reference=None):
+  def _train_step(self, state, batch, base=None, reference=None):
     with axis_rules(self.mesh, self.rules):
       accum = self.config.train.grad_accum_steps
       params = state["params"]
       if accum == 1:
-        grads, loss_sum, weight, metrics = self._loss_and_grad(params, batch, reference)
+        grads, loss_sum, weight, metrics = self._loss_and_grad(params, batch, base, reference)
       else:
         # Micro-batch i takes examples i, i + accum, ...: each stays evenly split over the data axes.
         micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
                              batch)
 
         def body(carry, mb):
-          out = self._loss_and_grad(params, mb, reference)
+          out = self._loss_and_grad(params, mb, base, reference)
           return jax.tree.map(jnp.add, carry, out), None
-        zero = jax.eval_shape(self._loss_and_grad, params, jax.tree.map(lambda x: x[0], micro), reference)
+        zero = jax.eval_shape(self._loss_and_grad, params, jax.tree.map(lambda x: x[0], micro), base, reference)
         zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero)
         (grads, loss_sum, weight, metrics), _ = jax.lax.scan(body, zero, micro)
       weight = jnp.maximum(weight, 1.0)
@@ -199,11 +241,12 @@ class Trainer:
 
   def _eval_step(self, params, batch, reference=None):
     with axis_rules(self.mesh, self.rules):
-      loss_sum, weight, metrics = self._call_loss(params, batch, reference)
+      loss_sum, weight, metrics = self._call_loss(params, batch, None, reference)
       return {"loss_sum": loss_sum, "weight": weight, **metrics}
 
   def evaluate(self, params, batches: Iterator[dict]) -> dict:
-    """Loss per token (nats) and metrics over `batches` (local numpy batches)."""
+    """Loss per token (nats) and metrics of the model with `params` (`model_params`) over `batches` (local
+    numpy batches)."""
     totals = None
     for local in batches:
       out = self.eval_step(params, global_batch(local, self.batch_sharding))
@@ -222,15 +265,20 @@ class Trainer:
     a fresh iterator over the evaluation batches. A fresh run starts from `init_params` (a finetune:
     params of the same structure, e.g. another run's final ones, or a function returning them, called only
     when the run starts fresh: a resumed run reads no pretrained checkpoint) with a new optimizer state, else
-    from the model's initialisation. `eval_hook(step, params)` runs after each evaluation (e.g. image
-    summaries). Returns the last train and eval metrics.
+    from the model's initialisation. Under LoRA they are the frozen base (default: the model's initialisation
+    from `seed`), read on every start; the adapters start from `seed`. `eval_hook(step, model params)` runs after
+    each evaluation (e.g. image summaries). Returns the step, the last train and eval metrics and, for a
+    finished LoRA run, the directory of its merged model ("merged").
     """
     cfg = self.config.train
-    ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.keep_checkpoints,
+    ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, CHECKPOINTS_DIR), keep=cfg.keep_checkpoints,
                                    save_every=cfg.checkpoint_every, async_save=cfg.async_checkpointing)
+    if self.lora is not None:
+      params = init_params() if callable(init_params) else init_params
+      self.load_base(self._init_model(jax.random.key(seed)) if params is None else params)
     if ckpt.latest_step() is not None:
       step, state = ckpt.restore(self.abstract_state, train_iter)
-    elif init_params is not None:
+    elif init_params is not None and self.lora is None:
       step, state = 0, self.state_from_params(init_params() if callable(init_params) else init_params)
     else:
       step, state = 0, self.init_state(jax.random.key(seed))
@@ -245,10 +293,12 @@ class Trainer:
           step += 1
           last_train = progress.train_step(step, metrics) or last_train
           if eval_batches is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            last_eval = self.evaluate(state["params"], eval_batches())
+            model_params = self.model_params(state["params"])
+            last_eval = self.evaluate(model_params, eval_batches())
             progress.eval(step, last_eval)
             if eval_hook is not None:
-              eval_hook(step, state["params"])
+              eval_hook(step, model_params)
+            del model_params  # the merged weights are not kept through training
             progress.reset_clock(step)
           if stop.agreed():
             ckpt.save(step, state, train_iter, self.config, force=True)
@@ -259,4 +309,23 @@ class Trainer:
     finally:
       ckpt.close()
       progress.close()
-    return {"step": step, "train": last_train, "eval": last_eval}
+    result = {"step": step, "train": last_train, "eval": last_eval}
+    if self.lora is not None and step == cfg.steps:
+      result["merged"] = self._save_merged(step, state["params"])
+    return result
+
+  def _save_merged(self, step: int, params) -> str:
+    """Writes the model of a finished LoRA run as a workdir of its own (its merged parameters, and the run config
+    with `train.lora.rank` 0: they are the model's own); returns its path. A run restarted after finishing finds
+    it written."""
+    directory = os.path.join(self.workdir, MERGED_DIR)
+    config = self.config.copy_and_resolve_references()
+    config.train.lora.rank = 0
+    ckpt = checkpoint.Checkpointer(os.path.join(directory, CHECKPOINTS_DIR), keep=1, async_save=False)
+    try:
+      if ckpt.latest_step() != step:
+        ckpt.save(step, {"params": self.model_params(params)}, config=config, force=True)
+        ckpt.wait()
+    finally:
+      ckpt.close()
+    return directory

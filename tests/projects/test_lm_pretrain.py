@@ -61,3 +61,89 @@ def test_starts_from_a_hugging_face_checkpoint_with_its_tokenizer(tmp_path):
   original, _ = load_pretrained(hf_dir)
   tokens = np.arange(12, dtype=np.int32)[None]
   np.testing.assert_allclose(np.asarray(trained(tokens)), np.asarray(original(tokens)), atol=1e-6)
+
+
+def _bfloat16_llama(tmp_path):
+  """The llama fixture's family and options (tied embeddings, llama3 RoPE scaling, sharded safetensors) with a
+  Llama-3-style tokenizer, written as a bfloat16 checkpoint (random weights; the vocabulary fits the tokenizer)."""
+  import dataclasses
+  import shutil
+
+  from lwjax.models import hf_checkpoint
+
+  hf_dir = tmp_path / "hf"
+  shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "hf", "tokenizers", "llama3_style"), hf_dir,
+                  ignore=shutil.ignore_patterns("expected.json"))
+  fixture = hf_checkpoint.config_from_dir(os.path.join(ROOT, "tests", "fixtures", "hf", "models", "llama"))
+  cfg = dataclasses.replace(fixture, vocab_size=448, param_dtype="bfloat16")
+  hf_checkpoint.save_random(cfg, hf_dir, scale=0.3, max_shard_bytes=40_000)
+  return hf_dir, cfg
+
+
+def _from_pretrained(hf_dir):
+  import importlib
+  config = importlib.import_module("experiments.lm_pretrain").get_config("scale=smoke")
+  config.model.pretrained = str(hf_dir)
+  config.data.update(num_train_docs=40, num_eval_docs=8)
+  return config
+
+
+def test_pretrained_weights_train_in_the_configured_param_dtype(tmp_path):
+  """`model.param_dtype` of a pretrained model: the master weights' dtype (float32 by default, whatever the
+  checkpoint's), validated at the door."""
+  import pytest
+
+  from lwjax import jobs
+  from lwjax.config import ConfigError
+  from lwjax.projects.lm import pretrain
+
+  hf_dir, cfg = _bfloat16_llama(tmp_path)
+  config = _from_pretrained(hf_dir)
+  jobs.get(config)
+  assert cfg.param_dtype == "bfloat16" and pretrain._model_config(config).param_dtype == "float32"
+  config.model.param_dtype = "bfloat16"
+  assert pretrain._model_config(config) == cfg
+  config.model.param_dtype = "fp32"
+  with pytest.raises(ConfigError, match=r"^model\.param_dtype: 'fp32' is not a valid choice"):
+    jobs.get(config)
+
+
+def test_lora_finetunes_a_bfloat16_hugging_face_checkpoint_and_writes_the_merged_model(tmp_path):
+  """`train.lora.rank > 0` from `model.pretrained`: adapters train over the frozen checkpoint, held in float32
+  master weights; the run's checkpoints hold the adapters, and the merged model, in `<workdir>/merged`, loads
+  with the checkpoint's tokenizer: every weight but the adapted ones bit-identical to the checkpoint's, those
+  moved by a rank-r update."""
+  import dataclasses
+
+  import numpy as np
+  import pytest
+  from flax import nnx, traverse_util
+
+  from lwjax import jobs
+  from lwjax.data.hf_tokenizer import HFTokenizer
+  from lwjax.models import load_pretrained
+  from lwjax.models.pretrained import PretrainedError
+  from lwjax.projects.lm import pretrain
+
+  hf_dir, cfg = _bfloat16_llama(tmp_path)
+  config = _from_pretrained(hf_dir)
+  config.train.update(steps=3, eval_every=3, eval_steps=1, checkpoint_every=3, log_every=1)
+  config.train.lora.update(rank=2, alpha=4.0, targets="wq,wv,wo")
+  config.optim.update(learning_rate=1e-2, warmup_steps=0)
+  config.mesh.shape.update(data=2, fsdp=2, tensor=2)
+  jobs.get(config)
+  metrics = pretrain.run(config, str(tmp_path / "run"))
+  assert metrics["step"] == 3 and np.isfinite(metrics["eval_loss"])
+  with pytest.raises(PretrainedError, match="LoRA run"):  # its checkpoints are adapters, not a model
+    load_pretrained(tmp_path / "run")
+
+  merged, tokenizer = load_pretrained(tmp_path / "run" / "merged")
+  assert merged.cfg == dataclasses.replace(cfg, param_dtype="float32") and isinstance(tokenizer, HFTokenizer)
+  original, _ = load_pretrained(hf_dir, param_dtype="float32")
+  after = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(merged)))
+  for path, w in traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(original))).items():
+    if path[-1] in ("wq", "wv", "wo"):
+      update = np.asarray(after[path] - w).reshape(w.shape[0] * (w.shape[1] if path[-1] == "wo" else 1), -1)
+      assert np.abs(update).max() > 0 and np.linalg.matrix_rank(update, tol=1e-6) <= 2, path
+    else:
+      np.testing.assert_array_equal(after[path], w)

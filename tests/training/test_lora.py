@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 
 from configs import gpt
 from lwjax.models.gpt import GPT, GPTConfig
@@ -27,8 +27,8 @@ def _logits(graphdef, params, tokens):
 def test_zero_initialised_adapters_leave_the_forward_unchanged():
   graphdef, base, tokens = _model()
   adapters = lora.init(base, lora.LoRAConfig(rank=4), jax.random.key(2))
-  assert len(adapters) == 2 * len(lora.TARGETS)  # gpt_tiny has 2 layers
-  assert adapters["layers/0/attn/wo"]["a"].shape == (4, 16, 4)  # [heads, head_dim, rank]
+  assert len(traverse_util.flatten_dict(adapters)) == 2 * 2 * len(lora.TARGETS)  # an (a, b) per weight, 2 layers
+  assert adapters["layers"][0]["attn"]["wo"]["a"].shape == (4, 16, 4)  # [heads, head_dim, rank]
   merged = lora.merge(base, adapters, lora.LoRAConfig(rank=4))
   np.testing.assert_array_equal(_logits(graphdef, merged, tokens), _logits(graphdef, base, tokens))
 
@@ -45,7 +45,8 @@ def test_only_adapters_train_and_merged_weights_equal_the_adapter_forward():
   base_grads = jax.grad(loss, argnums=1)(adapters, base)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(base_grads))
   grads = jax.grad(loss)(adapters, base)
-  assert all(float(jnp.abs(g["b"]).max()) > 0 for g in grads.values())  # b = 0, so only b moves first
+  flat_grads = traverse_util.flatten_dict(grads)
+  assert all(float(jnp.abs(g).max()) > 0 for path, g in flat_grads.items() if path[-1] == "b")  # b = 0: a waits
   tx = optax.adam(1e-2)
   opt_state = tx.init(adapters)
   frozen = jax.tree.map(np.array, base)
@@ -70,3 +71,18 @@ def test_only_adapters_train_and_merged_weights_equal_the_adapter_forward():
 def test_rejects_unknown_targets():
   with pytest.raises(ValueError, match="targets"):
     lora.LoRAConfig(targets=("wq", "embed"))
+
+
+def test_adapter_factors_take_the_weights_input_and_output_axes():
+  """`a` covers the input axes of the weight, `b` its output axes: a b is laid out (and sharded) like W."""
+  _, base, _ = _model()
+  axes = {"layers": {0: {"attn": {"wq": ("embed", "heads", "head_dim"), "wo": ("heads", "head_dim", "embed"),
+                                  "wk": ("embed", "kv_heads", "head_dim")}}}}
+  config = lora.LoRAConfig(rank=2, targets=("wq", "wo"))
+  assert lora.logical_axes(axes, config) == {"layers": {0: {"attn": {
+      "wq": {"a": ("embed", None), "b": (None, "heads", "head_dim")},
+      "wo": {"a": ("heads", "head_dim", None), "b": (None, "embed")}}}}}
+  adapters = lora.init(jax.eval_shape(lambda: base), config, jax.random.key(0))  # shapes are all it reads
+  for name in ("wq", "wo"):
+    w, pair = base["layers"][0]["attn"][name], adapters["layers"][0]["attn"][name]
+    assert pair["a"].shape == (*w.shape[:len(pair["a"].shape) - 1], 2) and lora.delta(pair, config).shape == w.shape

@@ -161,3 +161,85 @@ def test_frozen_parameters_keep_their_values_and_the_reference_model_reaches_the
   layer_before, layer_after = before["layers"][0], after["layers"][0]
   np.testing.assert_array_equal(layer_after["mlp"]["w_up"], layer_before["mlp"]["w_up"])
   assert not np.array_equal(layer_after["attn"]["wq"], layer_before["attn"]["wq"])
+
+
+def _lora_config(steps=12):
+  config = _config((2, 2, 2))
+  config.train.lora.update(rank=4, alpha=8.0, targets="wq,wv,wo,w_down")
+  config.train.update(steps=steps, eval_every=0, log_every=1, checkpoint_every=2, async_checkpointing=False)
+  config.optim.update(learning_rate=1e-2, schedule="constant", warmup_steps=0)
+  return config
+
+
+def _base(config):
+  from flax import nnx
+  model = GPT(GPTConfig.from_dict(config.model), rngs=nnx.Rngs(7))
+  return jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model)))
+
+
+def test_lora_trains_sharded_adapters_over_a_frozen_base_and_merges_into_the_same_model():
+  from flax import traverse_util
+  config = _lora_config()
+  model_cfg = GPTConfig.from_dict(config.model)
+  trainer = Trainer(config, "/tmp/unused", model_fn=lambda rngs: GPT(model_cfg, rngs=rngs), loss_fn=losses.lm_loss)
+  base = _base(config)
+  trainer.load_base(base)
+  state = trainer.init_state(jax.random.key(0))
+  # The state holds adapters only, and so does the optimizer: nothing of the base's size besides the base.
+  adapters = traverse_util.flatten_dict(state["params"])
+  assert {p[-1] for p in adapters} == {"a", "b"} and {p[-2] for p in adapters} == {"wq", "wv", "wo", "w_down"}
+  assert {x.shape for x in jax.tree.leaves(state["opt_state"]) if x.ndim} <= {x.shape for x in adapters.values()}
+  # Each factor is sharded over the mesh axes of the weight axes it covers: a b comes out laid out like W.
+  wq = state["params"]["layers"][0]["attn"]["wq"]
+  assert tuple(wq["a"].sharding.spec) == ("fsdp", None) and tuple(wq["b"].sharding.spec)[:2] == (None, "tensor")
+  wo = state["params"]["layers"][0]["attn"]["wo"]
+  assert tuple(wo["a"].sharding.spec)[:1] == ("tensor",) and tuple(wo["b"].sharding.spec) == (None, "fsdp")
+
+  batch = pipeline.global_batch(_batches(config, 1)[0], trainer.batch_sharding)
+  losses_seen = []
+  for _ in range(config.train.steps - 1):
+    state, metrics = trainer.train_step(state, batch)
+    losses_seen.append(float(metrics["loss"]))
+  assert losses_seen[-1] < 0.8 * losses_seen[0], losses_seen
+  merged = trainer.model_params(state["params"])
+  merged_loss = trainer.evaluate(merged, iter(_batches(config, 1)))["loss"]
+  merged = jax.device_get(merged)
+  state, metrics = trainer.train_step(state, batch)  # its loss is the adapted model's, before the update
+  np.testing.assert_allclose(merged_loss, float(metrics["loss"]), rtol=1e-5)
+
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.base), base)  # bit-identical base
+  assert all(np.abs(x).max() > 0 for p, x in traverse_util.flatten_dict(jax.device_get(state["params"])).items()
+             if p[-1] == "b")
+  flat_merged = traverse_util.flatten_dict(merged)
+  for path, w in traverse_util.flatten_dict(base).items():  # merged: only the adapted weights moved
+    if path[-1] in ("wq", "wv", "wo", "w_down"):
+      assert np.abs(flat_merged[path] - w).max() > 1e-4, path
+    else:
+      np.testing.assert_array_equal(flat_merged[path], w)
+
+
+def test_lora_fit_resumes_from_adapter_checkpoints_and_writes_the_merged_model(tmp_path):
+  """Checkpoints hold the adapters; the base is read again on every start; a resumed run's losses are the
+  uninterrupted run's, bit for bit; the finished run's merged model loads as a workdir."""
+  from lwjax.models import load_pretrained
+  reads = []
+
+  def fit(steps, workdir):
+    config = _lora_config(steps)
+    model_cfg = GPTConfig.from_dict(config.model)
+    trainer = Trainer(config, str(workdir), model_fn=lambda rngs: GPT(model_cfg, rngs=rngs), loss_fn=losses.lm_loss)
+    result = trainer.fit(iter(_dataset(config)), init_params=lambda: reads.append(1) or _base(config))
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return trainer, result, {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+  _, _, uninterrupted = fit(4, tmp_path / "a")
+  fit(2, tmp_path / "b")
+  trainer, result, resumed = fit(4, tmp_path / "b")
+  assert len(reads) == 3 and sorted(resumed) == [1, 2, 3, 4]
+  assert [resumed[s] for s in (3, 4)] == [uninterrupted[s] for s in (3, 4)]
+  assert result["merged"] == str(tmp_path / "b" / "merged")
+  model, tokenizer = load_pretrained(result["merged"])
+  assert tokenizer is None and model.cfg == GPTConfig.from_dict(_lora_config().model)
+  from flax import nnx
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)),
+               jax.device_get(trainer.restore_params()))

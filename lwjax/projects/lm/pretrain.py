@@ -1,6 +1,8 @@
 """Pretrains the core GPT on packed text: generated corpus, local text files, or a TFDS data set; with
 `model.pretrained` (a Hugging Face directory or an lwjax workdir), continues pretraining or finetunes that
-model, all weights, with its own tokenizer.
+model with its own tokenizer: all weights, in `model.param_dtype` (float32 master weights by default, whatever
+the checkpoint's dtype), or with `train.lora.rank > 0` LoRA adapters over the frozen weights, the merged model
+written to `<workdir>/merged` at the end (a workdir `model.pretrained` takes, with the tokenizer).
 
 Reports eval loss next to the unigram cross-entropy of the same held-out tokens (the baseline any LM
 must beat), both in nats per token, in the log and in `<workdir>/metrics.json`.
@@ -56,6 +58,9 @@ def validate(config) -> None:
   """Schema plus the cross-field rules; raises ConfigError naming the key."""
   validate_schema(config, SCHEMA)
   model_cfg = _model_config(config)
+  if config.train.get("lora") and config.train.lora.rank and not config.model.pretrained:
+    raise ConfigError("train.lora.rank", "LoRA adapts a pretrained model; model.pretrained is empty",
+                      "0 (train all weights), or set model.pretrained")
   if config.model.pretrained and not pretrained.tokenizer_file(config.model.pretrained):
     raise ConfigError("model.pretrained", f"{config.model.pretrained} holds no tokenizer file",
                       "a workdir of a run that wrote its tokenizer (sentencepiece), or a Hugging Face directory")
@@ -81,7 +86,7 @@ def _model_config(config) -> GPTConfig:
   try:
     if config.model.pretrained:  # config.json, the shards and tensor shapes, the tokenizer: before heavy work
       pretrained.check(config.model.pretrained)
-    return pretrained.model_config(config.model)
+    return pretrained.model_config(config.model, pretrained.TRAINING_FIELDS)
   except (pretrained.PretrainedError, hf_checkpoint.CheckpointError) as e:
     raise ConfigError("model.pretrained", str(e), "a Hugging Face checkpoint directory or an lwjax workdir") from None
   except ValueError as e:
@@ -153,10 +158,14 @@ def run(config, workdir: str) -> dict:
   def start():
     logging.info("starting from %s", config.model.pretrained)
     model, _ = pretrained.load_pretrained(config.model.pretrained, mesh=trainer.mesh, rules=trainer.rules,
-                                          **{k: config.model[k] for k in pretrained.RUNTIME_FIELDS})
+                                          **{k: config.model[k] for k in pretrained.TRAINING_FIELDS})
     return nnx.to_pure_dict(nnx.state(model))
   result = trainer.fit(iter(train_ds), eval_batches, seed=config.seed,
                        init_params=start if config.model.pretrained else None)
+  if "merged" in result:  # LoRA: the merged model, loadable with its tokenizer
+    if jax.process_index() == 0:
+      pretrained.copy_tokenizer(config.model.pretrained, result["merged"])
+    logging.info("merged model (base + LoRA adapters) written to %s", result["merged"])
 
   # The baseline: unigram cross-entropy of the very eval targets the model was scored on, with counts
   # summed over all processes.

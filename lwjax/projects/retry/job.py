@@ -80,6 +80,8 @@ def validate(config) -> None:
   if config.finetune.mode != "none" and not config.finetune.init_from:
     raise ConfigError("finetune.init_from", f"required with finetune.mode={config.finetune.mode!r}",
                       "the workdir of a finished pretraining run")
+  if config.finetune.mode == "lora" and config.lora.rank < 1:
+    raise ConfigError("lora.rank", "must be >= 1 with finetune.mode='lora'", ">= 1")
 
 
 def _train_source(config) -> igsm.IGSMSource:
