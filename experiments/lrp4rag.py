@@ -9,14 +9,15 @@ the baselines (uncertainty, attention, gradient x input, self-consistency).
   python main.py --config experiments/lrp4rag.py:scale=cpu,seed=1,base=runs/lrp4rag_cpu --workdir runs/lrp4rag_cpu_s1
   python main.py --config experiments/lrp4rag.py:scale=gpu --workdir runs/lrp4rag_gpu        # one GPU
   python main.py --workdir runs/lrp4rag_paper --config \
-      experiments/lrp4rag.py:scale=paper,checkpoint=/models/Llama-2-7b-chat-hf,tokenizer=/models/Llama-2-7b-chat-hf
+      experiments/lrp4rag.py:scale=paper,pretrained=/models/Llama-2-7b-chat-hf
 
 Arguments: `scale` smoke|cpu|gpu|paper; `seed` (training data and held-out prompts; the world is
 task.world_seed's); `base` the workdir of a finished lrp4rag run whose generator is reused (no training; its
-task world must match); at the paper scale `checkpoint` (a HF Llama directory: config.json + safetensors) and
-`tokenizer` (its sentencepiece tokenizer.model or directory), both required, nothing downloaded: the paper's
-Llama-2-7b-chat answers the text-template prompts untrained (it has no parametric knowledge of the world, so
-its hallucinations are answers to absent/unknown prompts and passages it ignores).
+task world must match); `pretrained` (`model.pretrained`, required at the paper scale, taken at any): a Hugging
+Face checkpoint directory with its tokenizer (a family whose options AttnLRP implements: Llama 2/3, Mistral
+without a window), nothing downloaded, read as it is: the paper's Llama-2-7b-chat answers the text-template
+prompts untrained (it has no parametric knowledge of the world, so its hallucinations are answers to
+absent/unknown prompts and passages it ignores).
 Results: <workdir>/metrics.json, relevance_faithful.png, relevance_hallucinated.png.
 """
 
@@ -29,15 +30,12 @@ SCALES = ("smoke", "cpu", "gpu", "paper")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, choices={"scale": SCALES}, scale="cpu", seed="0", base="", checkpoint="",
-                          tokenizer="")
+  args = common.parse_arg(arg, choices={"scale": SCALES}, scale="cpu", seed="0", base="", pretrained="")
   scale = args["scale"]
   config = ml_collections.ConfigDict()
   config.job = "lrp4rag"
   config.seed = int(args["seed"])
   config.base = args["base"]
-  config.hf = ml_collections.ConfigDict({"checkpoint": args["checkpoint"], "tokenizer": args["tokenizer"],
-                                         "dtype": "float32"})
   config.task = ml_collections.ConfigDict(TaskConfig().to_dict())
   config.eval = ml_collections.ConfigDict({"num": 1000, "batch_prompts": 250, "max_new_tokens": 4, "samples": 8,
                                            "temperature": 1.0, "signal_batch": 100, "relevance_chunk": 0})
@@ -45,10 +43,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                              "hidden": 32, "steps": 300, "learning_rate": 1e-2})
   config.mesh = mesh.get()
   config.distributed = common.distributed()
-  if scale == "paper":  # a HF Llama answers the text prompts untrained: no model/data/train/optim groups
+  if scale == "paper" or args["pretrained"]:  # a pretrained model answers the text prompts untrained: its shape
+    # comes from its checkpoint, and there are no data/train/optim groups
+    config.model = gpt.get("gpt_tiny", pretrained=args["pretrained"],
+                           dtype="bfloat16" if scale in ("gpu", "paper") else "float32")
     config.task.template = "text"
-    config.hf.dtype = "bfloat16"
     config.eval.update(batch_prompts=32, max_new_tokens=8, signal_batch=8, relevance_chunk=4)
+    if scale == "smoke":
+      config.eval.update(num=20, batch_prompts=20, max_new_tokens=2, samples=2, signal_batch=10)
+      config.detect.update(feature_length=16, rf_trees=10, hidden=4, steps=20, folds=2)
     return config
   # World of 64 entities x 4 attributes x 16 values (48 known: 192 facts to store, 24 popular); prompts of 3-6
   # passages take <= 29 tokens, so rows of 32 hold prompt + answer + eos.

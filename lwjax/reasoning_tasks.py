@@ -16,12 +16,11 @@ own tokenizer: `task.with_tokenizer(model_tokenizer)`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lwjax.data import algorithmic, igsm
+from lwjax.data import algorithmic, igsm, tokenizer as tokenizer_lib
 from lwjax.data.algorithmic.tokenizer import AlgorithmicTokenizer
 from lwjax.data.igsm.tokenizer import CompactTokenizer
 from lwjax.data.verdict import Verdict
@@ -47,10 +46,7 @@ class ReasoningTask:
     """The same task read and written through `tokenizer` (a pretrained model's) instead of its own word-level
     one. The checker compares texts word by word, so decoding must give back the very text encoded: a Hugging
     Face tokenizer's clean-up of spaces before punctuation (`ans 7 .` -> `ans 7.`) is turned off on a copy."""
-    if getattr(tokenizer, "clean_up_spaces", False):
-      tokenizer = copy.copy(tokenizer)
-      tokenizer.clean_up_spaces = False
-    return dataclasses.replace(self, tokenizer=tokenizer)
+    return dataclasses.replace(self, tokenizer=tokenizer_lib.exact_text(tokenizer))
 
   @staticmethod
   def prompt(record: dict) -> str:

@@ -9,6 +9,7 @@ its model's ids).
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,6 +21,16 @@ from lwjax.data import hf_tokenizer
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 MODEL_FILENAME = "tokenizer.model"
+
+
+def exact_text(tokenizer):
+  """`tokenizer`, decoding the very text it encodes: a copy without the clean-up of spaces before punctuation that
+  a Hugging Face tokenizer may do (`ans 7 .` -> `ans 7.`), for tasks whose texts are compared word by word; any
+  other tokenizer as it is."""
+  if getattr(tokenizer, "clean_up_spaces", False):
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.clean_up_spaces = False
+  return tokenizer
 
 
 def bos_prefix(tokenizer) -> list[int]:

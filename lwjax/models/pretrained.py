@@ -11,9 +11,11 @@ Jobs take it as `model.pretrained=PATH`:
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 
+import jax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -96,13 +98,14 @@ def _refuse_lora_run(path: str, saved: dict) -> None:
                           f"one it writes when it finishes, {os.path.join(path, MERGED_DIR)}")
 
 
-def checked_model_config(model_section, field: str = "model.pretrained") -> GPTConfig:
+def checked_model_config(model_section, fields: tuple[str, ...] = RUNTIME_FIELDS,
+                         field: str = "model.pretrained") -> GPTConfig:
   """`model_config` after `check` (the checkpoint's config, shards, tensor shapes and tokenizer, before any heavy
   work): anything that cannot be loaded is a ConfigError naming `field`, or `model` for a bad shape."""
   try:
     if model_section.get("pretrained"):
       check(model_section["pretrained"])
-    return model_config(model_section)
+    return model_config(model_section, fields)
   except (PretrainedError, hf_checkpoint.CheckpointError) as e:
     raise ConfigError(field, str(e), "a Hugging Face checkpoint directory or an lwjax workdir") from None
   except ValueError as e:
@@ -180,3 +183,27 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules:
   except FileNotFoundError:
     raise PretrainedError(f"{path}/{CHECKPOINTS_DIR}: holds no complete checkpoint") from None
   return model, tokenizer
+
+
+def finetune_start(model_section, workdir: str):
+  """What a training job needs to start from `model_section.pretrained`: (GPTConfig, tokenizer, init_params).
+
+  Without one: the section's own config, None (the job's own tokenizer), None (the model's initialisation). With
+  one: the checkpoint's config with the section's `TRAINING_FIELDS`, written back into the section (the run's
+  saved config then names the shape it trains); its tokenizer, copied into `workdir` (the run's checkpoints load
+  with it, `load_pretrained(workdir)`); and `init_params(mesh, rules)`, which reads its weights onto the trainer's
+  mesh (for `Trainer.fit`, called only when the run starts fresh)."""
+  path = model_section.get("pretrained") or ""
+  cfg = model_config(model_section, TRAINING_FIELDS)
+  if not path:
+    return cfg, None, None
+  model_section.update(cfg.to_dict())
+  if jax.process_index() == 0:
+    copy_tokenizer(path, workdir)
+  fields = {k: model_section[k] for k in TRAINING_FIELDS}
+
+  def init_params(mesh: Mesh | None, rules: Rules | None) -> dict:
+    logging.info("starting from %s", path)
+    model, _ = load_pretrained(path, mesh=mesh, rules=rules, **fields)
+    return nnx.to_pure_dict(nnx.state(model))
+  return cfg, load_tokenizer(path, required=True), init_params

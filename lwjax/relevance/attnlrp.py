@@ -42,19 +42,26 @@ SUPPORTED_CONFIG = frozenset({
 _EMBED = ("batch", "length", "embed")
 
 
-def check_supported(model) -> gpt.GPTConfig:
-  """The model's config, after checking that the LRP forward implements everything it uses (ValueError if not)."""
-  if not isinstance(model, gpt.GPT):
-    raise ValueError(f"AttnLRP is implemented for lwjax.models.gpt.GPT, got {type(model).__name__}")
-  cfg = model.cfg
+def unsupported(cfg: gpt.GPTConfig) -> str | None:
+  """The first option of `cfg` the LRP forward does not implement (`GPTConfig.<field>=<value>`), or None: a
+  config check before any weight is loaded (Llama's options pass; Gemma-2's soft-caps, Qwen2's biases and a
+  sliding window do not)."""
   for field in dataclasses.fields(cfg):
     if field.name in SUPPORTED_CONFIG:
       continue
     value = getattr(cfg, field.name)
     if field.default is dataclasses.MISSING or value != field.default:
-      raise ValueError(f"AttnLRP does not support GPTConfig.{field.name}={value!r}; supported options: "
-                       f"{sorted(SUPPORTED_CONFIG)}")
-  return cfg
+      return f"GPTConfig.{field.name}={value!r}"
+  return None
+
+
+def check_supported(model) -> gpt.GPTConfig:
+  """The model's config, after checking that the LRP forward implements everything it uses (ValueError if not)."""
+  if not isinstance(model, gpt.GPT):
+    raise ValueError(f"AttnLRP is implemented for lwjax.models.gpt.GPT, got {type(model).__name__}")
+  if (option := unsupported(model.cfg)) is not None:
+    raise ValueError(f"AttnLRP does not support {option}; supported options: {sorted(SUPPORTED_CONFIG)}")
+  return model.cfg
 
 
 def _weights(model, cfg) -> dict:

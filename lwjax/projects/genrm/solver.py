@@ -49,7 +49,7 @@ SCHEMA = {
 
 def validate(config) -> None:
   validate_schema(config, SCHEMA)
-  cfg = pretrained.checked_model_config(config.model)
+  cfg = pretrained.checked_model_config(config.model, pretrained.TRAINING_FIELDS)
   if config.model.pretrained:
     if config.task.name == "igsm" and config.data.long_fraction:
       raise ConfigError("data.long_fraction", "the hard lengths are the algorithmic tasks'", "0 for igsm")
@@ -62,28 +62,9 @@ def validate(config) -> None:
     raise ConfigError("model.vocab_size", f"too small for the {config.task.name} tokenizer", f">= {vocab}")
 
 
-def _start(config, workdir: str, task):
-  """(model config, task, init_params) of the run: from scratch on the task's words, or with `model.pretrained`
-  the checkpoint's shape, its tokenizer (copied into the workdir) and a loader of its weights onto the mesh."""
-  cfg = pretrained.model_config(config.model)
-  path = config.model.pretrained
-  if not path:
-    return cfg, task, None
-  config.model.update(cfg.to_dict())  # the run's saved config names the shape it trains, beside its tokenizer
-  if jax.process_index() == 0:
-    pretrained.copy_tokenizer(path, workdir)
-  task = task.with_tokenizer(pretrained.load_tokenizer(path, required=True))
-
-  def init_params(trainer):
-    logging.info("starting from %s", path)
-    model, _ = pretrained.load_pretrained(path, mesh=trainer.mesh, rules=trainer.rules,
-                                          **{k: config.model[k] for k in pretrained.RUNTIME_FIELDS})
-    return nnx.to_pure_dict(nnx.state(model))
-  return cfg, task, init_params
-
-
 def run(config, workdir: str) -> dict:
-  cfg, task, init_params = _start(config, workdir, get_task(config))
+  cfg, tokenizer, init_params = pretrained.finetune_start(config.model, workdir)
+  task = candidates_lib.task_for(get_task(config), tokenizer)  # a pretrained model's own tokenizer, if any
   tok, seq_len = task.tokenizer, config.data.seq_len
   records = task.records(config.data.num_train, seed=config.seed, split="train")
   num_long = int(round(config.data.long_fraction * config.data.num_train))
@@ -101,7 +82,8 @@ def run(config, workdir: str) -> dict:
                                 flops_per_token=cfg.flops_per_token(seq_len), seq_len=seq_len)
   train_iter = iter(rows_lib.shuffled_batches(rows, batch_size=config.train.global_batch_size, seed=config.seed))
   result = trainer.fit(train_iter, seed=config.seed,
-                       init_params=None if init_params is None else functools.partial(init_params, trainer))
+                       init_params=None if init_params is None else functools.partial(init_params, trainer.mesh,
+                                                                                      trainer.rules))
   if result["step"] < config.train.steps:
     logging.warning("stopped at step %d of %d: no evaluation; run again to resume", result["step"], config.train.steps)
     return {}

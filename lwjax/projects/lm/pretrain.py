@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from lwjax.config import ConfigError, Field, non_negative_int, positive_int, validate as validate_schema
 from lwjax.data import corpus, pipeline, tokenizer as tokenizer_lib
 from lwjax.launch import distributed
-from lwjax.models import hf_checkpoint, pretrained
+from lwjax.models import pretrained
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.training import losses, mesh, optim, trainer as trainer_lib
 
@@ -83,14 +83,7 @@ def validate(config) -> None:
 
 def _model_config(config) -> GPTConfig:
   """The model's config: `config.model`, or the pretrained checkpoint's shape; a ConfigError naming the key."""
-  try:
-    if config.model.pretrained:  # config.json, the shards and tensor shapes, the tokenizer: before heavy work
-      pretrained.check(config.model.pretrained)
-    return pretrained.model_config(config.model, pretrained.TRAINING_FIELDS)
-  except (pretrained.PretrainedError, hf_checkpoint.CheckpointError) as e:
-    raise ConfigError("model.pretrained", str(e), "a Hugging Face checkpoint directory or an lwjax workdir") from None
-  except ValueError as e:
-    raise ConfigError("model", str(e), "n_kv_heads dividing n_heads, even head_dim") from None
+  return pretrained.checked_model_config(config.model, pretrained.TRAINING_FIELDS)
 
 
 def _sources(config, workdir):

@@ -2,7 +2,8 @@
 `lwjax.projects.lrp4rag.task` with exact labels.
 
 1. The generator: a GPT trained here on the task with the core Trainer (resumable), or a trained run reused
-   (`base=<workdir>`), or, at the paper scale, a Hugging Face Llama checkpoint (`hf.checkpoint`, `hf.tokenizer`).
+   (`base=<workdir>`), or, as the paper, a pretrained model read as it is (`model.pretrained`: a Hugging Face
+   checkpoint directory with its tokenizer, of a family AttnLRP implements, or an lwjax workdir with one).
 2. Held-out prompts: greedy answers (batch sampler), each labelled faithful / hallucinated by the generator's
    ground truth; K samples at temperature 1 for self-consistency. Logged first: the generator's competence
    (answers the passage's value where a passage states it), per prompt kind, and the class balance.
@@ -33,8 +34,8 @@ from lwjax import plots
 from lwjax.config import ConfigError, DefaultedGroup, Field, positive_int, validate as validate_schema
 from lwjax.data import rows as rows_lib, tokenizer as tokenizer_lib
 from lwjax.launch import distributed
-from lwjax.models import hf_checkpoint
-from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, DTYPES, GPT, GPTConfig
+from lwjax.models import pretrained
+from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.projects.lrp4rag import classifiers, detectors, signals
 from lwjax.projects.lrp4rag.task import SCHEMA as TASK_SCHEMA, RagTask, TaskConfig, check as check_task
 from lwjax.relevance import attnlrp
@@ -45,14 +46,12 @@ EVAL_SEED = 1_000_003  # held-out prompts: their own stream, apart from the trai
 SAMPLE_SEED = 2_000_003
 WORLD_KEYS = ("entities", "attributes", "values", "unknown_fraction", "popular_fraction", "world_seed")
 TRAINING_GROUPS = ("model", "data", "train", "optim")
+TAKES_PRETRAINED = True
 CONSERVATION_EXAMPLES = 64  # held-out answers whose first token's logit is explained layer by layer
 
 SCHEMA = {
     "job": Field(str), "seed": Field(int),
     "base": Field(str, doc="workdir of a trained lrp4rag run to reuse; '' trains in the workdir"),
-    "hf": {"checkpoint": Field(str, doc="HF Llama checkpoint directory (config.json + safetensors); '' = none"),
-           "tokenizer": Field(str, doc="its sentencepiece tokenizer.model, or the directory holding it"),
-           "dtype": Field(str, choices=DTYPES, doc="compute dtype of the HF model")},
     "task": TASK_SCHEMA,
     "model": DefaultedGroup(MODEL_SCHEMA),
     "data": DefaultedGroup({"seq_len": Field(int, min=8), "num_train": positive_int("training prompts (repeated)")}),
@@ -67,10 +66,6 @@ SCHEMA = {
 }
 
 
-def _tokenizer_file(path: str) -> str:
-  return os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
-
-
 def validate(config) -> None:
   validate_schema(config, SCHEMA)
   task_cfg = TaskConfig.from_dict(config.task)
@@ -79,40 +74,41 @@ def validate(config) -> None:
   if config.detect.folds > config.eval.num:
     raise ConfigError("detect.folds", f"more folds than held-out prompts ({config.eval.num})",
                       f"<= eval.num ({config.eval.num})")
-  if config.hf.checkpoint or "model" not in config:
-    _validate_hf(config)
+  if "model" not in config:
+    raise ConfigError("model", "missing", "a group: a GPT's shape to train, or model.pretrained, e.g. "
+                      "experiments/lrp4rag.py:scale=paper,pretrained=/models/Llama-2-7b-chat-hf")
+  if config.model.pretrained:
+    _validate_pretrained(config)
   else:
     _validate_gpt(config, task_cfg)
 
 
-def _validate_hf(config) -> None:
-  hf = config.hf
-  if not hf.checkpoint:
-    raise ConfigError("hf.checkpoint", "required without a model group (the paper scale)",
-                      "a HF Llama checkpoint directory, e.g. experiments/lrp4rag.py:scale=paper,"
-                      "checkpoint=/models/Llama-2-7b-chat-hf,tokenizer=/models/Llama-2-7b-chat-hf")
-  if not os.path.isfile(os.path.join(hf.checkpoint, hf_checkpoint.CONFIG_FILE)):
-    raise ConfigError("hf.checkpoint", f"no {hf_checkpoint.CONFIG_FILE} in {hf.checkpoint!r}",
-                      "a HF Llama checkpoint directory (config.json + safetensors)")
-  if not hf.tokenizer or not os.path.isfile(_tokenizer_file(hf.tokenizer)):
-    raise ConfigError("hf.tokenizer", f"no sentencepiece tokenizer.model at {hf.tokenizer!r}",
-                      "the model's tokenizer.model or its directory (Llama-2 ships one)")
+def _validate_pretrained(config) -> None:
+  """A pretrained generator is read as it is: its checkpoint and tokenizer load, AttnLRP takes its options."""
+  cfg = pretrained.checked_model_config(config.model)
+  if not pretrained.tokenizer_file(config.model.pretrained):
+    raise ConfigError("model.pretrained", f"{config.model.pretrained} holds no tokenizer file",
+                      "a checkpoint with its tokenizer (an lrp4rag run's own workdir is `base`)")
+  if (reason := attnlrp.unsupported(cfg)) is not None:
+    raise ConfigError("model.pretrained", f"AttnLRP does not implement {reason}",
+                      "a model of Llama's options (Llama 2/3, or Mistral without a sliding window)")
   if config.base:
-    raise ConfigError("base", "cannot be combined with hf.checkpoint", "''")
-  for group in TRAINING_GROUPS:
+    raise ConfigError("base", "cannot be combined with model.pretrained", "''")
+  for group in TRAINING_GROUPS[1:]:
     if group in config:
-      raise ConfigError(group, "unused with hf.checkpoint (nothing is trained; config.json gives the shape)",
-                        "absent")
+      raise ConfigError(group, "unused with model.pretrained (the generator is read as it is, not trained)",
+                        "absent: experiments/lrp4rag.py's pretrained= argument leaves it out")
 
 
 def _validate_gpt(config, task_cfg: TaskConfig) -> None:
-  for group in TRAINING_GROUPS:
-    if group not in config:
-      raise ConfigError(group, "missing", "a group (or hf.checkpoint instead of model/data/train/optim)")
-  if config.hf.tokenizer:
-    raise ConfigError("hf.tokenizer", "only with hf.checkpoint (the GPT uses the task's word list)", "''")
+  missing = [group for group in TRAINING_GROUPS if group not in config]
+  if missing:
+    raise ConfigError("model.pretrained", f"empty, and no {'/'.join(missing)} group to train a generator with",
+                      "a pretrained generator, e.g. experiments/lrp4rag.py:scale=paper,"
+                      "pretrained=/models/Llama-2-7b-chat-hf, or a scale that trains one")
   if task_cfg.template != "symbolic":
-    raise ConfigError("task.template", "the text template needs a HF tokenizer (hf.checkpoint)", "'symbolic'")
+    raise ConfigError("task.template", "the text template needs a pretrained model's tokenizer (model.pretrained)",
+                      "'symbolic'")
   try:
     cfg = GPTConfig.from_dict(config.model)
   except ValueError as e:
@@ -153,10 +149,10 @@ def _train(config, workdir: str, task: RagTask) -> GPT | None:
 
 def load_generator(config, workdir: str, task_cfg: TaskConfig):
   """(model, task, {"source": ...}): the HF checkpoint, the reused base run, or a GPT trained here."""
-  if config.hf.checkpoint:
-    model = hf_checkpoint.load(config.hf.checkpoint, dtype=config.hf.dtype)
-    tokenizer = tokenizer_lib.load(_tokenizer_file(config.hf.tokenizer))
-    return model, RagTask(task_cfg, tokenizer), {"source": "hf", "checkpoint": config.hf.checkpoint}
+  if config.model.pretrained:
+    model, tokenizer = pretrained.load_pretrained(config.model.pretrained,
+                                                  **{k: config.model[k] for k in pretrained.RUNTIME_FIELDS})
+    return model, RagTask(task_cfg, tokenizer), {"source": "pretrained", "checkpoint": config.model.pretrained}
   task = RagTask(task_cfg)
   if not config.base:
     return _train(config, workdir, task), task, {"source": "trained", "steps": config.train.steps}
@@ -293,7 +289,7 @@ def run(config, workdir: str) -> dict:
     return {}
   tok, e = task.tokenizer, config.eval
   prompts = task.prompts(e.num, mix=task_cfg.eval_mix, seed=config.seed + EVAL_SEED)
-  prompt_ids = [[tok.bos_id] + tok.encode(task.prompt_text(p)) for p in prompts]
+  prompt_ids = [tokenizer_lib.bos_prefix(tok) + tok.encode(task.prompt_text(p)) for p in prompts]
   # Greedy answers with the samples' shapes (K equal rows at temperature 0): one compilation serves both.
   answers = [row[0] for row in generate(model, tok, prompt_ids, n=e.samples, temperature=0.0, seed=config.seed,
                                         config=config, desc="greedy answers")]

@@ -46,7 +46,7 @@ import numpy as np
 
 from lwjax.config import option, schema_of
 from lwjax.data import rows as rows_lib
-from lwjax.data.tokenizer import WordListTokenizer
+from lwjax.data.tokenizer import WordListTokenizer, bos_prefix
 
 KINDS = ("supported", "fresh", "conflict", "absent", "unknown")
 ATTRIBUTE_NAMES = ("city", "job", "color", "pet", "sport", "food", "team", "drink")
@@ -250,7 +250,7 @@ class RagTask:
     if target is None:
       return None
     tok = self.tokenizer
-    prompt = [tok.bos_id] + tok.encode(self.prompt_text(p))
+    prompt = bos_prefix(tok) + tok.encode(self.prompt_text(p))
     return rows_lib.lm_row(prompt, tok.encode(target) + [tok.eos_id], seq_len)
 
   def max_prompt_tokens(self) -> int:

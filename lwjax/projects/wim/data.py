@@ -25,6 +25,7 @@ import grain
 import numpy as np
 
 from lwjax.data import pipeline, rows as rows_lib
+from lwjax.data.tokenizer import bos_prefix
 from lwjax.projects.wim import prompts, tasks
 
 KINDS = ("margin", "relevance", "distractor", "answer_margins", "answer_full", "answer_retrieval", "recall", "copy")
@@ -50,12 +51,12 @@ def _assignments(record: tasks.Record) -> list[tuple[str, str]]:
 def _recall_row(tok: tasks.WiMTokenizer, record: tasks.Record, seq_len: int) -> dict | None:
   """The context, then each assignment asked in turn as `? get <value> ans` -> `<key>` (document order
   reversed: the first answer is not simply the last fact read), the loss on the answers only."""
-  prompt = [tok.bos_id] + tok.encode(record.context)
+  prompt = bos_prefix(tok) + tasks.encode_segments(tok, record.segments)
   tokens, is_answer = list(prompt), [False] * len(prompt)
   for key, value in reversed(_assignments(record)):
-    query = tok.encode(f"? get {value} ans")
-    tokens += query + tok.encode(key)
-    is_answer += [False] * len(query) + [True]
+    query, answer = tok.encode(f"? get {value} ans"), tok.encode(key)
+    tokens += query + answer
+    is_answer += [False] * len(query) + [True] * len(answer)
   row = rows_lib.lm_row(prompt, tokens[len(prompt):], seq_len)
   if row is not None:  # loss_mask[i] is the loss on predicting tokens[i + 1]
     n = len(tokens) - 1
@@ -67,7 +68,7 @@ def copy_row(tok: tasks.WiMTokenizer, rng: random.Random, seq_len: int) -> dict 
   """`<bos> w1 .. wn ? w1 .. wn` for 4-24 random keys and values, the loss on the repeat."""
   n = min(rng.randint(4, 24), max(1, (seq_len - 2) // 2))
   words = " ".join(rng.choice(COPY_WORDS) for _ in range(n))
-  return rows_lib.lm_row([tok.bos_id] + tok.encode(f"{words} ?"), tok.encode(words), seq_len)
+  return rows_lib.lm_row(bos_prefix(tok) + tok.encode(f"{words} ?"), tok.encode(words), seq_len)
 
 
 def _distractor(record: tasks.Record, index: int) -> str | None:
@@ -81,10 +82,10 @@ def _distractor(record: tasks.Record, index: int) -> str | None:
 
 def build_row(tok: tasks.WiMTokenizer, record: tasks.Record, kind: str, index: int, seq_len: int) -> dict | None:
   """One training row (`rows.lm_row`: loss on the target only), None when longer than seq_len."""
-  bos, eos = [tok.bos_id], [tok.eos_id]
+  bos, eos = bos_prefix(tok), [tok.eos_id]
   answer = tok.encode(" ".join(record.answer)) + eos
   if kind == "margin":
-    context = bos + tok.encode(" ".join(record.segments[:index + 1]))
+    context = bos + tasks.encode_segments(tok, record.segments[:index + 1])
     return rows_lib.lm_row(context + prompts.extraction(tok, record.query),
                            tok.encode(record.margins[index]) + eos, seq_len)
   if kind in ("relevance", "distractor"):
@@ -96,14 +97,15 @@ def build_row(tok: tasks.WiMTokenizer, record: tasks.Record, kind: str, index: i
     return _recall_row(tok, record, seq_len)
   if kind == "answer_margins":
     kept = [m for m, r in zip(record.margins, record.relevant, strict=True) if r]
-    return rows_lib.lm_row(bos + tok.encode(record.context) + prompts.answer_with_margins(tok, record.query, kept),
-                           answer, seq_len)
+    return rows_lib.lm_row(bos + tasks.encode_segments(tok, record.segments)
+                           + prompts.answer_with_margins(tok, record.query, kept), answer, seq_len)
   if kind == "answer_full":
-    return rows_lib.lm_row(bos + tok.encode(record.context) + prompts.answer_direct(tok, record.query), answer,
-                           seq_len)
+    return rows_lib.lm_row(bos + tasks.encode_segments(tok, record.segments) + prompts.answer_direct(tok, record.query),
+                           answer, seq_len)
   if kind == "answer_retrieval":
-    chosen = " ".join(s for s, r in zip(record.segments, record.relevant, strict=True) if r)
-    return rows_lib.lm_row(bos + tok.encode(chosen) + prompts.answer_direct(tok, record.query), answer, seq_len)
+    chosen = [s for s, r in zip(record.segments, record.relevant, strict=True) if r]
+    return rows_lib.lm_row(bos + tasks.encode_segments(tok, chosen) + prompts.answer_direct(tok, record.query),
+                           answer, seq_len)
   raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
 
 

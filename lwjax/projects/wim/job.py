@@ -1,6 +1,7 @@
 """The WiM job (Writing in the Margins, arXiv 2408.14906, §3-4): train a small reader on the generated long-context
-tasks (or reuse one, `base`), then read held-out documents of every task and length three ways on the serving
-engine, same model, same documents:
+tasks (from scratch on their words, or finetuned from `model.pretrained` through its own tokenizer; or reuse a
+trained one, `base`), then read held-out documents of every task and length three ways on the serving engine,
+same model, same documents:
 
 - WiM (`lwjax.serving.wim`): segment by segment with margins, relevance requests, the answer from the context
   and the kept margins;
@@ -14,6 +15,7 @@ exact ones and its relevance calls are right. `<workdir>/metrics.json`, `accurac
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -26,7 +28,10 @@ from flax import nnx
 
 from lwjax import plots
 from lwjax.config import ConfigError, Field, int_list, parse_ints, positive_int, validate as validate_schema
+from lwjax.data import tokenizer as tokenizer_lib
+from lwjax.data.tokenizer import bos_prefix
 from lwjax.launch import distributed
+from lwjax.models import pretrained
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.projects.wim import data as data_lib, prompts, tasks
 from lwjax.serving import wim
@@ -43,7 +48,8 @@ def _task_list(value: str) -> str | None:
 
 
 SCHEMA = {
-    "job": Field(str), "seed": Field(int), "base": Field(str, doc="a trained reader's workdir; empty: train one"),
+    "job": Field(str), "seed": Field(int),
+    "base": Field(str, doc="a trained reader's workdir (a wim run's); empty: train one"),
     "model": MODEL_SCHEMA,
     "task": {"names": Field(str, check=_task_list), "segment_words": positive_int("words per segment"),
              "train_segments": int_list("document lengths in training, in segments")},
@@ -58,24 +64,39 @@ SCHEMA = {
 }
 
 
+TAKES_PRETRAINED = True
+
+
 def validate(config) -> None:
   validate_schema(config, SCHEMA)
-  tok = tasks.WiMTokenizer()
-  if config.model.vocab_size < tok.vocab_size:
-    raise ConfigError("model.vocab_size", "too small for the WiM vocabulary", f">= {tok.vocab_size}")
-  # The answer request: the whole document, every margin kept at its longest, the prompts, the answer.
-  e = config.eval
-  longest = max(parse_ints(e.segments)) * (config.task.segment_words + e.margin_tokens + 1) + e.answer_tokens + 16
-  if config.model.max_seq_len < longest:
-    raise ConfigError("model.max_seq_len", f"the longest evaluated document needs about {longest} positions",
-                      f">= {longest}, or shorter eval.segments")
+  cfg = pretrained.checked_model_config(config.model, pretrained.TRAINING_FIELDS)
+  if config.model.pretrained and config.base:
+    raise ConfigError("base", "a trained reader, and model.pretrained one to train: give one of them", "''")
+  if not config.model.pretrained:
+    tok = tasks.WiMTokenizer()
+    if cfg.vocab_size < tok.vocab_size:
+      raise ConfigError("model.vocab_size", "too small for the WiM vocabulary", f">= {tok.vocab_size}")
+    # The answer request: the whole document, every margin kept at its longest, the prompts, the answer (in the
+    # task's words, one id each; a pretrained reader's tokenizer takes more, which the engine checks per request).
+    e = config.eval
+    longest = max(parse_ints(e.segments)) * (config.task.segment_words + e.margin_tokens + 1) + e.answer_tokens + 16
+    if cfg.max_seq_len < longest:
+      raise ConfigError("model.max_seq_len", f"the longest evaluated document needs about {longest} positions",
+                        f">= {longest}, or shorter eval.segments")
   if config.base and not os.path.isdir(os.path.join(config.base, "checkpoints")):
     raise ConfigError("base", f"{config.base!r} holds no checkpoints", "a finished wim run's workdir, or ''")
 
 
-def train_reader(config, workdir: str) -> GPT | None:
-  """The reader trained on every prompt of the pattern (None when stopped early: run again to resume)."""
-  cfg, tok = GPTConfig.from_dict(config.model), tasks.WiMTokenizer()
+def reader_tokenizer(tokenizer):
+  """The reader's tokenizer: its own (a pretrained one's, decoding exactly the text it encodes), else the task's."""
+  return tasks.WiMTokenizer() if tokenizer is None else tokenizer_lib.exact_text(tokenizer)
+
+
+def train_reader(config, workdir: str):
+  """(the reader trained on every prompt of the pattern, its tokenizer); the reader is None when stopped early
+  (run again to resume)."""
+  cfg, tokenizer, init_params = pretrained.finetune_start(config.model, workdir)
+  tok = reader_tokenizer(tokenizer)
   records = data_lib.documents(config.data.num_docs, seed=config.seed, task_names=config.task.names.split(","),
                                num_segments=parse_ints(config.task.train_segments),
                                segment_words=config.task.segment_words)
@@ -86,10 +107,12 @@ def train_reader(config, workdir: str) -> GPT | None:
   train_iter = iter(data_lib.batches(records, tok, seq_len=config.data.seq_len,
                                      batch_size=config.train.global_batch_size, seed=config.seed,
                                      copy_fraction=config.data.copy_fraction))
-  result = trainer.fit(train_iter, seed=config.seed)
+  result = trainer.fit(train_iter, seed=config.seed,
+                       init_params=None if init_params is None else functools.partial(init_params, trainer.mesh,
+                                                                                      trainer.rules))
   if result["step"] < config.train.steps:
-    return None
-  return nnx.merge(trainer.graphdef, trainer.restore_params())
+    return None, tok
+  return nnx.merge(trainer.graphdef, trainer.restore_params()), tok
 
 
 def _engine(config, model: GPT, tok) -> Engine:
@@ -105,9 +128,10 @@ def _strip(tokens, eos):
   return list(tokens[:-1]) if tokens and tokens[-1] == eos else list(tokens)
 
 
-def read(config, model: GPT, docs: list[tasks.Record], engine: Engine | None = None) -> dict:
-  """The three methods on `docs` (one task, one length): per method the scores and the compute per document."""
-  tok = tasks.WiMTokenizer()
+def read(config, model: GPT, docs: list[tasks.Record], engine: Engine | None = None, tok=None) -> dict:
+  """The three methods on `docs` (one task, one length): per method the scores and the compute per document
+  (`tok`: the reader's tokenizer, default the task's)."""
+  tok = tok or tasks.WiMTokenizer()
   greedy = SamplingParams(temperature=0.0, max_tokens=config.eval.answer_tokens)
   engine = engine or _engine(config, model, tok)
   start = time.perf_counter()
@@ -121,17 +145,17 @@ def read(config, model: GPT, docs: list[tasks.Record], engine: Engine | None = N
   wave = max(1, config.engine.num_pages * config.engine.page_size // (2 * per_doc))
   for first in range(0, len(runs), wave):
     for run in runs[first:first + wave]:  # the document's context starts with bos, as in training
-      run.segments[0] = [tok.bos_id] + run.segments[0]
+      run.segments[0] = bos_prefix(tok) + run.segments[0]
       run.start()
     engine.run_until_done()
   wim_seconds = time.perf_counter() - start
   # Full context, and retrieval-only over the segments WiM kept, as ordinary requests in one batch.
-  full = [engine.add_request([tok.bos_id] + tok.encode(d.context) + prompts.answer_direct(tok, d.query), greedy)
-          for d in docs]
-  chosen = [" ".join(s for s, m in zip(d.segments, run.margins, strict=True) if m.relevant) for d, run in
+  full = [engine.add_request(bos_prefix(tok) + tasks.encode_segments(tok, d.segments)
+                             + prompts.answer_direct(tok, d.query), greedy) for d in docs]
+  chosen = [[s for s, m in zip(d.segments, run.margins, strict=True) if m.relevant] for d, run in
             zip(docs, runs, strict=True)]
-  retrieval = [engine.add_request([tok.bos_id] + tok.encode(c) + prompts.answer_direct(tok, d.query), greedy)
-               for c, d in zip(chosen, docs, strict=True)]
+  retrieval = [engine.add_request(bos_prefix(tok) + tasks.encode_segments(tok, c) + prompts.answer_direct(tok, d.query),
+                                  greedy) for c, d in zip(chosen, docs, strict=True)]
   engine.run_until_done()
   eos = tok.eos_id
 
@@ -192,15 +216,16 @@ def run(config, workdir: str) -> dict:
     model, base_config, step = checkpoint.load_model(
         os.path.join(config.base, "checkpoints"),
         lambda saved: GPT(GPTConfig.from_dict(saved["model"]), rngs=nnx.Rngs(0)))
+    tok = reader_tokenizer(pretrained.load_tokenizer(config.base))  # a reader finetuned from a checkpoint keeps it
     logging.info("reader: %s (step %d)", config.base, step)
   else:
-    model = train_reader(config, workdir)
+    model, tok = train_reader(config, workdir)
     if model is None:
       logging.warning("stopped before the end of training; run again to resume")
       return {}
   lengths = parse_ints(config.eval.segments)
   # One engine for every task and length: its compiled programs are reused, not compiled again per length.
-  engine = _engine(config, model, tasks.WiMTokenizer())
+  engine = _engine(config, model, tok)
   metrics = {"base": config.base or workdir, "segment_words": config.task.segment_words,
              "train_segments": reader_train_segments(config, base_config), "results": {}}
   for task in config.task.names.split(","):
@@ -208,7 +233,7 @@ def run(config, workdir: str) -> dict:
     for n in lengths:
       docs = tasks.generate(task, config.eval.num_docs, seed=config.eval.seed + 7919 * n, num_segments=n,
                             segment_words=config.task.segment_words)
-      result = read(config, model, docs, engine)
+      result = read(config, model, docs, engine, tok)
       metrics["results"][task][str(n)] = result
       logging.info("%s, %d segments: WiM %.3f, full context %.3f, retrieval-only %.3f (margins exact %.2f, "
                    "relevance %.2f; prefill tokens %.0f / %.0f / %.0f; %d programs compiled so far)", task, n,

@@ -6,13 +6,15 @@
 - answer without margins (full context, and retrieval-only over the chosen segments): `<context> ? <query> ans`
   -> `<answer> <eos>`
 
-Each function returns token ids (`tasks.WiMTokenizer`); `wim_prompts` is the serving engine's `WiMPrompts`.
+Each function returns token ids (of `tasks.WiMTokenizer`, or a pretrained reader's own tokenizer); `wim_prompts` is
+the serving engine's `WiMPrompts`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lwjax.data.tokenizer import bos_prefix
 from lwjax.projects.wim import tasks
 from lwjax.serving import wim
 
@@ -22,7 +24,7 @@ def extraction(tok: tasks.WiMTokenizer, query: str) -> list[int]:
 
 
 def classification(tok: tasks.WiMTokenizer, query: str, margin: str) -> list[int]:
-  return [tok.bos_id] + tok.encode(f"query {query} | {margin} rel")
+  return bos_prefix(tok) + tok.encode(f"query {query} | {margin} rel")
 
 
 def answer_with_margins(tok: tasks.WiMTokenizer, query: str, margins: Sequence[str]) -> list[int]:

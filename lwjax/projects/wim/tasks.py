@@ -25,7 +25,8 @@ LM's induction heads read. (With `k17 = v42 .` asked value-first no 4 x 128 read
   stops); query `common`, answer the common words (alphabetical), scored by F1. A segment's margin: the words
   it repeats (alphabetical); relevant when any.
 
-Text is whitespace-separated words of a fixed vocabulary (`WiMTokenizer`, one id per word, exact round trip).
+Text is whitespace-separated words of a fixed vocabulary (`WiMTokenizer`, one id per word, exact round trip); a
+reader finetuned from a pretrained model reads the same text through its own tokenizer.
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ class WiMTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return " ".join(self.words[i - 4] for i in ids if 4 <= int(i) < self.vocab_size)
+
+
+def encode_segments(tok, segments: Sequence[str]) -> list[int]:
+  """The ids of consecutive segments, each encoded on its own, as the WiM engine prefills them: with a subword
+  tokenizer (a pretrained reader's) training rows and inference then see the same ids (encoding the joined text
+  would merge the space before each segment into its first token). Exact concatenation for `WiMTokenizer`."""
+  return [i for segment in segments for i in tok.encode(segment)]
 
 
 @dataclasses.dataclass(frozen=True)

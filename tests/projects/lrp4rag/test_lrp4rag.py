@@ -5,6 +5,7 @@ one-line errors; the smoke run end to end through main.py."""
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from PIL import Image
 from experiments import lrp4rag as experiment
 from lwjax import jobs
 from lwjax.config import ConfigError
+from lwjax.models import hf_checkpoint
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.projects.lrp4rag import classifiers, detectors, signals
 from lwjax.projects.lrp4rag.task import KINDS, Mix, Prompt, RagTask, TaskConfig
@@ -230,12 +232,18 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as info:
       jobs.get(config)
     return str(info.value)
-  assert error(experiment.get_config("scale=paper")).startswith("hf.checkpoint: required")
-  assert error(experiment.get_config(f"scale=paper,checkpoint={tmp_path}")).startswith("hf.checkpoint: no config.json")
-  (tmp_path / "config.json").write_text("{}")
-  assert error(experiment.get_config(f"scale=paper,checkpoint={tmp_path}")).startswith("hf.tokenizer:")
-  (tmp_path / "tokenizer.model").write_bytes(b"")
-  jobs.get(experiment.get_config(f"scale=paper,checkpoint={tmp_path},tokenizer={tmp_path}"))
+  assert error(experiment.get_config("scale=paper")).startswith("model.pretrained:")
+  assert error(experiment.get_config(f"scale=paper,pretrained={tmp_path}")).startswith("model.pretrained:")
+  hf = _hf_generator(tmp_path / "hf")
+  jobs.get(experiment.get_config(f"scale=paper,pretrained={hf}"))
+  os.remove(os.path.join(hf, "tokenizer.json"))
+  assert "no tokenizer" in error(experiment.get_config(f"scale=paper,pretrained={hf}"))
+  qwen = _hf_generator(tmp_path / "qwen", qkv_bias=True)  # a Qwen2 checkpoint: q/k/v biases
+  message = error(experiment.get_config(f"scale=paper,pretrained={qwen}"))
+  assert message.startswith("model.pretrained: AttnLRP does not implement") and "qkv_bias" in message
+  config = experiment.get_config(f"scale=paper,pretrained={qwen}")
+  config.train = experiment.get_config("scale=smoke").train
+  assert error(config).startswith("model.pretrained:")  # the model is checked first
   config = experiment.get_config("scale=smoke")
   config.task.train_mix.unknown = 0.1
   assert error(config).startswith("task.train_mix.unknown:")
@@ -246,6 +254,17 @@ def test_config_errors_name_the_key(tmp_path):
   config.data.seq_len = 12
   assert error(config).startswith("data.seq_len:")
   assert error(experiment.get_config(f"scale=smoke,base={tmp_path}")).startswith("base: no checkpoints/")
+
+
+def _hf_generator(path, **options) -> str:
+  """A tiny random Hugging Face checkpoint (Llama, or the family `options` need) with a Llama-3-style tokenizer
+  beside it."""
+  shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "hf", "tokenizers", "llama3_style"), path,
+                  ignore=shutil.ignore_patterns("expected.json"))
+  cfg = GPTConfig(vocab_size=448, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                  max_seq_len=1024, **options)
+  hf_checkpoint.save_random(cfg, path, scale=0.3)
+  return str(path)
 
 
 # ---- end to end ----
@@ -291,3 +310,19 @@ def test_a_reused_base_gives_the_same_answers_and_another_world_is_refused(tmp_p
   assert first["by_group"] == second["by_group"] and second["generator"]["source"] == "base"
   other = _main(tmp_path, "--config", config + ",base=run", "--workdir", "other", "--config.task.world_seed=5")
   assert other.returncode == 2 and "base:" in other.stderr and "world_seed" in other.stderr
+
+
+@pytest.mark.slow
+def test_smoke_run_from_a_pretrained_generator(tmp_path):
+  """`pretrained=`: a Hugging Face checkpoint answers the prompts as it is (nothing trained), its answers are
+  labelled and explained by AttnLRP through its own tokenizer. (Slow: the signals compile once per prompt
+  length, and a tokenizer's prompts have many lengths.)"""
+  hf = _hf_generator(tmp_path / "hf")
+  result = _main(tmp_path, "--config", os.path.join(ROOT, "experiments/lrp4rag.py") + f":scale=smoke,pretrained={hf}",
+                 "--workdir", "run", "--config.eval.num=8", "--config.eval.batch_prompts=8")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "step 1/" not in result.stderr  # nothing trained
+  metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+  assert metrics["generator"] == {"source": "pretrained", "checkpoint": hf} and metrics["n"] == 8
+  assert metrics["conservation"]["n"] == 8 and metrics["conservation"]["head_error_median"] < 1e-4
+  assert metrics["task"]["template"] == "text"

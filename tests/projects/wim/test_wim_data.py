@@ -69,3 +69,29 @@ def test_copy_rows_repeat_a_random_run_with_the_loss_on_the_repeat_and_resume_ex
   expected, got = next(it), next(resumed)
   for key in expected:
     np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_a_pretrained_readers_rows_hold_the_ids_the_engine_prefills():
+  """Through a subword tokenizer (a pretrained reader's): a margin row's context is the segments encoded one by
+  one, as the engine prefills them, and a recall row's loss covers every token of a multi-token answer."""
+  import pathlib
+
+  from lwjax.data import hf_tokenizer
+  from lwjax.projects.wim import job, prompts
+  tok = job.reader_tokenizer(hf_tokenizer.load(str(pathlib.Path(__file__).parents[2] / "fixtures" / "hf" /
+                                                   "tokenizers" / "llama3_style")))
+  record = tasks.generate("retrieval", 1, seed=3, num_segments=2, segment_words=24)[0]
+  row = data.build_row(tok, record, "margin", 1, 1024)
+  engine_ids = [tok.bos_id] + [i for s in record.segments for i in tok.encode(s)] + prompts.extraction(
+      tok, record.query)
+  n = len(engine_ids)
+  np.testing.assert_array_equal(row["inputs"][:n], engine_ids)
+  assert tok.encode(record.context) != [i for s in record.segments for i in tok.encode(s)]  # why it matters
+  margin = tok.decode(row["targets"][n - 1:int(row["segment_ids"].sum())])
+  assert margin == record.margins[1]  # exact text: no clean-up of the space before "."
+  recall = data.build_row(tok, record, "recall", 0, 2048)
+  m = int(recall["segment_ids"].sum())
+  answered = recall["targets"][:m][recall["loss_mask"][:m] > 0]
+  facts = dict(tasks.assignments(record.context))
+  assert tok.decode(answered) == "".join(list(facts.values())[::-1])
+  assert len(answered) > len(facts)  # the keys are several tokens each here

@@ -53,3 +53,37 @@ def test_every_scale_validates_and_bad_configs_name_the_field(scale):
   config.eval.segments = "64"
   with pytest.raises(ConfigError, match="^model.max_seq_len:"):
     jobs.get(config)
+
+
+@pytest.mark.slow
+def test_smoke_finetunes_a_pretrained_reader_and_reads_through_its_tokenizer(tmp_path):
+  """`model.pretrained`: the reader is the Hugging Face checkpoint finetuned on the tasks through its own tokenizer
+  (kept in the workdir), then read by WiM, full context and retrieval-only; `base=` reuses it with that tokenizer."""
+  import shutil
+
+  from lwjax.models import hf_checkpoint
+  from lwjax.models.gpt import GPTConfig
+  hf = tmp_path / "hf"
+  shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "hf", "tokenizers", "llama3_style"), hf,
+                  ignore=shutil.ignore_patterns("expected.json"))
+  hf_checkpoint.save_random(GPTConfig(vocab_size=448, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                                      d_ff=64, max_seq_len=2048), hf, scale=0.3)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  config = os.path.join(ROOT, "experiments/wim.py") + ":scale=smoke"
+  overrides = ["--config.data.seq_len=512", "--config.task.names=retrieval", "--config.eval.segments=1"]
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config", config, "--workdir", "run",
+                           f"--config.model.pretrained={hf}", *overrides],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+  methods = m["results"]["retrieval"]["1"]
+  assert set(methods) == {"wim", "full", "retrieval"} and all(0.0 <= methods[k]["score"] <= 1.0 for k in methods)
+  # The reader's tokenizer splits the task's words: a 32-word segment is far more than 32 ids.
+  assert methods["full"]["prefill_tokens"] > 64
+  assert (tmp_path / "run" / "tokenizer.json").is_file()
+  again = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config", config + ",base=run",
+                          "--workdir", "reuse", *overrides], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  reused = json.loads((tmp_path / "reuse" / "metrics.json").read_text())["results"]["retrieval"]["1"]
+  assert reused["full"] == methods["full"]  # the same reader, reading through the same tokenizer
