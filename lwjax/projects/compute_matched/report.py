@@ -82,15 +82,24 @@ def finetune_table(runs: list[dict], split: str = "test") -> str:
 
 
 def plot_coverage(path: str, runs: list[dict]) -> None:
+  """Coverage of both sources against the budget (log 2), mean ± standard error over seeds; with one seed, ± the
+  binomial standard error over its problems."""
   by_seed = {m["seed"]: m for m in runs}
   first = next(iter(by_seed.values()))
   series = {}
   for src, name in (("wc", "WC (weak, cheap)"), ("se", "SE (strong, costly)")):
-    series[name] = [(row["budget"]["se"], float(np.mean([m["quality"][i][src]["coverage"] for m in by_seed.values()])))
-                    for i, row in enumerate(first["quality"])]
+    points = []
+    for i, row in enumerate(first["quality"]):
+      mean, se = _mean_se([m["quality"][i][src]["coverage"] for m in by_seed.values()])
+      if len(by_seed) == 1:
+        se = float(np.sqrt(mean * (1 - mean) / first["sampling"][src]["num_problems"]))
+      points.append((row["budget"]["se"], mean, se))
+    series[name] = points
+  over = f"{len(by_seed)} seeds" if len(by_seed) > 1 else f"{first['sampling']['wc']['num_problems']} problems"
   plots.line_chart(path, series, title="coverage of the training problems at matched sampling FLOPs",
                    x_label="budget (SE samples per problem; WC draws the cost ratio times more)",
-                   y_label="coverage (>= 1 right answer)", y_range=(0.0, 1.0))
+                   y_label="coverage (>= 1 right answer)", y_range=(0.0, 1.0), log_x=2,
+                   error_note=f"shaded: ±1 standard error over {over}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -55,14 +55,17 @@ def table(runs: dict[str, dict], split: str, metric: str = "answer") -> str:
 
 
 def chart(runs: dict[str, dict], split: str, path: str) -> None:
+  """Best-of-N accuracy against N (log 2) of every run and the baselines, ±1 standard error over problems."""
   first = next(iter(runs.values()))[split]
   ns = first["n"]
-  series = {f"{name}": [(n, v[0]) for n, v in zip(ns, m[split]["answer"]["verifier"], strict=False)]
+  series = {f"{name}": [(n, *v) for n, v in zip(ns, m[split]["answer"]["verifier"], strict=False)]
             for name, m in runs.items()}
-  series["self-consistency"] = [(n, v[0]) for n, v in zip(ns, first["answer"]["majority"], strict=True)]
-  series["pass@N"] = [(n, v[0]) for n, v in zip(ns, first["answer"]["pass"], strict=True)]
+  series["self-consistency"] = [(n, *v) for n, v in zip(ns, first["answer"]["majority"], strict=True)]
+  series["pass@N (oracle)"] = [(n, *v) for n, v in zip(ns, first["answer"]["pass"], strict=True)]
   plots.line_chart(path, series, title=f"Best-of-N on {split} problems", x_label="N candidates",
-                   y_label="final answer accuracy", y_range=(0.0, 1.0))
+                   y_label="final answer accuracy", log_x=2,
+                   dashed=("self-consistency", "pass@N (oracle)"),
+                   error_note="shaded: ±1 standard error over problems")
 
 
 def by_kind(sweeps: list[dict[str, dict]]) -> dict[str, list[dict]]:
@@ -71,11 +74,16 @@ def by_kind(sweeps: list[dict[str, dict]]) -> dict[str, list[dict]]:
   return {k: [next(m for m in runs.values() if m["kind"] == k) for runs in sweeps] for k in kinds}
 
 
+def _mean_se(values) -> tuple[float, float]:
+  """(mean, standard error) of one number per seed."""
+  v = np.asarray(values, float)
+  return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
 def _over_seeds(values) -> str:
   """`mean ± SE` (percent) of one number per seed."""
-  v = 100 * np.asarray(values, float)
-  se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
-  return f"{v.mean():.1f} ± {se:.1f}"
+  mean, se = _mean_se(100 * np.asarray(values, float))
+  return f"{mean:.1f} ± {se:.1f}"
 
 
 def seeds_table(sweeps: list[dict[str, dict]], split: str, metric: str = "answer") -> str:
@@ -114,15 +122,20 @@ def cot_k_table(sweeps: list[dict[str, dict]], split: str) -> str:
 
 
 def seeds_chart(sweeps: list[dict[str, dict]], split: str, path: str) -> None:
+  """`seeds_table`'s accuracy against N (log 2): each verifier kind and baseline, mean ± standard error over
+  seeds (a baseline's per-seed value the mean over that seed's runs)."""
   kinds = by_kind(sweeps)
   ns = next(iter(kinds.values()))[0][split]["n"]
-  series = {kind: [(n, float(np.mean([m[split]["answer"]["verifier"][i][0] for m in runs])))
-                   for i, n in enumerate(ns)] for kind, runs in kinds.items()}
-  every = [m for runs in kinds.values() for m in runs]
-  for label, key in (("self-consistency", "majority"), ("pass@N", "pass")):
-    series[label] = [(n, float(np.mean([m[split]["answer"][key][i][0] for m in every]))) for i, n in enumerate(ns)]
+  series = {kind: [(n, *_mean_se([m[split]["answer"]["verifier"][i][0] for m in runs])) for i, n in enumerate(ns)]
+            for kind, runs in kinds.items()}
+  seeds = list(zip(*kinds.values(), strict=True))
+  for label, key in (("self-consistency", "majority"), ("pass@N (oracle)", "pass")):
+    series[label] = [(n, *_mean_se([np.mean([m[split]["answer"][key][i][0] for m in runs_of_seed])
+                                    for runs_of_seed in seeds])) for i, n in enumerate(ns)]
   plots.line_chart(path, series, title=f"Best-of-N on {split} problems, mean of {len(sweeps)} seeds",
-                   x_label="N candidates", y_label="final answer accuracy", y_range=(0.0, 1.0))
+                   x_label="N candidates", y_label="final answer accuracy", log_x=2,
+                   dashed=("self-consistency", "pass@N (oracle)"),
+                   error_note=f"shaded: ±1 standard error over {len(sweeps)} seeds")
 
 
 def main(argv: list[str] | None = None) -> None:

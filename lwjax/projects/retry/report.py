@@ -5,7 +5,8 @@ binomial standard error of every accuracy (Physics of LMs 2.2, arXiv 2408.16293,
   python -m lwjax.projects.retry.report runs/igsm_solver_cpu --png runs/igsm_solver_cpu/curve.png
 
 `--png` also draws each run's accuracy curve (`curve.jsonl`, written at every evaluation when the config sets
-`eval.curve_ops`): greedy full-solution accuracy on the curve's held-out problems against the step.
+`eval.curve_ops`): greedy full-solution accuracy on the curve's held-out problems against the step, a panel per
+op (and one over all of them).
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ def _describe(m: dict) -> str:
   return f"pretrain r={m['retry_rate']:g}{extra}"
 
 
+def _binomial_se(p: float, n: int) -> float:
+  return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
 def _pm(p: float, n: int) -> str:
-  return f"{100 * p:.1f} ± {100 * math.sqrt(max(p * (1 - p), 0.0) / n):.1f}"
+  return f"{100 * p:.1f} ± {100 * _binomial_se(p, n):.1f}"
 
 
 def table(runs: dict[str, dict]) -> str:
@@ -83,10 +88,14 @@ def curve_png(sweep_dir: str, path: str) -> None:
   curves = load_curves(sweep_dir)
   if not curves:
     raise ValueError(f"no <run>/curve.jsonl under {sweep_dir}: set eval.curve_ops in the config")
-  series = {f"{name} {key}": [(p["step"], 100 * p["eval"][key]["accuracy"]) for p in points]
-            for name, points in curves.items() for key in points[-1]["eval"]}
-  plots.line_chart(path, series, title=f"greedy full-solution accuracy on held-out problems ({sweep_dir})",
-                   x_label="training step", y_label="accuracy %", y_range=(0.0, 100.0))
+  keys = list(dict.fromkeys(key for points in curves.values() for key in points[-1]["eval"]))
+  panels = {key: {name: [(p["step"], 100 * p["eval"][key]["accuracy"],
+                          100 * _binomial_se(p["eval"][key]["accuracy"], p["eval"][key]["n"]))
+                         for p in points if key in p["eval"]] for name, points in curves.items()}
+            for key in keys}
+  plots.panels_chart(path, panels, title=f"greedy full-solution accuracy on held-out problems ({sweep_dir})",
+                     x_label="training step", y_label="accuracy %", y_range=(0.0, 100.0), figsize=(4.0, 3.6),
+                     error_note="shaded: ±1 binomial standard error over the curve's problems")
 
 
 def main(argv: list[str] | None = None) -> None:

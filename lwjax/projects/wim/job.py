@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import time
 
@@ -195,11 +194,13 @@ def read(config, model: GPT, docs: list[tasks.Record], engine: Engine | None = N
 
 def _plot(workdir: str, task: str, lengths, results: dict, train_segments: str) -> None:
   names = {"wim": "WiM (margins)", "full": "full context", "retrieval": "retrieval-only"}
-  series = {names[m]: [(math.log2(n), results[str(n)][m]["score"]) for n in lengths] for m in METHODS}
+  series = {names[m]: [(n, results[str(n)][m]["score"], results[str(n)][m].get("se", 0.0)) for n in lengths]
+            for m in METHODS}
   trained = parse_ints(train_segments)
   plots.line_chart(os.path.join(workdir, f"accuracy_{task}.png"), series,
                    title=f"{task}: score vs document length (reader trained on {min(trained)}-{max(trained)} "
-                         "segments)", x_label="log2(segments)", y_label="exact match / F1", y_range=(0.0, 1.0))
+                         "segments)", x_label="document length (segments)", y_label="exact match / F1",
+                   y_range=(0.0, 1.0), log_x=2, error_note="shaded: ±1 standard error over documents")
 
 
 def reader_train_segments(config, base_config: dict | None) -> str:
