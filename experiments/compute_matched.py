@@ -19,22 +19,28 @@ false-positive rate, and the paper's three finetuning setups on each source.
 
 Arguments: `scale` smoke|cpu|gpu|paper; `setup` kd (a third model, the student, finetuned on either source) |
 self (WC on its own data vs on SE data) | w2s (SE on WC data vs on its own); `budget` the finetuning data's
-budget in SE samples per problem; `wc`, `se`, `student` workdirs (defaults: runs/igsm_solver_<scale>/weak
-and /strong; the student is the weak solver's checkpoint at `student_step`, an earlier and weaker model than
-WC: ours, where the paper's student is a smaller pretrained LM); `seed`.
+budget in SE samples per problem; `wc`, `se`, `student` workdirs or Hugging Face directories (defaults:
+runs/igsm_solver_<scale>/weak and /strong; the student is the weak solver's checkpoint at `student_step`, an earlier
+and weaker model than WC: ours, where the paper's student is a smaller pretrained LM); `task` igsm (default) |
+gsm8k | math, the data sets read from `path` through the models' own tokenizers (their false-positive rate is not
+measured: no step checker); `seed`.
+
+  # the paper's setting: MATH, Gemma-2 9B (WC) and 27B (SE) sampling, Gemma-7B the student
+  python main.py --config experiments/compute_matched.py:scale=gpu,setup=kd,task=math,path=/data/math,\
+wc=/models/gemma-2-9b,se=/models/gemma-2-27b,student=/models/gemma-7b --workdir runs/compute_matched_math
 """
 
 import ml_collections
 
 from configs import common, igsm, mesh
-from lwjax.projects.compute_matched.job import SETUPS
+from lwjax.projects.compute_matched.job import SETUPS, TASKS
 
 SCALES = ("smoke", "cpu", "gpu", "paper")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, choices={"scale": SCALES, "setup": SETUPS}, scale="cpu", setup="self", budget="",
-                          wc="", se="", student="", student_step="", seed="0")
+  args = common.parse_arg(arg, choices={"scale": SCALES, "setup": SETUPS, "task": TASKS}, scale="cpu", setup="self",
+                          budget="", wc="", se="", student="", student_step="", seed="0", task="igsm", path="")
   scale = args["scale"]
   wc = args["wc"] or f"runs/igsm_solver_{scale}/weak"
   config = ml_collections.ConfigDict()
@@ -44,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.models = ml_collections.ConfigDict({
       "wc": wc, "se": args["se"] or f"runs/igsm_solver_{scale}/strong", "student": args["student"] or wc,
       "student_step": int(args["student_step"] or (1600 if scale == "cpu" else 0))})
-  config.task = ml_collections.ConfigDict({"preset": "small", "train_ops": "1,2,3", "hard_ops": "4,5"})
+  config.task = ml_collections.ConfigDict({"name": args["task"], "preset": "small", "train_ops": "1,2,3",
+                                           "hard_ops": "4,5", "path": args["path"]})
   config.candidates = ml_collections.ConfigDict({
       "dir": f"runs/compute_matched_{scale}/candidates", "num_train": 500, "temperature": 0.8,
       "max_new_tokens": igsm.CPU_EVAL["max_new_tokens"], "batch_prompts": 25, "record_seed": 0})

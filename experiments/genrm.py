@@ -24,9 +24,16 @@ labelled candidates, compared by Best-of-N with self-consistency, pass@N and LLM
   done
   python -m lwjax.projects.genrm.report runs/genrm_cpu/igsm runs/genrm_cpu/igsm_s1 --png docs/img/genrm_igsm_cpu.png
 
-Arguments: `scale` smoke|cpu|gpu|paper; `task` igsm|last_letter|word_sort; `verifier` judge|disc|direct|
-cot|unified; `base` the solver's workdir (default runs/igsm_solver_<scale>/weak for iGSM,
-runs/genrm_solver_<scale>/<task> otherwise); `lam` the unified verifier's lambda; `seed`.
+  # GSM8K from its published files, verifiers of a solver finetuned from a pretrained model (no CoT: its
+  # rationales need a step checker):
+  python main.py --config \
+      experiments/genrm.py:scale=gpu,task=gsm8k,path=/data/gsm8k,verifier=direct,base=runs/genrm_solver_gsm8k \
+      --workdir runs/genrm_gsm8k/direct
+
+Arguments: `scale` smoke|cpu|gpu|paper; `task` igsm|last_letter|word_sort|gsm8k|math; `verifier` judge|disc|
+direct|cot|unified; `base` the solver's workdir or a Hugging Face directory (default runs/igsm_solver_<scale>/weak
+for iGSM, runs/genrm_solver_<scale>/<task> otherwise); `path` the data set's files (gsm8k, math); `lam` the unified
+verifier's lambda; `seed`.
 """
 
 import ml_collections
@@ -36,22 +43,22 @@ from experiments import genrm_solver
 from lwjax.projects.genrm.job import KINDS
 
 SCALES = ("smoke", "cpu", "gpu", "paper")
-TASKS = ("igsm", "last_letter", "word_sort")
+TASKS = ("igsm", "last_letter", "word_sort", "gsm8k", "math")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, choices={"scale": SCALES, "task": TASKS, "verifier": KINDS}, scale="cpu",
-                          task="igsm", verifier="direct", base="", lam="1.0", seed="0")
+                          task="igsm", verifier="direct", base="", lam="1.0", seed="0", path="")
   scale, task = args["scale"], args["task"]
   default_base = (f"runs/igsm_solver_{scale}/weak" if task == "igsm" else f"runs/genrm_solver_{scale}/{task}")
   config = ml_collections.ConfigDict()
   config.job = "genrm"
   config.seed = int(args["seed"])
   config.base = args["base"] or default_base
-  config.task = genrm_solver.task_config(task)
+  config.task = genrm_solver.task_config(task, args["path"])
   config.candidates = ml_collections.ConfigDict({
       "dir": f"runs/genrm_{scale}/candidates", "num_train": 400, "n_train": 8, "num_test": 100, "n_test": 16,
-      "temperature": 0.8, "max_new_tokens": 160 if task == "igsm" else 320, "batch_prompts": 25,
+      "temperature": 0.8, "max_new_tokens": {"igsm": 160, "math": 512}.get(task, 320), "batch_prompts": 25,
       "seed": 0})
   config.verifier = ml_collections.ConfigDict({
       "kind": args["verifier"], "per_class": 4, "unified_lambda": float(args["lam"]), "unified_base": "direct",

@@ -12,9 +12,13 @@ the hard split is never solved), tested on held-out lists of 2-4 words and on 5-
   # through its own tokenizer; compact iGSM too:
   python main.py --config experiments/genrm_solver.py:scale=gpu,task=igsm --workdir runs/genrm_solver_gemma2_2b \
       --config.model.pretrained=/models/gemma-2-2b
+  # GSM8K or MATH from their published files (the paper's GSM8K solver, finetuned here on the train split):
+  python main.py --config experiments/genrm_solver.py:scale=gpu,task=gsm8k,path=/data/gsm8k \
+      --workdir runs/genrm_solver_gsm8k --config.model.pretrained=/models/gemma-2-9b
 
-Arguments: `scale` smoke|cpu|gpu|paper; `task` last_letter|word_sort (igsm with `model.pretrained`); `seed`. The
-from-scratch compact iGSM solvers are `experiments/igsm_solver.py`'s.
+Arguments: `scale` smoke|cpu|gpu|paper; `task` last_letter|word_sort (igsm|gsm8k|math with `model.pretrained`);
+`path` the data set's files (gsm8k, math); `seed`. The from-scratch compact iGSM solvers are
+`experiments/igsm_solver.py`'s.
 """
 
 import ml_collections
@@ -22,26 +26,28 @@ import ml_collections
 from configs import common, gpt, mesh
 
 SCALES = ("smoke", "cpu", "gpu", "paper")
-TASKS = ("last_letter", "word_sort", "igsm")
+TASKS = ("last_letter", "word_sort", "igsm", "gsm8k", "math")
+DATASETS = ("gsm8k", "math")  # read from `path`, through a pretrained model's tokenizer
 VOCAB_SIZE = 64  # >= the algorithmic tokenizer's 49 ids
 
 
-def task_config(name: str) -> ml_collections.ConfigDict:
+def task_config(name: str, path: str = "") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"name": name, "preset": "small", "train_ops": "1,2,3", "hard_ops": "4,5",
-                                    "train_words": "2,3,4", "hard_words": "5,6"})
+                                    "train_words": "2,3,4", "hard_words": "5,6", "path": path})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, choices={"scale": SCALES, "task": TASKS}, scale="cpu", task="last_letter", seed="0")
+  args = common.parse_arg(arg, choices={"scale": SCALES, "task": TASKS}, scale="cpu", task="last_letter", seed="0",
+                          path="")
   scale = args["scale"]
   config = ml_collections.ConfigDict()
   config.job = "genrm_solver"
   config.seed = int(args["seed"])
-  config.task = task_config(args["task"])
+  config.task = task_config(args["task"], args["path"])
   config.model = gpt.get("gpt_tiny", vocab_size=VOCAB_SIZE, max_seq_len=512, d_model=128, n_layers=4, n_heads=4,
                          n_kv_heads=4, head_dim=32, d_ff=512)
   # Rows hold one problem: up to 6 words take < 110 tokens in last-letter and < 230 in word sorting.
-  igsm = args["task"] == "igsm"  # a pretrained model's (model.pretrained): no hard lengths, its own tokens
+  igsm = args["task"] in ("igsm", *DATASETS)  # a pretrained model's (model.pretrained): no hard lengths
   config.data = ml_collections.ConfigDict({"seq_len": {"last_letter": 128, "word_sort": 256}.get(args["task"], 512),
                                           "num_train": 50_000, "long_fraction": 0.0 if igsm else 0.02})
   config.eval = ml_collections.ConfigDict({"num": 200, "max_new_tokens": 320, "batch_prompts": 100})

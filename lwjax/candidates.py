@@ -63,8 +63,14 @@ def load_solver(path: str, step: int | None = None, *, param_dtype: str | None =
 
 
 def task_for(task: reasoning_tasks.ReasoningTask, tokenizer) -> reasoning_tasks.ReasoningTask:
-  """`task` as a solver with `tokenizer` (None: the task's own) reads and writes it."""
-  return task if tokenizer is None else task.with_tokenizer(tokenizer)
+  """`task` as a solver with `tokenizer` (None: the task's own) reads and writes it; a data set, which has no
+  tokenizer of its own, needs the solver's."""
+  if tokenizer is not None:
+    return task.with_tokenizer(tokenizer)
+  if task.tokenizer is None:
+    raise ValueError(f"task {task.name}: a data set has no tokenizer of its own; its solver must be a pretrained "
+                     "model (a Hugging Face directory, or a run finetuned from one, which keeps its tokenizer)")
+  return task
 
 
 def forward_flops_per_token(cfg: GPTConfig, context: int) -> float:

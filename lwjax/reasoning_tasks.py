@@ -6,6 +6,12 @@ and compute-matched sampling, arXiv 2408.16737).
   the ops beyond training.
 - `last_letter`, `word_sort`: the GenRM paper's algorithmic tasks (`lwjax.data.algorithmic`): train and
   test on short lists, hard on longer lists than trained, as the paper tests length generalisation.
+- `gsm8k`, `math`: the data sets as published (`lwjax.data.math_sets`, read from `path`), graded on the final
+  answer (GSM8K's number; MATH's box, by the MATH equivalence). Train and test are the published splits; hard is
+  MATH's level-5 test problems, and for GSM8K the test problems whose reference takes at least
+  `GSM8K_HARD_STEPS` steps (lines), the long tail of its test set. They have no tokenizer of their own (a
+  pretrained model's reads them) and no step checker: a solution's `correct` is its final answer's verdict, and
+  `step_checker` is False so that the metrics that need reasoning checked step by step say they are not measured.
 
 A task gives problem records (each with `question`, `solution` and `answer`), its exact tokenizer, the
 step checker (`check(record, text) -> Verdict` with `correct`, `answer_correct`, `first_error`,
@@ -17,17 +23,36 @@ own tokenizer: `task.with_tokenizer(model_tokenizer)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lwjax.data import algorithmic, igsm, tokenizer as tokenizer_lib
+from lwjax.config import ConfigError
+from lwjax.data import algorithmic, igsm, math_sets, tokenizer as tokenizer_lib
 from lwjax.data.algorithmic.tokenizer import AlgorithmicTokenizer
 from lwjax.data.igsm.tokenizer import CompactTokenizer
 from lwjax.data.verdict import Verdict
 
 SPLITS = ("train", "test", "hard")
-TASK_NAMES = ("igsm", "last_letter", "word_sort")
+GENERATED_NAMES = ("igsm", "last_letter", "word_sort")  # with an exact step checker and a tokenizer of their own
+DATASET_NAMES = math_sets.NAMES  # gsm8k, math
+TASK_NAMES = (*GENERATED_NAMES, *DATASET_NAMES)
 ANSWER_WORD = "ans"  # compact iGSM and the algorithmic tasks end a solution with `ans <answer> .`
+GSM8K_HARD_STEPS = 5  # GSM8K's hard split: test problems whose reference solution has at least this many lines
+MATH_HARD_LEVEL = "Level 5"
+
+
+def answer_word(text: str) -> str | None:
+  """The final answer of a solution (`... ans <answer> .`), or None when it states none."""
+  words = text.split()
+  if ANSWER_WORD not in words:
+    return None
+  last = len(words) - 1 - words[::-1].index(ANSWER_WORD)
+  body = words[last + 1:]
+  if body and body[-1] == ".":
+    body = body[:-1]
+  return " ".join(body) or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +61,8 @@ class ReasoningTask:
   tokenizer: Any
   make_records: Callable[[int, int, str], list[dict]]  # (num, seed, split) -> records
   check: Callable[[dict, str], Verdict]  # (record, solution text) -> the checker's verdict
+  answer: Callable[[str], str | None] = answer_word  # solution text -> its final answer (for majority voting)
+  step_checker: bool = True  # whether `check` judges every step, or (a data set) the final answer only
 
   def records(self, num: int, *, seed: int, split: str) -> list[dict]:
     if split not in SPLITS:
@@ -51,18 +78,6 @@ class ReasoningTask:
   @staticmethod
   def prompt(record: dict) -> str:
     return record["question"]
-
-  @staticmethod
-  def answer(text: str) -> str | None:
-    """The final answer of a solution (`... ans <answer> .`), or None when it states none."""
-    words = text.split()
-    if ANSWER_WORD not in words:
-      return None
-    last = len(words) - 1 - words[::-1].index(ANSWER_WORD)
-    body = words[last + 1:]
-    if body and body[-1] == ".":
-      body = body[:-1]
-    return " ".join(body) or None
 
 
 def _igsm_task(preset: str, train_ops: Sequence[int], hard_ops: Sequence[int]) -> ReasoningTask:
@@ -89,12 +104,50 @@ def _algorithmic_task(name: str, train_words: Sequence[int], hard_words: Sequenc
   return ReasoningTask(name, AlgorithmicTokenizer(), make_records, module.check)
 
 
+def _is_hard(name: str, record: dict) -> bool:
+  if name == "math":
+    return str(record.get("level")) in (MATH_HARD_LEVEL, "5")
+  return len([line for line in record["solution"].split("####")[0].splitlines() if line.strip()]) >= GSM8K_HARD_STEPS
+
+
+def _dataset_task(name: str, path: str) -> ReasoningTask:
+  if not path:
+    raise ConfigError("task.path", f"empty: {name} is read from its published files",
+                      "the directory (or file) holding them, e.g. /data/gsm8k")
+  splits: dict[str, list[dict]] = {}
+
+  def split_records(split: str) -> list[dict]:
+    if split not in splits:
+      rows = math_sets.load(name, path, "train" if split == "train" else "test")
+      splits[split] = [r for r in rows if _is_hard(name, r)] if split == "hard" else rows
+    return splits[split]
+
+  def make_records(num: int, seed: int, split: str) -> list[dict]:
+    """`num` problems of the split, drawn without replacement by `seed` (the same `seed`, the same problems)."""
+    rows = split_records(split)
+    if num > len(rows):
+      raise ValueError(f"{name} {split}: {num} problems asked, the split under {path} has {len(rows)} (valid: at "
+                       f"most {len(rows)})")
+    return [rows[i] for i in random.Random(seed).sample(range(len(rows)), num)]
+
+  def check(record: dict, text: str) -> Verdict:
+    right = math_sets.is_correct(name, record, text)
+    return Verdict(correct=right, answer_correct=right, num_retries=0, num_steps=0,
+                   first_error=None if right else 0, error_kind=None if right else "answer")
+
+  return ReasoningTask(name, None, make_records, check, answer=functools.partial(math_sets.answer_of, name),
+                       step_checker=False)
+
+
 def get(name: str, *, preset: str = "small", train_ops: Sequence[int] = (1, 2, 3), hard_ops: Sequence[int] = (4, 5),
         train_words: Sequence[int] = algorithmic.TRAIN_NUM_WORDS,
-        hard_words: Sequence[int] = algorithmic.TEST_NUM_WORDS) -> ReasoningTask:
-  """The task `name` (one of TASK_NAMES); iGSM takes the preset and ops, the algorithmic tasks list lengths."""
+        hard_words: Sequence[int] = algorithmic.TEST_NUM_WORDS, path: str = "") -> ReasoningTask:
+  """The task `name` (one of TASK_NAMES); iGSM takes the preset and ops, the algorithmic tasks list lengths, the
+  data sets the `path` of their files."""
   if name == "igsm":
     return _igsm_task(preset, train_ops, hard_ops)
   if name in ("last_letter", "word_sort"):
     return _algorithmic_task(name, train_words, hard_words)
+  if name in DATASET_NAMES:
+    return _dataset_task(name, path)
   raise ValueError(f"task={name!r}: expected one of {TASK_NAMES}")

@@ -9,7 +9,7 @@ from lwjax import candidates, reasoning_tasks
 from lwjax.models.gpt import GPT, GPTConfig
 
 
-@pytest.mark.parametrize("name", reasoning_tasks.TASK_NAMES)
+@pytest.mark.parametrize("name", reasoning_tasks.GENERATED_NAMES)
 def test_tasks_give_checkable_records_per_split(name):
   task = reasoning_tasks.get(name)
   for split in reasoning_tasks.SPLITS:
@@ -36,9 +36,9 @@ def test_hard_split_is_harder():
 
 
 def test_answer_reads_the_last_ans():
-  assert reasoning_tasks.ReasoningTask.answer("a ; ans 3 . ans 7 .") == "7"
-  assert reasoning_tasks.ReasoningTask.answer("k a -> a ; ans o e r .") == "o e r"
-  assert reasoning_tasks.ReasoningTask.answer("k a -> a ;") is None
+  assert reasoning_tasks.answer_word("a ; ans 3 . ans 7 .") == "7"
+  assert reasoning_tasks.answer_word("k a -> a ; ans o e r .") == "o e r"
+  assert reasoning_tasks.answer_word("k a -> a ;") is None
 
 
 def test_sample_label_write_read_and_build_reuse(tmp_path, monkeypatch):
@@ -56,7 +56,7 @@ def test_sample_label_write_read_and_build_reuse(tmp_path, monkeypatch):
   assert stats["generated_tokens"] == sum(c["num_tokens"] for p in problems for c in p["candidates"])
   assert stats["forward_flops_per_token"] > 2 * 16 * 16
 
-  monkeypatch.setattr(candidates, "load_solver", lambda workdir, step=None: (model, {}, 5))
+  monkeypatch.setattr(candidates, "load_solver", lambda workdir, step=None: (model, None, 5))  # the task's tokenizer
   path = str(tmp_path / "sets" / "c.arrayrecord")
   built, metadata = candidates.build(path, workdir="w", task="last_letter", split="test", num=3, n=2,
                                      max_new_tokens=12)

@@ -46,6 +46,7 @@ from lwjax.training import losses, mesh, optim, trainer as trainer_lib
 SETUPS = ("kd", "self", "w2s")
 FINETUNED = {"kd": "student", "self": "wc", "w2s": "se"}  # which model each setup finetunes
 SOURCES = ("wc", "se")
+TASKS = ("igsm", *reasoning_tasks.DATASET_NAMES)  # compact iGSM (its exact step checker), or GSM8K / MATH
 
 
 SCHEMA = {
@@ -55,7 +56,8 @@ SCHEMA = {
                "se": Field(str, doc="the stronger-expensive solver: a workdir or a Hugging Face checkpoint directory"),
                "student": Field(str, doc="kd: the student, a workdir or a Hugging Face checkpoint directory"),
                "student_step": Field(int, min=0, doc="kd: the student's checkpoint step (0: the latest)")},
-    "task": {"preset": Field(str), "train_ops": int_list(), "hard_ops": int_list()},
+    "task": {"name": Field(str, choices=TASKS), "preset": Field(str), "train_ops": int_list(), "hard_ops": int_list(),
+             "path": Field(str, doc="gsm8k, math: where the published files are (lwjax.data.math_sets)")},
     "candidates": {"dir": Field(str, doc="where candidate sets are written once and reused"),
                    "num_train": positive_int("training problems"), "temperature": Field(float, min=0.0),
                    "max_new_tokens": positive_int(), "batch_prompts": positive_int(),
@@ -75,16 +77,24 @@ def validate(config) -> None:
   if config.budget.finetune not in budgets:
     raise ConfigError("budget.finetune", f"{config.budget.finetune} is not one of the sampled budgets {budgets}",
                       f"one of budget.se_samples ({config.budget.se_samples})")
+  if config.task.name in reasoning_tasks.DATASET_NAMES and not config.task.path:
+    raise ConfigError("task.path", f"empty: {config.task.name} is read from its published files",
+                      "the directory holding them")
   for name in ("wc", "se") + (("student",) if config.setup == "kd" else ()):
     if not config.models[name]:
       raise ConfigError(f"models.{name}", "required", "a trained solver's workdir, e.g. runs/igsm_solver_cpu/weak, "
                         "or a Hugging Face checkpoint directory")
 
 
-def get_task(config) -> reasoning_tasks.ReasoningTask:
+def task_options(config) -> dict:
+  """The options of `config.task` as `reasoning_tasks.get` takes them (and candidate sets record them)."""
   t = config.task
-  return reasoning_tasks.get("igsm", preset=t.preset, train_ops=parse_ints(t.train_ops),
-                             hard_ops=parse_ints(t.hard_ops))
+  return {"preset": t.preset, "train_ops": parse_ints(t.train_ops), "hard_ops": parse_ints(t.hard_ops),
+          **({"path": os.path.abspath(t.path)} if t.get("path") else {})}
+
+
+def get_task(config) -> reasoning_tasks.ReasoningTask:
+  return reasoning_tasks.get(config.task.get("name", "igsm"), **task_options(config))
 
 
 def _tag(workdir: str, step: int) -> str:
@@ -111,17 +121,17 @@ def plan(config, task, models: dict) -> dict:
 
 def sample_sources(config, task, models: dict) -> tuple[dict, dict, dict]:
   """({source: candidate problems}, {source: metadata}, plan): both sources at the largest budget."""
-  c, t = config.candidates, config.task
+  c = config.candidates
   info = plan(config, task, models)
   n = info["n"]
   logging.info("cost ratio SE/WC %.2f at a context of %d tokens: %d SE samples per problem = %d WC samples",
                info["cost_ratio"], info["context"], n["se"], n["wc"])
-  options = {"preset": t.preset, "train_ops": parse_ints(t.train_ops), "hard_ops": parse_ints(t.hard_ops)}
+  options = task_options(config)
   sets, metas = {}, {}
   for source in SOURCES:
     model, workdir, step, _ = models[source]
     problems, metadata = candidates_lib.build(
-        info["paths"][source], workdir=workdir, task="igsm", split="train", num=c.num_train, n=n[source],
+        info["paths"][source], workdir=workdir, task=task.name, split="train", num=c.num_train, n=n[source],
         temperature=c.temperature, max_new_tokens=c.max_new_tokens, seed=config.seed * 7919 + SOURCES.index(source),
         record_seed=c.record_seed, batch_prompts=c.batch_prompts, task_options=options, step=step)
     stats = metadata["stats"]
@@ -155,8 +165,15 @@ def load_models(config) -> dict[str, Solver]:
   return models
 
 
-def data_quality(sets: dict, info: dict) -> list[dict]:
-  return [{"budget": s, **{src: quality.summary(sets[src], s[src]) for src in SOURCES}} for s in info["samples"]]
+def data_quality(sets: dict, info: dict, task) -> list[dict]:
+  """Coverage, diversity and false-positive rate of both sources at every budget; a data set's candidates have
+  no step verdict, so its false-positive rate and full coverage are nan (not measured), not 0."""
+  rows = [{"budget": s, **{src: quality.summary(sets[src], s[src]) for src in SOURCES}} for s in info["samples"]]
+  if not task.step_checker:
+    for row in rows:
+      for src in SOURCES:
+        row[src].update(false_positive_rate=float("nan"), full_coverage=float("nan"))
+  return rows
 
 
 def evaluate(config, task, model: GPT) -> dict:
@@ -226,14 +243,14 @@ def _plot(workdir: str, quality_rows: list[dict]) -> None:
               [(q["budget"]["se"], q[src][field]) for q in quality_rows] for src in SOURCES}
     plots.line_chart(os.path.join(workdir, f"{field}.png"), series, title=f"{field} at matched sampling FLOPs",
                      x_label="budget (SE samples per problem)", y_label=label,
-                     y_range=(0.0, 1.0) if field == "coverage" else None)
+                     y_range=(0.0, 1.0) if field == "coverage" else None, log_x=2)
 
 
 def run(config, workdir: str) -> dict:
   task = get_task(config)
   models = load_models(config)
   sets, metas, info = sample_sources(config, task, models)
-  quality_rows = data_quality(sets, info)
+  quality_rows = data_quality(sets, info, task)
   for q in quality_rows:
     logging.info("budget %d SE / %d WC samples: coverage %.3f / %.3f, diversity %.2f / %.2f, FPR %.3f / %.3f",
                  q["budget"]["se"], q["budget"]["wc"], q["se"]["coverage"], q["wc"]["coverage"], q["se"]["diversity"],
@@ -261,7 +278,7 @@ def run(config, workdir: str) -> dict:
     data_stats[source] = {"samples_per_problem": k, "rows": len(rows),
                           "problems": len({record["question"] for record, _ in pairs}),
                           "false_positive_rate": float(np.mean([not c["correct"] for _, c in pairs]))
-                          if pairs else float("nan"),
+                          if pairs and task.step_checker else float("nan"),
                           "distinct": len({(r["question"], " ".join(c["text"].split())) for r, c in pairs})}
     if not rows:  # e.g. an untrained smoke solver: nothing to finetune on, said in the metrics
       logging.warning("no %s candidate with a right answer fits data.seq_len: no finetune on %s data",

@@ -47,7 +47,8 @@ SCHEMA = {
     "base": Field(str, doc="the solver: its workdir (checkpoints/) or a Hugging Face checkpoint directory"),
     "task": {"name": Field(str, choices=reasoning_tasks.TASK_NAMES), "preset": Field(str),
              "train_ops": int_list(), "hard_ops": int_list(),
-             "train_words": int_list(), "hard_words": int_list()},
+             "train_words": int_list(), "hard_words": int_list(),
+             "path": Field(str, doc="gsm8k, math: where the published files are (lwjax.data.math_sets)")},
     "candidates": {"dir": Field(str, doc="where candidate sets are written once and reused"),
                    "num_train": positive_int("training problems"), "n_train": positive_int("candidates each"),
                    "num_test": positive_int("test problems (and as many hard ones)"),
@@ -70,6 +71,15 @@ def validate(config) -> None:
   if max(parse_ints(config.eval.ns)) > config.candidates.n_test:
     raise ConfigError("eval.ns", "asks for more candidates than were sampled",
                       f"values <= candidates.n_test ({config.candidates.n_test})")
+  uses_cot = config.verifier.kind == "cot" or (config.verifier.kind == "unified" and
+                                               config.verifier.unified_base == "cot")
+  if config.task.name in reasoning_tasks.DATASET_NAMES:
+    if uses_cot:
+      raise ConfigError("verifier.kind", f"CoT rationales are written by a step checker, which {config.task.name} "
+                        "has not (the paper's are a strong LLM's)", "judge, disc, direct, or unified on direct")
+    if not config.task.path:
+      raise ConfigError("task.path", f"empty: {config.task.name} is read from its published files",
+                        "the directory holding them")
   if not config.base:
     raise ConfigError("base", "required", "the workdir of a trained solver, e.g. runs/igsm_solver_cpu/weak, or a "
                       "Hugging Face checkpoint directory")
@@ -77,17 +87,21 @@ def validate(config) -> None:
 
 def get_task(config) -> reasoning_tasks.ReasoningTask:
   t = config.task
-  return reasoning_tasks.get(t.name, preset=t.preset, train_ops=parse_ints(t.train_ops),
-                             hard_ops=parse_ints(t.hard_ops), train_words=parse_ints(t.train_words),
-                             hard_words=parse_ints(t.hard_words))
+  return reasoning_tasks.get(t.name, **task_options(config))
+
+
+def task_options(config) -> dict:
+  """The options of `config.task` as `reasoning_tasks.get` takes them (and candidate sets record them)."""
+  t = config.task
+  return {"preset": t.preset, "train_ops": parse_ints(t.train_ops), "hard_ops": parse_ints(t.hard_ops),
+          "train_words": parse_ints(t.train_words), "hard_words": parse_ints(t.hard_words),
+          **({"path": os.path.abspath(t.path)} if t.get("path") else {})}
 
 
 def candidate_sets(config, task) -> dict[str, list[dict]]:
   """The train/test/hard candidate sets of the solver `config.base`, sampled once under `candidates.dir`."""
   c, sets = config.candidates, {}
-  t = config.task
-  options = {"preset": t.preset, "train_ops": parse_ints(t.train_ops), "hard_ops": parse_ints(t.hard_ops),
-             "train_words": parse_ints(t.train_words), "hard_words": parse_ints(t.hard_words)}
+  options = task_options(config)
   for split, num, n in (("train", c.num_train, c.n_train), ("test", c.num_test, c.n_test),
                         ("hard", c.num_test, c.n_test)):
     path = os.path.join(c.dir, f"{task.name}_{split}_{num}x{n}_t{c.temperature:g}_s{c.seed}.arrayrecord")
@@ -191,12 +205,14 @@ def evaluate(config, scores_pn: np.ndarray, problems: list[dict], extras: dict) 
 
 def _plot(path: str, result: dict, kind: str, split: str) -> None:
   ns, a = result["n"], result["answer"]
-  series = {f"{kind} verifier": [(n, m) for n, (m, _) in zip(ns, a["verifier"], strict=False)],
-            "self-consistency": [(n, m) for n, (m, _) in zip(ns, a["majority"], strict=False)],
-            "pass@n (oracle)": [(n, m) for n, (m, _) in zip(ns, a["pass"], strict=False)],
-            "first sample": [(n, a["first"][0]) for n in ns]}
+  series = {f"{kind} verifier": [(n, *v) for n, v in zip(ns, a["verifier"], strict=False)],
+            "self-consistency": [(n, *v) for n, v in zip(ns, a["majority"], strict=False)],
+            "pass@n (oracle)": [(n, *v) for n, v in zip(ns, a["pass"], strict=False)],
+            "first sample": [(n, *a["first"]) for n in ns]}
   plots.line_chart(path, series, title=f"Best-of-N, {split} problems ({kind})", x_label="N candidates",
-                   y_label="final answer accuracy", y_range=(0.0, 1.0))
+                   y_label="final answer accuracy", log_x=2,
+                   dashed=("self-consistency", "pass@n (oracle)", "first sample"),
+                   error_note="shaded: ±1 standard error over problems")
 
 
 def run(config, workdir: str) -> dict:
@@ -217,7 +233,8 @@ def run(config, workdir: str) -> dict:
                       config.train.steps)
       return {}
   metrics = {"kind": kind, "task": task.name, "base": config.base, "base_step": step, "seed": config.seed,
-             "steps": config.train.steps if kind != "judge" else 0}
+             "steps": config.train.steps if kind != "judge" else 0,
+             "step_checker": task.step_checker}  # False: "full" is the final answer's verdict (a data set)
   if kind == "unified":
     metrics["unified_lambda"] = config.verifier.unified_lambda
   for split in ("test", "hard"):

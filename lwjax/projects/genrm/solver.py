@@ -24,7 +24,7 @@ import os
 import jax
 from flax import nnx
 
-from lwjax import candidates as candidates_lib
+from lwjax import candidates as candidates_lib, reasoning_tasks
 from lwjax.config import ConfigError, Field, positive_int, validate as validate_schema
 from lwjax.data import algorithmic, rows as rows_lib
 from lwjax.launch import distributed
@@ -51,12 +51,19 @@ def validate(config) -> None:
   validate_schema(config, SCHEMA)
   cfg = pretrained.checked_model_config(config.model, pretrained.TRAINING_FIELDS)
   if config.model.pretrained:
-    if config.task.name == "igsm" and config.data.long_fraction:
-      raise ConfigError("data.long_fraction", "the hard lengths are the algorithmic tasks'", "0 for igsm")
+    if config.task.name not in ("last_letter", "word_sort") and config.data.long_fraction:
+      raise ConfigError("data.long_fraction", "the hard lengths are the algorithmic tasks'",
+                        f"0 for {config.task.name}")
+    if config.task.name in reasoning_tasks.DATASET_NAMES and not config.task.path:
+      raise ConfigError("task.path", f"empty: {config.task.name} is read from its published files",
+                        "the directory holding them")
     return
   if config.task.name == "igsm":
     raise ConfigError("task.name", "a from-scratch iGSM solver is experiments/igsm_solver.py's (a finetuned one: "
                       "model.pretrained)", "last_letter, word_sort")
+  if config.task.name in reasoning_tasks.DATASET_NAMES:
+    raise ConfigError("model.pretrained", f"empty: {config.task.name} is text a pretrained model reads through its "
+                      "own tokenizer", "a Hugging Face checkpoint directory or an lwjax workdir")
   vocab = get_task(config).tokenizer.vocab_size
   if cfg.vocab_size < vocab:
     raise ConfigError("model.vocab_size", f"too small for the {config.task.name} tokenizer", f">= {vocab}")

@@ -35,7 +35,7 @@ def _corrupt(task: str, solution: str, step: int) -> str:
   return (" ; " if task != "igsm" else " . ").join(parts)
 
 
-@pytest.mark.parametrize("task_name", reasoning_tasks.TASK_NAMES)
+@pytest.mark.parametrize("task_name", reasoning_tasks.GENERATED_NAMES)
 def test_rationales_name_the_first_wrong_step(task_name):
   task = reasoning_tasks.get(task_name)
   for record in task.records(6, seed=3, split="test"):
@@ -168,7 +168,7 @@ def test_smoke_solver_then_cot_verifier_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("scale", ("smoke", "cpu", "gpu", "paper"))
-@pytest.mark.parametrize("task", reasoning_tasks.TASK_NAMES)
+@pytest.mark.parametrize("task", reasoning_tasks.GENERATED_NAMES)
 def test_every_scale_task_and_verifier_validates(scale, task):
   from experiments import genrm, genrm_solver
   from lwjax import jobs
