@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict({"seq_len": {"last_letter": 128, "word_sort": 256}.get(args["task"], 512),
                                           "num_train": 50_000, "long_fraction": 0.0 if igsm else 0.02})
   config.eval = ml_collections.ConfigDict({"num": 200, "max_new_tokens": 320, "batch_prompts": 100})
-  config.train = common.train()
+  config.train = common.train(lora=common.lora())  # LoRA (rank > 0) with model.pretrained
   config.optim = common.optim(learning_rate=2e-3, warmup_steps=100, weight_decay=0.1)
   config.mesh = mesh.get()
   config.distributed = common.distributed()

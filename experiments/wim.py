@@ -39,7 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                           "answer_tokens": 12, "seed": 1})
   config.engine = ml_collections.ConfigDict({"num_pages": 1024, "page_size": 16, "max_num_seqs": 32,
                                             "max_batch_tokens": 1024, "prefill_chunk": 256})
-  config.train = common.train(steps=2000, global_batch_size=16, log_every=50, eval_every=0, checkpoint_every=500)
+  config.train = common.train(steps=2000, global_batch_size=16, log_every=50, eval_every=0, checkpoint_every=500,
+                              lora=common.lora())  # LoRA (rank > 0) with model.pretrained
   config.optim = common.optim(learning_rate=2e-3, warmup_steps=100, weight_decay=0.1)
   config.mesh = mesh.get()
   config.distributed = common.distributed()

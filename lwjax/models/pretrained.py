@@ -83,19 +83,32 @@ def model_config(model_section, fields: tuple[str, ...] = RUNTIME_FIELDS) -> GPT
     raise PretrainedError(f"{path}: a Mamba hybrid; this job starts from a GPT (a Hugging Face directory or an "
                           "lwjax GPT workdir)")
   from lwjax.training import checkpoint
+  path = run_model_dir(path)
   try:
     saved = checkpoint.load_config(os.path.join(path, CHECKPOINTS_DIR))
   except FileNotFoundError:
     raise PretrainedError(f"{path}/{CHECKPOINTS_DIR}: holds no complete checkpoint") from None
-  _refuse_lora_run(path, saved)
   return GPTConfig.from_dict({**saved["model"], **runtime})
 
 
-def _refuse_lora_run(path: str, saved: dict) -> None:
-  """A PretrainedError for the workdir of a LoRA run (`train.lora.rank > 0`): its checkpoints hold adapters."""
-  if ((saved.get("train") or {}).get("lora") or {}).get("rank"):
-    raise PretrainedError(f"{path}: a LoRA run, whose checkpoints hold its adapters only; its model is the merged "
-                          f"one it writes when it finishes, {os.path.join(path, MERGED_DIR)}")
+def run_model_dir(path: str) -> str:
+  """Where the model of run `path` is: `path` itself, or for a LoRA run (`train.lora.rank > 0`, whose checkpoints
+  hold its adapters only) the merged model it writes when it finishes, `path/merged` (a PretrainedError when it
+  has not finished). A Hugging Face directory, or a path holding no checkpoint yet, is returned as it is."""
+  from lwjax.training import checkpoint
+  if is_hf_directory(path) or not os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+    return path
+  try:
+    saved = checkpoint.load_config(os.path.join(path, CHECKPOINTS_DIR))
+  except FileNotFoundError:
+    return path
+  if not ((saved.get("train") or {}).get("lora") or {}).get("rank"):
+    return path
+  merged = os.path.join(path, MERGED_DIR)
+  if not os.path.isdir(os.path.join(merged, CHECKPOINTS_DIR)):
+    raise PretrainedError(f"{path}: a LoRA run that has not finished: its checkpoints hold adapters only, and its "
+                          f"merged model, {merged}, is written at the end; run it to the end (same --workdir)")
+  return merged
 
 
 def checked_model_config(model_section, fields: tuple[str, ...] = RUNTIME_FIELDS,
@@ -164,6 +177,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules:
   """
   path = os.fspath(path)
   found = check(path)
+  path = run_model_dir(path)  # a finished LoRA run: its merged model
   fields = {k: v for k, v in dict(dtype=dtype, param_dtype=param_dtype, **overrides).items() if v is not None}
   tokenizer = load_tokenizer(path, required=found == "hf")
   if found == "hf":
@@ -176,13 +190,22 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules:
   from lwjax.training import checkpoint
 
   def build(saved):
-    _refuse_lora_run(path, saved)
     return GPT(GPTConfig.from_dict({**saved["model"], **fields}), rngs=nnx.Rngs(0))
   try:
     model, _, _ = checkpoint.load_model(os.path.join(path, CHECKPOINTS_DIR), build, mesh=mesh, rules=rules)
   except FileNotFoundError:
     raise PretrainedError(f"{path}/{CHECKPOINTS_DIR}: holds no complete checkpoint") from None
   return model, tokenizer
+
+
+def keep_tokenizer_with_merged(model_section, result: dict) -> None:
+  """After `Trainer.fit` from `model_section.pretrained`: a finished LoRA run's merged model (`result["merged"]`)
+  gets the checkpoint's tokenizer beside it, so it loads as a model of its own (`load_pretrained`)."""
+  if "merged" not in result:
+    return
+  if model_section.get("pretrained") and jax.process_index() == 0:
+    copy_tokenizer(model_section["pretrained"], result["merged"])
+  logging.info("merged model (base + LoRA adapters) written to %s", result["merged"])
 
 
 def finetune_start(model_section, workdir: str):

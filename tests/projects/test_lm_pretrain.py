@@ -114,6 +114,7 @@ def test_lora_finetunes_a_bfloat16_hugging_face_checkpoint_and_writes_the_merged
   with the checkpoint's tokenizer: every weight but the adapted ones bit-identical to the checkpoint's, those
   moved by a rank-r update."""
   import dataclasses
+  import shutil
 
   import numpy as np
   import pytest
@@ -134,10 +135,11 @@ def test_lora_finetunes_a_bfloat16_hugging_face_checkpoint_and_writes_the_merged
   jobs.get(config)
   metrics = pretrain.run(config, str(tmp_path / "run"))
   assert metrics["step"] == 3 and np.isfinite(metrics["eval_loss"])
-  with pytest.raises(PretrainedError, match="LoRA run"):  # its checkpoints are adapters, not a model
-    load_pretrained(tmp_path / "run")
-
   merged, tokenizer = load_pretrained(tmp_path / "run" / "merged")
+  # The run's own workdir holds adapters in its checkpoints; loading it gives its merged model.
+  via_run, _ = load_pretrained(tmp_path / "run")
+  tokens = np.arange(12, dtype=np.int32)[None]
+  np.testing.assert_array_equal(np.asarray(via_run(tokens)), np.asarray(merged(tokens)))
   assert merged.cfg == dataclasses.replace(cfg, param_dtype="float32") and isinstance(tokenizer, HFTokenizer)
   original, _ = load_pretrained(hf_dir, param_dtype="float32")
   after = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(merged)))
@@ -147,3 +149,6 @@ def test_lora_finetunes_a_bfloat16_hugging_face_checkpoint_and_writes_the_merged
       assert np.abs(update).max() > 0 and np.linalg.matrix_rank(update, tol=1e-6) <= 2, path
     else:
       np.testing.assert_array_equal(after[path], w)
+  shutil.rmtree(tmp_path / "run" / "merged")  # as if the run had stopped before its end
+  with pytest.raises(PretrainedError, match="LoRA run that has not finished"):
+    load_pretrained(tmp_path / "run")

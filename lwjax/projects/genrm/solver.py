@@ -32,7 +32,7 @@ from lwjax.models import pretrained
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT
 from lwjax.projects.genrm import data as data_lib
 from lwjax.projects.genrm.job import SCHEMA as GENRM_SCHEMA, get_task, parse_ints
-from lwjax.training import losses, mesh, optim, trainer as trainer_lib
+from lwjax.training import lora as lora_lib, losses, mesh, optim, trainer as trainer_lib
 
 TAKES_PRETRAINED = True
 
@@ -50,6 +50,9 @@ SCHEMA = {
 def validate(config) -> None:
   validate_schema(config, SCHEMA)
   cfg = pretrained.checked_model_config(config.model, pretrained.TRAINING_FIELDS)
+  if lora_lib.from_section(config.train.get("lora")) and not config.model.pretrained:
+    raise ConfigError("train.lora.rank", "LoRA adapts a pretrained model; model.pretrained is empty",
+                      "0 (train all weights), or set model.pretrained")
   if config.model.pretrained:
     if config.task.name not in ("last_letter", "word_sort") and config.data.long_fraction:
       raise ConfigError("data.long_fraction", "the hard lengths are the algorithmic tasks'",
@@ -91,6 +94,7 @@ def run(config, workdir: str) -> dict:
   result = trainer.fit(train_iter, seed=config.seed,
                        init_params=None if init_params is None else functools.partial(init_params, trainer.mesh,
                                                                                       trainer.rules))
+  pretrained.keep_tokenizer_with_merged(config.model, result)  # LoRA: the merged model, with its tokenizer
   if result["step"] < config.train.steps:
     logging.warning("stopped at step %d of %d: no evaluation; run again to resume", result["step"], config.train.steps)
     return {}

@@ -155,10 +155,7 @@ def run(config, workdir: str) -> dict:
     return nnx.to_pure_dict(nnx.state(model))
   result = trainer.fit(iter(train_ds), eval_batches, seed=config.seed,
                        init_params=start if config.model.pretrained else None)
-  if "merged" in result:  # LoRA: the merged model, loadable with its tokenizer
-    if jax.process_index() == 0:
-      pretrained.copy_tokenizer(config.model.pretrained, result["merged"])
-    logging.info("merged model (base + LoRA adapters) written to %s", result["merged"])
+  pretrained.keep_tokenizer_with_merged(config.model, result)  # LoRA: the merged model, with its tokenizer
 
   # The baseline: unigram cross-entropy of the very eval targets the model was scored on, with counts
   # summed over all processes.

@@ -36,7 +36,7 @@ from lwjax.projects.wim import data as data_lib, prompts, tasks
 from lwjax.serving import wim
 from lwjax.serving.engine import Engine
 from lwjax.serving.sampling import SamplingParams
-from lwjax.training import checkpoint, losses, mesh, optim, trainer as trainer_lib
+from lwjax.training import checkpoint, lora as lora_lib, losses, mesh, optim, trainer as trainer_lib
 
 METHODS = ("wim", "full", "retrieval")
 
@@ -69,6 +69,9 @@ TAKES_PRETRAINED = True
 def validate(config) -> None:
   validate_schema(config, SCHEMA)
   cfg = pretrained.checked_model_config(config.model, pretrained.TRAINING_FIELDS)
+  if lora_lib.from_section(config.train.get("lora")) and not config.model.pretrained:
+    raise ConfigError("train.lora.rank", "LoRA adapts a pretrained model; model.pretrained is empty",
+                      "0 (train all weights), or set model.pretrained")
   if config.model.pretrained and config.base:
     raise ConfigError("base", "a trained reader, and model.pretrained one to train: give one of them", "''")
   if not config.model.pretrained:
@@ -109,6 +112,7 @@ def train_reader(config, workdir: str):
   result = trainer.fit(train_iter, seed=config.seed,
                        init_params=None if init_params is None else functools.partial(init_params, trainer.mesh,
                                                                                       trainer.rules))
+  pretrained.keep_tokenizer_with_merged(config.model, result)  # LoRA: the merged model, with its tokenizer
   if result["step"] < config.train.steps:
     return None, tok
   return nnx.merge(trainer.graphdef, trainer.restore_params()), tok
@@ -214,10 +218,10 @@ def reader_train_segments(config, base_config: dict | None) -> str:
 def run(config, workdir: str) -> dict:
   base_config = None
   if config.base:
+    reader = pretrained.run_model_dir(config.base)  # a finished LoRA run: its merged model
     model, base_config, step = checkpoint.load_model(
-        os.path.join(config.base, "checkpoints"),
-        lambda saved: GPT(GPTConfig.from_dict(saved["model"]), rngs=nnx.Rngs(0)))
-    tok = reader_tokenizer(pretrained.load_tokenizer(config.base))  # a reader finetuned from a checkpoint keeps it
+        os.path.join(reader, "checkpoints"), lambda saved: GPT(GPTConfig.from_dict(saved["model"]), rngs=nnx.Rngs(0)))
+    tok = reader_tokenizer(pretrained.load_tokenizer(reader))  # a reader finetuned from a checkpoint keeps it
     logging.info("reader: %s (step %d)", config.base, step)
   else:
     model, tok = train_reader(config, workdir)

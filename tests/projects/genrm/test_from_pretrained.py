@@ -47,20 +47,23 @@ def _hf_checkpoint(tmp_path) -> str:
 
 @pytest.mark.slow
 def test_solver_and_verifier_from_a_hugging_face_checkpoint(tmp_path, monkeypatch):
-  """`genrm_solver` with `model.pretrained` finetunes the checkpoint on the task's text through its tokenizer and
-  keeps it in the workdir; `genrm` then samples, trains a verifier and scores through that tokenizer."""
+  """`genrm_solver` with `model.pretrained` finetunes the checkpoint (LoRA adapters here) on the task's text through
+  its tokenizer and keeps it in the workdir, beside the merged model; `genrm` then loads that merged model from the
+  run's workdir, samples, trains a verifier and scores through that tokenizer."""
   monkeypatch.chdir(tmp_path)
   path = _hf_checkpoint(tmp_path)
   solver_config = importlib.import_module("experiments.genrm_solver").get_config("scale=smoke,task=last_letter")
   solver_config.model.pretrained = path
   solver_config.data.update(num_train=16, long_fraction=0.0)
   solver_config.train.update(steps=2, checkpoint_every=2)
+  solver_config.train.lora.update(rank=2, targets="wq,wk,wv,wo")
   solver_config.mesh.shape.update(data=2, fsdp=2, tensor=2)  # the weights loaded straight onto the mesh
   solver = jobs.get(solver_config)
   metrics = solver.run(solver_config, str(tmp_path / "solver"))
   assert set(metrics) >= {"test", "hard"} and 0.0 <= metrics["test"]["accuracy"] <= 1.0
-  model, tokenizer, step = candidates.load_solver(str(tmp_path / "solver"))
+  model, tokenizer, step = candidates.load_solver(str(tmp_path / "solver"))  # the merged model, its tokenizer
   assert step == 2 and isinstance(tokenizer, hf_tokenizer.HFTokenizer) and model.cfg.vocab_size == 448
+  assert (tmp_path / "solver" / "merged" / "tokenizer.json").is_file()
 
   config = importlib.import_module("experiments.genrm").get_config(
       f"scale=smoke,task=last_letter,verifier=direct,base={tmp_path / 'solver'}")
@@ -82,3 +85,18 @@ def test_a_base_that_is_no_checkpoint_is_a_config_error(tmp_path):
       f"scale=smoke,task=last_letter,verifier=judge,base={tmp_path / 'missing'}")
   with pytest.raises(ConfigError, match="base"):
     jobs.get(config).run(config, str(tmp_path / "run"))
+
+
+def test_lora_needs_a_pretrained_model_and_leaves_the_reward_head_out(tmp_path):
+  solver = importlib.import_module("experiments.genrm_solver").get_config("scale=smoke,task=last_letter")
+  solver.train.lora.rank = 4
+  with pytest.raises(ConfigError, match="^train.lora.rank: LoRA adapts a pretrained model"):
+    jobs.get(solver)
+  genrm = importlib.import_module("experiments.genrm")
+  config = genrm.get_config("scale=smoke,task=last_letter,verifier=disc,base=solver")
+  config.train.lora.rank = 4
+  with pytest.raises(ConfigError, match="^train.lora.rank: the discriminative verifier's reward head"):
+    jobs.get(config)
+  config = genrm.get_config("scale=smoke,task=last_letter,verifier=direct,base=solver")
+  config.train.lora.rank = 4
+  jobs.get(config)
