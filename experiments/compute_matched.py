@@ -22,17 +22,24 @@ self (WC on its own data vs on SE data) | w2s (SE on WC data vs on its own); `bu
 budget in SE samples per problem; `wc`, `se`, `student` workdirs or Hugging Face directories (defaults:
 runs/igsm_solver_<scale>/weak and /strong; the student is the weak solver's checkpoint at `student_step`, an earlier
 and weaker model than WC: ours, where the paper's student is a smaller pretrained LM); `task` igsm (default) |
-gsm8k | math, the data sets read from `path` through the models' own tokenizers (their false-positive rate is not
-measured: no step checker); `seed`.
+gsm8k | math, the data sets read from `path` through the models' own tokenizers; `fewshot` k exemplars in a data
+set's prompt (4: the papers' GSM8K and Minerva MATH prompts; 0: the bare question); `seed`. A data set has no
+step checker: its false-positive rate is an LLM judge's over an OpenAI-compatible endpoint, when
+`--config.judge.base_url` (and `.model`, `.api_key_env`) names one; on iGSM the judge is checked against the
+checker.
 
-  # the paper's setting: MATH, Gemma-2 9B (WC) and 27B (SE) sampling, Gemma-7B the student
-  python main.py --config experiments/compute_matched.py:scale=gpu,setup=kd,task=math,path=/data/math,\
-wc=/models/gemma-2-9b,se=/models/gemma-2-27b,student=/models/gemma-7b --workdir runs/compute_matched_math
+  # the paper's setting: MATH, Gemma-2 9B (WC) and 27B (SE) sampling 4-shot, Gemma-7B the student; the
+  # false-positive rate judged by a strong model behind any OpenAI-compatible endpoint
+  python main.py --config experiments/compute_matched.py:scale=gpu,setup=kd,task=math,path=/data/math,fewshot=4,\
+wc=/models/gemma-2-9b,se=/models/gemma-2-27b,student=/models/gemma-7b --workdir runs/compute_matched_math \
+      --config.judge.base_url=https://api.openai.com/v1 --config.judge.model=gpt-4o \
+      --config.judge.api_key_env=OPENAI_API_KEY
 """
 
 import ml_collections
 
 from configs import common, igsm, mesh
+from lwjax import judge
 from lwjax.projects.compute_matched.job import SETUPS, TASKS
 
 SCALES = ("smoke", "cpu", "gpu", "paper")
@@ -40,7 +47,8 @@ SCALES = ("smoke", "cpu", "gpu", "paper")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, choices={"scale": SCALES, "setup": SETUPS, "task": TASKS}, scale="cpu", setup="self",
-                          budget="", wc="", se="", student="", student_step="", seed="0", task="igsm", path="")
+                          budget="", wc="", se="", student="", student_step="", seed="0", task="igsm", path="",
+                          fewshot="0")
   scale = args["scale"]
   wc = args["wc"] or f"runs/igsm_solver_{scale}/weak"
   config = ml_collections.ConfigDict()
@@ -51,15 +59,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "wc": wc, "se": args["se"] or f"runs/igsm_solver_{scale}/strong", "student": args["student"] or wc,
       "student_step": int(args["student_step"] or (1600 if scale == "cpu" else 0))})
   config.task = ml_collections.ConfigDict({"name": args["task"], "preset": "small", "train_ops": "1,2,3",
-                                           "hard_ops": "4,5", "path": args["path"]})
+                                           "hard_ops": "4,5", "path": args["path"], "fewshot": int(args["fewshot"])})
   config.candidates = ml_collections.ConfigDict({
       "dir": f"runs/compute_matched_{scale}/candidates", "num_train": 500, "temperature": 0.8,
       "max_new_tokens": igsm.CPU_EVAL["max_new_tokens"], "batch_prompts": 25, "record_seed": 0})
   config.budget = ml_collections.ConfigDict({"se_samples": "1,2,4", "finetune": int(args["budget"] or 4)})
+  # The paper judged 50 solutions per source; '' base_url: no judge.
+  config.judge = ml_collections.ConfigDict({"base_url": "", "model": "", "prompt": judge.DEFAULT_PROMPT,
+                                           "max_tokens": 256, "workers": 4, "api_key_env": "",
+                                           "max_candidates": 50})
   config.data = ml_collections.ConfigDict({"seq_len": 320})
   config.eval = ml_collections.ConfigDict({"num_test": 300, "num_hard": 100, "max_new_tokens": 160,
                                           "batch_prompts": 100, "seed": 1})
-  config.train = common.train(steps=150, global_batch_size=32, log_every=25, eval_every=0, checkpoint_every=150)
+  config.train = common.train(steps=150, global_batch_size=32, log_every=25, eval_every=0, checkpoint_every=150,
+                              lora=common.lora())  # LoRA finetunes: --config.train.lora.rank=8
   config.optim = common.optim(learning_rate=3e-4, warmup_steps=15, weight_decay=0.0)
   config.mesh = mesh.get()
   config.distributed = common.distributed()

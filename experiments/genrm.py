@@ -33,7 +33,12 @@ labelled candidates, compared by Best-of-N with self-consistency, pass@N and LLM
 Arguments: `scale` smoke|cpu|gpu|paper; `task` igsm|last_letter|word_sort|gsm8k|math; `verifier` judge|disc|
 direct|cot|unified; `base` the solver's workdir or a Hugging Face directory (default runs/igsm_solver_<scale>/weak
 for iGSM, runs/genrm_solver_<scale>/<task> otherwise); `path` the data set's files (gsm8k, math); `lam` the unified
-verifier's lambda; `seed`.
+verifier's lambda; `fewshot` k exemplars in a data set's prompt for a pretrained `base` (4: the papers' GSM8K
+and Minerva MATH prompts; 0: the bare question, what a finetuned solver reads); `seed`.
+
+  # GSM8K candidates of a pretrained model prompted 4-shot, judged by the same model (LLM-as-a-judge)
+  python main.py --config experiments/genrm.py:scale=gpu,task=gsm8k,path=/data/gsm8k,fewshot=4,verifier=judge,\
+base=/models/gemma-2-9b --workdir runs/genrm_gsm8k/judge_4shot
 """
 
 import ml_collections
@@ -48,7 +53,8 @@ TASKS = ("igsm", "last_letter", "word_sort", "gsm8k", "math")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, choices={"scale": SCALES, "task": TASKS, "verifier": KINDS}, scale="cpu",
-                          task="igsm", verifier="direct", base="", lam="1.0", seed="0", path="")
+                          task="igsm", verifier="direct", base="", lam="1.0", seed="0", path="",
+                          fewshot="0")
   scale, task = args["scale"], args["task"]
   default_base = (f"runs/igsm_solver_{scale}/weak" if task == "igsm" else f"runs/genrm_solver_{scale}/{task}")
   config = ml_collections.ConfigDict()
@@ -56,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = int(args["seed"])
   config.base = args["base"] or default_base
   config.task = genrm_solver.task_config(task, args["path"])
+  config.task.fewshot = int(args["fewshot"])
   config.candidates = ml_collections.ConfigDict({
       "dir": f"runs/genrm_{scale}/candidates", "num_train": 400, "n_train": 8, "num_test": 100, "n_test": 16,
       "temperature": 0.8, "max_new_tokens": {"igsm": 160, "math": 512}.get(task, 320), "batch_prompts": 25,
@@ -66,7 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Training rows: a problem of the training split, its candidate and the verification (scoring fits any length).
   config.data = ml_collections.ConfigDict({"seq_len": 320})
   config.eval = ml_collections.ConfigDict({"ns": "1,2,4,8,16", "draws": 64, "batch_size": 64})
-  config.train = common.train(steps=400, global_batch_size=32, log_every=50, eval_every=0, checkpoint_every=400)
+  config.train = common.train(steps=400, global_batch_size=32, log_every=50, eval_every=0, checkpoint_every=400,
+                              lora=common.lora())  # LoRA verifiers: --config.train.lora.rank=8
   config.optim = common.optim(learning_rate=5e-4, warmup_steps=40, weight_decay=0.0)
   config.mesh = mesh.get()
   config.distributed = common.distributed()

@@ -57,9 +57,12 @@ def load_solver(path: str, step: int | None = None, *, param_dtype: str | None =
       raise ValueError(f"{path}: a Hugging Face checkpoint has no steps; drop step={step}")
     model, tokenizer = pretrained.load_pretrained(path, param_dtype=param_dtype)
     return model, tokenizer, 0
-  model, _, step = checkpoint.load_model(os.path.join(path, pretrained.CHECKPOINTS_DIR),
+  merged = pretrained.run_model_dir(path)  # a finished LoRA run: its merged model
+  if merged != path and step:
+    raise ValueError(f"{path}: a LoRA run's checkpoints hold adapters; its model is the merged one; drop step={step}")
+  model, _, step = checkpoint.load_model(os.path.join(merged, pretrained.CHECKPOINTS_DIR),
                                          lambda c: GPT(GPTConfig.from_dict(c["model"]), rngs=nnx.Rngs(0)), step)
-  return model, pretrained.load_tokenizer(path), step
+  return model, pretrained.load_tokenizer(merged), step
 
 
 def task_for(task: reasoning_tasks.ReasoningTask, tokenizer) -> reasoning_tasks.ReasoningTask:
@@ -81,7 +84,8 @@ def forward_flops_per_token(cfg: GPTConfig, context: int) -> float:
 def sample(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[dict], *, n: int,
            temperature: float, max_new_tokens: int, seed: int = 0, top_p: float = 1.0,
            batch_prompts: int = 8, prompt_len: int | None = None) -> tuple[list[dict], dict]:
-  """Samples and labels `n` candidates for every record: ([{"index", "record", "candidates"}], stats)."""
+  """Samples and labels `n` candidates for every record: ([{"index", "record", "candidates"}], stats). A few-shot
+  prompt's continuation is cut at the next problem (`task.trim`); `num_tokens` counts every token sampled."""
   tok = task.tokenizer
   prompts = [tokenizer_lib.bos_prefix(tok) + tok.encode(task.prompt(r)) for r in records]
   prompt_len = prompt_len or batch_sampler.bucket(max(len(p) for p in prompts))
@@ -99,7 +103,8 @@ def sample(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[di
   seconds = time.time() - start
   problems = []
   for index, (record, drawn) in enumerate(zip(records, samples, strict=True)):
-    candidates = [{"text": text, "num_tokens": num_tokens, **label(task, record, text)} for text, num_tokens in drawn]
+    candidates = [{"text": text, "num_tokens": num_tokens, **label(task, record, text)}
+                  for text, num_tokens in ((task.trim(t), k) for t, k in drawn)]
     problems.append({"index": index, "record": record, "candidates": candidates})
   tokens = sum(c["num_tokens"] for p in problems for c in p["candidates"])
   mean_len = tokens / max(len(problems) * n, 1)

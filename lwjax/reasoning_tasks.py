@@ -18,6 +18,14 @@ step checker (`check(record, text) -> Verdict` with `correct`, `answer_correct`,
 `error_kind`) and the final answer of a solution text (`answer(text)`, for majority voting). Records,
 solutions and the checker work on text, so a pretrained model reads and writes the same problems through its
 own tokenizer: `task.with_tokenizer(model_tokenizer)`.
+
+A data set's prompt is its bare question, or with `fewshot` k > 0 the few-shot prompt a pretrained model is
+sampled with (4 exemplars at the paper scale): GSM8K as `Question: ...\nAnswer: ...`, MATH in the Minerva style
+`Problem:\n...\n\nSolution:\n...` (Lewkowycz et al. 2022, arXiv 2206.14858; the published solutions box their
+answer). The exemplars are the first k problems of the set's own training files,
+which the training split then leaves out. A sampled continuation goes on to invent the next problem;
+`task.trim(text)` cuts it at the next `Question:` / `Problem:` (`lwjax.serving.batch_sampler` stops at eos only,
+so those tokens are sampled, and counted, then dropped).
 """
 
 from __future__ import annotations
@@ -43,6 +51,19 @@ GSM8K_HARD_STEPS = 5  # GSM8K's hard split: test problems whose reference soluti
 MATH_HARD_LEVEL = "Level 5"
 
 
+@dataclasses.dataclass(frozen=True)
+class FewShotFormat:
+  """A few-shot prompt: each problem as `question` (with `{question}`), an exemplar's solution after `joiner`;
+  problems separated by a blank line; `stop` starts the next problem."""
+  question: str
+  joiner: str
+  stop: str
+
+
+FEWSHOT_FORMATS = {"gsm8k": FewShotFormat("Question: {question}\nAnswer:", " ", "Question:"),
+                   "math": FewShotFormat("Problem:\n{question}\n\nSolution:", "\n", "Problem:")}
+
+
 def answer_word(text: str) -> str | None:
   """The final answer of a solution (`... ans <answer> .`), or None when it states none."""
   words = text.split()
@@ -63,6 +84,8 @@ class ReasoningTask:
   check: Callable[[dict, str], Verdict]  # (record, solution text) -> the checker's verdict
   answer: Callable[[str], str | None] = answer_word  # solution text -> its final answer (for majority voting)
   step_checker: bool = True  # whether `check` judges every step, or (a data set) the final answer only
+  exemplars: tuple[dict, ...] = ()  # the few-shot prompt's solved problems (none: the bare question)
+  fewshot_format: FewShotFormat | None = None
 
   def records(self, num: int, *, seed: int, split: str) -> list[dict]:
     if split not in SPLITS:
@@ -75,9 +98,23 @@ class ReasoningTask:
     Face tokenizer's clean-up of spaces before punctuation (`ans 7 .` -> `ans 7.`) is turned off on a copy."""
     return dataclasses.replace(self, tokenizer=tokenizer_lib.exact_text(tokenizer))
 
-  @staticmethod
-  def prompt(record: dict) -> str:
-    return record["question"]
+  def prompt(self, record: dict) -> str:
+    """What a solver reads: the question, after the exemplars' solved problems when few-shot."""
+    f = self.fewshot_format
+    if f is None:
+      return record["question"]
+    shots = [f.question.format(question=e["question"]) + f.joiner + e["solution"] for e in self.exemplars]
+    return "\n\n".join([*shots, f.question.format(question=record["question"])])
+
+  def trim(self, text: str) -> str:
+    """A sampled solution cut where a few-shot continuation starts the next problem."""
+    if self.fewshot_format is None:
+      return text
+    return text.split(self.fewshot_format.stop, 1)[0].strip()
+
+  def zero_shot(self) -> ReasoningTask:
+    """The same task prompted with the bare question (what a model finetuned on its problems reads)."""
+    return dataclasses.replace(self, exemplars=(), fewshot_format=None)
 
 
 def _igsm_task(preset: str, train_ops: Sequence[int], hard_ops: Sequence[int]) -> ReasoningTask:
@@ -110,7 +147,7 @@ def _is_hard(name: str, record: dict) -> bool:
   return len([line for line in record["solution"].split("####")[0].splitlines() if line.strip()]) >= GSM8K_HARD_STEPS
 
 
-def _dataset_task(name: str, path: str) -> ReasoningTask:
+def _dataset_task(name: str, path: str, fewshot: int) -> ReasoningTask:
   if not path:
     raise ConfigError("task.path", f"empty: {name} is read from its published files",
                       "the directory (or file) holding them, e.g. /data/gsm8k")
@@ -135,19 +172,36 @@ def _dataset_task(name: str, path: str) -> ReasoningTask:
     return Verdict(correct=right, answer_correct=right, num_retries=0, num_steps=0,
                    first_error=None if right else 0, error_kind=None if right else "answer")
 
+  exemplars = ()
+  if fewshot:
+    train = math_sets.load(name, path, "train")
+    if len(train) <= fewshot:
+      raise ConfigError("task.fewshot", f"{fewshot} exemplars asked, the training split under {path} has "
+                        f"{len(train)} problems", f"fewer than {len(train)}")
+    exemplars, splits["train"] = tuple(train[:fewshot]), train[fewshot:]  # the exemplars are no training problem
   return ReasoningTask(name, None, make_records, check, answer=functools.partial(math_sets.answer_of, name),
-                       step_checker=False)
+                       step_checker=False, exemplars=exemplars,
+                       fewshot_format=FEWSHOT_FORMATS[name] if fewshot else None)
+
+
+def check_fewshot(name: str, fewshot: int) -> None:
+  """Few-shot prompts are the data sets' (a pretrained model's); the generated tasks' solvers are trained on
+  their bare questions, in a closed vocabulary."""
+  if fewshot < 0 or (fewshot and name not in DATASET_NAMES):
+    raise ConfigError("task.fewshot", f"{fewshot} for {name}",
+                      f"0 (the bare question){'; or k >= 1 exemplars' if name in DATASET_NAMES else ''}")
 
 
 def get(name: str, *, preset: str = "small", train_ops: Sequence[int] = (1, 2, 3), hard_ops: Sequence[int] = (4, 5),
         train_words: Sequence[int] = algorithmic.TRAIN_NUM_WORDS,
-        hard_words: Sequence[int] = algorithmic.TEST_NUM_WORDS, path: str = "") -> ReasoningTask:
+        hard_words: Sequence[int] = algorithmic.TEST_NUM_WORDS, path: str = "", fewshot: int = 0) -> ReasoningTask:
   """The task `name` (one of TASK_NAMES); iGSM takes the preset and ops, the algorithmic tasks list lengths, the
-  data sets the `path` of their files."""
+  data sets the `path` of their files and the number of few-shot exemplars (0: the bare question)."""
+  check_fewshot(name, fewshot)
   if name == "igsm":
     return _igsm_task(preset, train_ops, hard_ops)
   if name in ("last_letter", "word_sort"):
     return _algorithmic_task(name, train_words, hard_words)
   if name in DATASET_NAMES:
-    return _dataset_task(name, path)
+    return _dataset_task(name, path, fewshot)
   raise ValueError(f"task={name!r}: expected one of {TASK_NAMES}")

@@ -127,3 +127,65 @@ def test_genrm_judges_gsm8k_candidates_of_a_hugging_face_model(tmp_path, monkeyp
   for p in problems:
     for c in p["candidates"]:
       assert c["answer_correct"] == task.check(p["record"], c["text"]).answer_correct
+
+
+def test_few_shot_prompts_are_the_papers_formats_from_the_training_files(tmp_path, monkeypatch):
+  """4-shot GSM8K (`Question:`/`Answer:`) and Minerva MATH (`Problem:`/`Solution:`) prompts whose exemplars are
+  the first training problems of the files (then left out of the training split); a sampled continuation cut at
+  the next problem before it is graded; the configs thread `task.fewshot` to the candidate sets' settings (absent
+  at 0, so sets sampled before stay valid); the generated tasks refuse it."""
+  import numpy as np
+  from flax import nnx
+
+  from lwjax.data import math_sets
+  from lwjax.models.gpt import GPT, GPTConfig
+  from lwjax.projects.compute_matched import job as matched_job
+  from lwjax.projects.genrm import job as genrm_job
+  from lwjax.serving import batch_sampler
+  _write_gsm8k(tmp_path / "gsm8k")
+  (tmp_path / "math").mkdir()
+  _write_math(tmp_path / "math")
+  train = math_sets.load("gsm8k", tmp_path / "gsm8k", "train")
+  task = reasoning_tasks.get("gsm8k", path=str(tmp_path / "gsm8k"), fewshot=2)
+  record = task.records(1, seed=0, split="test")[0]
+  assert task.prompt(record) == (f"Question: {train[0]['question']}\nAnswer: {train[0]['solution']}\n\n"
+                                 f"Question: {train[1]['question']}\nAnswer: {train[1]['solution']}\n\n"
+                                 f"Question: {record['question']}\nAnswer:")
+  assert task.zero_shot().prompt(record) == record["question"]
+  assert not {r["question"] for r in task.records(10, seed=0, split="train")} & {t["question"] for t in train[:2]}
+  with pytest.raises(ValueError, match="11 problems asked.*has 10"):
+    task.records(11, seed=0, split="train")
+  assert task.trim(" It is 5.\n#### 5\n\nQuestion: Tom has 3 ...\nAnswer: 3") == "It is 5.\n#### 5"
+  math_train = math_sets.load("math", tmp_path / "math", "train")
+  math_task = reasoning_tasks.get("math", path=str(tmp_path / "math"), fewshot=1)
+  problem = math_task.records(1, seed=0, split="test")[0]
+  assert math_task.prompt(problem) == (f"Problem:\n{math_train[0]['problem']}\n\nSolution:\n"
+                                       f"{math_train[0]['solution']}\n\nProblem:\n{problem['problem']}\n\nSolution:")
+  assert math_task.trim("\n$\\boxed{3}$\n\nProblem:\nCompute $1+1$.") == "$\\boxed{3}$"
+  with pytest.raises(ConfigError, match="^task.fewshot"):
+    reasoning_tasks.get("igsm", fewshot=4)
+  with pytest.raises(ConfigError, match="^task.fewshot: 6 exemplars"):
+    reasoning_tasks.get("math", path=str(tmp_path / "math"), fewshot=6)
+
+  # Sampling: the continuation is cut at the next "Question:" and graded as cut.
+  read = candidates.task_for(task, hf_tokenizer.load(str(TOKENIZER)))
+  tests = read.records(2, seed=0, split="test")
+  drawn = [[(f"So #### {r['answer']}\n\nQuestion: Ann has 2 apples.\nAnswer: #### 7", 9)] for r in tests]
+  monkeypatch.setattr(batch_sampler, "sample_texts", lambda *args, **kwargs: drawn)
+  model = nnx.eval_shape(lambda: GPT(GPTConfig(vocab_size=448, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                                                head_dim=8, d_ff=32, max_seq_len=1024), rngs=nnx.Rngs(0)))
+  problems, stats = candidates.sample(model, read, tests, n=1, temperature=1.0, max_new_tokens=16)
+  for p in problems:
+    c = p["candidates"][0]
+    assert c["text"] == f"So #### {p['record']['answer']}" and c["answer_correct"] and c["num_tokens"] == 9
+  assert stats["generated_tokens"] == 18 and np.isfinite(stats["answer_accuracy"])
+
+  genrm = importlib.import_module("experiments.genrm")
+  matched = importlib.import_module("experiments.compute_matched")
+  for module, job in ((genrm, genrm_job), (matched, matched_job)):
+    config = module.get_config(f"scale=smoke,task=gsm8k,path={tmp_path / 'gsm8k'},fewshot=4")
+    jobs.get(config)
+    assert job.task_options(config)["fewshot"] == 4 and job.get_task(config).exemplars
+    assert "fewshot" not in job.task_options(module.get_config(f"scale=smoke,task=gsm8k,path={tmp_path}"))
+    with pytest.raises(ConfigError, match="^task.fewshot"):
+      jobs.get(module.get_config("scale=smoke,task=igsm,fewshot=4"))

@@ -17,6 +17,13 @@ directory, as in the paper (Gemma-2 9B and 27B sampling, a smaller pretrained st
 tokenizer of its own samples, finetunes and is evaluated through it, the others through the task's; the
 candidates are text, so WC and SE data finetune any of them. The finetuned model keeps float32 master weights.
 
+GSM8K and MATH have no step checker: their false-positive rate is an LLM judge's (`judge.base_url`, any
+OpenAI-compatible endpoint, `lwjax.judge`), as the paper's is Gemini's and humans' on 50 solutions: a random
+`judge.max_candidates` of each source's finetuning data judged, the rate reported with its standard error and n
+(`metrics.json` "judge"), the judged candidates and answers in `<workdir>/judged.jsonl`. On compact iGSM the
+same judge is measured against the exact checker (its agreement). A pretrained sampler reads the few-shot prompt
+of `task.fewshot`; the finetuned models read the bare question they were finetuned on.
+
 `<workdir>/metrics.json` holds everything; `coverage.png` and `diversity.png` plot the data quality against
 the budget; each finetune's run (checkpoints, TensorBoard) is `<workdir>/on_wc_data` and `on_se_data`.
 A stopped run resumes: finished finetunes and evaluations are read back, not repeated.
@@ -28,13 +35,14 @@ import hashlib
 import json
 import logging
 import os
+import random
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from flax import nnx
 
-from lwjax import candidates as candidates_lib, plots, reasoning_tasks
+from lwjax import candidates as candidates_lib, judge as judge_lib, plots, reasoning_tasks
 from lwjax.config import ConfigError, Field, int_list, parse_ints, positive_int, validate as validate_schema
 from lwjax.data import rows as rows_lib, tokenizer as tokenizer_lib
 from lwjax.launch import distributed
@@ -57,13 +65,21 @@ SCHEMA = {
                "student": Field(str, doc="kd: the student, a workdir or a Hugging Face checkpoint directory"),
                "student_step": Field(int, min=0, doc="kd: the student's checkpoint step (0: the latest)")},
     "task": {"name": Field(str, choices=TASKS), "preset": Field(str), "train_ops": int_list(), "hard_ops": int_list(),
-             "path": Field(str, doc="gsm8k, math: where the published files are (lwjax.data.math_sets)")},
+             "path": Field(str, doc="gsm8k, math: where the published files are (lwjax.data.math_sets)"),
+             "fewshot": Field(int, min=0, has_default=True, doc="gsm8k, math: exemplars in the prompt (0: none)")},
     "candidates": {"dir": Field(str, doc="where candidate sets are written once and reused"),
                    "num_train": positive_int("training problems"), "temperature": Field(float, min=0.0),
                    "max_new_tokens": positive_int(), "batch_prompts": positive_int(),
                    "record_seed": Field(int, doc="which training problems (the same for every seed)")},
     "budget": {"se_samples": int_list("budgets, in SE samples per problem"),
                "finetune": positive_int("the budget of the finetuning data, in SE samples per problem")},
+    "judge": {"base_url": Field(str, doc="an OpenAI-compatible endpoint judging the reasoning of right-answer "
+                                         "candidates, e.g. http://localhost:8000/v1 ('' = none: a data set's "
+                                         "false-positive rate is not measured)"),
+              "model": Field(str), "prompt": Field(str, doc="with {question}, {reference} and {candidate}"),
+              "max_tokens": positive_int(), "workers": positive_int("requests at a time"),
+              "api_key_env": Field(str, doc="the environment variable holding the key ('' = none)"),
+              "max_candidates": positive_int("judged per source, drawn at random (the paper: 50)")},
     "data": {"seq_len": Field(int, min=8)},
     "eval": {"num_test": positive_int(), "num_hard": Field(int, min=0), "max_new_tokens": positive_int(),
              "batch_prompts": positive_int(), "seed": Field(int)},
@@ -80,6 +96,11 @@ def validate(config) -> None:
   if config.task.name in reasoning_tasks.DATASET_NAMES and not config.task.path:
     raise ConfigError("task.path", f"empty: {config.task.name} is read from its published files",
                       "the directory holding them")
+  reasoning_tasks.check_fewshot(config.task.name, config.task.get("fewshot", 0))
+  if config.judge.base_url and not config.judge.model:
+    raise ConfigError("judge.model", "empty with judge.base_url set", "the model name the endpoint serves")
+  if "{candidate}" not in config.judge.prompt:
+    raise ConfigError("judge.prompt", "has no {candidate}", "a template with {question}, {reference}, {candidate}")
   for name in ("wc", "se") + (("student",) if config.setup == "kd" else ()):
     if not config.models[name]:
       raise ConfigError(f"models.{name}", "required", "a trained solver's workdir, e.g. runs/igsm_solver_cpu/weak, "
@@ -90,7 +111,8 @@ def task_options(config) -> dict:
   """The options of `config.task` as `reasoning_tasks.get` takes them (and candidate sets record them)."""
   t = config.task
   return {"preset": t.preset, "train_ops": parse_ints(t.train_ops), "hard_ops": parse_ints(t.hard_ops),
-          **({"path": os.path.abspath(t.path)} if t.get("path") else {})}
+          **({"path": os.path.abspath(t.path)} if t.get("path") else {}),
+          **({"fewshot": t.fewshot} if t.get("fewshot") else {})}
 
 
 def get_task(config) -> reasoning_tasks.ReasoningTask:
@@ -174,6 +196,39 @@ def data_quality(sets: dict, info: dict, task) -> list[dict]:
       for src in SOURCES:
         row[src].update(false_positive_rate=float("nan"), full_coverage=float("nan"))
   return rows
+
+
+def judged_false_positive_rates(config, task, sets: dict, budget_row: dict, workdir: str) -> dict | None:
+  """Each source's false-positive rate as an LLM judge sees it (`lwjax.judge`, over `config.judge`): of its
+  finetuning data (right-answer candidates at the finetuning budget), `judge.max_candidates` drawn at random
+  (by `seed`) are judged; the answers are cached in `candidates.dir`, so a rerun asks nothing again. With a step
+  checker the judge's agreement with it is reported beside. The judged candidates, verdicts and answers go to
+  `<workdir>/judged.jsonl`. None without `judge.base_url` (and on every process but the first)."""
+  j = config.judge
+  if not j.base_url or jax.process_index() != 0:
+    return None
+  judge = judge_lib.Judge.from_config(j, cache_path=os.path.join(config.candidates.dir, "judge_answers.jsonl"))
+  rng, out, lines = random.Random(config.seed), {}, []
+  for source in SOURCES:
+    k = budget_row["budget"][source]
+    kept = [(p, i) for p in sets[source] for i, c in enumerate(p["candidates"][:k]) if c["answer_correct"]]
+    picked = [kept[i] for i in sorted(rng.sample(range(len(kept)), min(j.max_candidates, len(kept))))]
+    judgements = judge.judge([(p["record"]["question"], p["record"]["solution"], p["candidates"][i]["text"])
+                              for p, i in picked])
+    exact = [p["candidates"][i]["correct"] for p, i in picked] if task.step_checker else None
+    out[source] = {"samples_per_problem": k, "kept": len(kept), **judge_lib.summary(judgements, exact)}
+    lines += [{"source": source, "problem": p["index"], "candidate": i, "verdict": verdict, "answer": text,
+               **({"exact": p["candidates"][i]["correct"]} if exact is not None else {})}
+              for (p, i), (verdict, text) in zip(picked, judgements, strict=True)]
+    s = out[source]
+    logging.info("judged FPR of %s data: %.3f ± %.3f (n=%d of %d kept, %d unread)%s", source.upper(),
+                 s["false_positive_rate"], s["false_positive_rate_se"], s["n"], len(kept), s["unparsed"],
+                 f"; exact {s['exact_false_positive_rate']:.3f}, agreement {s['agreement']:.3f}" if exact is not None
+                 else "")
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "judged.jsonl"), "w") as f:
+    f.writelines(json.dumps(line) + "\n" for line in lines)
+  return out
 
 
 def evaluate(config, task, model: GPT) -> dict:
@@ -270,6 +325,7 @@ def run(config, workdir: str) -> dict:
     _write_json(base_eval, evaluate(config, task, base))
   evals = {"base": _read_json(base_eval)}
   budget_row = next(q for q in quality_rows if q["budget"]["se"] == config.budget.finetune)
+  judged = judged_false_positive_rates(config, task, sets, budget_row, workdir)
   data_stats = {}
   for source in SOURCES:
     k = budget_row["budget"][source]
@@ -295,12 +351,12 @@ def run(config, workdir: str) -> dict:
       if tuned is None:
         logging.warning("stopped before the end of the finetune on %s data; run again to resume", source)
         return {}
-      _write_json(eval_path, evaluate(config, task, tuned))
+      _write_json(eval_path, evaluate(config, task.zero_shot(), tuned))
     evals[f"{source}_data"] = _read_json(eval_path)
   metrics = {"setup": config.setup, "finetuned": which, "finetuned_from": list(base_source), "seed": config.seed,
              "steps": config.train.steps, **{k: v for k, v in info.items() if k != "paths"},
              "quality": quality_rows, "finetune_data": data_stats, "sampling": {s: metas[s]["stats"] for s in SOURCES},
-             "eval": evals, "wc_minus_se": {}}
+             "eval": evals, "wc_minus_se": {}, **({"judge": judged} if judged else {})}
   for split in evals["base"]:
     line = {name: "-" if e is None else f"{e[split]['accuracy']:.3f}" for name, e in evals.items()}
     difference = "-"

@@ -37,7 +37,7 @@ from lwjax.models import pretrained
 from lwjax.models.gpt import GPT
 from lwjax.projects.genrm import bestofn, data as data_lib, rationale, verifiers
 from lwjax.serving import batch_sampler
-from lwjax.training import losses, mesh, optim, trainer as trainer_lib
+from lwjax.training import lora as lora_lib, losses, mesh, optim, trainer as trainer_lib
 
 KINDS = ("disc", "direct", "cot", "unified", "judge")
 
@@ -48,7 +48,9 @@ SCHEMA = {
     "task": {"name": Field(str, choices=reasoning_tasks.TASK_NAMES), "preset": Field(str),
              "train_ops": int_list(), "hard_ops": int_list(),
              "train_words": int_list(), "hard_words": int_list(),
-             "path": Field(str, doc="gsm8k, math: where the published files are (lwjax.data.math_sets)")},
+             "path": Field(str, doc="gsm8k, math: where the published files are (lwjax.data.math_sets)"),
+             "fewshot": Field(int, min=0, has_default=True,
+                              doc="gsm8k, math: exemplars in a pretrained solver's prompt (0: none)")},
     "candidates": {"dir": Field(str, doc="where candidate sets are written once and reused"),
                    "num_train": positive_int("training problems"), "n_train": positive_int("candidates each"),
                    "num_test": positive_int("test problems (and as many hard ones)"),
@@ -80,6 +82,10 @@ def validate(config) -> None:
     if not config.task.path:
       raise ConfigError("task.path", f"empty: {config.task.name} is read from its published files",
                         "the directory holding them")
+  if config.verifier.kind == "disc" and lora_lib.from_section(config.train.get("lora")):
+    raise ConfigError("train.lora.rank", "the discriminative verifier's reward head is new and must train; LoRA "
+                      "freezes every weight but its adapters", "0 for disc (LoRA takes the generative verifiers)")
+  reasoning_tasks.check_fewshot(config.task.name, config.task.get("fewshot", 0))
   if not config.base:
     raise ConfigError("base", "required", "the workdir of a trained solver, e.g. runs/igsm_solver_cpu/weak, or a "
                       "Hugging Face checkpoint directory")
@@ -95,7 +101,8 @@ def task_options(config) -> dict:
   t = config.task
   return {"preset": t.preset, "train_ops": parse_ints(t.train_ops), "hard_ops": parse_ints(t.hard_ops),
           "train_words": parse_ints(t.train_words), "hard_words": parse_ints(t.hard_words),
-          **({"path": os.path.abspath(t.path)} if t.get("path") else {})}
+          **({"path": os.path.abspath(t.path)} if t.get("path") else {}),
+          **({"fewshot": t.fewshot} if t.get("fewshot") else {})}
 
 
 def candidate_sets(config, task) -> dict[str, list[dict]]:

@@ -111,10 +111,11 @@ def _plant(task, problems_records, n, rng):
   return out
 
 
-def _main(tmp_path, arg, workdir):
+def _main(tmp_path, arg, workdir, *flags):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config",
-                         os.path.join(ROOT, "experiments/compute_matched.py") + f":{arg}", "--workdir", workdir],
+                         os.path.join(ROOT, "experiments/compute_matched.py") + f":{arg}", "--workdir", workdir,
+                         *flags],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -131,8 +132,10 @@ def _save_hf(directory, cfg: GPTConfig, seed: int):
 def test_smoke_end_to_end_on_planted_candidates(tmp_path, monkeypatch, models_from):
   """The kd setup (three models: lwjax solver runs, or Hugging Face checkpoints sampling, finetuning and
   evaluated through their own tokenizer) on candidate sets planted where the job looks for them: quality
-  numbers, both finetunes, evaluations; a second run reads everything back."""
+  numbers, the false-positive rate judged over HTTP (a stub endpoint judging with the checker), both finetunes,
+  evaluations; a second run reads everything back and asks the judge nothing."""
   from experiments import compute_matched
+  from tests.test_judge import StubEndpoint, checker_answer
   save = _save_solver if models_from == "workdirs" else _save_hf
   save(tmp_path / "wc", _cfg(32), 0)
   save(tmp_path / "se", _cfg(64), 1)
@@ -158,9 +161,17 @@ def test_smoke_end_to_end_on_planted_candidates(tmp_path, monkeypatch, models_fr
     candidates.write(plan["paths"][source], planted[source],
                      {"settings": settings, "checkpoint_step": step, "stats": stats})
   assert any(not c["correct"] and c["answer_correct"] for p in planted["wc"] for c in p["candidates"])
-  result = _main(tmp_path, arg, "kd")
-  assert result.returncode == 0, result.stderr[-3000:]
-  m = json.loads((tmp_path / "kd" / "metrics.json").read_text())
+  with StubEndpoint(checker_answer(records)) as stub:
+    flags = (f"--config.judge.base_url={stub.base_url}", "--config.judge.model=checker")
+    result = _main(tmp_path, arg, "kd", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = json.loads((tmp_path / "kd" / "metrics.json").read_text())
+    assert m["judge"]["wc"]["agreement"] == 1.0 and stub.requests > 0
+    assert m["judge"]["wc"]["judged"] == min(config.judge.max_candidates, m["judge"]["wc"]["kept"])
+    assert (tmp_path / "kd" / "judged.jsonl").is_file()
+    asked = stub.requests
+    again = _main(tmp_path, arg, "kd", *flags)
+    assert stub.requests == asked
   assert m["setup"] == "kd" and m["finetuned"] == "student" and m["steps"] == config.train.steps
   for row in m["quality"]:
     for source in job.SOURCES:
@@ -179,7 +190,6 @@ def test_smoke_end_to_end_on_planted_candidates(tmp_path, monkeypatch, models_fr
     assert set(m["eval"][name]) == {"test", "hard"} and m["eval"][name]["test"]["n"] == config.eval.num_test
   assert set(m["wc_minus_se"]) == {"test", "hard"}
   assert (tmp_path / "kd" / "on_wc_data" / "checkpoints").is_dir() and (tmp_path / "kd" / "coverage.png").is_file()
-  again = _main(tmp_path, arg, "kd")
   assert again.returncode == 0 and "finetuning student" in again.stderr and "step 1/" not in again.stderr
   assert json.loads((tmp_path / "kd" / "metrics.json").read_text())["eval"] == m["eval"]
   table = report.finetune_table(report.load_runs(str(tmp_path)), "test")
@@ -195,3 +205,48 @@ def test_every_scale_and_setup_validates(scale):
     jobs.get(compute_matched.get_config(f"scale={scale},setup={setup}"))
   with pytest.raises(ConfigError, match="budget.finetune"):
     jobs.get(compute_matched.get_config(f"scale={scale},budget=5"))
+
+
+def test_judged_false_positive_rate_equals_the_checkers_on_compact_igsm(tmp_path):
+  """The false-positive rate as an LLM judge sees it, over HTTP: a stub endpoint that judges with the exact iGSM
+  checker gives the checker's rate on the judged candidates (agreement 1), on all of them or a random subset;
+  the judged candidates are written beside the metrics; no base_url, no judge."""
+  from experiments import compute_matched
+  from lwjax import jobs
+  from lwjax.config import ConfigError
+  from tests.test_judge import StubEndpoint, checker_answer
+  config = compute_matched.get_config("scale=smoke")
+  config.candidates.dir = str(tmp_path / "candidates")
+  task = job.get_task(config)
+  records = task.records(6, seed=0, split="train")
+  rng = np.random.default_rng(0)
+  sets = {source: _plant(task, records, 4, rng) for source in job.SOURCES}
+  row = {"budget": {"se": 2, "wc": 4}}
+  assert job.judged_false_positive_rates(config, task, sets, row, str(tmp_path / "off")) is None
+  unnamed = compute_matched.get_config("scale=smoke")
+  unnamed.judge.base_url = "http://127.0.0.1:1/v1"
+  with pytest.raises(ConfigError, match="^judge.model"):
+    jobs.get(unnamed)
+  with pytest.raises(ConfigError, match="^task.fewshot"):
+    jobs.get(compute_matched.get_config("scale=smoke,fewshot=4"))
+  with StubEndpoint(checker_answer(records)) as stub:
+    config.judge.update(base_url=stub.base_url, model="checker", max_candidates=1000)
+    judged = job.judged_false_positive_rates(config, task, sets, row, str(tmp_path / "all"))
+    for source in job.SOURCES:
+      k = row["budget"][source]
+      assert judged[source]["judged"] == judged[source]["kept"] == len(quality.answer_filtered(sets[source], k))
+      assert judged[source]["false_positive_rate"] == pytest.approx(quality.false_positive_rate(sets[source], k))
+      assert judged[source]["agreement"] == 1.0 and judged[source]["unparsed"] == 0
+    assert 0 < judged["wc"]["false_positive_rate"] < 1
+    asked = stub.requests
+    config.judge.max_candidates = 3
+    subset = job.judged_false_positive_rates(config, task, sets, row, str(tmp_path / "three"))
+    assert stub.requests == asked  # every answer cached under candidates.dir
+  lines = [json.loads(line) for line in (tmp_path / "three" / "judged.jsonl").read_text().splitlines()]
+  assert [line["source"] for line in lines] == ["wc"] * 3 + ["se"] * 3
+  for source in job.SOURCES:
+    picked = [sets[source][line["problem"]]["candidates"][line["candidate"]] for line in lines
+              if line["source"] == source]
+    assert all(c["answer_correct"] for c in picked) and subset[source]["n"] == 3
+    assert subset[source]["false_positive_rate"] == pytest.approx(np.mean([not c["correct"] for c in picked]))
+    assert [line["verdict"] for line in lines if line["source"] == source] == [c["correct"] for c in picked]
