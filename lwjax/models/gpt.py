@@ -305,21 +305,43 @@ class Attention(nnx.Module):
     q, k, v = self._project(_flatten(xs), _flatten(positions), inv_freq)  # [1, n, heads, hd]
     pages = jnp.concatenate([s[0].reshape(-1) for s in slots])
     offsets = jnp.concatenate([s[1].reshape(-1) for s in slots])
+    rows = tuple(x.shape[:2] for x in xs)
+    out, pools = self._paged_attention(q, k, v, pools, pages, offsets, tuple(page_tables), tuple(lengths), rows)
+    return _unflatten(self._output(out), xs), pools
 
-    def write(pool, new_1nhk):
-      return pool.at[:, pages, offsets].set(new_1nhk[0].swapaxes(0, 1).astype(pool.dtype), mode="drop")
-    k_pool, v_pool = write(pools[0], k), write(pools[1], v)
+  def _paged_attention(self, q, k, v, pools, pages, offsets, page_tables, lengths, rows):
+    """Writes the new keys/values [1, n, kv_heads, hd] at their (page, offset) slots and attends per group of
+    `rows` ([b, t] each); returns (out [1, n, heads, hd], (k_pool, v_pool)).
+
+    Under a multi-device mesh it runs per shard of heads through `jax.shard_map` (XLA partitions neither the
+    Pallas kernels nor the native CPU one): each shard writes and reads the pool of its own kv heads, which hold
+    the keys of its query heads (heads split as kv heads split, contiguously, so GQA groups stay whole); the page
+    tables, slots and lengths are whole on every shard; rows are never split (one scheduler's batch).
+    """
     dt = self.cfg.dtype
-    outs, start = [], 0
-    for x, table, lens in zip(xs, page_tables, lengths, strict=True):
-      b, t = x.shape[:2]
-      q_group = q[0, start:start + b * t].reshape(b, t, *q.shape[2:])
-      start += b * t
-      out = kernels.decode_attention(q_group, k_pool.astype(dt), v_pool.astype(dt), table, lens,
-                                     impl=self.cfg.attention_impl, **self._scores())
-      outs.append(out.reshape(1, b * t, *out.shape[2:]))
-    out = self._output(jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0])
-    return _unflatten(out, xs), (k_pool, v_pool)
+
+    def attend(q, k, v, k_pool, v_pool, pages, offsets, page_tables, lengths):
+      def write(pool, new_1nhk):
+        return pool.at[:, pages, offsets].set(new_1nhk[0].swapaxes(0, 1).astype(pool.dtype), mode="drop")
+      k_pool, v_pool = write(k_pool, k), write(v_pool, v)
+      outs, start = [], 0
+      for (b, t), table, lens in zip(rows, page_tables, lengths, strict=True):
+        q_group = q[0, start:start + b * t].reshape(b, t, *q.shape[2:])
+        start += b * t
+        out = kernels.decode_attention(q_group, k_pool.astype(dt), v_pool.astype(dt), table, lens,
+                                       impl=self.cfg.attention_impl, **self._scores())
+        outs.append(out.reshape(1, b * t, *out.shape[2:]))
+      return (jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]), (k_pool, v_pool)
+
+    args = (q, k, v, *pools, pages, offsets, page_tables, lengths)
+    mesh = logical.current_mesh()
+    if mesh is None or mesh.size == 1:
+      return attend(*args)
+    q_heads = logical.spec_for(("heads",), q.shape[2:3])[0]
+    heads = q_heads if q_heads == logical.spec_for(("kv_heads",), k.shape[2:3])[0] else None
+    qkv, pool = P(None, None, heads, None), P(heads, None, None, None)
+    return jax.shard_map(attend, mesh=mesh, in_specs=(qkv, qkv, qkv, pool, pool, P(), P(), P(), P()),
+                         out_specs=(qkv, (pool, pool)), check_vma=False)(*args)
 
 
 def _flatten(arrays_bt):

@@ -5,7 +5,8 @@ them as two dense, left-padded groups of rows (decodes [b, 1], prefill chunks [b
 bucketed shapes in one model call (`GPT.paged_step_groups`: one pass over the weights for both, attention
 per group), samples the next tokens, streams them to callbacks, and retires finished requests. Hybrids
 and nano-batches run the groups as separate calls (`paged_step`). `LLM.generate` is the offline batch API
-on top.
+on top. With a `mesh`, a GPT is served tensor parallel (`lwjax.serving.tensor_parallel`): the same programs with
+explicit shardings, the host side unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flax import nnx
 
 from lwjax import kernels, memory_maps
 from lwjax.models.gpt import GPT
+from lwjax.serving import tensor_parallel
 from lwjax.serving.kv_cache import PagedKVCache
 from lwjax.serving.logits_processors import batch_processing, process_logits, uses_processing
 from lwjax.serving.sampling import (
@@ -36,6 +38,7 @@ from lwjax.serving.sampling import (
   token_logprobs,
 )
 from lwjax.serving.scheduler import Request, RequestError, Scheduler, Stalled, Status, Work
+from lwjax.training.mesh import SERVING_RULES
 
 
 def _bucket(n: int, limit: int, smallest: int = 1) -> int:
@@ -66,7 +69,7 @@ def _sample(logits, sampling_arrays, num_logprobs: int, processing=None, previou
   return sample(logits, *sampling_arrays)
 
 
-def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, page_table, lengths,
+def _run(graphdef, shardings, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, page_table, lengths,
          previous_tokens, previous_index, sampling_arrays, sample_rows, nano_batches, states, recurrent_rows,
          num_logprobs=0, prompt_targets=None, processing=None):
   """One group of rows: fill placeholders from the previous iteration's device tokens, run, sample.
@@ -74,47 +77,64 @@ def _run(graphdef, params, tokens, k_pools, v_pools, slot_pages, slot_offsets, p
   A hybrid (Mamba layers) also takes its per-slot recurrent `states` and, per row, (state slot, fresh,
   number of real tokens); a GPT gets None for both. `prompt_targets` [b, t] (the next prompt token of each
   position): the logits of every position are kept and the prompt logprobs returned, {"tokens": what `_sample`
-  gives, "prompt": `token_logprobs`}."""
+  gives, "prompt": `token_logprobs`}. `shardings`: the engine's mesh placement (`tensor_parallel.EngineShardings`),
+  None on one device."""
   tokens = jnp.where(tokens == PLACEHOLDER, previous_tokens[previous_index], tokens)
   model = nnx.merge(graphdef, params)
   last_only = prompt_targets is None
-  if states is None:
-    logits, k_pools, v_pools = model.paged_step(tokens, k_pools, v_pools, (slot_pages, slot_offsets),
-                                                page_table, lengths, nano_batches, last_only=last_only)
-  else:
-    state_slots, fresh, num_new = recurrent_rows
-    logits, k_pools, v_pools, states = model.paged_step(
-        tokens, k_pools, v_pools, (slot_pages, slot_offsets), page_table, lengths, nano_batches, last_only=last_only,
-        states=states, state_slots=state_slots, fresh=fresh, num_new=num_new)
+  with tensor_parallel.axis_rules(shardings):
+    if states is None:
+      logits, k_pools, v_pools = model.paged_step(tokens, k_pools, v_pools, (slot_pages, slot_offsets),
+                                                  page_table, lengths, nano_batches, last_only=last_only)
+    else:
+      state_slots, fresh, num_new = recurrent_rows
+      logits, k_pools, v_pools, states = model.paged_step(
+          tokens, k_pools, v_pools, (slot_pages, slot_offsets), page_table, lengths, nano_batches,
+          last_only=last_only, states=states, state_slots=state_slots, fresh=fresh, num_new=num_new)
   sampled = _sample(logits[sample_rows, -1], sampling_arrays, num_logprobs, processing, previous_tokens)
   if prompt_targets is not None:
     sampled = {"tokens": sampled, "prompt": token_logprobs(logits, prompt_targets, MAX_TOP_LOGPROBS)}
   return sampled, k_pools, v_pools, states
 
 
-def _run_mixed(graphdef, params, k_pools, v_pools, previous_tokens, groups, num_logprobs=0):
+def _run_mixed(graphdef, shardings, params, k_pools, v_pools, previous_tokens, groups, num_logprobs=0):
   """Decodes and prefill chunks in one model call: `groups` holds per group (tokens, placeholder sources,
   slot pages, slot offsets, page table, lengths, sampling arrays, sample rows, logit processing or None);
   returns (the sampled tokens of each group, k_pools, v_pools)."""
   model = nnx.merge(graphdef, params)
   inputs = [(jnp.where(tokens == PLACEHOLDER, previous_tokens[source], tokens), (pages, offsets), table, lengths)
             for tokens, source, pages, offsets, table, lengths, *_ in groups]
-  logits, k_pools, v_pools = model.paged_step_groups(inputs, k_pools, v_pools)
+  with tensor_parallel.axis_rules(shardings):
+    logits, k_pools, v_pools = model.paged_step_groups(inputs, k_pools, v_pools)
   sampled = tuple(_sample(group_logits[rows], arrays, num_logprobs, processing, previous_tokens)
                   for group_logits, (*_, arrays, rows, processing) in zip(logits, groups, strict=True))
   return sampled, k_pools, v_pools
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_mixed(graphdef):
-  return jax.jit(functools.partial(_run_mixed, graphdef), donate_argnums=(1, 2), static_argnums=5)
+def _compiled_mixed(graphdef, shardings=None):
+  """`_run_mixed` jitted for one model structure and placement; on a mesh with explicit shardings: parameters as
+  `shardings.params`, KV pools over kv heads, the rest (tokens, tables, sampled tokens) replicated."""
+  fn = functools.partial(_run_mixed, graphdef, shardings)
+  if shardings is None:
+    return jax.jit(fn, donate_argnums=(1, 2), static_argnums=5)
+  pool, rest = shardings.kv_pool, shardings.replicated
+  return jax.jit(fn, donate_argnums=(1, 2), static_argnums=5, in_shardings=(shardings.params, pool, pool, rest, rest),
+                 out_shardings=(rest, pool, pool))
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_step(graphdef):
-  """The jitted step for one model structure, shared by engines of that structure. The graph definition
-  is bound here once: hashing it as a static argument on every call costs ~0.3 ms."""
-  return jax.jit(functools.partial(_run, graphdef), static_argnums=(12, 15), donate_argnums=(2, 3, 13))
+def _compiled_step(graphdef, shardings=None):
+  """The jitted step for one model structure (and mesh placement, as `_compiled_mixed`), shared by engines of that
+  structure. The graph definition is bound here once: hashing it as a static argument on every call costs ~0.3 ms."""
+  fn = functools.partial(_run, graphdef, shardings)
+  if shardings is None:
+    return jax.jit(fn, static_argnums=(12, 15), donate_argnums=(2, 3, 13))
+  pool, rest = shardings.kv_pool, shardings.replicated
+  # Every argument but the static nano_batches (12) and num_logprobs (15): params, tokens, the pools, the rest.
+  in_shardings = (shardings.params, rest, pool, pool) + (rest,) * 12
+  return jax.jit(fn, static_argnums=(12, 15), donate_argnums=(2, 3, 13), in_shardings=in_shardings,
+                 out_shardings=(rest, pool, pool, rest))
 
 
 def _tokens_of(sampled):
@@ -146,21 +166,34 @@ class Engine:
                max_batch_tokens: int = 512, prefill_chunk: int = 128, max_model_len: int | None = None,
                eos_id: int | None = None, detokenize: Callable[[list[int]], str] | None = None,
                kv_dtype=None, offload=None, async_scheduling: bool = True, nano_batches: int = 1,
-               mixed_batches: bool = True, stop_ids: Sequence[int] = ()):
+               mixed_batches: bool = True, stop_ids: Sequence[int] = (), mesh: jax.sharding.Mesh | None = None,
+               rules=SERVING_RULES):
     """`mixed_batches`: an iteration's decodes and prefill chunks in one model call (a GPT with nano_batches=1;
     False: one call per group, as hybrids and nano-batches always run). `stop_ids`: ids that end a request as
     `eos_id` does (a chat model's end of turn: Llama-3's <|eot_id|> beside <|end_of_text|>); `ignore_eos`
-    ignores them too."""
+    ignores them too. `mesh` (axes data, fsdp, tensor; `tensor_parallel.serving_mesh`): serve tensor parallel
+    over its `tensor` axis, weights placed by their logical axes under `rules` and the KV pool over kv heads
+    (`lwjax.serving.tensor_parallel`); a ValueError (a ConfigError naming the model key) when the mesh does not
+    divide the model's heads, kv heads, MLP hidden or vocabulary."""
     self.hybrid = hasattr(model, "init_slot_states")
     cfg = model.gpt_cfg if self.hybrid else model.cfg
     if self.hybrid and (offload is not None or nano_batches != 1):
       raise ValueError("a hybrid model serves without KV offload and with nano_batches=1 (its Mamba states are "
                        "not in the prefix cache; its layers are not split into nano-batches)")
+    if self.hybrid and mesh is not None and mesh.size > 1:
+      raise ValueError(f"mesh: a hybrid (Mamba) model serves on one device (valid: no mesh; got {dict(mesh.shape)})")
+    mesh = None if self.hybrid else mesh
     num_kv_layers = len(model.attention_layers) if self.hybrid else cfg.n_layers
     self.graphdef, self.params = nnx.split(model)
-    self._run = _compiled_step(self.graphdef)
+    self.shardings = None
+    if mesh is not None:
+      tensor_parallel.check_mesh(mesh.shape)
+      tensor_parallel.check_shapes(cfg, mesh.shape, rules)
+      self.shardings = tensor_parallel.EngineShardings.build(self.params, cfg.n_kv_heads, mesh, rules)
+      self.params = self.shardings.place_params(self.params)
+    self._run = _compiled_step(self.graphdef, self.shardings)
     self.mixed_batches = mixed_batches and not self.hybrid and nano_batches == 1
-    self._run_mixed = _compiled_mixed(self.graphdef) if self.mixed_batches else None
+    self._run_mixed = _compiled_mixed(self.graphdef, self.shardings) if self.mixed_batches else None
     self.eos_id, self.detokenize, self.vocab_size = eos_id, detokenize, cfg.vocab_size
     self.stop_ids = frozenset(stop_ids) | ({eos_id} if eos_id is not None else set())
     self.max_model_len = max_model_len or cfg.max_seq_len
@@ -168,7 +201,8 @@ class Engine:
     self.max_num_seqs, self.prefill_chunk = max_num_seqs, prefill_chunk
     self.kv = PagedKVCache(num_layers=num_kv_layers, kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                            num_pages=num_pages, page_size=page_size, dtype=kv_dtype or cfg.dtype,
-                           offload=offload, prefix_caching=not self.hybrid)
+                           offload=offload, prefix_caching=not self.hybrid,
+                           sharding=self.shardings.kv_pool if self.shardings else None)
     # Hybrids: one recurrent-state slot per running sequence, plus a last one that padding rows write to.
     self.states = model.init_slot_states(max_num_seqs + 1) if self.hybrid else None
     self._state_slots: dict[int, int] = {}
@@ -484,8 +518,8 @@ class Engine:
 
   def _in_flight_tokens(self):
     """The previous iteration's sampled tokens on device, and each request's index into them."""
-    if not self._in_flight:
-      return jnp.zeros((self._previous_size,), jnp.int32), {}
+    if not self._in_flight:  # on a mesh, placed as the sampled tokens are: one program for both (jit keys on it)
+      return jnp.zeros((self._previous_size,), jnp.int32, device=self.shardings and self.shardings.replicated), {}
     index, arrays, size = {}, [], 0
     for sampling, sampled in self._in_flight:
       tokens = _tokens_of(sampled)

@@ -3,7 +3,8 @@
 The device holds one pool of fixed-size pages per layer, `k/v`: tuples of `[kv_heads, num_pages, page_size,
 head_dim]` arrays, one per layer (per-layer buffers, so a serving step writes each layer's new keys in place
 and reads them straight from that layer's buffer, where one stacked array was re-stacked, a copy of the
-whole pool, every iteration); each sequence owns a list of page ids (its page table) and a length. The host side here
+whole pool, every iteration; on a mesh each pool is split over its kv heads, `lwjax.serving.tensor_parallel`); each
+sequence owns a list of page ids (its page table) and a length. The host side here
 does the bookkeeping: allocation and reference-counted freeing, shared prefixes with copy-on-write
 (`fork`, and prompts whose full token blocks are already cached), a prefix cache keyed by a chained hash
 of full token blocks, and truncation of a sequence back to a given length (Writing in the Margins
@@ -117,18 +118,25 @@ class PageAllocator:
       del self._cached[block_hash]
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
 def _copy_pages(pools, src, dst):
   """pool[:, dst] = pool[:, src] for each per-layer pool [kv_heads, pages, size, dim]."""
   return jax.tree.map(lambda p: p.at[:, dst].set(p[:, src]), pools)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
 def _write_pages(pools, dst, blocks):
   """pools[l][:, dst] = blocks[l] for the per-layer pools of k and v, blocks [layers, kv_heads, n, page_size, dim]
   each: offload restores."""
   return tuple(tuple(p.at[:, dst].set(b[i].astype(p.dtype)) for i, p in enumerate(layer_pools))
                for layer_pools, b in zip(pools, blocks, strict=True))
+
+
+@functools.cache
+def _pool_update(fn, sharding):
+  """`fn` jitted with the pools donated and, on a mesh, kept on their `sharding` (the engine's step takes them
+  there)."""
+  if sharding is None:
+    return jax.jit(fn, donate_argnums=(0,))
+  return jax.jit(fn, donate_argnums=(0,), out_shardings=sharding)
 
 
 @jax.jit
@@ -145,13 +153,15 @@ class PagedKVCache:
   """
 
   def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, num_pages: int, page_size: int,
-               dtype=jnp.bfloat16, offload=None, prefix_caching: bool = True):
+               dtype=jnp.bfloat16, offload=None, prefix_caching: bool = True, sharding=None):
+    """`sharding`: where each pool lives (a mesh sharding over kv heads, `lwjax.serving.tensor_parallel`; default
+    the default device); page ids stay global."""
     if offload is not None and not prefix_caching:
       raise ValueError("offload: KV offload restores prefix-cache blocks; it needs prefix_caching=True")
-    self.offload, self.prefix_caching = offload, prefix_caching
+    self.offload, self.prefix_caching, self.sharding = offload, prefix_caching, sharding
     shape = (kv_heads, num_pages, page_size, head_dim)
-    self.k = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
-    self.v = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+    self.k = tuple(jnp.zeros(shape, dtype, device=sharding) for _ in range(num_layers))
+    self.v = tuple(jnp.zeros(shape, dtype, device=sharding) for _ in range(num_layers))
     self.allocator = PageAllocator(num_pages, page_size)
     self.page_size = page_size
     self._seqs: dict[int, _Sequence] = {}
@@ -167,8 +177,8 @@ class PagedKVCache:
   def reset_pools(self) -> None:
     """Zeroed pools in place of pools whose buffers are gone (donated to a call that failed); the prefix cache
     is forgotten. Sequences keep their pages (released as usual) but their KV content is lost."""
-    self.k = tuple(jnp.zeros(p.shape, p.dtype) for p in self.k)
-    self.v = tuple(jnp.zeros(p.shape, p.dtype) for p in self.v)
+    self.k = tuple(jnp.zeros(p.shape, p.dtype, device=self.sharding) for p in self.k)
+    self.v = tuple(jnp.zeros(p.shape, p.dtype, device=self.sharding) for p in self.v)
     self.allocator.clear_prefix_cache()
 
   def length(self, seq_id: int) -> int:
@@ -227,7 +237,7 @@ class PagedKVCache:
     pages = self.allocator.allocate(len(blocks))
     k = np.stack([b[0] for b in blocks], axis=2)  # [layers, kv_heads, n, page_size, dim]
     v = np.stack([b[1] for b in blocks], axis=2)
-    self.k, self.v = _write_pages((self.k, self.v), jnp.array(pages), (k, v))
+    self.k, self.v = _pool_update(_write_pages, self.sharding)((self.k, self.v), jnp.array(pages), (k, v))
     for block_hash, page in zip(hashes, pages, strict=False):
       self.allocator.register(block_hash, page)
     counters = self.offload.counters
@@ -339,6 +349,7 @@ class PagedKVCache:
   def _copy_on_write(self, seq: _Sequence) -> None:
     old = seq.pages[-1]
     (new,) = self.allocator.allocate(1)
-    self.k, self.v = _copy_pages((self.k, self.v), jnp.array([old]), jnp.array([new]))
+    self.k, self.v = _pool_update(_copy_pages, self.sharding)((self.k, self.v), jnp.array([old]),
+                                                                jnp.array([new]))
     self.allocator.release([old])
     seq.pages[-1] = new

@@ -25,6 +25,21 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("norm", None),
 )
+# Serving (`lwjax.serving.tensor_parallel`): weights over `tensor` only (heads, kv heads, the MLP hidden and the
+# vocabulary), the paged KV pool over kv heads. No fsdp split: a decode step would all-gather every layer's
+# weights, the whole model over the links per token. No data split: one engine's rows share one scheduler and one
+# KV pool (data-parallel replicas are separate engines).
+SERVING_RULES = (
+    ("batch", None),
+    ("length", None),
+    ("embed", None),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
 SCHEMA = {
     "shape": {axis: Field(int, check=lambda v: None if v == -1 or v >= 1 else "must be >= 1 or -1 (fill)",
                           doc="-1 fills with the remaining devices") for axis in AXES},

@@ -1,0 +1,132 @@
+"""The serving engine on a device mesh, tensor parallel (Megatron-LM's split, Shoeybi et al. 2019, §3, as vLLM and
+NanoFlow serve a 70B model on 8 GPUs): where the engine's arrays live and what a mesh must divide.
+
+Weights are sharded by their logical axes under `SERVING_RULES` (`lwjax.training.mesh`: heads, kv heads, the MLP
+hidden and the vocabulary over `tensor`); the paged KV pool over kv heads, so each shard holds the keys and values
+of the query heads it computes (`GPT` attends per shard, `Attention._paged_attention`); page tables, slots,
+lengths, sampling arrays and the sampled tokens are replicated: the scheduler, the prefix cache, preemption and KV
+offload work on global page ids, as on one device.
+
+A serving mesh is the first devices its shape covers (`serving_mesh`), not every device as training's: one
+machine may hold an engine of tensor=2 beside other work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lwjax.config import ConfigError
+from lwjax.models import logical
+from lwjax.models.logical import Rules, logical_to_spec
+from lwjax.training import mesh as mesh_lib
+
+# The model config key sized by each logical axis a rule may shard (checked to divide the mesh axes it maps to).
+SIZED_BY = (("vocab", "vocab_size"), ("embed", "d_model"), ("heads", "n_heads"), ("kv_heads", "n_kv_heads"),
+            ("head_dim", "head_dim"), ("mlp", "d_ff"))
+KV_POOL_AXES = ("kv_heads", None, None, None)  # [kv_heads, num_pages, page_size, head_dim]
+MAX_LISTED_EXTENT = 64  # an error lists the extents up to this that would divide (no jax.devices(): checked early)
+PARALLEL_AXIS = "tensor"  # the one mesh axis an engine splits over; the rest must be 1 (replicas: separate engines)
+
+
+def serving_mesh(shape: Mapping[str, int]) -> Mesh:
+  """The mesh (axes data, fsdp, tensor) over the first devices `shape` covers; a -1 fills every device.
+  ConfigError naming `mesh.shape` when it asks for more devices than there are."""
+  devices = jax.devices()
+  sizes = [int(shape[axis]) for axis in mesh_lib.AXES]
+  if -1 not in sizes:
+    if math.prod(sizes) > len(devices):
+      raise ConfigError("mesh.shape", f"{dict(shape)} needs {math.prod(sizes)} devices, {len(devices)} present",
+                        f"sizes whose product is at most {len(devices)}")
+    devices = devices[:math.prod(sizes)]
+  return mesh_lib.make_mesh(shape, devices)
+
+
+def check_mesh(sizes: Mapping[str, int]) -> None:
+  """ConfigError unless a mesh of axis `sizes` (`mesh.shape`, or the config's before it is built) splits over
+  `tensor` alone (data-parallel engine replicas are not built yet)."""
+  for axis, size in sizes.items():
+    if axis != PARALLEL_AXIS and size != 1:
+      raise ConfigError(f"mesh.shape.{axis}", f"{size}: the engine runs tensor parallel only (one engine's rows "
+                        "share one scheduler and KV pool)", f"1, with the devices on mesh.shape.{PARALLEL_AXIS}")
+
+
+def check_shapes(cfg, sizes: Mapping[str, int], rules: Rules, section: str = "model") -> None:
+  """ConfigError naming `<section>.<key>` for the first size of `cfg` (a GPTConfig) that a mesh axis it is sharded
+  over does not divide (heads, kv heads, the MLP hidden, the vocabulary under the serving rules), on a mesh of
+  axis `sizes` (`mesh.shape`, or the config's; a -1 is not checked): before anything is lowered, where XLA would
+  fail with an IndivisibleError or replicate silently."""
+  table = {}
+  for name, target in rules:
+    table.setdefault(name, target)
+  for axis_name, key in SIZED_BY:
+    target = table.get(axis_name)
+    targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    split = [(axis, sizes[axis]) for axis in targets if sizes.get(axis, 1) > 1]
+    extent = math.prod(size for _, size in split)
+    value = getattr(cfg, key)
+    if value % extent:
+      axes = " x ".join(f"{axis}={size}" for axis, size in split)
+      fits = ", ".join(str(d) for d in range(1, max(extent, MAX_LISTED_EXTENT) + 1) if value % d == 0)
+      where = f"mesh.shape.{split[0][0]}" if len(split) == 1 else "the product " + " x ".join(a for a, _ in split)
+      raise ConfigError(f"{section}.{key}", f"{value} is not divisible by mesh axis {axes}",
+                        f"{where} in {fits}; or the rule [{axis_name!r}, None] in mesh.rules")
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules):
+  """A NamedSharding in place of each parameter of a model's `state` (abstract or not), from its `logical_axes`."""
+  def place(variable):
+    axes = variable.get_metadata().get("logical_axes")
+    if axes is None:
+      raise ValueError(f"parameter of shape {variable.shape} has no logical_axes metadata")
+    return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, variable.shape))
+  return jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineShardings:
+  """Where an engine's arrays live on `mesh` under `rules`: the parameters (`params`, shaped like the model's
+  `nnx.State`), the per-layer KV pools (`kv_pool`) and everything else (`replicated`). Hashable: the engine's
+  jitted programs are cached per model structure and placement."""
+  mesh: Mesh
+  rules: tuple
+  params_treedef: Any
+  params_leaves: tuple[NamedSharding, ...]
+  kv_pool: NamedSharding
+
+  @classmethod
+  def build(cls, state: nnx.State, kv_heads: int, mesh: Mesh, rules: Rules) -> EngineShardings:
+    """From a model's state (its parameters' `logical_axes` metadata) and the kv heads of its pools."""
+    rules = tuple((name, tuple(t) if isinstance(t, (list, tuple)) else t) for name, t in rules)
+    leaves, treedef = jax.tree.flatten(param_shardings(state, mesh, rules))
+    pool = NamedSharding(mesh, logical_to_spec(KV_POOL_AXES, rules, mesh, (kv_heads, 1, 1, 1)))
+    return cls(mesh, rules, treedef, tuple(leaves), pool)
+
+  @property
+  def params(self):
+    return jax.tree.unflatten(self.params_treedef, self.params_leaves)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  def place_params(self, state: nnx.State) -> nnx.State:
+    """`state` on the parameters' shardings (a no-op for parameters already there, e.g. loaded onto the mesh)."""
+    return jax.tree.map(lambda v, s: v.replace(jax.device_put(v[...], s)), state, self.params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+  def axis_rules(self):
+    """The context in which the model's `constrain` calls and per-shard attention see this mesh and rules."""
+    return logical.axis_rules(self.mesh, self.rules)
+
+
+def axis_rules(shardings: EngineShardings | None):
+  """`shardings.axis_rules()`, or nothing to install on one device."""
+  return contextlib.nullcontext() if shardings is None else shardings.axis_rules()
