@@ -77,7 +77,7 @@ def main(argv):
   distributed.log_topology()
   logging.info("job %s, workdir %s", config.job, _WORKDIR.value)
   try:
-    if "mesh" in config:
+    if "mesh" in config and getattr(job, "MESH_COVERS_ALL_DEVICES", True):
       mesh.resolve_shape(config.mesh.shape, jax.device_count())
     job.run(config, _WORKDIR.value)
   except ConfigError as e:  # faults only visible once devices or data are known

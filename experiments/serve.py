@@ -14,6 +14,10 @@
   python main.py --config experiments/serve.py:scale=gpu --workdir runs/serve \
       --config.weights.source=hf_checkpoint --config.weights.path=/ckpt/Llama-3.2-1B-Instruct \
       --config.tokenizer.kind=hf --config.tokenizer.path=/ckpt/Llama-3.2-1B-Instruct
+  # tensor parallel over 8 GPUs (heads, kv heads, MLP hidden and vocabulary split; the KV pool over kv heads),
+  # each weight read straight onto its shard:
+  python main.py --config experiments/serve.py:scale=paper --workdir runs/serve \
+      --config.model.pretrained=/ckpt/Llama-2-70b-chat-hf --config.mesh.shape.tensor=8
 
   curl http://127.0.0.1:8000/v1/completions -H 'content-type: application/json' \
       -d '{"model": "lwjax", "prompt": "Once", "max_tokens": 16}'
@@ -25,7 +29,8 @@ tokenizer.json, or only a sentencepiece tokenizer.model; see docs/API.md "Chat t
 
 import ml_collections
 
-from configs import common, gpt
+from configs import common, gpt, mesh
+from lwjax.training.mesh import SERVING_RULES
 
 SCALES = ("smoke", "cpu", "gpu", "paper")
 _DEFAULT_MODEL = {"smoke": "gpt_tiny", "cpu": "gpt_tiny", "gpu": "gpt_1b", "paper": "llama3_8b"}
@@ -38,6 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.job = "serve"
   config.seed = 0
   config.model = gpt.get(args["model"] or _DEFAULT_MODEL[scale])
+  # One device; --config.mesh.shape.tensor=N: tensor parallel over the first N (lwjax.serving.tensor_parallel).
+  config.mesh = mesh.get(data=1, fsdp=1, tensor=1, rules=SERVING_RULES)
   config.weights = {"source": "random", "path": ""}
   config.tokenizer = {"kind": "bytes", "path": ""}
   config.engine = {"num_pages": 256, "page_size": 16, "max_num_seqs": 16, "max_batch_tokens": 256,

@@ -1,7 +1,8 @@
 """The jobs `main.py` can run, by the name a config gives in `config.job`.
 
 Each job module defines `validate(config)` (raises ConfigError) and `run(config, workdir)`, and
-`TAKES_PRETRAINED = True` when its model can start from `model.pretrained` (`lwjax.models.pretrained`). Modules
+`TAKES_PRETRAINED = True` when its model can start from `model.pretrained` (`lwjax.models.pretrained`), and
+`MESH_COVERS_ALL_DEVICES = False` when its `mesh` may take fewer devices than there are (serving). Modules
 are imported lazily so that validating a config never pays for another project's imports.
 """
 

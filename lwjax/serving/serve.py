@@ -3,25 +3,32 @@ with its tokenizer and chat template, or an lwjax workdir) and serves it over th
 127.0.0.1 (NanoFlow §4 front end). `weights.source` / `weights.path` name a checkpoint the older way.
 
 An lwjax checkpoint directory with a `hybrid.json` beside its checkpoints/ (a stage of the Mamba
-distillation, e.g. `runs/distill_cpu50/attention/sft`) is served as the hybrid it holds."""
+distillation, e.g. `runs/distill_cpu50/attention/sft`) is served as the hybrid it holds.
+
+`mesh` is training's group: `--config.mesh.shape.tensor=8` serves tensor parallel over the first 8 devices
+(`lwjax.serving.tensor_parallel`; the other axes stay 1), the weights read straight onto their shardings under
+`mesh.rules` (the experiment's default: `SERVING_RULES`)."""
 
 from __future__ import annotations
 
 import logging
 import os
 
+import jax
 from flax import nnx
 
 from lwjax.config import ConfigError, Field, non_negative_int, positive_int, validate as validate_schema
 from lwjax.data import hf_tokenizer, tokenizer as tokenizer_lib
 from lwjax.models import hf_checkpoint, mamba_hybrid, pretrained
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
-from lwjax.training import checkpoint
+from lwjax.serving import tensor_parallel
+from lwjax.training import checkpoint, mesh as mesh_lib, sharding
 
 TAKES_PRETRAINED = True
+MESH_COVERS_ALL_DEVICES = False  # the engine's mesh is the first devices its shape covers (main.py checks no more)
 SOURCES = ("random", "lwjax_checkpoint", "hf_checkpoint")
 SCHEMA = {
-    "job": Field(str), "seed": Field(int), "model": MODEL_SCHEMA,
+    "job": Field(str), "seed": Field(int), "model": MODEL_SCHEMA, "mesh": mesh_lib.SCHEMA,
     "weights": {
         "source": Field(str, choices=SOURCES),
         "path": Field(str, doc="lwjax workdir (its checkpoints/) or HF directory; unused for random"),
@@ -83,6 +90,7 @@ def validate(config) -> None:
     if offload.host_bytes:
       raise ConfigError("engine.kv_offload.host_bytes", "a hybrid (Mamba) model keeps no prefix cache to offload",
                         "0")
+  _check_mesh(config)
   if config.tokenizer.kind == "sentencepiece" and not os.path.exists(config.tokenizer.path):
     raise ConfigError("tokenizer.path", f"{config.tokenizer.path!r} does not exist", "a sentencepiece model file")
   hf_files = (hf_tokenizer.TOKENIZER_FILE, tokenizer_lib.MODEL_FILENAME)
@@ -91,6 +99,29 @@ def validate(config) -> None:
     raise ConfigError("tokenizer.path", f"{config.tokenizer.path!r} is not a directory holding {' or '.join(hf_files)}",
                       f"a Hugging Face tokenizer directory ({hf_tokenizer.TOKENIZER_FILE}, {hf_tokenizer.CONFIG_FILE}; "
                       "e.g. the hf_checkpoint's weights.path)")
+
+
+def _check_mesh(config) -> None:
+  """The mesh splits over `tensor` alone, and that split divides the model's sizes (read from the checkpoint's
+  config, no weights): a ConfigError before anything loads."""
+  shape = config.mesh.shape.to_dict()
+  tensor_parallel.check_mesh(shape)
+  if shape["tensor"] == 1:
+    return
+  if _is_hybrid(config):
+    raise ConfigError("mesh.shape.tensor", f"{shape['tensor']}: a hybrid (Mamba) model serves on one device", "1")
+  source, path = _weights(config)
+  try:
+    cfg = pretrained.model_config({**config.model.to_dict(), "pretrained": "" if source == "random" else path})
+  except (pretrained.PretrainedError, hf_checkpoint.CheckpointError) as e:
+    raise ConfigError("weights.path", str(e), "a Hugging Face checkpoint directory or an lwjax workdir") from None
+  tensor_parallel.check_shapes(cfg, shape, sharding.rules_from_config(config.mesh.rules))
+
+
+def make_mesh(config) -> jax.sharding.Mesh | None:
+  """The serving mesh `config.mesh` names (`tensor_parallel.serving_mesh`), or None for one device."""
+  mesh = tensor_parallel.serving_mesh(config.mesh.shape)
+  return mesh if mesh.size > 1 else None
 
 
 def _weights(config) -> tuple[str, str]:
@@ -107,25 +138,38 @@ def _is_hybrid(config) -> bool:
   return source == "lwjax_checkpoint" and os.path.isfile(os.path.join(path, mamba_hybrid.HYBRID_CONFIG_FILE))
 
 
-def load_model(config) -> GPT | mamba_hybrid.HybridGPT:
+def load_model(config, mesh: jax.sharding.Mesh | None = None) -> GPT | mamba_hybrid.HybridGPT:
   """The served model from `model.pretrained` or `config.weights`: random (`config.model`), an HF directory,
   or the latest checkpoint of an lwjax training workdir (its model shape comes from the config saved beside
-  it)."""
+  it). With `mesh`, each parameter is read (or initialised) straight onto its sharding under `mesh.rules`."""
   source, path = _weights(config)
+  rules = sharding.rules_from_config(config.mesh.rules)
   if source == "hf_checkpoint":
-    return hf_checkpoint.load(path, **{k: config.model[k] for k in pretrained.RUNTIME_FIELDS})
+    return hf_checkpoint.load(path, mesh=mesh, rules=rules, **{k: config.model[k] for k in pretrained.RUNTIME_FIELDS})
   if source == "random":
-    return GPT(GPTConfig.from_dict(config.model), rngs=nnx.Rngs(config.seed))
+    return random_model(GPTConfig.from_dict(config.model), config.seed, mesh, rules)
   if _is_hybrid(config):
     logging.info("serve: a hybrid (%s)", mamba_hybrid.HYBRID_CONFIG_FILE)
     return mamba_hybrid.load(path)
   try:
     model, _, step = checkpoint.load_model(os.path.join(path, "checkpoints"),
-                                           lambda saved: GPT(GPTConfig.from_dict(saved["model"]), rngs=nnx.Rngs(0)))
+                                           lambda saved: GPT(GPTConfig.from_dict(saved["model"]), rngs=nnx.Rngs(0)),
+                                           mesh=mesh, rules=rules)
   except FileNotFoundError:
     raise ConfigError("weights.path", f"no checkpoint under {path}/checkpoints", "an lwjax training workdir") from None
   logging.info("serve: restored step %d of %s", step, path)
   return model
+
+
+def random_model(cfg: GPTConfig, seed: int, mesh: jax.sharding.Mesh | None, rules) -> GPT:
+  """A randomly initialised GPT (the weights `GPT(cfg, rngs=nnx.Rngs(seed))` has); with `mesh`, initialised by one
+  jitted call straight onto the parameters' shardings, never whole on one device."""
+  if mesh is None:
+    return GPT(cfg, rngs=nnx.Rngs(seed))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(seed))))
+  state = jax.jit(lambda: nnx.state(GPT(cfg, rngs=nnx.Rngs(seed))),
+                  out_shardings=tensor_parallel.param_shardings(abstract, mesh, rules))()
+  return nnx.merge(graphdef, state)
 
 
 def load_tokenizer(config):
@@ -141,9 +185,9 @@ def load_tokenizer(config):
   return tokenizer_lib.load(config.tokenizer.path)
 
 
-def make_engine(config, model: GPT, tokenizer):
+def make_engine(config, model: GPT, tokenizer, mesh: jax.sharding.Mesh | None = None):
   """The engine `config.engine` describes: its sizes, nano-batches, asynchronous scheduling, mixed batches, KV
-  offload."""
+  offload; tensor parallel over `mesh` (`make_mesh`) under `config.mesh.rules`."""
   from lwjax.serving.engine import Engine
   from lwjax.serving.offload import KVOffloadStore
   settings = config.engine.to_dict()
@@ -153,13 +197,17 @@ def make_engine(config, model: GPT, tokenizer):
     store = KVOffloadStore(host_bytes=offload["host_bytes"], disk_dir=offload["disk_dir"] or None,
                            disk_bytes=offload["disk_bytes"])
   return Engine(model, eos_id=tokenizer.eos_id, stop_ids=getattr(tokenizer, "eos_ids", ()),
-                detokenize=tokenizer.decode, offload=store, **settings)
+                detokenize=tokenizer.decode, offload=store, mesh=mesh,
+                rules=sharding.rules_from_config(config.mesh.rules), **settings)
 
 
 def run(config, workdir: str) -> None:
   from lwjax.serving.server import create_app, make_server
   tokenizer = load_tokenizer(config)
-  engine = make_engine(config, load_model(config), tokenizer)
+  mesh = make_mesh(config)
+  if mesh is not None:
+    logging.info("serve: tensor parallel over %d devices, %s", mesh.size, dict(mesh.shape))
+  engine = make_engine(config, load_model(config, mesh), tokenizer, mesh)
   api_key = config.server.api_key or os.environ.get("LWJAX_API_KEY", "")
   if not api_key and config.server.host not in ("127.0.0.1", "localhost", "::1"):
     logging.warning("serving on %s without an API key: anyone who reaches it can use it (set server.api_key or "

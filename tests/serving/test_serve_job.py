@@ -162,3 +162,60 @@ def test_model_pretrained_serves_the_checkpoint_with_its_tokenizer(tmp_path):
   config.model.pretrained = str(tmp_path)
   with pytest.raises(ConfigError, match=r"^model.pretrained: .*neither config\.json"):
     jobs.get(config)
+
+
+def test_mesh_tensor_2_reads_the_checkpoint_onto_two_devices_and_builds_the_engine_there(tmp_path):
+  """`--config.mesh.shape.tensor=2`: the checkpoint's config is checked against the mesh, each weight is read onto
+  its shard of the first two devices, and the engine's KV pool is split over kv heads."""
+  from jax.sharding import PartitionSpec as P
+  cfg = GPTConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48)
+  hf_checkpoint.save_random(cfg, tmp_path, scale=0.2)
+  config = serve_experiment.get_config("scale=smoke")
+  config.weights.update(source="hf_checkpoint", path=str(tmp_path))
+  config.mesh.shape.tensor = 2
+  jobs.get(config)
+  mesh = serve.make_mesh(config)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 2} and mesh.size == 2
+  model = serve.load_model(config, mesh)
+  wq = model.layers[0].attn.wq[...]
+  assert wq.sharding.spec == P(None, "tensor", None) and len(wq.sharding.device_set) == 2
+  np.testing.assert_array_equal(np.asarray(wq), np.asarray(hf_checkpoint.load(tmp_path).layers[0].attn.wq[...]))
+  engine = serve.make_engine(config, model, serve.load_tokenizer(config), mesh)
+  assert engine.params["layers"][0]["attn"]["wq"][...] is wq  # already on its sharding: not copied again
+  assert engine.kv.k[0].sharding.spec == P("tensor", None, None, None)
+
+
+@pytest.mark.parametrize("shape, error", [
+    (dict(tensor=4), r"^model.n_kv_heads: 2 is not divisible by mesh axis tensor=4 \(valid: mesh.shape.tensor in "
+                     r"1, 2;"),
+    (dict(data=2, tensor=2), r"^mesh.shape.data: 2: the engine runs tensor parallel only"),
+])
+def test_a_mesh_the_model_does_not_divide_is_a_config_error(shape, error):
+  config = serve_experiment.get_config("scale=smoke")  # gpt_tiny: 4 heads, 2 kv heads
+  config.mesh.shape.update(shape)
+  with pytest.raises(ConfigError, match=error):
+    jobs.get(config)
+
+
+@pytest.mark.slow
+def test_a_random_model_served_on_two_devices_answers_as_on_one():
+  """Random weights initialised straight onto the mesh are the seed's weights; the OpenAI API on tensor=2 answers
+  greedily as the single-device engine does."""
+  from fastapi.testclient import TestClient
+
+  from lwjax.serving.server import create_app
+  config = serve_experiment.get_config("scale=smoke")
+  tokenizer = serve.load_tokenizer(config)
+  texts, weights = {}, {}
+  for tensor in (1, 2):
+    config.mesh.shape.tensor = tensor
+    jobs.get(config)
+    mesh = serve.make_mesh(config)
+    model = serve.load_model(config, mesh)
+    weights[tensor] = np.asarray(model.layers[1].mlp.w_up[...])
+    with TestClient(create_app(serve.make_engine(config, model, tokenizer, mesh), tokenizer, model_name="m")) as client:
+      r = client.post("/v1/completions", json={"model": "m", "prompt": "Once upon", "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    texts[tensor] = r.json()["choices"][0]["text"]
+  np.testing.assert_array_equal(weights[2], weights[1])
+  assert texts[2] == texts[1]
