@@ -43,6 +43,7 @@ from lwjax import judge
 from lwjax.projects.compute_matched.job import SETUPS, TASKS
 
 SCALES = ("smoke", "cpu", "gpu", "paper")
+DATASET_TRAIN_ROWS = {"gsm8k": 7473, "math": 7500}  # the published training splits' sizes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -88,4 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.budget.update(se_samples="1,3,10", finetune=int(args["budget"] or 10))
     config.eval.update(num_test=1000, num_hard=500, batch_prompts=256)
     config.train.update(steps=2000, global_batch_size=64, log_every=100, checkpoint_every=500)
+    if args["task"] in DATASET_TRAIN_ROWS:  # the whole published training split, less the few-shot exemplars
+      config.candidates.num_train = DATASET_TRAIN_ROWS[args["task"]] - int(args["fewshot"])
+      if args["task"] == "gsm8k":  # its hard split (test problems of 5+ solution lines) is the smaller
+        config.eval.num_hard = 250
   return config
