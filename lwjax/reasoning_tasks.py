@@ -1,5 +1,5 @@
-"""The reasoning tasks with exact step checkers, behind one interface (shared by GenRM, arXiv 2408.15240,
-and compute-matched sampling, arXiv 2408.16737).
+"""The reasoning tasks behind one interface, generated ones with exact step checkers and published data sets with
+final-answer graders (shared by GenRM, arXiv 2408.15240, and compute-matched sampling, arXiv 2408.16737).
 
 - `igsm`: the compact iGSM of the CPU reasoning testbed (Physics of LMs 2.1/2.2): train split = training
   templates at the training ops; test = held-out templates at the same ops; hard = held-out templates at
