@@ -218,6 +218,7 @@ def test_lora_trains_sharded_adapters_over_a_frozen_base_and_merges_into_the_sam
       np.testing.assert_array_equal(flat_merged[path], w)
 
 
+@pytest.mark.slow  # two LoRA runs; the default suite keeps LoRA's mechanics above and lm_pretrain's LoRA run
 def test_lora_fit_resumes_from_adapter_checkpoints_and_writes_the_merged_model(tmp_path):
   """Checkpoints hold the adapters; the base is read again on every start; a resumed run's losses are the
   uninterrupted run's, bit for bit; the finished run's merged model loads as a workdir."""
