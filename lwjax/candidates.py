@@ -57,9 +57,7 @@ def load_solver(path: str, step: int | None = None, *, param_dtype: str | None =
       raise ValueError(f"{path}: a Hugging Face checkpoint has no steps; drop step={step}")
     model, tokenizer = pretrained.load_pretrained(path, param_dtype=param_dtype)
     return model, tokenizer, 0
-  merged = pretrained.run_model_dir(path)  # a finished LoRA run: its merged model
-  if merged != path and step:
-    raise ValueError(f"{path}: a LoRA run's checkpoints hold adapters; its model is the merged one; drop step={step}")
+  merged = pretrained.run_model_dir(path)  # a finished LoRA run: its merged model (saved at the run's last step)
   model, _, step = checkpoint.load_model(os.path.join(merged, pretrained.CHECKPOINTS_DIR),
                                          lambda c: GPT(GPTConfig.from_dict(c["model"]), rngs=nnx.Rngs(0)), step)
   return model, pretrained.load_tokenizer(merged), step
