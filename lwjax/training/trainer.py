@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lwjax.config import DefaultedGroup, Field, non_negative_int, positive_int
+from lwjax.config import ConfigError, DefaultedGroup, Field, non_negative_int, positive_int
 from lwjax.data.pipeline import global_batch
 from lwjax.models.logical import axis_rules
 from lwjax.models.pretrained import CHECKPOINTS_DIR, MERGED_DIR
@@ -82,6 +82,21 @@ class _StopRequest:
     return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
 
 
+def _check_batch_split(train, mesh, rules) -> None:
+  """A ConfigError naming `train.global_batch_size` when the batch's rows do not split evenly over the mesh axes
+  the batch is sharded on (data x fsdp by default): checked here, before anything is lowered, where XLA would stop
+  with an IndivisibleError traceback. (Micro-batches with fewer rows than those axes still compile: XLA reshards
+  them, as the 70B rows of SCALING.md do.)"""
+  target = dict(rules).get("batch")
+  axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+  split = int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
+  if train.global_batch_size % split:
+    names = " x ".join(f"{a}={mesh.shape[a]}" for a in axes if a in mesh.shape)
+    raise ConfigError("train.global_batch_size", f"{train.global_batch_size} rows do not split over the batch's mesh "
+                      f"axes {names} ({split} ways)",
+                      f"a multiple of {split}, or fewer devices on {'/'.join(axes)} (mesh.shape)")
+
+
 class Trainer:
   """Trains `model_fn(rngs)` on `loss_fn` with `config.{train, optim, mesh}`; checkpoints in `workdir`."""
 
@@ -102,6 +117,7 @@ class Trainer:
                        f"train.grad_accum_steps ({train.grad_accum_steps})")
     self.mesh = mesh or mesh_lib.make_mesh(config.mesh.shape)
     self.rules = sharding.rules_from_config(config.mesh.rules)
+    _check_batch_split(train, self.mesh, self.rules)
     self.loss_fn = loss_fn
     self.tx, self.schedule = optim.make_optimizer(config.optim, train.steps)
     self.tokens_per_step = train.global_batch_size * (seq_len or 1)

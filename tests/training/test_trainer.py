@@ -244,3 +244,15 @@ def test_lora_fit_resumes_from_adapter_checkpoints_and_writes_the_merged_model(t
   from flax import nnx
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)),
                jax.device_get(trainer.restore_params()))
+
+
+def test_a_batch_the_mesh_cannot_split_is_a_config_error_before_lowering():
+  """A global batch whose rows the batch's mesh axes (data x fsdp) do not divide: one line naming the key and the
+  valid values, at construction, instead of XLA's IndivisibleError when the batch is placed or lowered."""
+  from lwjax.config import ConfigError
+  config = _config((4, 2, 1))
+  config.train.global_batch_size = 12
+  model_cfg = GPTConfig.from_dict(config.model)
+  with pytest.raises(ConfigError, match=r"^train.global_batch_size: 12 rows do not split over the batch's mesh "
+                                        r"axes data=4 x fsdp=2 \(8 ways\) \(valid: a multiple of 8"):
+    Trainer(config, "/tmp/unused", model_fn=lambda rngs: GPT(model_cfg, rngs=rngs), loss_fn=losses.lm_loss)
