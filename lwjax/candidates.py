@@ -159,9 +159,11 @@ def read(path: str) -> tuple[list[dict], dict]:
 
 def build(path: str, *, workdir: str, task: str, split: str, num: int, n: int, temperature: float = 0.8,
           max_new_tokens: int = 192, seed: int = 0, record_seed: int = 0, batch_prompts: int = 8,
-          task_options: dict | None = None, step: int | None = None) -> tuple[list[dict], dict]:
+          task_options: dict | None = None, step: int | None = None,
+          loaded: tuple | None = None) -> tuple[list[dict], dict]:
   """The candidate set at `path`, sampled from the solver `workdir` (an lwjax run, checkpoint `step`, default the
-  latest; or a Hugging Face checkpoint directory) when not there yet (else read)."""
+  latest; or a Hugging Face checkpoint directory) when not there yet (else read). `loaded`: the solver as
+  `load_solver(workdir, step)` returned it, when the caller holds it already (not read from disk again)."""
   settings = {"workdir": os.path.abspath(workdir), "task": task, "split": split, "num": num, "n": n,
               "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
               "record_seed": record_seed, "task_options": task_options or {}}
@@ -176,7 +178,7 @@ def build(path: str, *, workdir: str, task: str, split: str, num: int, n: int, t
       raise ValueError(f"{path} holds candidates sampled with other settings {different} (stored, asked): "
                        "delete it or choose another path")
     return problems, metadata
-  model, tokenizer, step = load_solver(workdir, step)
+  model, tokenizer, step = loaded or load_solver(workdir, step)
   reasoning_task = task_for(reasoning_tasks.get(task, **(task_options or {})), tokenizer)
   records = reasoning_task.records(num, seed=record_seed, split=split)
   problems, stats = sample(model, reasoning_task, records, n=n, temperature=temperature,

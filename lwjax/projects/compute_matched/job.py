@@ -151,13 +151,14 @@ def sample_sources(config, task, models: dict) -> tuple[dict, dict, dict]:
   options = task_options(config)
   sets, metas = {}, {}
   for source in SOURCES:
-    model, workdir, step, _ = models[source]
+    solver = models[source]
     problems, metadata = candidates_lib.build(
-        info["paths"][source], workdir=workdir, task=task.name, split="train", num=c.num_train, n=n[source],
+        info["paths"][source], workdir=solver.path, task=task.name, split="train", num=c.num_train, n=n[source],
         temperature=c.temperature, max_new_tokens=c.max_new_tokens, seed=config.seed * 7919 + SOURCES.index(source),
-        record_seed=c.record_seed, batch_prompts=c.batch_prompts, task_options=options, step=step)
+        record_seed=c.record_seed, batch_prompts=c.batch_prompts, task_options=options, step=solver.step,
+        loaded=(solver.model, solver.tokenizer, solver.step))
     stats = metadata["stats"]
-    stats["sampling_flops"] = budget_lib.spent_flops(stats["generated_tokens"], model.cfg, info["context"])
+    stats["sampling_flops"] = budget_lib.spent_flops(stats["generated_tokens"], solver.model.cfg, info["context"])
     logging.info("%s candidates: %d problems x %d, answer accuracy %.3f, accuracy %.3f, %.3g FLOPs (%s)", source,
                  len(problems), n[source], stats["answer_accuracy"], stats["accuracy"], stats["sampling_flops"],
                  info["paths"][source])

@@ -105,7 +105,7 @@ def task_options(config) -> dict:
           **({"fewshot": t.fewshot} if t.get("fewshot") else {})}
 
 
-def candidate_sets(config, task) -> dict[str, list[dict]]:
+def candidate_sets(config, task, loaded: tuple | None = None) -> dict[str, list[dict]]:
   """The train/test/hard candidate sets of the solver `config.base`, sampled once under `candidates.dir`."""
   c, sets = config.candidates, {}
   options = task_options(config)
@@ -115,7 +115,7 @@ def candidate_sets(config, task) -> dict[str, list[dict]]:
     problems, metadata = candidates_lib.build(
         path, workdir=config.base, task=task.name, split=split, num=num, n=n, temperature=c.temperature,
         max_new_tokens=c.max_new_tokens, seed=c.seed * 7919 + {"train": 0, "test": 1, "hard": 2}[split],
-        record_seed=c.seed, batch_prompts=c.batch_prompts, task_options=options)
+        record_seed=c.seed, batch_prompts=c.batch_prompts, task_options=options, loaded=loaded)
     logging.info("candidates %s: %d problems x %d, answer accuracy %.3f, accuracy %.3f (%s)", split,
                  len(problems), n, metadata["stats"]["answer_accuracy"], metadata["stats"]["accuracy"], path)
     sets[split] = problems
@@ -229,7 +229,7 @@ def run(config, workdir: str) -> dict:
   task = candidates_lib.task_for(get_task(config), tokenizer)
   logging.info("solver %s (step %d), task %s, %s tokenizer", config.base, step, task.name,
                "its own" if tokenizer is not None else "the task's")
-  sets = candidate_sets(config, task)
+  sets = candidate_sets(config, task, loaded=(base_model, tokenizer, step))  # sampled from the model held here
   kind = config.verifier.kind
   if kind == "judge":
     verifier = base_model
