@@ -147,10 +147,15 @@ def _is_hard(name: str, record: dict) -> bool:
   return len([line for line in record["solution"].split("####")[0].splitlines() if line.strip()]) >= GSM8K_HARD_STEPS
 
 
-def _dataset_task(name: str, path: str, fewshot: int) -> ReasoningTask:
-  if not path:
+def check_path(name: str, path: str) -> None:
+  """A data set is read from its published files: a ConfigError naming `task.path` when it is empty."""
+  if name in DATASET_NAMES and not path:
     raise ConfigError("task.path", f"empty: {name} is read from its published files",
-                      "the directory (or file) holding them, e.g. /data/gsm8k")
+                      f"the directory (or file) holding them, e.g. /data/{name}")
+
+
+def _dataset_task(name: str, path: str, fewshot: int) -> ReasoningTask:
+  check_path(name, path)
   splits: dict[str, list[dict]] = {}
 
   def split_records(split: str) -> list[dict]:

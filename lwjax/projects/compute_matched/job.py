@@ -93,9 +93,7 @@ def validate(config) -> None:
   if config.budget.finetune not in budgets:
     raise ConfigError("budget.finetune", f"{config.budget.finetune} is not one of the sampled budgets {budgets}",
                       f"one of budget.se_samples ({config.budget.se_samples})")
-  if config.task.name in reasoning_tasks.DATASET_NAMES and not config.task.path:
-    raise ConfigError("task.path", f"empty: {config.task.name} is read from its published files",
-                      "the directory holding them")
+  reasoning_tasks.check_path(config.task.name, config.task.path)
   reasoning_tasks.check_fewshot(config.task.name, config.task.get("fewshot", 0))
   if config.judge.base_url and not config.judge.model:
     raise ConfigError("judge.model", "empty with judge.base_url set", "the model name the endpoint serves")

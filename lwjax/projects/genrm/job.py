@@ -75,13 +75,10 @@ def validate(config) -> None:
                       f"values <= candidates.n_test ({config.candidates.n_test})")
   uses_cot = config.verifier.kind == "cot" or (config.verifier.kind == "unified" and
                                                config.verifier.unified_base == "cot")
-  if config.task.name in reasoning_tasks.DATASET_NAMES:
-    if uses_cot:
-      raise ConfigError("verifier.kind", f"CoT rationales are written by a step checker, which {config.task.name} "
-                        "has not (the paper's are a strong LLM's)", "judge, disc, direct, or unified on direct")
-    if not config.task.path:
-      raise ConfigError("task.path", f"empty: {config.task.name} is read from its published files",
-                        "the directory holding them")
+  if config.task.name in reasoning_tasks.DATASET_NAMES and uses_cot:
+    raise ConfigError("verifier.kind", f"CoT rationales are written by a step checker, which {config.task.name} "
+                      "has not (the paper's are a strong LLM's)", "judge, disc, direct, or unified on direct")
+  reasoning_tasks.check_path(config.task.name, config.task.path)
   if config.verifier.kind == "disc" and lora_lib.from_section(config.train.get("lora")):
     raise ConfigError("train.lora.rank", "the discriminative verifier's reward head is new and must train; LoRA "
                       "freezes every weight but its adapters", "0 for disc (LoRA takes the generative verifiers)")

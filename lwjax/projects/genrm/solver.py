@@ -57,9 +57,7 @@ def validate(config) -> None:
     if config.task.name not in ("last_letter", "word_sort") and config.data.long_fraction:
       raise ConfigError("data.long_fraction", "the hard lengths are the algorithmic tasks'",
                         f"0 for {config.task.name}")
-    if config.task.name in reasoning_tasks.DATASET_NAMES and not config.task.path:
-      raise ConfigError("task.path", f"empty: {config.task.name} is read from its published files",
-                        "the directory holding them")
+    reasoning_tasks.check_path(config.task.name, config.task.path)
     return
   if config.task.name == "igsm":
     raise ConfigError("task.name", "a from-scratch iGSM solver is experiments/igsm_solver.py's (a finetuned one: "
