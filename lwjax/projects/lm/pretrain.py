@@ -10,6 +10,7 @@ must beat), both in nats per token, in the log and in `<workdir>/metrics.json`.
 
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import json
@@ -18,7 +19,6 @@ import os
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from lwjax.config import ConfigError, Field, non_negative_int, positive_int, validate as validate_schema
@@ -128,11 +128,9 @@ def _tokenizer(config, workdir, train_docs):
 
 def run(config, workdir: str) -> dict:
   """Trains, evaluates, and writes `<workdir>/metrics.json`; returns the metrics."""
-  model_cfg = _model_config(config)
-  if config.model.pretrained:  # the run's saved config then names the shape it trains, beside its tokenizer
-    config.model.update(model_cfg.to_dict())
-    if jax.process_index() == 0:
-      pretrained.copy_tokenizer(config.model.pretrained, workdir)
+  # The checkpoint's shape (written into config.model, so the run's saved config names it), its tokenizer copied
+  # into the workdir, and a loader of its weights onto the trainer's mesh; without model.pretrained, config.model.
+  model_cfg, _, init_params = pretrained.finetune_start(config.model, workdir)
   train_docs, eval_docs = _sources(config, workdir)
   tok = _tokenizer(config, workdir, train_docs)
   data, batch = config.data, config.train.global_batch_size
@@ -148,13 +146,9 @@ def run(config, workdir: str) -> dict:
   trainer = trainer_lib.Trainer(config, workdir, model_fn=lambda rngs: GPT(model_cfg, rngs=rngs),
                                 loss_fn=losses.lm_loss, flops_per_token=model_cfg.flops_per_token(data.seq_len),
                                 seq_len=data.seq_len)
-  def start():
-    logging.info("starting from %s", config.model.pretrained)
-    model, _ = pretrained.load_pretrained(config.model.pretrained, mesh=trainer.mesh, rules=trainer.rules,
-                                          **{k: config.model[k] for k in pretrained.TRAINING_FIELDS})
-    return nnx.to_pure_dict(nnx.state(model))
   result = trainer.fit(iter(train_ds), eval_batches, seed=config.seed,
-                       init_params=start if config.model.pretrained else None)
+                       init_params=None if init_params is None else functools.partial(init_params, trainer.mesh,
+                                                                                      trainer.rules))
   pretrained.keep_tokenizer_with_merged(config.model, result)  # LoRA: the merged model, with its tokenizer
 
   # The baseline: unigram cross-entropy of the very eval targets the model was scored on, with counts
