@@ -24,11 +24,16 @@ labelled candidates, compared by Best-of-N with self-consistency, pass@N and LLM
   done
   python -m lwjax.projects.genrm.report runs/genrm_cpu/igsm runs/genrm_cpu/igsm_s1 --png docs/img/genrm_igsm_cpu.png
 
-  # GSM8K from its published files, verifiers of a solver finetuned from a pretrained model (no CoT: its
-  # rationales need a step checker):
+  # GSM8K from its published files, verifiers of a solver finetuned from a pretrained model:
   python main.py --config \
       experiments/genrm.py:scale=gpu,task=gsm8k,path=/data/gsm8k,verifier=direct,base=runs/genrm_solver_gsm8k \
       --workdir runs/genrm_gsm8k/direct
+  # GenRM-CoT there: the rationales written by a strong model over any OpenAI-compatible API, graded against
+  # the reference, 4 per candidate, those whose verdict disagrees with the label dropped (the paper's §4.1)
+  python main.py --config \
+      experiments/genrm.py:scale=gpu,task=gsm8k,path=/data/gsm8k,verifier=cot,base=runs/genrm_solver_gsm8k \
+      --config.rationales.base_url=https://api.openai.com/v1 --config.rationales.model=gpt-4o \
+      --config.rationales.api_key_env=OPENAI_API_KEY --workdir runs/genrm_gsm8k/cot
 
 Arguments: `scale` smoke|cpu|gpu|paper; `task` igsm|last_letter|word_sort|gsm8k|math; `verifier` judge|disc|
 direct|cot|unified; `base` the solver's workdir or a Hugging Face directory (default runs/igsm_solver_<scale>/weak
@@ -45,6 +50,7 @@ import ml_collections
 
 from configs import common, mesh
 from experiments import genrm_solver
+from lwjax.projects.genrm import api_rationales
 from lwjax.projects.genrm.job import KINDS
 
 SCALES = ("smoke", "cpu", "gpu", "paper")
@@ -70,6 +76,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.verifier = ml_collections.ConfigDict({
       "kind": args["verifier"], "per_class": 4, "unified_lambda": float(args["lam"]), "unified_base": "direct",
       "cot_k": "1,2,4", "cot_temperature": 0.7, "cot_max_new_tokens": 64 if task != "word_sort" else 160})
+  # CoT rationales: the step checker's on the generated tasks; on a data set a model's over the API, graded
+  # against the reference and kept when their verdict agrees with the label (--config.rationales.base_url=...).
+  config.rationales = ml_collections.ConfigDict({
+      "source": "api" if task in ("gsm8k", "math") else "checker", "base_url": "", "model": "",
+      "prompt": api_rationales.DEFAULT_PROMPT, "samples": 4, "temperature": 0.7, "max_tokens": 1024, "workers": 8,
+      "api_key_env": ""})
   # Training rows: a problem of the training split, its candidate and the verification (scoring fits any length).
   config.data = ml_collections.ConfigDict({"seq_len": 320})
   config.eval = ml_collections.ConfigDict({"ns": "1,2,4,8,16", "draws": 64, "batch_size": 64})
@@ -87,6 +99,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif scale in ("gpu", "paper"):  # the paper's N = 32 candidates and K = 32 rationales
     config.candidates.update(num_train=5000, n_train=16, num_test=500, n_test=32, batch_prompts=64)
     config.verifier.update(per_class=8, cot_k="1,2,4,8,16,32")
+    if task in ("gsm8k", "math"):  # natural-language rationales, and solutions that long
+      config.verifier.cot_max_new_tokens = 512
+      config.data.seq_len = 2048
     config.eval.update(ns="1,2,4,8,16,32", batch_size=256)
     config.train.update(steps=3000, global_batch_size=64, log_every=100, checkpoint_every=1000)
   return config

@@ -11,7 +11,9 @@ solutions to estimate the false-positive rate of answer-filtered data where no s
 - Requests go at temperature 0 with `max_tokens`, `workers` at a time; connection errors, timeouts, 429 and 5xx
   are retried with exponential backoff; other HTTP errors (a wrong model name, a missing key) raise at once.
 - Every answer is appended to a jsonl cache keyed by a hash of (prompt, model), written as it arrives, so a run
-  stopped half way asks only what it has not asked yet. The raw answer is cached and parsed on reading, so a
+  stopped half way asks only what it has not asked yet. `ask(..., samples=k, temperature=t)` draws k answers
+  per prompt (GenRM's rationales), each cached under (prompt, model, t, its index) and sent with `seed` = its index
+  for the endpoints that honour one. The raw answer is cached and parsed on reading, so a
   better parser needs no new requests.
 - `parse_verdict` reads Yes/No robustly (case, punctuation, markdown, a reasoning that ends in "Answer: No");
   an answer it cannot read is None, counted by `summary` and never guessed.
@@ -81,8 +83,9 @@ def parse_verdict(text: str) -> bool | None:
   return (kinds.pop() == "yes") if len(kinds) == 1 else None
 
 
-def cache_key(prompt: str, model: str) -> str:
-  return hashlib.sha256(json.dumps([prompt, model]).encode("utf-8")).hexdigest()
+def cache_key(prompt: str, model: str, *drawn) -> str:
+  """The cache's key of an answer: (prompt, model), and (temperature, sample index) for a drawn one."""
+  return hashlib.sha256(json.dumps([prompt, model, *drawn]).encode("utf-8")).hexdigest()
 
 
 class Judge:
@@ -91,10 +94,10 @@ class Judge:
 
   def __init__(self, base_url: str, model: str, *, prompt: str = DEFAULT_PROMPT, max_tokens: int = 256,
                api_key: str | None = None, workers: int = 4, retries: int = 4, backoff_s: float = 1.0,
-               timeout_s: float = 120.0, cache_path: str = ""):
+               timeout_s: float = 120.0, cache_path: str = "", group: str = "judge"):
     missing = [p for p in PLACEHOLDERS if p not in prompt]
     if "{candidate}" in missing:
-      raise ConfigError("judge.prompt", "has no {candidate}: the judge would not see the solution",
+      raise ConfigError(f"{group}.prompt", "has no {candidate}: the judge would not see the solution",
                         "a template with {question}, {reference} and {candidate}")
     if missing:
       logging.warning("judge prompt without %s: the judge will not see it", ", ".join(missing))
@@ -113,20 +116,22 @@ class Judge:
           self._cache[entry["key"]] = entry["text"]
 
   @classmethod
-  def from_config(cls, section, *, cache_path: str = "") -> Judge:
-    """The judge of a config's `judge` group (base_url, model, prompt, max_tokens, api_key_env, workers)."""
+  def from_config(cls, section, *, cache_path: str = "", group: str = "judge") -> Judge:
+    """The judge of a config group (base_url, model, prompt, max_tokens, api_key_env, workers); errors name
+    `group` (e.g. `judge.api_key_env`)."""
     api_key = None
     if section.api_key_env:
       api_key = os.environ.get(section.api_key_env)
       if not api_key:
-        raise ConfigError("judge.api_key_env", f"the environment variable {section.api_key_env} is not set",
+        raise ConfigError(f"{group}.api_key_env", f"the environment variable {section.api_key_env} is not set",
                           "the name of a set variable holding the key, or '' for an endpoint without one")
     return cls(section.base_url, section.model, prompt=section.prompt, max_tokens=section.max_tokens,
-               api_key=api_key, workers=section.workers, cache_path=cache_path)
+               api_key=api_key, workers=section.workers, cache_path=cache_path, group=group)
 
-  def _post(self, prompt: str) -> str:
-    body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0,
-                       "max_tokens": self.max_tokens}).encode("utf-8")
+  def _post(self, prompt: str, temperature: float = 0.0, seed: int | None = None) -> str:
+    request = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": temperature,
+               "max_tokens": self.max_tokens, **({"seed": seed} if seed is not None else {})}
+    body = json.dumps(request).encode("utf-8")
     headers = {"Content-Type": "application/json"}
     if self.api_key:
       headers["Authorization"] = f"Bearer {self.api_key}"
@@ -153,12 +158,13 @@ class Judge:
         time.sleep(self.backoff_s * 2 ** attempt)
     raise JudgeError(f"{self.url}: no answer after {self.retries + 1} tries (last: {error})")
 
-  def _answer(self, prompt: str) -> str:
-    key = cache_key(prompt, self.model)
+  def _answer(self, prompt: str, temperature: float = 0.0, sample: int = 0) -> str:
+    drawn = temperature > 0 or sample > 0
+    key = cache_key(prompt, self.model, temperature, sample) if drawn else cache_key(prompt, self.model)
     with self._lock:
       if key in self._cache:
         return self._cache[key]
-    text = self._post(prompt)
+    text = self._post(prompt, temperature, sample if drawn else None)
     with self._lock:
       self._cache[key] = text
       if self.cache_path:
@@ -174,6 +180,16 @@ class Judge:
     with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) as pool:
       answers = dict(zip(unique, pool.map(self._answer, unique), strict=True))
     return [Judgement(parse_verdict(answers[p]), answers[p]) for p in prompts]
+
+  def ask(self, prompts: Sequence[str], *, samples: int = 1, temperature: float = 0.0) -> list[list[str]]:
+    """`samples` raw answers to each prompt (already filled), in order; at temperature 0 a second sample would
+    repeat the first, so samples > 1 needs temperature > 0."""
+    if samples > 1 and temperature <= 0:
+      raise ValueError(f"{samples} samples per prompt at temperature {temperature}: they would all be the same")
+    jobs = [(p, i) for p in dict.fromkeys(prompts) for i in range(samples)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) as pool:
+      answers = dict(zip(jobs, pool.map(lambda job: self._answer(job[0], temperature, job[1]), jobs), strict=True))
+    return [[answers[(p, i)] for i in range(samples)] for p in prompts]
 
 
 def summary(judgements: Sequence[Judgement], exact: Sequence[bool] | None = None) -> dict:

@@ -88,7 +88,7 @@ def test_a_data_set_is_read_through_a_pretrained_models_tokenizer(tmp_path):
 def test_configs_take_the_data_sets_and_refuse_what_needs_a_step_checker(tmp_path):
   genrm = importlib.import_module("experiments.genrm")
   jobs.get(genrm.get_config(f"scale=smoke,task=gsm8k,verifier=direct,path={tmp_path}"))
-  with pytest.raises(ConfigError, match="^verifier.kind: CoT rationales"):
+  with pytest.raises(ConfigError, match="^rationales.base_url: empty"):
     jobs.get(genrm.get_config(f"scale=smoke,task=math,verifier=cot,path={tmp_path}"))
   with pytest.raises(ConfigError, match="^task.path"):
     jobs.get(genrm.get_config("scale=smoke,task=gsm8k,verifier=judge"))

@@ -11,6 +11,7 @@ Rows hold `inputs`, `targets`, `loss_mask`, `positions`, `segment_ids` (the LM f
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import numpy as np
 
@@ -56,8 +57,12 @@ def verification_row(kind: str, task: str, record: dict, candidate: dict, tokeni
     return _row(prompt, tokenizer.encode(rationale.YES if label else rationale.NO), seq_len)
   if kind == "cot":
     prompt = bos + tokenizer.encode(rationale.cot_prompt(question, solution))
-    written = rationale.rationale(task, record, solution, candidate["correct"], candidate["first_error"])
-    return _row(prompt, tokenizer.encode(written) + [tokenizer.eos_id], seq_len)
+    written = candidate.get("rationale") or rationale.rationale(task, record, solution, candidate["correct"],
+                                                                candidate["first_error"])
+    # The verdict word is encoded on its own, as scoring reads it (p(encode("Yes")[0]) after the last `;`): a
+    # subword tokenizer would otherwise fold it into " Yes", another token.
+    reasoning, verdict = written.rsplit(" ", 1)
+    return _row(prompt, tokenizer.encode(reasoning) + tokenizer.encode(verdict) + [tokenizer.eos_id], seq_len)
   raise ValueError(f"verifier kind {kind!r}: expected one of disc, direct, cot")
 
 
@@ -68,12 +73,22 @@ def solution_row(record: dict, solution: str, tokenizer, seq_len: int, weight: f
 
 
 def training_rows(kind: str, task: str, problems: list[dict], tokenizer, *, seq_len: int, per_class: int,
-                  seed: int, unified_lambda: float = 0.0, unified_base: str = "direct") -> list[dict]:
+                  seed: int, unified_lambda: float = 0.0, unified_base: str = "direct",
+                  write_rationales: Callable[[list[tuple[dict, dict]]], list[list[str]]] | None = None
+                  ) -> list[dict]:
   """All training rows for verifier `kind`; `unified` = `unified_base` rows + lambda x solution rows of the
-  correct candidates (the weight enters each row's loss mask, so the batch loss is their weighted mean)."""
+  correct candidates (the weight enters each row's loss mask, so the batch loss is their weighted mean).
+
+  CoT rationales are the step checker's, or, with `write_rationales` (the balanced pairs -> the kept rationale
+  targets of each, `api_rationales.write`), written by a model: one row per kept rationale, and a candidate
+  without one gets no CoT row."""
   pairs = balanced(problems, per_class, seed)
   base = unified_base if kind == "unified" else kind
-  rows = [verification_row(base, task, record, c, tokenizer, seq_len) for record, c in pairs]
+  verified = pairs
+  if base == "cot" and write_rationales is not None:
+    verified = [(record, {**c, "rationale": text}) for (record, c), texts in zip(pairs, write_rationales(pairs),
+                                                                                  strict=True) for text in texts]
+  rows = [verification_row(base, task, record, c, tokenizer, seq_len) for record, c in verified]
   if kind == "unified":
     rows += [solution_row(record, c["text"], tokenizer, seq_len, unified_lambda) for record, c in pairs
              if c["correct"]]

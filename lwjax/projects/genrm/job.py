@@ -4,7 +4,9 @@ its own labelled candidates, then Best-of-N on held-out (test) and longer/harder
 1. Candidates (`lwjax.candidates`, shared with every verifier run of the same solver and task): the solver's
    samples on training, test and hard problems, each labelled exactly by the task's checker.
 2. The verifier (`verifier.kind`): `disc` (scalar head, BCE), `direct` (p(Yes) after `verify ?`), `cot`
-   (checker-written rationales, then Yes/No), `unified` (direct or CoT + lambda x solution generation), or
+   (rationales, then Yes/No: the step checker's, or with `rationales.source=api` a model's over an
+   OpenAI-compatible API, graded against the reference and kept when their verdict agrees with the label,
+   `api_rationales`), `unified` (direct or CoT + lambda x solution generation), or
    `judge` (LLM-as-judge: the untrained solver asked the direct question). All start from the solver's
    parameters and train on the same balanced candidates for `train.steps`.
 3. Scores for every test/hard candidate; Best-of-N accuracy for n in `eval.ns` (final answer right, as the
@@ -29,17 +31,18 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from lwjax import candidates as candidates_lib, plots, reasoning_tasks
+from lwjax import candidates as candidates_lib, judge as judge_lib, plots, reasoning_tasks
 from lwjax.config import ConfigError, Field, int_list, parse_ints, positive_int, validate as validate_schema
 from lwjax.data import rows as rows_lib, tokenizer as tokenizer_lib
 from lwjax.launch import distributed
 from lwjax.models import pretrained
 from lwjax.models.gpt import GPT
-from lwjax.projects.genrm import bestofn, data as data_lib, rationale, verifiers
+from lwjax.projects.genrm import api_rationales, bestofn, data as data_lib, rationale, verifiers
 from lwjax.serving import batch_sampler
 from lwjax.training import lora as lora_lib, losses, mesh, optim, trainer as trainer_lib
 
 KINDS = ("disc", "direct", "cot", "unified", "judge")
+RATIONALE_SOURCES = ("checker", "api")
 
 
 SCHEMA = {
@@ -62,6 +65,14 @@ SCHEMA = {
                  "unified_lambda": Field(float, min=0.0), "unified_base": Field(str, choices=("direct", "cot")),
                  "cot_k": int_list("numbers of rationales K to report; the largest is sampled"),
                  "cot_temperature": Field(float, min=0.0), "cot_max_new_tokens": positive_int()},
+    "rationales": {"source": Field(str, choices=RATIONALE_SOURCES, doc="who writes the CoT rationales: the task's "
+                                   "step checker, or a model over an OpenAI-compatible API"),
+                   "base_url": Field(str, doc="api: the endpoint, e.g. http://localhost:8000/v1"),
+                   "model": Field(str), "prompt": Field(str, doc="with {question}, {reference} and {candidate}"),
+                   "samples": positive_int("rationales asked per candidate (those with the wrong verdict dropped)"),
+                   "temperature": Field(float, min=0.0), "max_tokens": positive_int(),
+                   "workers": positive_int("requests at a time"),
+                   "api_key_env": Field(str, doc="the environment variable holding the key ('' = none)")},
     "data": {"seq_len": Field(int, min=8)},
     "eval": {"ns": int_list(), "draws": positive_int(), "batch_size": positive_int()},
     "train": trainer_lib.SCHEMA, "optim": optim.SCHEMA, "mesh": mesh.SCHEMA, "distributed": distributed.SCHEMA,
@@ -75,9 +86,22 @@ def validate(config) -> None:
                       f"values <= candidates.n_test ({config.candidates.n_test})")
   uses_cot = config.verifier.kind == "cot" or (config.verifier.kind == "unified" and
                                                config.verifier.unified_base == "cot")
-  if config.task.name in reasoning_tasks.DATASET_NAMES and uses_cot:
-    raise ConfigError("verifier.kind", f"CoT rationales are written by a step checker, which {config.task.name} "
-                      "has not (the paper's are a strong LLM's)", "judge, disc, direct, or unified on direct")
+  r = config.rationales
+  if uses_cot and r.source == "checker" and config.task.name in reasoning_tasks.DATASET_NAMES:
+    raise ConfigError("rationales.source", f"checker: {config.task.name} has no step checker to write the CoT "
+                      "rationales", "api, with rationales.base_url and rationales.model (the paper's are a strong "
+                      "LLM's), or verifier.kind judge, disc, direct")
+  if uses_cot and r.source == "api":
+    for key in ("base_url", "model"):
+      if not r[key]:
+        raise ConfigError(f"rationales.{key}", "empty with rationales.source=api", "the endpoint's URL and the "
+                          "model it serves, e.g. http://localhost:8000/v1")
+    if "{candidate}" not in r.prompt or "{reference}" not in r.prompt:
+      raise ConfigError("rationales.prompt", "lacks {candidate} or {reference}", "a template with {question}, "
+                        "{reference} and {candidate} (the paper grades against the reference)")
+    if r.samples > 1 and r.temperature <= 0:
+      raise ConfigError("rationales.temperature", f"{r.temperature} with {r.samples} samples per candidate: "
+                        "they would all be the same", "a temperature > 0, or rationales.samples=1")
   reasoning_tasks.check_path(config.task.name, config.task.path)
   if config.verifier.kind == "disc" and lora_lib.from_section(config.train.get("lora")):
     raise ConfigError("train.lora.rank", "the discriminative verifier's reward head is new and must train; LoRA "
@@ -119,13 +143,39 @@ def candidate_sets(config, task, loaded: tuple | None = None) -> dict[str, list[
   return sets
 
 
-def train_verifier(config, workdir: str, task, base_model: GPT, problems: list[dict]):
+def rationale_writer(config, workdir: str, stats: dict):
+  """With `rationales.source=api`: the function that has the API write (and label-filter) the CoT rationales
+  of the balanced training pairs, its counts put in `stats`; answers cached in `<workdir>/rationales.jsonl`
+  (and written out readable in `rationales_kept.jsonl`). None: the step checker writes them."""
+  r = config.rationales
+  if r.source != "api":
+    return None
+  client = judge_lib.Judge.from_config(r, cache_path=os.path.join(workdir, "rationales.jsonl"), group="rationales")
+
+  def write(pairs):
+    kept, counts = api_rationales.write(client, pairs, samples=r.samples, temperature=r.temperature)
+    stats.update(counts)
+    logging.info("API rationales: %d asked, %d kept (verdict agreeing with the label: %.3f of those read; %d "
+                 "unread); %d of %d candidates left without one", counts["asked"], counts["kept"],
+                 counts["agreement"], counts["unread"], counts["candidates_without"], counts["candidates"])
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, "rationales_kept.jsonl"), "w") as f:
+        f.writelines(json.dumps({"question": record["question"], "candidate": c["text"], "correct": c["correct"],
+                                 "rationales": texts}) + "\n" for (record, c), texts in zip(pairs, kept, strict=True))
+    return kept
+
+  return write
+
+
+def train_verifier(config, workdir: str, task, base_model: GPT, problems: list[dict], rationale_stats: dict):
   """The trained verifier: a RewardModel for `disc`, else a GPT (the solver's shape)."""
   v, kind = config.verifier, config.verifier.kind
   cfg = base_model.cfg
   rows = data_lib.training_rows(kind, task.name, problems, task.tokenizer, seq_len=config.data.seq_len,
                                 per_class=v.per_class, seed=config.seed, unified_lambda=v.unified_lambda,
-                                unified_base=v.unified_base)
+                                unified_base=v.unified_base,
+                                write_rationales=rationale_writer(config, workdir, rationale_stats))
   labels = [r["label"] for r in rows if kind == "disc"]
   logging.info("verifier %s: %d training rows (those longer than data.seq_len left out)%s", kind, len(rows),
                f", {np.mean(labels):.2f} correct" if labels else "")
@@ -227,11 +277,11 @@ def run(config, workdir: str) -> dict:
   logging.info("solver %s (step %d), task %s, %s tokenizer", config.base, step, task.name,
                "its own" if tokenizer is not None else "the task's")
   sets = candidate_sets(config, task, loaded=(base_model, tokenizer, step))  # sampled from the model held here
-  kind = config.verifier.kind
+  kind, rationale_stats = config.verifier.kind, {}
   if kind == "judge":
     verifier = base_model
   else:
-    verifier, result = train_verifier(config, workdir, task, base_model, sets["train"])
+    verifier, result = train_verifier(config, workdir, task, base_model, sets["train"], rationale_stats)
     if verifier is None:
       logging.warning("stopped at step %d of %d: no evaluation; run again to resume", result["step"],
                       config.train.steps)
@@ -241,6 +291,8 @@ def run(config, workdir: str) -> dict:
              "step_checker": task.step_checker}  # False: "full" is the final answer's verdict (a data set)
   if kind == "unified":
     metrics["unified_lambda"] = config.verifier.unified_lambda
+  if rationale_stats:
+    metrics["api_rationales"] = {"model": config.rationales.model, **rationale_stats}
   for split in ("test", "hard"):
     scores_pn, extras = score(config, task, verifier, sets[split], split)
     metrics[split] = evaluate(config, scores_pn, sets[split], extras)
