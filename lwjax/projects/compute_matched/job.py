@@ -18,9 +18,10 @@ tokenizer of its own samples, finetunes and is evaluated through it, the others 
 candidates are text, so WC and SE data finetune any of them. The finetuned model keeps float32 master weights.
 
 GSM8K and MATH have no step checker: their false-positive rate is an LLM judge's (`judge.base_url`, any
-OpenAI-compatible endpoint, `lwjax.judge`), as the paper's is Gemini's and humans' on 50 solutions: a random
-`judge.max_candidates` of each source's finetuning data judged, the rate reported with its standard error and n
-(`metrics.json` "judge"), the judged candidates and answers in `<workdir>/judged.jsonl`. On compact iGSM the
+OpenAI-compatible endpoint, `judged`), as the paper's is Gemini's and humans' on 50 solutions: at every budget a
+random `judge.max_candidates` of each source's answer-filtered data judged (nested draws, so the budgets share
+requests), the rate reported with its standard error and n (`metrics.json` "judge_by_budget", and "judge" at the
+finetuning budget), the judged candidates and answers in `<workdir>/judged.jsonl`. On compact iGSM the
 same judge is measured against the exact checker (its agreement). A pretrained sampler reads the few-shot prompt
 of `task.fewshot`; the finetuned models read the bare question they were finetuned on.
 
@@ -35,20 +36,19 @@ import hashlib
 import json
 import logging
 import os
-import random
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from flax import nnx
 
-from lwjax import candidates as candidates_lib, judge as judge_lib, plots, reasoning_tasks
+from lwjax import candidates as candidates_lib, plots, reasoning_tasks
 from lwjax.config import ConfigError, Field, int_list, parse_ints, positive_int, validate as validate_schema
 from lwjax.data import rows as rows_lib, tokenizer as tokenizer_lib
 from lwjax.launch import distributed
 from lwjax.models import pretrained
 from lwjax.models.gpt import GPT
-from lwjax.projects.compute_matched import budget as budget_lib, quality
+from lwjax.projects.compute_matched import budget as budget_lib, judged as judged_lib, quality
 from lwjax.training import losses, mesh, optim, trainer as trainer_lib
 
 SETUPS = ("kd", "self", "w2s")
@@ -197,39 +197,6 @@ def data_quality(sets: dict, info: dict, task) -> list[dict]:
   return rows
 
 
-def judged_false_positive_rates(config, task, sets: dict, budget_row: dict, workdir: str) -> dict | None:
-  """Each source's false-positive rate as an LLM judge sees it (`lwjax.judge`, over `config.judge`): of its
-  finetuning data (right-answer candidates at the finetuning budget), `judge.max_candidates` drawn at random
-  (by `seed`) are judged; the answers are cached in `candidates.dir`, so a rerun asks nothing again. With a step
-  checker the judge's agreement with it is reported beside. The judged candidates, verdicts and answers go to
-  `<workdir>/judged.jsonl`. None without `judge.base_url` (and on every process but the first)."""
-  j = config.judge
-  if not j.base_url or jax.process_index() != 0:
-    return None
-  judge = judge_lib.Judge.from_config(j, cache_path=os.path.join(config.candidates.dir, "judge_answers.jsonl"))
-  rng, out, lines = random.Random(config.seed), {}, []
-  for source in SOURCES:
-    k = budget_row["budget"][source]
-    kept = [(p, i) for p in sets[source] for i, c in enumerate(p["candidates"][:k]) if c["answer_correct"]]
-    picked = [kept[i] for i in sorted(rng.sample(range(len(kept)), min(j.max_candidates, len(kept))))]
-    judgements = judge.judge([(p["record"]["question"], p["record"]["solution"], p["candidates"][i]["text"])
-                              for p, i in picked])
-    exact = [p["candidates"][i]["correct"] for p, i in picked] if task.step_checker else None
-    out[source] = {"samples_per_problem": k, "kept": len(kept), **judge_lib.summary(judgements, exact)}
-    lines += [{"source": source, "problem": p["index"], "candidate": i, "verdict": verdict, "answer": text,
-               **({"exact": p["candidates"][i]["correct"]} if exact is not None else {})}
-              for (p, i), (verdict, text) in zip(picked, judgements, strict=True)]
-    s = out[source]
-    logging.info("judged FPR of %s data: %.3f ± %.3f (n=%d of %d kept, %d unread)%s", source.upper(),
-                 s["false_positive_rate"], s["false_positive_rate_se"], s["n"], len(kept), s["unparsed"],
-                 f"; exact {s['exact_false_positive_rate']:.3f}, agreement {s['agreement']:.3f}" if exact is not None
-                 else "")
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "judged.jsonl"), "w") as f:
-    f.writelines(json.dumps(line) + "\n" for line in lines)
-  return out
-
-
 def evaluate(config, task, model: GPT) -> dict:
   """Greedy solutions of the held-out problems, checked: accuracy (± standard error) per split and op (`task`
   read and written through the model's tokenizer)."""
@@ -324,7 +291,8 @@ def run(config, workdir: str) -> dict:
     _write_json(base_eval, evaluate(config, task, base))
   evals = {"base": _read_json(base_eval)}
   budget_row = next(q for q in quality_rows if q["budget"]["se"] == config.budget.finetune)
-  judged = judged_false_positive_rates(config, task, sets, budget_row, workdir)
+  judged_rows = judged_lib.false_positive_rates(config, task, sets, quality_rows, workdir)
+  judged = next((r for r in judged_rows if r["budget"] == budget_row["budget"]), None) if judged_rows else None
   data_stats = {}
   for source in SOURCES:
     k = budget_row["budget"][source]
@@ -355,7 +323,8 @@ def run(config, workdir: str) -> dict:
   metrics = {"setup": config.setup, "finetuned": which, "finetuned_from": list(base_source), "seed": config.seed,
              "steps": config.train.steps, **{k: v for k, v in info.items() if k != "paths"},
              "quality": quality_rows, "finetune_data": data_stats, "sampling": {s: metas[s]["stats"] for s in SOURCES},
-             "eval": evals, "wc_minus_se": {}, **({"judge": judged} if judged else {})}
+             "eval": evals, "wc_minus_se": {},
+             **({"judge": {s: judged[s] for s in SOURCES}, "judge_by_budget": judged_rows} if judged else {})}
   for split in evals["base"]:
     line = {name: "-" if e is None else f"{e[split]['accuracy']:.3f}" for name, e in evals.items()}
     difference = "-"

@@ -43,16 +43,24 @@ def _pm(mean_se: tuple[float, float], scale: float = 100.0, digits: int = 1) -> 
 
 
 def quality_table(runs: list[dict]) -> str:
-  """Coverage, diversity and false-positive rate of both sources at every budget (each seed counted once)."""
+  """Coverage, diversity and false-positive rate of both sources at every budget (each seed counted once); with
+  an LLM judge, its false-positive rate beside (± its binomial standard error for one seed, over seeds for more)."""
   by_seed = {m["seed"]: m for m in runs}
   seeds = sorted(by_seed)
-  lines = ["| budget (SE / WC samples per problem) | coverage SE | coverage WC | diversity SE | diversity WC | "
-           "FPR SE | FPR WC |", "|---|---|---|---|---|---|---|"]
+  judged = [s for s in seeds if by_seed[s].get("judge_by_budget")]
+  header = ["budget (SE / WC samples per problem)", "coverage SE", "coverage WC", "diversity SE", "diversity WC",
+            "FPR SE", "FPR WC", *(["judged FPR SE (n)", "judged FPR WC (n)"] if judged else [])]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for i, row in enumerate(by_seed[seeds[0]]["quality"]):
     cells = []
     for field, scale, digits in (("coverage", 100, 1), ("diversity", 1, 2), ("false_positive_rate", 100, 1)):
       for src in ("se", "wc"):
         cells.append(_pm(_mean_se([by_seed[s]["quality"][i][src][field] for s in seeds]), scale, digits))
+    for src in ("se", "wc") if judged else ():
+      results = [by_seed[s]["judge_by_budget"][i][src] for s in judged]
+      mean_se = ((results[0]["false_positive_rate"], results[0]["false_positive_rate_se"]) if len(results) == 1
+                 else _mean_se([r["false_positive_rate"] for r in results]))
+      cells.append(f"{_pm(mean_se)} ({sum(r['n'] for r in results)})")
     lines.append(f"| {row['budget']['se']} / {row['budget']['wc']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

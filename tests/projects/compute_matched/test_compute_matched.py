@@ -194,6 +194,11 @@ def test_smoke_end_to_end_on_planted_candidates(tmp_path, monkeypatch, models_fr
   assert json.loads((tmp_path / "kd" / "metrics.json").read_text())["eval"] == m["eval"]
   table = report.finetune_table(report.load_runs(str(tmp_path)), "test")
   assert table.splitlines()[2].startswith("| distillation (student finetuned) | 1 |")
+  quality_lines = report.quality_table(report.load_runs(str(tmp_path))).splitlines()
+  assert quality_lines[0].endswith("| judged FPR SE (n) | judged FPR WC (n) |")
+  assert len(quality_lines) == 2 + len(m["quality"]) == 2 + len(m["judge_by_budget"])
+  last = m["judge_by_budget"][-1]["wc"]
+  assert quality_lines[-1].endswith(f"({last['n']}) |") and last["agreement"] == 1.0
 
 
 @pytest.mark.parametrize("scale", ("smoke", "cpu", "gpu", "paper"))
@@ -208,12 +213,15 @@ def test_every_scale_and_setup_validates(scale):
 
 
 def test_judged_false_positive_rate_equals_the_checkers_on_compact_igsm(tmp_path):
-  """The false-positive rate as an LLM judge sees it, over HTTP: a stub endpoint that judges with the exact iGSM
-  checker gives the checker's rate on the judged candidates (agreement 1), on all of them or a random subset;
-  the judged candidates are written beside the metrics; no base_url, no judge."""
+  """The false-positive rate as an LLM judge sees it, over HTTP, at every budget: a stub endpoint that judges
+  with the exact iGSM checker gives the checker's rate on the judged candidates (agreement 1), on all of them or
+  a random subset; the subsets are nested across the budgets (a larger budget's draw holds what a smaller one
+  judged while it has room), so the budgets ask little more than the largest; the judged candidates are written
+  beside the metrics; no base_url, no judge."""
   from experiments import compute_matched
   from lwjax import jobs
   from lwjax.config import ConfigError
+  from lwjax.projects.compute_matched import judged as judged_lib
   from tests.test_judge import StubEndpoint, checker_answer
   config = compute_matched.get_config("scale=smoke")
   config.candidates.dir = str(tmp_path / "candidates")
@@ -221,8 +229,8 @@ def test_judged_false_positive_rate_equals_the_checkers_on_compact_igsm(tmp_path
   records = task.records(6, seed=0, split="train")
   rng = np.random.default_rng(0)
   sets = {source: _plant(task, records, 4, rng) for source in job.SOURCES}
-  row = {"budget": {"se": 2, "wc": 4}}
-  assert job.judged_false_positive_rates(config, task, sets, row, str(tmp_path / "off")) is None
+  rows = [{"budget": {"se": 1, "wc": 2}}, {"budget": {"se": 2, "wc": 4}}]
+  assert judged_lib.false_positive_rates(config, task, sets, rows, str(tmp_path / "off")) is None
   unnamed = compute_matched.get_config("scale=smoke")
   unnamed.judge.base_url = "http://127.0.0.1:1/v1"
   with pytest.raises(ConfigError, match="^judge.model"):
@@ -231,22 +239,30 @@ def test_judged_false_positive_rate_equals_the_checkers_on_compact_igsm(tmp_path
     jobs.get(compute_matched.get_config("scale=smoke,fewshot=4"))
   with StubEndpoint(checker_answer(records)) as stub:
     config.judge.update(base_url=stub.base_url, model="checker", max_candidates=1000)
-    judged = job.judged_false_positive_rates(config, task, sets, row, str(tmp_path / "all"))
-    for source in job.SOURCES:
-      k = row["budget"][source]
-      assert judged[source]["judged"] == judged[source]["kept"] == len(quality.answer_filtered(sets[source], k))
-      assert judged[source]["false_positive_rate"] == pytest.approx(quality.false_positive_rate(sets[source], k))
-      assert judged[source]["agreement"] == 1.0 and judged[source]["unparsed"] == 0
-    assert 0 < judged["wc"]["false_positive_rate"] < 1
-    asked = stub.requests
+    judged = judged_lib.false_positive_rates(config, task, sets, rows, str(tmp_path / "all"))
+    for row, result in zip(rows, judged, strict=True):
+      assert result["budget"] == row["budget"]
+      for source in job.SOURCES:
+        k, r = row["budget"][source], result[source]
+        assert r["judged"] == r["kept"] == len(quality.answer_filtered(sets[source], k))
+        assert r["false_positive_rate"] == pytest.approx(quality.false_positive_rate(sets[source], k))
+        assert r["agreement"] == 1.0 and r["unparsed"] == 0 and r["samples_per_problem"] == k
+    assert 0 < judged[-1]["wc"]["false_positive_rate"] < 1
+    largest = len({(record["question"], c["text"]) for source in job.SOURCES  # identical prompts asked once
+                   for record, c in quality.answer_filtered(sets[source], rows[-1]["budget"][source])})
+    assert stub.requests == largest  # the smaller budget's candidates are among the larger's: asked once
     config.judge.max_candidates = 3
-    subset = job.judged_false_positive_rates(config, task, sets, row, str(tmp_path / "three"))
-    assert stub.requests == asked  # every answer cached under candidates.dir
+    subset = judged_lib.false_positive_rates(config, task, sets, rows, str(tmp_path / "three"))
+    assert stub.requests == largest  # every answer cached under candidates.dir
   lines = [json.loads(line) for line in (tmp_path / "three" / "judged.jsonl").read_text().splitlines()]
-  assert [line["source"] for line in lines] == ["wc"] * 3 + ["se"] * 3
+  assert {line["source"] for line in lines} == {"wc", "se"}
   for source in job.SOURCES:
-    picked = [sets[source][line["problem"]]["candidates"][line["candidate"]] for line in lines
-              if line["source"] == source]
-    assert all(c["answer_correct"] for c in picked) and subset[source]["n"] == 3
-    assert subset[source]["false_positive_rate"] == pytest.approx(np.mean([not c["correct"] for c in picked]))
-    assert [line["verdict"] for line in lines if line["source"] == source] == [c["correct"] for c in picked]
+    mine = [line for line in lines if line["source"] == source]
+    for row, result in zip(rows, subset, strict=True):
+      k = row["budget"][source]
+      at_k = [line for line in mine if k in line["budgets"]]
+      picked = [sets[source][line["problem"]]["candidates"][line["candidate"]] for line in at_k]
+      assert len(at_k) == result[source]["n"] == 3 and all(c["answer_correct"] for c in picked)
+      assert all(line["candidate"] < k for line in at_k)
+      assert result[source]["false_positive_rate"] == pytest.approx(np.mean([not c["correct"] for c in picked]))
+      assert [line["verdict"] for line in at_k] == [c["correct"] for c in picked]
