@@ -58,7 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.setup = args["setup"]
   config.models = ml_collections.ConfigDict({
       "wc": wc, "se": args["se"] or f"runs/igsm_solver_{scale}/strong", "student": args["student"] or wc,
-      "student_step": int(args["student_step"] or (1600 if scale == "cpu" else 0))})
+      "student_step": int(args["student_step"] or (1600 if scale == "cpu" else 0)),
+      "finetuned_preset": ""})  # compile only: the finetuned model's shape when its checkpoint is not here
   config.task = ml_collections.ConfigDict({"name": args["task"], "preset": "small", "train_ops": "1,2,3",
                                            "hard_ops": "4,5", "path": args["path"], "fewshot": int(args["fewshot"])})
   config.candidates = ml_collections.ConfigDict({
@@ -91,6 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.update(steps=2000, global_batch_size=64, log_every=100, checkpoint_every=500)
     if args["task"] in DATASET_TRAIN_ROWS:  # the whole published training split, less the few-shot exemplars
       config.candidates.num_train = DATASET_TRAIN_ROWS[args["task"]] - int(args["fewshot"])
+      # Natural-language solutions through a pretrained tokenizer: MATH's run to several hundred tokens.
+      config.candidates.max_new_tokens = 512
+      config.eval.max_new_tokens = 512
+      config.data.seq_len = 1024
       if args["task"] == "gsm8k":  # its hard split (test problems of 5+ solution lines) is the smaller
         config.eval.num_hard = 250
   return config

@@ -67,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.job = "genrm"
   config.seed = int(args["seed"])
   config.base = args["base"] or default_base
+  config.base_preset = ""  # compile only: the base's shape when it is not on this machine (python -m lwjax.launch.compile)
   config.task = genrm_solver.task_config(task, args["path"])
   config.task.fewshot = int(args["fewshot"])
   config.candidates = ml_collections.ConfigDict({

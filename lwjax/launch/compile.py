@@ -14,7 +14,9 @@ per token for a GPT, its teacher GPT's for a hybrid, three forward passes for th
 `lm_pretrain` (the GPT's step), and those whose job module defines `aot_step(config, devices) -> AotStep`:
 `mamba_distill` (the hybrid's first distillation stage, KL + CE to the teacher, whose shape is read from its
 checkpoint or named by `--config.teacher.preset`) and `gamengen_diffusion` (the denoiser's step on latent
-windows; the latent grid from the autoencoder's checkpoint, else from `autoencoder.geometry`).
+windows; the latent grid from the autoencoder's checkpoint, else from `autoencoder.geometry`), `genrm` (the
+verifier's finetune, its shape from `--config.base_preset` or the config of `base`) and `compute_matched` (the
+setup's finetune, its shape from `--config.models.finetuned_preset` or the finetuned model's config).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from lwjax.launch import host_command, tpu_types
 
 # Per chip: dense bf16 FLOP/s and HBM bandwidth (bytes/s), from the Cloud TPU system-architecture pages.
 CHIP_PEAKS = {"v4": (275e12, 1228e9), "v5e": (197e12, 819e9), "v5p": (459e12, 2765e9), "v6e": (918e12, 1640e9)}
-JOBS = ("lm_pretrain", "mamba_distill", "gamengen_diffusion")
+JOBS = ("lm_pretrain", "mamba_distill", "gamengen_diffusion", "genrm", "compute_matched")
 PROG = "compile"
 
 

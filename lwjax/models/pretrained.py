@@ -111,6 +111,27 @@ def run_model_dir(path: str) -> str:
   return merged
 
 
+def shape_for_compile(path: str, preset: str, field: str, preset_field: str,
+                      fields: tuple[str, ...] = TRAINING_FIELDS, section=None) -> GPTConfig:
+  """The shape of the model at `path` for an ahead-of-time compile (`lwjax.launch.compile`), where the weights
+  need not be on this machine: the preset `preset` when one is named (a shape of `lwjax.models.presets`), else
+  the config.json of a Hugging Face directory or the saved config of an lwjax run at `path` (no weights read);
+  `section`'s `fields` (dtype, remat, ...) applied. Errors are ConfigErrors naming `preset_field` or `field`."""
+  from lwjax.models import presets
+  runtime = {k: section[k] for k in fields if section is not None and k in section}
+  if preset:
+    if preset not in presets.PRESETS:
+      raise ConfigError(preset_field, f"unknown shape {preset!r}", ", ".join(presets.PRESETS))
+    return GPTConfig.from_dict({**presets.PRESETS[preset].to_dict(), **runtime})
+  if not (is_hf_directory(path) or os.path.isdir(os.path.join(path, CHECKPOINTS_DIR))):
+    raise ConfigError(preset_field, f"empty, and {field}={path!r} holds no model config to read the shape from",
+                      f"a shape such as gemma2_9b, or a Hugging Face directory or trained workdir in {field}")
+  try:
+    return model_config({"pretrained": path, **runtime}, fields)
+  except (PretrainedError, hf_checkpoint.CheckpointError) as e:
+    raise ConfigError(field, str(e), "a Hugging Face checkpoint directory or an lwjax workdir") from None
+
+
 def checked_model_config(model_section, fields: tuple[str, ...] = RUNTIME_FIELDS,
                          field: str = "model.pretrained") -> GPTConfig:
   """`model_config` after `check` (the checkpoint's config, shards, tensor shapes and tokenizer, before any heavy

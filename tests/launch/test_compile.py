@@ -44,9 +44,31 @@ def test_hybrid_distillation_step_compiles_for_tpu_with_the_teacher_shape_by_nam
 
 
 def test_unsupported_job_is_refused():
-  config = importlib.import_module("experiments.genrm").get_config("scale=smoke")
-  with pytest.raises(ConfigError, match="^job: 'genrm' has no compile report yet"):
+  config = importlib.import_module("experiments.wim").get_config("scale=smoke")
+  with pytest.raises(ConfigError, match="^job: 'wim' has no compile report yet"):
     compile_lib.compile_train_step(config, tpu_types.parse("v5e", "2x2"))
+
+
+@pytest.mark.skipif(not AVAILABLE, reason=f"libtpu unavailable: {WHY}")
+def test_genrm_verifier_and_compute_matched_finetune_steps_compile_for_tpu_from_a_named_shape(tmp_path):
+  """The GenRM verifier's finetune (the disc head's fields in the batch) and compute-matched's finetune of the
+  model its setup names, their shapes named by preset (the checkpoints are not on the compiling machine)."""
+  gpt_tiny = importlib.import_module("configs.gpt").PRESETS["gpt_tiny"]
+  config = importlib.import_module("experiments.genrm").get_config(f"scale=smoke,verifier=disc,base={tmp_path}")
+  config.mesh.shape.update(data=2, fsdp=2, tensor=1)
+  with pytest.raises(ConfigError, match="^base_preset: empty"):
+    compile_lib.compile_train_step(config, tpu_types.parse("v5e", "2x2"))
+  config.base_preset = "gpt_tiny"
+  report = compile_lib.compile_train_step(config, tpu_types.parse("v5e", "2x2"))
+  assert report["parameters"] > gpt_tiny.num_params() and report["fits"] and "disc verifier" in report["batch"]
+  config = importlib.import_module("experiments.compute_matched").get_config(f"scale=smoke,setup=w2s,se={tmp_path}")
+  config.mesh.shape.update(data=2, fsdp=2, tensor=1)
+  config.models.finetuned_preset = "nonesuch"
+  with pytest.raises(ConfigError, match="^models.finetuned_preset: unknown shape"):
+    compile_lib.compile_train_step(config, tpu_types.parse("v5e", "2x2"))
+  config.models.finetuned_preset = "gpt_tiny"
+  report = compile_lib.compile_train_step(config, tpu_types.parse("v5e", "2x2"))
+  assert report["parameters"] == gpt_tiny.num_params() and report["fits"] and "se finetuned" in report["batch"]
 
 
 @pytest.mark.skipif(not AVAILABLE, reason=f"libtpu unavailable: {WHY}")

@@ -63,7 +63,9 @@ SCHEMA = {
     "models": {"wc": Field(str, doc="the weaker-cheaper solver: a workdir or a Hugging Face checkpoint directory"),
                "se": Field(str, doc="the stronger-expensive solver: a workdir or a Hugging Face checkpoint directory"),
                "student": Field(str, doc="kd: the student, a workdir or a Hugging Face checkpoint directory"),
-               "student_step": Field(int, min=0, doc="kd: the student's checkpoint step (0: the latest)")},
+               "student_step": Field(int, min=0, doc="kd: the student's checkpoint step (0: the latest)"),
+               "finetuned_preset": Field(str, has_default=True, doc="compile only: the finetuned model's shape (e.g. "
+                                         "gemma2_27b) when its checkpoint is not on this machine")},
     "task": {"name": Field(str, choices=TASKS), "preset": Field(str), "train_ops": int_list(), "hard_ops": int_list(),
              "path": Field(str, doc="gsm8k, math: where the published files are (lwjax.data.math_sets)"),
              "fewshot": Field(int, min=0, has_default=True, doc="gsm8k, math: exemplars in the prompt (0: none)")},
@@ -250,6 +252,22 @@ def finetune(config, workdir: str, base: GPT, rows: list[dict]) -> GPT | None:
   if result["step"] < config.train.steps:
     return None
   return nnx.merge(trainer.graphdef, trainer.restore_params())
+
+
+def aot_step(config, devices):
+  """The finetune's train step for ahead-of-time compilation (`lwjax.launch.compile`): the model this setup
+  finetunes (`models.finetuned_preset`, or the config of its checkpoint), the LM loss on solution rows of
+  `data.seq_len`, on a mesh of `devices`. Returns a `compile.AotStep`."""
+  from lwjax.launch.compile import AotStep, token_batch
+  which = FINETUNED[config.setup]
+  cfg = pretrained.shape_for_compile(config.models[which], config.models.get("finetuned_preset", ""),
+                                     f"models.{which}", "models.finetuned_preset")
+  seq_len, batch = config.data.seq_len, config.train.global_batch_size
+  trainer = trainer_lib.Trainer(config, "/tmp/lwjax-compile-unused", model_fn=lambda rngs: GPT(cfg, rngs=rngs),
+                                loss_fn=losses.lm_loss, flops_per_token=cfg.flops_per_token(seq_len), seq_len=seq_len,
+                                mesh=mesh.make_mesh(config.mesh.shape, devices))
+  return AotStep(trainer, token_batch(batch, seq_len), cfg.flops_per_token(seq_len) * batch * seq_len,
+                 f"{batch} x {seq_len} tokens ({config.setup}: {which} finetuned)")
 
 
 def paired_difference(a: dict, b: dict) -> tuple[float, float]:

@@ -48,6 +48,8 @@ RATIONALE_SOURCES = ("checker", "api")
 SCHEMA = {
     "job": Field(str), "seed": Field(int),
     "base": Field(str, doc="the solver: its workdir (checkpoints/) or a Hugging Face checkpoint directory"),
+    "base_preset": Field(str, has_default=True, doc="compile only: the base's shape (e.g. gemma2_9b) when `base` is "
+                         "not on this machine"),
     "task": {"name": Field(str, choices=reasoning_tasks.TASK_NAMES), "preset": Field(str),
              "train_ops": int_list(), "hard_ops": int_list(),
              "train_words": int_list(), "hard_words": int_list(),
@@ -196,6 +198,33 @@ def train_verifier(config, workdir: str, task, base_model: GPT, problems: list[d
   if result["step"] < config.train.steps:
     return None, result
   return nnx.merge(trainer.graphdef, trainer.restore_params()), result
+
+
+def aot_step(config, devices):
+  """The verifier's train step for ahead-of-time compilation (`lwjax.launch.compile`): the base's shape (from
+  `base_preset`, or the config of `base`), `disc` with its reward head and BCE, the generative kinds the LM loss
+  on their rows, LoRA when `train.lora` asks, at `data.seq_len` on a mesh of `devices`. Returns a
+  `compile.AotStep`."""
+  import jax.numpy as jnp
+
+  from lwjax.launch.compile import AotStep, token_batch
+  cfg = pretrained.shape_for_compile(config.base, config.get("base_preset", ""), "base", "base_preset")
+  if config.verifier.kind == "disc":
+    def model_fn(rngs):
+      return verifiers.RewardModel(GPT(cfg, rngs=rngs), rngs=rngs)
+    loss_fn = verifiers.disc_loss
+  else:
+    def model_fn(rngs):
+      return GPT(cfg, rngs=rngs)
+    loss_fn = losses.lm_loss
+  seq_len, batch = config.data.seq_len, config.train.global_batch_size
+  trainer = trainer_lib.Trainer(config, "/tmp/lwjax-compile-unused", model_fn=model_fn, loss_fn=loss_fn,
+                                flops_per_token=cfg.flops_per_token(seq_len), seq_len=seq_len,
+                                mesh=mesh.make_mesh(config.mesh.shape, devices))
+  rows = {**token_batch(batch, seq_len), "last": ((batch,), jnp.int32), "label": ((batch,), jnp.float32),
+          "weight": ((batch,), jnp.float32)}  # every verifier row carries the head's fields (data.verification_row)
+  return AotStep(trainer, rows, cfg.flops_per_token(seq_len) * batch * seq_len,
+                 f"{batch} x {seq_len} tokens ({config.verifier.kind} verifier)")
 
 
 def _fit(sequences: list[list[int]]) -> int:
