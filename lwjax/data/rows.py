@@ -28,6 +28,19 @@ def lm_row(prompt_ids: list[int], target_ids: list[int], seq_len: int, weight: f
   return row
 
 
+def masked_row(tokens: list[int], weights: list[float], seq_len: int) -> dict:
+  """One row of `tokens` cut to seq_len + 1, the loss on token j weighted `weights[j]` (the first token is never
+  predicted); fields as `lm_row`'s."""
+  tokens, weights = list(tokens)[:seq_len + 1], list(weights)[:seq_len + 1]
+  n = len(tokens) - 1
+  row = {"inputs": np.zeros(seq_len, np.int32), "targets": np.zeros(seq_len, np.int32),
+         "loss_mask": np.zeros(seq_len, np.float32)}
+  row["inputs"][:n], row["targets"][:n], row["loss_mask"][:n] = tokens[:-1], tokens[1:], weights[1:]
+  row["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
+  row["positions"] = np.where(row["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
+  return row
+
+
 def stack(rows: list[dict]) -> dict:
   """Rows -> one dict of [n, ...] arrays."""
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
