@@ -1,24 +1,30 @@
 """LRP4RAG (arXiv 2408.15533): detecting RAG hallucinations from AttnLRP relevance, on a generated RAG task with
 exact labels (lwjax/projects/lrp4rag/task.py: passages of symbolic facts, a question, answers from the passage or
-from the parametric knowledge). Trains the generator (or reuses one), labels its greedy answers on held-out
-prompts, and cross-validates SVM / random forest / MLP / LSTM detectors on the resampled relevance vectors and on
-the baselines (uncertainty, attention, gradient x input, self-consistency).
+from the parametric knowledge), or on RAGTruth's published responses. Trains the generator (or reuses one), labels
+its greedy answers on held-out prompts, and cross-validates SVM / random forest / MLP / LSTM detectors on the
+resampled relevance vectors and on the baselines (uncertainty, attention, gradient x input, self-consistency).
 
   python main.py --config experiments/lrp4rag.py:scale=smoke --workdir runs/lrp4rag_smoke    # seconds
   python main.py --config experiments/lrp4rag.py:scale=cpu --workdir runs/lrp4rag_cpu        # ~30 min, 2 cores
   python main.py --config experiments/lrp4rag.py:scale=cpu,seed=1,base=runs/lrp4rag_cpu --workdir runs/lrp4rag_cpu_s1
-  python main.py --config experiments/lrp4rag.py:scale=gpu --workdir runs/lrp4rag_gpu        # one GPU
-  python main.py --workdir runs/lrp4rag_paper --config \
-      experiments/lrp4rag.py:scale=paper,pretrained=/models/Llama-2-7b-chat-hf
+  python main.py --config experiments/lrp4rag.py:scale=gpu,data=generated --workdir runs/lrp4rag_gpu  # one GPU
+  python main.py --workdir runs/lrp4rag_paper_generated --config \
+      experiments/lrp4rag.py:scale=paper,data=generated,pretrained=/models/Llama-2-7b-chat-hf
+  # the paper's setting: RAGTruth's QA responses of Llama-2-7b-chat, explained by that model
+  python main.py --workdir runs/lrp4rag_ragtruth --config \
+      experiments/lrp4rag.py:scale=paper,path=/data/RAGTruth/dataset,pretrained=/models/Llama-2-7b-chat-hf
 
-Arguments: `scale` smoke|cpu|gpu|paper; `seed` (training data and held-out prompts; the world is
-task.world_seed's); `base` the workdir of a finished lrp4rag run whose generator is reused (no training; its
-task world must match); `pretrained` (`model.pretrained`, required at the paper scale, taken at any): a Hugging
-Face checkpoint directory with its tokenizer (a family whose options AttnLRP implements: Llama 2/3, Mistral
-without a window), nothing downloaded, read as it is: the paper's Llama-2-7b-chat answers the text-template
+Arguments: `scale` smoke|cpu|gpu|paper; `data` generated (default at smoke/cpu) | ragtruth (default at gpu/paper);
+`path` (`data.path`) RAGTruth's dataset directory (source_info.jsonl, response.jsonl; `--config.data.task_types=
+QA,Data2txt,Summary`, `--config.data.models=` (empty: every model), `--config.data.splits=test` select the
+responses); `seed` (training data and held-out prompts; the world is task.world_seed's); `base` the workdir of a
+finished lrp4rag run whose generator is reused (no training; its task world must match); `pretrained`
+(`model.pretrained`, required on RAGTruth and at the paper scale, taken at any): a Hugging Face checkpoint
+directory with its tokenizer (a family whose options AttnLRP implements: Llama 2/3, Mistral without a window),
+nothing downloaded, read as it is. On the generated task the paper's Llama-2-7b-chat answers the text-template
 prompts untrained (it has no parametric knowledge of the world, so its hallucinations are answers to
-absent/unknown prompts and passages it ignores).
-Results: <workdir>/metrics.json, relevance_faithful.png, relevance_hallucinated.png.
+absent/unknown prompts and passages it ignores); on RAGTruth it explains the given responses.
+Results: <workdir>/metrics.json (and relevance_faithful.png, relevance_hallucinated.png on the generated task).
 """
 
 import ml_collections
@@ -30,8 +36,10 @@ SCALES = ("smoke", "cpu", "gpu", "paper")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, choices={"scale": SCALES}, scale="cpu", seed="0", base="", pretrained="")
+  args = common.parse_arg(arg, choices={"scale": SCALES, "data": ("", "generated", "ragtruth")}, scale="cpu", seed="0",
+                          base="", pretrained="", data="", path="")
   scale = args["scale"]
+  data = args["data"] or ("generated" if scale in ("smoke", "cpu") else "ragtruth")
   config = ml_collections.ConfigDict()
   config.job = "lrp4rag"
   config.seed = int(args["seed"])
@@ -43,6 +51,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                              "hidden": 32, "steps": 300, "learning_rate": 1e-2})
   config.mesh = mesh.get()
   config.distributed = common.distributed()
+  if data == "ragtruth":  # RAGTruth's responses, explained by a pretrained model read as it is
+    config.model = gpt.get("gpt_tiny", pretrained=args["pretrained"],
+                           dtype="bfloat16" if scale in ("gpu", "paper") else "float32")
+    # The paper: the QA responses of Llama-2-7b-chat, 5-fold CV, relevance vectors of 220 points.
+    config.data = ml_collections.ConfigDict({"set": "ragtruth", "path": args["path"], "splits": "train,test",
+                                             "task_types": "QA", "models": "llama-2-7b-chat"})
+    config.eval.update(num=2000, signal_batch=8, relevance_chunk=4)
+    if scale == "smoke":
+      config.eval.update(num=8, signal_batch=4)
+      config.detect.update(feature_length=16, rf_trees=10, hidden=4, steps=20, folds=2)
+    return config
   if scale == "paper" or args["pretrained"]:  # a pretrained model answers the text prompts untrained: its shape
     # comes from its checkpoint, and there are no data/train/optim groups
     config.model = gpt.get("gpt_tiny", pretrained=args["pretrained"],

@@ -53,7 +53,8 @@ def test_bad_config_file_or_argument_exits_2(config, why, tmp_path):
 NEED_A_RUN = {"gamengen_eval": "diffusion_workdir", "gamengen_play": "diffusion_workdir",
               "mamba_distill": "teacher.workdir"}
 # Scales that explain downloaded checkpoints need their paths (nothing is downloaded here).
-NEED_FILES = {("lrp4rag", "paper"): "model.pretrained"}
+NEED_FILES = {("lrp4rag", "gpu"): "model.pretrained", ("lrp4rag", "paper"): "model.pretrained",
+              ("wim", "gpu"): "model.pretrained", ("wim", "paper"): "model.pretrained"}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -24,20 +24,24 @@ CLASSIFIERS = {"lrp": ("svm", "rf", "mlp", "lstm"), "attention": ("svm", "rf", "
 
 
 def features(signals: list[dict], agreement, length: int) -> dict[str, np.ndarray]:
-  """{feature set: [n, ...]} from `signals.extract`'s rows and the self-consistency agreement [n]."""
+  """{feature set: [n, ...]} from `signals.extract`'s rows and the self-consistency agreement [n] (None: no
+  self-consistency set, as for responses the generator did not write)."""
   def vectors(name, reduce=lambda v: v):
     return np.stack([resample(reduce(s[name]), length) for s in signals])
-  return {"lrp": vectors("relevance", lambda m: m.mean(axis=0)), "attention": vectors("attention"),
-          "gradient_x_input": vectors("gradient_x_input"),
-          "uncertainty": np.asarray([[s["logprob"], s["entropy"]] for s in signals], np.float32),
-          "self_consistency": np.asarray(agreement, np.float32)[:, None]}
+  out = {"lrp": vectors("relevance", lambda m: m.mean(axis=0)), "attention": vectors("attention"),
+         "gradient_x_input": vectors("gradient_x_input"),
+         "uncertainty": np.asarray([[s["logprob"], s["entropy"]] for s in signals], np.float32)}
+  if agreement is not None:
+    out["self_consistency"] = np.asarray(agreement, np.float32)[:, None]
+  return out
 
 
 def evaluate(feature_sets: dict[str, np.ndarray], labels, groups, cfg: classifiers.DetectConfig, *,
              seed: int) -> dict:
-  """Cross-validated scores of every (feature set, classifier) on shared folds: {"folds": k, "detectors":
-  {"<features>/<classifier>": {metric: {"mean", "std", "folds"}, "accuracy_by_group": {group: accuracy}}}}, or
-  {"skipped": why} when a class has fewer than 2 examples. `groups` [n] names each example's prompt kind."""
+  """Cross-validated scores of every (feature set in `feature_sets`, classifier) on shared folds: {"folds": k,
+  "detectors": {"<features>/<classifier>": {metric: {"mean", "std", "folds"}, "accuracy_by_group": {group:
+  accuracy}}}}, or {"skipped": why} when a class has fewer than 2 examples. `groups` [n] names each example's
+  group (prompt kind, or task type)."""
   labels, groups = np.asarray(labels, np.int64), np.asarray(groups)
   smaller = int(min(labels.sum(), len(labels) - labels.sum()))
   if smaller < 2:
@@ -48,7 +52,7 @@ def evaluate(feature_sets: dict[str, np.ndarray], labels, groups, cfg: classifie
   if num_folds < cfg.folds:
     logging.warning("%d folds instead of %d: the smaller class has %d examples", num_folds, cfg.folds, smaller)
   folds = classifiers.stratified_folds(labels, num_folds, seed)
-  jobs = [(f, c) for f, names in CLASSIFIERS.items() for c in names]
+  jobs = [(f, c) for f, names in CLASSIFIERS.items() if f in feature_sets for c in names]
   results = {}
   for feature_name, name in tqdm(jobs, desc=f"detectors ({num_folds}-fold CV)", unit="detector"):
     def make(name=name):

@@ -15,6 +15,9 @@
 (`conservation`), per-detector accuracy / precision / recall / F1 (hallucinated = positive) as mean and std over
 folds, accuracy per prompt kind; `relevance_faithful.png` and `relevance_hallucinated.png`: one relevance matrix
 of each class, prompt tokens labelled.
+
+With `data.set=ragtruth` the same signals and detectors run on RAGTruth's published responses, explained by the
+pretrained model (`published`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from lwjax.data import rows as rows_lib, tokenizer as tokenizer_lib
 from lwjax.launch import distributed
 from lwjax.models import pretrained
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
-from lwjax.projects.lrp4rag import classifiers, detectors, signals
+from lwjax.projects.lrp4rag import classifiers, detectors, published, signals
 from lwjax.projects.lrp4rag.task import SCHEMA as TASK_SCHEMA, RagTask, TaskConfig, check as check_task
 from lwjax.relevance import attnlrp
 from lwjax.serving import batch_sampler
@@ -47,14 +50,22 @@ SAMPLE_SEED = 2_000_003
 WORLD_KEYS = ("entities", "attributes", "values", "unknown_fraction", "popular_fraction", "world_seed")
 TRAINING_GROUPS = ("model", "data", "train", "optim")
 TAKES_PRETRAINED = True
-CONSERVATION_EXAMPLES = 64  # held-out answers whose first token's logit is explained layer by layer
 
 SCHEMA = {
     "job": Field(str), "seed": Field(int),
     "base": Field(str, doc="workdir of a trained lrp4rag run to reuse; '' trains in the workdir"),
     "task": TASK_SCHEMA,
     "model": DefaultedGroup(MODEL_SCHEMA),
-    "data": DefaultedGroup({"seq_len": Field(int, min=8), "num_train": positive_int("training prompts (repeated)")}),
+    # The generated task's training rows (seq_len, num_train), or RAGTruth's files and selection (set=ragtruth).
+    "data": DefaultedGroup({
+        "set": Field(str, choices=published.SETS, has_default=True, doc="generated (default) or ragtruth"),
+        "seq_len": Field(int, min=8, has_default=True),
+        "num_train": Field(int, min=1, has_default=True, doc="training prompts (repeated)"),
+        "path": Field(str, has_default=True, doc="RAGTruth's directory (source_info.jsonl, response.jsonl)"),
+        "splits": Field(str, has_default=True, doc="RAGTruth splits, comma-separated: train,test"),
+        "task_types": Field(str, has_default=True, doc="RAGTruth task types, comma-separated: QA,Data2txt,Summary"),
+        "models": Field(str, has_default=True, doc="RAGTruth models whose responses are read, comma-separated; "
+                        "empty: all")}),
     "train": DefaultedGroup(trainer_lib.SCHEMA), "optim": DefaultedGroup(optim.SCHEMA),
     "eval": {"num": positive_int("held-out prompts"), "batch_prompts": positive_int(),
              "max_new_tokens": positive_int(), "samples": positive_int("K answers at temperature 1"),
@@ -77,7 +88,10 @@ def validate(config) -> None:
   if "model" not in config:
     raise ConfigError("model", "missing", "a group: a GPT's shape to train, or model.pretrained, e.g. "
                       "experiments/lrp4rag.py:scale=paper,pretrained=/models/Llama-2-7b-chat-hf")
-  if config.model.pretrained:
+  if published.data_set(config) == "ragtruth":
+    published.validate(config)
+    _validate_pretrained(config)
+  elif config.model.pretrained:
     _validate_pretrained(config)
   else:
     _validate_gpt(config, task_cfg)
@@ -95,7 +109,7 @@ def _validate_pretrained(config) -> None:
   if config.base:
     raise ConfigError("base", "cannot be combined with model.pretrained", "''")
   for group in TRAINING_GROUPS[1:]:
-    if group in config:
+    if group in config and not (group == "data" and published.data_set(config) == "ragtruth"):
       raise ConfigError(group, "unused with model.pretrained (the generator is read as it is, not trained)",
                         "absent: experiments/lrp4rag.py's pretrained= argument leaves it out")
 
@@ -104,8 +118,11 @@ def _validate_gpt(config, task_cfg: TaskConfig) -> None:
   missing = [group for group in TRAINING_GROUPS if group not in config]
   if missing:
     raise ConfigError("model.pretrained", f"empty, and no {'/'.join(missing)} group to train a generator with",
-                      "a pretrained generator, e.g. experiments/lrp4rag.py:scale=paper,"
+                      "a pretrained generator, e.g. experiments/lrp4rag.py:scale=paper,data=generated,"
                       "pretrained=/models/Llama-2-7b-chat-hf, or a scale that trains one")
+  for key in ("seq_len", "num_train"):
+    if key not in config.data:
+      raise ConfigError(f"data.{key}", "missing: the generator is trained on the generated task", "an int")
   if task_cfg.template != "symbolic":
     raise ConfigError("task.template", "the text template needs a pretrained model's tokenizer (model.pretrained)",
                       "'symbolic'")
@@ -216,50 +233,6 @@ def behaviour(task: RagTask, prompts, answers: list[str], labels) -> dict:
           "hallucination_rate": num / len(labels), "by_group": by_group}
 
 
-_conservation_report = nnx.jit(attnlrp.conservation_report)
-
-
-def conservation(model, prompt_ids, answer_ids, *, batch: int) -> dict:
-  """AttnLRP's conservation (`attnlrp.conservation_report`) measured on the generator: the logit of the first
-  answer token of the first CONSERVATION_EXAMPLES held-out answers, explained from the prompt; medians over the
-  examples (per layer for the layer errors), logged."""
-  rows = list(range(min(CONSERVATION_EXAMPLES, len(prompt_ids))))
-  length = max(len(prompt_ids[i]) + len(answer_ids[i]) for i in rows)
-  # Right padding leaves everything up to the explained position unchanged (causal attention; it gets exactly 0
-  # relevance): one shape, one compilation. The last chunk is padded with copies of its first row.
-  tokens = np.zeros((len(rows), length), np.int32)
-  for i in rows:
-    seq = prompt_ids[i] + answer_ids[i]
-    tokens[i, :len(seq)] = seq
-  position = np.asarray([len(prompt_ids[i]) - 1 for i in rows], np.int32)
-  target = np.asarray([answer_ids[i][0] for i in rows], np.int32)
-  size, parts = min(batch, len(rows)), []
-  for start in range(0, len(rows), size):
-    chunk = list(range(start, min(start + size, len(rows))))
-    padded = chunk + [chunk[0]] * (size - len(chunk))
-    out = _conservation_report(model, tokens[padded], position[padded], target[padded])
-    parts.append({k: np.asarray(v)[:len(chunk)] for k, v in out.items()})
-  r = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  result = {
-      "n": len(rows), "total_error_median": float(np.median(r["total_error"])),
-      "total_error_mean": float(np.mean(r["total_error"])),
-      "input_sum_over_logit_median": float(np.median(r["layer_sums"][:, 0] / r["logit"])),
-      "softmax_absorbed_share_median": float(np.median(r["softmax_absorbed"].sum(axis=1) / r["logit"])),
-      "head_error_median": float(np.median(r["head_error"])),
-      "rule_error_median": np.median(r["rule_error"], axis=0).tolist(),
-      "layer_error_median": np.median(r["layer_error"], axis=0).tolist(),
-      "logit_median": float(np.median(r["logit"])),
-  }
-  logging.info("conservation on the generator (first answer token of %d held-out answers, medians): sum of the "
-               "input relevance / logit %.3f (the softmax rule absorbs %.3f of the logit), total error %.3g (mean "
-               "%.3g), per-layer rule error %s, per-layer error %s, head error %.2g", result["n"],
-               result["input_sum_over_logit_median"], result["softmax_absorbed_share_median"],
-               result["total_error_median"], result["total_error_mean"],
-               " ".join(f"{x:.1e}" for x in result["rule_error_median"]),
-               " ".join(f"{x:.3f}" for x in result["layer_error_median"]), result["head_error_median"])
-  return result
-
-
 def write_heatmaps(workdir: str, task: RagTask, prompts, prompt_ids, answer_ids, answers, labels, rows) -> dict:
   """relevance_faithful.png / relevance_hallucinated.png: a conflict prompt of each class when there is one."""
   tok, written = task.tokenizer, {}
@@ -283,6 +256,8 @@ def write_heatmaps(workdir: str, task: RagTask, prompts, prompt_ids, answer_ids,
 
 
 def run(config, workdir: str) -> dict:
+  if published.data_set(config) == "ragtruth":
+    return published.run(config, workdir)
   task_cfg = TaskConfig.from_dict(config.task)
   model, task, source = load_generator(config, workdir, task_cfg)
   if model is None:
@@ -300,7 +275,7 @@ def run(config, workdir: str) -> dict:
   agreement = [np.mean([task.answer_word(s) == task.answer_word(a) for s in row])
                for row, a in zip(samples, answers, strict=True)]
   answer_ids = [signals.answer_tokens(tok, a) for a in answers]
-  metrics["conservation"] = conservation(model, prompt_ids, answer_ids, batch=e.signal_batch)
+  metrics["conservation"] = signals.conservation(model, prompt_ids, answer_ids, batch=e.signal_batch)
   rows = signals.extract(model, prompt_ids, answer_ids, batch=e.signal_batch,
                          relevance_chunk=e.relevance_chunk or None)
   detect_cfg = classifiers.DetectConfig(**config.detect)

@@ -11,6 +11,9 @@ same model, same documents:
 Scores: exact match (retrieval, multi-hop) or F1 (aggregation), ± standard error over documents; compute per
 document (tokens prefilled and decoded); WiM's time to its first margin; how often WiM's margins equal the
 exact ones and its relevance calls are right. `<workdir>/metrics.json`, `accuracy_<task>.png`.
+
+With `data.set` a published set (HotpotQA, SQuAD v2, MultiHop-RAG, or RULER's CWE) nothing is trained: the
+pretrained reader reads it as it is with the paper's prompts (`published`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import functools
 import json
 import logging
 import os
-import time
 
 import jax
 import numpy as np
@@ -32,13 +34,13 @@ from lwjax.data.tokenizer import bos_prefix
 from lwjax.launch import distributed
 from lwjax.models import pretrained
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
-from lwjax.projects.wim import data as data_lib, prompts, tasks
-from lwjax.serving import wim
+from lwjax.projects.wim import data as data_lib, prompts, published, reading, tasks
 from lwjax.serving.engine import Engine
 from lwjax.serving.sampling import SamplingParams
 from lwjax.training import checkpoint, lora as lora_lib, losses, mesh, optim, trainer as trainer_lib
 
-METHODS = ("wim", "full", "retrieval")
+METHODS = reading.METHODS
+DATA_SETS = ("generated", *published.SETS)
 
 
 def _task_list(value: str) -> str | None:
@@ -52,7 +54,12 @@ SCHEMA = {
     "model": MODEL_SCHEMA,
     "task": {"names": Field(str, check=_task_list), "segment_words": positive_int("words per segment"),
              "train_segments": int_list("document lengths in training, in segments")},
-    "data": {"seq_len": Field(int, min=8), "num_docs": positive_int("training documents per task"),
+    "data": {"set": Field(str, choices=DATA_SETS, doc="the generated tasks (trains a reader), or a published set "
+                          "read by model.pretrained as it is"),
+             "path": Field(str, doc="the published set's file or directory (not for generated, cwe)"),
+             "split": Field(str, doc="the split's files in a data.path directory (`<split>-*.parquet`, ...)"),
+             "segment_tokens": positive_int("tokens per segment of a published set's documents (paper: ~4k)"),
+             "seq_len": Field(int, min=8), "num_docs": positive_int("training documents per task"),
              "copy_fraction": Field(float, min=0.0, max=0.9, doc="share of training rows that are copy rows")},
     "eval": {"segments": int_list("document lengths evaluated, in segments"),
              "num_docs": positive_int("documents per task and length"), "margin_tokens": positive_int(),
@@ -69,6 +76,9 @@ TAKES_PRETRAINED = True
 def validate(config) -> None:
   validate_schema(config, SCHEMA)
   cfg = pretrained.checked_model_config(config.model, pretrained.TRAINING_FIELDS)
+  if config.data.set != "generated":
+    published.validate(config, cfg.max_seq_len)
+    return
   if lora_lib.from_section(config.train.get("lora")) and not config.model.pretrained:
     raise ConfigError("train.lora.rank", "LoRA adapts a pretrained model; model.pretrained is empty",
                       "0 (train all weights), or set model.pretrained")
@@ -137,63 +147,27 @@ def read(config, model: GPT, docs: list[tasks.Record], engine: Engine | None = N
   tok = tok or tasks.WiMTokenizer()
   greedy = SamplingParams(temperature=0.0, max_tokens=config.eval.answer_tokens)
   engine = engine or _engine(config, model, tok)
-  start = time.perf_counter()
-  runs = [wim.WiMRequest(engine, [tok.encode(s) for s in d.segments], d.query, prompts.wim_prompts(tok),
-                         margin_params=SamplingParams(temperature=0.0, max_tokens=config.eval.margin_tokens),
-                         classify_params=SamplingParams(temperature=0.0, max_tokens=2), answer_params=greedy)
-          for d in docs]
-  # A document keeps its context's KV between its turns: start as many at once as half the pool holds (the
-  # rest is for the margins, the classifications and preemption), not all of them.
-  per_doc = max(sum(map(len, r.segments)) for r in runs) + config.eval.margin_tokens + 64
-  wave = max(1, config.engine.num_pages * config.engine.page_size // (2 * per_doc))
-  for first in range(0, len(runs), wave):
-    for run in runs[first:first + wave]:  # the document's context starts with bos, as in training
-      run.segments[0] = bos_prefix(tok) + run.segments[0]
-      run.start()
-    engine.run_until_done()
-  wim_seconds = time.perf_counter() - start
-  # Full context, and retrieval-only over the segments WiM kept, as ordinary requests in one batch.
-  full = [engine.add_request(bos_prefix(tok) + tasks.encode_segments(tok, d.segments)
-                             + prompts.answer_direct(tok, d.query), greedy) for d in docs]
-  chosen = [[s for s, m in zip(d.segments, run.margins, strict=True) if m.relevant] for d, run in
-            zip(docs, runs, strict=True)]
-  retrieval = [engine.add_request(bos_prefix(tok) + tasks.encode_segments(tok, c) + prompts.answer_direct(tok, d.query),
-                                  greedy) for c, d in zip(chosen, docs, strict=True)]
-  engine.run_until_done()
-  eos = tok.eos_id
-
-  def summary(scores, prefill, decode):
-    scores = np.asarray(scores, float)
-    return {"score": float(scores.mean()), "se": float(scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1
-            else 0.0, "prefill_tokens": float(np.mean(prefill)), "decode_tokens": float(np.mean(decode))}
-
-  answer_cost = [(len(prompts.answer_with_margins(tok, d.query, [tok.decode(m.tokens) for m in r.margins
-                                                                  if m.relevant])), len(r.answer or []) + 1)
-                 for d, r in zip(docs, runs, strict=True)]
-  out = {
-      "wim": summary([tasks.score(d.task, tok.decode(r.answer or []), d.answer) for d, r in zip(docs, runs,
-                                                                                               strict=True)],
-                     [r.stats.prefill_tokens for r in runs], [r.stats.decode_tokens for r in runs]),
-      "full": summary([tasks.score(d.task, tok.decode(_strip(q.output, eos)), d.answer) for d, q in zip(docs, full,
-                                                                                                        strict=True)],
-                      [len(q.prompt) for q in full], [len(q.output) for q in full]),
-      "retrieval": summary(
-          [tasks.score(d.task, tok.decode(_strip(q.output, eos)), d.answer) for d, q in zip(docs, retrieval,
-                                                                                            strict=True)],
-          [r.stats.prefill_tokens - a + len(q.prompt) for r, (a, _), q in zip(runs, answer_cost, retrieval,
-                                                                              strict=True)],
-          [r.stats.decode_tokens - o + len(q.output) for r, (_, o), q in zip(runs, answer_cost, retrieval,
-                                                                             strict=True)]),
-  }
+  readings = [reading.Reading(bos_prefix(tok), [tok.encode(s) for s in d.segments], d.query,
+                              prompts.answer_direct(tok, d.query)) for d in docs]
+  out = reading.read_three(engine, readings, prompts.wim_prompts(tok),
+                           margin_params=SamplingParams(temperature=0.0, max_tokens=config.eval.margin_tokens),
+                           classify_params=SamplingParams(temperature=0.0, max_tokens=2), answer_params=greedy,
+                           pool_tokens=config.engine.num_pages * config.engine.page_size,
+                           margin_tokens=config.eval.margin_tokens)
+  texts = {"wim": [tok.decode(a) for a in out.answers["wim"]]}
+  texts.update({m: [tok.decode(_strip(a, tok.eos_id)) for a in out.answers[m]] for m in ("full", "retrieval")})
+  result = {m: reading.summary([tasks.score(d.task, t, d.answer) for d, t in zip(docs, texts[m], strict=True)],
+                               out.prefill[m], out.decode[m]) for m in METHODS}
+  runs = out.runs
   margins = [(tok.decode(m.tokens), m.relevant, want, relevant) for d, r in zip(docs, runs, strict=True)
              for m, want, relevant in zip(r.margins, d.margins, d.relevant, strict=True)]
-  out["wim"].update(
+  result["wim"].update(
       margin_exact=float(np.mean([got == want for got, _, want, _ in margins])),
       relevance_accuracy=float(np.mean([rel == want for _, rel, _, want in margins])),
-      first_margin_seconds=float(np.mean([r.first_margin_seconds for r in runs])), seconds=wim_seconds,
+      first_margin_seconds=float(np.mean([r.first_margin_seconds for r in runs])), seconds=out.wim_seconds,
       example={"query": docs[0].query, "margins": [tok.decode(m.tokens) for m in runs[0].margins],
-               "answer": tok.decode(runs[0].answer or []), "expected": " ".join(docs[0].answer)})
-  return out
+               "answer": texts["wim"][0], "expected": " ".join(docs[0].answer)})
+  return result
 
 
 def _plot(workdir: str, task: str, lengths, results: dict, train_segments: str) -> None:
@@ -216,6 +190,8 @@ def reader_train_segments(config, base_config: dict | None) -> str:
 
 
 def run(config, workdir: str) -> dict:
+  if config.data.set != "generated":
+    return published.run(config, workdir)
   base_config = None
   if config.base:
     reader = pretrained.run_model_dir(config.base)  # a finished LoRA run: its merged model

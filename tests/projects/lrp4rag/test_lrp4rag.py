@@ -224,7 +224,7 @@ def test_extract_groups_by_shape_and_returns_rows_in_order(monkeypatch):
 
 @pytest.mark.parametrize("scale", ["smoke", "cpu", "gpu"])
 def test_every_trained_scale_validates(scale):
-  jobs.get(experiment.get_config(f"scale={scale}"))
+  jobs.get(experiment.get_config(f"scale={scale},data=generated"))
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -232,16 +232,17 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as info:
       jobs.get(config)
     return str(info.value)
-  assert error(experiment.get_config("scale=paper")).startswith("model.pretrained:")
-  assert error(experiment.get_config(f"scale=paper,pretrained={tmp_path}")).startswith("model.pretrained:")
+  paper = "scale=paper,data=generated"
+  assert error(experiment.get_config(paper)).startswith("model.pretrained:")
+  assert error(experiment.get_config(f"{paper},pretrained={tmp_path}")).startswith("model.pretrained:")
   hf = _hf_generator(tmp_path / "hf")
-  jobs.get(experiment.get_config(f"scale=paper,pretrained={hf}"))
+  jobs.get(experiment.get_config(f"{paper},pretrained={hf}"))
   os.remove(os.path.join(hf, "tokenizer.json"))
-  assert "no tokenizer" in error(experiment.get_config(f"scale=paper,pretrained={hf}"))
+  assert "no tokenizer" in error(experiment.get_config(f"{paper},pretrained={hf}"))
   qwen = _hf_generator(tmp_path / "qwen", qkv_bias=True)  # a Qwen2 checkpoint: q/k/v biases
-  message = error(experiment.get_config(f"scale=paper,pretrained={qwen}"))
+  message = error(experiment.get_config(f"{paper},pretrained={qwen}"))
   assert message.startswith("model.pretrained: AttnLRP does not implement") and "qkv_bias" in message
-  config = experiment.get_config(f"scale=paper,pretrained={qwen}")
+  config = experiment.get_config(f"{paper},pretrained={qwen}")
   config.train = experiment.get_config("scale=smoke").train
   assert error(config).startswith("model.pretrained:")  # the model is checked first
   config = experiment.get_config("scale=smoke")

@@ -44,12 +44,12 @@ def test_every_scale_validates_and_bad_configs_name_the_field(scale):
   from experiments import wim as wim_experiment
   from lwjax import jobs
   from lwjax.config import ConfigError
-  jobs.get(wim_experiment.get_config(f"scale={scale}"))
-  config = wim_experiment.get_config(f"scale={scale}")
+  jobs.get(wim_experiment.get_config(f"scale={scale},data=generated"))
+  config = wim_experiment.get_config(f"scale={scale},data=generated")
   config.task.names = "retrieval,summaries"
   with pytest.raises(ConfigError, match="^task.names:"):
     jobs.get(config)
-  config = wim_experiment.get_config(f"scale={scale}")
+  config = wim_experiment.get_config(f"scale={scale},data=generated")
   config.eval.segments = "64"
   with pytest.raises(ConfigError, match="^model.max_seq_len:"):
     jobs.get(config)
