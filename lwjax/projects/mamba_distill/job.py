@@ -2,18 +2,26 @@
 
 Job "mamba_distill". The teacher is a finished `lm_pretrain` run (`teacher.workdir`: its checkpoint, the
 run's config, its corpus and tokenizer), or a Hugging Face checkpoint of the paper's kind (Llama-3, Zephyr:
-Mistral) with its tokenizer, reading the documents of `data.train_files` / `data.eval_files`. Then, as the paper:
-1. Pseudo-labels: the teacher continues the first `distill.prompt_len` tokens of training documents
-   (temperature `distill.temperature`); these sequences are the stage-1 data (sequence-level distillation).
+Mistral) with its tokenizer. `data.source` picks the data: `documents`, the lm_pretrain teacher's corpus or, for a
+Hugging Face teacher, the text files `data.train_files` / `data.eval_files` (one document per line); or `chat`,
+the paper's sets through the teacher's chat template (`chat_data`): UltraChat (`data.sft_path`) and binarized
+UltraFeedback (`data.dpo_path`). Then, as the paper:
+1. Pseudo-labels: the teacher continues the first `distill.prompt_len` tokens of training documents, or answers
+   UltraChat prompts (temperature `distill.temperature`); these sequences are the stage-1 data
+   (sequence-level distillation).
 2. Progressive replacement: one stage per attention fraction in `hybrid.schedule` (e.g. 0.5, 0.25, 0.125,
    0.0): the layers that become Mamba at that stage are initialised from the teacher's attention at the same
    layer (V -> x, K -> B, Q -> C, O -> out; `hybrid.init=random` leaves them random: the paper's baseline),
    the rest continue from the previous stage. Loss: `kl_weight` x KL(teacher || hybrid) over the vocabulary
    at every position + `ce_weight` x cross-entropy on the teacher's tokens, MLPs frozen (`freeze_mlp`).
-3. Supervised finetuning of the last stage on the real documents (`sft.steps`, everything trainable).
+3. Supervised finetuning of the last stage on the real documents, or on UltraChat with the loss on the
+   assistant's turns (`sft.steps`, everything trainable).
+4. With chat data, DPO (`lwjax.training.dpo`) on UltraFeedback's train_prefs (`dpo.steps`, `dpo.beta`), against
+   the student as it starts DPO, frozen; its held-out reward accuracy and margin on test_prefs go to the metrics.
 Each stage is a core `Trainer` run in `<workdir>/<stage>/` (checkpoints, resume: a finished stage is skipped).
-At the end the teacher and every stage's hybrid are evaluated on the same held-out documents (next-token
-loss and accuracy, and agreement with the teacher's argmax) into `<workdir>/metrics.json`.
+At the end the teacher and every stage's hybrid are evaluated on the same held-out documents, or test_sft
+conversations on the assistant's tokens (next-token loss and accuracy, and agreement with the teacher's argmax)
+into `<workdir>/metrics.json`.
 """
 
 from __future__ import annotations
@@ -33,10 +41,12 @@ from lwjax.config import ConfigError, Field, positive_int, validate as validate_
 from lwjax.data import pipeline, rows as rows_lib, tokenizer as tokenizer_lib
 from lwjax.models import hf_checkpoint, mamba_hybrid as mh, pretrained
 from lwjax.models.gpt import GPT, GPTConfig
+from lwjax.projects.mamba_distill import chat_data, preference
 from lwjax.serving import batch_sampler
 from lwjax.training import checkpoint, mesh, optim, trainer as trainer_lib
 
 INITS = ("attention", "random")
+SOURCES = ("documents", "chat")
 SCHEMA = {
     "job": Field(str), "seed": Field(int),
     "teacher": {"workdir": Field(str, doc="a finished lm_pretrain run (python main.py --config "
@@ -51,20 +61,34 @@ SCHEMA = {
         "scan_impl": Field(str, choices=("auto", "pallas", "interpret", "reference")),
     },
     "data": {
-        "seq_len": Field(int, min=8, doc="tokens per row (one document per row, padded)"),
-        "num_train_docs": positive_int("training documents read (pseudo-label prompts and SFT rows)"),
-        "num_eval_docs": positive_int("held-out documents every model is evaluated on"),
+        "source": Field(str, choices=SOURCES, doc="documents: the teacher's corpus or data.train_files; chat: "
+                        "UltraChat and UltraFeedback through the teacher's chat template"),
+        "seq_len": Field(int, min=8, doc="tokens per row (one document or conversation per row, padded)"),
+        "num_train_docs": positive_int("training documents or conversations read (pseudo-label prompts and SFT "
+                                       "rows)"),
+        "num_eval_docs": positive_int("held-out documents or conversations every model is evaluated on"),
         "train_files": Field(str, doc="text files, one document per line, for a Hugging Face teacher (an "
                              "lm_pretrain teacher brings its own corpus)"),
         "eval_files": Field(str, doc="held-out text files, one document per line, for a Hugging Face teacher"),
+        "sft_path": Field(str, doc="chat: UltraChat (HuggingFaceH4/ultrachat_200k), a directory holding its "
+                          "train_sft and test_sft files (jsonl or parquet)"),
+        "dpo_path": Field(str, doc="chat: binarized UltraFeedback (HuggingFaceH4/ultrafeedback_binarized), a "
+                          "directory holding its train_prefs and test_prefs files"),
     },
     "distill": {
         "kl_weight": Field(float, min=0.0), "ce_weight": Field(float, min=0.0),
-        "freeze_mlp": Field(bool), "prompt_len": positive_int("document tokens the teacher continues"),
+        "freeze_mlp": Field(bool),
+        "prompt_len": positive_int("document tokens the teacher continues; chat: the longest prompt it answers"),
         "temperature": Field(float, min=0.0), "num_sequences": positive_int("teacher sequences sampled"),
         "steps": positive_int("training steps per stage"),
     },
     "sft": {"steps": Field(int, min=0, doc="finetuning steps on the real documents after the last stage")},
+    "dpo": {"steps": Field(int, min=0, doc="DPO steps after SFT (chat data; 0: no DPO stage)"),
+            "beta": Field(float, min=0.0, doc="DPO's beta: how far the policy may move from the reference"),
+            "learning_rate": Field(float, min=0.0, doc="peak learning rate of the DPO stage"),
+            "warmup_steps": Field(int, min=0, doc="warmup steps of the DPO stage's learning rate"),
+            "num_pairs": positive_int("train_prefs pairs read"),
+            "num_eval_pairs": positive_int("test_prefs pairs the DPO'd model is evaluated on")},
     "eval": {"batch_size": positive_int()},
     "train": trainer_lib.SCHEMA, "optim": optim.SCHEMA, "mesh": mesh.SCHEMA,
 }
@@ -116,20 +140,25 @@ def validate(config) -> None:
   if not fractions or any(not 0.0 <= f <= 1.0 for f in fractions) or fractions != sorted(fractions, reverse=True):
     raise ConfigError("hybrid.schedule", f"{config.hybrid.schedule!r} is not a decreasing list of fractions",
                       "e.g. '0.5,0.25,0.125,0' (attention kept per stage)")
-  teacher = config.teacher.workdir
+  teacher, chat = config.teacher.workdir, config.data.source == "chat"
   if pretrained.is_hf_directory(teacher):
     try:
       _check_teacher(hf_checkpoint.config_from_dir(teacher))
       pretrained.check(teacher)
     except (pretrained.PretrainedError, hf_checkpoint.CheckpointError) as e:
       raise ConfigError("teacher.workdir", str(e), "a Hugging Face checkpoint directory with its tokenizer") from None
-    for key in ("train_files", "eval_files"):
+    for key in () if chat else ("train_files", "eval_files"):
       if not glob.glob(config.data[key]):
         raise ConfigError(f"data.{key}", f"no file matches {config.data[key]!r} (a Hugging Face teacher brings no "
                           "corpus)", "a glob of text files, one document per line")
   elif not os.path.isdir(os.path.join(teacher, "checkpoints")):
     raise ConfigError("teacher.workdir", f"{teacher!r} holds no checkpoints",
                       "a finished lm_pretrain run's --workdir, or a Hugging Face checkpoint directory")
+  if chat:
+    chat_data.check(config, pretrained.load_tokenizer(teacher) if pretrained.is_hf_directory(teacher) else None)
+  elif config.dpo.steps:
+    raise ConfigError("dpo.steps", "DPO trains on preference pairs, which data.source 'documents' has none of",
+                      "0, or data.source=chat with data.dpo_path")
   if config.distill.prompt_len >= config.data.seq_len:
     raise ConfigError("distill.prompt_len", "must be shorter than data.seq_len", f"< {config.data.seq_len}")
 
@@ -145,11 +174,13 @@ def _check_teacher(cfg: GPTConfig) -> None:
 
 def load_teacher(workdir: str, data_config=None):
   """(teacher GPT, its run config, tokenizer, (train docs, eval docs)) of an lm_pretrain run, or of a Hugging Face
-  checkpoint directory (its tokenizer; the documents of `data_config.train_files` / `eval_files`)."""
+  checkpoint directory (its tokenizer; the documents of `data_config.train_files` / `eval_files`, None with chat
+  data)."""
   if pretrained.is_hf_directory(workdir):
     teacher, tok = pretrained.load_pretrained(workdir)
     _check_teacher(teacher.cfg)
-    docs = tuple(pipeline.TextLineSource(data_config[key]) for key in ("train_files", "eval_files"))
+    docs = None if data_config.source == "chat" else tuple(
+        pipeline.TextLineSource(data_config[key]) for key in ("train_files", "eval_files"))
     return teacher, {"model": teacher.cfg.to_dict(), "pretrained": workdir}, tok, docs
   teacher, run, _ = checkpoint.load_model(os.path.join(workdir, "checkpoints"),
                                           lambda saved: GPT(GPTConfig.from_dict(saved["model"]), rngs=nnx.Rngs(0)))
@@ -175,23 +206,30 @@ def document_rows(docs, tok, seq_len: int, limit: int) -> list[dict]:
           for i in range(min(limit, len(docs)))]
 
 
-def pseudo_label_rows(teacher, tok, prompts: np.ndarray, *, seq_len: int, temperature: float, seed: int,
-                      batch: int = 128) -> list[dict]:
-  """The teacher's continuations of `prompts [n, prompt_len]` (bos first) as rows, the loss on the continuation."""
-  n, prompt_len = prompts.shape
+def pseudo_label_rows(teacher, tok, prompts: list[list[int]], *, prompt_len: int, seq_len: int, temperature: float,
+                      seed: int, batch: int = 128) -> list[dict]:
+  """The teacher's continuations of `prompts` (each of at most `prompt_len` ids, bos first) as rows, the loss on
+  the continuation, which ends at the first of the tokenizer's stop ids."""
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  padded_prompts = np.zeros((len(prompts), prompt_len), np.int32)  # right-padded, as the sampler reads them
+  for i, prompt in enumerate(prompts):
+    padded_prompts[i, :len(prompt)] = prompt
+  stop_ids = list(getattr(tok, "eos_ids", None) or [tok.eos_id])
   graphdef, params = nnx.split(teacher)
   sample_n = batch_sampler.make_sampler(graphdef, prompt_len=prompt_len, max_new_tokens=seq_len + 1 - prompt_len,
                                         n=1, eos_id=tok.eos_id)
   rows = []
-  for start in tqdm(range(0, n, batch), desc="teacher pseudo-labels", unit="batch"):
-    chunk = prompts[start:start + batch]
+  for start in tqdm(range(0, len(prompts), batch), desc="teacher pseudo-labels", unit="batch"):
+    chunk, chunk_lengths = padded_prompts[start:start + batch], lengths[start:start + batch]
     padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])
+    padded_lengths = np.concatenate([chunk_lengths, np.repeat(chunk_lengths[:1], batch - len(chunk))])
     seeds = ((seed * 2**20 + start + np.arange(batch))[:, None] % 2**32).astype(np.uint32)
-    out = np.asarray(sample_n(params, padded, np.full(batch, prompt_len, np.int32), seeds,
+    out = np.asarray(sample_n(params, padded, padded_lengths, seeds,
                               np.float32(max(temperature, 1e-6)), np.float32(1.0)))[:len(chunk), 0]
-    for prompt, cont in zip(chunk, out, strict=True):
-      ends = np.flatnonzero(cont == tok.eos_id)
-      rows.append(rows_lib.lm_row(prompt.tolist(), (cont[:ends[0] + 1] if len(ends) else cont).tolist(), seq_len))
+    for prompt, length, cont in zip(chunk, chunk_lengths, out, strict=True):
+      ends = np.flatnonzero(np.isin(cont, stop_ids))
+      rows.append(rows_lib.lm_row(prompt[:length].tolist(), (cont[:ends[0] + 1] if len(ends) else cont).tolist(),
+                                  seq_len))
   return rows
 
 
@@ -275,23 +313,31 @@ def _stage_params(teacher, cfg: mh.HybridConfig, previous: dict | None, previous
 
 
 def run(config, workdir: str) -> dict:
-  teacher, run_config, tok, (train_docs, eval_docs) = load_teacher(config.teacher.workdir, config.data)
+  teacher, run_config, tok, docs = load_teacher(config.teacher.workdir, config.data)
   gpt_cfg = teacher.cfg
-  seq_len, d = config.data.seq_len, config.distill
+  seq_len, d, chat = config.data.seq_len, config.distill, config.data.source == "chat"
   if seq_len > gpt_cfg.max_seq_len:
     raise ConfigError("data.seq_len", f"{seq_len} exceeds the teacher's max_seq_len", f"<= {gpt_cfg.max_seq_len}")
-  eval_rows = rows_lib.stack(document_rows(eval_docs, tok, seq_len, config.data.num_eval_docs))
-  train_rows = document_rows(train_docs, tok, seq_len, config.data.num_train_docs)
+  if chat:
+    eval_rows = rows_lib.stack(chat_data.sft_rows(config.data, tok, "test_sft", config.data.num_eval_docs))
+    train_rows = chat_data.sft_rows(config.data, tok, "train_sft", config.data.num_train_docs)
+  else:
+    eval_rows = rows_lib.stack(document_rows(docs[1], tok, seq_len, config.data.num_eval_docs))
+    train_rows = document_rows(docs[0], tok, seq_len, config.data.num_train_docs)
 
   labels_path = os.path.join(workdir, "pseudo_labels.npz")
   if os.path.exists(labels_path):
     stacked = dict(np.load(labels_path))
     pseudo = [{k: v[i] for k, v in stacked.items()} for i in range(len(stacked["inputs"]))]
   else:
+    if chat:
+      candidates = chat_data.prompts(config.data, tok, d.prompt_len, config.data.num_train_docs)
+    else:
+      candidates = [row["inputs"][:d.prompt_len].tolist() for row in train_rows]
     rng = np.random.default_rng(config.seed)
-    pick = rng.choice(len(train_rows), size=d.num_sequences, replace=d.num_sequences > len(train_rows))
-    prompts = np.stack([train_rows[i]["inputs"][:d.prompt_len] for i in pick])
-    pseudo = pseudo_label_rows(teacher, tok, prompts, seq_len=seq_len, temperature=d.temperature, seed=config.seed)
+    pick = rng.choice(len(candidates), size=d.num_sequences, replace=d.num_sequences > len(candidates))
+    pseudo = pseudo_label_rows(teacher, tok, [candidates[i] for i in pick], prompt_len=d.prompt_len, seq_len=seq_len,
+                               temperature=d.temperature, seed=config.seed)
     os.makedirs(workdir, exist_ok=True)
     np.savez(labels_path + ".tmp.npz", **rows_lib.stack(pseudo))
     os.replace(labels_path + ".tmp.npz", labels_path)
@@ -330,6 +376,14 @@ def run(config, workdir: str) -> dict:
     results["sft"] = {"mamba_layers": list(cfg.mamba_layers),
                       **evaluate(nnx.merge(trainer.graphdef, params), teacher, eval_rows, config.eval.batch_size)}
     logging.info("sft: %s", results["sft"])
+  if config.dpo.steps:
+    trainer = preference.train(config, _stage_config(config, config.dpo.steps), os.path.join(workdir, "dpo"), cfg,
+                               nnx.merge(trainer.graphdef, params), tok)
+    params = jax.device_get(trainer.restore_params())
+    results["dpo"] = {"mamba_layers": list(cfg.mamba_layers),
+                      **evaluate(nnx.merge(trainer.graphdef, params), teacher, eval_rows, config.eval.batch_size),
+                      "test_prefs": preference.evaluate(config, trainer, params, tok)}
+    logging.info("dpo: %s", results["dpo"])
   metrics = {"init": config.hybrid.init, "teacher_workdir": config.teacher.workdir,
              "teacher_step_config": {"model": run_config["model"]}, "eval_docs": len(eval_rows["inputs"]),
              "results": results}

@@ -141,3 +141,87 @@ def test_a_distillation_stage_trains_on_a_mesh_of_eight_devices(tmp_path):
   results = metrics["results"]
   assert set(results) == {"teacher", "stage0_attention0.5"} and results["stage0_attention0.5"]["mamba_layers"] == [0]
   assert results["teacher"]["teacher_agreement"] == 1.0 and np.isfinite(results["stage0_attention0.5"]["loss"])
+
+
+def _chat_teacher(tmp_path):
+  """The Hugging Face teacher of `_hf_teacher` with UltraChat (parquet shards, as on the Hub) and binarized
+  UltraFeedback (jsonl) written here in their published schemas, with invented conversations."""
+  import pyarrow
+  import pyarrow.parquet
+  config = _hf_teacher(tmp_path)
+
+  def chat(i):
+    question = f"What does the page {i % 7} say?"
+    return {"prompt": question, "prompt_id": f"{i:064x}",
+            "messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": f"The page {i % 7} says {i * 3}."},
+                         {"role": "user", "content": "And then?"},
+                         {"role": "assistant", "content": f"Then it reads {i}."}]}
+
+  def pair(i):
+    prompt = [{"role": "user", "content": f"Which page comes after {i}?"}]
+    return {"prompt": prompt[0]["content"], "prompt_id": f"{i:064x}",
+            "chosen": prompt + [{"role": "assistant", "content": f"The page {i + 1}."}],
+            "rejected": prompt + [{"role": "assistant", "content": f"The page {i - 1}."}],
+            "score_chosen": 9.0, "score_rejected": 3.5}
+  (tmp_path / "ultrachat" / "data").mkdir(parents=True)
+  for split, n in (("train_sft", 48), ("test_sft", 12)):
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([chat(i) for i in range(n)]),
+                                tmp_path / "ultrachat" / "data" / f"{split}-00000-of-00001-0a1b.parquet")
+  (tmp_path / "ultrafeedback").mkdir()
+  for split, n in (("train_prefs", 32), ("test_prefs", 12)):
+    (tmp_path / "ultrafeedback" / f"{split}.jsonl").write_text("".join(json.dumps(pair(i)) + "\n" for i in range(n)))
+  config = importlib.import_module("experiments.mamba_distill").get_config(
+      f"scale=smoke,data=chat,teacher={config.teacher.workdir},schedule=0.5-0")
+  config.data.update(sft_path=str(tmp_path / "ultrachat"), dpo_path=str(tmp_path / "ultrafeedback"),
+                     seq_len=64)
+  config.distill.prompt_len = 40
+  return config
+
+
+def test_chat_data_is_checked_before_any_heavy_work(tmp_path):
+  from lwjax import jobs
+  from lwjax.config import ConfigError
+  config = _chat_teacher(tmp_path)
+  assert config.dpo.steps > 0 and config.data.source == "chat"
+  jobs.get(config)
+  config.data.dpo_path = str(tmp_path / "ultrachat")
+  with pytest.raises(ConfigError, match=r"^data.dpo_path: no 'train_prefs' files under \S+ultrachat"):
+    jobs.get(config)
+  config.data.dpo_path, config.data.sft_path = str(tmp_path / "ultrafeedback"), ""
+  with pytest.raises(ConfigError, match=r"^data.sft_path: empty"):
+    jobs.get(config)
+  config.data.sft_path = str(tmp_path / "ultrachat")
+  (tmp_path / "teacher" / "chat_template.jinja").unlink()
+  with pytest.raises(ConfigError, match=r"^data.source: 'chat' renders conversations with the teacher's chat "
+                                        r"template; \S+teacher has none"):
+    jobs.get(config)
+  documents = importlib.import_module("experiments.mamba_distill").get_config("scale=smoke")
+  assert documents.data.source == "documents" and documents.dpo.steps == 0
+  (tmp_path / "lm" / "checkpoints").mkdir(parents=True)
+  documents.teacher.workdir, documents.dpo.steps = str(tmp_path / "lm"), 2
+  with pytest.raises(ConfigError, match=r"^dpo.steps: DPO trains on preference pairs"):
+    jobs.get(documents)
+  documents.dpo.steps, documents.data.source = 0, "chat"
+  with pytest.raises(ConfigError, match=r"^data.source: 'chat' renders conversations"):
+    jobs.get(documents)
+
+
+@pytest.mark.slow
+def test_smoke_distillation_on_chat_data_with_sft_and_dpo(tmp_path):
+  """Stage 1 on the teacher's answers to UltraChat prompts, SFT on the conversations (assistant turns only), DPO
+  on the UltraFeedback pairs; the held-out rewards of DPO are reported."""
+  config = _chat_teacher(tmp_path)
+  metrics = job.run(config, str(tmp_path / "run"))
+  results = metrics["results"]
+  assert set(results) == {"teacher", "stage0_attention0.5", "stage1_attention0", "sft", "dpo"}
+  prefs = results["dpo"]["test_prefs"]
+  assert prefs["pairs"] == 12 and set(prefs) >= {"loss", "reward_accuracy", "reward_margin", "chosen_reward",
+                                                 "rejected_reward"}
+  assert all(np.isfinite(v) for v in prefs.values()) and 0.0 <= prefs["reward_accuracy"] <= 1.0
+  assert results["teacher"]["teacher_agreement"] == 1.0 and np.isfinite(results["dpo"]["loss"])
+  assert mh.load(str(tmp_path / "run" / "dpo")).cfg.mamba_layers == (0, 1)
+  pseudo = np.load(tmp_path / "run" / "pseudo_labels.npz")
+  tok = job.load_teacher(config.teacher.workdir, config.data)[2]
+  first = pseudo["inputs"][0][:int(np.argmax(pseudo["loss_mask"][0] > 0)) + 1].tolist()
+  assert tok.decode(first, skip_special_tokens=False).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
