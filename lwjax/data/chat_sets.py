@@ -16,6 +16,7 @@ memory-mapped), so a 200k-row set costs no more memory than the rows a job takes
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import pathlib
@@ -96,7 +97,7 @@ class _PublishedRows:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(index)
-    number = next(i for i in range(len(self.files)) if index < self.starts[i + 1])
+    number = bisect.bisect_right(self.starts, index) - 1
     (file, rows), row = self.files[number], index - self.starts[number]
     where = f"{file} row {row}"
     if isinstance(rows, pipeline.TextLineSource):

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from lwjax.config import ConfigError
-from lwjax.data import chat_rows, chat_sets
+from lwjax.data import chat_rows, chat_sets, chat_template
 
 SFT_SPLITS = ("train_sft", "test_sft")
 DPO_SPLITS = ("train_prefs", "test_prefs")
@@ -33,6 +35,18 @@ def check(config, tok) -> None:
       chat_sets.split_files(config.data.dpo_path, split, "data.dpo_path")
 
 
+def _rendered(rows, what: str, render) -> list:
+  """`render(row)` of each row; a chat template that refuses one (or cannot mask it) is a one-line error."""
+  out = []
+  for number, row in enumerate(rows):
+    try:
+      out.append(render(row))
+    except chat_template.ChatTemplateError as e:
+      raise ConfigError("teacher.workdir", f"{what} row {number}: {e}",
+                        "a teacher whose chat template renders the set's conversations") from None
+  return out
+
+
 def _first(dataset, limit: int):
   return (dataset[i] for i in range(min(limit, len(dataset))))
 
@@ -48,21 +62,21 @@ def _kept(rows: list, what: str, read: int) -> list:
 
 def sft_rows(data, tok, split: str, limit: int) -> list[dict]:
   """The first `limit` UltraChat conversations of `split` as rows, the loss on the assistant's turns."""
-  rows = [chat_rows.sft_row(tok, r["messages"], data.seq_len)
-          for r in _first(chat_sets.ultrachat(data.sft_path, split), limit)]
+  rows = _rendered(_first(chat_sets.ultrachat(data.sft_path, split), limit), f"UltraChat {split}",
+                   lambda r: chat_rows.sft_row(tok, r["messages"], data.seq_len))
   return _kept(rows, f"UltraChat {split}", len(rows))
 
 
-def prompts(data, tok, prompt_len: int, limit: int) -> list[list[int]]:
+def prompts(data, tok, prompt_len: int, limit: int) -> list[np.ndarray]:
   """Prompt ids of the first `limit` train_sft conversations (each up to its first answer), those of at most
   `prompt_len` tokens."""
-  found, read = [], 0
-  for row in _first(chat_sets.ultrachat(data.sft_path, "train_sft"), limit):
+  def prompt(row):  # int32 arrays: 200k prompts as lists of Python ints would take a gigabyte
     messages = row["messages"]
     first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
-    read += 1
-    if first and len(ids := chat_rows.prompt_ids(tok, messages[:first])) <= prompt_len:
-      found.append(ids)
+    ids = chat_rows.prompt_ids(tok, messages[:first]) if first else []
+    return np.asarray(ids, np.int32) if 0 < len(ids) <= prompt_len else None
+  candidates = _rendered(_first(chat_sets.ultrachat(data.sft_path, "train_sft"), limit), "UltraChat train_sft", prompt)
+  found, read = [ids for ids in candidates if ids is not None], len(candidates)
   if not found:
     raise ConfigError("distill.prompt_len", f"none of {read} UltraChat prompts has at most {prompt_len} tokens",
                       "a larger distill.prompt_len")
@@ -72,6 +86,6 @@ def prompts(data, tok, prompt_len: int, limit: int) -> list[list[int]]:
 
 def preference_rows(data, tok, split: str, limit: int) -> list[dict]:
   """The first `limit` UltraFeedback pairs of `split` as [2, seq_len] rows (chosen, rejected)."""
-  rows = [chat_rows.preference_row(tok, r["chosen"], r["rejected"], data.seq_len)
-          for r in _first(chat_sets.ultrafeedback(data.dpo_path, split), limit)]
+  rows = _rendered(_first(chat_sets.ultrafeedback(data.dpo_path, split), limit), f"UltraFeedback {split}",
+                   lambda r: chat_rows.preference_row(tok, r["chosen"], r["rejected"], data.seq_len))
   return _kept(rows, f"UltraFeedback {split}", len(rows))

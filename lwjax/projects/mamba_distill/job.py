@@ -30,6 +30,7 @@ import glob
 import json
 import logging
 import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -206,8 +207,8 @@ def document_rows(docs, tok, seq_len: int, limit: int) -> list[dict]:
           for i in range(min(limit, len(docs)))]
 
 
-def pseudo_label_rows(teacher, tok, prompts: list[list[int]], *, prompt_len: int, seq_len: int, temperature: float,
-                      seed: int, batch: int = 128) -> list[dict]:
+def pseudo_label_rows(teacher, tok, prompts: Sequence[Sequence[int]], *, prompt_len: int, seq_len: int,
+                      temperature: float, seed: int, batch: int = 128) -> list[dict]:
   """The teacher's continuations of `prompts` (each of at most `prompt_len` ids, bos first) as rows, the loss on
   the continuation, which ends at the first of the tokenizer's stop ids."""
   lengths = np.array([len(p) for p in prompts], np.int32)

@@ -207,6 +207,27 @@ def test_chat_data_is_checked_before_any_heavy_work(tmp_path):
     jobs.get(documents)
 
 
+def test_chat_rows_prompts_and_pairs_of_the_distillation(tmp_path):
+  from lwjax.config import ConfigError
+  from lwjax.data import hf_tokenizer
+  from lwjax.projects.mamba_distill import chat_data
+  config = _chat_teacher(tmp_path)
+  tok = hf_tokenizer.load(config.teacher.workdir)
+  rows = chat_data.sft_rows(config.data, tok, "train_sft", 10)
+  assert len(rows) == 10 and all(0 < r["loss_mask"].sum() < r["segment_ids"].sum() for r in rows)
+  prompts = chat_data.prompts(config.data, tok, config.distill.prompt_len, 48)
+  assert len(prompts) == 48 and max(map(len, prompts)) <= config.distill.prompt_len
+  assert tok.decode(prompts[0], skip_special_tokens=False).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+  with pytest.raises(ConfigError, match=r"^distill.prompt_len: none of 48 UltraChat prompts has at most 5 tokens"):
+    chat_data.prompts(config.data, tok, 5, 48)
+  pairs = chat_data.preference_rows(config.data, tok, "test_prefs", 100)
+  assert len(pairs) == 12 and pairs[0]["inputs"].shape == (2, config.data.seq_len)
+  tok.chat_templates = {"default": "{{ raise_exception('Conversation roles must alternate') }}"}
+  with pytest.raises(ConfigError, match=r"^teacher.workdir: UltraChat test_sft row 0: chat template .*Conversation "
+                                        r"roles must alternate"):
+    chat_data.sft_rows(config.data, tok, "test_sft", 4)
+
+
 @pytest.mark.slow
 def test_smoke_distillation_on_chat_data_with_sft_and_dpo(tmp_path):
   """Stage 1 on the teacher's answers to UltraChat prompts, SFT on the conversations (assistant turns only), DPO
