@@ -53,6 +53,23 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
+RUN_RECORD = "lwjax_run.json"  # not config.json: that name marks a Hugging Face checkpoint directory
+
+
+def _record_run(workdir: str, config) -> None:
+  """`<workdir>/lwjax_run.json`: the command line and the whole resolved config (seeds included) of this run,
+  beside its metrics, so a result can be traced to what made it. Rewritten by each run (a resumed run's is the
+  last)."""
+  import json
+  import os
+  import sys
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, RUN_RECORD)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"argv": sys.argv, "config": json.loads(config.to_json_best_effort())}, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
 def main(argv):
   if len(argv) > 1:
     _config_error(f"unexpected arguments {argv[1:]}")
@@ -76,6 +93,8 @@ def main(argv):
     distributed.initialize(config.distributed if "distributed" in config else None)
   distributed.log_topology()
   logging.info("job %s, workdir %s", config.job, _WORKDIR.value)
+  if jax.process_index() == 0:
+    _record_run(_WORKDIR.value, config)
   try:
     if "mesh" in config and getattr(job, "MESH_COVERS_ALL_DEVICES", True):
       mesh.resolve_shape(config.mesh.shape, jax.device_count())

@@ -84,3 +84,21 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     tied = all_scores == value
     ranks[tied] = ranks[tied].mean()
   return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def within_problem_auc(scores_pn: np.ndarray, labels_pn: np.ndarray) -> dict:
+  """How well scores rank the candidates of one problem, which is what Best-of-N needs (a pooled AUC also
+  rewards ranking easy problems above hard ones): the mean and standard error over problems of each problem's
+  AUC, over the problems with both right and wrong candidates (`problems`), and the pooled pair accuracy, the
+  share of all within-problem (right, wrong) pairs the scores order rightly (ties half)."""
+  aucs, won, pairs = [], 0.0, 0
+  for scores, labels in zip(np.asarray(scores_pn, np.float64), np.asarray(labels_pn, bool), strict=True):
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) and len(neg):
+      aucs.append(roc_auc(scores, labels))
+      diff = pos[:, None] - neg[None, :]
+      won += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+      pairs += diff.size
+  mean, se = _mean_se(np.asarray(aucs, np.float64)) if aucs else (float("nan"), float("nan"))
+  return {"auc": mean, "auc_se": se, "problems": len(aucs), "pair_accuracy": won / pairs if pairs else float("nan"),
+          "pairs": pairs}

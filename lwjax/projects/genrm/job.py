@@ -22,6 +22,7 @@ and `judge` with a pretrained `base` is the paper's LLM-as-a-judge baseline on t
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -270,7 +271,9 @@ def evaluate(config, scores_pn: np.ndarray, problems: list[dict], extras: dict) 
   out = {"n": ns, "num_problems": len(problems), "candidate_answer_accuracy": float(answer_ok.mean()),
          "candidate_accuracy": float(full_ok.mean()),
          "auc": bestofn.roc_auc(scores_pn, full_ok), "auc_answer": bestofn.roc_auc(scores_pn, answer_ok),
-         "verifier_accuracy": float(((scores_pn > 0.5) == full_ok).mean())}
+         "verifier_accuracy": float(((scores_pn > 0.5) == full_ok).mean()),
+         "within_problem": bestofn.within_problem_auc(scores_pn, full_ok),
+         "within_problem_answer": bestofn.within_problem_auc(scores_pn, answer_ok)}
   for name, ok in (("answer", answer_ok), ("full", full_ok)):
     out[name] = {
         "verifier": [bestofn.best_of_n(scores_pn, ok, n, draws=draws, seed=config.seed) for n in ns],
@@ -284,6 +287,23 @@ def evaluate(config, scores_pn: np.ndarray, problems: list[dict], extras: dict) 
                                               seed=config.seed) for k in parse_ints(config.verifier.cot_k)}
     out["example_rationales"] = extras["example_rationales"]
   return out
+
+
+def write_scores(path: str, problems: list[dict], scores_pn: np.ndarray, extras: dict) -> None:
+  """The raw data of a split's Best-of-N: one json line per problem (its index, and per candidate the final
+  answer, the two verdicts, the verifier's score, and for CoT the score of each rationale), gzipped; every
+  number of `evaluate` can be recomputed from it."""
+  per_k = extras.get("per_rationale")
+  with gzip.open(path + ".tmp", "wt") as f:
+    for i, (problem, scores) in enumerate(zip(problems, scores_pn, strict=True)):
+      line = {"problem": problem["index"], "answer": [c["answer"] for c in problem["candidates"]],
+              "answer_correct": [bool(c["answer_correct"]) for c in problem["candidates"]],
+              "correct": [bool(c["correct"]) for c in problem["candidates"]],
+              "score": [round(float(s), 6) for s in scores]}
+      if per_k is not None:
+        line["rationale_scores"] = np.round(per_k[i], 6).tolist()
+      f.write(json.dumps(line) + "\n")
+  os.replace(path + ".tmp", path)
 
 
 def _plot(path: str, result: dict, kind: str, split: str) -> None:
@@ -325,10 +345,15 @@ def run(config, workdir: str) -> dict:
   for split in ("test", "hard"):
     scores_pn, extras = score(config, task, verifier, sets[split], split)
     metrics[split] = evaluate(config, scores_pn, sets[split], extras)
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      write_scores(os.path.join(workdir, f"scores_{split}.jsonl.gz"), sets[split], scores_pn, extras)
     m = metrics[split]
     logging.info("%s: best-of-%d %.3f (self-consistency %.3f, pass %.3f, first %.3f), AUC %.3f, verifier "
-                 "accuracy %.3f", split, m["n"][-1], m["answer"]["verifier"][-1][0], m["answer"]["majority"][-1][0],
-                 m["answer"]["pass"][-1][0], m["answer"]["first"][0], m["auc"], m["verifier_accuracy"])
+                 "accuracy %.3f, within-problem AUC %.3f (%d problems)", split, m["n"][-1],
+                 m["answer"]["verifier"][-1][0], m["answer"]["majority"][-1][0], m["answer"]["pass"][-1][0],
+                 m["answer"]["first"][0], m["auc"], m["verifier_accuracy"], m["within_problem"]["auc"],
+                 m["within_problem"]["problems"])
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     for split in ("test", "hard"):

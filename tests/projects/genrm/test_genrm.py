@@ -2,6 +2,7 @@
 majority voting, pass@n and AUC on planted candidate sets; the discriminative head learns a separable set;
 the smoke run end to end."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -92,6 +93,22 @@ def test_best_of_n_majority_pass_and_auc_on_planted_sets():
   assert mean == pytest.approx(2 / 3) and se == pytest.approx(np.std([1, 0, 1], ddof=1) / np.sqrt(3))
 
 
+def test_within_problem_auc_ranks_candidates_not_problems():
+  """Scores that put every candidate of an easy problem above every candidate of a hard one have a high pooled
+  AUC and a within-problem AUC of one half when they cannot tell the candidates of a problem apart."""
+  labels = np.array([[1, 1, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]], bool)
+  by_problem = np.array([[0.9] * 4, [0.1] * 4, [0.5] * 4])
+  assert bestofn.roc_auc(by_problem, labels) > 0.7
+  w = bestofn.within_problem_auc(by_problem, labels)
+  assert w["auc"] == 0.5 and w["pair_accuracy"] == 0.5 and w["problems"] == 3 and w["pairs"] == 3 + 3 + 3
+  ranked = np.array([[0.9, 0.8, 0.7, 0.1], [0.2, 0.3, 0.1, 0.4], [0.3, 0.1, 0.2, 0.0]])
+  w = bestofn.within_problem_auc(ranked, labels)
+  assert w["auc"] == 1.0 and w["pair_accuracy"] == 1.0
+  half = bestofn.within_problem_auc(np.array([[0.9, 0.1, 0.7, 0.6]]), np.array([[1, 0, 0, 1]], bool))
+  assert half["pair_accuracy"] == pytest.approx(3 / 4) and half["auc"] == pytest.approx(3 / 4)
+  assert bestofn.within_problem_auc(by_problem[:1], np.ones((1, 4), bool))["problems"] == 0
+
+
 def test_disc_head_loss_decreases_on_a_separable_set():
   cfg = GPTConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=32,
                   max_seq_len=8)
@@ -159,6 +176,16 @@ def test_smoke_solver_then_cot_verifier_end_to_end(tmp_path):
   m = json.loads((tmp_path / "cot" / "metrics.json").read_text())
   assert m["kind"] == "cot" and m["test"]["n"] == [1, 2, 4] and set(m["test"]["cot_k"]) == {"1", "2"}
   assert len(m["test"]["answer"]["verifier"]) == 3 and (tmp_path / "cot" / "bestofn_hard.png").stat().st_size > 1000
+  run = json.loads((tmp_path / "cot" / "lwjax_run.json").read_text())  # what made the run, beside its metrics
+  assert run["config"]["verifier"]["kind"] == "cot" and run["config"]["seed"] == m["seed"] and "--config" in run["argv"]
+  with gzip.open(tmp_path / "cot" / "scores_test.jsonl.gz", "rt") as f:  # the raw data recomputes the metrics
+    raw = [json.loads(line) for line in f]
+  scores, answer_ok = np.array([r["score"] for r in raw]), np.array([r["answer_correct"] for r in raw])
+  assert len(raw) == m["test"]["num_problems"] and np.array([r["rationale_scores"] for r in raw]).shape[-1] == 2
+  assert bestofn.best_of_n(scores, answer_ok, 4, draws=8, seed=m["seed"])[0] == pytest.approx(
+      m["test"]["answer"]["verifier"][-1][0], abs=1e-6)
+  assert bestofn.roc_auc(scores, np.array([r["correct"] for r in raw])) == pytest.approx(m["test"]["auc"], abs=1e-4,
+                                                                                        nan_ok=True)
   rows = report.table(report.load_runs(str(tmp_path)), "test").splitlines()
   assert rows[2].startswith("| cot (cot) |") and rows[-1].startswith("| first sample |")
   candidates_dir = tmp_path / "runs/genrm_smoke/candidates"
