@@ -18,6 +18,9 @@
   # each weight read straight onto its shard:
   python main.py --config experiments/serve.py:scale=paper --workdir runs/serve \
       --config.model.pretrained=/ckpt/Llama-2-70b-chat-hf --config.mesh.shape.tensor=8
+  # two engine replicas behind one API, each tensor parallel over 4 of 8 GPUs (requests to the least-loaded):
+  python main.py --config experiments/serve.py:scale=gpu --workdir runs/serve \
+      --config.model.pretrained=/ckpt/Llama-3.1-8B-Instruct --config.mesh.shape.data=2 --config.mesh.shape.tensor=4
 
   curl http://127.0.0.1:8000/v1/completions -H 'content-type: application/json' \
       -d '{"model": "lwjax", "prompt": "Once", "max_tokens": 16}'
@@ -43,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.job = "serve"
   config.seed = 0
   config.model = gpt.get(args["model"] or _DEFAULT_MODEL[scale])
-  # One device; --config.mesh.shape.tensor=N: tensor parallel over the first N (lwjax.serving.tensor_parallel).
+  # One device; --config.mesh.shape.tensor=N: tensor parallel over the first N (lwjax.serving.tensor_parallel);
+  # --config.mesh.shape.data=D: D engine replicas of N devices each behind one front (lwjax.serving.replicas).
   config.mesh = mesh.get(data=1, fsdp=1, tensor=1, rules=SERVING_RULES)
   config.weights = {"source": "random", "path": ""}
   config.tokenizer = {"kind": "bytes", "path": ""}

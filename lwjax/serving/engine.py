@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -167,14 +167,15 @@ class Engine:
                eos_id: int | None = None, detokenize: Callable[[list[int]], str] | None = None,
                kv_dtype=None, offload=None, async_scheduling: bool = True, nano_batches: int = 1,
                mixed_batches: bool = True, stop_ids: Sequence[int] = (), mesh: jax.sharding.Mesh | None = None,
-               rules=SERVING_RULES):
+               rules=SERVING_RULES, request_ids: Iterator[int] | None = None):
     """`mixed_batches`: an iteration's decodes and prefill chunks in one model call (a GPT with nano_batches=1;
     False: one call per group, as hybrids and nano-batches always run). `stop_ids`: ids that end a request as
     `eos_id` does (a chat model's end of turn: Llama-3's <|eot_id|> beside <|end_of_text|>); `ignore_eos`
     ignores them too. `mesh` (axes data, fsdp, tensor; `tensor_parallel.serving_mesh`): serve tensor parallel
     over its `tensor` axis, weights placed by their logical axes under `rules` and the KV pool over kv heads
     (`lwjax.serving.tensor_parallel`); a ValueError (a ConfigError naming the model key) when the mesh does not
-    divide the model's heads, kv heads, MLP hidden or vocabulary."""
+    divide the model's heads, kv heads, MLP hidden or vocabulary. `request_ids`: where request ids (and the seeds
+    of requests that set none) come from; replicas behind one front share one (`lwjax.serving.replicas`)."""
     self.hybrid = hasattr(model, "init_slot_states")
     cfg = model.gpt_cfg if self.hybrid else model.cfg
     if self.hybrid and (offload is not None or nano_batches != 1):
@@ -208,7 +209,7 @@ class Engine:
     self._state_slots: dict[int, int] = {}
     self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
                                prefill_chunk=prefill_chunk)
-    self._ids = itertools.count()
+    self._ids = itertools.count() if request_ids is None else request_ids
     self.requests: dict[int, Request] = {}
     self.num_iterations = 0
     self.num_model_calls = 0  # one per iteration with mixed batches; one per group of rows otherwise
@@ -470,6 +471,12 @@ class Engine:
     for f in (self._run, self._run_mixed):
       if f is not None:
         f.clear_cache()
+
+  @property
+  def replicas(self) -> tuple[Engine, ...]:
+    """The engines serving behind this one's interface: itself (`lwjax.serving.replicas.EngineReplicas` has
+    several); what reads pools and schedulers (the server's metrics and WiM admission) reads them through this."""
+    return (self,)
 
   def has_work(self) -> bool:
     """Requests queued or running, or sampled tokens not yet read back."""

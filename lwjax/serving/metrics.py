@@ -49,15 +49,18 @@ class ServerMetrics:
                                         registry=r)
 
   def exposition(self, engine, outstanding: int) -> bytes:
-    """The Prometheus text format, with the gauges read from the engine now."""
+    """The Prometheus text format, with the gauges read from the engine now (summed over its data-parallel
+    replicas, `engine.replicas`)."""
     name = self.model_name
-    allocator = engine.kv.allocator
-    self.running.labels(name).set(len(engine.scheduler.running))
-    self.waiting.labels(name).set(len(engine.scheduler.waiting))
-    self.kv_usage.labels(name).set(1.0 - allocator.num_free / allocator.num_pages)
-    self.kv_pages_free.labels(name).set(allocator.num_free)
+    replicas = engine.replicas
+    pages = sum(e.kv.allocator.num_pages for e in replicas)
+    free = sum(e.kv.allocator.num_free for e in replicas)
+    self.running.labels(name).set(sum(len(e.scheduler.running) for e in replicas))
+    self.waiting.labels(name).set(sum(len(e.scheduler.waiting) for e in replicas))
+    self.kv_usage.labels(name).set(1.0 - free / pages)
+    self.kv_pages_free.labels(name).set(free)
     self.outstanding.labels(name).set(outstanding)
-    self.preemptions.labels(name).set(engine.scheduler.num_preemptions)
-    self.prefix_hit_tokens.labels(name).set(engine.scheduler.num_prefix_hit_tokens)
-    self.failed_iterations.labels(name).set(engine.num_failed_iterations)
+    self.preemptions.labels(name).set(sum(e.scheduler.num_preemptions for e in replicas))
+    self.prefix_hit_tokens.labels(name).set(sum(e.scheduler.num_prefix_hit_tokens for e in replicas))
+    self.failed_iterations.labels(name).set(sum(e.num_failed_iterations for e in replicas))
     return prom.generate_latest(self.registry)

@@ -6,8 +6,10 @@ An lwjax checkpoint directory with a `hybrid.json` beside its checkpoints/ (a st
 distillation, e.g. `runs/distill_cpu50/attention/sft`) is served as the hybrid it holds.
 
 `mesh` is training's group: `--config.mesh.shape.tensor=8` serves tensor parallel over the first 8 devices
-(`lwjax.serving.tensor_parallel`; the other axes stay 1), the weights read straight onto their shardings under
-`mesh.rules` (the experiment's default: `SERVING_RULES`)."""
+(`lwjax.serving.tensor_parallel`), the weights read straight onto their shardings under `mesh.rules` (the
+experiment's default: `SERVING_RULES`); `--config.mesh.shape.data=2` serves two independent engine replicas behind
+the one API (`lwjax.serving.replicas`: each on its own `tensor` devices, requests to the least-loaded). fsdp stays
+1."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from lwjax.config import ConfigError, Field, non_negative_int, positive_int, val
 from lwjax.data import hf_tokenizer, tokenizer as tokenizer_lib
 from lwjax.models import hf_checkpoint, mamba_hybrid, pretrained
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
-from lwjax.serving import tensor_parallel
+from lwjax.serving import replicas, tensor_parallel
 from lwjax.training import checkpoint, mesh as mesh_lib, sharding
 
 TAKES_PRETRAINED = True
@@ -45,7 +47,8 @@ SCHEMA = {
         "mixed_batches": Field(bool, doc="an iteration's decodes and prefill chunks in one model call (off: one "
                                          "call per group; hybrids and nano-batches always run one per group)"),
         "kv_offload": {
-            "host_bytes": non_negative_int("host memory for offloaded KV blocks; 0 turns offload off"),
+            "host_bytes": non_negative_int("host memory for offloaded KV blocks (per data-parallel replica); 0 turns "
+                                           "offload off"),
             "disk_dir": Field(str, doc="directory for blocks spilled from host memory; empty: none"),
             "disk_bytes": non_negative_int("disk space for spilled blocks"),
         },
@@ -102,14 +105,16 @@ def validate(config) -> None:
 
 
 def _check_mesh(config) -> None:
-  """The mesh splits over `tensor` alone, and that split divides the model's sizes (read from the checkpoint's
-  config, no weights): a ConfigError before anything loads."""
+  """The mesh is replicas over `data`, each split over `tensor` alone, and that split divides the model's sizes
+  (read from the checkpoint's config, no weights): a ConfigError before anything loads."""
   shape = config.mesh.shape.to_dict()
-  tensor_parallel.check_mesh(shape)
+  replicas.check_mesh(shape)
+  if _is_hybrid(config):
+    for axis in ("data", "tensor"):
+      if shape[axis] != 1:
+        raise ConfigError(f"mesh.shape.{axis}", f"{shape[axis]}: a hybrid (Mamba) model serves on one device", "1")
   if shape["tensor"] == 1:
     return
-  if _is_hybrid(config):
-    raise ConfigError("mesh.shape.tensor", f"{shape['tensor']}: a hybrid (Mamba) model serves on one device", "1")
   source, path = _weights(config)
   try:
     cfg = pretrained.model_config({**config.model.to_dict(), "pretrained": "" if source == "random" else path})
@@ -119,7 +124,8 @@ def _check_mesh(config) -> None:
 
 
 def make_mesh(config) -> jax.sharding.Mesh | None:
-  """The serving mesh `config.mesh` names (`tensor_parallel.serving_mesh`), or None for one device."""
+  """The serving mesh `config.mesh` names (`tensor_parallel.serving_mesh`; replicas along `data`), or None for one
+  device."""
   mesh = tensor_parallel.serving_mesh(config.mesh.shape)
   return mesh if mesh.size > 1 else None
 
@@ -187,18 +193,25 @@ def load_tokenizer(config):
 
 def make_engine(config, model: GPT, tokenizer, mesh: jax.sharding.Mesh | None = None):
   """The engine `config.engine` describes: its sizes, nano-batches, asynchronous scheduling, mixed batches, KV
-  offload; tensor parallel over `mesh` (`make_mesh`) under `config.mesh.rules`."""
+  offload; tensor parallel over `mesh` (`make_mesh`) under `config.mesh.rules`; with `data` > 1, that many
+  replicas behind one front (`replicas.EngineReplicas`), each with its own KV offload store."""
   from lwjax.serving.engine import Engine
   from lwjax.serving.offload import KVOffloadStore
   settings = config.engine.to_dict()
   offload = settings.pop("kv_offload")
-  store = None
-  if offload["host_bytes"]:
-    store = KVOffloadStore(host_bytes=offload["host_bytes"], disk_dir=offload["disk_dir"] or None,
-                           disk_bytes=offload["disk_bytes"])
-  return Engine(model, eos_id=tokenizer.eos_id, stop_ids=getattr(tokenizer, "eos_ids", ()),
-                detokenize=tokenizer.decode, offload=store, mesh=mesh,
-                rules=sharding.rules_from_config(config.mesh.rules), **settings)
+
+  def store(replica: int | None = None):
+    if not offload["host_bytes"]:
+      return None
+    disk_dir = offload["disk_dir"] or None
+    if disk_dir and replica is not None:  # a replica evicts its own files only
+      disk_dir = os.path.join(disk_dir, f"replica{replica}")
+    return KVOffloadStore(host_bytes=offload["host_bytes"], disk_dir=disk_dir, disk_bytes=offload["disk_bytes"])
+  settings.update(eos_id=tokenizer.eos_id, stop_ids=getattr(tokenizer, "eos_ids", ()), detokenize=tokenizer.decode,
+                  rules=sharding.rules_from_config(config.mesh.rules))
+  if mesh is not None and mesh.shape[replicas.REPLICA_AXIS] > 1:
+    return replicas.EngineReplicas.build(model, mesh, offload=store, **settings)
+  return Engine(model, offload=store(), mesh=mesh, **settings)
 
 
 def run(config, workdir: str) -> None:
@@ -206,7 +219,8 @@ def run(config, workdir: str) -> None:
   tokenizer = load_tokenizer(config)
   mesh = make_mesh(config)
   if mesh is not None:
-    logging.info("serve: tensor parallel over %d devices, %s", mesh.size, dict(mesh.shape))
+    logging.info("serve: %d replicas (data), each tensor parallel over %d devices", mesh.shape["data"],
+                 mesh.shape["tensor"])
   engine = make_engine(config, load_model(config, mesh), tokenizer, mesh)
   api_key = config.server.api_key or os.environ.get("LWJAX_API_KEY", "")
   if not api_key and config.server.host not in ("127.0.0.1", "localhost", "::1"):

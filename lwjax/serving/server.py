@@ -75,6 +75,12 @@ class EngineThread:
     self._thread.start()
 
   @property
+  def _pool(self):
+    """One replica's KV page allocator (every replica's is the same size; a WiM document's turns that share its
+    context run on one replica)."""
+    return self.engine.replicas[0].kv.allocator
+
+  @property
   def outstanding(self) -> int:
     return len(self._unanswered)
 
@@ -201,7 +207,7 @@ class EngineThread:
     self._start_waiting_wim()
 
   def _start_waiting_wim(self) -> None:
-    budget = self.engine.kv.allocator.num_pages // 2
+    budget = self._pool.num_pages // 2
     while self._wim_waiting:
       make_run, out, loop, pages = self._wim_waiting[0]
       reserved = sum(entry[3] for entry in self._wim_runs.values())
@@ -256,7 +262,7 @@ class EngineThread:
     elif kind == "wim":
       _, make_run, out, loop, tokens = item
       if id(out) in self._unanswered:
-        self._wim_waiting.append((make_run, out, loop, -(-tokens // self.engine.kv.allocator.page_size)))
+        self._wim_waiting.append((make_run, out, loop, -(-tokens // self._pool.page_size)))
         self._start_waiting_wim()
     elif kind == "cancel_wim":
       for waiting in [w for w in self._wim_waiting if w[1] is item[1]]:  # its client left before it started

@@ -51,7 +51,7 @@ def serving_mesh(shape: Mapping[str, int]) -> Mesh:
 
 def check_mesh(sizes: Mapping[str, int]) -> None:
   """ConfigError unless a mesh of axis `sizes` (`mesh.shape`, or the config's before it is built) splits over
-  `tensor` alone (data-parallel engine replicas are not built yet)."""
+  `tensor` alone (data-parallel replicas are separate engines: `lwjax.serving.replicas`)."""
   for axis, size in sizes.items():
     if axis != PARALLEL_AXIS and size != 1:
       raise ConfigError(f"mesh.shape.{axis}", f"{size}: the engine runs tensor parallel only (one engine's rows "

@@ -28,6 +28,10 @@ SMALL_POOL = dict(num_pages=6, page_size=4, prefill_chunk=4, max_batch_tokens=8,
 
 @pytest.fixture(scope="module")
 def model():
+  return numpy_model()
+
+
+def numpy_model():
   """A GPT of CFG's shape with normal weights drawn by numpy (GPT's own initialisation compiles a program per
   parameter shape: seconds on a loaded two-core machine)."""
   graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(CFG, rngs=nnx.Rngs(0))))

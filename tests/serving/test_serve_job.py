@@ -185,10 +185,31 @@ def test_mesh_tensor_2_reads_the_checkpoint_onto_two_devices_and_builds_the_engi
   assert engine.kv.k[0].sharding.spec == P("tensor", None, None, None)
 
 
+def test_mesh_data_2_tensor_2_serves_two_replicas_of_two_devices(tmp_path):
+  """`--config.mesh.shape.data=2 --config.mesh.shape.tensor=2`: the checkpoint read onto the 4 devices (replicated
+  over data), and two engines behind one front, each with its weights and KV pool on its own pair."""
+  from lwjax.serving.replicas import EngineReplicas
+  hf_checkpoint.save_random(GPTConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8,
+                                      d_ff=48), tmp_path, scale=0.2)
+  config = serve_experiment.get_config("scale=smoke")
+  config.weights.update(source="hf_checkpoint", path=str(tmp_path))
+  config.mesh.shape.update(data=2, tensor=2)
+  jobs.get(config)
+  mesh = serve.make_mesh(config)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 2}
+  model = serve.load_model(config, mesh)
+  engine = serve.make_engine(config, model, serve.load_tokenizer(config), mesh)
+  assert isinstance(engine, EngineReplicas) and len(engine.replicas) == 2
+  for replica, devices in zip(engine.replicas, ({0, 1}, {2, 3}), strict=True):
+    assert {d.id for d in replica.kv.k[0].sharding.device_set} == devices
+    assert {d.id for d in replica.params["layers"][0]["attn"]["wq"][...].sharding.device_set} == devices
+  assert engine.max_model_len == config.engine.max_model_len and not engine.leaks()
+
+
 @pytest.mark.parametrize("shape, error", [
     (dict(tensor=4), r"^model.n_kv_heads: 2 is not divisible by mesh axis tensor=4 \(valid: mesh.shape.tensor in "
                      r"1, 2;"),
-    (dict(data=2, tensor=2), r"^mesh.shape.data: 2: the engine runs tensor parallel only"),
+    (dict(fsdp=2, tensor=2), r"^mesh.shape.fsdp: 2: the engine runs tensor parallel only"),
 ])
 def test_a_mesh_the_model_does_not_divide_is_a_config_error(shape, error):
   config = serve_experiment.get_config("scale=smoke")  # gpt_tiny: 4 heads, 2 kv heads
@@ -199,23 +220,26 @@ def test_a_mesh_the_model_does_not_divide_is_a_config_error(shape, error):
 
 @pytest.mark.slow
 def test_a_random_model_served_on_two_devices_answers_as_on_one():
-  """Random weights initialised straight onto the mesh are the seed's weights; the OpenAI API on tensor=2 answers
-  greedily as the single-device engine does."""
+  """Random weights initialised straight onto the mesh are the seed's weights; the OpenAI API on tensor=2, and on
+  two replicas of tensor=2, answers greedily as the single-device engine does."""
   from fastapi.testclient import TestClient
 
   from lwjax.serving.server import create_app
   config = serve_experiment.get_config("scale=smoke")
   tokenizer = serve.load_tokenizer(config)
   texts, weights = {}, {}
-  for tensor in (1, 2):
-    config.mesh.shape.tensor = tensor
+  for data, tensor in ((1, 1), (1, 2), (2, 2)):
+    config.mesh.shape.update(data=data, tensor=tensor)
     jobs.get(config)
     mesh = serve.make_mesh(config)
     model = serve.load_model(config, mesh)
-    weights[tensor] = np.asarray(model.layers[1].mlp.w_up[...])
+    weights[data, tensor] = np.asarray(model.layers[1].mlp.w_up[...])
     with TestClient(create_app(serve.make_engine(config, model, tokenizer, mesh), tokenizer, model_name="m")) as client:
-      r = client.post("/v1/completions", json={"model": "m", "prompt": "Once upon", "max_tokens": 8, "temperature": 0})
+      r = client.post("/v1/completions", json={"model": "m", "prompt": "Once upon", "max_tokens": 8, "temperature": 0,
+                                               "n": 3})
+      assert client.get("/metrics").status_code == 200
     assert r.status_code == 200, r.text
-    texts[tensor] = r.json()["choices"][0]["text"]
-  np.testing.assert_array_equal(weights[2], weights[1])
-  assert texts[2] == texts[1]
+    texts[data, tensor] = [choice["text"] for choice in r.json()["choices"]]
+  for key in ((1, 2), (2, 2)):
+    np.testing.assert_array_equal(weights[key], weights[1, 1])
+    assert texts[key] == texts[1, 1]
