@@ -65,10 +65,32 @@ step train_throughput_gpt_1b $((BUDGET_S - SECONDS > 30 ? BUDGET_S - SECONDS : 3
   --config.train.global_batch_size=8 --config.data.seq_len=2048 --steps 10 --warmup 2 \
   --variants "model.remat=full;model.remat=dots;model.remat=none"
 
+# Tensor-parallel serving on a machine of 8 GPUs (skipped on fewer, so not run on the one-GPU lent machine; after
+# the one-GPU steps and outside BUDGET_S: give such a call ~10 more minutes). NanoFlow's own setting: the
+# Llama-2-70B shape (random weights initialised straight onto their shards, bf16, 140 GB) on tensor=8, LMSYS-Chat
+# lengths unscaled, static batching on the same 8 GPUs (XLA partitions it from the weights' shardings). Then the
+# Llama-3-8B shape on tensor=8 and on tensor=4 x data=2 (two engine replicas behind one front).
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 8 ]; then
+  step serving_llama2_70b_tp8 300 python3 -m benchmarks.serving --model llama2_70b --dtype bfloat16 --mesh tensor=8 \
+    --length_scale 1 --requests 256 --max_num_seqs 128 --num_pages 16384 --page_size 16 --prefill_chunk 512 \
+    --max_batch_tokens 2048 --workloads lmsys_chat
+  for mesh in tensor=8 data=2,tensor=4; do
+    step "serving_llama3_8b_${mesh//[=,]/_}" 150 python3 -m benchmarks.serving --model llama3_8b --dtype bfloat16 \
+      --mesh "$mesh" --length_scale 1 --requests 256 --max_num_seqs 64 --num_pages 8192 --page_size 16 \
+      --prefill_chunk 512 --max_batch_tokens 2048 --workloads lmsys_chat
+  done
+else
+  echo "| serving_tensor_parallel | skipped | 0 | needs 8 GPUs, $(nvidia-smi -L 2>/dev/null | wc -l) here |" >> "$OUT/summary.md"
+fi
+
 {
   printf '\n## kernels\n\n```\n'; grep -v '^\s*$' "$OUT/kernels.log" | grep -v '^WARNING\|^I0\|^W0' | tail -n 40
   printf '```\n\n## gamengen_fps\n\n```\n'; grep -v '^WARNING\|^I0\|^W0' "$OUT/gamengen_fps.log" | tail -n 14
   printf '```\n\n## serving_llama3_8b\n\n```\n'; grep -v '^WARNING\|^I[0-9]\|^W[0-9]' "$OUT/serving_llama3_8b.log" | tail -n 12
+  for log in "$OUT"/serving_llama2_70b_tp8.log "$OUT"/serving_llama3_8b_*.log; do
+    [ -f "$log" ] || continue
+    printf '```\n\n## %s\n\n```\n' "$(basename "$log" .log)"; grep -v '^WARNING\|^I[0-9]\|^W[0-9]' "$log" | tail -n 12
+  done
   printf '```\n\n## hybrid_decode_gpt_1b\n\n```\n'; grep -v '^WARNING\|^I[0-9]\|^W[0-9]' "$OUT/hybrid_decode_gpt_1b.log" | tail -n 12
   printf '```\n\n## train_throughput_gpt_1b\n\n```\n'; tail -n 6 "$OUT/train_throughput_gpt_1b.log"; printf '```\n'
 } >> "$OUT/summary.md"
