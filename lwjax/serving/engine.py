@@ -46,6 +46,12 @@ def _bucket(n: int, limit: int, smallest: int = 1) -> int:
   return min(limit, 1 << max(0, (max(n, smallest) - 1).bit_length()))
 
 
+def padded_rows(n: int, max_num_seqs: int, nano_batches: int) -> int:
+  """The rows a group of `n` runs as: a power of two (few shapes to compile) that the nano-batches split evenly."""
+  rows = max(_bucket(n, max_num_seqs), nano_batches)
+  return -(-rows // nano_batches) * nano_batches
+
+
 MIN_CHUNK_WIDTH, MIN_TABLE_PAGES = 16, 8  # smallest buckets: fewer shapes to compile, little padding
 MAX_MAPS_FRACTION = 0.6  # of vm.max_map_count: past it the engine drops its compiled programs (lwjax.memory_maps)
 SEED_MODULUS = 2**32  # every integer seed is accepted, taken modulo this (the sampler's keys are uint32)
@@ -112,7 +118,7 @@ def _run_mixed(graphdef, shardings, params, k_pools, v_pools, previous_tokens, g
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_mixed(graphdef, shardings=None):
+def compiled_mixed(graphdef, shardings=None):
   """`_run_mixed` jitted for one model structure and placement; on a mesh with explicit shardings: parameters as
   `shardings.params`, KV pools over kv heads, the rest (tokens, tables, sampled tokens) replicated."""
   fn = functools.partial(_run_mixed, graphdef, shardings)
@@ -124,9 +130,10 @@ def _compiled_mixed(graphdef, shardings=None):
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_step(graphdef, shardings=None):
-  """The jitted step for one model structure (and mesh placement, as `_compiled_mixed`), shared by engines of that
-  structure. The graph definition is bound here once: hashing it as a static argument on every call costs ~0.3 ms."""
+def compiled_step(graphdef, shardings=None):
+  """The jitted step for one model structure (and mesh placement, as `compiled_mixed`), shared by engines of that
+  structure. The graph definition is bound here once: hashing it as a static argument on every call costs ~0.3 ms.
+  Both need no weights: `lwjax.launch.serving_compile` lowers them for a TPU slice from an abstract model."""
   fn = functools.partial(_run, graphdef, shardings)
   if shardings is None:
     return jax.jit(fn, static_argnums=(12, 15), donate_argnums=(2, 3, 13))
@@ -192,9 +199,9 @@ class Engine:
       tensor_parallel.check_shapes(cfg, mesh.shape, rules)
       self.shardings = tensor_parallel.EngineShardings.build(self.params, cfg.n_kv_heads, mesh, rules)
       self.params = self.shardings.place_params(self.params)
-    self._run = _compiled_step(self.graphdef, self.shardings)
+    self._run = compiled_step(self.graphdef, self.shardings)
     self.mixed_batches = mixed_batches and not self.hybrid and nano_batches == 1
-    self._run_mixed = _compiled_mixed(self.graphdef, self.shardings) if self.mixed_batches else None
+    self._run_mixed = compiled_mixed(self.graphdef, self.shardings) if self.mixed_batches else None
     self.eos_id, self.detokenize, self.vocab_size = eos_id, detokenize, cfg.vocab_size
     self.stop_ids = frozenset(stop_ids) | ({eos_id} if eos_id is not None else set())
     self.max_model_len = max_model_len or cfg.max_seq_len
@@ -579,9 +586,7 @@ class Engine:
     self._prompt_logprobs_in_flight = []
 
   def _padded_rows(self, n: int) -> int:
-    """The rows a group of `n` runs as: a power of two (few shapes to compile) that the nano-batches split evenly."""
-    rows = max(_bucket(n, self.max_num_seqs), self.nano_batches)
-    return -(-rows // self.nano_batches) * self.nano_batches
+    return padded_rows(n, self.max_num_seqs, self.nano_batches)
 
   def _table_pages(self, group: list[Work]) -> int:
     """The page-table width a group needs: the pages of its longest row after this iteration, bucketed (or
