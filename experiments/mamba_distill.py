@@ -48,7 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.job = "mamba_distill"
   config.seed = int(args["seed"])
   config.teacher = ml_collections.ConfigDict({"workdir": teacher,
-                                              "preset": "llama3_8b" if scale == "paper" else ""})
+                                              "preset": "llama3_8b" if scale == "paper" else "",
+                                              "compile_stage": "distill"})  # or dpo: what the compile command lowers
   config.hybrid = ml_collections.ConfigDict({"schedule": args["schedule"].replace("-", ","), "init": args["init"],
                                              "d_conv": 4, "chunk_size": 64, "scan_impl": "auto"})
   config.data = ml_collections.ConfigDict({"source": data, "seq_len": 128, "num_train_docs": 20000,

@@ -41,6 +41,9 @@ def test_hybrid_distillation_step_compiles_for_tpu_with_the_teacher_shape_by_nam
   gpt_tiny = importlib.import_module("configs.gpt").PRESETS["gpt_tiny"]
   # The hybrid has the teacher's parameters plus each Mamba layer's gate, dt, conv, A, D and norm.
   assert report["parameters"] > gpt_tiny.num_params() and report["fits"] and report["xla_flops_per_chip"] > 0
+  config.teacher.compile_stage = "dpo"  # the last stage: the final hybrid on pairs, against itself frozen
+  dpo = compile_lib.compile_train_step(config, tpu_types.parse("v5e", "2x2"))
+  assert dpo["fits"] and "pairs x 2" in dpo["batch"] and dpo["xla_flops_per_chip"] > report["xla_flops_per_chip"]
 
 
 def test_unsupported_job_is_refused():

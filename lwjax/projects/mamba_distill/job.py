@@ -44,7 +44,7 @@ from lwjax.models import hf_checkpoint, mamba_hybrid as mh, pretrained
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.projects.mamba_distill import chat_data, preference
 from lwjax.serving import batch_sampler
-from lwjax.training import checkpoint, mesh, optim, trainer as trainer_lib
+from lwjax.training import checkpoint, dpo, mesh, optim, trainer as trainer_lib
 
 INITS = ("attention", "random")
 SOURCES = ("documents", "chat")
@@ -54,7 +54,10 @@ SCHEMA = {
                                           "experiments/lm_pretrain.py:scale=cpu --workdir runs/lm_cpu), or a "
                                           "Hugging Face checkpoint directory with its tokenizer (Llama, Mistral)"),
                 "preset": Field(str, doc="the teacher's shape by name (lwjax.models.presets) where its workdir has "
-                                         "no checkpoint yet: ahead-of-time compilation only; empty: the checkpoint's")},
+                                         "no checkpoint yet: ahead-of-time compilation only; empty: the checkpoint's"),
+                "compile_stage": Field(str, choices=("distill", "dpo"), has_default=True,
+                                       doc="ahead-of-time compilation only: the first distillation stage's step, or "
+                                           "DPO's (the final hybrid against itself frozen, on pairs)")},
     "hybrid": {
         "schedule": Field(str, doc="attention fractions of the stages, e.g. '0.5,0.25' (progressive)"),
         "init": Field(str, choices=INITS, doc="Mamba layers from the teacher's attention, or random"),
@@ -115,15 +118,30 @@ def aot_step(config, devices):
   else:
     raise ConfigError("teacher.preset", f"empty, and {config.teacher.workdir!r} holds no checkpoint to read the "
                       "teacher's shape from", "a shape such as llama3_8b, or a trained teacher's workdir")
+  seq_len, batch = config.data.seq_len, config.train.global_batch_size
+  mesh = mesh_lib.make_mesh(config.mesh.shape, devices)
+  if config.teacher.get("compile_stage", "distill") == "dpo":  # the last stage: the final hybrid, pairs of answers
+    import jax.numpy as jnp
+    cfg = _hybrid_config(config, gpt_cfg, schedule(config)[-1])
+    reference = nnx.eval_shape(lambda: mh.HybridGPT(cfg, rngs=nnx.Rngs(0)))
+    def model_fn(rngs):
+      return mh.HybridGPT(cfg, rngs=rngs)
+    trainer = trainer_lib.Trainer(config, "/tmp/lwjax-compile-unused", model_fn=model_fn,
+                                  loss_fn=dpo.loss_fn(config.dpo.beta),
+                                  seq_len=2 * seq_len, flops_per_token=gpt_cfg.flops_per_token(seq_len), mesh=mesh,
+                                  reference=reference)
+    pairs = {name: ((batch, 2, seq_len), jnp.float32 if name == "loss_mask" else jnp.int32)
+             for name in token_batch(1, 1)}
+    # policy forward and backward (3x) plus the reference's forward (1x) over both answers
+    return AotStep(trainer, pairs, gpt_cfg.flops_per_token(seq_len) * batch * 2 * seq_len * 4 / 3,
+                   f"{batch} pairs x 2 x {seq_len} tokens (DPO)")
   cfg = _hybrid_config(config, gpt_cfg, schedule(config)[0])
   teacher = nnx.eval_shape(lambda: GPT(gpt_cfg, rngs=nnx.Rngs(0)))
-  seq_len = config.data.seq_len
   trainer = trainer_lib.Trainer(config, "/tmp/lwjax-compile-unused", model_fn=lambda rngs: mh.HybridGPT(cfg, rngs=rngs),
                                 loss_fn=distill_loss(config.distill.kl_weight, config.distill.ce_weight),
                                 seq_len=seq_len, flops_per_token=gpt_cfg.flops_per_token(seq_len),
-                                mesh=mesh_lib.make_mesh(config.mesh.shape, devices),
+                                mesh=mesh,
                                 frozen=(lambda p: "mlp" in p) if config.distill.freeze_mlp else None, reference=teacher)
-  batch = config.train.global_batch_size
   return AotStep(trainer, token_batch(batch, seq_len), gpt_cfg.flops_per_token(seq_len) * batch * seq_len,
                  f"{batch} x {seq_len} tokens")
 
