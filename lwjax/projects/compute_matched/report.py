@@ -22,9 +22,15 @@ SETUP_NAMES = {"self": "self-improvement (WC finetuned)", "w2s": "weak-to-strong
 
 
 def load_runs(sweep_dir: str) -> list[dict]:
-  runs = [m for m in run_metrics.load(sweep_dir).values() if m.get("setup") in SETUP_ORDER]
+  runs = ordered(run_metrics.load(sweep_dir).values())
   if not runs:
     raise ValueError(f"no <run>/metrics.json under {sweep_dir}: run experiments/compute_matched.py first")
+  return runs
+
+
+def ordered(metrics) -> list[dict]:
+  """The setups' metrics (other runs' dropped) by setup, then seed: the order every table reads them in."""
+  runs = [m for m in metrics if m.get("setup") in SETUP_ORDER]
   return sorted(runs, key=lambda m: (SETUP_ORDER.index(m["setup"]), m["seed"]))
 
 
