@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 
@@ -38,6 +40,7 @@ from lwjax.serving import batch_sampler
 from lwjax.training import checkpoint
 
 LABEL_FIELDS = ("answer", "answer_correct", "correct", "first_error", "error_kind")
+SHARD_PROBLEMS = 1024  # a set of more problems is sampled in shards of about this many, each kept when done
 
 
 def label(task: reasoning_tasks.ReasoningTask, record: dict, text: str) -> dict:
@@ -81,9 +84,11 @@ def forward_flops_per_token(cfg: GPTConfig, context: int) -> float:
 
 def sample(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[dict], *, n: int,
            temperature: float, max_new_tokens: int, seed: int = 0, top_p: float = 1.0,
-           batch_prompts: int = 8, prompt_len: int | None = None) -> tuple[list[dict], dict]:
+           batch_prompts: int = 8, prompt_len: int | None = None, first_index: int = 0) -> tuple[list[dict], dict]:
   """Samples and labels `n` candidates for every record: ([{"index", "record", "candidates"}], stats). A few-shot
-  prompt's continuation is cut at the next problem (`task.trim`); `num_tokens` counts every token sampled."""
+  prompt's continuation is cut at the next problem (`task.trim`); `num_tokens` counts every token sampled.
+  `first_index`: the records are a set's from that position on (their indices, and their samples' seeds, are
+  the whole set's: `build` samples a large set in shards that give what one call would)."""
   tok = task.tokenizer
   prompts = [tokenizer_lib.bos_prefix(tok) + tok.encode(task.prompt(r)) for r in records]
   prompt_len = prompt_len or batch_sampler.bucket(max(len(p) for p in prompts))
@@ -97,23 +102,60 @@ def sample(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[di
   with tqdm(total=len(records), desc=f"sampling {n} per problem", unit="problem") as progress:
     samples = batch_sampler.sample_texts(sample_n, params, tok, prompts, n=n, prompt_len=prompt_len,
                                          batch_prompts=min(batch_prompts, len(records)), seed=seed,
-                                         temperature=temperature, top_p=top_p, progress=progress)
+                                         temperature=temperature, top_p=top_p, progress=progress,
+                                         first_index=first_index)
   seconds = time.time() - start
   problems = []
   for index, (record, drawn) in enumerate(zip(records, samples, strict=True)):
     candidates = [{"text": text, "num_tokens": num_tokens, **label(task, record, text)}
                   for text, num_tokens in ((task.trim(t), k) for t, k in drawn)]
-    problems.append({"index": index, "record": record, "candidates": candidates})
+    problems.append({"index": first_index + index, "record": record, "candidates": candidates})
+  return problems, _stats(model.cfg, problems, [len(p) for p in prompts], n=n, temperature=temperature, top_p=top_p,
+                          seed=seed, max_new_tokens=max_new_tokens, seconds=seconds)
+
+
+def _stats(cfg: GPTConfig, problems: Sequence[dict], prompt_lengths: Sequence[int], *, n: int, temperature: float,
+           top_p: float, seed: int, max_new_tokens: int, seconds: float) -> dict:
   tokens = sum(c["num_tokens"] for p in problems for c in p["candidates"])
   mean_len = tokens / max(len(problems) * n, 1)
-  stats = {"num_problems": len(problems), "n": n, "temperature": temperature, "top_p": top_p, "seed": seed,
-           "max_new_tokens": max_new_tokens, "generated_tokens": tokens, "seconds": seconds,
-           "tokens_per_second": tokens / max(seconds, 1e-9),
-           "forward_flops_per_token": forward_flops_per_token(model.cfg, int(np.mean([len(p) for p in prompts])
-                                                                            + mean_len / 2)),
-           "answer_accuracy": float(np.mean([c["answer_correct"] for p in problems for c in p["candidates"]])),
-           "accuracy": float(np.mean([c["correct"] for p in problems for c in p["candidates"]]))}
-  return problems, stats
+  return {"num_problems": len(problems), "n": n, "temperature": temperature, "top_p": top_p, "seed": seed,
+          "max_new_tokens": max_new_tokens, "generated_tokens": tokens, "seconds": seconds,
+          "tokens_per_second": tokens / max(seconds, 1e-9),
+          "forward_flops_per_token": forward_flops_per_token(cfg, int(np.mean(prompt_lengths) + mean_len / 2)),
+          "answer_accuracy": float(np.mean([c["answer_correct"] for p in problems for c in p["candidates"]])),
+          "accuracy": float(np.mean([c["correct"] for p in problems for c in p["candidates"]]))}
+
+
+def sample_in_shards(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[dict], *, parts_dir: str,
+                     shard_problems: int, n: int, temperature: float, max_new_tokens: int, seed: int = 0,
+                     top_p: float = 1.0, batch_prompts: int = 8) -> tuple[list[dict], dict]:
+  """`sample` of a large set, resumable: `shard_problems` records at a time (a multiple of `batch_prompts`, so the
+  batches are those of one call), each finished shard written to `parts_dir` (json, atomically) and read back by
+  a rerun instead of sampled again. One prompt length for every shard, and the whole set's seeds: the problems
+  equal one call's. `seconds` sums the shards' sampling times."""
+  tok = task.tokenizer
+  prompt_lengths = [len(tokenizer_lib.bos_prefix(tok) + tok.encode(task.prompt(r))) for r in records]
+  prompt_len = batch_sampler.bucket(max(prompt_lengths))
+  problems, seconds = [], 0.0
+  os.makedirs(parts_dir, exist_ok=True)
+  for start in range(0, len(records), shard_problems):
+    part = os.path.join(parts_dir, f"{start:08d}.json")
+    if os.path.isfile(part):
+      with open(part) as f:
+        done = json.load(f)
+      logging.info("candidates %d-%d: read back from %s", start, start + len(done["problems"]) - 1, part)
+    else:
+      shard, stats = sample(model, task, records[start:start + shard_problems], n=n, temperature=temperature,
+                            max_new_tokens=max_new_tokens, seed=seed, top_p=top_p, batch_prompts=batch_prompts,
+                            prompt_len=prompt_len, first_index=start)
+      done = {"problems": shard, "seconds": stats["seconds"]}
+      with open(part + ".tmp", "w") as f:
+        json.dump(done, f, separators=(",", ":"))
+      os.replace(part + ".tmp", part)
+    problems += done["problems"]
+    seconds += done["seconds"]
+  return problems, _stats(model.cfg, problems, prompt_lengths, n=n, temperature=temperature, top_p=top_p, seed=seed,
+                          max_new_tokens=max_new_tokens, seconds=seconds)
 
 
 def greedy(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[dict], *, max_new_tokens: int,
@@ -181,10 +223,17 @@ def build(path: str, *, workdir: str, task: str, split: str, num: int, n: int, t
   model, tokenizer, step = loaded or load_solver(workdir, step)
   reasoning_task = task_for(reasoning_tasks.get(task, **(task_options or {})), tokenizer)
   records = reasoning_task.records(num, seed=record_seed, split=split)
-  problems, stats = sample(model, reasoning_task, records, n=n, temperature=temperature,
-                           max_new_tokens=max_new_tokens, seed=seed, batch_prompts=batch_prompts)
+  shard = batch_prompts * max(1, SHARD_PROBLEMS // batch_prompts)
+  if len(records) <= shard:
+    problems, stats = sample(model, reasoning_task, records, n=n, temperature=temperature,
+                             max_new_tokens=max_new_tokens, seed=seed, batch_prompts=batch_prompts)
+  else:  # hours of sampling at the paper's sizes: in shards a stopped run does not redo
+    problems, stats = sample_in_shards(model, reasoning_task, records, parts_dir=path + ".parts", shard_problems=shard,
+                                       n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                                       batch_prompts=batch_prompts)
   metadata = {"settings": settings, "checkpoint_step": step, "stats": stats}
   write(path, problems, metadata)
+  shutil.rmtree(path + ".parts", ignore_errors=True)
   return problems, metadata
 
 

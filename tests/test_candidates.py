@@ -69,3 +69,40 @@ def test_sample_label_write_read_and_build_reuse(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="max_new_tokens"):
     candidates.sample(model, task, records, n=1, temperature=0.0, max_new_tokens=90)
   assert np.isfinite(stats["tokens_per_second"])
+
+
+def test_a_large_set_is_sampled_in_shards_that_a_rerun_reads_back(tmp_path, monkeypatch):
+  """Shards give the problems of one call (the same seeds, prompt length and batches); a build stopped after
+  two shards samples only the rest when run again, and its parts are removed once the set is written."""
+  task = reasoning_tasks.get("last_letter")
+  cfg = GPTConfig(vocab_size=task.tokenizer.vocab_size, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                  head_dim=8, d_ff=32, max_seq_len=96)
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+  records = task.records(10, seed=0, split="train")
+  whole, stats = candidates.sample(model, task, records, n=2, temperature=1.0, max_new_tokens=10, batch_prompts=2,
+                                   seed=3)
+  monkeypatch.setattr(candidates, "SHARD_PROBLEMS", 4)
+  monkeypatch.setattr(candidates, "load_solver", lambda workdir, step=None: (model, None, 0))
+  real_sample, calls = candidates.sample, []
+
+  def stopped_after_two(*args, **kwargs):
+    calls.append(kwargs["first_index"])
+    if len(calls) > 2:
+      raise KeyboardInterrupt
+    return real_sample(*args, **kwargs)
+
+  monkeypatch.setattr(candidates, "sample", stopped_after_two)
+  path = str(tmp_path / "c.arrayrecord")
+  options = dict(workdir="w", task="last_letter", split="train", num=10, n=2, max_new_tokens=10, seed=3,
+                 temperature=1.0, batch_prompts=2)
+  with pytest.raises(KeyboardInterrupt):
+    candidates.build(path, **options)
+  assert calls == [0, 4, 8] and sorted(p.name for p in (tmp_path / "c.arrayrecord.parts").iterdir()) == [
+      "00000000.json", "00000004.json"]
+  calls.clear()
+  monkeypatch.setattr(candidates, "sample", lambda *args, **kwargs: calls.append(kwargs["first_index"]) or
+                      real_sample(*args, **kwargs))
+  built, metadata = candidates.build(path, **options)
+  assert calls == [8] and built == whole and not (tmp_path / "c.arrayrecord.parts").exists()
+  assert {k: metadata["stats"][k] for k in ("generated_tokens", "answer_accuracy", "forward_flops_per_token")} == {
+      k: stats[k] for k in ("generated_tokens", "answer_accuracy", "forward_flops_per_token")}

@@ -74,11 +74,12 @@ def bucket(prompt_len: int, multiple: int = 32) -> int:
 
 def sample_texts(sample_n, params, tokenizer, prompts: Sequence[Sequence[int]], *, n: int, prompt_len: int,
                  batch_prompts: int, seed: int, temperature: float, top_p: float = 1.0,
-                 progress=None) -> list[list[tuple[str, int]]]:
+                 progress=None, first_index: int = 0) -> list[list[tuple[str, int]]]:
   """For each prompt (token ids, bos included), its `n` samples as (text cut at eos, tokens before eos).
 
   Prompts go `batch_prompts` at a time (the last batch padded), so one compilation serves them all;
-  sample j of prompt i has seed `seed * 2**20 + i * n + j` wherever it lands in a batch."""
+  sample j of prompt i has seed `seed * 2**20 + (first_index + i) * n + j` wherever it lands in a batch (a
+  set's prompts sampled in shards, each with its `first_index`, get the seeds of one call)."""
   results = []
   for start in range(0, len(prompts), batch_prompts):
     chunk = prompts[start:start + batch_prompts]
@@ -89,7 +90,7 @@ def sample_texts(sample_n, params, tokenizer, prompts: Sequence[Sequence[int]], 
         raise ValueError(f"prompt {start + i}: {len(ids)} tokens exceed prompt_len={prompt_len} "
                          "(valid: a larger prompt_len)")
       tokens_pp[i, :len(ids)], lengths_p[i] = ids, len(ids)
-    index = (start + np.arange(batch_prompts))[:, None] * n + np.arange(n)[None, :]
+    index = (first_index + start + np.arange(batch_prompts))[:, None] * n + np.arange(n)[None, :]
     seeds = ((seed * 2**20 + index) % 2**32).astype(np.uint32)
     out = np.asarray(sample_n(params, tokens_pp, lengths_p, seeds, np.float32(temperature), np.float32(top_p)))
     for row in out[:len(chunk)]:
