@@ -266,3 +266,68 @@ def test_judged_false_positive_rate_equals_the_checkers_on_compact_igsm(tmp_path
       assert all(line["candidate"] < k for line in at_k)
       assert result[source]["false_positive_rate"] == pytest.approx(np.mean([not c["correct"] for c in picked]))
       assert [line["verdict"] for line in at_k] == [c["correct"] for c in picked]
+
+
+@pytest.mark.slow
+def test_kd_on_math_files_from_hugging_face_checkpoints_with_a_judged_false_positive_rate(tmp_path, monkeypatch):
+  """compute-matched on MATH in its published schema, three Hugging Face checkpoints reading it through their
+  tokenizer: candidate sets planted where the job looks for them (the reference, a right box after a wrong step,
+  a wrong box), graded by the MATH equivalence; no step checker, so the quality table's FPR is nan and the judge
+  (a stub endpoint that rejects the wrong step) gives it at every budget; both finetunes and their evaluations."""
+  from experiments import compute_matched
+  from lwjax import jobs, reasoning_tasks
+  from tests.test_judge import StubEndpoint, between
+  from tests.test_reasoning_datasets import _write_math
+  (tmp_path / "math").mkdir()
+  _write_math(tmp_path / "math")
+  for name, width, seed in (("wc", 32, 0), ("se", 64, 1), ("student", 32, 2)):
+    _save_hf(tmp_path / name, _cfg(width), seed)
+  monkeypatch.chdir(tmp_path)
+  config = compute_matched.get_config(f"scale=smoke,setup=kd,task=math,path={tmp_path / 'math'},wc=wc,se=se,"
+                                      "student=student")
+  config.mesh.shape.update(data=2, fsdp=2, tensor=2)
+  config.candidates.num_train = 5
+  config.eval.update(num_test=3, num_hard=1)
+  jobs.get(config)
+  task = job.get_task(config)
+  assert not task.step_checker
+  models = job.load_models(config)
+  plan = job.plan(config, task, models)
+  c, rng = config.candidates, np.random.default_rng(0)
+  records = task.records(c.num_train, seed=c.record_seed, split="train")
+  planted = {}
+  for source in job.SOURCES:
+    _, workdir, step, _ = models[source]
+    problems = []
+    for index, record in enumerate(records):
+      wrong_step = record["solution"].replace("Halving,", "Doubling then halving twice,")
+      wrong_box = "It is $\\boxed{0}$."
+      texts = [[record["solution"], wrong_step, wrong_box][i] for i in rng.integers(0, 3, plan["n"][source])]
+      problems.append({"index": index, "record": record, "candidates": [
+          {"text": t, "num_tokens": 9, **candidates.label(task, record, t)} for t in texts]})
+    planted[source] = problems
+    settings = {"workdir": os.path.abspath(workdir), "task": "math", "split": "train", "num": c.num_train,
+                "n": plan["n"][source], "temperature": c.temperature, "max_new_tokens": c.max_new_tokens,
+                "seed": config.seed * 7919 + job.SOURCES.index(source), "record_seed": c.record_seed,
+                "task_options": job.task_options(config), "step": step}
+    stats = {"generated_tokens": 90, "answer_accuracy": 0.6, "accuracy": 0.6}
+    candidates.write(plan["paths"][source], problems, {"settings": json.loads(json.dumps(settings)),
+                                                       "checkpoint_step": step, "stats": stats})
+  assert all(c["answer_correct"] for p in planted["wc"] for c in p["candidates"] if "Doubling" in c["text"])
+
+  def judge(prompt: str) -> str:  # the reasoning is wrong exactly where a step doubles first
+    return "No" if "Doubling" in between(prompt, "Student's solution:\n", "\n\nIs every step") else "Yes"
+
+  with StubEndpoint(judge) as stub:
+    config.judge.update(base_url=stub.base_url, model="grader", max_candidates=1000)
+    m = jobs.get(config).run(config, str(tmp_path / "kd"))
+  assert m["finetuned"] == "student" and reasoning_tasks.get("math", path=str(tmp_path / "math")).name == "math"
+  for row, judged in zip(m["quality"], m["judge_by_budget"], strict=True):
+    for source in job.SOURCES:
+      assert row[source]["false_positive_rate"] != row[source]["false_positive_rate"]  # nan: no step checker
+      kept = [c for p in planted[source] for c in p["candidates"][:row["budget"][source]] if c["answer_correct"]]
+      assert judged[source]["n"] == len(kept) and judged[source]["false_positive_rate"] == pytest.approx(
+          np.mean(["Doubling" in c["text"] for c in kept]))
+  for name in ("base", "wc_data", "se_data"):
+    assert m["eval"][name]["test"]["n"] == 3
+  assert m["finetune_data"]["wc"]["rows"] > 0 and m["finetune_data"]["se"]["rows"] > 0
