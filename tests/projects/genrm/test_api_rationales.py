@@ -7,7 +7,6 @@ import importlib
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from lwjax import candidates, jobs, judge as judge_lib, reasoning_tasks
