@@ -16,7 +16,10 @@ per token for a GPT, its teacher GPT's for a hybrid, three forward passes for th
 checkpoint or named by `--config.teacher.preset`) and `gamengen_diffusion` (the denoiser's step on latent
 windows; the latent grid from the autoencoder's checkpoint, else from `autoencoder.geometry`), `genrm` (the
 verifier's finetune, its shape from `--config.base_preset` or the config of `base`) and `compute_matched` (the
-setup's finetune, its shape from `--config.models.finetuned_preset` or the finetuned model's config).
+setup's finetune, its shape from `--config.models.finetuned_preset` or the finetuned model's config). `serve`
+(experiments/serve.py) compiles the serving engine's decode step and its prefill (or mixed) call instead, tensor
+parallel over `--config.mesh.shape.tensor` chips: weights and KV capacity per chip, a roofline decode step
+(`lwjax.launch.serving_compile`).
 """
 
 from __future__ import annotations
@@ -163,11 +166,17 @@ def main(overrides) -> None:
     host_command.required(config=f.config, tpu=f.tpu)
     slice_ = tpu_types.parse(f.tpu, f.topology)
     config, _ = host_command.load_config(f.config, overrides)
-    host_command.check_mesh(config, slice_)
-    report = compile_train_step(config, slice_)
+    if config.job == "serve":  # an engine covers `tensor` chips, its replicas the rest: no mesh over every chip
+      from lwjax.launch import serving_compile
+      report = serving_compile.compile_serving_step(config, slice_)
+      text = serving_compile.format_report(report)
+    else:
+      host_command.check_mesh(config, slice_)
+      report = compile_train_step(config, slice_)
+      text = format_report(report)
   except ConfigError as e:
     host_command.fail(e, PROG)
-  print(format_report(report))
+  print(text)
   if f.json_out:
     with open(f.json_out, "w") as out:
       json.dump(report, out, indent=2)
