@@ -8,7 +8,8 @@ embeddings scaled by sqrt(d_model) (Gemma-2).
 Training forward over packed sequences (causal mask + segment ids) and an inference API over a KV cache:
 `prefill` (also chunked: it appends a chunk to an existing cache) and `decode_step`. Every parameter
 carries `logical_axes` metadata and activations are constrained by logical names (`lwjax.models.logical`).
-Attention goes through `lwjax.kernels.attention`.
+Attention goes through `lwjax.kernels.attention`. With `scan_layers` the layers' parameters are one stack run by a
+scan (`lwjax.models.layer_stack`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from lwjax import kernels
 from lwjax.config import Field, option, schema_of
-from lwjax.models import logical
+from lwjax.models import layer_stack, logical
 from lwjax.models.logical import constrain
 
 REMAT_POLICIES = ("none", "full", "dots")
@@ -67,6 +68,8 @@ class GPTConfig:
   dtype: str = option("float32", choices=DTYPES)
   param_dtype: str = option("float32", choices=DTYPES)
   remat: str = option("none", choices=REMAT_POLICIES)
+  scan_layers: bool = option(False, doc="layers' parameters stacked on a leading axis and run by one scan "
+                             "(`lwjax.models.layer_stack`): one compiled layer, one layer's temporaries")
   attention_impl: str = option("auto", choices=kernels.IMPLS)
   qkv_bias: bool = option(False, doc="biases on the query, key and value projections (Qwen2)")
   sliding_window: int | None = option(None, min=1, doc="windowed layers attend to this many keys up to the query")
@@ -90,6 +93,9 @@ class GPTConfig:
       raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+    if self.scan_layers and self.n_layers % layer_stack.period(self):
+      raise ValueError(f"scan_layers: n_layers ({self.n_layers}) must be a multiple of full_attention_every "
+                       f"({self.full_attention_every}), the layers scanned as one group")
 
   def layer_window(self, layer: int) -> int | None:
     """The sliding window of layer `layer` (None: it attends to the whole context)."""
@@ -462,7 +468,10 @@ class GPT(nnx.Module):
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype)
-    self.layers = nnx.List([Block(cfg, rngs=rngs, layer=i) for i in range(cfg.n_layers)])
+    if cfg.scan_layers:  # one Block holding every layer's parameters on a leading axis
+      self.layers = layer_stack.stacked_blocks(cfg, rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, rngs=rngs, layer=i) for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg, rngs=rngs)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype,
@@ -473,6 +482,10 @@ class GPT(nnx.Module):
 
   def _embed(self, tokens_bt):
     return embed_tokens(self, self.cfg, tokens_bt)
+
+  def blocks(self) -> list[Block]:
+    """The per-layer blocks in order (with `scan_layers`, views reading slices of the stack)."""
+    return layer_stack.layer_views(self.layers, self.cfg) if self.cfg.scan_layers else list(self.layers)
 
   def _block_fn(self):
     """The per-layer function, rematerialised in the backward pass as configured."""
@@ -494,6 +507,8 @@ class GPT(nnx.Module):
       positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
     inv_freq = rope_frequencies(self.cfg)
     x = self._embed(tokens_bt)
+    if self.cfg.scan_layers:
+      return layer_stack.scan_blocks(self.layers, self.cfg, x, positions_bt, inv_freq, segment_ids_bt)
     run = self._block_fn()
     for block in self.layers:
       x = run(block, x, positions_bt, inv_freq, segment_ids_bt)
@@ -531,7 +546,7 @@ class GPT(nnx.Module):
       segment_ids = (jnp.ones((batch, t), jnp.int32),
                      (jnp.arange(cache.max_len)[None, :] >= kv_start[:, None]).astype(jnp.int32))
     new_k, new_v = [], []
-    for i, block in enumerate(self.layers):
+    for i, block in enumerate(self.blocks()):
       x, (k, v) = block(x, positions, inv_freq, segment_ids=segment_ids, cache_kv=(cache.k[i], cache.v[i]),
                         q_offset=start)
       new_k.append(k)
@@ -567,7 +582,7 @@ class GPT(nnx.Module):
     # Per nano-batch: (positions, slot pages, slot offsets, page table, lengths).
     parts = list(zip(*(jnp.split(a, nano_batches) for a in per_row), strict=False))
     new_k, new_v = [], []
-    for i, block in enumerate(self.layers):
+    for i, block in enumerate(self.blocks()):
       pools = (k_pools[i], v_pools[i])
       for n, (pos, pages, offsets, table, lens) in enumerate(parts):
         xs[n], pools = block.paged(xs[n], pos, inv_freq, pools, (pages, offsets), table, lens)
@@ -589,7 +604,7 @@ class GPT(nnx.Module):
     tables = [g[2] for g in groups]
     lengths = [g[3] for g in groups]
     new_k, new_v = [], []
-    for i, block in enumerate(self.layers):
+    for i, block in enumerate(self.blocks()):
       xs, pools = block.paged_groups(xs, positions, inv_freq, (k_pools[i], v_pools[i]), slots, tables, lengths)
       new_k.append(pools[0])
       new_v.append(pools[1])

@@ -9,6 +9,7 @@ which safetensors uses for BF16.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from safetensors.numpy import save_file
 
-from lwjax.models import hf_families
+from lwjax.models import hf_families, layer_stack
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.models.logical import Rules, logical_to_spec
 
@@ -185,13 +186,14 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules | No
 
   `overrides` replace `GPTConfig` fields (e.g. `param_dtype="float32"`, `max_seq_len=8192`); parameters are
   cast to `param_dtype`. With `mesh`, each parameter goes straight onto the sharding its logical axes get
-  under `rules` (default `lwjax.training.mesh.DEFAULT_RULES`: weights over the fsdp and tensor axes).
+  under `rules` (default `lwjax.training.mesh.DEFAULT_RULES`: weights over the fsdp and tensor axes). With
+  `scan_layers=True` the layers are read one by one, then stacked (`lwjax.models.layer_stack`).
   """
   path = os.fspath(path)
   cfg, layout, files = _plan(path, **overrides)
 
-  abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(dataclasses.replace(cfg, scan_layers=False),
+                                                         rngs=nnx.Rngs(0))))
   values = nnx.to_pure_dict(state)
   place = _placer(state, mesh, rules)
   dtype = np.dtype(jnp.dtype(cfg.param_dtype))
@@ -205,6 +207,12 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules | No
         for part in tensor.parts:
           _get(values, part.path[:-1])[part.path[-1]] = place(part.path, part.from_hf(x).astype(dtype, copy=False))
         del x
+  if cfg.scan_layers:
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+    place = _placer(state, mesh, rules)
+    stacked = layer_stack.stack_layers(values)["layers"]
+    values["layers"] = jax.tree_util.tree_map_with_path(lambda p, x: place(("layers", *(k.key for k in p)), x),
+                                                        stacked)
   nnx.replace_by_pure_dict(state, values)
   return nnx.merge(graphdef, state)
 
@@ -224,7 +232,7 @@ def save(model: GPT, path: str | os.PathLike, *, family: str | None = None,
   Above `max_shard_bytes` the tensors go to `model-0000i-of-0000n.safetensors` shards with a
   `model.safetensors.index.json`, as `save_pretrained` does. Earlier weight files in `path` are removed.
   """
-  values = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  values = layer_stack.to_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), stacked=False)
   layout = hf_families.tensor_layout(model.cfg, family or hf_families.family_of(model.cfg))
 
   def tensor(key):

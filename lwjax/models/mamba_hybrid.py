@@ -312,14 +312,14 @@ class HybridGPT(nnx.Module):
     """A hybrid whose embeddings, norms, MLPs and kept attention layers are the teacher's; its Mamba mixers
     initialised from the teacher's attention at the same layer (or, `attention_init=False`, left random: the
     paper's baseline)."""
-    if teacher.cfg != cfg.gpt:
+    if dataclasses.replace(teacher.cfg, scan_layers=cfg.gpt.scan_layers) != cfg.gpt:  # either layout
       raise ConfigError("model.gpt", "differs from the teacher's GPT config", f"the teacher's: {teacher.cfg}")
     model = cls(cfg, rngs=rngs)
     model.embed[...] = teacher.embed[...]
     model.final_norm.scale[...] = teacher.final_norm.scale[...]
     if not cfg.gpt.tie_embeddings:
       model.lm_head[...] = teacher.lm_head[...]
-    for i, (mine, theirs) in enumerate(zip(model.layers, teacher.layers, strict=True)):
+    for i, (mine, theirs) in enumerate(zip(model.layers, teacher.blocks(), strict=True)):
       if i in cfg.mamba_layers:
         for name in ("attn_norm", "mlp_norm", "mlp"):
           nnx.update(getattr(mine, name), nnx.state(getattr(theirs, name)))

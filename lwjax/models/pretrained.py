@@ -63,7 +63,7 @@ def check(path: str) -> str:
 
 
 # What a job's `model` section still decides for a pretrained model: how it computes, not its shape.
-RUNTIME_FIELDS = ("dtype", "remat", "attention_impl")
+RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "scan_layers")
 # A training job's section decides the stored dtype too: `param_dtype` is then the dtype of the master weights the
 # optimizer updates (float32 in every preset, as levanter and MaxText train), whatever the checkpoint's (often
 # bfloat16); inference keeps the checkpoint's.
@@ -195,6 +195,8 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules:
   `lwjax.training.mesh.DEFAULT_RULES`: weights over the fsdp and tensor axes); the whole model is never on one
   device. `dtype` (compute), `param_dtype` (stored; default the checkpoint's) and `overrides` replace
   `GPTConfig` fields, e.g. `max_seq_len`. A checkpoint that cannot be read raises an error naming file and key.
+  The model comes with per-layer blocks (what the decode paths and layer-wise tools iterate), whatever layout a
+  workdir was trained in; `scan_layers=True` gives the stacked layout (`lwjax.models.layer_stack`).
   """
   path = os.fspath(path)
   found = check(path)
@@ -211,7 +213,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, rules:
   from lwjax.training import checkpoint
 
   def build(saved):
-    return GPT(GPTConfig.from_dict({**saved["model"], **fields}), rngs=nnx.Rngs(0))
+    return GPT(GPTConfig.from_dict({**saved["model"], "scan_layers": False, **fields}), rngs=nnx.Rngs(0))
   try:
     model, _, _ = checkpoint.load_model(os.path.join(path, CHECKPOINTS_DIR), build, mesh=mesh, rules=rules)
   except FileNotFoundError:

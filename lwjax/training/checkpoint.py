@@ -16,7 +16,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from lwjax.models import layer_stack
+from lwjax.models.gpt import GPT
 from lwjax.training import sharding
 from lwjax.training.mesh import DEFAULT_RULES
 
@@ -96,11 +99,13 @@ def load_model(directory: str, build: Callable[[dict], Any], step: int | None = 
   `directory` is a run's `checkpoints/` folder; `build(config)` makes the model from the run config
   saved beside the state (only its shape is used); the parameters of `step` (default: latest) fill it, on the
   default device, or with `mesh` each restored straight onto the sharding its logical axes get under `rules`
-  (default `DEFAULT_RULES`).
+  (default `DEFAULT_RULES`). A GPT saved with the other layer layout (`GPTConfig.scan_layers`: stacked or per-layer)
+  than `build` gives is restored as saved, then converted.
   """
   manager, step, config = _open(directory, step)
   try:
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build(config)))
+    abstract = nnx.eval_shape(lambda: build(config))
+    graphdef, state = nnx.split(abstract)
     params = nnx.to_pure_dict(state)
     if mesh is None:
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -109,8 +114,29 @@ def load_model(directory: str, build: Callable[[dict], Any], step: int | None = 
       shardings = sharding.param_shardings(params, sharding.logical_axes(state), mesh, rules or DEFAULT_RULES)
     target = {"params": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                      params, shardings)}
+    saved_stacked = bool((config.get("model") or {}).get("scan_layers"))
+    convert = isinstance(abstract, GPT) and abstract.cfg.scan_layers != saved_stacked
+    if convert:
+      target = {"params": _in_layout(target["params"], saved_stacked, abstract.cfg.n_layers)}
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
   finally:
     manager.close()
-  return nnx.merge(graphdef, restored["state"]["params"]), config, step
+  params = restored["state"]["params"]
+  if convert:
+    params = jax.jit(lambda p: layer_stack.to_layout(p, not saved_stacked), out_shardings=shardings)(params)
+  return nnx.merge(graphdef, params), config, step
+
+
+def _in_layout(abstract_params: dict, stacked: bool, n_layers: int) -> dict:
+  """Abstract GPT params (ShapeDtypeStructs with shardings) in the stacked (`stacked`) or per-layer layout: a
+  stacked parameter's sharding is its layer's with the `layers` axis unsharded."""
+  def spec(sharding_, change):
+    if not isinstance(sharding_, NamedSharding):
+      return sharding_
+    return NamedSharding(sharding_.mesh, PartitionSpec(*change(tuple(sharding_.spec))))
+  if stacked:
+    return layer_stack.stack_layers(abstract_params, combine=lambda *xs: jax.ShapeDtypeStruct(
+        (len(xs), *xs[0].shape), xs[0].dtype, sharding=spec(xs[0].sharding, lambda s: (None, *s))))
+  return layer_stack.unstack_layers(abstract_params, n_layers, pick=lambda x, _: jax.ShapeDtypeStruct(
+      x.shape[1:], x.dtype, sharding=spec(x.sharding, lambda s: s[1:])))

@@ -16,11 +16,15 @@ Materialising W + s a b costs d_in * d_out * rank per weight and step, small nex
 batch of tokens, and keeps the model code free of adapter logic; the price is that the backward still forms
 the weight gradient of each adapted W (x^T dy) before projecting it onto a and b, where a factored forward
 (x a) b would not. No LoRA dropout: it acts on the input of `a`, which the merged form has no place for.
+
+A scanned GPT's weights (`GPTConfig.scan_layers`) carry a leading `layers` axis: each layer gets its own pair,
+stacked the same way (a [layers, *in, r], b [layers, r, *out]).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -31,6 +35,7 @@ from lwjax.config import Field, non_negative_int
 
 TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 _INPUT_AXES = {"wo": 2}  # input axes of a weight when not 1
+_NDIM = {"wq": 3, "wk": 3, "wv": 3, "wo": 3, "w_gate": 2, "w_up": 2, "w_down": 2}  # one layer's weight
 
 
 def _check_targets(value: str) -> str | None:
@@ -82,10 +87,11 @@ def _targeted(params, config: LoRAConfig) -> list[tuple]:
   return targeted
 
 
-def _split(path: tuple, shape: tuple) -> tuple[tuple, tuple]:
-  """(input axes, output axes) of the weight at `path`."""
+def _split(path: tuple, shape: tuple) -> tuple[tuple, tuple, tuple]:
+  """(leading axes (a stacked weight's `layers`), input axes, output axes) of the weight at `path`."""
+  lead = len(shape) - _NDIM[path[-1]]
   n_in = _INPUT_AXES.get(path[-1], 1)
-  return shape[:n_in], shape[n_in:]
+  return shape[:lead], shape[lead:lead + n_in], shape[lead + n_in:]
 
 
 def init(params, config: LoRAConfig, key: jax.Array) -> dict:
@@ -95,26 +101,31 @@ def init(params, config: LoRAConfig, key: jax.Array) -> dict:
   targeted = _targeted(params, config)
   adapters = {}
   for path, k in zip(targeted, jax.random.split(key, len(targeted)), strict=True):
-    in_shape, out_shape = _split(path, flat[path].shape)
-    adapters[path + ("a",)] = jax.random.normal(k, (*in_shape, config.rank), jnp.float32) * math.prod(in_shape) ** -0.5
-    adapters[path + ("b",)] = jnp.zeros((config.rank, *out_shape), jnp.float32)
+    lead, in_shape, out_shape = _split(path, flat[path].shape)
+    adapters[path + ("a",)] = (jax.random.normal(k, (*lead, *in_shape, config.rank), jnp.float32)
+                               * math.prod(in_shape) ** -0.5)
+    adapters[path + ("b",)] = jnp.zeros((*lead, config.rank, *out_shape), jnp.float32)
   return traverse_util.unflatten_dict(adapters)
 
 
 def logical_axes(param_axes, config: LoRAConfig) -> dict:
   """The adapters' logical axes from the params' (a tree of axis-name tuples shaped like the params): `a` takes
-  the weight's input axes, `b` its output axes, the rank axis none (replicated)."""
+  the weight's input axes, `b` its output axes (both the leading ones too), the rank axis none (replicated)."""
   flat = traverse_util.flatten_dict(param_axes)
   axes = {}
   for path in _targeted(param_axes, config):
-    in_axes, out_axes = _split(path, tuple(flat[path]))
-    axes[path + ("a",)], axes[path + ("b",)] = (*in_axes, None), (None, *out_axes)
+    lead, in_axes, out_axes = _split(path, tuple(flat[path]))
+    axes[path + ("a",)], axes[path + ("b",)] = (*lead, *in_axes, None), (*lead, None, *out_axes)
   return traverse_util.unflatten_dict(axes)
 
 
-def delta(adapter: dict[str, jax.Array], config: LoRAConfig) -> jax.Array:
-  """The weight update (alpha / rank) a b, shaped like the adapted weight."""
-  return config.scale * jnp.tensordot(adapter["a"], adapter["b"], axes=1)
+def delta(adapter: dict[str, jax.Array], config: LoRAConfig, lead: int = 0) -> jax.Array:
+  """The weight update (alpha / rank) a b, shaped like the adapted weight; per slice of the first `lead` axes
+  (a stacked weight's layers)."""
+  product = functools.partial(jnp.tensordot, axes=1)
+  for _ in range(lead):
+    product = jax.vmap(product)
+  return config.scale * product(adapter["a"], adapter["b"])
 
 
 def merge(params, adapters: dict, config: LoRAConfig):
@@ -126,7 +137,8 @@ def merge(params, adapters: dict, config: LoRAConfig):
     raise ValueError(f"adapters for weights the params lack: {sorted(map(str, missing))}")
   for path, adapter in pairs.items():
     w = flat[path]
-    flat[path] = (w.astype(jnp.float32) + delta(adapter, config)).astype(w.dtype)
+    lead = len(_split(path, w.shape)[0])
+    flat[path] = (w.astype(jnp.float32) + delta(adapter, config, lead)).astype(w.dtype)
   return traverse_util.unflatten_dict(flat)
 
 

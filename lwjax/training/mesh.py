@@ -24,6 +24,7 @@ DEFAULT_RULES = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),  # a scanned GPT's stacked layers axis (`lwjax.models.layer_stack`): a scan step takes one
 )
 # Serving (`lwjax.serving.tensor_parallel`): weights over `tensor` only (heads, kv heads, the MLP hidden and the
 # vocabulary), the paged KV pool over kv heads. No fsdp split: a decode step would all-gather every layer's
@@ -39,6 +40,7 @@ SERVING_RULES = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),
 )
 SCHEMA = {
     "shape": {axis: Field(int, check=lambda v: None if v == -1 or v >= 1 else "must be >= 1 or -1 (fill)",
