@@ -11,13 +11,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lwjax.config import ConfigError
+
 LogicalAxes = tuple[str | None, ...]
+# The GPTConfig size behind each logical name, for `check_divisible`.
+SIZED_BY = (("vocab", "vocab_size"), ("embed", "d_model"), ("heads", "n_heads"), ("kv_heads", "n_kv_heads"),
+            ("head_dim", "head_dim"), ("mlp", "d_ff"))
+MAX_LISTED_EXTENT = 64  # an error lists the extents up to this that would divide (no jax.devices(): checked early)
 # A rule maps one logical name to a mesh axis, a tuple of mesh axes, or None (replicated).
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
@@ -95,3 +102,25 @@ def current_mesh() -> Mesh | None:
 def spec_for(axes: LogicalAxes, shape: Sequence[int]) -> PartitionSpec:
   """The PartitionSpec the installed rules give an array of `shape` with logical `axes`."""
   return logical_to_spec(axes, _CONTEXT.rules, _CONTEXT.mesh, shape)
+
+
+def check_divisible(cfg, sizes: Mapping[str, int], rules: Rules, section: str = "model") -> None:
+  """ConfigError naming `<section>.<key>` for the first size of `cfg` (a GPTConfig) that the mesh axes it is
+  sharded over by `rules` do not divide (heads, kv heads, the MLP hidden, the vocabulary, ...), on a mesh of axis
+  `sizes` (`mesh.shape`, or the config's; a -1 is not checked): before anything is lowered, where XLA would fail
+  with an IndivisibleError or `logical_to_spec` would replicate the dimension silently."""
+  table = {}
+  for name, target in rules:
+    table.setdefault(name, target)
+  for axis_name, key in SIZED_BY:
+    target = table.get(axis_name)
+    targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    split = [(axis, sizes[axis]) for axis in targets if sizes.get(axis, 1) > 1]
+    extent = math.prod(size for _, size in split)
+    value = getattr(cfg, key)
+    if value % extent:
+      axes = " x ".join(f"{axis}={size}" for axis, size in split)
+      fits = ", ".join(str(d) for d in range(1, max(extent, MAX_LISTED_EXTENT) + 1) if value % d == 0)
+      where = f"mesh.shape.{split[0][0]}" if len(split) == 1 else "the product " + " x ".join(a for a, _ in split)
+      raise ConfigError(f"{section}.{key}", f"{value} is not divisible by mesh axis {axes}",
+                        f"{where} in {fits}; or the rule [{axis_name!r}, None] in mesh.rules")

@@ -29,10 +29,8 @@ from lwjax.models.logical import Rules, logical_to_spec
 from lwjax.training import mesh as mesh_lib
 
 # The model config key sized by each logical axis a rule may shard (checked to divide the mesh axes it maps to).
-SIZED_BY = (("vocab", "vocab_size"), ("embed", "d_model"), ("heads", "n_heads"), ("kv_heads", "n_kv_heads"),
-            ("head_dim", "head_dim"), ("mlp", "d_ff"))
+SIZED_BY = logical.SIZED_BY
 KV_POOL_AXES = ("kv_heads", None, None, None)  # [kv_heads, num_pages, page_size, head_dim]
-MAX_LISTED_EXTENT = 64  # an error lists the extents up to this that would divide (no jax.devices(): checked early)
 PARALLEL_AXIS = "tensor"  # the one mesh axis an engine splits over; the rest must be 1 (replicas: separate engines)
 
 
@@ -59,25 +57,8 @@ def check_mesh(sizes: Mapping[str, int]) -> None:
 
 
 def check_shapes(cfg, sizes: Mapping[str, int], rules: Rules, section: str = "model") -> None:
-  """ConfigError naming `<section>.<key>` for the first size of `cfg` (a GPTConfig) that a mesh axis it is sharded
-  over does not divide (heads, kv heads, the MLP hidden, the vocabulary under the serving rules), on a mesh of
-  axis `sizes` (`mesh.shape`, or the config's; a -1 is not checked): before anything is lowered, where XLA would
-  fail with an IndivisibleError or replicate silently."""
-  table = {}
-  for name, target in rules:
-    table.setdefault(name, target)
-  for axis_name, key in SIZED_BY:
-    target = table.get(axis_name)
-    targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    split = [(axis, sizes[axis]) for axis in targets if sizes.get(axis, 1) > 1]
-    extent = math.prod(size for _, size in split)
-    value = getattr(cfg, key)
-    if value % extent:
-      axes = " x ".join(f"{axis}={size}" for axis, size in split)
-      fits = ", ".join(str(d) for d in range(1, max(extent, MAX_LISTED_EXTENT) + 1) if value % d == 0)
-      where = f"mesh.shape.{split[0][0]}" if len(split) == 1 else "the product " + " x ".join(a for a, _ in split)
-      raise ConfigError(f"{section}.{key}", f"{value} is not divisible by mesh axis {axes}",
-                        f"{where} in {fits}; or the rule [{axis_name!r}, None] in mesh.rules")
+  """`logical.check_divisible` of the model's sizes on the serving mesh (the engine, `serve`'s validation)."""
+  logical.check_divisible(cfg, sizes, rules, section)
 
 
 def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules):

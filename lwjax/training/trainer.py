@@ -28,11 +28,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lwjax.config import ConfigError, DefaultedGroup, Field, non_negative_int, positive_int
 from lwjax.data.pipeline import global_batch
+from lwjax.models import logical
 from lwjax.models.logical import axis_rules
 from lwjax.models.pretrained import CHECKPOINTS_DIR, MERGED_DIR
 from lwjax.training import checkpoint, lora, mesh as mesh_lib, optim, sharding
 from lwjax.training.progress import Progress
 
+TENSOR_AXIS = "tensor"  # the axis model dimensions split over (data and fsdp split the batch and the weights' rows)
 SCHEMA = {
     "steps": positive_int(),
     "global_batch_size": positive_int("examples per step over all devices and micro-batches"),
@@ -97,6 +99,26 @@ def _check_batch_split(train, mesh, rules) -> None:
                       f"a multiple of {split}, or fewer devices on {'/'.join(axes)} (mesh.shape)")
 
 
+def _check_model_split(model: nnx.Module, mesh, rules) -> None:
+  """A ConfigError naming `model.<key>` when a GPT's heads or MLP hidden do not divide the `tensor` axis they are
+  sharded over (`logical.check_divisible`), before anything is lowered: `logical_to_spec` would otherwise
+  replicate them silently, and the step would run with no tensor parallelism in attention or the MLP. Fewer kv
+  heads than the axis (grouped-query attention at a high tensor degree) and a vocabulary the axis does not divide
+  are replicated, as MaxText and vLLM do, and said in the log. The GPT is `model`'s own config, a hybrid's
+  attention model, or the GPT a reward model wraps; other models are not checked."""
+  cfg = getattr(model, "cfg", None) or getattr(getattr(model, "gpt", None), "cfg", None)
+  cfg = getattr(cfg, "gpt", cfg)  # a HybridConfig holds its GPT's
+  if cfg is None or not all(hasattr(cfg, key) for _, key in logical.SIZED_BY):
+    return
+  over_tensor = {name: target for name, target in rules
+                 if target == TENSOR_AXIS or (isinstance(target, (list, tuple)) and TENSOR_AXIS in target)}
+  logical.check_divisible(cfg, dict(mesh.shape), [(n, t) for n, t in over_tensor.items() if n in ("heads", "mlp")])
+  tensor = mesh.shape.get(TENSOR_AXIS, 1)
+  for name, key in (("kv_heads", "n_kv_heads"), ("vocab", "vocab_size")):
+    if name in over_tensor and getattr(cfg, key) % tensor:
+      logging.info("model.%s=%d is not divisible by tensor=%d: replicated over it", key, getattr(cfg, key), tensor)
+
+
 class Trainer:
   """Trains `model_fn(rngs)` on `loss_fn` with `config.{train, optim, mesh}`; checkpoints in `workdir`."""
 
@@ -124,6 +146,7 @@ class Trainer:
     self.flops_per_step = flops_per_token * self.tokens_per_step if flops_per_token else None
 
     abstract_model = nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
+    _check_model_split(abstract_model, self.mesh, self.rules)
     self.graphdef, abstract_variables = nnx.split(abstract_model)
     axes = sharding.logical_axes(abstract_variables)
 

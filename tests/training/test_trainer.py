@@ -256,3 +256,27 @@ def test_a_batch_the_mesh_cannot_split_is_a_config_error_before_lowering():
   with pytest.raises(ConfigError, match=r"^train.global_batch_size: 12 rows do not split over the batch's mesh "
                                         r"axes data=4 x fsdp=2 \(8 ways\) \(valid: a multiple of 8"):
     Trainer(config, "/tmp/unused", model_fn=lambda rngs: GPT(model_cfg, rngs=rngs), loss_fn=losses.lm_loss)
+
+
+def test_model_dimensions_the_tensor_axis_cannot_split_are_a_config_error_before_lowering():
+  """Heads (or the MLP hidden) that the tensor axis does not divide: one line naming the model key, the axis and
+  the extents that would divide, at construction; the sharding would otherwise replicate them silently, with no
+  tensor parallelism left. A reward model's wrapped GPT is checked too. Fewer kv heads than the axis are
+  replicated (grouped-query attention at a high tensor degree), as the sharded-step test runs them."""
+  from lwjax.config import ConfigError
+  from lwjax.projects.genrm import verifiers
+  config = _config((2, 1, 4))
+  config.model.update(n_heads=6, n_kv_heads=2, d_ff=96)
+  model_cfg = GPTConfig.from_dict(config.model)
+  with pytest.raises(ConfigError, match=r"^model.n_heads: 6 is not divisible by mesh axis tensor=4 \(valid: "
+                                        r"mesh.shape.tensor in 1, 2, 3, 6;"):
+    Trainer(config, "/tmp/unused", model_fn=lambda rngs: GPT(model_cfg, rngs=rngs), loss_fn=losses.lm_loss)
+  with pytest.raises(ConfigError, match=r"^model.n_heads"):
+    Trainer(config, "/tmp/unused", loss_fn=verifiers.disc_loss,
+            model_fn=lambda rngs: verifiers.RewardModel(GPT(model_cfg, rngs=rngs), rngs=rngs))
+  config.model.update(n_heads=8, d_ff=90)
+  mlp_cfg = GPTConfig.from_dict(config.model)
+  with pytest.raises(ConfigError, match=r"^model.d_ff: 90 is not divisible by mesh axis tensor=4"):
+    Trainer(config, "/tmp/unused", model_fn=lambda rngs: GPT(mlp_cfg, rngs=rngs), loss_fn=losses.lm_loss)
+  config.mesh.shape.update(data=4, tensor=2)
+  Trainer(config, "/tmp/unused", model_fn=lambda rngs: GPT(model_cfg, rngs=rngs), loss_fn=losses.lm_loss)
