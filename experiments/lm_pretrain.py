@@ -11,6 +11,8 @@ Overrides: `--config.train.steps=100`, `--config.mesh.shape.fsdp=4`, ...
 From a checkpoint: `--config.model.pretrained=PATH` (a Hugging Face directory or an lwjax workdir) finetunes all its
 weights in `--config.model.param_dtype` (default float32); add `--config.train.lora.rank=8` (and `.alpha`, `.targets`)
 to train LoRA adapters instead, the merged model written to `<workdir>/merged`.
+The gpu and paper scales scan their layers (`model.scan_layers`: one compiled layer, one layer's temporaries; the
+workdir loads per-layer with `load_pretrained`, or scanned with `scan_layers=True`); smoke and cpu unroll them.
 The smoke and cpu scales train on a generated corpus (lwjax.data.corpus) that the run writes into its
 workdir; the cpu scale's eval loss lands far below the unigram cross-entropy of the held-out text.
 """
@@ -54,13 +56,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         checkpoint_every=200)
     config.optim.update(learning_rate=3e-3, warmup_steps=40)
   elif scale == "gpu":
-    config.model.update(dtype="bfloat16", vocab_size=8192)
+    config.model.update(dtype="bfloat16", vocab_size=8192, scan_layers=True)
     config.data.update(num_train_docs=200000, num_eval_docs=2000, seq_len=1024)
     config.train.update(steps=5000, global_batch_size=64, log_every=50, eval_every=1000, eval_steps=20,
                         checkpoint_every=1000)
     config.optim.update(learning_rate=1e-3, warmup_steps=200)
   else:  # paper: gpt_1b / llama3_8b shapes, sharded over a slice
-    config.model.update(dtype="bfloat16", remat="full")
+    config.model.update(dtype="bfloat16", remat="full", scan_layers=True)
     config.data.update(source="tfds", tokenizer="sentencepiece", seq_len=4096)
     config.train.update(steps=100000, global_batch_size=512, log_every=100, eval_every=5000,
                         eval_steps=50, checkpoint_every=2000)

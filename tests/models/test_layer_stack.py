@@ -14,7 +14,7 @@ from flax import nnx
 from lwjax.models import hf_checkpoint, layer_stack
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.models.pretrained import load_pretrained
-from lwjax.training import checkpoint, lora
+from lwjax.training import checkpoint, lora, mesh as mesh_lib
 from lwjax.training.checkpoint import Checkpointer
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32; the scan only changes the order XLA fuses in
@@ -123,9 +123,11 @@ def test_checkpoint_loads_into_the_other_layout(tmp_path, saved_scanned):
   loaded, _, _ = checkpoint.load_model(str(tmp_path / "checkpoints"), lambda _: GPT(want, rngs=nnx.Rngs(5)))
   assert loaded.cfg.scan_layers == (not saved_scanned)
   _assert_trees_close(_params(loaded), _params(unrolled if saved_scanned else scanned), atol=0, rtol=0)
-  # load_pretrained gives per-layer blocks unless asked for the stack
+  # load_pretrained gives per-layer blocks unless asked for the stack; on a mesh the stack's layers axis is whole
   assert not load_pretrained(tmp_path)[0].cfg.scan_layers
-  assert load_pretrained(tmp_path, scan_layers=True)[0].cfg.scan_layers
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 2}, jax.devices()[:8])
+  on_mesh = load_pretrained(tmp_path, scan_layers=True, mesh=mesh)[0]
+  assert on_mesh.layers.attn.wq[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
 
 
 def test_hf_import_and_export_of_a_scanned_model(tmp_path):
