@@ -223,7 +223,7 @@ def compile_serving_step(config, slice_: tpu_types.TpuSlice) -> dict:
         "tokens_per_s_per_engine": program.tokens / step_s,
     }
   max_pages = None
-  if len(fixed) == len(programs):  # every program compiled: the pool may grow into what the largest leaves
+  if fixed:  # the pool may grow into what the largest compiled program leaves (`max_pages_from` names them)
     max_pages = max(0, (hbm - max(fixed)) * engine["num_pages"] // max(pools_in_hbm))
   return {
       "slice": slice_.describe(), "mesh": dict(mesh.shape), "replicas": num_replicas,
@@ -236,6 +236,7 @@ def compile_serving_step(config, slice_: tpu_types.TpuSlice) -> dict:
                   "capacity_tokens": engine["num_pages"] * engine["page_size"], "bytes_per_chip": pool_bytes,
                   "bytes_in_hbm_per_chip": max(pools_in_hbm) if pools_in_hbm else None,
                   "max_pages_fitting": max_pages,
+                  "max_pages_from": [name for name, p in reports.items() if not p.get("error")],
                   "max_capacity_tokens": None if max_pages is None else max_pages * engine["page_size"]},
       "programs": reports, "fits": all(r["fits"] for r in reports.values()),
   }
@@ -249,12 +250,16 @@ def format_report(r: dict) -> str:
            f"per chip: weights {r['weight_bytes_per_chip'] / GIB:.2f} GiB; KV pool {kv['num_pages']} pages x "
            f"{kv['page_size']} = {kv['capacity_tokens']:,} tokens, {kv['bytes_per_chip'] / GIB:.2f} GiB"
            + ("" if kv["max_pages_fitting"] is None else
-              f"; HBM holds at most {kv['max_pages_fitting']:,} pages ({kv['max_capacity_tokens']:,} tokens)")]
+              f"; HBM holds at most {kv['max_pages_fitting']:,} pages ({kv['max_capacity_tokens']:,} tokens) beside "
+              f"the {' and '.join(kv['max_pages_from'])} step")]
   for name, p in r["programs"].items():
     b = p["bytes_per_chip"]
     if p.get("error"):
-      need = f"{b['temporaries'] / GIB:.1f} GiB of temporaries" if b["temporaries"] else "more than HBM"
-      lines.append(f"{name} ({p['shapes']}): DOES NOT FIT: XLA needs {need}, the chip has {b['hbm'] / GIB:.0f} GiB")
+      if b["temporaries"]:
+        lines.append(f"{name} ({p['shapes']}): DOES NOT FIT: XLA needs {b['temporaries'] / GIB:.1f} GiB of "
+                     f"temporaries, the chip has {b['hbm'] / GIB:.0f} GiB")
+      else:  # e.g. a kernel's blocks over the chip's scoped VMEM, not HBM
+        lines.append(f"{name} ({p['shapes']}): XLA refuses it: {p['error']}")
       continue
     lines.append(
         f"{name} ({p['shapes']}): arguments {b['arguments'] / GIB:.2f} GiB, outputs {b['outputs'] / GIB:.2f}, "
