@@ -160,6 +160,11 @@ def validate(config) -> None:
     raise ConfigError("hybrid.schedule", f"{config.hybrid.schedule!r} is not a decreasing list of fractions",
                       "e.g. '0.5,0.25,0.125,0' (attention kept per stage)")
   teacher, chat = config.teacher.workdir, config.data.source == "chat"
+  if config.dpo.steps and not chat:
+    raise ConfigError("dpo.steps", "DPO trains on preference pairs, which data.source 'documents' has none of",
+                      "0, or data.source=chat with data.dpo_path")
+  if config.teacher.preset and not os.path.exists(teacher):
+    return  # the teacher's shape by name, for ahead-of-time compilation on a host without it: nothing to check
   if pretrained.is_hf_directory(teacher):
     try:
       _check_teacher(hf_checkpoint.config_from_dir(teacher))
@@ -175,9 +180,6 @@ def validate(config) -> None:
                       "a finished lm_pretrain run's --workdir, or a Hugging Face checkpoint directory")
   if chat:
     chat_data.check(config, pretrained.load_tokenizer(teacher) if pretrained.is_hf_directory(teacher) else None)
-  elif config.dpo.steps:
-    raise ConfigError("dpo.steps", "DPO trains on preference pairs, which data.source 'documents' has none of",
-                      "0, or data.source=chat with data.dpo_path")
   if config.distill.prompt_len >= config.data.seq_len:
     raise ConfigError("distill.prompt_len", "must be shorter than data.seq_len", f"< {config.data.seq_len}")
 
