@@ -216,10 +216,33 @@ def answer_relevance(model, tokens_bt, prompt_len: int, *, epsilon: float = DEFA
   tokens_bt[:, prompt_len + j]) and keeps its relevance on the prompt positions. The forward runs once; the
   backward passes, one per answer token, run vmapped (all at once) or, with `batch_size`, `batch_size` at a
   time (`jax.lax.map`), which bounds the memory of long answers. `prompt_len` is a Python int (static under jit).
+  Rows of different lengths in one padded shape: `padded_answer_relevance`.
   """
   batch, length = tokens_bt.shape
   if not 0 < prompt_len < length:
     raise ValueError(f"prompt_len must be in (0, {length}) for sequences of {length} tokens, got {prompt_len}")
+  answer = length - prompt_len
+  matrix = padded_answer_relevance(model, tokens_bt, prompt_len, answer, answer, epsilon=epsilon,
+                                   batch_size=batch_size)
+  return matrix[:, :, :prompt_len]
+
+
+def padded_answer_relevance(model, tokens_bt, prompt_len_b, answer_len_b, answer_rows: int, *,
+                            epsilon: float = DEFAULT_EPSILON, batch_size: int | None = None):
+  """`answer_relevance` of right-padded rows of different lengths: [b, answer_rows, t] float32.
+
+  Row b of tokens_bt [b, t] holds prompt_len_b[b] prompt tokens, then answer_len_b[b] answer tokens, then
+  padding (any token ids). Entry [b, j, i] is what `answer_relevance` of the unpadded row gives for answer token j
+  and prompt token i; it is exactly 0 for j >= answer_len_b[b] (rows past the answer) and for i >= prompt_len_b[b]
+  (answer and padding columns). The padding needs no mask of its own: it comes after every explained position,
+  so the causal mask already hides it from the real tokens, and the real tokens keep their unpadded positions
+  (RoPE) 0, 1, ... Only t and `answer_rows` (a Python int >= every answer_len_b, the backward passes per row)
+  are static: one compiled program serves any lengths that fit. prompt_len_b, answer_len_b: ints or int arrays
+  [b], each prompt_len >= 1. `batch_size` as in `answer_relevance`.
+  """
+  batch, length = tokens_bt.shape
+  prompt_len_b = jnp.broadcast_to(jnp.asarray(prompt_len_b, jnp.int32), (batch,))
+  answer_len_b = jnp.broadcast_to(jnp.asarray(answer_len_b, jnp.int32), (batch,))
   cfg, w, positions, x_btd = _prepare(model, tokens_bt)
   h_btd, vjp_hidden = jax.vjp(lambda x: _hidden(w, cfg, x, positions, epsilon)[0], x_btd)
 
@@ -227,16 +250,20 @@ def answer_relevance(model, tokens_bt, prompt_len: int, *, epsilon: float = DEFA
     _, vjp_logit = jax.vjp(lambda h: _target_logit(w["head"], h, pos_b, tok_b, epsilon), h_btd)
     (g_h,) = vjp_logit(jnp.ones((batch,), jnp.float32))
     (g_x,) = vjp_hidden(g_h)
-    return _per_token(x_btd, g_x)[:, :prompt_len]
+    return _per_token(x_btd, g_x)
 
-  answer = length - prompt_len
-  pos = jnp.broadcast_to(jnp.arange(prompt_len - 1, length - 1)[:, None], (answer, batch))
-  tok = tokens_bt[:, prompt_len:].T  # [answer, b]
+  # Answer token j is predicted at prompt_len - 1 + j; rows past the answer explain some real position (clipped
+  # into the sequence) and are zeroed below.
+  pos_ba = jnp.minimum(prompt_len_b[:, None] - 1 + jnp.arange(answer_rows), length - 2)
+  tok_ba = jnp.take_along_axis(tokens_bt, pos_ba + 1, axis=1)
   if batch_size is None:
-    per_answer = jax.vmap(one)(pos, tok)
+    per_answer = jax.vmap(one)(pos_ba.T, tok_ba.T)
   else:
-    per_answer = jax.lax.map(lambda a: one(*a), (pos, tok), batch_size=batch_size)
-  return jnp.moveaxis(per_answer, 0, 1)
+    per_answer = jax.lax.map(lambda a: one(*a), (pos_ba.T, tok_ba.T), batch_size=batch_size)
+  matrix = jnp.moveaxis(per_answer, 0, 1)  # [b, answer_rows, t]
+  keep = ((jnp.arange(answer_rows)[None, :, None] < answer_len_b[:, None, None])
+          & (jnp.arange(length)[None, None, :] < prompt_len_b[:, None, None]))
+  return jnp.where(keep, matrix, 0.0)
 
 
 def conservation_report(model, tokens_bt, target_position=None, target_token=None, *,

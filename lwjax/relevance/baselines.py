@@ -13,22 +13,28 @@ from lwjax.models import gpt
 from lwjax.relevance import attnlrp
 
 
-def gradient_x_input(model, tokens_bt, target_position, target_token):
+def gradient_x_input(model, tokens_bt, target_position, target_token, target_weight=None):
   """Gradient x input of logits[b, target_position, target_token], summed over the embedding dim: [b, t].
 
   The plain gradient of the model's own forward (its blocks and head, the configured attention kernel), one
-  backward pass for the batch.
+  backward pass for the batch. Targets are ints, int arrays [b], or [b, n] for n targets per example: then the
+  result is the sum of their n explanations weighted by `target_weight` [b, n] (default 1), still one backward
+  pass (gradient x input is linear in the explained output).
   """
   attnlrp.check_supported(model)
   batch, length = tokens_bt.shape
-  pos, tok = attnlrp._targets(tokens_bt, target_position, target_token)
+  if jnp.ndim(target_position) == 2 or jnp.ndim(target_token) == 2:
+    pos, tok = jnp.broadcast_arrays(jnp.asarray(target_position, jnp.int32), jnp.asarray(target_token, jnp.int32))
+  else:
+    pos, tok = (a[:, None] for a in attnlrp._targets(tokens_bt, target_position, target_token))
+  weight = jnp.ones(pos.shape, jnp.float32) if target_weight is None else target_weight
   positions = jnp.broadcast_to(jnp.arange(length), tokens_bt.shape)
   inv_freq = gpt.rope_frequencies(model.cfg)
 
   def logit(x_btd):  # GPT.hidden from embeddings rather than tokens: the GPT has no such entry point
     for block in model.layers:
       x_btd = block(x_btd, positions, inv_freq)[0]
-    return model._logits(x_btd)[jnp.arange(batch), pos, tok]
+    return jnp.sum(weight * model._logits(x_btd)[jnp.arange(batch)[:, None], pos, tok], axis=1)
 
   x_btd = model._embed(tokens_bt)
   value, vjp = jax.vjp(logit, x_btd)

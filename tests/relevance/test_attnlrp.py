@@ -204,6 +204,22 @@ def test_answer_matrix_rows_are_the_answer_tokens_logits():
     np.testing.assert_allclose(matrix[:, j], row[:, :6], rtol=1e-5, atol=1e-7)
 
 
+def test_padded_answer_matrix_equals_the_unpadded_one():
+  """Rows of three (prompt, answer) lengths right-padded with random tokens into one shape: each row's matrix is
+  the unpadded row's, and exactly 0 past its answer rows and prompt columns. (The padded rows' backward passes
+  go 3 at a time, 8 = 3 + 3 + 2; the unpadded ones all at once.)"""
+  model, rng = _gpt(), np.random.default_rng(4)
+  lengths = [(5, 3), (9, 1), (3, 6)]  # (prompt, answer)
+  tokens = rng.integers(0, TINY["vocab_size"], (3, 16)).astype(np.int32)  # the padding: random tokens too
+  padded = nnx.jit(lambda m, t, p, a: attnlrp.padded_answer_relevance(m, t, p, a, 8, batch_size=3))(
+      model, jnp.asarray(tokens), jnp.array([p for p, _ in lengths]), jnp.array([a for _, a in lengths]))
+  assert padded.shape == (3, 8, 16)
+  for row, (p, a) in enumerate(lengths):
+    unpadded = nnx.jit(attnlrp.answer_relevance, static_argnums=2)(model, jnp.asarray(tokens[row:row + 1, :p + a]), p)
+    np.testing.assert_allclose(padded[row, :a, :p], unpadded[0], rtol=1e-5, atol=1e-6)
+    assert not padded[row, a:].any() and not padded[row, :, p:].any()
+
+
 def test_sharded_model_gives_the_same_relevance():
   model, tokens = _gpt(), _tokens()
   expected = relevance(model, tokens, jnp.array([8, 8]), jnp.array([5, 5]))

@@ -3,10 +3,12 @@ the AttnLRP relevance matrix (answer tokens x prompt tokens) and, for the baseli
 answer positions to the prompt, gradient x input, and the answer's log-probability and mean entropy; and AttnLRP's
 conservation measured on the generator (`conservation`).
 
-Examples are grouped by (prompt length, answer length), the static shapes of `attnlrp.answer_relevance`, and
-run `batch` at a time (the last batch of a group padded with copies of its first row), so each group compiles
-once. The answer tokens are the greedy answer's text re-encoded (exact for the word-list tokenizer); an empty
-answer is explained through the eos the model wrote.
+Examples are right-padded to buckets of (total length, answer length), each rounded up to a power of two
+(`bucket`), and run `batch` at a time (the last batch of a bucket padded with copies of its first row): one
+compiled program per bucket, not per (prompt length, answer length), which on RAGTruth would be one per response.
+The padding changes no value (`attnlrp.padded_answer_relevance`: it follows every explained position, so causal
+attention hides it) and is cut off before the signals are returned. The answer tokens are the greedy answer's
+text re-encoded (exact for the word-list tokenizer); an empty answer is explained through the eos the model wrote.
 """
 
 from __future__ import annotations
@@ -25,26 +27,44 @@ from lwjax.relevance import attnlrp, baselines
 CONSERVATION_EXAMPLES = 64  # held-out answers whose first token's logit is explained layer by layer
 
 
-def _signals(model, tokens_bt, prompt_len: int, relevance_chunk: int | None):
-  """[b, A, P] relevance, [b, P] attention and gradient x input, [b] log-probability and entropy (A = answer
-  tokens, P = prompt tokens; answer token j is predicted at position P - 1 + j)."""
-  answer = tokens_bt.shape[1] - prompt_len
-  relevance = attnlrp.answer_relevance(model, tokens_bt, prompt_len, batch_size=relevance_chunk)
+def bucket(length: int) -> int:
+  """`length` rounded up to a power of two: the padded lengths the signals compile for.
+
+  Powers of two keep the programs few, log2 of the range of lengths per dimension (totals of 300-2,000 tokens and
+  answers of 10-500 tokens, RAGTruth-like, take 3 x 6 buckets, fewer in practice as the two go together), at a
+  cost of at most 2x (about 1.4x on average) padded work; multiples of 64 would pad less but compile some 28 x 8
+  programs for the same range, each ~45 s on CPU for a tiny model.
+  """
+  return 1 << max(length - 1, 0).bit_length()
+
+
+def _signals(model, tokens_bt, prompt_len_b, answer_len_b, answer_rows: int, relevance_chunk: int | None):
+  """Right-padded rows (prompt_len_b [b] prompt tokens, answer_len_b [b] answer tokens, padding) -> [b, R, t]
+  relevance, [b, t] attention and gradient x input (prompt columns i < prompt_len, the rest 0), [b] log-probability
+  and entropy (R = answer_rows; answer token j is predicted at position prompt_len - 1 + j)."""
+  length = tokens_bt.shape[1]
+  relevance = attnlrp.padded_answer_relevance(model, tokens_bt, prompt_len_b, answer_len_b, answer_rows,
+                                              batch_size=relevance_chunk)
   logits, acts = attnlrp.lrp_forward(model, tokens_bt)  # the GPT's values, with its attention weights
-  at = slice(prompt_len - 1, prompt_len - 1 + answer)
-  logp_bav = jax.nn.log_softmax(logits[:, at], axis=-1)
-  answer_ba = tokens_bt[:, prompt_len:]
-  logprob = jnp.sum(jnp.take_along_axis(logp_bav, answer_ba[..., None], axis=-1)[..., 0], axis=1)
-  entropy = jnp.mean(-jnp.sum(jnp.exp(logp_bav) * logp_bav, axis=-1), axis=1)
+  rows = jnp.arange(answer_rows)
+  at_ba = jnp.minimum(prompt_len_b[:, None] - 1 + rows, length - 2)  # rows past the answer: clipped, weighted 0
+  weight_ba = (rows < answer_len_b[:, None]) / answer_len_b[:, None].astype(jnp.float32)  # a mean over the answer
+  prompt_bt = jnp.arange(length) < prompt_len_b[:, None]
+  logp_bav = jax.nn.log_softmax(jnp.take_along_axis(logits, at_ba[..., None], axis=1), axis=-1)
+  answer_ba = jnp.take_along_axis(tokens_bt, at_ba + 1, axis=1)
+  logp_ba = jnp.take_along_axis(logp_bav, answer_ba[..., None], axis=-1)[..., 0]
+  logprob = jnp.sum(jnp.where(weight_ba > 0, logp_ba, 0.0), axis=1)
+  entropy = jnp.sum(weight_ba * -jnp.sum(jnp.exp(logp_bav) * logp_bav, axis=-1), axis=1)
   # probs per layer: [b, kv_heads, groups, q, s] -> answer queries, prompt keys, mean over layers/heads/queries.
-  attention = jnp.mean(jnp.stack([p[:, :, :, at, :prompt_len] for p in acts["probs"]]), axis=(0, 2, 3, 4))
-  gxi = sum(baselines.gradient_x_input(model, tokens_bt, prompt_len - 1 + j, tokens_bt[:, prompt_len + j])
-            [:, :prompt_len] for j in range(answer)) / answer
-  return {"relevance": relevance, "attention": attention, "gradient_x_input": gxi, "logprob": logprob,
-          "entropy": entropy}
+  per_query = jnp.mean(jnp.stack([jnp.take_along_axis(p, at_ba[:, None, None, :, None], axis=3)
+                                  for p in acts["probs"]]), axis=(0, 2, 3))  # [b, R, t]
+  attention = jnp.where(prompt_bt, jnp.einsum("ba,bat->bt", weight_ba, per_query), 0.0)
+  gxi = baselines.gradient_x_input(model, tokens_bt, at_ba, answer_ba, weight_ba)
+  return {"relevance": relevance, "attention": attention, "gradient_x_input": jnp.where(prompt_bt, gxi, 0.0),
+          "logprob": logprob, "entropy": entropy}
 
 
-_signals_jit = nnx.jit(_signals, static_argnames=("prompt_len", "relevance_chunk"))
+_signals_jit = nnx.jit(_signals, static_argnames=("answer_rows", "relevance_chunk"))
 
 
 def answer_tokens(tokenizer, answer: str) -> list[int]:
@@ -55,21 +75,31 @@ def answer_tokens(tokenizer, answer: str) -> list[int]:
 def extract(model, prompts: list[list[int]], answers: list[list[int]], *, batch: int,
             relevance_chunk: int | None = None) -> list[dict]:
   """Per example (prompt ids with bos, answer ids): {"relevance" [A, P], "attention" [P], "gradient_x_input" [P],
-  "logprob", "entropy"} as numpy."""
+  "logprob", "entropy"} as numpy, the padding cut off."""
   groups = collections.defaultdict(list)
   for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-    groups[(len(p), len(a))].append(i)
+    groups[(bucket(len(p) + len(a)), bucket(len(a)))].append(i)
+  logging.info("signals of %d answers, padded to %d shape(s) (one compilation each): %s", len(prompts), len(groups),
+               ", ".join(f"{t} tokens / {a} answer rows x{len(rows)}" for (t, a), rows in sorted(groups.items())))
   out: list[dict | None] = [None] * len(prompts)
   with tqdm(total=len(prompts), desc="relevance and baselines", unit="answer") as progress:
-    for (prompt_len, _), rows in sorted(groups.items()):
+    for (length, answer_rows), rows in sorted(groups.items()):
       for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         padded = chunk + [chunk[0]] * (batch - len(chunk))
-        tokens = np.asarray([prompts[i] + answers[i] for i in padded], np.int32)
-        values = _signals_jit(model, jnp.asarray(tokens), prompt_len=prompt_len, relevance_chunk=relevance_chunk)
+        tokens = np.zeros((batch, length), np.int32)
+        for j, i in enumerate(padded):
+          tokens[j, :len(prompts[i]) + len(answers[i])] = prompts[i] + answers[i]
+        prompt_len = np.asarray([len(prompts[i]) for i in padded], np.int32)
+        answer_len = np.asarray([len(answers[i]) for i in padded], np.int32)
+        values = _signals_jit(model, tokens, prompt_len, answer_len, answer_rows=answer_rows,
+                              relevance_chunk=relevance_chunk)
         values = {k: np.asarray(v) for k, v in values.items()}
         for j, i in enumerate(chunk):
-          out[i] = {k: v[j] for k, v in values.items()}
+          p, a = len(prompts[i]), len(answers[i])
+          out[i] = {"relevance": values["relevance"][j, :a, :p], "attention": values["attention"][j, :p],
+                    "gradient_x_input": values["gradient_x_input"][j, :p], "logprob": values["logprob"][j],
+                    "entropy": values["entropy"][j]}
         progress.update(len(chunk))
   return out
 

@@ -23,7 +23,8 @@ from lwjax.models import hf_checkpoint
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.projects.lrp4rag import classifiers, detectors, signals
 from lwjax.projects.lrp4rag.task import KINDS, Mix, Prompt, RagTask, TaskConfig
-from lwjax.relevance import attnlrp
+from lwjax.relevance import attnlrp, baselines
+from lwjax.training import progress as progress_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 SMALL = TaskConfig(entities=12, attributes=3, values=6, unknown_fraction=0.25, popular_fraction=0.5,
@@ -185,39 +186,71 @@ def test_detectors_skip_when_a_class_is_missing():
 
 # ---- signals and the heatmap ----
 
-def test_signals_match_attnlrp_per_example_in_a_padded_batch():
-  cfg = GPTConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32, max_seq_len=32)
-  model = GPT(cfg, rngs=nnx.Rngs(0))
-  rng = np.random.default_rng(0)
-  prompts = [[1] + rng.integers(4, 40, size=6).tolist() for _ in range(3)]
-  answers = [rng.integers(4, 40, size=2).tolist() for _ in range(3)]
-  rows = signals.extract(model, prompts, answers, batch=2)  # 2 batches, the second padded with a copy
-  relevance = nnx.jit(attnlrp.answer_relevance, static_argnames="prompt_len")
-  forward = nnx.jit(lambda model, tokens: jax.nn.log_softmax(model(tokens), axis=-1))
+def _signal_model(n_layers=2):
+  cfg = GPTConfig(vocab_size=40, d_model=16, n_layers=n_layers, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32,
+                  max_seq_len=32)
+  return GPT(cfg, rngs=nnx.Rngs(0))
+
+
+@nnx.jit(static_argnames="prompt_len")
+def _unpadded_signals(model, tokens_1t, prompt_len):
+  """The signals of one unpadded row by the plain formulas: AttnLRP's matrix, the GPT's log-probabilities and
+  attention weights at the answer positions, gradient x input of each answer token."""
+  answer, at = tokens_1t.shape[1] - prompt_len, slice(prompt_len - 1, tokens_1t.shape[1] - 1)
+  logits, acts = attnlrp.lrp_forward(model, tokens_1t)
+  logp = jax.nn.log_softmax(logits[0, at], axis=-1)
+  gxi = [baselines.gradient_x_input(model, tokens_1t, prompt_len - 1 + j, tokens_1t[0, prompt_len + j])[0]
+         for j in range(answer)]
+  return {"relevance": attnlrp.answer_relevance(model, tokens_1t, prompt_len)[0],
+          "logprob": jnp.sum(logp[jnp.arange(answer), tokens_1t[0, prompt_len:]]),
+          "entropy": jnp.mean(-jnp.sum(jnp.exp(logp) * logp, axis=-1)),
+          "attention": jnp.mean(jnp.stack([p[0, :, :, at, :prompt_len] for p in acts["probs"]]), axis=(0, 1, 2, 3)),
+          "gradient_x_input": (sum(gxi) / answer)[:prompt_len]}
+
+
+def test_signals_of_rows_of_different_lengths_match_each_unpadded_row():
+  """Prompts and answers of different lengths share a padded bucket and a batch; every signal equals the one
+  computed on the unpadded row."""
+  model, rng = _signal_model(), np.random.default_rng(0)
+  shapes = [(9, 3), (6, 4)]  # (prompt, answer) lengths: one bucket (16 tokens, 4 answer rows)
+  prompts = [[1] + rng.integers(4, 40, size=p - 1).tolist() for p, _ in shapes]
+  answers = [rng.integers(4, 40, size=a).tolist() for _, a in shapes]
+  rows = signals.extract(model, prompts, answers, batch=3)  # the batch filled with a copy of the first row
   for p, a, row in zip(prompts, answers, rows, strict=True):
-    tokens = jnp.asarray([p + a])
-    expected = np.asarray(relevance(model, tokens, prompt_len=len(p)))[0]
-    np.testing.assert_allclose(row["relevance"], expected, rtol=1e-4, atol=1e-5)
-    logp = np.asarray(forward(model, tokens))[0]
-    assert row["logprob"] == pytest.approx(sum(logp[len(p) - 1 + j, t] for j, t in enumerate(a)), rel=1e-4)
-    assert row["attention"].shape == row["gradient_x_input"].shape == (len(p),)
-    assert 0 < row["attention"].sum() <= 1 + 1e-5 and row["entropy"] > 0
+    expected = _unpadded_signals(model, jnp.asarray([p + a]), prompt_len=len(p))
+    assert row["relevance"].shape == (len(a), len(p)) and row["attention"].shape == (len(p),)
+    for name, value in expected.items():
+      np.testing.assert_allclose(row[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_extract_groups_by_shape_and_returns_rows_in_order(monkeypatch):
-  def fake(model, tokens_bt, prompt_len, relevance_chunk):  # each row's signals = its own tokens
+def test_responses_of_six_lengths_compile_two_programs():
+  """Six answers of six lengths to one prompt fall in 2 buckets of (total, answer) length: 2 programs, where
+  grouping by exact shape compiled 6."""
+  model, rng = _signal_model(n_layers=1), np.random.default_rng(2)
+  prompt = [1] + rng.integers(4, 40, size=7).tolist()  # 8 tokens; totals 11..16 -> 16
+  answers = [rng.integers(4, 40, size=n).tolist() for n in range(3, 9)]  # 3, 4 -> 4; 5..8 -> 8
+  with progress_lib.CompileWatch() as watch:
+    rows = signals.extract(model, [prompt] * len(answers), answers, batch=2)
+  assert watch.count == 2
+  assert [r["relevance"].shape for r in rows] == [(n, 8) for n in range(3, 9)]
+
+
+def test_extract_buckets_and_returns_rows_in_order(monkeypatch):
+  def fake(model, tokens_bt, prompt_len_b, answer_len_b, answer_rows, relevance_chunk):  # signals = the tokens
     tokens = np.asarray(tokens_bt)
-    answer = tokens.shape[1] - prompt_len
-    return {"relevance": np.broadcast_to(tokens[:, None, :prompt_len], (len(tokens), answer, prompt_len)),
-            "attention": tokens[:, :prompt_len], "logprob": tokens[:, -1]}
+    return {"relevance": np.broadcast_to(tokens[:, None, :], (len(tokens), answer_rows, tokens.shape[1])),
+            "attention": tokens, "gradient_x_input": -tokens,
+            "logprob": tokens[np.arange(len(tokens)), np.asarray(prompt_len_b) + np.asarray(answer_len_b) - 1],
+            "entropy": np.asarray(answer_len_b)}
   monkeypatch.setattr(signals, "_signals_jit", fake)
   rng = np.random.default_rng(1)
   prompts = [[1] + rng.integers(4, 40, size=n).tolist() for n in (6, 8, 6, 6, 3)]
-  answers = [rng.integers(4, 40, size=a).tolist() for a in (1, 2, 1, 2, 1)]
-  rows = signals.extract(None, prompts, answers, batch=2)  # groups (7, 1) x2, (9, 2), (7, 2), (4, 1)
+  answers = [rng.integers(4, 40, size=a).tolist() for a in (1, 2, 1, 3, 1)]
+  rows = signals.extract(None, prompts, answers, batch=2)  # buckets (8, 1) x3, (16, 2), (16, 4)
   for p, a, row in zip(prompts, answers, rows, strict=True):
     assert row["relevance"].shape == (len(a), len(p)) and row["attention"].tolist() == p
-    assert row["logprob"] == a[-1]
+    assert row["gradient_x_input"].tolist() == [-t for t in p]
+    assert row["logprob"] == a[-1] and row["entropy"] == len(a)
 
 
 # ---- configs ----
@@ -316,8 +349,8 @@ def test_a_reused_base_gives_the_same_answers_and_another_world_is_refused(tmp_p
 @pytest.mark.slow
 def test_smoke_run_from_a_pretrained_generator(tmp_path):
   """`pretrained=`: a Hugging Face checkpoint answers the prompts as it is (nothing trained), its answers are
-  labelled and explained by AttnLRP through its own tokenizer. (Slow: the signals compile once per prompt
-  length, and a tokenizer's prompts have many lengths.)"""
+  labelled and explained by AttnLRP through its own tokenizer. (Slow: a tokenizer's prompts have many lengths,
+  which take several padded shapes, each compiled.)"""
   hf = _hf_generator(tmp_path / "hf")
   result = _main(tmp_path, "--config", os.path.join(ROOT, "experiments/lrp4rag.py") + f":scale=smoke,pretrained={hf}",
                  "--workdir", "run", "--config.eval.num=8", "--config.eval.batch_prompts=8")

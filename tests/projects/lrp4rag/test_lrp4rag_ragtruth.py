@@ -93,24 +93,24 @@ def test_a_missing_file_exits_2_with_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_ragtruth_responses_are_explained_and_detected(tmp_path):
-  """Four responses to one RAGTruth QA prompt, of one token length (one compilation of the signals), two of them
-  annotated: labelled from the spans, explained by AttnLRP through the model's chat template, cross-validated."""
+  """Twelve responses of twelve token lengths to one RAGTruth QA prompt, half of them annotated: labelled from the
+  spans, explained by AttnLRP through the model's chat template in 3 padded shapes (3 compilations of the signals,
+  not 12), cross-validated."""
   hf = _hf_model(tmp_path / "hf")
   tok = tokenizer_lib.load_tokenizer(hf)
-  by_length = {}
-  for colour in ("blue", "red", "green", "grey", "black", "white", "brown", "pink", "gold", "teal", "tan", "jade"):
-    text = f"The Tarrow finch is {colour}."
-    by_length.setdefault(len(tok.encode(text)), []).append(text)
-  responses = max(by_length.values(), key=len)[:4]
-  assert len(responses) == 4
-  _write(tmp_path / "rt", responses, [False, True, False, True])
+  colours = ("blue", "red", "green", "grey", "black", "white", "brown", "pink", "gold", "teal", "tan", "jade")
+  responses = [f"The Tarrow finch is{' very' * k} {colour}." for k, colour in enumerate(colours)]
+  lengths = [len(tok.encode(text)) for text in responses]
+  assert len(set(lengths)) == 12 and min(lengths) >= 16 and max(lengths) <= 64  # answer buckets 16, 32, 64
+  _write(tmp_path / "rt", responses, [False, True] * 6)
   result = _main(tmp_path, "--config", os.path.join(ROOT, "experiments/lrp4rag.py")
-                 + f":scale=smoke,data=ragtruth,path=rt,pretrained={hf}", "--workdir", "run")
+                 + f":scale=smoke,data=ragtruth,path=rt,pretrained={hf}", "--workdir", "run", "--config.eval.num=12")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "signals of 12 answers, padded to 3 shape(s)" in result.stderr
   m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-  assert m["n"] == 4 and m["hallucinated"] == 2 and m["too_long"] == 0
-  assert m["by_group"] == {"QA": {"n": 4, "hallucinated": 0.5}}
-  assert m["conservation"]["n"] == 4 and m["conservation"]["head_error_median"] < 1e-4
+  assert m["n"] == 12 and m["hallucinated"] == 6 and m["too_long"] == 0
+  assert m["by_group"] == {"QA": {"n": 12, "hallucinated": 0.5}}
+  assert m["conservation"]["n"] == 12 and m["conservation"]["head_error_median"] < 1e-4
   expected = {f"{f}/{c}" for f, names in detectors.CLASSIFIERS.items() if f != "self_consistency" for c in names}
   assert set(m["detectors"]) == expected and m["folds"] == 2
   for summary in m["detectors"].values():
