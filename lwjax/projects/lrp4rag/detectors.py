@@ -15,7 +15,7 @@ import logging
 import numpy as np
 from tqdm import tqdm
 
-from lwjax.projects.lrp4rag import classifiers
+from lwjax.projects.lrp4rag import classifiers, signals
 from lwjax.relevance.features import resample
 
 CLASSIFIERS = {"lrp": ("svm", "rf", "mlp", "lstm"), "attention": ("svm", "rf", "mlp", "lstm"),
@@ -71,3 +71,22 @@ def table(detectors: dict) -> str:
     lines.append(f"{name:<28}" + "".join(f"{summary[m]['mean']:>11.3f} ±{summary[m]['std']:.3f}"
                                          for m in classifiers.METRICS))
   return "\n".join(lines)
+
+
+def explain_and_detect(model, prompt_ids, answer_ids, labels: np.ndarray, groups, agreement,
+                       config) -> tuple[dict, list]:
+  """The detection half of both LRP4RAG evaluations (the generated task's and RAGTruth's): relevance
+  conservation, every answer's signals (`signals.extract`), the detectors' cross-validated scores against
+  `labels` (folds stratified by `groups`; `agreement` the self-consistency feature, or None), and the majority
+  baseline. Returns (metrics, the signal rows)."""
+  e = config.eval
+  metrics = {"conservation": signals.conservation(model, prompt_ids, answer_ids, batch=e.signal_batch)}
+  rows = signals.extract(model, prompt_ids, answer_ids, batch=e.signal_batch, relevance_chunk=e.relevance_chunk or None)
+  detect_cfg = classifiers.DetectConfig(**config.detect)
+  result = evaluate(features(rows, agreement, detect_cfg.feature_length), labels, groups, detect_cfg, seed=config.seed)
+  majority = max(labels.mean(), 1 - labels.mean())
+  metrics.update(feature_length=detect_cfg.feature_length, majority_accuracy=float(majority), **result)
+  if "detectors" in result:
+    logging.info("detectors (%d-fold CV; always predicting the majority class: accuracy %.3f):\n%s", result["folds"],
+                 majority, table(result["detectors"]))
+  return metrics, rows

@@ -275,18 +275,9 @@ def run(config, workdir: str) -> dict:
   agreement = [np.mean([task.answer_word(s) == task.answer_word(a) for s in row])
                for row, a in zip(samples, answers, strict=True)]
   answer_ids = [signals.answer_tokens(tok, a) for a in answers]
-  metrics["conservation"] = signals.conservation(model, prompt_ids, answer_ids, batch=e.signal_batch)
-  rows = signals.extract(model, prompt_ids, answer_ids, batch=e.signal_batch,
-                         relevance_chunk=e.relevance_chunk or None)
-  detect_cfg = classifiers.DetectConfig(**config.detect)
-  feature_sets = detectors.features(rows, agreement, detect_cfg.feature_length)
-  groups = [group_of(task, p) for p in prompts]
-  result = detectors.evaluate(feature_sets, labels, groups, detect_cfg, seed=config.seed)
-  majority = max(labels.mean(), 1 - labels.mean())
-  metrics.update(feature_length=detect_cfg.feature_length, majority_accuracy=float(majority), **result)
-  if "detectors" in result:
-    logging.info("detectors (%d-fold CV; always predicting the majority class: accuracy %.3f):\n%s", result["folds"],
-                 majority, detectors.table(result["detectors"]))
+  detected, rows = detectors.explain_and_detect(model, prompt_ids, answer_ids, labels,
+                                                [group_of(task, p) for p in prompts], agreement, config)
+  metrics.update(detected)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     metrics["heatmaps"] = write_heatmaps(workdir, task, prompts, prompt_ids, answer_ids, answers, labels, rows)

@@ -26,7 +26,7 @@ from lwjax.config import ConfigError
 from lwjax.data import ragtruth
 from lwjax.data.tokenizer import bos_prefix
 from lwjax.models import pretrained
-from lwjax.projects.lrp4rag import classifiers, detectors, signals
+from lwjax.projects.lrp4rag import detectors, signals
 
 SETS = ("generated", "ragtruth")
 
@@ -100,16 +100,9 @@ def run(config, workdir: str) -> dict:
   logging.info("RAGTruth: %d responses selected, %d left out as longer than the context, %d explained: %d "
                "hallucinated (%.1f%%)", len(responses), metrics["too_long"], len(chosen), metrics["hallucinated"],
                100 * metrics["hallucination_rate"])
-  metrics["conservation"] = signals.conservation(model, prompts, answers, batch=e.signal_batch)
-  rows = signals.extract(model, prompts, answers, batch=e.signal_batch, relevance_chunk=e.relevance_chunk or None)
-  detect_cfg = classifiers.DetectConfig(**config.detect)
-  feature_sets = detectors.features(rows, None, detect_cfg.feature_length)
-  result = detectors.evaluate(feature_sets, labels, [r.task_type for r in chosen], detect_cfg, seed=config.seed)
-  majority = max(labels.mean(), 1 - labels.mean())
-  metrics.update(feature_length=detect_cfg.feature_length, majority_accuracy=float(majority), **result)
-  if "detectors" in result:
-    logging.info("detectors (%d-fold CV; always predicting the majority class: accuracy %.3f):\n%s", result["folds"],
-                 majority, detectors.table(result["detectors"]))
+  detected, _ = detectors.explain_and_detect(model, prompts, answers, labels, [r.task_type for r in chosen], None,
+                                             config)
+  metrics.update(detected)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
