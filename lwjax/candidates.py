@@ -84,13 +84,15 @@ def forward_flops_per_token(cfg: GPTConfig, context: int) -> float:
 
 def sample(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[dict], *, n: int,
            temperature: float, max_new_tokens: int, seed: int = 0, top_p: float = 1.0,
-           batch_prompts: int = 8, prompt_len: int | None = None, first_index: int = 0) -> tuple[list[dict], dict]:
+           batch_prompts: int = 8, prompt_len: int | None = None, first_index: int = 0,
+           encoded: Sequence[list[int]] | None = None) -> tuple[list[dict], dict]:
   """Samples and labels `n` candidates for every record: ([{"index", "record", "candidates"}], stats). A few-shot
   prompt's continuation is cut at the next problem (`task.trim`); `num_tokens` counts every token sampled.
   `first_index`: the records are a set's from that position on (their indices, and their samples' seeds, are
-  the whole set's: `build` samples a large set in shards that give what one call would)."""
+  the whole set's: `build` samples a large set in shards that give what one call would). `encoded`: the records'
+  prompts already tokenized (`encode_prompts`)."""
   tok = task.tokenizer
-  prompts = [tokenizer_lib.bos_prefix(tok) + tok.encode(task.prompt(r)) for r in records]
+  prompts = list(encoded) if encoded is not None else encode_prompts(task, records)
   prompt_len = prompt_len or batch_sampler.bucket(max(len(p) for p in prompts))
   if prompt_len + max_new_tokens > model.cfg.max_seq_len:
     raise ValueError(f"max_new_tokens: {prompt_len} prompt tokens + {max_new_tokens} exceed the model's "
@@ -114,6 +116,12 @@ def sample(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[di
                           seed=seed, max_new_tokens=max_new_tokens, seconds=seconds)
 
 
+def encode_prompts(task: reasoning_tasks.ReasoningTask, records: Sequence[dict]) -> list[list[int]]:
+  """Each record's prompt as the solver reads it: BOS (where the tokenizer adds one) + the task's prompt."""
+  tok = task.tokenizer
+  return [tokenizer_lib.bos_prefix(tok) + tok.encode(task.prompt(r)) for r in records]
+
+
 def _stats(cfg: GPTConfig, problems: Sequence[dict], prompt_lengths: Sequence[int], *, n: int, temperature: float,
            top_p: float, seed: int, max_new_tokens: int, seconds: float) -> dict:
   tokens = sum(c["num_tokens"] for p in problems for c in p["candidates"])
@@ -133,8 +141,8 @@ def sample_in_shards(model: GPT, task: reasoning_tasks.ReasoningTask, records: S
   batches are those of one call), each finished shard written to `parts_dir` (json, atomically) and read back by
   a rerun instead of sampled again. One prompt length for every shard, and the whole set's seeds: the problems
   equal one call's. `seconds` sums the shards' sampling times."""
-  tok = task.tokenizer
-  prompt_lengths = [len(tokenizer_lib.bos_prefix(tok) + tok.encode(task.prompt(r))) for r in records]
+  encoded = encode_prompts(task, records)
+  prompt_lengths = [len(p) for p in encoded]
   prompt_len = batch_sampler.bucket(max(prompt_lengths))
   problems, seconds = [], 0.0
   os.makedirs(parts_dir, exist_ok=True)
@@ -147,7 +155,8 @@ def sample_in_shards(model: GPT, task: reasoning_tasks.ReasoningTask, records: S
     else:
       shard, stats = sample(model, task, records[start:start + shard_problems], n=n, temperature=temperature,
                             max_new_tokens=max_new_tokens, seed=seed, top_p=top_p, batch_prompts=batch_prompts,
-                            prompt_len=prompt_len, first_index=start)
+                            prompt_len=prompt_len, first_index=start,
+                            encoded=encoded[start:start + shard_problems])
       done = {"problems": shard, "seconds": stats["seconds"]}
       with open(part + ".tmp", "w") as f:
         json.dump(done, f, separators=(",", ":"))

@@ -175,11 +175,8 @@ class Judge:
 
   def judge(self, items: Sequence[tuple[str, str, str]]) -> list[Judgement]:
     """The judgement of every (question, reference, candidate), in order; identical prompts asked once."""
-    prompts = [fill(self.prompt, *item) for item in items]
-    unique = list(dict.fromkeys(prompts))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) as pool:
-      answers = dict(zip(unique, pool.map(self._answer, unique), strict=True))
-    return [Judgement(parse_verdict(answers[p]), answers[p]) for p in prompts]
+    answers = self.ask([fill(self.prompt, *item) for item in items])
+    return [Judgement(parse_verdict(text), text) for (text,) in answers]
 
   def ask(self, prompts: Sequence[str], *, samples: int = 1, temperature: float = 0.0) -> list[list[str]]:
     """`samples` raw answers to each prompt (already filled), in order; at temperature 0 a second sample would

@@ -56,6 +56,7 @@ def false_positive_rates(config, task, sets: dict, budget_rows: list[dict], work
     rng.shuffle(order)
     picks = [_picked(problems, row["budget"][source], order, j.max_candidates) for row in budget_rows]
     union = sorted({pick for chosen in picks for pick in chosen})
+    pick_sets = [set(chosen) for chosen in picks]
     judgements = dict(zip(union, judge.judge([(problems[p]["record"]["question"], problems[p]["record"]["solution"],
                                                 problems[p]["candidates"][i]["text"]) for p, i in union]),
                           strict=True))
@@ -72,7 +73,7 @@ def false_positive_rates(config, task, sets: dict, budget_rows: list[dict], work
                    if exact is not None else "")
     lines += [{"source": source, "problem": problems[p]["index"], "candidate": i,
                "verdict": judgements[(p, i)].verdict, "answer": judgements[(p, i)].text,
-               "budgets": [row["budget"][source] for row, chosen in zip(budget_rows, picks, strict=True)
+               "budgets": [row["budget"][source] for row, chosen in zip(budget_rows, pick_sets, strict=True)
                            if (p, i) in chosen],
                **({"exact": problems[p]["candidates"][i]["correct"]} if task.step_checker else {})}
               for p, i in union]

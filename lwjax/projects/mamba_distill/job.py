@@ -104,20 +104,9 @@ def aot_step(config, devices):
   `devices`. The teacher's shape comes from its checkpoint's config, else from `teacher.preset`. Model FLOPs are
   the teacher GPT's 6 N per token. Returns a `compile.AotStep`."""
   from lwjax.launch.compile import AotStep, token_batch
-  from lwjax.models import presets
   from lwjax.training import mesh as mesh_lib
-  path = os.path.join(config.teacher.workdir, "checkpoints")
-  if config.teacher.preset:
-    if config.teacher.preset not in presets.PRESETS:
-      raise ConfigError("teacher.preset", f"unknown shape {config.teacher.preset!r}", ", ".join(presets.PRESETS))
-    gpt_cfg = presets.PRESETS[config.teacher.preset]
-  elif pretrained.is_hf_directory(config.teacher.workdir):
-    gpt_cfg = hf_checkpoint.config_from_dir(config.teacher.workdir)
-  elif os.path.isdir(path):
-    gpt_cfg = GPTConfig.from_dict(checkpoint.load_config(path)["model"])
-  else:
-    raise ConfigError("teacher.preset", f"empty, and {config.teacher.workdir!r} holds no checkpoint to read the "
-                      "teacher's shape from", "a shape such as llama3_8b, or a trained teacher's workdir")
+  gpt_cfg = pretrained.shape_for_compile(config.teacher.workdir, config.teacher.preset, "teacher.workdir",
+                                         "teacher.preset")
   seq_len, batch = config.data.seq_len, config.train.global_batch_size
   mesh = mesh_lib.make_mesh(config.mesh.shape, devices)
   if config.teacher.get("compile_stage", "distill") == "dpo":  # the last stage: the final hybrid, pairs of answers
