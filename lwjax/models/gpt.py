@@ -477,6 +477,10 @@ class GPT(nnx.Module):
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype,
                             fan_in=cfg.d_model)
 
+  def gpt_config(self) -> GPTConfig:
+    """The transformer's shape (the same method on a hybrid and on models wrapping a GPT)."""
+    return self.cfg
+
   def _logits(self, x_btd):
     return output_logits(self, self.cfg, x_btd)
 

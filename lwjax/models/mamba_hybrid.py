@@ -307,6 +307,10 @@ class HybridGPT(nnx.Module):
       self.lm_head = gpt._param(rngs, (g.d_model, g.vocab_size), ("embed", "vocab"), g.param_dtype,
                                 fan_in=g.d_model)
 
+  def gpt_config(self) -> gpt.GPTConfig:
+    """The shape of the GPT whose layers this hybrid keeps or replaces."""
+    return self.gpt_cfg
+
   @classmethod
   def from_teacher(cls, teacher: gpt.GPT, cfg: HybridConfig, *, rngs: nnx.Rngs, attention_init: bool = True):
     """A hybrid whose embeddings, norms, MLPs and kept attention layers are the teacher's; its Mamba mixers

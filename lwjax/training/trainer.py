@@ -105,11 +105,10 @@ def _check_model_split(model: nnx.Module, mesh, rules) -> None:
   replicate them silently, and the step would run with no tensor parallelism in attention or the MLP. Fewer kv
   heads than the axis (grouped-query attention at a high tensor degree) and a vocabulary the axis does not divide
   are replicated, as MaxText and vLLM do, and said in the log. The GPT is `model`'s own config, a hybrid's
-  attention model, or the GPT a reward model wraps; other models are not checked."""
-  cfg = getattr(model, "cfg", None) or getattr(getattr(model, "gpt", None), "cfg", None)
-  cfg = getattr(cfg, "gpt", cfg)  # a HybridConfig holds its GPT's
-  if cfg is None or not all(hasattr(cfg, key) for _, key in logical.SIZED_BY):
+  attention model, or the GPT a reward model wraps (each model's `gpt_config()`); other models are not checked."""
+  if not hasattr(model, "gpt_config"):
     return
+  cfg = model.gpt_config()
   over_tensor = {name: target for name, target in rules
                  if target == TENSOR_AXIS or (isinstance(target, (list, tuple)) and TENSOR_AXIS in target)}
   logical.check_divisible(cfg, dict(mesh.shape), [(n, t) for n, t in over_tensor.items() if n in ("heads", "mlp")])

@@ -29,6 +29,10 @@ class RewardModel(nnx.Module):
     self.head = _param(rngs, (d, 1), ("embed", None), gpt.cfg.param_dtype, fan_in=d)
     self.bias = nnx.Param(jnp.zeros((1,), gpt.cfg.param_dtype), logical_axes=(None,))
 
+  def gpt_config(self):
+    """The wrapped GPT's shape."""
+    return self.gpt.cfg
+
   def __call__(self, tokens_bt, last_b, *, positions_bt=None, segment_ids_bt=None):
     """Logits [b] of "correct" read at position `last_b` of each row."""
     h = self.gpt.final_norm(self.gpt.hidden(tokens_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt))
