@@ -60,7 +60,9 @@ only lowers the frame rate: no frames queue up, none are skipped. JPEG (Pillow, 
 frame about 25 kB, a tenth of the raw 230 kB. A lock serialises engine access. There is one game at a time:
 `/reset` starts it and gives the page a session id; a later `/reset` (a second page, a reload) takes the game
 over, and the older page's next `/frame` gets 409 with a message saying so. `/health` reports the state,
-`/actions` the key table.
+`/actions` the key table. The page shows its frame rate and the median input-to-frame latency (a key event to
+the drawing of the first frame requested after it) and returns every sample from `window.playStats()`
+(play_browser.py drives it in headless Chromium; benchmarks/gamengen_browser.py measures a world model so).
 
 Headless, `play_headless` plays a scripted action list and writes play.gif, frames.npy and play.json (frame
 count, ms per frame mean/p50/p99, FPS). `run(engine, config)` is the job's entry for both.

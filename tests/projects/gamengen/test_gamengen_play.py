@@ -1,12 +1,10 @@
 """GameNGen play loop: the key mapping (every documented key and combination), headless play and its timing,
-the config at the door, the HTTP endpoints, and a real headless Chromium holding keys on the page."""
+the config at the door, the HTTP endpoints, and a real headless Chromium holding keys on the page and
+measuring its frame rate and input-to-frame latency."""
 
 import io
 import json
-import os
 import re
-import shutil
-import tempfile
 import threading
 import time
 
@@ -17,13 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from lwjax.config import ConfigError
-from lwjax.projects.gamengen import play
+from lwjax.projects.gamengen import play, play_browser
 from lwjax.projects.gamengen.env import ACTION_NAMES, ACTIONS, FRAME_SHAPE, NUM_ACTIONS
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--no-proxy-server"]
 
 
 class FakeEngine:
@@ -256,54 +249,78 @@ def _wait_for(condition, what: str, timeout: float = 15.0):
     time.sleep(0.02)
 
 
-def test_browser_plays_held_keys():
-  if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no {CHROMIUM}: apt-get install chromium chromium-driver")
-  sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no `playwright install`)")
+@pytest.fixture
+def browser():
+  """A headless Chromium (play_browser.chromium); the test skips where there is none."""
+  why = play_browser.unavailable()
+  if why:
+    pytest.skip(why)
+  with play_browser.chromium() as context:
+    yield context
+
+
+def test_browser_plays_held_keys(browser):
   engine = FakeEngine(step_s=0.01)
-  user_data = tempfile.mkdtemp(prefix="lwjax-play-chromium-")
-  try:
-    with play.PlayServer(engine, port=0) as server, sync_api.sync_playwright() as p:
-      browser = p.chromium.launch_persistent_context(user_data, executable_path=CHROMIUM, headless=True,
-                                                     args=CHROMIUM_FLAGS)
-      try:
-        page = browser.new_page()
-        page.goto(server.url)
-        page.wait_for_function("Number(document.getElementById('fps').textContent) > 0", timeout=15000)
-        screens = set()
+  with play.PlayServer(engine, port=0) as server:
+    page = browser.new_page()
+    page.goto(server.url)
+    page.wait_for_function("Number(document.getElementById('fps').textContent) > 0", timeout=15000)
+    screens = set()
 
-        def hold_until(action: int):
-          _wait_for(lambda: engine.actions[-3:] == [action] * 3, f"3 frames of {ACTION_NAMES[action]}")
-          for _ in range(3):
-            screens.add(page.evaluate("document.getElementById('screen').toDataURL()"))
-            time.sleep(0.05)
+    def hold_until(action: int):
+      _wait_for(lambda: engine.actions[-3:] == [action] * 3, f"3 frames of {ACTION_NAMES[action]}")
+      for _ in range(3):
+        screens.add(page.evaluate("document.getElementById('screen').toDataURL()"))
+        time.sleep(0.05)
 
-        hold_until(0)
-        page.keyboard.down("w")
-        hold_until(ACTION_NAMES.index("forward"))
-        page.keyboard.down("d")
-        hold_until(ACTION_NAMES.index("forward_turn_right"))
-        page.keyboard.up("w")
-        hold_until(ACTION_NAMES.index("turn_right"))
-        page.keyboard.down("Space")
-        hold_until(ACTION_NAMES.index("turn_right_attack"))
-        page.keyboard.up("d")
-        page.keyboard.up("Space")
-        hold_until(0)
-        assert len(screens) >= 8, f"only {len(screens)} distinct frames on the canvas"
-        fps = float(page.text_content("#fps"))
-        assert fps > 0
-        assert float(page.text_content("#ms")) >= 10.0  # the engine sleeps 10 ms a step
-        assert page.text_content("#message") == ""
-        assert engine.seeds == [0]
+    hold_until(0)
+    page.keyboard.down("w")
+    hold_until(ACTION_NAMES.index("forward"))
+    page.keyboard.down("d")
+    hold_until(ACTION_NAMES.index("forward_turn_right"))
+    page.keyboard.up("w")
+    hold_until(ACTION_NAMES.index("turn_right"))
+    page.keyboard.down("Space")
+    hold_until(ACTION_NAMES.index("turn_right_attack"))
+    page.keyboard.up("d")
+    page.keyboard.up("Space")
+    hold_until(0)
+    assert len(screens) >= 8, f"only {len(screens)} distinct frames on the canvas"
+    fps = float(page.text_content("#fps"))
+    assert fps > 0
+    assert float(page.text_content("#ms")) >= 10.0  # the engine sleeps 10 ms a step
+    assert page.text_content("#message") == ""
+    assert engine.seeds == [0]
 
-        other = browser.new_page()  # a second page takes the game over; the first one says so
-        other.goto(server.url)
-        page.wait_for_function("document.getElementById('message').textContent.includes('took this game over')",
-                               timeout=15000)
-        other.wait_for_function("Number(document.getElementById('step').textContent) > 3", timeout=15000)
-        assert engine.seeds == [0, 0]
-      finally:
-        browser.close()
-  finally:
-    shutil.rmtree(user_data, ignore_errors=True)
+    other = browser.new_page()  # a second page takes the game over; the first one says so
+    other.goto(server.url)
+    page.wait_for_function("document.getElementById('message').textContent.includes('took this game over')",
+                           timeout=15000)
+    other.wait_for_function("Number(document.getElementById('step').textContent) > 3", timeout=15000)
+    assert engine.seeds == [0, 0]
+
+
+def test_browser_measures_fps_and_input_to_frame_latency(browser):
+  step_ms = 30.0
+  engine = FakeEngine(step_s=step_ms / 1000)
+  with play.PlayServer(engine, port=0) as server:
+    page = browser.new_page()
+    page.goto(server.url)
+    page.wait_for_function("playStats().frames > 3", timeout=15000)
+    assert play_browser.play_stats(page)["latency_ms"] == []  # no key changed yet
+    page.keyboard.down("w")
+    page.keyboard.down("w")  # an auto-repeat: the held keys do not change
+    page.wait_for_function("playStats().latency_ms.length >= 1", timeout=15000)
+    page.keyboard.up("w")
+    page.wait_for_function("playStats().latency_ms.length >= 2 && playStats().session_ms > 1000", timeout=15000)
+    stats = play_browser.play_stats(page)
+    assert stats["frames"] > 3 and stats["fps_window"] > 0 and stats["fps_session"] > 0
+    assert stats["fps_session"] < 1000 / step_ms  # each frame is at least one engine step
+    assert len(stats["latency_ms"]) == 2
+    # A change waits for the request in flight, then a whole request of its own: at least one engine step.
+    assert all(step_ms <= ms < 10_000 for ms in stats["latency_ms"]), stats["latency_ms"]
+    assert len(stats["server_ms"]) == len(stats["engine_ms"]) == stats["frames"] - 1  # the reset frame has none
+    assert all(s >= e >= step_ms for s, e in zip(stats["server_ms"], stats["engine_ms"], strict=True))
+    assert float(page.text_content("#latency")) >= step_ms
+    assert float(page.text_content("#fps-session")) > 0
+    assert 1 in engine.actions  # the held W reached the engine
