@@ -7,10 +7,14 @@
 The step is the one `main.py` runs (`Trainer.jitted_train_step`: its mesh, logical-axis shardings, donation),
 lowered against the devices of the slice's topology (`jax.experimental.topologies`, libtpu from `jax[tpu]`, no
 TPU needed) and compiled by XLA's TPU compiler. Printed: per-chip memory (arguments, outputs, temporaries, the
-peak) against the chip's HBM, XLA's FLOP and byte counts per chip (its count of the micro-batch loop's body
-times grad_accum_steps), a roofline step time (the larger of FLOPs - XLA's, or the model's where XLA counts
-fewer - over peak bf16 FLOP/s and bytes over HBM bandwidth) and the MFU that step time would give (model FLOPs: 6 N
-per token for a GPT, its teacher GPT's for a hybrid, three forward passes for the GameNGen UNet). Jobs:
+peak) against the chip's HBM; the program's FLOPs and bytes per chip by op class, every loop (micro-batches,
+scanned layers, XLA's collective matmuls) counted as many times as it runs (`lwjax.launch.hlo_cost`; XLA's own
+count, each loop body once, is kept as `xla_counted_once`); and a roofline step: compute (FLOPs over peak bf16
+FLOP/s), memory (HBM bytes, collectives excluded, over HBM bandwidth) and collectives (bytes each chip sends over
+ICI, over the chip's ICI bandwidth with every link busy). Collectives fully hidden behind compute and memory give
+max of the three, a lower bound; not overlapped at all, max(compute, memory) + collectives, an upper bound. The
+MFU each step would give uses the model's FLOPs (6 N per token plus attention for a GPT, its teacher GPT's for a
+hybrid, three forward passes for the GameNGen UNet). Jobs:
 `lm_pretrain` (the GPT's step), and those whose job module defines `aot_step(config, devices) -> AotStep`:
 `mamba_distill` (the hybrid's first distillation stage, KL + CE to the teacher, whose shape is read from its
 checkpoint or named by `--config.teacher.preset`) and `gamengen_diffusion` (the denoiser's step on latent
@@ -34,10 +38,15 @@ from typing import Any
 from absl import app, flags
 
 from lwjax.config import ConfigError
-from lwjax.launch import host_command, tpu_types
+from lwjax.launch import hlo_cost, host_command, tpu_types
 
 # Per chip: dense bf16 FLOP/s and HBM bandwidth (bytes/s), from the Cloud TPU system-architecture pages.
 CHIP_PEAKS = {"v4": (275e12, 1228e9), "v5e": (197e12, 819e9), "v5p": (459e12, 2765e9), "v6e": (918e12, 1640e9)}
+# Per chip: ICI bandwidth out of the chip, one direction, all links (bytes/s). v5e 1,600 Gbps, v5p 4,800 Gbps, v6e
+# 3,584 Gbps: the "Interchip Interconnect BW" of the Cloud TPU pages (half the bidirectional figure they also give:
+# v5e 400 GB/s, v5p 1,200 GB/s). v4, not on its page: 6 links x 45 GB/s one way (How to Scale Your Model, "All
+# about TPUs"). A collective on one mesh axis uses that axis's links only: its time here is optimistic.
+CHIP_ICI_BANDWIDTH = {"v4": 270e9, "v5e": 200e9, "v5p": 600e9, "v6e": 448e9}
 JOBS = ("lm_pretrain", "mamba_distill", "gamengen_diffusion", "genrm", "compute_matched")
 PROG = "compile"
 
@@ -94,7 +103,6 @@ def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
   with kernels.target_platform("tpu"):  # "auto" kernels as on the TPU (the Pallas flash attention), not the host's
     lowered = trainer.jitted_train_step.lower(trainer.abstract_state, abstract_batch, trainer.base,
                                               trainer.reference)
-  peak_flops, bandwidth = CHIP_PEAKS[slice_.generation.name]
   model_params = trainer.abstract_state["params"] if trainer.base is None else trainer.base  # LoRA: the base's
   num_params = int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(model_params)))
   hbm = slice_.generation.hbm_gib * 2**30
@@ -109,21 +117,12 @@ def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
       raise
     temporaries = float(needed.group(1)) * 1024 ** " KMGT".index(needed.group(2)) if needed else None
     return {**base, "bytes_per_chip": {"temporaries": temporaries, "hbm": hbm}, "fits": False,
-            "xla_flops_per_chip": None, "xla_bytes_per_chip": None, "roofline_step_s": None, "bound": None,
+            "flops_per_chip": None, "hbm_bytes_per_chip": None, "roofline_step_s": None, "bound": None,
             "roofline_mfu": None, "error": str(e).splitlines()[0]}
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  raw_flops, raw_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-  # XLA counts a loop body once: the micro-batch scan runs grad_accum_steps times (the optimizer update outside
-  # it is over-counted by the same factor, a small part of a large model's step).
-  accum = config.train.grad_accum_steps
-  flops, accessed = raw_flops * accum, raw_bytes * accum
-  # Loops XLA makes itself (collective matmuls over a large FSDP axis) are counted once too: the compute term
-  # is at least the model's FLOPs at peak, so the roofline never promises more than 100% MFU.
-  compute_flops = max(flops, step.model_flops / slice_.chips)
-  step_s = max(compute_flops / peak_flops, accessed / bandwidth)
-  model_flops = step.model_flops
+  xla = compiled.cost_analysis()
+  xla = xla[0] if isinstance(xla, (list, tuple)) else xla
+  cost = hlo_cost.analyze(compiled.as_text())
   peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
       - memory.alias_size_in_bytes
   return {
@@ -131,12 +130,26 @@ def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
       "bytes_per_chip": {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
                          "temporaries": memory.temp_size_in_bytes, "aliased": memory.alias_size_in_bytes,
                          "peak": peak, "hbm": hbm},
-      "fits": peak <= hbm, "xla_flops_per_chip": flops, "xla_bytes_per_chip": accessed,
-      "xla_counted_once": {"flops": raw_flops, "bytes": raw_bytes},
-      "model_flops_per_chip": step.model_flops / slice_.chips,
-      "roofline_step_s": step_s, "bound": "compute" if compute_flops / peak_flops >= accessed / bandwidth else "memory",
-      "roofline_mfu": model_flops / (slice_.chips * peak_flops * step_s) if step_s else None,
+      "fits": peak <= hbm, "flops_per_chip": cost.flops, "hbm_bytes_per_chip": cost.hbm_bytes,
+      "ici_bytes_per_chip": cost.total("ici_bytes"), "flops_lower_bound": cost.lower_bound,
+      "xla_counted_once": {"flops": float(xla.get("flops", 0.0)), "bytes": float(xla.get("bytes accessed", 0.0))},
+      "model_flops_per_chip": step.model_flops / slice_.chips, "hlo_cost": cost.to_dict(),
+      **roofline(cost, step.model_flops, slice_),
   }
+
+
+def roofline(cost: hlo_cost.HloCost, model_flops: float, slice_: tpu_types.TpuSlice) -> dict:
+  """Step time per term and in all, collectives overlapped (a lower bound) or not (an upper bound), the term that
+  binds, and the MFU at each step time."""
+  peak_flops, bandwidth = CHIP_PEAKS[slice_.generation.name]
+  terms = {"compute": cost.flops / peak_flops, "memory": cost.hbm_bytes / bandwidth,
+           "collectives": cost.total("ici_bytes") / CHIP_ICI_BANDWIDTH[slice_.generation.name]}
+  overlapped, serial = max(terms.values()), max(terms["compute"], terms["memory"]) + terms["collectives"]
+
+  def mfu(step_s):
+    return model_flops / (slice_.chips * peak_flops * step_s) if step_s else None
+  return {"step_s_by_term": terms, "roofline_step_s": overlapped, "roofline_step_no_overlap_s": serial,
+          "bound": max(terms, key=terms.get), "roofline_mfu": mfu(overlapped), "roofline_mfu_no_overlap": mfu(serial)}
 
 
 def format_report(r: dict) -> str:
@@ -148,14 +161,21 @@ def format_report(r: dict) -> str:
     need = f"{b['temporaries'] / gib:.1f} GiB of temporaries" if b["temporaries"] else "more than HBM"
     return "\n".join(head + [f"per chip: DOES NOT FIT: XLA needs {need}, the chip has {b['hbm'] / gib:.0f} GiB HBM "
                               "(more micro-batches: --config.train.grad_accum_steps, model.remat, or a larger slice)"])
-  mfu = f"{r['roofline_mfu']:.1%}" if r["roofline_mfu"] is not None else "n/a"
+  t = r["step_s_by_term"]
+  mfu = " to ".join(f"{m:.1%}" if m is not None else "n/a" for m in (r["roofline_mfu_no_overlap"], r["roofline_mfu"]))
   return "\n".join(head + [
       f"per chip: arguments {b['arguments'] / gib:.2f} GiB, outputs {b['outputs'] / gib:.2f} GiB, temporaries "
       f"{b['temporaries'] / gib:.2f} GiB, peak {b['peak'] / gib:.2f} of {b['hbm'] / gib:.0f} GiB HBM: "
       + ("fits" if r["fits"] else "DOES NOT FIT"),
-      f"XLA per chip and step: {r['xla_flops_per_chip'] / 1e12:.2f} TFLOP (the model's: "
-      f"{r['model_flops_per_chip'] / 1e12:.2f}), {r['xla_bytes_per_chip'] / 1e9:.2f} GB accessed; "
-      f"roofline step {r['roofline_step_s'] * 1e3:.1f} ms ({r['bound']}-bound), MFU at that step {mfu}",
+      f"per chip and step, every loop counted: {hlo_cost.quantity(r['flops_per_chip'], 'FLOP')}"
+      + (" (a lower bound: a loop's trip count is unknown)" if r["flops_lower_bound"] else "")
+      + f" (the model's {hlo_cost.quantity(r['model_flops_per_chip'], 'FLOP')}; XLA's, each loop body once, "
+      f"{hlo_cost.quantity(r['xla_counted_once']['flops'], 'FLOP')}), "
+      f"{hlo_cost.quantity(r['hbm_bytes_per_chip'], 'B')} HBM, {hlo_cost.quantity(r['ici_bytes_per_chip'], 'B')} ICI",
+      hlo_cost.format_table(r["hlo_cost"]),
+      f"roofline: compute {t['compute'] * 1e3:.3g} ms, HBM {t['memory'] * 1e3:.3g} ms, collectives "
+      f"{t['collectives'] * 1e3:.3g} ms; step {r['roofline_step_s'] * 1e3:.3g} ms (collectives overlapped, "
+      f"{r['bound']}-bound) to {r['roofline_step_no_overlap_s'] * 1e3:.3g} ms (not overlapped), MFU {mfu}",
   ])
 
 

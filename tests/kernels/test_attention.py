@@ -11,6 +11,8 @@ Tolerances, as max |kernel - reference| / max |reference| for the output and eac
   outputs and gradients are bf16 themselves (relative step 2^-8); about 7e-3 is seen.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,6 +175,25 @@ def test_gpt_with_the_kernel_gives_reference_logits(kernel_impl):
     logits = {impl: forward(GPT(GPTConfig(**cfg, attention_impl=impl), rngs=nnx.Rngs(0)), tokens)
               for impl in (kernel_impl, "reference")}
   np.testing.assert_allclose(logits[kernel_impl], logits["reference"], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("q_len,kv_len,q_offset,window", [(1024, 1024, 0, None), (1024, 1024, 0, 256),
+                                                         (256, 1024, 300, None), (256, 1024, 300, 200)])
+def test_cost_estimate_counts_the_pairs_of_the_blocks_the_kernels_visit(q_len, kv_len, q_offset, window):
+  """The blocks holding a visible (query, key) pair, by brute force over positions; causal self-attention over
+  n blocks of B: n (n + 1) / 2 blocks, T (T + B) / 2 pairs."""
+  block = 128
+  cfg = pallas_attention.FlashConfig(causal=True, window=window, softcap=None, sm_scale=1.0, block_q=block,
+                                     block_k=block, kv_len=kv_len, groups=1, dim=64, segments=False,
+                                     interpret=False, q_offset=q_offset)
+  q_pos, k_pos = q_offset + np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+  visible = (k_pos <= q_pos) & ((q_pos - k_pos < window) if window else True)
+  blocks = visible.reshape(q_len // block, block, kv_len // block, block).any(axis=(1, 3)).sum()
+  assert pallas_attention.visited_pairs(cfg, q_len, kv_len) == blocks * block * block
+  if q_len == kv_len and window is None:
+    assert blocks * block * block == q_len * (q_len + block) // 2
+  traced = dataclasses.replace(cfg, q_offset=None)  # an offset per sequence (chunked prefill): every pair
+  assert pallas_attention.visited_pairs(traced, q_len, kv_len) == q_len * kv_len
 
 
 AOT_AVAILABLE, AOT_WHY = aot.libtpu_available()

@@ -62,7 +62,7 @@ def attention(q, k, v, *, causal=True, segment_ids=None, q_offset=0, sm_scale=No
   cfg = FlashConfig(causal=causal, window=window, softcap=None if softcap is None else float(softcap),
                     sm_scale=dim ** -0.5 if sm_scale is None else float(sm_scale), block_q=bq, block_k=bk,
                     kv_len=kv_len, groups=heads // kv_heads, dim=dim, segments=segment_ids is not None,
-                    interpret=interpret)
+                    interpret=interpret, q_offset=q_offset if isinstance(q_offset, int) else None)
   offsets = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (batch,))
   segs = None
   if segment_ids is not None:
@@ -168,13 +168,37 @@ def _pallas_call(cfg, kernel, name, grid, num_reductions, in_specs, out_specs, s
       cost_estimate=cost_estimate)
 
 
+def visited_pairs(cfg, q_len, kv_len):
+  """(query, key) pairs in the blocks the kernels compute, lengths padded to the blocks: each kernel visits the
+  same (query block, key block) pairs, every pair of a visited block computed (the mask applied after the
+  matmul), blocks above the causal diagonal or outside the window skipped. Causal self-attention over n blocks of
+  B: n (n + 1) / 2 blocks, T (T + B) / 2 pairs, about half of T^2. A traced query offset (chunked prefill, one
+  per sequence): every pair, the dense upper bound."""
+  if cfg.q_offset is None or not (cfg.causal or cfg.window is not None):
+    return q_len * kv_len
+  blocks = 0
+  for qi in range(q_len // cfg.block_q):  # kv_block_range with the static offset
+    q_first = cfg.q_offset + qi * cfg.block_q
+    last, first = kv_len // cfg.block_k - 1, 0
+    if cfg.causal:  # k_first <= q_last
+      last = min(last, (q_first + cfg.block_q - 1) // cfg.block_k)
+    if cfg.window is not None:  # k_last > q_first - window
+      first = max(q_first - cfg.window + 1, 0) // cfg.block_k
+    blocks += max(0, last - first + 1)
+  return blocks * cfg.block_q * cfg.block_k
+
+
 def _cost(cfg, q, k, passes):
-  """Dense upper bound (block skipping lowers it): `passes` matmuls of [q_len, dim] x [dim, kv_len]."""
+  """`passes` matmuls of [block_q, dim] x [dim, block_k] per visited block pair (`visited_pairs`): 2 forward (QK^T,
+  PV), 3 for dq (QK^T, dO V^T, dS K), 4 for dk/dv (K Q^T, P^T dO, V dO^T, dS^T Q); one exp per visited score (two
+  with soft-capping's tanh). Bytes: q-side blocks once per pass, kv blocks for the visited pairs only (a skipped
+  block is not fetched)."""
   (batch, heads, q_len), kv_len = q.shape[:3], k.shape[2]
-  kv_bytes = k.size * k.dtype.itemsize * cfg.groups
-  return pl.CostEstimate(flops=2 * passes * batch * heads * q_len * kv_len * cfg.dim,
-                         transcendentals=batch * heads * q_len * kv_len * (1 if cfg.softcap is None else 2),
-                         bytes_accessed=passes * (2 * q.size * q.dtype.itemsize + kv_bytes))
+  pairs = visited_pairs(cfg, q_len, kv_len)
+  kv_bytes = k.size * k.dtype.itemsize * cfg.groups * pairs / (q_len * kv_len)
+  return pl.CostEstimate(flops=2 * passes * batch * heads * pairs * cfg.dim,
+                         transcendentals=batch * heads * pairs * (1 if cfg.softcap is None else 2),
+                         bytes_accessed=int(passes * (2 * q.size * q.dtype.itemsize + kv_bytes)))
 
 
 # Forward: grid (batch, heads, q blocks, k blocks); running max m, sum l and output in VMEM scratch.

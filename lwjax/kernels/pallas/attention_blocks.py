@@ -34,6 +34,7 @@ class FlashConfig:
   dim: int  # head dim
   segments: bool
   interpret: Any
+  q_offset: int | None = None  # the queries' offset when static (a Python int), for the cost estimate
 
 
 def round_up(n, multiple):
