@@ -30,6 +30,7 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from lwjax import reasoning_tasks
@@ -78,19 +79,21 @@ def task_for(task: reasoning_tasks.ReasoningTask, tokenizer) -> reasoning_tasks.
 
 
 def forward_flops_per_token(cfg: GPTConfig, context: int) -> float:
-  """Sampling cost of one token at `context` tokens: the forward third of the training FLOPs (2 N + scores)."""
-  return cfg.flops_per_token(context) / 3.0
+  """Sampling cost of one token at `context` tokens: 2 N + its attention over the context."""
+  return cfg.decode_flops_per_token(context)
 
 
 def sample(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[dict], *, n: int,
            temperature: float, max_new_tokens: int, seed: int = 0, top_p: float = 1.0,
            batch_prompts: int = 8, prompt_len: int | None = None, first_index: int = 0,
-           encoded: Sequence[list[int]] | None = None) -> tuple[list[dict], dict]:
+           encoded: Sequence[list[int]] | None = None, mesh: Mesh | None = None) -> tuple[list[dict], dict]:
   """Samples and labels `n` candidates for every record: ([{"index", "record", "candidates"}], stats). A few-shot
   prompt's continuation is cut at the next problem (`task.trim`); `num_tokens` counts every token sampled.
   `first_index`: the records are a set's from that position on (their indices, and their samples' seeds, are
   the whole set's: `build` samples a large set in shards that give what one call would). `encoded`: the records'
-  prompts already tokenized (`encode_prompts`)."""
+  prompts already tokenized (`encode_prompts`). `mesh`: sampled there (`lwjax.serving.batch_sampler`: weights over
+  `tensor`, prompts over the data-parallel axes, `batch_prompts` rounded up to split over them), the samples those
+  of one device."""
   tok = task.tokenizer
   prompts = list(encoded) if encoded is not None else encode_prompts(task, records)
   prompt_len = prompt_len or batch_sampler.bucket(max(len(p) for p in prompts))
@@ -98,12 +101,16 @@ def sample(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[di
     raise ValueError(f"max_new_tokens: {prompt_len} prompt tokens + {max_new_tokens} exceed the model's "
                      f"max_seq_len {model.cfg.max_seq_len} (valid: at most {model.cfg.max_seq_len - prompt_len})")
   graphdef, params = nnx.split(model)
+  placement = batch_sampler.sampler_shardings(model, mesh)
+  if placement is not None:
+    params = placement.place_params(params)  # once, not per call
   sample_n = batch_sampler.make_sampler(graphdef, prompt_len=prompt_len, max_new_tokens=max_new_tokens, n=n,
-                                        eos_id=tok.eos_id)
+                                        eos_id=tok.eos_id, placement=placement)
   start = time.time()
   with tqdm(total=len(records), desc=f"sampling {n} per problem", unit="problem") as progress:
     samples = batch_sampler.sample_texts(sample_n, params, tok, prompts, n=n, prompt_len=prompt_len,
-                                         batch_prompts=min(batch_prompts, len(records)), seed=seed,
+                                         batch_prompts=batch_sampler.rounded_batch(min(batch_prompts, len(records)),
+                                                                                   mesh), seed=seed,
                                          temperature=temperature, top_p=top_p, progress=progress,
                                          first_index=first_index)
   seconds = time.time() - start
@@ -136,11 +143,12 @@ def _stats(cfg: GPTConfig, problems: Sequence[dict], prompt_lengths: Sequence[in
 
 def sample_in_shards(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[dict], *, parts_dir: str,
                      shard_problems: int, n: int, temperature: float, max_new_tokens: int, seed: int = 0,
-                     top_p: float = 1.0, batch_prompts: int = 8) -> tuple[list[dict], dict]:
+                     top_p: float = 1.0, batch_prompts: int = 8, mesh: Mesh | None = None
+                     ) -> tuple[list[dict], dict]:
   """`sample` of a large set, resumable: `shard_problems` records at a time (a multiple of `batch_prompts`, so the
   batches are those of one call), each finished shard written to `parts_dir` (json, atomically) and read back by
   a rerun instead of sampled again. One prompt length for every shard, and the whole set's seeds: the problems
-  equal one call's. `seconds` sums the shards' sampling times."""
+  equal one call's. `seconds` sums the shards' sampling times. `mesh` as for `sample`."""
   encoded = encode_prompts(task, records)
   prompt_lengths = [len(p) for p in encoded]
   prompt_len = batch_sampler.bucket(max(prompt_lengths))
@@ -156,7 +164,7 @@ def sample_in_shards(model: GPT, task: reasoning_tasks.ReasoningTask, records: S
       shard, stats = sample(model, task, records[start:start + shard_problems], n=n, temperature=temperature,
                             max_new_tokens=max_new_tokens, seed=seed, top_p=top_p, batch_prompts=batch_prompts,
                             prompt_len=prompt_len, first_index=start,
-                            encoded=encoded[start:start + shard_problems])
+                            encoded=encoded[start:start + shard_problems], mesh=mesh)
       done = {"problems": shard, "seconds": stats["seconds"]}
       with open(part + ".tmp", "w") as f:
         json.dump(done, f, separators=(",", ":"))
@@ -168,17 +176,18 @@ def sample_in_shards(model: GPT, task: reasoning_tasks.ReasoningTask, records: S
 
 
 def greedy(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[dict], *, max_new_tokens: int,
-           batch_prompts: int) -> list[dict]:
-  """The checker's verdict on the greedy solution of every record (one label dict each, with its text)."""
+           batch_prompts: int, mesh: Mesh | None = None) -> list[dict]:
+  """The checker's verdict on the greedy solution of every record (one label dict each, with its text); `mesh` as
+  for `sample`."""
   problems, _ = sample(model, task, records, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
-                       batch_prompts=batch_prompts)
+                       batch_prompts=batch_prompts, mesh=mesh)
   return [p["candidates"][0] for p in problems]
 
 
 def greedy_accuracy(model: GPT, task: reasoning_tasks.ReasoningTask, records: Sequence[dict], *,
-                    max_new_tokens: int, batch_prompts: int) -> dict:
+                    max_new_tokens: int, batch_prompts: int, mesh: Mesh | None = None) -> dict:
   """Greedy solutions of `records`, checked: full-solution and final-answer accuracy."""
-  labels = greedy(model, task, records, max_new_tokens=max_new_tokens, batch_prompts=batch_prompts)
+  labels = greedy(model, task, records, max_new_tokens=max_new_tokens, batch_prompts=batch_prompts, mesh=mesh)
   return {"accuracy": float(np.mean([c["correct"] for c in labels])),
           "answer_accuracy": float(np.mean([c["answer_correct"] for c in labels])), "n": len(labels),
           "samples": [c["text"] for c in labels[:3]]}
@@ -211,10 +220,11 @@ def read(path: str) -> tuple[list[dict], dict]:
 def build(path: str, *, workdir: str, task: str, split: str, num: int, n: int, temperature: float = 0.8,
           max_new_tokens: int = 192, seed: int = 0, record_seed: int = 0, batch_prompts: int = 8,
           task_options: dict | None = None, step: int | None = None,
-          loaded: tuple | None = None) -> tuple[list[dict], dict]:
+          loaded: tuple | None = None, mesh: Mesh | None = None) -> tuple[list[dict], dict]:
   """The candidate set at `path`, sampled from the solver `workdir` (an lwjax run, checkpoint `step`, default the
   latest; or a Hugging Face checkpoint directory) when not there yet (else read). `loaded`: the solver as
-  `load_solver(workdir, step)` returned it, when the caller holds it already (not read from disk again)."""
+  `load_solver(workdir, step)` returned it, when the caller holds it already (not read from disk again). `mesh`:
+  sampled there (`sample`); the set is the one device's."""
   settings = {"workdir": os.path.abspath(workdir), "task": task, "split": split, "num": num, "n": n,
               "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
               "record_seed": record_seed, "task_options": task_options or {}}
@@ -232,14 +242,15 @@ def build(path: str, *, workdir: str, task: str, split: str, num: int, n: int, t
   model, tokenizer, step = loaded or load_solver(workdir, step)
   reasoning_task = task_for(reasoning_tasks.get(task, **(task_options or {})), tokenizer)
   records = reasoning_task.records(num, seed=record_seed, split=split)
+  batch_prompts = batch_sampler.rounded_batch(batch_prompts, mesh)
   shard = batch_prompts * max(1, SHARD_PROBLEMS // batch_prompts)
   if len(records) <= shard:
     problems, stats = sample(model, reasoning_task, records, n=n, temperature=temperature,
-                             max_new_tokens=max_new_tokens, seed=seed, batch_prompts=batch_prompts)
+                             max_new_tokens=max_new_tokens, seed=seed, batch_prompts=batch_prompts, mesh=mesh)
   else:  # hours of sampling at the paper's sizes: in shards a stopped run does not redo
     problems, stats = sample_in_shards(model, reasoning_task, records, parts_dir=path + ".parts", shard_problems=shard,
                                        n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                                       batch_prompts=batch_prompts)
+                                       batch_prompts=batch_prompts, mesh=mesh)
   metadata = {"settings": settings, "checkpoint_step": step, "stats": stats}
   write(path, problems, metadata)
   shutil.rmtree(path + ".parts", ignore_errors=True)

@@ -31,6 +31,7 @@ from lwjax.models import layer_stack, logical
 from lwjax.models.logical import constrain
 
 REMAT_POLICIES = ("none", "full", "dots")
+_CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # a KVCache array [b, kv_heads, max_len, hd]
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -131,11 +132,19 @@ class GPTConfig:
     embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
     return self.n_layers * layer + self.d_model + (embed if include_embedding else 0)
 
+  def _dense_params(self) -> int:
+    return self.num_params(include_embedding=False) + self.d_model * self.vocab_size
+
   def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward): 6 N plus the attention scores."""
-    dense = self.num_params(include_embedding=False) + self.d_model * self.vocab_size
-    attention = 2 * self.n_layers * self.n_heads * self.head_dim * seq_len  # QK^T and PV, causal half
-    return 6.0 * dense + 6.0 * attention
+    """Training FLOPs per token of a `seq_len` sequence (forward + backward = 3x forward): 6 N plus causal
+    attention. A token attends to seq_len / 2 keys on average: QK^T and PV are 2 x 2 x heads x head_dim x
+    seq_len / 2 FLOPs a layer forward, 6 L H d T with the backward (MaxText's count, non-causal halved)."""
+    return 6.0 * self._dense_params() + 6.0 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+  def decode_flops_per_token(self, context: int) -> float:
+    """Forward FLOPs of one token sampled after `context` tokens: 2 N plus its attention over all of them
+    (QK^T and PV, 2 x 2 x heads x head_dim x context a layer)."""
+    return 2.0 * self._dense_params() + 4.0 * self.n_layers * self.n_heads * self.head_dim * context
 
 
 PRETRAINED_KEY = "pretrained"
@@ -257,8 +266,9 @@ class Attention(nnx.Module):
       return self._output(self._attend(q, k.astype(dt), v.astype(dt), segment_ids, q_offset)), (k, v)
     write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, 1))
     offsets = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (x_btd.shape[0],))
-    k_cache = write(cache_kv[0], jnp.swapaxes(k, 1, 2).astype(cache_kv[0].dtype), offsets)
-    v_cache = write(cache_kv[1], jnp.swapaxes(v, 1, 2).astype(cache_kv[1].dtype), offsets)
+    # On a mesh, the cache lies as the keys and values it holds: rows as the batch, over kv heads.
+    k_cache = constrain(write(cache_kv[0], jnp.swapaxes(k, 1, 2).astype(cache_kv[0].dtype), offsets), _CACHE_AXES)
+    v_cache = constrain(write(cache_kv[1], jnp.swapaxes(v, 1, 2).astype(cache_kv[1].dtype), offsets), _CACHE_AXES)
     if kernels.backend() == "cpu" and self.cfg.attention_impl in ("auto", "reference"):
       out = kernels.reference.attention(q, k_cache.astype(dt), v_cache.astype(dt), segment_ids=segment_ids,
                                         q_offset=q_offset, kv_layout="bhsd", **self._scores())

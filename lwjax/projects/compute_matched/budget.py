@@ -4,7 +4,7 @@ weaker-cheaper (WC) model draws cost(SE) / cost(WC) times as many samples per pr
 
 The paper takes the cost of a token as 2 x the parameter count (so 27B / 9B = 3 samples of Gemma2-9B per
 sample of Gemma2-27B). Here the cost is the forward FLOPs of one token from the config, parameters and
-attention scores at a given context (`GPTConfig.flops_per_token` / 3), and WC gets the whole number of samples
+its attention over a given context (`GPTConfig.decode_flops_per_token`), and WC gets the whole number of samples
 the SE budget pays for (rounded down, so WC never spends more than SE).
 """
 
@@ -17,7 +17,7 @@ from lwjax.models.gpt import GPTConfig
 
 def flops_per_token(cfg: GPTConfig, context: int) -> float:
   """Forward FLOPs of one sampled token at `context` tokens of context."""
-  return cfg.flops_per_token(context) / 3.0
+  return cfg.decode_flops_per_token(context)
 
 
 def cost_ratio(se: GPTConfig, wc: GPTConfig, context: int) -> float:
