@@ -17,15 +17,18 @@ UNet + decode vs the frame is the sampler's overhead.
 FLOPs and bytes are XLA's `cost_analysis()` of the compiled programs (plus k - 1 UNet calls where the k steps
 stay a loop, whose body XLA counts once); the roofline is max(FLOPs / peak bf16
 FLOP/s, bytes / HBM bandwidth) for known devices (none on CPU). Pallas attention kernels (the "auto" choice
-on GPU and TPU) are custom calls whose FLOPs XLA does not count: --attention_impl reference counts them all.
+on GPU and TPU) are custom calls that XLA counts by their declared cost estimate.
 The peer (--peer auto, when torch and diffusers import) is the same frame built from diffusers'
 `UNet2DConditionModel` and `AutoencoderKL` with the same widths (the action tokens become random
 encoder_hidden_states), in --dtype, on the GPU when torch sees one and else on this CPU (torch's threads set to
 the cores this process may use), eager, with the UNet and `vae.decode` under `torch.compile` (on a GPU
 mode="reduce-overhead", CUDA graphs; compiling SD's UNet takes minutes; on CPU inductor's C++ code), and
 compiled with inductor's `freezing` (weights as constants), as ours are in the played frame.
---tpu_aot compiles the frame, the UNet call and the decode for a TPU topology on this host
-(`lwjax.launch.aot`, libtpu) and prints XLA's cost estimate, the ms it implies and the memory footprint.
+--tpu_aot compiles the frame, the UNet call and the decode (--tpu_programs: some of them) for a TPU topology on
+this host (`lwjax.launch.aot`, libtpu, "auto" kernels resolved for the TPU) and prints the loop-aware account of
+each optimized program (`lwjax.launch.hlo_cost`: every loop's trips, FLOPs, and the bytes that cross HBM - arrays
+XLA keeps in VMEM excluded - per op class) beside XLA's own "bytes accessed" (which counts VMEM traffic too), the
+roofline ms and FPS from the loop-aware FLOPs and HBM bytes, and the memory footprint.
 --iters 0 skips the timing on this device (what a CPU host does for sd14).
 """
 
@@ -43,7 +46,7 @@ from flax import nnx
 import configs.autoencoder
 import configs.unet
 from lwjax import kernels
-from lwjax.launch import aot
+from lwjax.launch import aot, hlo_cost
 from lwjax.models.autoencoder import Autoencoder, AutoencoderConfig
 from lwjax.models.diffusion_blocks import DTYPES
 from lwjax.models.unet_diffusion import UNet, UNetConfig
@@ -68,6 +71,9 @@ _ATTENTION = flags.DEFINE_enum("attention_impl", "auto", kernels.IMPLS, "Attenti
 _UNROLL = flags.DEFINE_bool("unroll", True, "The k DDIM steps as straight-line code (--nounroll: a loop, "
                              "compiled once: quicker to compile for sd14 on a TPU topology).")
 _TPU_AOT = flags.DEFINE_string("tpu_aot", "", "TPU topology to AOT-compile for, e.g. v5e:1x1 (empty: off).")
+_TPU_PROGRAMS = flags.DEFINE_list("tpu_programs", [], "With --tpu_aot, only these programs (unet, decode, frame; "
+                                   "default: all).")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", "", "With --tpu_aot, write each compiled program's HLO text here.")
 _PEER = flags.DEFINE_enum("peer", "auto", ["auto", "off"], "Time the PyTorch/diffusers frame when importable.")
 _OUT = flags.DEFINE_string("out", "", "Write every number to this JSON file.")
 
@@ -202,8 +208,11 @@ def time_here(wm, progs, iters) -> dict:
   return rows
 
 
-def tpu_aot(wm, progs, topology: str) -> dict:
-  """Compiles each program for `topology` on this host; prints XLA's cost estimate and memory footprint."""
+def tpu_aot(wm, progs, topology: str, hlo_dir: str = "") -> dict:
+  """Compiles each program for `topology` on this host ("auto" kernels as the chip runs them: the Pallas flash
+  attention); prints the loop-aware account of its optimized HLO (`lwjax.launch.hlo_cost`: FLOPs, HBM bytes -
+  what stays in VMEM excluded - per op class) beside XLA's own estimate, the roofline ms and FPS, and the memory
+  footprint. `hlo_dir`: also write each program's HLO text there."""
   ok, why = aot.libtpu_available()
   if not ok:
     print(f"tpu_aot {topology}: skipped (libtpu cannot load: {why})")
@@ -213,21 +222,32 @@ def tpu_aot(wm, progs, topology: str) -> dict:
   out = {"topology": topology, "device_kind": device.device_kind, "peak_flops": peak, "hbm_bytes_per_s": bandwidth}
   print(f"tpu_aot {topology} ({device.device_kind}): XLA's estimate at {_fmt(peak and peak / 1e12, '.0f')} "
         f"TFLOP/s, {_fmt(bandwidth and bandwidth / 1e9, '.0f')} GB/s")
-  print(f"{'program':<12} {'GFLOP':>9} {'GB':>7} {'compute ms':>10} {'memory ms':>9} {'FPS':>7} {'HBM GiB':>8} "
-        f"{'compile s':>9}", flush=True)
+  print(f"{'program':<12} {'GFLOP':>9} {'HBM GB':>7} {'XLA GB':>7} {'compute ms':>10} {'memory ms':>9} {'FPS':>7} "
+        f"{'HBM GiB':>8} {'compile s':>9}", flush=True)
   for name, (fn, args, steps) in progs.items():
     start = time.perf_counter()
-    compiled = aot.compile_for_tpu(fn, *_abstract(args), topology=topology)
-    r = {"compile_s": time.perf_counter() - start, **_cost(compiled, steps, out, not wm.settings.unroll),
-         "memory": _memory(compiled)}
+    with kernels.target_platform("tpu"):  # "auto" kernels as the chip runs them (the Pallas flash attention)
+      compiled = aot.compile_for_tpu(fn, *_abstract(args), topology=topology)
+    text = compiled.as_text()
+    account = hlo_cost.analyze(text)
+    r = {"compile_s": time.perf_counter() - start, "flops": account.flops, "hbm_bytes": account.hbm_bytes,
+         "lower_bound": account.lower_bound, "hlo_cost": account.to_dict(),
+         "xla_counted_once": _cost(compiled, 1, out), "memory": _memory(compiled)}
+    if hlo_dir:
+      os.makedirs(hlo_dir, exist_ok=True)
+      with open(os.path.join(hlo_dir, f"{topology.replace(':', '_')}_{name.replace(' ', '_')}.hlo"), "w") as f:
+        f.write(text)
     if peak and bandwidth:
-      r["compute_ms"], r["memory_ms"] = r["flops"] / peak * 1e3, r["bytes"] / bandwidth * 1e3
+      r["compute_ms"], r["memory_ms"] = r["flops"] / peak * 1e3, r["hbm_bytes"] / bandwidth * 1e3
       r["roofline_ms"] = max(r["compute_ms"], r["memory_ms"])
       r["fps_at_roofline"] = 1e3 / r["roofline_ms"]
     out[name] = r
-    print(f"{name:<12} {r['flops'] / 1e9:>9.2f} {r['bytes'] / 1e9:>7.3f} {_fmt(r.get('compute_ms'), '10.3f')} "
-          f"{_fmt(r.get('memory_ms'), '9.3f')} {_fmt(r.get('fps_at_roofline'), '7.2f')} "
-          f"{r['memory']['total_bytes'] / 2 ** 30:>8.3f} {r['compile_s']:>9.1f}", flush=True)
+    print(f"{name:<12} {r['flops'] / 1e9:>9.2f} {r['hbm_bytes'] / 1e9:>7.3f} {r['xla_counted_once']['bytes'] / 1e9:>7.3f} "
+          f"{_fmt(r.get('compute_ms'), '10.3f')} {_fmt(r.get('memory_ms'), '9.3f')} "
+          f"{_fmt(r.get('fps_at_roofline'), '7.2f')} {r['memory']['total_bytes'] / 2 ** 30:>8.3f} "
+          f"{r['compile_s']:>9.1f}" + (" (a loop's trip count unknown: a lower bound)" if r["lower_bound"] else ""),
+          flush=True)
+    print(hlo_cost.format_table(account), flush=True)
   return out
 
 
@@ -365,7 +385,10 @@ def main(argv):
                                           f"{r['median_ms']:.3f} ms median, {r['p90_ms']:.3f} p90, {r['fps']:.2f} FPS"))
 
   if _TPU_AOT.value:
-    results["tpu_aot"] = tpu_aot(wm, programs(wm, steps, _BATCH.value, latent_hwc, key), _TPU_AOT.value)
+    progs = programs(wm, steps, _BATCH.value, latent_hwc, key)
+    if _TPU_PROGRAMS.value:
+      progs = {name: prog for name, prog in progs.items() if name.split()[0] in _TPU_PROGRAMS.value}
+    results["tpu_aot"] = tpu_aot(wm, progs, _TPU_AOT.value, _HLO_DIR.value)
 
   ratios = [f"frame / (k x UNet + decode) k={k}: {v:.3f}x" for k, v in results.get("overhead", {}).items()]
   for mode, rows in ({} if "skipped" in results["peer"] else results["peer"]).items():
