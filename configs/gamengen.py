@@ -124,8 +124,10 @@ def evaluation(scale: str, diffusion_workdir: str) -> ml_collections.ConfigDict:
   config.seed = 0
   config.diffusion_workdir = diffusion_workdir
   # Tuples, not lists: absl's config flags override tuples (`--config.eval.horizons='(16, 32)'`), never lists.
+  # recordings: "" = the run's held-out split; or a gamengen_record run of the same game, all held out.
   config.eval = {"num_windows": 256, "batch_size": 16, "steps": 4, "guidance": 1.5, "noise_level": 0.0,
-                 "ddim_steps": (1, 2, 4, 8), "horizons": (16, 32, 64), "num_rollouts": 8}
+                 "ddim_steps": (1, 2, 4, 8), "horizons": (16, 32, 64), "num_rollouts": 8, "recordings": "",
+                 "episodes": 0}
   if scale == "smoke":
     config.eval.update(num_windows=4, batch_size=4, ddim_steps=(1,), horizons=(4,), num_rollouts=1)
   elif scale == "cpu":

@@ -5,8 +5,10 @@ reduce the last three axes and return one value per frame, so the paper's figure
 SSIM follows scikit-image's `structural_similarity(a, b, gaussian_weights=True, channel_axis=-1,
 data_range=R)`: Gaussian window sigma 1.5 truncated at 3.5 sigma (11 taps), K1 = 0.01, K2 = 0.03, sample
 covariance (N / (N - 1), N = 121), the mean over the positions whose window lies inside the image, averaged
-over channels. LPIPS and FVD are not provided: they need pretrained networks (AlexNet/VGG for LPIPS, I3D for
-FVD) whose weights cannot be downloaded here, and a metric on untrained features would not be comparable.
+over channels. `paired_bootstrap` gives a percentile interval for the mean difference of two methods scored on
+the same windows, resampling episodes as clusters. LPIPS and FVD are not provided: they need pretrained
+networks (AlexNet/VGG for LPIPS, I3D for FVD) whose weights cannot be downloaded here, and a metric on
+untrained features would not be comparable.
 """
 
 from __future__ import annotations
@@ -74,3 +76,40 @@ def ssim(a, b, data_range: float | None = None, *, sigma: float = SSIM_SIGMA, k1
   c1, c2 = k1 ** 2, k2 ** 2  # data range 1 after _as_unit; SSIM is invariant to the common scale
   s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
   return jnp.mean(s, axis=(1, 2, 3)).reshape(lead)
+
+
+def paired_bootstrap(diff, episodes=None, *, num_resamples: int = 2000, seed: int = 0) -> dict:
+  """95% percentile bootstrap interval of the mean of paired differences `diff` [n] (method A minus method B,
+  window by window).
+
+  With `episodes` [n] naming two or more episodes, a two-stage cluster bootstrap: each resample draws as many
+  episodes as there are, with replacement, then within each drawn episode as many of its windows as it has,
+  with replacement; windows of one episode are correlated (one map position, one stretch of play), so
+  resampling them as independent understates the spread. With one episode (or none given) the windows
+  are resampled. Returns {"mean_diff": mean over windows, "ci95": [low, high], "n_windows", "n_episodes",
+  "resampled": "episodes, then windows within them" or "windows", "num_resamples"}.
+  """
+  diff = np.asarray(diff, np.float64).reshape(-1)
+  if not len(diff) or not np.isfinite(diff).all():
+    raise ValueError(f"paired_bootstrap needs finite differences; got {len(diff)} with "
+                     f"{int((~np.isfinite(diff)).sum())} not finite")
+  ids = np.zeros(len(diff), np.int64) if episodes is None else np.asarray(episodes).reshape(-1)
+  if len(ids) != len(diff):
+    raise ValueError(f"{len(diff)} differences but {len(ids)} episode ids")
+  order = np.argsort(ids, kind="stable")
+  diff = diff[order]
+  _, starts, sizes = np.unique(ids[order], return_index=True, return_counts=True)
+  rng = np.random.default_rng(seed)
+  if len(sizes) == 1:
+    means = diff[rng.integers(0, len(diff), (num_resamples, len(diff)))].mean(axis=1)
+  else:
+    means = np.empty(num_resamples)
+    for b in range(num_resamples):
+      drawn = rng.integers(0, len(sizes), len(sizes))
+      size = np.repeat(sizes[drawn], sizes[drawn])
+      within = (rng.random(len(size)) * size).astype(np.int64)
+      means[b] = diff[np.repeat(starts[drawn], sizes[drawn]) + within].mean()
+  low, high = np.percentile(means, [2.5, 97.5])
+  return {"mean_diff": float(diff.mean()), "ci95": [float(low), float(high)], "n_windows": len(diff),
+          "n_episodes": len(sizes), "resampled": "windows" if len(sizes) == 1 else "episodes, then windows within them",
+          "num_resamples": num_resamples}

@@ -222,6 +222,11 @@ class EpisodeWindows:
   def __len__(self) -> int:
     return int(self._ends[-1]) if len(self._ends) else 0
 
+  def episode_windows(self) -> list[range]:
+    """The window numbers of each selected episode that holds a window, in order."""
+    starts = np.concatenate([[0], self._ends[:-1]]).astype(np.int64)
+    return [range(int(a), int(b)) for a, b in zip(starts, self._ends, strict=True)]
+
   def locate(self, j: int) -> tuple[int, int, list[int]]:
     """(recording, shard, the window's record indices: context + 1 of them, `stride` apart)."""
     if not 0 <= j < len(self):

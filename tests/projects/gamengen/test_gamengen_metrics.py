@@ -84,3 +84,47 @@ def test_gaussian_window():
   assert w.shape == (11,)
   np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-6)
   np.testing.assert_allclose(w, w[::-1])
+
+
+def correlated_windows(rng, num_episodes=10, windows_per_episode=20, true_diff=0.3):
+  """Differences whose windows share their episode's offset (sd 1) beside their own noise (sd 0.2)."""
+  episodes = np.repeat(np.arange(num_episodes), windows_per_episode)
+  offset = rng.normal(0.0, 1.0, num_episodes)[episodes]
+  return true_diff + offset + rng.normal(0.0, 0.2, len(episodes)), episodes
+
+
+def covers(interval, value):
+  return interval["ci95"][0] <= value <= interval["ci95"][1]
+
+
+def test_paired_bootstrap_covers_the_true_difference_about_95_percent_of_the_time():
+  rng = np.random.default_rng(0)
+  independent = [covers(metrics.paired_bootstrap(rng.normal(0.3, 1.0, 60), num_resamples=500, seed=i), 0.3)
+                 for i in range(100)]
+  assert 0.88 <= np.mean(independent) <= 1.0
+  clustered, naive = [], []
+  for i in range(60):
+    diff, episodes = correlated_windows(rng)
+    clustered.append(covers(metrics.paired_bootstrap(diff, episodes, num_resamples=300, seed=i), 0.3))
+    naive.append(covers(metrics.paired_bootstrap(diff, num_resamples=300, seed=i), 0.3))
+  assert np.mean(clustered) >= 0.8 and np.mean(naive) <= 0.6  # windows as independent: far too narrow
+
+
+def test_cluster_bootstrap_is_wider_than_the_naive_one_when_episodes_are_correlated():
+  diff, episodes = correlated_windows(np.random.default_rng(1))
+  cluster = metrics.paired_bootstrap(diff, episodes)
+  naive = metrics.paired_bootstrap(diff)
+  width = {name: r["ci95"][1] - r["ci95"][0] for name, r in (("cluster", cluster), ("naive", naive))}
+  assert width["cluster"] > 2 * width["naive"]
+  assert cluster["mean_diff"] == pytest.approx(diff.mean()) == naive["mean_diff"]
+  assert (cluster["n_windows"], cluster["n_episodes"], cluster["resampled"]) == (
+      200, 10, "episodes, then windows within them")
+  assert cluster == metrics.paired_bootstrap(diff, episodes)  # a fixed seed: the same interval
+
+
+def test_bootstrap_of_one_episode_resamples_windows_and_refuses_non_finite_differences():
+  diff = np.random.default_rng(2).normal(0.3, 1.0, 40)
+  one = metrics.paired_bootstrap(diff, np.full(40, 7))
+  assert one["resampled"] == "windows" and one["n_episodes"] == 1 and one == metrics.paired_bootstrap(diff)
+  with pytest.raises(ValueError, match="1 not finite"):
+    metrics.paired_bootstrap(np.append(diff, np.inf))

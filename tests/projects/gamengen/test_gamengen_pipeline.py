@@ -1,8 +1,10 @@
 """GameNGen end to end at the smoke scale through main.py: record -> autoencoder -> denoiser -> evaluation ->
 GIF, a restart that reuses every stage, and the headless play job on the result; every config validates."""
 
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -42,6 +44,18 @@ def test_smoke_demo_runs_every_stage_and_reports_against_the_baselines(demo):
     assert np.isfinite(metrics[key]) and summary[key] == metrics[key]
   assert set(metrics["psnr_by_ddim_steps"]) == {"1", "4"} and set(metrics["psnr_autoregressive"]) == {"4"}
   assert 0 < metrics["ssim_teacher_forced"] <= 1
+  with gzip.open(cwd / "run" / "eval" / "per_window.jsonl.gz", "rt") as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == metrics["num_windows"] == 4
+  assert np.mean([r["psnr_model"] for r in rows]) == pytest.approx(metrics["psnr_teacher_forced"], rel=1e-5)
+  assert np.mean([r["ssim_copy_last_frame"] for r in rows]) == pytest.approx(metrics["ssim_copy_last_frame"], rel=1e-5)
+  for m in ("psnr", "ssim"):  # one held-out episode: the windows are resampled
+    paired = metrics["paired_vs_copy_last_frame"][m]
+    assert paired["ci95"][0] <= paired["mean_diff"] <= paired["ci95"][1]
+    assert (paired["n_windows"], paired["n_episodes"], paired["resampled"]) == (4, 1, "windows")
+    assert paired["mean_diff"] == pytest.approx(np.mean([r[f"{m}_model"] - r[f"{m}_copy_last_frame"] for r in rows]))
+  assert summary["paired_vs_copy_last_frame"] == metrics["paired_vs_copy_last_frame"]
+  assert "model minus copy-last-frame: PSNR" in result.stderr
   assert (cwd / "run" / "eval" / "rollout.gif").stat().st_size > 0
   assert (cwd / "run" / "eval" / "rollout.mp4").stat().st_size > 0  # imageio-ffmpeg is in the test extra
   assert list((cwd / "run" / "eval" / "tensorboard").iterdir())
@@ -68,15 +82,45 @@ def test_restart_reuses_the_recording_and_the_trained_stages(demo):
     assert f"reusing the finished {stage} stage" in again.stderr
 
 
-def test_rollout_strip_comes_from_the_longest_horizon_that_ran(demo, tmp_path):
+def test_eval_on_a_recordings_dir_shares_windows_between_its_episodes_and_strips_the_longest_horizon(demo, tmp_path):
   cwd, _ = demo
+  held_out = tmp_path / "held_out"  # stands in for a fresh recording of the same game
+  shutil.copytree(cwd / "run" / "trajectories", held_out)
   result = _main(cwd, "gamengen_eval.py", f"scale=smoke,diffusion={cwd / 'run' / 'diffusion'}", str(tmp_path / "ev"),
-                 "--config.eval.horizons=(4, 100000)")
+                 "--config.eval.horizons=(4, 100000)", f"--config.eval.recordings={held_out}",
+                 "--config.eval.episodes=3", "--config.eval.num_windows=6")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "horizon 100000 skipped" in result.stderr
   metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
   assert set(metrics["psnr_autoregressive"]) == {"4"}
   assert (tmp_path / "ev" / "rollout.png").is_file() and (tmp_path / "ev" / "rollout.gif").is_file()
+  assert metrics["recordings"] == [str(held_out)]
+  with gzip.open(tmp_path / "ev" / "per_window.jsonl.gz", "rt") as f:
+    episodes = [json.loads(line)["episode"] for line in f]
+  assert sorted(episodes) == [0, 0, 1, 1, 2, 2]  # the first three episodes, two windows each
+  paired = metrics["paired_vs_copy_last_frame"]["ssim"]
+  assert (paired["n_windows"], paired["n_episodes"], paired["resampled"]) == (
+      6, 3, "episodes, then windows within them")
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda index: index.update(frame_shape=[120, 160, 3]), "frame shape"),
+    (lambda index: index.update(actions=index["actions"][:-1]), "action set"),
+    (lambda index: index["env_config"].update(tics_per_action=1), "tics_per_action"),
+    (None, "one of the run's training recordings"),
+])
+def test_eval_recordings_of_another_game_or_of_the_training_set_are_refused(demo, tmp_path, change, message):
+  cwd, _ = demo
+  recordings = cwd / "run" / "trajectories"
+  if change:
+    index = json.loads((recordings / "index.json").read_text())
+    change(index)
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    recordings = tmp_path
+  config = gamengen_eval.get_config(f"scale=smoke,diffusion={cwd / 'run' / 'diffusion'}")
+  config.eval.recordings = str(recordings)
+  with pytest.raises(ConfigError, match=f"eval.recordings: .*{message}"):
+    jobs.get(config)
 
 
 def test_headless_play_makes_changing_frames_from_the_model(demo, tmp_path):
@@ -144,3 +188,21 @@ def test_config_errors_name_the_key(module, arg, key, value, message):
     config[group][name] = value
   with pytest.raises(ConfigError, match=message):
     jobs.get(config)
+
+
+def test_windows_are_shared_evenly_between_episodes_of_unequal_length():
+  from types import SimpleNamespace
+
+  ranges = [range(0, 2), range(2, 52), range(52, 152)]
+  windows = SimpleNamespace(windows=SimpleNamespace(episode_windows=lambda: ranges))
+  picks = evaluate.picks_across_episodes(windows, 30)
+  assert [sum(j in r for j in picks) for r in ranges] == [2, 14, 14]  # the short one's rest goes to the others
+  for r in ranges[1:]:  # from the episode's first window to its last, evenly spaced
+    inside = picks[(picks >= r.start) & (picks < r.stop)]
+    gaps = np.diff(inside)
+    assert (inside[0], inside[-1]) == (r.start, r.stop - 1) and gaps.max() - gaps.min() <= 1
+  assert list(evaluate.picks_across_episodes(windows, 1000)) == list(range(152))
+  assert sorted(evaluate.picks_across_episodes(windows, 3)) == [0, 2, 52]
+  sixteen = [range(10 * e, 10 * e + 10) for e in range(16)]
+  windows = SimpleNamespace(windows=SimpleNamespace(episode_windows=lambda: sixteen))
+  assert list(evaluate.picks_across_episodes(windows, 4)) == [0, 50, 100, 150]  # fewer than episodes: spread

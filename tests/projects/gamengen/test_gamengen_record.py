@@ -115,11 +115,17 @@ def test_windows_never_cross_episodes(fake_recording):
   with open(os.path.join(out, INDEX_FILE)) as f:
     index = json.load(f)
   assert len(source) == sum(max(0, e["length"] - context) for e in index["episodes"])
+  episode_of = {j: i for i, r in enumerate(source.windows.episode_windows()) for j in r}
+  assert sorted(episode_of) == list(range(len(source)))
+  stored_ids = {}  # episode_windows' position -> the episode ids its windows hold
   for j in range(len(source)):
     w = source[j]
+    stored_ids.setdefault(episode_of[j], set()).add(int(w["episode"][0]))
     assert (w["episode"] == w["episode"][0]).all()
     np.testing.assert_array_equal(w["step"], w["step"][0] + np.arange(context + 1))
     assert w["frames"].shape == (context, *FRAME_SHAPE) and w["actions"].shape == (context,)
+  assert all(len(ids) == 1 for ids in stored_ids.values())
+  assert len(set.union(*stored_ids.values())) == len(stored_ids)  # one range per episode
   with pytest.raises(IndexError):
     source[len(source)]
 

@@ -75,6 +75,7 @@ def run(config, workdir: str) -> dict:
   summary = {"autoencoder_held_out_psnr": ae[ae["final_stage"]]["held_out"]["psnr"],
              **{k: metrics[k] for k in ("psnr_teacher_forced", "ssim_teacher_forced", "psnr_copy_last_frame",
                                         "psnr_autoencoder", "psnr_by_ddim_steps")},
+             "paired_vs_copy_last_frame": metrics.get("paired_vs_copy_last_frame"),
              "psnr_autoregressive": metrics.get("psnr_autoregressive"),
              "rollout_gif": os.path.join(dirs["eval"], "rollout.gif"), "strips": metrics.get("strips", {}),
              "stages": dirs}
