@@ -51,6 +51,10 @@ _COPY_PROBES = {
     "valuefirst_mixcopy.log": "`k17 = v42 .` asked value-first, `? get v42 ans` -> `k17`, + copy rows",
 }
 
+_DEMO_HELD_OUT = {"gamengen_demo_eval_1ep/metrics.json": "the demo's own held-out episode",
+                  "gamengen_demo_eval_4ep/metrics.json": "4 fresh episodes (seed 7)",
+                  "gamengen_demo_eval_16ep/metrics.json": "16 fresh episodes (seed 11)"}
+
 TABLES: dict[str, Table] = {
     "gamengen_demo": Table((_GAMENGEN_ABLATIONS + "demo_eval_metrics.json",), gamengen.teacher_forced),
     "gamengen_cpu_long": Table(("gamengen_cpu_long/eval_metrics.json",), gamengen.teacher_forced),
@@ -61,6 +65,7 @@ TABLES: dict[str, Table] = {
     "gamengen_context_length": Table(
         (_GAMENGEN_ABLATIONS + "context1_eval_metrics.json", _GAMENGEN_ABLATIONS + "demo_eval_metrics.json"),
         gamengen.context_length),
+    "gamengen_demo_interval": Table(tuple(_DEMO_HELD_OUT), gamengen.paired_interval(_DEMO_HELD_OUT)),
     "retry_cpu": Table(("igsm_retry_cpu/*/metrics.json",), reasoning.retry_table),
     "mamba_distill_cpu_short": Table(("mamba_distill_cpu_short/attention/metrics.json",
                                       "mamba_distill_cpu_short/random/metrics.json"), mamba_distill.stages),

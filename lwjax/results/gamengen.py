@@ -68,3 +68,28 @@ def context_length(paths) -> str:
                  f"| {m['psnr_autoencoder']:.2f} | {bold(f'{margin:+.2f}', margin == max(margins))} "
                  f"| {ar['16']:.2f} / {ar['32']:.2f} |")
   return "\n".join(lines)
+
+
+def _difference(d: dict, fmt: str) -> str:
+  low, high = d["ci95"]
+  return bold(f"{d['mean_diff']:{fmt}} [{low:{fmt}}, {high:{fmt}}]", low > 0 or high < 0)
+
+
+def paired_interval(labels: dict[str, str]):
+  """The same world model on several held-out sets (one evaluation each; `labels`: {its results file name: the
+  set in words}): its PSNR and SSIM against copy-last-frame, the paired difference (model minus copy, per window)
+  with the evaluation's bootstrap 95% interval (episodes resampled, then windows; windows alone for one episode).
+  Bold: a difference whose interval excludes 0."""
+  def table(paths) -> str:
+    lines = ["| held-out set | windows / episodes | PSNR dB: model / copy / autoencoder | PSNR difference [95% CI] "
+             "| SSIM: model / copy | SSIM difference [95% CI] |", "|---|---|---|---|---|---|"]
+    for path, label in zip(paths, labels.values(), strict=True):
+      m = read_json(path)
+      paired = m["paired_vs_copy_last_frame"]
+      lines.append(f"| {label} | {paired['psnr']['n_windows']} / {paired['psnr']['n_episodes']} "
+                   f"| {m['psnr_teacher_forced']:.2f} / {m['psnr_copy_last_frame']:.2f} / {m['psnr_autoencoder']:.2f} "
+                   f"| {_difference(paired['psnr'], '+.2f')} "
+                   f"| {m['ssim_teacher_forced']:.3f} / {m['ssim_copy_last_frame']:.3f} "
+                   f"| {_difference(paired['ssim'], '+.3f')} |")
+    return "\n".join(lines)
+  return table
