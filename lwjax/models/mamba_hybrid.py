@@ -30,7 +30,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from lwjax import kernels
 from lwjax.config import ConfigError, option, schema_of
@@ -40,6 +39,12 @@ from lwjax.models.logical import constrain
 from lwjax.training import checkpoint
 
 _BTHP = ("batch", "length", "heads", "head_dim")
+# The axes a Mamba kernel's operands are split over on a mesh: batch rows and heads only (never the sequence,
+# which the scan runs along, nor a head's channels).
+_BTH_ = ("batch", None, "heads", None)  # x, B, C grouped to the heads: [b, t, h, p or n]
+_BTH = ("batch", None, "heads")  # dt [b, t, h]
+_H = ("heads",)  # A, D [h]
+_STATE = ("batch", "heads", None, None)  # SSM state [b, h, p, n]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +98,19 @@ def every_other_layer(n_layers: int, attention_fraction: float) -> tuple[int, ..
 
 def _uniform(rngs, shape, low, high):
   return jax.random.uniform(rngs.params(), shape, jnp.float32, low, high)
+
+
+def _per_shard(fn, args, axes, out_axes):
+  """`fn(*args)`, run per shard under a multi-device mesh: XLA cannot partition a Pallas kernel, so each operand is
+  split as the installed rules split its logical `axes` (rows and heads: a head's scan needs no other head), the
+  rest whole on each shard. `out_axes` name the outputs' axes, each shaped like the operand of the same axes."""
+  mesh = logical.current_mesh()
+  if mesh is None or mesh.size == 1:
+    return fn(*args)
+  shapes = {a: arg.shape for a, arg in zip(axes, args, strict=True)}
+  in_specs = tuple(logical.spec_for(a, arg.shape) for a, arg in zip(axes, args, strict=True))
+  out_specs = tuple(logical.spec_for(a, shapes[a]) for a in out_axes)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
 class MambaMixer(nnx.Module):
@@ -170,6 +188,9 @@ class MambaMixer(nnx.Module):
     dt = jax.nn.softplus(dt_raw_bth.astype(jnp.float32) + self.dt_bias[...])
     return dt if valid_bt is None else dt * valid_bt[..., None]
 
+  # The logical axes of `init_state`'s arrays: the conv states of x, B (kv heads) and C (heads), the SSM state.
+  STATE_AXES = ((("batch", None, "kv_heads", None),) * 2 + (("batch", None, "heads", None),), _STATE)
+
   def init_state(self, batch: int, dtype=jnp.float32):
     """(conv state: three [b, d_conv - 1, heads, p] arrays for x, B, C; SSM state [b, h, p, n=p] float32)."""
     g = self.cfg.gpt
@@ -194,20 +215,12 @@ class MambaMixer(nnx.Module):
     return self._output(y, z), (self._next_conv_state(full, num_new, t), ssm_state)
 
   def _ssd(self, x, dt, a, b, c, h0):
-    """`kernels.ssd` -> (y, final state), run per shard under a multi-device mesh: XLA cannot partition a Pallas
-    kernel, so the rows are split as the rules split the batch, the rest whole on each shard."""
+    """`kernels.ssd` over x [b, t, h, p] (B, C grouped to the heads) -> (y like x, final state [b, h, p, n])."""
     def ssd(x, dt, a, b, c, d, h0):
       return kernels.ssd(x, dt, a, b, c, D=d, dt_softplus=False, initial_state=h0, return_state=True,
                          chunk_size=self.cfg.chunk_size, impl=self.cfg.scan_impl)
-    args = (x, dt, a, b, c, self.d_skip[...], h0)
-    mesh = logical.current_mesh()
-    if mesh is None or mesh.size == 1:
-      return ssd(*args)
-    rows = logical.spec_for(("batch",), x.shape[:1])[0]
-    per_row = lambda a: P(rows, *([None] * (a.ndim - 1)))  # noqa: E731
-    specs = tuple(per_row(arg) if arg.ndim > 1 else P(None) for arg in args)
-    return jax.shard_map(ssd, mesh=mesh, in_specs=specs, out_specs=(per_row(x), per_row(h0)),
-                         check_vma=False)(*args)
+    return _per_shard(ssd, (x, dt, a, b, c, self.d_skip[...], h0),
+                      (_BTH_, _BTH, _H, _BTH_, _BTH_, _H, _STATE), (_BTH_, _STATE))
 
   def _next_conv_state(self, full, num_new, t):
     """The last d_conv - 1 real inputs of each of x, B, C: positions [n, n + k - 1) of the padded sequence."""
@@ -220,24 +233,29 @@ class MambaMixer(nnx.Module):
   def step(self, x_bkd, state, accepted=None):
     """The recurrent path over k new tokens (decoding, speculative verification): -> (y [b, k, d], state after
     `accepted [b]` of the k tokens, all k by default). Equal to `__call__` on the same tokens."""
-    g = self.cfg.gpt
     b, k_new, _ = x_bkd.shape
-    h, p = g.n_heads, g.head_dim
     conv_state, ssm_state = state
     xs, bs, cs, z, dt_raw = self._inputs(x_bkd)
     (xs, bs, cs), full = self._conv((xs, bs, cs), conv_state)
-    dt = self._dt(dt_raw, None)  # [b, k, h]
-    a = -jnp.exp(self.a_log[...])
-    flat = h * p
-    y, new_ssm = kernels.selective_state_update(
-        ssm_state.reshape(b, flat, p), self._groups(xs).reshape(b, k_new, flat),
-        jnp.repeat(dt, p, axis=-1), jnp.repeat(a, p)[:, None] * jnp.ones((1, p), jnp.float32),
-        self._groups(bs), cs, D=jnp.repeat(self.d_skip[...], p), dt_softplus=False, accepted=accepted,
-        impl=self.cfg.scan_impl)
-    kept = k_new if accepted is None else accepted
-    return (self._output(y.reshape(b, k_new, h, p), z),
-            (self._next_conv_state(full, jnp.broadcast_to(jnp.asarray(kept, jnp.int32), (b,)), k_new),
-             new_ssm.reshape(b, h, p, p)))
+    kept = jnp.broadcast_to(jnp.asarray(k_new if accepted is None else accepted, jnp.int32), (b,))
+    args = (ssm_state, self._groups(xs), self._dt(dt_raw, None), -jnp.exp(self.a_log[...]), self._groups(bs), cs,
+            self.d_skip[...])
+    axes = (_STATE, _BTH_, _BTH, _H, _BTH_, _BTH_, _H)
+    if accepted is not None:
+      args, axes = (*args, kept), (*axes, ("batch",))
+    y, ssm_state = _per_shard(self._state_update, args, axes, (_BTH_, _STATE))
+    return self._output(y, z), (self._next_conv_state(full, kept, k_new), ssm_state)
+
+  def _state_update(self, state_bhpn, x_bkhp, dt_bkh, a_h, b_bkhn, c_bkhn, d_h, accepted_b=None):
+    """`kernels.selective_state_update` of per-head states: heads x head dim flattened to the kernel's channels,
+    A, dt and D repeated over a head's channels."""
+    b, k, h, p = x_bkhp.shape
+    n = state_bhpn.shape[-1]
+    y, state = kernels.selective_state_update(
+        state_bhpn.reshape(b, h * p, n), x_bkhp.reshape(b, k, h * p), jnp.repeat(dt_bkh, p, axis=-1),
+        jnp.repeat(a_h, p)[:, None] * jnp.ones((1, n), jnp.float32), b_bkhn, c_bkhn, D=jnp.repeat(d_h, p),
+        dt_softplus=False, accepted=accepted_b, impl=self.cfg.scan_impl)
+    return y.reshape(b, k, h, p), state.reshape(b, h, p, n)
 
   def init_from_attention(self, attn: gpt.Attention) -> None:
     """V -> x, K -> B, Q -> C, O -> output projection (Sec. 2.2); the rest keeps its Mamba initialisation."""
@@ -400,6 +418,11 @@ class HybridGPT(nnx.Module):
     return tuple(block.mixer.init_state(num_slots, dtype) if isinstance(block, MambaBlock) else None
                  for block in self.layers)
 
+  def slot_state_axes(self) -> tuple[Any, ...]:
+    """The logical axes of `init_slot_states`' arrays, per layer (the slots on the batch axis): where a mesh puts
+    them (`lwjax.serving.tensor_parallel`: over heads)."""
+    return tuple(MambaMixer.STATE_AXES if isinstance(block, MambaBlock) else None for block in self.layers)
+
   def paged_step(self, tokens_bt, k_pools, v_pools, slots, page_table, lengths, nano_batches: int = 1,
                  last_only: bool = False, *, states, state_slots, fresh, num_new):
     """`GPT.paged_step` for a hybrid: the attention layers read and write the paged KV cache (k_pools, v_pools
@@ -475,10 +498,15 @@ def save_config(run_dir: str, cfg: HybridConfig) -> None:
     json.dump(cfg.to_dict(), f, indent=2)
 
 
+def load_config(run_dir: str) -> HybridConfig:
+  """The hybrid config a run directory keeps (`hybrid.json`): its shape, no weights."""
+  with open(os.path.join(run_dir, HYBRID_CONFIG_FILE)) as f:
+    return HybridConfig.from_dict(json.load(f))
+
+
 def load(run_dir: str) -> HybridGPT:
   """The trained hybrid of a run directory (its `hybrid.json` and latest checkpoint)."""
-  with open(os.path.join(run_dir, HYBRID_CONFIG_FILE)) as f:
-    cfg = HybridConfig.from_dict(json.load(f))
+  cfg = load_config(run_dir)
   model, _, _ = checkpoint.load_model(os.path.join(run_dir, "checkpoints"),
                                       lambda saved: HybridGPT(cfg, rngs=nnx.Rngs(0)))
   return model

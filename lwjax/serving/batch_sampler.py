@@ -7,31 +7,105 @@ prompt's KV rows are copied to its `n` samples (the prefix is computed once, not
 (`lwjax.serving.sampling.sample`) until every row has written eos or `max_new_tokens`. Shapes are fixed
 per (P, prompt_len, n, max_new_tokens), so a sweep compiles once. A row's randomness depends only on its
 seed and token index, as in the engine.
+
+On a mesh (`sampler_shardings`; a job's is its training mesh, `job_mesh`), the weights lie over `tensor` as the
+engine's (`lwjax.serving.tensor_parallel`: heads, kv heads, MLP hidden, vocabulary; replicated over the other axes)
+and the prompts over the data-parallel axes (`data`, and `fsdp`, which splits the batch in training too): each
+group of `tensor` devices samples its share of the prompts, their KV caches over kv heads. The tokens are those of
+one device.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
+from lwjax.models.logical import logical_to_spec
+from lwjax.serving import tensor_parallel
 from lwjax.serving.sampling import sample
+from lwjax.training import mesh as mesh_lib
+
+# The engine's rules, with the batch over the data-parallel axes: the weights over `tensor` only.
+RULES = tuple((name, ("data", "fsdp") if name == "batch" else target) for name, target in mesh_lib.SERVING_RULES)
+
+
+def job_mesh(shape) -> Mesh | None:
+  """The mesh a job's `mesh.shape` names (training's, `lwjax.training.mesh.make_mesh`: every device, a -1 filling
+  them), or None when that is one device: where the job samples as it trains."""
+  mesh = mesh_lib.make_mesh(shape)
+  return mesh if mesh.size > 1 else None
+
+
+def sampler_shardings(model, mesh: Mesh | None, rules=RULES) -> tensor_parallel.EngineShardings | None:
+  """Where a sampler of `model` (a GPT or a hybrid, or its abstract shape) puts its arrays on `mesh` under `rules`;
+  None without a mesh. A ConfigError naming the model key when the mesh's `tensor` does not divide its heads, kv
+  heads, MLP hidden or vocabulary."""
+  if mesh is None:
+    return None
+  cfg = model.gpt_config()
+  tensor_parallel.check_shapes(cfg, mesh.shape, rules)
+  return tensor_parallel.EngineShardings.build(nnx.state(model), cfg.n_kv_heads, mesh, rules)
+
+
+def _batch_axes(mesh: Mesh | None, rules) -> dict[str, int]:
+  """The mesh axes (and their sizes) `rules` split the prompts of one call over."""
+  if mesh is None:
+    return {}
+  rows = logical_to_spec(("batch",), rules, mesh)[0]
+  return {axis: mesh.shape[axis] for axis in (() if rows is None else ((rows,) if isinstance(rows, str) else rows))}
+
+
+def batch_extent(mesh: Mesh | None, rules=RULES) -> int:
+  """The devices the prompts of one call are split over on `mesh` (1 without one): prompts per call must be a
+  multiple."""
+  return math.prod(_batch_axes(mesh, rules).values())
+
+
+def rounded_batch(num_prompts: int, mesh: Mesh | None, rules=RULES) -> int:
+  """`num_prompts` rounded up to a multiple of `batch_extent` (the padding prompts cost compute, not samples: a
+  prompt's samples depend on its seeds only)."""
+  extent = batch_extent(mesh, rules)
+  return -(-num_prompts // extent) * extent
+
+
+def check_batch(num_prompts: int, mesh: Mesh | None, rules=RULES) -> None:
+  """ValueError naming `batch_prompts` unless `num_prompts` prompts per call split evenly over the mesh's batch
+  axes."""
+  extent = batch_extent(mesh, rules)
+  if num_prompts % extent:
+    axes = " x ".join(f"{axis}={size}" for axis, size in _batch_axes(mesh, rules).items())
+    raise ValueError(f"batch_prompts: {num_prompts} prompts per call do not split over the mesh's batch axes {axes} "
+                     f"(valid: a multiple of {extent})")
+
+
+def _put(x, sharding: NamedSharding):
+  """A host array onto `sharding`, cut from the whole array every process holds (multi-host safe, where `jit`
+  takes no NumPy array for a split argument)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 @functools.lru_cache(maxsize=16)
-def make_sampler(graphdef, *, prompt_len: int, max_new_tokens: int, n: int, eos_id: int):
+def make_sampler(graphdef, *, prompt_len: int, max_new_tokens: int, n: int, eos_id: int,
+                 placement: tensor_parallel.EngineShardings | None = None):
   """A jitted `sample_n(params, prompts_pp, lengths_p, seeds_pn, temperature, top_p) -> tokens [P, n, T]`:
   prompts right-padded to `prompt_len`, `seeds_pn` one uint32 seed per sample; positions after a row's
-  first eos hold eos. Cached per model structure and shapes (with `bucket`ed prompt lengths, calls share
-  compilations)."""
+  first eos hold eos. Cached per model structure, shapes and `placement` (`sampler_shardings`: on a mesh, the
+  parameters placed there, the prompts over its batch axes, the tokens replicated; with `bucket`ed prompt lengths,
+  calls share compilations)."""
 
-  @jax.jit
   def sample_n(params, prompts_pp, lengths_p, seeds_pn, temperature, top_p):
-    model = nnx.merge(graphdef, params)
+    with tensor_parallel.axis_rules(placement):
+      return _sample_n(nnx.merge(graphdef, params), prompts_pp, lengths_p, seeds_pn, temperature, top_p)
+
+  def _sample_n(model, prompts_pp, lengths_p, seeds_pn, temperature, top_p):
     num_prompts = prompts_pp.shape[0]
     rows = num_prompts * n
     cache = model.init_cache(num_prompts, prompt_len + max_new_tokens)
@@ -65,7 +139,19 @@ def make_sampler(graphdef, *, prompt_len: int, max_new_tokens: int, n: int, eos_
     out = jax.lax.while_loop(cond, body, carry)[3]
     return out.reshape(num_prompts, n, max_new_tokens)
 
-  return sample_n
+  if placement is None:
+    return jax.jit(sample_n)
+  rep = placement.replicated
+  by_row = NamedSharding(placement.mesh, logical_to_spec(("batch", None), placement.rules, placement.mesh))
+  by_row_1d = NamedSharding(placement.mesh, logical_to_spec(("batch",), placement.rules, placement.mesh))
+  jitted = jax.jit(sample_n, in_shardings=(placement.params, by_row, by_row_1d, by_row, rep, rep),
+                   out_shardings=rep)
+
+  def on_mesh(params, prompts_pp, lengths_p, seeds_pn, temperature, top_p):
+    check_batch(len(prompts_pp), placement.mesh, placement.rules)
+    return jitted(placement.place_params(params), _put(prompts_pp, by_row), _put(lengths_p, by_row_1d),
+                  _put(seeds_pn, by_row), np.float32(temperature), np.float32(top_p))
+  return on_mesh
 
 
 def bucket(prompt_len: int, multiple: int = 32) -> int:

@@ -5,8 +5,8 @@ them as two dense, left-padded groups of rows (decodes [b, 1], prefill chunks [b
 bucketed shapes in one model call (`GPT.paged_step_groups`: one pass over the weights for both, attention
 per group), samples the next tokens, streams them to callbacks, and retires finished requests. Hybrids
 and nano-batches run the groups as separate calls (`paged_step`). `LLM.generate` is the offline batch API
-on top. With a `mesh`, a GPT is served tensor parallel (`lwjax.serving.tensor_parallel`): the same programs with
-explicit shardings, the host side unchanged.
+on top. With a `mesh`, a GPT or a hybrid is served tensor parallel (`lwjax.serving.tensor_parallel`): the same
+programs with explicit shardings, the host side unchanged; a hybrid's recurrent-state pools lie over heads there.
 """
 
 from __future__ import annotations
@@ -138,10 +138,12 @@ def compiled_step(graphdef, shardings=None):
   if shardings is None:
     return jax.jit(fn, static_argnums=(12, 15), donate_argnums=(2, 3, 13))
   pool, rest = shardings.kv_pool, shardings.replicated
-  # Every argument but the static nano_batches (12) and num_logprobs (15): params, tokens, the pools, the rest.
-  in_shardings = (shardings.params, rest, pool, pool) + (rest,) * 12
+  states = rest if shardings.states is None else shardings.states  # a hybrid's state pools: over heads
+  # Every argument but the static nano_batches (12) and num_logprobs (15): params, tokens, the pools, the rest, the
+  # states (13) among them.
+  in_shardings = (shardings.params, rest, pool, pool) + (rest,) * 8 + (states,) + (rest,) * 3
   return jax.jit(fn, static_argnums=(12, 15), donate_argnums=(2, 3, 13), in_shardings=in_shardings,
-                 out_shardings=(rest, pool, pool, rest))
+                 out_shardings=(rest, pool, pool, states))
 
 
 def _tokens_of(sampled):
@@ -179,25 +181,27 @@ class Engine:
     False: one call per group, as hybrids and nano-batches always run). `stop_ids`: ids that end a request as
     `eos_id` does (a chat model's end of turn: Llama-3's <|eot_id|> beside <|end_of_text|>); `ignore_eos`
     ignores them too. `mesh` (axes data, fsdp, tensor; `tensor_parallel.serving_mesh`): serve tensor parallel
-    over its `tensor` axis, weights placed by their logical axes under `rules` and the KV pool over kv heads
-    (`lwjax.serving.tensor_parallel`); a ValueError (a ConfigError naming the model key) when the mesh does not
-    divide the model's heads, kv heads, MLP hidden or vocabulary. `request_ids`: where request ids (and the seeds
-    of requests that set none) come from; replicas behind one front share one (`lwjax.serving.replicas`)."""
+    over its `tensor` axis, weights placed by their logical axes under `rules`, the KV pool over kv heads and a
+    hybrid's recurrent states over heads (`lwjax.serving.tensor_parallel`); a ValueError (a ConfigError naming the
+    model key) when the mesh does not divide the model's heads, kv heads, MLP hidden or vocabulary. `request_ids`:
+    where request ids (and the seeds of requests that set none) come from; replicas behind one front share one
+    (`lwjax.serving.replicas`)."""
     self.hybrid = hasattr(model, "init_slot_states")
     cfg = model.gpt_cfg if self.hybrid else model.cfg
     if self.hybrid and (offload is not None or nano_batches != 1):
       raise ValueError("a hybrid model serves without KV offload and with nano_batches=1 (its Mamba states are "
                        "not in the prefix cache; its layers are not split into nano-batches)")
-    if self.hybrid and mesh is not None and mesh.size > 1:
-      raise ValueError(f"mesh: a hybrid (Mamba) model serves on one device (valid: no mesh; got {dict(mesh.shape)})")
-    mesh = None if self.hybrid else mesh
     num_kv_layers = len(model.attention_layers) if self.hybrid else cfg.n_layers
     self.graphdef, self.params = nnx.split(model)
+    # Hybrids: one recurrent-state slot per running sequence, plus a last one that padding rows write to.
+    self._state_shapes = jax.eval_shape(lambda: model.init_slot_states(max_num_seqs + 1)) if self.hybrid else None
     self.shardings = None
     if mesh is not None:
       tensor_parallel.check_mesh(mesh.shape)
       tensor_parallel.check_shapes(cfg, mesh.shape, rules)
-      self.shardings = tensor_parallel.EngineShardings.build(self.params, cfg.n_kv_heads, mesh, rules)
+      self.shardings = tensor_parallel.EngineShardings.build(
+          self.params, cfg.n_kv_heads, mesh, rules,
+          *((self._state_shapes, model.slot_state_axes()) if self.hybrid else ()))
       self.params = self.shardings.place_params(self.params)
     self._run = compiled_step(self.graphdef, self.shardings)
     self.mixed_batches = mixed_batches and not self.hybrid and nano_batches == 1
@@ -211,8 +215,7 @@ class Engine:
                            num_pages=num_pages, page_size=page_size, dtype=kv_dtype or cfg.dtype,
                            offload=offload, prefix_caching=not self.hybrid,
                            sharding=self.shardings.kv_pool if self.shardings else None)
-    # Hybrids: one recurrent-state slot per running sequence, plus a last one that padding rows write to.
-    self.states = model.init_slot_states(max_num_seqs + 1) if self.hybrid else None
+    self.states = self._fresh_states()
     self._state_slots: dict[int, int] = {}
     self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
                                prefill_chunk=prefill_chunk)
@@ -241,6 +244,15 @@ class Engine:
     self._failed_alone: dict[int, int] = {}  # request id -> iterations it failed alone, in a row
     self._failed_iterations = 0
     self.num_failed_iterations = 0
+
+  def _fresh_states(self):
+    """A hybrid's recurrent-state pools, zeroed (on a mesh, over heads); None for a GPT."""
+    if self._state_shapes is None:
+      return None
+    if self.shardings is None:
+      return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._state_shapes)
+    return jax.tree.map(lambda s, where: jnp.zeros(s.shape, s.dtype, device=where), self._state_shapes,
+                        self.shardings.states)
 
   def add_request(self, prompt: Sequence[int], params: SamplingParams = DEFAULT_PARAMS,
                   on_token: Callable[[Request, int], None] | None = None, *,
@@ -426,8 +438,7 @@ class Engine:
       request.output[:] = [t for t in request.output if t != PLACEHOLDER]
       self.scheduler.preempt(request)
     self._state_slots.clear()
-    if self.hybrid:
-      self.states = jax.tree.map(jnp.zeros_like, self.states)
+    self.states = self._fresh_states()
     blamed = []
     self.kv.allocator.clear_prefix_cache()  # blocks committed for the failed work may hold no KV: recompute them
     if self._ran_alone:  # a request failing alone twice in a row fails (once might be a transient fault)

@@ -3,7 +3,8 @@ with its tokenizer and chat template, or an lwjax workdir) and serves it over th
 127.0.0.1 (NanoFlow §4 front end). `weights.source` / `weights.path` name a checkpoint the older way.
 
 An lwjax checkpoint directory with a `hybrid.json` beside its checkpoints/ (a stage of the Mamba
-distillation, e.g. `runs/distill_cpu50/attention/sft`) is served as the hybrid it holds.
+distillation, e.g. `runs/distill_cpu50/attention/sft`) is served as the hybrid it holds (loaded on one device, then
+placed on the mesh: its recurrent states over heads).
 
 `mesh` is training's group: `--config.mesh.shape.tensor=8` serves tensor parallel over the first 8 devices
 (`lwjax.serving.tensor_parallel`), the weights read straight onto their shardings under `mesh.rules` (the
@@ -109,17 +110,16 @@ def _check_mesh(config) -> None:
   (read from the checkpoint's config, no weights): a ConfigError before anything loads."""
   shape = config.mesh.shape.to_dict()
   replicas.check_mesh(shape)
-  if _is_hybrid(config):
-    for axis in ("data", "tensor"):
-      if shape[axis] != 1:
-        raise ConfigError(f"mesh.shape.{axis}", f"{shape[axis]}: a hybrid (Mamba) model serves on one device", "1")
   if shape["tensor"] == 1:
     return
   source, path = _weights(config)
-  try:
-    cfg = pretrained.model_config({**config.model.to_dict(), "pretrained": "" if source == "random" else path})
-  except (pretrained.PretrainedError, hf_checkpoint.CheckpointError) as e:
-    raise ConfigError("weights.path", str(e), "a Hugging Face checkpoint directory or an lwjax workdir") from None
+  if _is_hybrid(config):
+    cfg = mamba_hybrid.load_config(path).gpt
+  else:
+    try:
+      cfg = pretrained.model_config({**config.model.to_dict(), "pretrained": "" if source == "random" else path})
+    except (pretrained.PretrainedError, hf_checkpoint.CheckpointError) as e:
+      raise ConfigError("weights.path", str(e), "a Hugging Face checkpoint directory or an lwjax workdir") from None
   tensor_parallel.check_shapes(cfg, shape, sharding.rules_from_config(config.mesh.rules))
 
 

@@ -3,7 +3,8 @@ NanoFlow serve a 70B model on 8 GPUs): where the engine's arrays live and what a
 
 Weights are sharded by their logical axes under `SERVING_RULES` (`lwjax.training.mesh`: heads, kv heads, the MLP
 hidden and the vocabulary over `tensor`); the paged KV pool over kv heads, so each shard holds the keys and values
-of the query heads it computes (`GPT` attends per shard, `Attention._paged_attention`); page tables, slots,
+of the query heads it computes (`GPT` attends per shard, `Attention._paged_attention`); a hybrid's recurrent-state
+pools over heads (its Mamba kernels run per shard of heads, `mamba_hybrid._per_shard`); page tables, slots,
 lengths, sampling arrays and the sampled tokens are replicated: the scheduler, the prefix cache, preemption and KV
 offload work on global page ids, as on one device.
 
@@ -47,6 +48,14 @@ def serving_mesh(shape: Mapping[str, int]) -> Mesh:
   return mesh_lib.make_mesh(shape, devices)
 
 
+def tensor_mesh(shape: Mapping[str, int]) -> Mesh | None:
+  """The engine's mesh in a job whose `mesh.shape` is training's (`data` and `fsdp` there fill the devices to train):
+  tensor parallel over the first `mesh.shape.tensor` devices (`serving_mesh`), or None for tensor=1."""
+  if int(shape[PARALLEL_AXIS]) == 1:
+    return None
+  return serving_mesh({**{axis: 1 for axis in mesh_lib.AXES}, PARALLEL_AXIS: shape[PARALLEL_AXIS]})
+
+
 def check_mesh(sizes: Mapping[str, int]) -> None:
   """ConfigError unless a mesh of axis `sizes` (`mesh.shape`, or the config's before it is built) splits over
   `tensor` alone (data-parallel replicas are separate engines: `lwjax.serving.replicas`)."""
@@ -71,24 +80,38 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules):
   return jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def _is_axes(x) -> bool:
+  """A tuple of logical axis names (a leaf of a tree of them), not a tuple of such tuples."""
+  return isinstance(x, tuple) and any(isinstance(a, str) for a in x) and all(a is None or isinstance(a, str)
+                                                                              for a in x)
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineShardings:
   """Where an engine's arrays live on `mesh` under `rules`: the parameters (`params`, shaped like the model's
-  `nnx.State`), the per-layer KV pools (`kv_pool`) and everything else (`replicated`). Hashable: the engine's
-  jitted programs are cached per model structure and placement."""
+  `nnx.State`), the per-layer KV pools (`kv_pool`), a hybrid's recurrent-state pools (`states`, shaped like
+  `HybridGPT.init_slot_states`: over heads; None for a GPT) and everything else (`replicated`). Hashable: the
+  engine's jitted programs are cached per model structure and placement."""
   mesh: Mesh
   rules: tuple
   params_treedef: Any
   params_leaves: tuple[NamedSharding, ...]
   kv_pool: NamedSharding
+  states: Any = None
 
   @classmethod
-  def build(cls, state: nnx.State, kv_heads: int, mesh: Mesh, rules: Rules) -> EngineShardings:
-    """From a model's state (its parameters' `logical_axes` metadata) and the kv heads of its pools."""
+  def build(cls, state: nnx.State, kv_heads: int, mesh: Mesh, rules: Rules, slot_states=None,
+            slot_state_axes=None) -> EngineShardings:
+    """From a model's state (its parameters' `logical_axes` metadata) and the kv heads of its pools; for a hybrid,
+    its state pools (arrays or shapes) and their logical axes (`HybridGPT.slot_state_axes`)."""
     rules = tuple((name, tuple(t) if isinstance(t, (list, tuple)) else t) for name, t in rules)
     leaves, treedef = jax.tree.flatten(param_shardings(state, mesh, rules))
     pool = NamedSharding(mesh, logical_to_spec(KV_POOL_AXES, rules, mesh, (kv_heads, 1, 1, 1)))
-    return cls(mesh, rules, treedef, tuple(leaves), pool)
+    states = None
+    if slot_states is not None:
+      states = jax.tree.map(lambda axes, a: NamedSharding(mesh, logical_to_spec(axes, rules, mesh, a.shape)),
+                            slot_state_axes, slot_states, is_leaf=_is_axes)
+    return cls(mesh, rules, treedef, tuple(leaves), pool, states)
 
   @property
   def params(self):

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from lwjax.config import ConfigError
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.serving import tensor_parallel
-from lwjax.serving.engine import Engine
+from lwjax.serving.engine import LLM, Engine
 from lwjax.serving.offload import KVOffloadStore
 from lwjax.serving.sampling import SamplingParams
 
@@ -146,6 +146,13 @@ def test_the_pallas_kernel_runs_per_shard():
   prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
   kwargs = dict(num_pages=16, page_size=4, prefill_chunk=4, max_batch_tokens=8, max_num_seqs=2)
   assert _serve(model, _mesh(2), prompts, **kwargs)[1] == _serve(model, None, prompts, **kwargs)[1]
+
+
+@pytest.mark.slow
+def test_llm_passes_the_mesh_to_its_engine(model):
+  llm = LLM(model, mesh=_mesh(2), num_pages=16, page_size=4)
+  assert llm.engine.shardings.mesh.shape["tensor"] == 2 and llm.generate([[5, 6, 7]], GREEDY)[0][0].output == \
+      _serve(model, None, [[5, 6, 7]], num_pages=16, page_size=4)[1][0]
 
 
 def test_weights_and_kv_pool_are_sharded_over_tensor(model):

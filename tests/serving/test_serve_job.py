@@ -1,5 +1,5 @@
 """The serve job loads random weights, an lwjax training checkpoint (a GPT or a hybrid), or a Hugging Face
-directory; a hybrid answers over the OpenAI API as its own greedy decoding does."""
+directory; a hybrid answers over the OpenAI API as its own greedy decoding does, and takes `mesh.shape.tensor`."""
 
 import dataclasses
 import importlib
@@ -71,6 +71,13 @@ def test_a_hybrid_checkpoint_is_served_over_the_openai_api(tmp_path):
   assert r.status_code == 200, r.text
   expected = speculative.greedy(hybrid, [tokenizer.bos_id] + tokenizer.encode("Once"), 5).tolist()
   assert r.json()["choices"][0]["text"] == tokenizer.decode(expected)
+  config.mesh.shape.tensor = 2  # checked against hybrid.json's shape; the engine's recurrent states over heads
+  jobs.get(config)
+  assert serve.make_engine(config, model, tokenizer, serve.make_mesh(config)).shardings.states is not None
+  config.mesh.shape.tensor = 8
+  with pytest.raises(ConfigError, match="^model.n_heads: 4 is not divisible by mesh axis tensor=8"):
+    jobs.get(config)
+  config.mesh.shape.tensor = 1
   config.engine.nano_batches = 2
   with pytest.raises(ConfigError, match="^engine.nano_batches:"):
     jobs.get(config)

@@ -49,6 +49,7 @@ from lwjax.launch import distributed
 from lwjax.models import pretrained
 from lwjax.models.gpt import GPT
 from lwjax.projects.compute_matched import budget as budget_lib, judged as judged_lib, quality
+from lwjax.serving import batch_sampler
 from lwjax.training import losses, mesh, optim, trainer as trainer_lib
 
 SETUPS = ("kd", "self", "w2s")
@@ -142,7 +143,8 @@ def plan(config, task, models: dict) -> dict:
 
 
 def sample_sources(config, task, models: dict) -> tuple[dict, dict, dict]:
-  """({source: candidate problems}, {source: metadata}, plan): both sources at the largest budget."""
+  """({source: candidate problems}, {source: metadata}, plan): both sources at the largest budget (sampled on the
+  job's mesh, `batch_sampler.job_mesh`)."""
   c = config.candidates
   info = plan(config, task, models)
   n = info["n"]
@@ -156,7 +158,7 @@ def sample_sources(config, task, models: dict) -> tuple[dict, dict, dict]:
         info["paths"][source], workdir=solver.path, task=task.name, split="train", num=c.num_train, n=n[source],
         temperature=c.temperature, max_new_tokens=c.max_new_tokens, seed=config.seed * 7919 + SOURCES.index(source),
         record_seed=c.record_seed, batch_prompts=c.batch_prompts, task_options=options, step=solver.step,
-        loaded=(solver.model, solver.tokenizer, solver.step))
+        loaded=(solver.model, solver.tokenizer, solver.step), mesh=batch_sampler.job_mesh(config.mesh.shape))
     stats = metadata["stats"]
     stats["sampling_flops"] = budget_lib.spent_flops(stats["generated_tokens"], solver.model.cfg, info["context"])
     logging.info("%s candidates: %d problems x %d, answer accuracy %.3f, accuracy %.3f, %.3g FLOPs (%s)", source,
@@ -201,14 +203,15 @@ def data_quality(sets: dict, info: dict, task) -> list[dict]:
 
 def evaluate(config, task, model: GPT) -> dict:
   """Greedy solutions of the held-out problems, checked: accuracy (± standard error) per split and op (`task`
-  read and written through the model's tokenizer)."""
+  read and written through the model's tokenizer; on the job's mesh, `batch_sampler.job_mesh`)."""
   e, out = config.eval, {}
+  sampling_mesh = batch_sampler.job_mesh(config.mesh.shape)
   for split, num in (("test", e.num_test), ("hard", e.num_hard)):
     if not num:
       continue
     records = task.records(num, seed=e.seed, split=split)
     labels = candidates_lib.greedy(model, task, records, max_new_tokens=e.max_new_tokens,
-                                   batch_prompts=e.batch_prompts)
+                                   batch_prompts=e.batch_prompts, mesh=sampling_mesh)
     correct = np.array([c["correct"] for c in labels], float)
     answer = np.array([c["answer_correct"] for c in labels], float)
     ops = np.array([r.get("op", 0) for r in records])

@@ -130,16 +130,18 @@ def task_options(config) -> dict:
 
 
 def candidate_sets(config, task, loaded: tuple | None = None) -> dict[str, list[dict]]:
-  """The train/test/hard candidate sets of the solver `config.base`, sampled once under `candidates.dir`."""
+  """The train/test/hard candidate sets of the solver `config.base`, sampled once under `candidates.dir` (on the
+  job's mesh, `batch_sampler.job_mesh`)."""
   c, sets = config.candidates, {}
   options = task_options(config)
+  sampling_mesh = batch_sampler.job_mesh(config.mesh.shape)
   for split, num, n in (("train", c.num_train, c.n_train), ("test", c.num_test, c.n_test),
                         ("hard", c.num_test, c.n_test)):
     path = os.path.join(c.dir, f"{task.name}_{split}_{num}x{n}_t{c.temperature:g}_s{c.seed}.arrayrecord")
     problems, metadata = candidates_lib.build(
         path, workdir=config.base, task=task.name, split=split, num=num, n=n, temperature=c.temperature,
         max_new_tokens=c.max_new_tokens, seed=c.seed * 7919 + {"train": 0, "test": 1, "hard": 2}[split],
-        record_seed=c.seed, batch_prompts=c.batch_prompts, task_options=options, loaded=loaded)
+        record_seed=c.seed, batch_prompts=c.batch_prompts, task_options=options, loaded=loaded, mesh=sampling_mesh)
     logging.info("candidates %s: %d problems x %d, answer accuracy %.3f, accuracy %.3f (%s)", split,
                  len(problems), n, metadata["stats"]["answer_accuracy"], metadata["stats"]["accuracy"], path)
     sets[split] = problems

@@ -32,6 +32,7 @@ from lwjax.models import pretrained
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT
 from lwjax.projects.genrm import data as data_lib
 from lwjax.projects.genrm.job import SCHEMA as GENRM_SCHEMA, get_task, parse_ints
+from lwjax.serving import batch_sampler
 from lwjax.training import lora as lora_lib, losses, mesh, optim, trainer as trainer_lib
 
 TAKES_PRETRAINED = True
@@ -102,7 +103,8 @@ def run(config, workdir: str) -> dict:
     held_out = task.records(config.eval.num, seed=config.seed + 1, split=split)
     metrics[split] = candidates_lib.greedy_accuracy(model, task, held_out,
                                                     max_new_tokens=config.eval.max_new_tokens,
-                                                    batch_prompts=config.eval.batch_prompts)
+                                                    batch_prompts=config.eval.batch_prompts,
+                                                    mesh=batch_sampler.job_mesh(config.mesh.shape))
     logging.info("%s: accuracy %.3f, answer accuracy %.3f (n=%d)", split, metrics[split]["accuracy"],
                  metrics[split]["answer_accuracy"], metrics[split]["n"])
   if jax.process_index() == 0:

@@ -35,9 +35,10 @@ from lwjax.launch import distributed
 from lwjax.models import pretrained
 from lwjax.models.gpt import CONFIG_SCHEMA as MODEL_SCHEMA, GPT, GPTConfig
 from lwjax.projects.wim import data as data_lib, prompts, published, reading, tasks
+from lwjax.serving import tensor_parallel
 from lwjax.serving.engine import Engine
 from lwjax.serving.sampling import SamplingParams
-from lwjax.training import checkpoint, lora as lora_lib, losses, mesh, optim, trainer as trainer_lib
+from lwjax.training import checkpoint, lora as lora_lib, losses, mesh, optim, sharding, trainer as trainer_lib
 
 METHODS = reading.METHODS
 DATA_SETS = ("generated", *published.SETS)
@@ -130,11 +131,15 @@ def train_reader(config, workdir: str):
 
 def _engine(config, model: GPT, tok) -> Engine:
   """The engine reads up to `model.max_seq_len` positions of the config, which may exceed the reader's own (a
-  trained `base` read on documents longer than its training: RoPE positions have no table to outgrow)."""
+  trained `base` read on documents longer than its training: RoPE positions have no table to outgrow). It runs
+  tensor parallel over the first `mesh.shape.tensor` devices under `mesh.rules`, as `serve` does
+  (`tensor_parallel.tensor_mesh`; training's data and fsdp split no engine)."""
   e = config.engine
   return Engine(model, num_pages=e.num_pages, page_size=e.page_size, max_num_seqs=e.max_num_seqs,
                 max_batch_tokens=e.max_batch_tokens, prefill_chunk=e.prefill_chunk, eos_id=tok.eos_id,
-                max_model_len=max(config.model.max_seq_len, model.cfg.max_seq_len))
+                max_model_len=max(config.model.max_seq_len, model.cfg.max_seq_len),
+                mesh=tensor_parallel.tensor_mesh(config.mesh.shape),
+                rules=sharding.rules_from_config(config.mesh.rules))
 
 
 def _strip(tokens, eos):

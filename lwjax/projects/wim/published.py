@@ -25,8 +25,10 @@ from lwjax.config import ConfigError, parse_ints
 from lwjax.data.long_qa import documents, scoring, sets
 from lwjax.models import pretrained
 from lwjax.projects.wim import paper_prompts, reading
+from lwjax.serving import tensor_parallel
 from lwjax.serving.engine import Engine
 from lwjax.serving.sampling import SamplingParams
+from lwjax.training import sharding
 
 SETS = (*sets.NAMES, "cwe")
 CLASSIFY_TOKENS = 10  # the paper's max_new_tokens_classification
@@ -109,13 +111,15 @@ def run(config, workdir: str) -> dict:
                       "a split with answerable questions")
   if qa is not None:
     logging.info("%s: %d examples, %d passages in the distractor pool", name, len(qa.examples), len(qa.pool))
-  model, tok = pretrained.load_pretrained(config.model.pretrained,
+  # Tensor parallel over the first mesh.shape.tensor devices, as serve: the weights read straight onto the mesh.
+  mesh, rules = tensor_parallel.tensor_mesh(config.mesh.shape), sharding.rules_from_config(config.mesh.rules)
+  model, tok = pretrained.load_pretrained(config.model.pretrained, mesh=mesh, rules=rules,
                                           **{k: config.model[k] for k in pretrained.RUNTIME_FIELDS})
   e = config.engine
   engine = Engine(model, num_pages=e.num_pages, page_size=e.page_size, max_num_seqs=e.max_num_seqs,
                   max_batch_tokens=e.max_batch_tokens, prefill_chunk=e.prefill_chunk, eos_id=tok.eos_id,
                   stop_ids=getattr(tok, "eos_ids", ()),
-                  max_model_len=max(config.model.max_seq_len, model.cfg.max_seq_len))
+                  max_model_len=max(config.model.max_seq_len, model.cfg.max_seq_len), mesh=mesh, rules=rules)
   chat = paper_prompts.ChatPrompts(tok)
   count = lambda text: len(tok.encode(text))  # noqa: E731
   lengths = parse_ints(config.eval.segments)
