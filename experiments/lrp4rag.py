@@ -13,6 +13,9 @@ resampled relevance vectors and on the baselines (uncertainty, attention, gradie
   # the paper's setting: RAGTruth's QA responses of Llama-2-7b-chat, explained by that model
   python main.py --workdir runs/lrp4rag_ragtruth --config \
       experiments/lrp4rag.py:scale=paper,path=/data/RAGTruth/dataset,pretrained=/models/Llama-2-7b-chat-hf
+  # its TPU step (one batch of signals at the largest bucket) compiled for a v5p-8 on this host, no weights read
+  python -m lwjax.launch.compile --config experiments/lrp4rag.py:scale=paper --tpu v5p-8 \
+      --config.model_preset=llama2_7b --json_out results/scaling/lrp4rag_llama2_7b_v5p-8.json
 
 Arguments: `scale` smoke|cpu|gpu|paper; `data` generated (default at smoke/cpu) | ragtruth (default at gpu/paper);
 `path` (`data.path`) RAGTruth's dataset directory (source_info.jsonl, response.jsonl; `--config.data.task_types=
@@ -25,6 +28,11 @@ nothing downloaded, read as it is. On the generated task the paper's Llama-2-7b-
 prompts untrained (it has no parametric knowledge of the world, so its hallucinations are answers to
 absent/unknown prompts and passages it ignores); on RAGTruth it explains the given responses.
 Results: <workdir>/metrics.json (and relevance_faithful.png, relevance_hallucinated.png on the generated task).
+Compile only (`lwjax.launch.compile`, `lwjax.projects.lrp4rag.job.aot_inference`): `model_preset` names the
+generator's shape when its checkpoint is not on the compiling machine; `eval.signal_batch` rows of
+`eval.compile_length` tokens (0: the bucket of the model's context) with `eval.compile_answer_rows` answer rows
+(0: that of eval.max_new_tokens; RAGTruth's scales set 2,048 and 512, the largest bucket of RAGTruth-like
+responses, `lwjax.projects.lrp4rag.signals.bucket`).
 """
 
 import ml_collections
@@ -44,9 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.job = "lrp4rag"
   config.seed = int(args["seed"])
   config.base = args["base"]
+  config.model_preset = ""  # compile only: the generator's shape by name (lwjax.launch.compile)
   config.task = ml_collections.ConfigDict(TaskConfig().to_dict())
   config.eval = ml_collections.ConfigDict({"num": 1000, "batch_prompts": 250, "max_new_tokens": 4, "samples": 8,
-                                           "temperature": 1.0, "signal_batch": 100, "relevance_chunk": 0})
+                                           "temperature": 1.0, "signal_batch": 100, "relevance_chunk": 0,
+                                           "compile_length": 0, "compile_answer_rows": 0})
   config.detect = ml_collections.ConfigDict({"folds": 5, "feature_length": 220, "svm_c": 1.0, "rf_trees": 200,
                                              "hidden": 32, "steps": 300, "learning_rate": 1e-2})
   config.mesh = mesh.get()
@@ -57,9 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The paper: the QA responses of Llama-2-7b-chat, 5-fold CV, relevance vectors of 220 points.
     config.data = ml_collections.ConfigDict({"set": "ragtruth", "path": args["path"], "splits": "train,test",
                                              "task_types": "QA", "models": "llama-2-7b-chat"})
-    config.eval.update(num=2000, signal_batch=8, relevance_chunk=4)
+    config.eval.update(num=2000, signal_batch=8, relevance_chunk=4, compile_length=2048, compile_answer_rows=512)
     if scale == "smoke":
-      config.eval.update(num=8, signal_batch=4)
+      config.eval.update(num=8, signal_batch=4, compile_length=64, compile_answer_rows=16)
       config.detect.update(feature_length=16, rf_trees=10, hidden=4, steps=20, folds=2)
     return config
   if scale == "paper" or args["pretrained"]:  # a pretrained model answers the text prompts untrained: its shape

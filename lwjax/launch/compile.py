@@ -20,7 +20,13 @@ hybrid, three forward passes for the GameNGen UNet). Jobs:
 checkpoint or named by `--config.teacher.preset`) and `gamengen_diffusion` (the denoiser's step on latent
 windows; the latent grid from the autoencoder's checkpoint, else from `autoencoder.geometry`), `genrm` (the
 verifier's finetune, its shape from `--config.base_preset` or the config of `base`) and `compute_matched` (the
-setup's finetune, its shape from `--config.models.finetuned_preset` or the finetuned model's config). `serve`
+setup's finetune, its shape from `--config.models.finetuned_preset` or the finetuned model's config). A job with
+no train step at its paper scale defines `aot_inference(config, devices) -> AotInference` instead, a jitted
+function of (params, batch) with no optimizer, compiled with explicit in/out shardings on the slice's mesh and
+reported alike (INFERENCE_JOBS): `lrp4rag` (LRP4RAG's relevance step: the AttnLRP matrix and the baselines'
+signals of one padded batch of answers, `lwjax.projects.lrp4rag.job.aot_inference`; the shape from
+`--config.model_preset`, then neither the checkpoint nor RAGTruth need be on this machine, or from the config.json
+of `model.pretrained`; the command of the paper's row is in experiments/lrp4rag.py). `serve`
 (experiments/serve.py) compiles the serving engine's decode step and its prefill (or mixed) call instead, tensor
 parallel over `--config.mesh.shape.tensor` chips: weights and KV capacity per chip, a roofline decode step
 (`lwjax.launch.serving_compile`).
@@ -33,6 +39,7 @@ import importlib
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags
@@ -48,6 +55,7 @@ CHIP_PEAKS = {"v4": (275e12, 1228e9), "v5e": (197e12, 819e9), "v5p": (459e12, 27
 # about TPUs"). A collective on one mesh axis uses that axis's links only: its time here is optimistic.
 CHIP_ICI_BANDWIDTH = {"v4": 270e9, "v5e": 200e9, "v5p": 600e9, "v6e": 448e9}
 JOBS = ("lm_pretrain", "mamba_distill", "gamengen_diffusion", "genrm", "compute_matched")
+INFERENCE_JOBS = ("lrp4rag",)
 PROG = "compile"
 
 
@@ -60,6 +68,37 @@ class AotStep:
   batch: dict[str, tuple[tuple[int, ...], Any]]
   model_flops: float
   batch_text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AotInference:
+  """What a job with no train step hands the compile command: `fn(params, batch)` (pure; jitted with the mesh's
+  logical-axis rules installed, so the model's activation constraints resolve), its abstract parameters placed by
+  their logical axes on `mesh` (`abstract_params`), the global batch as {field: (shape, dtype)} (rows over the
+  data-parallel axes, as the train step's), the model FLOPs of one call, the batch in words, the config key of the
+  batch's rows, and what to change when the step does not fit."""
+  fn: Callable[[Any, dict], Any]
+  params: Any
+  mesh: Any
+  rules: tuple
+  batch: dict[str, tuple[tuple[int, ...], Any]]
+  model_flops: float
+  batch_text: str
+  rows_field: str
+  fit_hint: str
+
+
+def abstract_params(model_fn, mesh, rules) -> tuple[Any, Any]:
+  """(graphdef, parameters as `ShapeDtypeStruct`s sharded by their logical axes under `rules` on `mesh`) of
+  `model_fn(rngs)`, built as the Trainer builds its state: shapes only, no weight is made."""
+  import jax
+  from flax import nnx
+
+  from lwjax.training import sharding
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
+  params = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(model_fn(nnx.Rngs(0)))))
+  shardings = sharding.param_shardings(params, sharding.logical_axes(state), mesh, rules)
+  return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
 
 
 def token_batch(batch: int, seq_len: int) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -83,15 +122,29 @@ def _lm_step(config, devices) -> AotStep:
                  f"{batch} x {seq_len} tokens")
 
 
+def compile_step(config, slice_: tpu_types.TpuSlice) -> dict:
+  """The report of `config`'s step for `slice_`: an inference job's step (INFERENCE_JOBS), else the train step."""
+  if config.job in INFERENCE_JOBS:
+    return compile_inference_step(config, slice_)
+  return compile_train_step(config, slice_)
+
+
+def _devices(config, slice_: tpu_types.TpuSlice, jobs: tuple[str, ...]) -> tuple:
+  """The slice's devices for lowering, once `config.job` is one of `jobs`."""
+  from lwjax.launch import aot
+  if config.job not in jobs:
+    known = JOBS + INFERENCE_JOBS
+    why = "has no train step to compile (compile_step)" if config.job in known else "has no compile report yet"
+    raise ConfigError("job", f"{config.job!r} {why}", ", ".join(known))
+  return aot.tpu_devices(f"{slice_.generation.name}:{slice_.topology}")
+
+
 def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
   """Compiles `config`'s train step for `slice_`; returns the report (bytes, FLOPs, seconds per step)."""
   import jax
 
   from lwjax import kernels
-  from lwjax.launch import aot
-  if config.job not in JOBS:
-    raise ConfigError("job", f"{config.job!r} has no compile report yet", ", ".join(JOBS))
-  devices = aot.tpu_devices(f"{slice_.generation.name}:{slice_.topology}")
+  devices = _devices(config, slice_, JOBS)
   if config.job == "lm_pretrain":
     step = _lm_step(config, devices)
   else:  # a job module's own step (the job registry imports it lazily)
@@ -105,10 +158,61 @@ def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
                                               trainer.reference)
   model_params = trainer.abstract_state["params"] if trainer.base is None else trainer.base  # LoRA: the base's
   num_params = int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(model_params)))
-  hbm = slice_.generation.hbm_gib * 2**30
   base = {"slice": slice_.describe(), "mesh": dict(trainer.mesh.shape), "parameters": num_params,
           "global_batch": config.train.global_batch_size, "batch": step.batch_text,
           "grad_accum_steps": config.train.grad_accum_steps}
+  return compiled_report(lowered, base, step.model_flops, slice_)
+
+
+def compile_inference_step(config, slice_: tpu_types.TpuSlice) -> dict:
+  """Compiles an inference job's step (`aot_inference` of its module) for `slice_`: params in their logical
+  shardings, the batch's rows over the data-parallel axes, outputs likewise; returns the report of
+  `compile_train_step`'s form, `step` "inference"."""
+  import jax
+
+  from lwjax import jobs, kernels
+  from lwjax.models.logical import axis_rules
+  from lwjax.training import sharding
+  devices = _devices(config, slice_, INFERENCE_JOBS)
+  step = importlib.import_module(jobs.JOBS[config.job]).aot_inference(config, devices)
+  rows = next(iter(step.batch.values()))[0][0]
+  rows_axes = sharding.batch_sharding(step.mesh, step.rules).spec[0]
+  rows_axes = (rows_axes,) if isinstance(rows_axes, str) else tuple(rows_axes or ())
+  split = math.prod(step.mesh.shape[axis] for axis in rows_axes)
+  if rows % split:
+    raise ConfigError(step.rows_field, f"{rows} rows do not split over the batch's mesh axes "
+                      f"{' x '.join(rows_axes)} ({split} ways)",
+                      f"a multiple of {split}, or fewer devices on {'/'.join(rows_axes)} (mesh.shape)")
+
+  def rows_sharding(ndim: int):  # [rows, ...] over the data-parallel axes
+    return sharding.batch_sharding(step.mesh, step.rules, ndim)
+  abstract_batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=rows_sharding(len(shape)))
+                    for name, (shape, dtype) in step.batch.items()}
+
+  def run(params, batch):
+    with axis_rules(step.mesh, step.rules):
+      return step.fn(params, batch)
+  replicated = jax.sharding.NamedSharding(step.mesh, jax.sharding.PartitionSpec())
+  # Every trace under the TPU's kernels ("auto": the Pallas flash attention, not the host's): a trace is cached
+  # whatever the platform, and the outputs' shapes come from one.
+  with kernels.target_platform("tpu"):
+    out_shardings = jax.tree.map(lambda out: rows_sharding(out.ndim) if out.ndim and out.shape[0] == rows
+                                 else replicated, jax.eval_shape(run, step.params, abstract_batch))
+    fn = jax.jit(run, in_shardings=(jax.tree.map(lambda a: a.sharding, step.params),
+                                    {k: v.sharding for k, v in abstract_batch.items()}), out_shardings=out_shardings)
+    lowered = fn.lower(step.params, abstract_batch)
+  base = {"slice": slice_.describe(), "mesh": dict(step.mesh.shape), "step": "inference",
+          "parameters": int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(step.params))),
+          "global_batch": rows, "batch": step.batch_text, "fit_hint": step.fit_hint}
+  return compiled_report(lowered, base, step.model_flops, slice_)
+
+
+def compiled_report(lowered, base: dict, model_flops: float, slice_: tpu_types.TpuSlice) -> dict:
+  """`base` with what compiling `lowered` for `slice_` tells: bytes per chip and whether they fit, the loop-aware
+  FLOPs and bytes (`hlo_cost`), the roofline against `model_flops`; or, when XLA refuses the program over HBM,
+  the temporaries it asked for."""
+  import jax
+  hbm = slice_.generation.hbm_gib * 2**30
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:  # XLA refuses a program over HBM: that is the answer, not a crash
@@ -133,8 +237,8 @@ def compile_train_step(config, slice_: tpu_types.TpuSlice) -> dict:
       "fits": peak <= hbm, "flops_per_chip": cost.flops, "hbm_bytes_per_chip": cost.hbm_bytes,
       "ici_bytes_per_chip": cost.total("ici_bytes"), "flops_lower_bound": cost.lower_bound,
       "xla_counted_once": {"flops": float(xla.get("flops", 0.0)), "bytes": float(xla.get("bytes accessed", 0.0))},
-      "model_flops_per_chip": step.model_flops / slice_.chips, "hlo_cost": cost.to_dict(),
-      **roofline(cost, step.model_flops, slice_),
+      "model_flops_per_chip": model_flops / slice_.chips, "hlo_cost": cost.to_dict(),
+      **roofline(cost, model_flops, slice_),
   }
 
 
@@ -155,12 +259,14 @@ def roofline(cost: hlo_cost.HloCost, model_flops: float, slice_: tpu_types.TpuSl
 def format_report(r: dict) -> str:
   gib = 2**30
   b = r["bytes_per_chip"]
-  head = [r["slice"], f"mesh {r['mesh']}; {r['parameters']:,} parameters; batch {r['batch']} in "
-                      f"{r['grad_accum_steps']} micro-batches"]
+  batch = (f"inference step (no optimizer), batch {r['batch']}" if r.get("step") == "inference" else
+           f"batch {r['batch']} in {r['grad_accum_steps']} micro-batches")
+  head = [r["slice"], f"mesh {r['mesh']}; {r['parameters']:,} parameters; {batch}"]
   if r.get("error"):
     need = f"{b['temporaries'] / gib:.1f} GiB of temporaries" if b["temporaries"] else "more than HBM"
+    hint = r.get("fit_hint") or "more micro-batches: --config.train.grad_accum_steps, model.remat, or a larger slice"
     return "\n".join(head + [f"per chip: DOES NOT FIT: XLA needs {need}, the chip has {b['hbm'] / gib:.0f} GiB HBM "
-                              "(more micro-batches: --config.train.grad_accum_steps, model.remat, or a larger slice)"])
+                              f"({hint})"])
   t = r["step_s_by_term"]
   mfu = " to ".join(f"{m:.1%}" if m is not None else "n/a" for m in (r["roofline_mfu_no_overlap"], r["roofline_mfu"]))
   return "\n".join(head + [
@@ -192,7 +298,7 @@ def main(overrides) -> None:
       text = serving_compile.format_report(report)
     else:
       host_command.check_mesh(config, slice_)
-      report = compile_train_step(config, slice_)
+      report = compile_step(config, slice_)
       text = format_report(report)
   except ConfigError as e:
     host_command.fail(e, PROG)

@@ -60,6 +60,36 @@ def test_hybrid_dpo_step_compiles_for_tpu():
   assert dpo["fits"] and "pairs x 2" in dpo["batch"] and dpo["flops_per_chip"] > 0
 
 
+@pytest.mark.skipif(not AVAILABLE, reason=f"libtpu unavailable: {WHY}")
+def test_lrp4rag_relevance_step_compiles_for_tpu_as_an_inference_step_from_a_named_shape():
+  """LRP4RAG has no train step at its paper scale: its TPU step is the signals of one padded batch (AttnLRP's
+  backward passes in a loop of relevance_chunk, gradient x input through the model's own flash attention),
+  compiled with no optimizer; RAGTruth and the checkpoint need not be here when `model_preset` names the shape."""
+  from lwjax import jobs
+  config = importlib.import_module("experiments.lrp4rag").get_config("scale=smoke,data=ragtruth")
+  config.model_preset = "nonesuch"
+  with pytest.raises(ConfigError, match="^model_preset: unknown shape 'nonesuch'"):
+    jobs.get(config)
+  with pytest.raises(ConfigError, match="^model_preset: unknown shape 'nonesuch'"):
+    compile_lib.compile_step(config, tpu_types.parse("v5e", "2x2"))
+  config.model_preset = "mistral_7b"
+  with pytest.raises(ConfigError, match="^model_preset: AttnLRP does not implement GPTConfig.sliding_window"):
+    jobs.get(config)
+  config.model_preset = "gpt_tiny"
+  jobs.get(config)
+  report = compile_lib.compile_step(config, tpu_types.parse("v5e", "2x2"))
+  e = config.eval
+  assert report["step"] == "inference" and report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and report["fits"]
+  assert report["batch"].startswith(f"{e.signal_batch} x {e.compile_length} tokens, {e.compile_answer_rows} answer")
+  classes = report["hlo_cost"]["classes"]
+  assert classes["matmul"]["flops"] > 0 and classes["attention"]["count"] > 0  # the Mosaic flash kernel
+  # The LRP backward passes run relevance_chunk at a time: one loop of answer rows / chunk trips, each counted.
+  assert [loop["trip_count"] for loop in report["hlo_cost"]["loops"]] == [e.compile_answer_rows // e.relevance_chunk]
+  assert report["flops_per_chip"] > report["model_flops_per_chip"] > 0 and 0 < report["roofline_mfu"] < 1
+  text = compile_lib.format_report(report)
+  assert "inference step (no optimizer)" in text and "attention (Pallas)" in text and "fits" in text
+
+
 def test_unsupported_job_is_refused():
   config = importlib.import_module("experiments.wim").get_config("scale=smoke")
   with pytest.raises(ConfigError, match="^job: 'wim' has no compile report yet"):

@@ -17,7 +17,8 @@ folds, accuracy per prompt kind; `relevance_faithful.png` and `relevance_halluci
 of each class, prompt tokens labelled.
 
 With `data.set=ragtruth` the same signals and detectors run on RAGTruth's published responses, explained by the
-pretrained model (`published`).
+pretrained model (`published`). At the paper's scale the TPU step is the signals' (`aot_inference`, compiled by
+`python -m lwjax.launch.compile`); the detectors train on the host.
 """
 
 from __future__ import annotations
@@ -43,17 +44,20 @@ from lwjax.projects.lrp4rag import classifiers, detectors, published, signals
 from lwjax.projects.lrp4rag.task import SCHEMA as TASK_SCHEMA, RagTask, TaskConfig, check as check_task
 from lwjax.relevance import attnlrp
 from lwjax.serving import batch_sampler
-from lwjax.training import checkpoint, losses, mesh, optim, trainer as trainer_lib
+from lwjax.training import checkpoint, losses, mesh, optim, sharding, trainer as trainer_lib
 
 EVAL_SEED = 1_000_003  # held-out prompts: their own stream, apart from the training prompts
 SAMPLE_SEED = 2_000_003
 WORLD_KEYS = ("entities", "attributes", "values", "unknown_fraction", "popular_fraction", "world_seed")
 TRAINING_GROUPS = ("model", "data", "train", "optim")
 TAKES_PRETRAINED = True
+ATTNLRP_MODELS = "a model of Llama's options (Llama 2/3, or Mistral without a sliding window)"
 
 SCHEMA = {
     "job": Field(str), "seed": Field(int),
     "base": Field(str, doc="workdir of a trained lrp4rag run to reuse; '' trains in the workdir"),
+    "model_preset": Field(str, has_default=True, doc="compile only: the generator's shape by name (e.g. llama2_7b) "
+                          "when model.pretrained is not on this machine; then neither it nor RAGTruth is read"),
     "task": TASK_SCHEMA,
     "model": DefaultedGroup(MODEL_SCHEMA),
     # The generated task's training rows (seq_len, num_train), or RAGTruth's files and selection (set=ragtruth).
@@ -71,7 +75,11 @@ SCHEMA = {
              "max_new_tokens": positive_int(), "samples": positive_int("K answers at temperature 1"),
              "temperature": Field(float, min=0.0, doc="of the self-consistency samples"),
              "signal_batch": positive_int("answers per relevance batch"),
-             "relevance_chunk": Field(int, min=0, doc="answer tokens per LRP backward batch; 0 = all at once")},
+             "relevance_chunk": Field(int, min=0, doc="answer tokens per LRP backward batch; 0 = all at once"),
+             "compile_length": Field(int, min=0, has_default=True, doc="compile only: the padded total length of "
+                                     "the compiled batch; 0 = the bucket of the model's max_seq_len"),
+             "compile_answer_rows": Field(int, min=0, has_default=True, doc="compile only: its answer bucket; 0 = "
+                                          "that of eval.max_new_tokens (generated answers)")},
     "detect": classifiers.SCHEMA,
     "mesh": mesh.SCHEMA, "distributed": distributed.SCHEMA,
 }
@@ -88,8 +96,14 @@ def validate(config) -> None:
   if "model" not in config:
     raise ConfigError("model", "missing", "a group: a GPT's shape to train, or model.pretrained, e.g. "
                       "experiments/lrp4rag.py:scale=paper,pretrained=/models/Llama-2-7b-chat-hf")
+  e = config.eval
+  if e.get("compile_length") and e.get("compile_answer_rows", 0) >= e.compile_length:
+    raise ConfigError("eval.compile_answer_rows", f"{e.compile_answer_rows} leaves no prompt token in "
+                      f"eval.compile_length={e.compile_length}", f"< {e.compile_length}")
+  if config.get("model_preset"):
+    compile_shape(config)
   if published.data_set(config) == "ragtruth":
-    published.validate(config)
+    published.validate(config, on_disk=not config.get("model_preset"))
     _validate_pretrained(config)
   elif config.model.pretrained:
     _validate_pretrained(config)
@@ -98,14 +112,15 @@ def validate(config) -> None:
 
 
 def _validate_pretrained(config) -> None:
-  """A pretrained generator is read as it is: its checkpoint and tokenizer load, AttnLRP takes its options."""
-  cfg = pretrained.checked_model_config(config.model)
-  if not pretrained.tokenizer_file(config.model.pretrained):
-    raise ConfigError("model.pretrained", f"{config.model.pretrained} holds no tokenizer file",
-                      "a checkpoint with its tokenizer (an lrp4rag run's own workdir is `base`)")
-  if (reason := attnlrp.unsupported(cfg)) is not None:
-    raise ConfigError("model.pretrained", f"AttnLRP does not implement {reason}",
-                      "a model of Llama's options (Llama 2/3, or Mistral without a sliding window)")
+  """A pretrained generator is read as it is: its checkpoint and tokenizer load, AttnLRP takes its options (with
+  `model_preset`, checked on the named shape, nothing read)."""
+  if not config.get("model_preset"):
+    cfg = pretrained.checked_model_config(config.model)
+    if not pretrained.tokenizer_file(config.model.pretrained):
+      raise ConfigError("model.pretrained", f"{config.model.pretrained} holds no tokenizer file",
+                        "a checkpoint with its tokenizer (an lrp4rag run's own workdir is `base`)")
+    if (reason := attnlrp.unsupported(cfg)) is not None:
+      raise ConfigError("model.pretrained", f"AttnLRP does not implement {reason}", ATTNLRP_MODELS)
   if config.base:
     raise ConfigError("base", "cannot be combined with model.pretrained", "''")
   for group in TRAINING_GROUPS[1:]:
@@ -255,7 +270,83 @@ def write_heatmaps(workdir: str, task: RagTask, prompts, prompt_ids, answer_ids,
   return written
 
 
+def compile_shape(config) -> GPTConfig:
+  """The generator's shape for an ahead-of-time compile, no weight read: the preset `model_preset` names, its
+  weights stored in the compute dtype `model.dtype` (as the public bf16/fp16 checkpoints); else model.pretrained's
+  config.json or saved run config (its stored dtype); else the GPT this config trains (`model`). ConfigError
+  naming `model_preset` for an unknown shape or one AttnLRP does not implement."""
+  preset = config.get("model_preset", "")
+  if not (preset or config.model.pretrained):
+    return GPTConfig.from_dict(config.model)
+  cfg = pretrained.shape_for_compile(config.model.pretrained, preset, "model.pretrained", "model_preset",
+                                     fields=pretrained.RUNTIME_FIELDS, section=config.model)
+  if (reason := attnlrp.unsupported(cfg)) is not None:
+    raise ConfigError("model_preset" if preset else "model.pretrained", f"AttnLRP does not implement {reason}",
+                      ATTNLRP_MODELS)
+  return dataclasses.replace(cfg, param_dtype=cfg.dtype) if preset else cfg
+
+
+def relevance_flops(cfg: GPTConfig, rows: int, length: int, answer_rows: int) -> float:
+  """Model FLOPs of one signals batch (`signals.padded_signals`) of `rows` rows of `length` tokens explaining
+  `answer_rows` answer tokens each: one forward (2 N a token plus causal attention, a third of
+  `GPTConfig.flops_per_token`) and answer_rows + 1 backward passes to the input embeddings (AttnLRP's one per
+  answer token, gradient x input's one for the answer's mean). A backward to the input takes each weight's input
+  gradient only (2 N a token, no weight gradients) and attention's two products twice (dq, dk; dprobs, dv). The
+  program itself runs more: three forwards (the relevance's, the attention and logits', gradient x input's own)
+  and the LRP's attention over all t x t pairs, masked."""
+  attention = cfg.n_layers * cfg.n_heads * cfg.head_dim * length  # per token: causal QK^T and PV are 2 of these
+  forward = cfg.flops_per_token(length) / 3
+  backward = 2.0 * cfg.num_params(include_embedding=False) + 4.0 * attention
+  return rows * length * (forward + (answer_rows + 1) * backward)
+
+
+def aot_inference(config, devices):
+  """LRP4RAG's TPU step for ahead-of-time compilation (`lwjax.launch.compile`): the signals of one padded batch
+  (`signals.padded_signals`: the AttnLRP relevance matrix, attention, gradient x input, log-probability and
+  entropy), the generator's shape from `compile_shape` (`--config.model_preset=llama2_7b`, or model.pretrained's
+  config.json), parameters sharded by their logical axes under `mesh.rules` on a mesh of `devices` and the rows
+  over its data-parallel axes. The batch: `eval.signal_batch` rows of `eval.compile_length` tokens (0: the bucket
+  of the model's max_seq_len, the longest row an answer that is not left out takes) with
+  `eval.compile_answer_rows` answer rows (0: the bucket of `eval.max_new_tokens`, generated answers only; RAGTruth's
+  responses have no configured bound, so its scales set it), LRP backward passes `eval.relevance_chunk` at a time.
+  Model FLOPs: `relevance_flops`. Returns a `compile.AotInference`."""
+  import jax.numpy as jnp
+
+  from lwjax.launch.compile import AotInference, abstract_params
+  cfg, e = compile_shape(config), config.eval
+  length = e.get("compile_length", 0) or signals.bucket(cfg.max_seq_len)
+  if length > signals.bucket(cfg.max_seq_len):
+    raise ConfigError("eval.compile_length", f"{length} tokens: longer than any bucket of the model's "
+                      f"max_seq_len {cfg.max_seq_len}", f"<= {signals.bucket(cfg.max_seq_len)}")
+  answer_rows = e.get("compile_answer_rows", 0)
+  if not answer_rows and published.data_set(config) == "ragtruth":
+    raise ConfigError("eval.compile_answer_rows", "0: RAGTruth's responses have no configured length",
+                      "the answer bucket to compile, a power of two such as 512")
+  answer_rows = answer_rows or signals.bucket(e.max_new_tokens)
+  if answer_rows >= length:
+    raise ConfigError("eval.compile_answer_rows", f"{answer_rows} leaves no prompt token in {length}", f"< {length}")
+  rows, chunk = e.signal_batch, e.relevance_chunk or None
+  slice_mesh, rules = mesh.make_mesh(config.mesh.shape, devices), sharding.rules_from_config(config.mesh.rules)
+  graphdef, params = abstract_params(lambda rngs: GPT(cfg, rngs=rngs), slice_mesh, rules)
+
+  def step(params, batch):
+    return signals.padded_signals(nnx.merge(graphdef, params), batch["tokens"], batch["prompt_len"],
+                                  batch["answer_len"], answer_rows, chunk)
+  batch = {"tokens": ((rows, length), jnp.int32), "prompt_len": ((rows,), jnp.int32),
+           "answer_len": ((rows,), jnp.int32)}
+  return AotInference(step, params, slice_mesh, rules, batch,
+                      relevance_flops(cfg, rows, length, answer_rows),
+                      f"{rows} x {length} tokens, {answer_rows} answer rows explained "
+                      f"{chunk or answer_rows} at a time ({cfg.dtype})", "eval.signal_batch",
+                      "fewer rows or answer rows per LRP backward batch: --config.eval.signal_batch, "
+                      "--config.eval.relevance_chunk; a smaller bucket: --config.eval.compile_length, "
+                      "compile_answer_rows; or a larger slice")
+
+
 def run(config, workdir: str) -> dict:
+  if config.get("model_preset"):
+    raise ConfigError("model_preset", "compile only (python -m lwjax.launch.compile): a run reads its generator "
+                      "from model.pretrained or trains one", "''")
   if published.data_set(config) == "ragtruth":
     return published.run(config, workdir)
   task_cfg = TaskConfig.from_dict(config.task)

@@ -39,10 +39,11 @@ def _names(value: str) -> tuple[str, ...]:
   return tuple(v for v in value.split(",") if v)
 
 
-def validate(config) -> None:
+def validate(config, on_disk: bool = True) -> None:
   """What reading RAGTruth needs beyond the schema: a pretrained model (checked first), the files' directory, known
-  splits and task types."""
-  if not config.model.pretrained:
+  splits and task types. `on_disk=False` (a compile of the shape named by `model_preset`): neither the model nor
+  the files need be on this machine."""
+  if on_disk and not config.model.pretrained:
     raise ConfigError("model.pretrained", "empty: RAGTruth's responses are explained by a pretrained model",
                       "a Hugging Face checkpoint with its tokenizer, e.g. /models/Llama-2-7b-chat-hf (the paper's)")
   d = config.data
@@ -53,6 +54,8 @@ def validate(config) -> None:
   for key in ("seq_len", "num_train"):
     if key in d:
       raise ConfigError(f"data.{key}", "unused on RAGTruth (nothing is trained)", "absent")
+  if not on_disk:
+    return
   if not d.get("path"):
     raise ConfigError("data.path", "empty: RAGTruth is read from its published files",
                       "the directory holding source_info.jsonl and response.jsonl, e.g. /data/RAGTruth/dataset")

@@ -38,10 +38,11 @@ def bucket(length: int) -> int:
   return 1 << max(length - 1, 0).bit_length()
 
 
-def _signals(model, tokens_bt, prompt_len_b, answer_len_b, answer_rows: int, relevance_chunk: int | None):
+def padded_signals(model, tokens_bt, prompt_len_b, answer_len_b, answer_rows: int, relevance_chunk: int | None):
   """Right-padded rows (prompt_len_b [b] prompt tokens, answer_len_b [b] answer tokens, padding) -> [b, R, t]
   relevance, [b, t] attention and gradient x input (prompt columns i < prompt_len, the rest 0), [b] log-probability
-  and entropy (R = answer_rows; answer token j is predicted at position prompt_len - 1 + j)."""
+  and entropy (R = answer_rows; answer token j is predicted at position prompt_len - 1 + j). One batch of a bucket:
+  the step `extract` runs, and the one `lwjax.launch.compile` compiles for a TPU (`job.aot_inference`)."""
   length = tokens_bt.shape[1]
   relevance = attnlrp.padded_answer_relevance(model, tokens_bt, prompt_len_b, answer_len_b, answer_rows,
                                               batch_size=relevance_chunk)
@@ -64,7 +65,7 @@ def _signals(model, tokens_bt, prompt_len_b, answer_len_b, answer_rows: int, rel
           "logprob": logprob, "entropy": entropy}
 
 
-_signals_jit = nnx.jit(_signals, static_argnames=("answer_rows", "relevance_chunk"))
+_signals_jit = nnx.jit(padded_signals, static_argnames=("answer_rows", "relevance_chunk"))
 
 
 def answer_tokens(tokenizer, answer: str) -> list[int]:
