@@ -86,6 +86,12 @@ class HloCost:
   classes: dict[str, ClassCost]
   loops: list[Loop]
   lower_bound: bool  # some loop's trip count is unknown: its body is counted once
+  # "class: file:line (function)" of the project's code each op came from (its metadata's stack frame) -> cost
+  sources: dict[str, ClassCost] = dataclasses.field(default_factory=dict)
+
+  def top_sources(self, field: str = "hbm_bytes", n: int = 12) -> list[tuple[str, ClassCost]]:
+    """The `n` sources with the most `field` (an op without a stack frame in the project is "?")."""
+    return sorted(self.sources.items(), key=lambda kv: -getattr(kv[1], field))[:n]
 
   def total(self, field: str) -> float:
     return sum(getattr(c, field) for c in self.classes.values())
@@ -104,7 +110,10 @@ class HloCost:
             "totals": {"flops": self.flops, "transcendentals": self.total("transcendentals"),
                        "bytes": self.total("bytes"), "hbm_bytes_excluding_collectives": self.hbm_bytes,
                        "ici_bytes": self.total("ici_bytes")},
-            "lower_bound": self.lower_bound, "loops": [dataclasses.asdict(loop) for loop in self.loops]}
+            "lower_bound": self.lower_bound, "loops": [dataclasses.asdict(loop) for loop in self.loops],
+            "top_sources_by_hbm": [{"source": name, **dataclasses.asdict(c)} for name, c in self.top_sources()],
+            "top_sources_by_flops": [{"source": name, **dataclasses.asdict(c)}
+                                     for name, c in self.top_sources("flops")]}
 
 
 def _valid_taps(size_in: int, size_out: int, window: dict[str, list[int]], d: int) -> int:
@@ -223,6 +232,7 @@ class _Walker:
   def __init__(self, module: Module, costs: dict):
     self.module, self.costs = module, costs  # instruction costs by name, shared with the branches' walkers
     self.classes = {name: ClassCost() for name in CLASSES}
+    self.sources: dict[str, ClassCost] = collections.defaultdict(ClassCost)
     self.loops: list[Loop | None] = []
     self.lower_bound = False
 
@@ -252,6 +262,8 @@ class _Walker:
       worst = max(walkers, key=_Walker.flops)
       for name, cost in worst.classes.items():
         self.classes[name].add(cost)
+      for name, cost in worst.sources.items():
+        self.sources[name].add(cost)
       self.loops += worst.loops
       self.lower_bound |= worst.lower_bound
     elif op in ("call", "async-start"):
@@ -262,6 +274,7 @@ class _Walker:
         self.costs[ins.name] = self.cost(ins)
       cls, cost = self.costs[ins.name]
       self.classes[cls].add(cost, times)
+      self.sources[f"{cls}: {hlo_text.source(self.module, ins)}"].add(cost, times)
 
   def cost(self, ins: Instruction) -> tuple[str, ClassCost]:
     op, base = ins.opcode, ins.opcode.removesuffix("-start")
@@ -308,7 +321,7 @@ def analyze(hlo: str) -> HloCost:
   module = hlo_text.parse_module(hlo)
   walker = _Walker(module, {})
   walker.computation(module.entry, 1.0)
-  return HloCost(walker.classes, walker.loops, walker.lower_bound)
+  return HloCost(walker.classes, walker.loops, walker.lower_bound, dict(walker.sources))
 
 
 def _prefix(total: float) -> tuple[str, float]:
@@ -341,4 +354,8 @@ def format_table(cost: HloCost | dict) -> str:
     trips = "unknown trip count (counted once)" if loop["trip_count"] is None else f"{loop['trip_count']} trips"
     rows.append(f"  loop {loop['name']}: {trips}, run {loop['times']:,.0f}x, "
                 f"{quantity(loop['body_flops'], 'FLOP')} a trip")
+  top = [s for s in d.get("top_sources_by_hbm", []) if s["hbm_bytes"] > 0][:8]
+  if top:
+    rows.append("most HBM traffic, by the project's source line ('?': ops XLA made without one, such as prefetches):")
+    rows += [f"  {quantity(s['hbm_bytes'], 'B'):>10} {s['hbm_bytes'] / hbm:>4.0%}  {s['source']}" for s in top]
   return "\n".join(rows)

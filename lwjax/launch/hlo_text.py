@@ -37,6 +37,54 @@ class Module:
   instructions: dict[str, Instruction]  # HLO names are unique in a module
   entry: str
   num_partitions: int
+  sources: dict[int, str] = dataclasses.field(default_factory=dict)  # stack_frame_id -> "file:line (function)"
+
+
+def _tables(text: str) -> dict[str, dict[int, str]]:
+  """The module's source tables (FileNames, FunctionNames, FileLocations, StackFrames): {table: {id: entry}}."""
+  tables, current = {}, None
+  for line in text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      current = tables.setdefault(line, {})
+    elif current is not None and (row := re.match(r"(\d+) (.*)$", line)):
+      current[int(row.group(1))] = row.group(2)
+    elif current is not None and line.strip():
+      current = None
+  return tables
+
+
+def _source_frames(text: str, keep: str) -> dict[int, str]:
+  """stack_frame_id -> "file:line (function)" of the innermost frame on that stack whose file path holds `keep`
+  (the project's own code, not jax's or flax's), from the module's source tables; {} without them."""
+  t = _tables(text)
+  files = {i: v.strip('"') for i, v in t.get("FileNames", {}).items()}
+  functions = {i: v.strip('"') for i, v in t.get("FunctionNames", {}).items()}
+  locations, frames = {}, {}
+  for i, v in t.get("FileLocations", {}).items():
+    f = dict(re.findall(r"(\w+)=(\d+)", v))
+    locations[i] = (files.get(int(f.get("file_name_id", 0)), "?"), int(f.get("line", 0)),
+                    functions.get(int(f.get("function_name_id", 0)), "?"))
+  for i, v in t.get("StackFrames", {}).items():
+    f = dict(re.findall(r"(\w+)=(\d+)", v))
+    frames[i] = (int(f.get("file_location_id", 0)), int(f.get("parent_frame_id", 0)))
+
+  def innermost(frame_id: int) -> str:
+    seen = set()
+    while frame_id in frames and frame_id not in seen:
+      seen.add(frame_id)
+      location, parent = frames[frame_id]
+      path, line, function = locations.get(location, ("?", 0, "?"))
+      if keep in path:
+        return f"{path[path.rindex(keep):]}:{line} ({function})"
+      frame_id = parent
+    return "?"
+  return {i: innermost(i) for i in frames}
+
+
+def source(module: Module, ins: Instruction) -> str:
+  """Where in the project's code `ins` comes from ("lwjax/models/gpt.py:210 (Block.__call__)"), or "?"."""
+  frame = re.search(r"stack_frame_id=(\d+)", ins.attrs)
+  return module.sources.get(int(frame.group(1)), "?") if frame else "?"
 
 
 def _closing(text: str, start: int) -> int:
@@ -78,7 +126,8 @@ def parse_module(text: str) -> Module:
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text")
   partitions = re.search(r"num_partitions=(\d+)", text[:5000])
-  return Module(computations, instructions, entry, int(partitions.group(1)) if partitions else 1)
+  return Module(computations, instructions, entry, int(partitions.group(1)) if partitions else 1,
+                _source_frames(text, "lwjax/"))
 
 
 def dims(shape: str) -> list[list[int]]:

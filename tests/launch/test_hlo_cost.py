@@ -110,3 +110,7 @@ def test_a_gpt_train_step_counts_its_micro_batch_and_layer_loops():
   layer_loops = [loop for loop in scanned["loops"][1:] if loop["trip_count"] == 2 and loop["times"] == 2]
   assert len(layer_loops) >= 2  # forward and backward scans over the 2 layers, in each micro-batch
   assert reports[True]["xla_counted_once"]["flops"] < 0.35 * scanned["totals"]["flops"]
+  # Each op is charged to the project's line it came from: the model's matmuls to gpt.py, summing to the class.
+  by_flops = unrolled["top_sources_by_flops"]
+  assert any(s["source"].startswith("matmul: lwjax/models/") and s["flops"] > 0 for s in by_flops)
+  assert sum(s["flops"] for s in by_flops) <= unrolled["totals"]["flops"] * 1.0001
