@@ -55,7 +55,8 @@ def _tables(text: str) -> dict[str, dict[int, str]]:
 
 def _source_frames(text: str, keep: str) -> dict[int, str]:
   """stack_frame_id -> "file:line (function)" of the innermost frame on that stack whose file path holds `keep`
-  (the project's own code, not jax's or flax's), from the module's source tables; {} without them."""
+  (the project's own code, not jax's or flax's), and " < " the next such frame out (its caller: which `dense`
+  call a matmul is), from the module's source tables; {} without them."""
   t = _tables(text)
   files = {i: v.strip('"') for i, v in t.get("FileNames", {}).items()}
   functions = {i: v.strip('"') for i, v in t.get("FunctionNames", {}).items()}
@@ -69,15 +70,15 @@ def _source_frames(text: str, keep: str) -> dict[int, str]:
     frames[i] = (int(f.get("file_location_id", 0)), int(f.get("parent_frame_id", 0)))
 
   def innermost(frame_id: int) -> str:
-    seen = set()
-    while frame_id in frames and frame_id not in seen:
+    seen, found = set(), []
+    while frame_id in frames and frame_id not in seen and len(found) < 2:
       seen.add(frame_id)
       location, parent = frames[frame_id]
       path, line, function = locations.get(location, ("?", 0, "?"))
-      if keep in path:
-        return f"{path[path.rindex(keep):]}:{line} ({function})"
+      if keep in path and (not found or found[0][1] != function):  # the caller: another function
+        found.append((f"{path[path.rindex(keep):]}:{line} ({function})", function))
       frame_id = parent
-    return "?"
+    return " < ".join(text for text, _ in found) or "?"
   return {i: innermost(i) for i in frames}
 
 
