@@ -224,7 +224,7 @@ def tpu_aot(wm, progs, topology: str, hlo_dir: str = "") -> dict:
         f"TFLOP/s, {_fmt(bandwidth and bandwidth / 1e9, '.0f')} GB/s")
   print(f"{'program':<12} {'GFLOP':>9} {'HBM GB':>7} {'XLA GB':>7} {'compute ms':>10} {'memory ms':>9} {'FPS':>7} "
         f"{'HBM GiB':>8} {'compile s':>9}", flush=True)
-  for name, (fn, args, steps) in progs.items():
+  for name, (fn, args, _) in progs.items():
     start = time.perf_counter()
     with kernels.target_platform("tpu"):  # "auto" kernels as the chip runs them (the Pallas flash attention)
       compiled = aot.compile_for_tpu(fn, *_abstract(args), topology=topology)
@@ -242,7 +242,8 @@ def tpu_aot(wm, progs, topology: str, hlo_dir: str = "") -> dict:
       r["roofline_ms"] = max(r["compute_ms"], r["memory_ms"])
       r["fps_at_roofline"] = 1e3 / r["roofline_ms"]
     out[name] = r
-    print(f"{name:<12} {r['flops'] / 1e9:>9.2f} {r['hbm_bytes'] / 1e9:>7.3f} {r['xla_counted_once']['bytes'] / 1e9:>7.3f} "
+    xla_gb = r["xla_counted_once"]["bytes"] / 1e9
+    print(f"{name:<12} {r['flops'] / 1e9:>9.2f} {r['hbm_bytes'] / 1e9:>7.3f} {xla_gb:>7.3f} "
           f"{_fmt(r.get('compute_ms'), '10.3f')} {_fmt(r.get('memory_ms'), '9.3f')} "
           f"{_fmt(r.get('fps_at_roofline'), '7.2f')} {r['memory']['total_bytes'] / 2 ** 30:>8.3f} "
           f"{r['compile_s']:>9.1f}" + (" (a loop's trip count unknown: a lower bound)" if r["lower_bound"] else ""),
