@@ -192,9 +192,29 @@ def _collective(module: Module, ins: Instruction) -> ClassCost:
   return ClassCost(bytes=inputs + output, hbm_bytes=hbm, ici_bytes=ici, count=1)
 
 
+def _sliced_read(module: Module, body: list[Instruction], param: str) -> float | None:
+  """The bytes read from `param` of `body` when every use slices it (directly, or as the operand of a nested
+  fusion that only slices it: a scan's stacked residuals, read one layer a trip); None when a use reads it all."""
+  reads, total = [b for b in body if param in b.operands], 0.0
+  for use in reads:
+    if use.opcode in ("slice", "dynamic-slice", "gather") and use.operands[0] == param:
+      total += shape_bytes(use.shape)
+    elif use.opcode == "fusion" and use.operands.count(param) == 1:
+      inner = module.computations[hlo_text.called(use, "calls")[0]]
+      index = use.operands.index(param)
+      inner_param = next((b.name for b in inner if b.opcode == "parameter" and int(b.args) == index), None)
+      nested = _sliced_read(module, inner, inner_param) if inner_param else None
+      if nested is None:
+        return None
+      total += nested
+    else:
+      return None
+  return total if reads else None
+
+
 def _fusion_bytes(module: Module, ins: Instruction, body: list[Instruction], size) -> float:
-  """Operands + outputs of a fusion; parameters read only through slices count the slices, a buffer a root
-  dynamic-update-slice updates in place counts the update."""
+  """Operands + outputs of a fusion; parameters read only through slices (or nested fusions that only slice
+  them) count the slices, a buffer a root dynamic-update-slice updates in place counts the update."""
   params = {int(p.args): p.name for p in body if p.opcode == "parameter"}
   users = collections.defaultdict(list)
   for b in body:
@@ -210,8 +230,9 @@ def _fusion_bytes(module: Module, ins: Instruction, body: list[Instruction], siz
     reads = users.get(param, [])
     if param in in_place:
       continue
-    if reads and all(u.opcode in ("slice", "dynamic-slice", "gather") and u.operands[0] == param for u in reads):
-      full = min(full, sum(shape_bytes(u.shape) for u in reads))
+    sliced = _sliced_read(module, body, param) if reads else None
+    if sliced is not None:
+      full = min(full, sliced)
     total += full
   return total
 

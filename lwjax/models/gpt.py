@@ -292,14 +292,20 @@ class Attention(nnx.Module):
     q_heads = logical.spec_for(("heads",), q.shape[2:3])[0]
     heads = q_heads if q_heads == logical.spec_for(("kv_heads",), k.shape[2:3])[0] else None
     qkv_spec = P(batch, None, heads, None)
-    offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (q.shape[0],))
-    args, specs = [q, k, v, offset], [qkv_spec, qkv_spec, qkv_spec, P(batch)]
+    # A static offset (training's 0) stays static inside: the kernel then skips, and counts, only the causal
+    # blocks; a traced one (per-sequence, in decoding) is split with the batch.
+    static = isinstance(q_offset, int)
+    args, specs = [q, k, v], [qkv_spec, qkv_spec, qkv_spec]
+    if not static:
+      args.append(jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (q.shape[0],)))
+      specs.append(P(batch))
     if segment_ids is not None:
       args.append(segment_ids)
       specs.append((P(batch, None),) * 2 if isinstance(segment_ids, tuple) else P(batch, None))
 
-    def per_shard(q, k, v, offset, segment_ids=None):
-      return attend(q, k, v, segment_ids=segment_ids, q_offset=offset)
+    def per_shard(q, k, v, *rest):
+      offset, rest = (q_offset, rest) if static else (rest[0], rest[1:])
+      return attend(q, k, v, segment_ids=rest[0] if rest else None, q_offset=offset)
     return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs), out_specs=qkv_spec,
                          check_vma=False)(*args)
 

@@ -114,3 +114,30 @@ def test_a_gpt_train_step_counts_its_micro_batch_and_layer_loops():
   by_flops = unrolled["top_sources_by_flops"]
   assert any(s["source"].startswith("matmul: lwjax/models/") and s["flops"] > 0 for s in by_flops)
   assert sum(s["flops"] for s in by_flops) <= unrolled["totals"]["flops"] * 1.0001
+
+
+NESTED_SLICE_HLO = """HloModule nested_slice
+
+%inner (p0: f32[8,1024]) -> f32[1,1024] {
+  %p0 = f32[8,1024]{1,0} parameter(0)
+  %c = s32[] constant(0)
+  ROOT %ds = f32[1,1024]{1,0} dynamic-slice(%p0, %c, %c), dynamic_slice_sizes={1,1024}
+}
+
+%outer (q0: f32[8,1024]) -> f32[1,1024] {
+  %q0 = f32[8,1024]{1,0} parameter(0)
+  ROOT %f = f32[1,1024]{1,0} fusion(%q0), kind=kLoop, calls=%inner
+}
+
+ENTRY %main (a: f32[8,1024]) -> f32[1,1024] {
+  %a = f32[8,1024]{1,0} parameter(0)
+  ROOT %g = f32[1,1024]{1,0} fusion(%a), kind=kLoop, calls=%outer
+}
+"""
+
+
+def test_a_buffer_a_nested_fusion_only_slices_counts_the_slice():
+  """A scan's stacked residuals reach the layer's fusion whole, and a fusion inside it reads one layer: the
+  bytes are that slice and the output, not the whole stack."""
+  cost = hlo_cost.analyze(NESTED_SLICE_HLO)
+  assert cost.total("bytes") == 2 * 1024 * 4
