@@ -17,19 +17,12 @@ from lwjax.models import mamba_hybrid as mh
 from lwjax.models.gpt import GPT, GPTConfig
 from lwjax.serving import batch_sampler, speculative, tensor_parallel
 from lwjax.serving.engine import Engine
+from tests.serving.test_batch_sampler import _Tok
 from tests.serving.test_engine_hybrid import GREEDY as HYBRID_GREEDY, _prompts as hybrid_prompts
 
 CFG = GPTConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
                 max_seq_len=64)
-EOS = 2
-
-
-class _Tok:
-  eos_id = EOS
-
-  @staticmethod
-  def decode(ids):
-    return " ".join(map(str, ids))
+EOS = _Tok.eos_id
 
 
 def _mesh(data=1, fsdp=1, tensor=1):
