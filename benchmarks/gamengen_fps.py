@@ -232,7 +232,7 @@ def tpu_aot(wm, progs, topology: str, hlo_dir: str = "") -> dict:
     account = hlo_cost.analyze(text)
     r = {"compile_s": time.perf_counter() - start, "flops": account.flops, "hbm_bytes": account.hbm_bytes,
          "lower_bound": account.lower_bound, "hlo_cost": account.to_dict(),
-         "xla_counted_once": _cost(compiled, 1, out), "memory": _memory(compiled)}
+         "xla_counted_once": _cost(compiled, 1, {}), "memory": _memory(compiled)}
     if hlo_dir:
       os.makedirs(hlo_dir, exist_ok=True)
       with open(os.path.join(hlo_dir, f"{topology.replace(':', '_')}_{name.replace(' ', '_')}.hlo"), "w") as f:

@@ -96,7 +96,7 @@ def abstract_params(model_fn, mesh, rules) -> tuple[Any, Any]:
 
   from lwjax.training import sharding
   graphdef, state = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
-  params = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(model_fn(nnx.Rngs(0)))))
+  params = nnx.to_pure_dict(state)  # the abstract model's arrays: shapes and dtypes, traced once
   shardings = sharding.param_shardings(params, sharding.logical_axes(state), mesh, rules)
   return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
 
