@@ -151,6 +151,7 @@ def make_sampler(graphdef, *, prompt_len: int, max_new_tokens: int, n: int, eos_
     check_batch(len(prompts_pp), placement.mesh, placement.rules)
     return jitted(placement.place_params(params), _put(prompts_pp, by_row), _put(lengths_p, by_row_1d),
                   _put(seeds_pn, by_row), np.float32(temperature), np.float32(top_p))
+  on_mesh.place_params = placement.place_params  # callers looping over batches place the weights once
   return on_mesh
 
 
@@ -167,6 +168,7 @@ def sample_texts(sample_n, params, tokenizer, prompts: Sequence[Sequence[int]], 
   sample j of prompt i has seed `seed * 2**20 + (first_index + i) * n + j` wherever it lands in a batch (a
   set's prompts sampled in shards, each with its `first_index`, get the seeds of one call)."""
   results = []
+  params = getattr(sample_n, "place_params", lambda p: p)(params)  # on a mesh: moved once, not every batch
   for start in range(0, len(prompts), batch_prompts):
     chunk = prompts[start:start + batch_prompts]
     tokens_pp = np.zeros((batch_prompts, prompt_len), np.int32)
